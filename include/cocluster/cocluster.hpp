@@ -1,0 +1,13 @@
+// cocluster: Node.js's cluster module for C++20 coroutines over standalone Asio.
+// Includes the public headers, nothing else.
+#pragma once
+
+#include "cocluster/error.hpp"
+#include "cocluster/events.hpp"
+#include "cocluster/exit_status.hpp"
+#include "cocluster/ipc/channel.hpp"
+#include "cocluster/master.hpp"
+#include "cocluster/message.hpp"
+#include "cocluster/settings.hpp"
+#include "cocluster/this_worker.hpp"
+#include "cocluster/worker.hpp"

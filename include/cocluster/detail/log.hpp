@@ -1,0 +1,40 @@
+// cocluster's only output: debug lines when COCLUSTER_DEBUG=1 or NODE_DEBUG contains
+// "cluster", in Node's format ("<pid>,Master Worker <pid> online"), and error lines always.
+#pragma once
+
+#include <unistd.h>
+
+#include <fmt/core.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string_view>
+
+namespace cocluster::detail {
+
+inline bool debug_enabled() {
+  static const bool enabled = [] {
+    const char* ours = std::getenv("COCLUSTER_DEBUG");
+    if (ours && *ours && std::strcmp(ours, "0") != 0) return true;
+    const char* node = std::getenv("NODE_DEBUG");
+    return node && std::strstr(node, "cluster") != nullptr;
+  }();
+  return enabled;
+}
+
+inline const char* process_role() { return std::getenv("COCLUSTER_WORKER_ID") ? "Worker" : "Master"; }
+
+template <class... Args>
+void debug(fmt::format_string<Args...> format, Args&&... args) {
+  if (!debug_enabled()) return;
+  fmt::print(stderr, "{},{} {}\n", ::getpid(), process_role(), fmt::format(format, std::forward<Args>(args)...));
+}
+
+template <class... Args>
+void log_error(fmt::format_string<Args...> format, Args&&... args) {
+  fmt::print(stderr, "cocluster: {} {}: {}\n", process_role(), ::getpid(),
+             fmt::format(format, std::forward<Args>(args)...));
+}
+
+}  // namespace cocluster::detail

@@ -1,0 +1,74 @@
+// A completion handler for void(std::error_code, Args...) parked until an event happens,
+// type-erased (Asio 1.22 has no any_completion_handler). It keeps its executor's work count
+// up while parked, and its completion is always posted, never run inside the caller.
+#pragma once
+
+#include <asio/associated_cancellation_slot.hpp>
+#include <asio/associated_executor.hpp>
+#include <asio/any_io_executor.hpp>
+#include <asio/executor_work_guard.hpp>
+#include <asio/post.hpp>
+
+#include <memory>
+#include <system_error>
+#include <utility>
+
+namespace cocluster::detail {
+
+template <class... Args>
+class pending_handler {
+ public:
+  pending_handler() = default;
+
+  template <class Handler>
+  pending_handler(Handler&& handler, const asio::any_io_executor& fallback)
+      : impl_(std::make_unique<impl<std::decay_t<Handler>>>(std::forward<Handler>(handler), fallback)) {}
+
+  explicit operator bool() const noexcept { return impl_ != nullptr; }
+
+  asio::cancellation_slot cancellation_slot() const noexcept {
+    return impl_ ? impl_->cancellation_slot() : asio::cancellation_slot();
+  }
+
+  // Clears the handler's cancellation slot, then posts the completion to its executor.
+  void complete(std::error_code ec, Args... args) {
+    auto p = std::move(impl_);
+    p->complete(ec, std::move(args)...);
+  }
+
+ private:
+  struct base {
+    virtual ~base() = default;
+    virtual asio::cancellation_slot cancellation_slot() const noexcept = 0;
+    virtual void complete(std::error_code ec, Args&&... args) = 0;
+  };
+
+  template <class Handler>
+  struct impl final : base {
+    using executor_type = asio::associated_executor_t<Handler, asio::any_io_executor>;
+
+    impl(Handler h, const asio::any_io_executor& fallback)
+        : handler(std::move(h)), work(asio::get_associated_executor(handler, fallback)) {}
+
+    asio::cancellation_slot cancellation_slot() const noexcept override {
+      return asio::get_associated_cancellation_slot(handler);
+    }
+
+    void complete(std::error_code ec, Args&&... args) override {
+      auto slot = asio::get_associated_cancellation_slot(handler);
+      if (slot.is_connected()) slot.clear();
+      auto ex = work.get_executor();
+      asio::post(ex, [h = std::move(handler), ec, ... a = std::move(args)]() mutable {
+        std::move(h)(ec, std::move(a)...);
+      });
+      work.reset();
+    }
+
+    Handler handler;
+    asio::executor_work_guard<executor_type> work;
+  };
+
+  std::unique_ptr<base> impl_;
+};
+
+}  // namespace cocluster::detail

@@ -1,0 +1,55 @@
+// The master-wide event stream, for supervision loops (Node: cluster.on('fork'|'online'|...)).
+//   auto& events = master.events();           // subscribe before forking to see every event
+//   for (;;) { Event e = co_await events.next();  if (e.type == EventType::exit) co_await master.fork(); }
+// A worker's own awaitables (online(), exited(), ...) complete before the matching event here.
+#pragma once
+
+#include <asio/use_awaitable.hpp>
+
+#include <memory>
+#include <string>
+#include <string_view>
+#include <system_error>
+
+#include "cocluster/detail/async_queue.hpp"
+#include "cocluster/exit_status.hpp"
+
+namespace cocluster {
+
+class Worker;
+
+enum class EventType { fork, online, listening, message, disconnect, exit, error, setup };
+
+inline std::string_view to_string(EventType t) {
+  constexpr std::string_view names[] = {"fork", "online", "listening", "message", "disconnect", "exit", "error", "setup"};
+  return names[static_cast<int>(t)];
+}
+
+struct Event {
+  EventType type = EventType::error;
+  std::shared_ptr<Worker> worker;  // null only for setup (and an error before any worker exists)
+  ExitStatus exit;                 // for exit
+  std::error_code error;           // for error
+  std::string detail;              // for error: what happened, in words
+};
+// `message` says that worker->receive() has a message waiting; the message itself (and its
+// handle, which has one owner) is taken with receive(). `listening` comes with listen() in
+// workers.
+
+class EventStream {
+ public:
+  explicit EventStream(asio::any_io_executor ex) : queue_(std::move(ex)) {}
+
+  template <class CompletionToken = asio::use_awaitable_t<>>
+  auto next(CompletionToken&& token = {}) {
+    return queue_.async_pop(std::forward<CompletionToken>(token));
+  }
+  std::size_t pending() const noexcept { return queue_.size(); }
+
+  void push(Event e) { queue_.push(std::move(e)); }
+
+ private:
+  detail::async_queue<Event> queue_;
+};
+
+}  // namespace cocluster

@@ -1,0 +1,180 @@
+// The master process's side of a cluster (Node: the `cluster` module in the primary).
+//   asio::io_context io;
+//   cocluster::Master<> master(io.get_executor());
+//   asio::co_spawn(io, [&]() -> asio::awaitable<void> {
+//     auto w = co_await master.fork();  co_await w->online();  w->disconnect();
+//   }, asio::detached);
+//   io.run();
+// Policy decides how listen() in workers is served (Node: cluster.schedulingPolicy);
+// the policies arrive with listening through the master.
+#pragma once
+
+#include <asio/co_spawn.hpp>
+#include <asio/use_awaitable.hpp>
+
+#include <chrono>
+#include <fstream>
+#include <iterator>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "cocluster/detail/log.hpp"
+#include "cocluster/detail/spawn.hpp"
+#include "cocluster/events.hpp"
+#include "cocluster/settings.hpp"
+#include "cocluster/worker.hpp"
+
+extern char** environ;
+
+namespace cocluster {
+
+struct RoundRobin;  // Node's SCHED_RR, the default policy
+
+namespace detail {
+
+// This process's argv, as the kernel has it (for Settings::args' default).
+inline std::vector<std::string> own_command_line() {
+  std::ifstream in("/proc/self/cmdline", std::ios::binary);
+  std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::vector<std::string> args;
+  for (std::size_t pos = 0; pos < all.size();) {
+    std::size_t end = all.find('\0', pos);
+    if (end == std::string::npos) end = all.size();
+    args.push_back(all.substr(pos, end - pos));
+    pos = end + 1;
+  }
+  return args;
+}
+
+// The master's environment, less any worker identity it had, plus `settings` then `extra`.
+inline std::vector<std::string> worker_environment(const Env& settings, const Env& extra, int id) {
+  Env merged;
+  for (char** e = environ; e && *e; ++e) {
+    std::string_view entry(*e);
+    auto eq = entry.find('=');
+    if (eq == std::string_view::npos) continue;
+    merged.emplace(std::string(entry.substr(0, eq)), std::string(entry.substr(eq + 1)));
+  }
+  merged.erase("NODE_UNIQUE_ID");
+  for (auto& [k, v] : settings) merged[k] = v;
+  for (auto& [k, v] : extra) merged[k] = v;
+  merged["COCLUSTER_WORKER_ID"] = std::to_string(id);
+  merged["COCLUSTER_CHANNEL_FD"] = std::to_string(worker_channel_fd);
+  std::vector<std::string> out;
+  out.reserve(merged.size());
+  for (auto& [k, v] : merged) out.push_back(k + "=" + v);
+  return out;
+}
+
+}  // namespace detail
+
+template <class Policy = RoundRobin>
+class Master {
+ public:
+  explicit Master(asio::any_io_executor ex, Settings settings = {})
+      : state_(std::make_shared<detail::master_state>(std::move(ex))), settings_(std::move(settings)) {}
+  Master(const Master&) = delete;
+  Master& operator=(const Master&) = delete;
+
+  // Leaves no process behind: closes every channel (workers exit on EOF), waits up to
+  // `teardown_grace` in all for them, SIGKILLs the rest and reaps them. Blocks while it waits.
+  ~Master() {
+    auto unreaped = std::move(state_->unreaped);
+    state_->workers.clear();
+    for (auto& [id, w] : unreaped) detail::master_access::close_channel(*w);
+    const auto deadline = std::chrono::steady_clock::now() + teardown_grace;
+    for (auto& [id, w] : unreaped) {
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+      detail::master_access::process(*w).terminate_and_reap(std::max(left, std::chrono::milliseconds(0)));
+    }
+  }
+
+  static constexpr std::chrono::milliseconds teardown_grace{2000};
+
+  const asio::any_io_executor& get_executor() const noexcept { return state_->ex; }
+
+  // Node: cluster.fork([env]). Starts a worker; completes with it once the process runs
+  // (exec succeeded), before it is online. It is in workers() at once and a `fork` event is
+  // posted. Fails with the errno of the step that failed (exec: ENOENT, EACCES, ...).
+  template <class CompletionToken = asio::use_awaitable_t<>>
+  auto fork(Env env = {}, CompletionToken&& token = {}) {
+    return asio::async_initiate<CompletionToken, void(std::error_code, std::shared_ptr<Worker>)>(
+        [this](auto handler, Env e) {
+          detail::pending_handler<std::shared_ptr<Worker>> h(std::move(handler), state_->ex);
+          std::error_code ec;
+          auto w = start_worker(e, ec);
+          h.complete(ec, std::move(w));
+        },
+        token, std::move(env));
+  }
+
+  // Node: cluster.workers. A worker leaves after both its disconnect and its exit (before
+  // the later event is delivered), or at once on worker.disconnect()/kill().
+  const std::map<int, std::shared_ptr<Worker>>& workers() const noexcept { return state_->workers; }
+
+  // The master-wide event stream. The first call subscribes: events before it are not kept.
+  EventStream& events() {
+    if (!state_->events) state_->events = std::make_unique<EventStream>(state_->ex);
+    return *state_->events;
+  }
+
+  // Node: cluster.setupMaster(settings) / cluster.settings. Affects later forks only.
+  void setup(Settings settings) {
+    settings_ = std::move(settings);
+    state_->emit(Event{EventType::setup, nullptr, {}, {}, {}});
+  }
+  const Settings& settings() const noexcept { return settings_; }
+
+  // Node: cluster.disconnect(). Disconnects every worker in workers(); completes when each
+  // of them has disconnected.
+  template <class CompletionToken = asio::use_awaitable_t<>>
+  auto disconnect(CompletionToken&& token = {}) {
+    std::vector<std::shared_ptr<Worker>> leaving;
+    for (auto& [id, w] : state_->workers) leaving.push_back(w);
+    for (auto& w : leaving) w->disconnect();
+    return asio::co_spawn(
+        state_->ex,
+        [leaving = std::move(leaving)]() -> asio::awaitable<void> {
+          for (auto& w : leaving) co_await w->disconnected();
+        },
+        std::forward<CompletionToken>(token));
+  }
+
+ private:
+  std::shared_ptr<Worker> start_worker(const Env& env, std::error_code& ec) {
+    const int id = ++last_id_;
+    try {
+      auto [ours, theirs] = detail::make_socketpair(SOCK_SEQPACKET);
+      detail::spawn_request r;
+      const auto self = detail::own_command_line();
+      r.exec = settings_.exec.empty() ? "/proc/self/exe" : settings_.exec;
+      r.argv.push_back(settings_.exec.empty() && !self.empty() ? self.front() : r.exec);
+      if (settings_.args) r.argv.insert(r.argv.end(), settings_.args->begin(), settings_.args->end());
+      else if (!self.empty()) r.argv.insert(r.argv.end(), self.begin() + 1, self.end());
+      r.env = detail::worker_environment(settings_.env, env, id);
+      r.cwd = settings_.cwd;
+      detail::Process process(state_->ex, detail::spawn(std::move(r), std::move(theirs)));
+      ipc::Channel channel(state_->ex, std::move(ours), settings_.channel);
+      auto w = detail::master_access::make(id, std::move(process), std::move(channel), state_,
+                                           settings_.max_unread_messages);
+      state_->workers.emplace(id, w);
+      state_->unreaped.emplace(id, w);
+      detail::debug("Worker {} fork (id {})", w->pid(), id);
+      state_->emit(Event{EventType::fork, w, {}, {}, {}});
+      return w;
+    } catch (const std::system_error& e) {
+      ec = e.code();
+      detail::log_error("cannot start worker {}: {}", id, e.what());
+      state_->emit(Event{EventType::error, nullptr, {}, ec, e.what()});
+      return nullptr;
+    }
+  }
+
+  std::shared_ptr<detail::master_state> state_;
+  Settings settings_;
+  int last_id_ = 0;  // ids start at 1 and are never reused
+};
+
+}  // namespace cocluster

@@ -1,0 +1,273 @@
+// The master's view of one worker process (Node: cluster.Worker in the primary).
+//   auto w = co_await master.fork();
+//   co_await w->online();  co_await w->send({"hello"});  Message m = co_await w->receive();
+//   w->disconnect();  ExitStatus s = co_await w->exited();
+// One-shot events (online, disconnected, exited) are latches: awaiting after the fact
+// completes at once. Every operation takes an Asio completion token (default: use_awaitable)
+// and honours cancellation, so `co_await (w->online() || timer.async_wait(use_awaitable))`
+// is a timeout.
+#pragma once
+
+#include <asio/co_spawn.hpp>
+#include <asio/detached.hpp>
+#include <asio/experimental/as_tuple.hpp>
+#include <asio/use_awaitable.hpp>
+
+#include <map>
+#include <memory>
+#include <optional>
+
+#include "cocluster/detail/async_latch.hpp"
+#include "cocluster/detail/async_queue.hpp"
+#include "cocluster/detail/log.hpp"
+#include "cocluster/detail/process.hpp"
+#include "cocluster/events.hpp"
+#include "cocluster/ipc/channel.hpp"
+#include "cocluster/ipc/protocol.hpp"
+
+namespace cocluster {
+
+namespace detail {
+struct master_access;
+
+// What a Master shares with its workers; workers hold it weakly, so a worker outliving its
+// master (in an event someone kept) is harmless.
+struct master_state {
+  explicit master_state(asio::any_io_executor e) : ex(std::move(e)) {}
+  asio::any_io_executor ex;
+  std::map<int, std::shared_ptr<Worker>> workers;   // Node: cluster.workers
+  std::map<int, std::shared_ptr<Worker>> unreaped;  // every worker whose process is not reaped
+  std::unique_ptr<EventStream> events;              // null until master.events() subscribes
+
+  void emit(Event e) {
+    if (events) events->push(std::move(e));
+  }
+};
+}  // namespace detail
+
+class Worker : public std::enable_shared_from_this<Worker> {
+  struct passkey {};
+
+ public:
+  // Made by Master::fork only.
+  Worker(passkey, int id, detail::Process process, ipc::Channel channel,
+         std::weak_ptr<detail::master_state> master, std::size_t max_unread)
+      : id_(id),
+        process_(std::move(process)),
+        channel_(std::move(channel)),
+        master_(std::move(master)),
+        messages_(channel_.get_executor(), std::max<std::size_t>(max_unread, 1)),
+        online_(channel_.get_executor()),
+        disconnected_(channel_.get_executor()),
+        exited_(channel_.get_executor()) {}
+
+  int id() const noexcept { return id_; }
+  pid_t pid() const noexcept { return process_.pid(); }
+  // Node: worker.isConnected(). False from the moment the channel is gone.
+  bool is_connected() const noexcept { return connected_; }
+  // Node: worker.isDead(). True once the process has ended.
+  bool is_dead() const noexcept { return dead_; }
+  // Node: worker.exitedAfterDisconnect — unset until disconnect(), kill() or the first of
+  // the disconnect/exit events, then whether the worker left on purpose.
+  std::optional<bool> exited_after_disconnect() const noexcept { return exited_after_disconnect_; }
+
+  // Completes when the worker runtime has announced itself. Fails with error::worker_exited
+  // (or worker_not_connected) if the worker is gone without ever coming online.
+  template <class CompletionToken = asio::use_awaitable_t<>>
+  auto online(CompletionToken&& token = {}) {
+    return online_.async_wait(std::forward<CompletionToken>(token));
+  }
+
+  // Completes when the channel to the worker has closed, whoever closed it.
+  template <class CompletionToken = asio::use_awaitable_t<>>
+  auto disconnected(CompletionToken&& token = {}) {
+    return disconnected_.async_wait(std::forward<CompletionToken>(token));
+  }
+
+  // Completes with the exit code or signal once the process has ended and been reaped.
+  template <class CompletionToken = asio::use_awaitable_t<>>
+  auto exited(CompletionToken&& token = {}) {
+    return exited_.async_wait(std::forward<CompletionToken>(token));
+  }
+
+  // Node: worker.send(message[, handle]). Completes once queued (waits while the channel's
+  // send queue is full). Fails with error::worker_not_connected after the disconnect.
+  template <class CompletionToken = asio::use_awaitable_t<>>
+  auto send(Message message, CompletionToken&& token = {}) {
+    if (!connected_)
+      return asio::async_initiate<CompletionToken, void(std::error_code)>(
+          [ex = channel_.get_executor()](auto handler) {
+            detail::pending_handler<>(std::move(handler), ex).complete(error::worker_not_connected);
+          },
+          token);
+    return channel_.async_send({ipc::message_kind::user, std::move(message)},
+                               std::forward<CompletionToken>(token));
+  }
+
+  // Node: worker.on('message'). The next user message from the worker, in order. Messages
+  // that arrived before the disconnect can still be read; then error::worker_not_connected.
+  template <class CompletionToken = asio::use_awaitable_t<>>
+  auto receive(CompletionToken&& token = {}) {
+    return messages_.async_pop(std::forward<CompletionToken>(token));
+  }
+
+  // Node: worker.disconnect() in the primary. Asks the worker to close its servers and then
+  // its channel; the worker leaves master.workers() at once.
+  void disconnect() {
+    if (!connected_ || disconnect_sent_) return;
+    disconnect_sent_ = true;
+    exited_after_disconnect_ = true;
+    leave_workers();
+    channel_.async_send({ipc::message_kind::internal, {ipc::protocol::encode(ipc::protocol::Disconnect{}), {}}},
+                        [](std::error_code) {});
+  }
+
+  // Node: worker.kill(signal) in the primary: the worker is disconnected and signalled, and
+  // exited_after_disconnect becomes true. Node disconnects, then signals; we signal first,
+  // then close the channel from this side at once, so that a worker killed by a signal always
+  // reports that signal (it cannot win a race to exit(0) on EOF) and a busy worker needs no
+  // cooperation. A worker that handles the signal still sees its channel close.
+  void kill(int sig = SIGTERM) {
+    if (!dead_) exited_after_disconnect_ = true;
+    process_.signal(sig);
+    if (connected_) {
+      leave_workers();
+      channel_.close();
+    }
+  }
+
+ private:
+  friend struct detail::master_access;
+
+  using as_tuple_t = asio::experimental::as_tuple_t<asio::use_awaitable_t<>>;
+
+  void start() {
+    auto self = shared_from_this();
+    asio::co_spawn(channel_.get_executor(), read_loop(self), asio::detached);
+    asio::co_spawn(channel_.get_executor(), watch_exit(self), asio::detached);
+  }
+
+  static asio::awaitable<void> read_loop(std::shared_ptr<Worker> self) {
+    std::error_code end;
+    for (;;) {
+      auto [ec, envelope] = co_await self->channel_.async_receive(as_tuple_t{});
+      if (ec) {
+        end = ec;
+        break;
+      }
+      if (envelope.kind == ipc::message_kind::internal) {
+        if (!self->on_internal(envelope)) {
+          end = error::protocol_error;
+          break;
+        }
+        continue;
+      }
+      if (!self->messages_.try_push(envelope.message)) {
+        detail::log_error("worker {} has {} unread messages; reading its channel paused until the master receives",
+                          self->id_, self->messages_.size());
+        auto [pushed] = co_await self->messages_.async_push(std::move(envelope.message), as_tuple_t{});
+        if (pushed) break;
+      }
+      self->emit(EventType::message);
+    }
+    self->on_channel_end(end);
+  }
+
+  bool on_internal(const ipc::Envelope& envelope) {
+    auto message = ipc::protocol::decode(envelope.message.data);
+    const bool valid = message && !envelope.message.has_handle() &&
+                       !std::holds_alternative<ipc::protocol::Disconnect>(*message);
+    if (!valid) {
+      protocol_detail_ = "unexpected internal message from the worker";
+      channel_.close();
+      return false;
+    }
+    if (std::holds_alternative<ipc::protocol::Online>(*message)) {
+      if (online_.is_set()) return true;
+      detail::debug("Worker {} online", pid());
+      online_.set();
+      emit(EventType::online);
+    } else {  // ExitedAfterDisconnect: sent before the worker's EOF, so it is seen first
+      exited_after_disconnect_ = true;
+    }
+    return true;
+  }
+
+  void on_channel_end(std::error_code ec) {
+    connected_ = false;
+    const bool clean = ec == asio::error::eof || ec == error::channel_closed || ec == asio::error::operation_aborted;
+    if (!clean) {
+      std::string why = !protocol_detail_.empty() ? protocol_detail_ : channel_.error_detail();
+      if (why.empty()) why = ec.message();
+      detail::log_error("worker {} (pid {}): {}: {}; disconnected", id_, pid(), ec.message(), why);
+      emit(EventType::error, ec, why);
+    }
+    channel_.close();
+    if (!exited_after_disconnect_) exited_after_disconnect_ = false;
+    online_.fail(error::worker_not_connected);
+    messages_.close(error::worker_not_connected);
+    if (dead_) leave_workers();
+    detail::debug("Worker {} disconnect", pid());
+    disconnected_.set();
+    emit(EventType::disconnect);
+  }
+
+  static asio::awaitable<void> watch_exit(std::shared_ptr<Worker> self) {
+    auto [ec, status] = co_await self->process_.async_wait(as_tuple_t{});
+    if (ec) co_return;  // the master is being torn down
+    self->dead_ = true;
+    if (self->connected_) {
+      // Everything the dead process sent is already in our socket: read it all (lifting the
+      // unread-message bound), so 'disconnect' always comes before 'exit'.
+      self->messages_.set_capacity(decltype(self->messages_)::unbounded);
+      self->channel_.mark_peer_gone();
+      co_await self->disconnected_.async_wait(as_tuple_t{});
+    }
+    if (!self->exited_after_disconnect_) self->exited_after_disconnect_ = false;
+    self->online_.fail(error::worker_exited);
+    self->leave_workers();
+    if (auto m = self->master_.lock()) m->unreaped.erase(self->id_);
+    detail::debug("Worker {} exit ({})", self->pid(),
+                  status.killed_by_signal() ? status.signal_name() : "code " + std::to_string(status.code));
+    self->exited_.set(status);
+    self->emit(EventType::exit, {}, {}, status);
+  }
+
+  void leave_workers() {
+    if (auto m = master_.lock()) m->workers.erase(id_);
+  }
+
+  void emit(EventType type, std::error_code ec = {}, std::string detail = {}, ExitStatus status = {}) {
+    if (auto m = master_.lock()) m->emit(Event{type, shared_from_this(), status, ec, std::move(detail)});
+  }
+
+  int id_;
+  detail::Process process_;
+  ipc::Channel channel_;
+  std::weak_ptr<detail::master_state> master_;
+  detail::async_queue<Message> messages_;
+  detail::async_latch<> online_;
+  detail::async_latch<> disconnected_;
+  detail::async_latch<ExitStatus> exited_;
+  bool connected_ = true;
+  bool dead_ = false;
+  bool disconnect_sent_ = false;
+  std::optional<bool> exited_after_disconnect_;
+  std::string protocol_detail_;
+};
+
+namespace detail {
+// The parts of Worker that only Master uses.
+struct master_access {
+  static std::shared_ptr<Worker> make(int id, Process p, ipc::Channel c, std::weak_ptr<master_state> m,
+                                      std::size_t max_unread) {
+    auto w = std::make_shared<Worker>(Worker::passkey{}, id, std::move(p), std::move(c), std::move(m), max_unread);
+    w->start();
+    return w;
+  }
+  static void close_channel(Worker& w) { w.channel_.close(); }
+  static Process& process(Worker& w) { return w.process_; }
+};
+}  // namespace detail
+
+}  // namespace cocluster

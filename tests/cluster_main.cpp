@@ -1,0 +1,159 @@
+// Entry point of test_cluster. The same executable is the master (doctest runs the tests),
+// every worker (a scenario picked by COCLUSTER_TEST_SCENARIO), and, for the master-death
+// test, an intermediate master process (COCLUSTER_TEST_ROLE=master).
+#define DOCTEST_CONFIG_IMPLEMENT
+#define DOCTEST_CONFIG_NO_POSIX_SIGNALS  // forked workers must not inherit doctest's handlers
+#include "cocluster/cocluster.hpp"
+
+#include <dirent.h>
+#include <fcntl.h>
+
+#include <cstdio>
+#include <cstring>
+#include <iostream>
+
+#include <doctest/doctest.h>
+
+#include "scenarios.hpp"
+#include "support.hpp"
+
+using namespace cocluster;
+using asio::awaitable;
+using asio::use_awaitable;
+
+namespace {
+
+std::string open_fds() {
+  std::string out;
+  DIR* d = ::opendir("/proc/self/fd");
+  const int own = ::dirfd(d);
+  std::vector<int> fds;
+  while (auto* e = ::readdir(d))
+    if (e->d_name[0] != '.' && std::atoi(e->d_name) != own) fds.push_back(std::atoi(e->d_name));
+  ::closedir(d);
+  std::sort(fds.begin(), fds.end());
+  for (int fd : fds) out += (out.empty() ? "" : ",") + std::to_string(fd);
+  return out;
+}
+
+// Echoes every message back. A message with a socket handle is answered with its data, "|",
+// and the 8 bytes read from that socket (its peer wrote them before the handoff).
+awaitable<void> echo() {
+  for (;;) {
+    auto [ec, m] = co_await this_worker.receive(asio::experimental::as_tuple(use_awaitable));
+    if (ec) co_return;
+    std::string reply = std::move(m.data);
+    auto read_token = [&](auto& socket) -> awaitable<void> {
+      char token[8];
+      co_await asio::async_read(socket, asio::buffer(token), use_awaitable);
+      reply += "|" + std::string(token, sizeof token);
+    };
+    if (auto* s = std::get_if<asio::ip::tcp::socket>(&m.handle)) co_await read_token(*s);
+    else if (auto* u = std::get_if<asio::local::stream_protocol::socket>(&m.handle)) co_await read_token(*u);
+    auto [sent] = co_await this_worker.send({std::move(reply)}, asio::experimental::as_tuple(use_awaitable));
+    if (sent) co_return;
+  }
+}
+
+// Writes one raw packet into the channel as a broken worker would, then waits for the master
+// to close the channel.
+int misbehave(std::string_view how) {
+  const int fd = std::stoi(std::getenv("COCLUSTER_CHANNEL_FD"));
+  ipc::frame_header h;
+  h.flags = ipc::frame_header::first | ipc::frame_header::last;
+  std::string packet;
+  std::vector<int> fds;
+  if (how == scenario::garbage) {
+    packet = "this is not a cocluster frame";
+  } else if (how == scenario::oversized) {
+    h.flags = ipc::frame_header::first;
+    h.total_size = 1u << 30;  // 1 GiB, over the 64 MiB default
+    packet.assign(reinterpret_cast<char*>(&h), sizeof h);
+    packet += std::string(1000, 'x');
+  } else {  // ten_fds
+    h.handle = 1;
+    h.total_size = 3;
+    packet.assign(reinterpret_cast<char*>(&h), sizeof h);
+    packet += "abc";
+    for (int i = 0; i < 10; ++i) fds.push_back(::open("/dev/null", O_RDONLY));
+  }
+  iovec iov{packet.data(), packet.size()};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  std::vector<char> control(CMSG_SPACE(sizeof(int) * 10));
+  if (!fds.empty()) {
+    msg.msg_control = control.data();
+    msg.msg_controllen = CMSG_SPACE(sizeof(int) * fds.size());
+    cmsghdr* c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
+    std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
+  }
+  if (::sendmsg(fd, &msg, MSG_NOSIGNAL) < 0) return 2;
+  char c;
+  while (::recv(fd, &c, 1, 0) > 0) {
+  }
+  return 0;
+}
+
+int run_worker() {
+  const std::string inherited_fds = open_fds();  // before this process opens any of its own
+  const char* env = std::getenv("COCLUSTER_TEST_SCENARIO");
+  const std::string_view s = env ? env : scenario::echo;
+  if (s == scenario::garbage || s == scenario::oversized || s == scenario::ten_fds) return misbehave(s);
+  if (s == scenario::never_online) {
+    char c;
+    while (::recv(std::stoi(std::getenv("COCLUSTER_CHANNEL_FD")), &c, 1, 0) > 0) {
+    }
+    return 0;
+  }
+  asio::io_context io;
+  this_worker.start(io.get_executor());
+  if (s == scenario::exit3) std::exit(3);
+  if (s == scenario::busy) {
+    static volatile unsigned long spins = 0;  // volatile: a loop without side effects is UB
+    for (;;) spins = spins + 1;
+  }
+  if (s == scenario::self_disconnect) this_worker.disconnect();
+  if (s == scenario::report_env) {
+    const char* extra = std::getenv("TEST_EXTRA");
+    const char* setting = std::getenv("TEST_SETTING");
+    const std::string report = "id=" + std::to_string(this_worker.id()) + " extra=" + (extra ? extra : "") +
+                               " setting=" + (setting ? setting : "") + " fds=" + inherited_fds;
+    this_worker.send({report}, [](std::error_code) {});
+  }
+  if (s == scenario::hello_first) this_worker.send({"hello"}, [](std::error_code) {});
+  asio::co_spawn(io, echo(), asio::detached);
+  io.run();
+  return 0;
+}
+
+// The intermediate master of the master-death test: forks workers, prints their pids once
+// they are online, then serves until killed.
+int run_intermediate_master() {
+  asio::io_context io;
+  Master<> master(io.get_executor());
+  asio::co_spawn(io, [&]() -> awaitable<void> {
+    std::string pids;
+    for (int i = 0; i < 3; ++i) {
+      auto w = co_await master.fork();
+      co_await w->online();
+      pids += std::to_string(w->pid()) + " ";
+    }
+    std::cout << pids << std::endl;
+  }, asio::detached);
+  io.run();
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (is_worker()) return run_worker();
+  if (const char* role = std::getenv("COCLUSTER_TEST_ROLE"); role && std::string_view(role) == "master")
+    return run_intermediate_master();
+  doctest::Context context(argc, argv);
+  return context.run();
+}

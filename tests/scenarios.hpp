@@ -1,0 +1,21 @@
+// What a re-executed test worker does, chosen by COCLUSTER_TEST_SCENARIO (see cluster_main.cpp).
+#pragma once
+
+#include <string_view>
+
+namespace scenario {
+inline constexpr std::string_view echo = "echo";                        // echoes messages (default)
+inline constexpr std::string_view exit3 = "exit3";                      // exits with 3 after online
+inline constexpr std::string_view busy = "busy";                        // spins after online, never reads
+inline constexpr std::string_view never_online = "never_online";        // never starts the runtime
+inline constexpr std::string_view self_disconnect = "self_disconnect";  // this_worker.disconnect() at once
+inline constexpr std::string_view report_env = "report_env";            // sends its id, env and open fds
+inline constexpr std::string_view hello_first = "hello_first";          // sends "hello" right at online
+inline constexpr std::string_view garbage = "garbage";                  // writes a non-frame
+inline constexpr std::string_view oversized = "oversized";              // announces a 1 GiB message
+inline constexpr std::string_view ten_fds = "ten_fds";                  // a frame carrying 10 fds
+}  // namespace scenario
+
+#include "cocluster/settings.hpp"
+
+inline cocluster::Env scenario_env(std::string_view s) { return {{"COCLUSTER_TEST_SCENARIO", std::string(s)}}; }

@@ -1,0 +1,66 @@
+// Shared by the test programs: a time bound for every test, and fd counting.
+#pragma once
+
+#include <dirent.h>
+
+#include <asio/co_spawn.hpp>
+#include <asio/experimental/awaitable_operators.hpp>
+#include <asio/io_context.hpp>
+#include <asio/steady_timer.hpp>
+#include <asio/use_awaitable.hpp>
+
+#include <chrono>
+#include <exception>
+#include <functional>
+#include <stdexcept>
+#include <string>
+
+namespace test {
+
+using namespace std::chrono_literals;
+using asio::awaitable;
+using asio::use_awaitable;
+
+// Runs `body` on a fresh io_context until it and everything it started are done. Fails the
+// test (by throwing) if the body takes longer than `limit`; the body is then cancelled, so
+// its Master's destructor reaps every worker it started.
+inline void run_bounded(std::function<awaitable<void>(asio::io_context&)> body,
+                        std::chrono::seconds limit = 30s) {
+  asio::io_context io;
+  std::exception_ptr failure;
+  bool finished = false;
+  asio::co_spawn(
+      io,
+      [&]() -> awaitable<void> {
+        using namespace asio::experimental::awaitable_operators;
+        asio::steady_timer timer(io, limit);
+        auto which = co_await (body(io) || timer.async_wait(use_awaitable));
+        if (which.index() == 1)
+          throw std::runtime_error("test timed out after " + std::to_string(limit.count()) + " s");
+      },
+      [&](std::exception_ptr e) {
+        failure = e;
+        finished = true;
+      });
+  io.run();
+  if (failure) std::rethrow_exception(failure);
+  if (!finished) throw std::runtime_error("io_context ran dry before the test finished");
+}
+
+// Open fds of this process (the directory stream's own fd excluded).
+inline int open_fd_count() {
+  DIR* d = ::opendir("/proc/self/fd");
+  if (!d) return -1;
+  int n = 0;
+  while (auto* e = ::readdir(d))
+    if (e->d_name[0] != '.') ++n;
+  ::closedir(d);
+  return n - 1;
+}
+
+inline awaitable<void> sleep_for(std::chrono::milliseconds d) {
+  asio::steady_timer t(co_await asio::this_coro::executor, d);
+  co_await t.async_wait(use_awaitable);
+}
+
+}  // namespace test

@@ -1,0 +1,342 @@
+// The channel alone, both ends in this process: framing, handles, backpressure, and what it
+// does with a peer that does not speak the protocol.
+#include "cocluster/ipc/channel.hpp"
+
+#include <fcntl.h>
+
+#include <asio/experimental/as_tuple.hpp>
+
+#include <cstring>
+
+#include <doctest/doctest.h>
+
+#include "support.hpp"
+
+using namespace cocluster;
+using namespace test;
+using namespace asio::experimental::awaitable_operators;
+using ipc::Channel;
+using ipc::Envelope;
+using ipc::message_kind;
+
+namespace {
+
+auto as_tuple = asio::experimental::as_tuple(use_awaitable);
+
+std::pair<Channel, Channel> channel_pair(asio::io_context& io, ipc::ChannelOptions options = {}) {
+  auto [a, b] = cocluster::detail::make_socketpair();
+  return {Channel(io.get_executor(), std::move(a), options), Channel(io.get_executor(), std::move(b), options)};
+}
+
+// A channel and the raw fd of its peer, for writing what a broken or hostile peer would.
+std::pair<Channel, cocluster::detail::unique_fd> channel_and_raw_peer(asio::io_context& io, ipc::ChannelOptions options = {}) {
+  auto [a, b] = cocluster::detail::make_socketpair();
+  return {Channel(io.get_executor(), std::move(a), options), std::move(b)};
+}
+
+void send_raw(int fd, const void* data, std::size_t size, const std::vector<int>& fds = {}) {
+  iovec iov{const_cast<void*>(data), size};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  std::vector<char> control(CMSG_SPACE(sizeof(int) * fds.size()));
+  if (!fds.empty()) {
+    msg.msg_control = control.data();
+    msg.msg_controllen = control.size();
+    cmsghdr* c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
+    std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
+  }
+  REQUIRE(::sendmsg(fd, &msg, MSG_NOSIGNAL) == static_cast<ssize_t>(size));
+}
+
+void send_raw_frame(int fd, ipc::frame_header h, std::string_view payload, const std::vector<int>& fds = {}) {
+  std::string packet(reinterpret_cast<const char*>(&h), sizeof h);
+  packet += payload;
+  send_raw(fd, packet.data(), packet.size(), fds);
+}
+
+ipc::frame_header header(std::uint8_t flags, std::uint32_t total, std::uint8_t handle = 0) {
+  ipc::frame_header h;
+  h.flags = flags;
+  h.total_size = total;
+  h.handle = handle;
+  return h;
+}
+
+constexpr std::uint8_t whole = ipc::frame_header::first | ipc::frame_header::last;
+
+std::string pattern(std::size_t size, unsigned seed) {
+  std::string s(size, '\0');
+  for (std::size_t i = 0; i < size; ++i) s[i] = static_cast<char>((i * 131 + seed * 7) & 0xff);
+  return s;
+}
+
+// Receives on `ch` and expects a protocol error whose detail mentions `what`.
+awaitable<void> expect_protocol_error(Channel& ch, std::string_view what) {
+  auto [ec, e] = co_await ch.async_receive(as_tuple);
+  CHECK(ec == error::protocol_error);
+  CHECK_MESSAGE(ch.error_detail().find(what) != std::string::npos, "detail was: " << ch.error_detail());
+  CHECK_FALSE(ch.is_open());
+}
+
+}  // namespace
+
+TEST_CASE("small and large messages arrive intact and in order") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    auto [a, b] = channel_pair(io);
+    const std::string big = pattern(3 << 20, 1);
+    asio::co_spawn(io, [&]() -> awaitable<void> {
+      for (int i = 0; i < 500; ++i) co_await a.async_send({message_kind::user, {std::to_string(i)}}, use_awaitable);
+      co_await a.async_send({message_kind::internal, {big}}, use_awaitable);
+      co_await a.async_send({message_kind::user, {""}}, use_awaitable);
+    }, asio::detached);
+    for (int i = 0; i < 500; ++i) {
+      Envelope e = co_await b.async_receive(use_awaitable);
+      REQUIRE(e.message.data == std::to_string(i));
+      CHECK(e.kind == message_kind::user);
+    }
+    Envelope large = co_await b.async_receive(use_awaitable);
+    CHECK(large.kind == message_kind::internal);
+    CHECK(large.message.data.size() == big.size());
+    CHECK(large.message.data == big);
+    Envelope empty = co_await b.async_receive(use_awaitable);
+    CHECK(empty.message.data.empty());
+  });
+}
+
+TEST_CASE("a message over the limit is refused on send with message_too_large") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    ipc::ChannelOptions small;
+    small.max_message_size = 1024;
+    auto [a, b] = channel_pair(io, small);
+    auto [ec] = co_await a.async_send({message_kind::user, {std::string(1025, 'x')}}, as_tuple);
+    CHECK(ec == error::message_too_large);
+    co_await a.async_send({message_kind::user, {std::string(1024, 'x')}}, use_awaitable);  // still usable
+    CHECK((co_await b.async_receive(use_awaitable)).message.data.size() == 1024);
+  });
+}
+
+TEST_CASE("a frame announcing a message over the receiver's limit is a protocol error") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    ipc::ChannelOptions small;
+    small.max_message_size = 1 << 20;
+    auto [ch, raw] = channel_and_raw_peer(io, small);
+    send_raw_frame(raw.get(), header(ipc::frame_header::first, 1u << 30), "abc");
+    co_await expect_protocol_error(ch, "exceeds the limit");
+  });
+}
+
+TEST_CASE("a peer writing garbage gets a protocol error and EOF") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    auto [ch, raw] = channel_and_raw_peer(io);
+    const char garbage[] = "GET / HTTP/1.1\r\n\r\n";
+    send_raw(raw.get(), garbage, sizeof garbage);
+    co_await expect_protocol_error(ch, "magic");
+    char c;
+    CHECK(::recv(raw.get(), &c, 1, 0) == 0);  // the peer sees the channel closed
+  });
+}
+
+TEST_CASE("malformed framing is a protocol error") {
+  struct bad {
+    const char* name;
+    ipc::frame_header h;
+    std::string payload;
+    const char* detail;
+  };
+  const bad cases[] = {
+      {"short frame", {}, "", "short frame"},
+      {"continuation without a first frame", header(ipc::frame_header::last, 3), "abc", "without a first frame"},
+      {"size disagrees with payload", header(whole, 10), "abc", "does not match"},
+      {"unknown handle type", header(whole, 3, 42), "abc", "unknown handle type"},
+      {"handle declared, no fd sent", header(whole, 3, 1), "abc", "carries 0 fds"},
+  };
+  for (const auto& c : cases) {
+    SUBCASE(c.name) {
+      run_bounded([&](asio::io_context& io) -> awaitable<void> {
+        auto [ch, raw] = channel_and_raw_peer(io);
+        if (std::string_view(c.name) == "short frame") send_raw(raw.get(), "ab", 2);
+        else send_raw_frame(raw.get(), c.h, c.payload);
+        co_await expect_protocol_error(ch, c.detail);
+      });
+    }
+  }
+}
+
+TEST_CASE("a frame with 10 fds is a protocol error and every fd it carried is closed") {
+  const int before = open_fd_count();
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    auto [ch, raw] = channel_and_raw_peer(io);
+    std::vector<int> fds;
+    for (int i = 0; i < 10; ++i) fds.push_back(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+    send_raw_frame(raw.get(), header(whole, 3, 1), "abc", fds);
+    for (int fd : fds) ::close(fd);
+    co_await expect_protocol_error(ch, "carries 10 fds");
+  });
+  CHECK(open_fd_count() == before);
+}
+
+TEST_CASE("truncated ancillary data (more fds than we accept) is a protocol error and leaks nothing") {
+  const int before = open_fd_count();
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    auto [ch, raw] = channel_and_raw_peer(io);
+    std::vector<int> fds;
+    for (int i = 0; i < 100; ++i) fds.push_back(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+    send_raw_frame(raw.get(), header(whole, 3, 1), "abc", fds);
+    for (int fd : fds) ::close(fd);
+    co_await expect_protocol_error(ch, "more than 16 fds");
+  });
+  CHECK(open_fd_count() == before);
+}
+
+TEST_CASE("a handle declared as a TCP socket that is a pipe is refused and closed") {
+  const int before = open_fd_count();
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    auto [ch, raw] = channel_and_raw_peer(io);
+    auto [r, w] = cocluster::detail::make_pipe();
+    send_raw_frame(raw.get(), header(whole, 3, 1), "abc", {r.get()});
+    co_await expect_protocol_error(ch, "not such a socket");
+  });
+  CHECK(open_fd_count() == before);
+}
+
+TEST_CASE("each handle type arrives as the matching, working Asio object") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    using asio::ip::tcp;
+    using asio::ip::udp;
+    using unix_stream = asio::local::stream_protocol;
+    auto [a, b] = channel_pair(io);
+
+    tcp::acceptor listener(io, {asio::ip::address_v4::loopback(), 0});
+    tcp::socket client(io);
+    co_await client.async_connect(listener.local_endpoint(), use_awaitable);
+    tcp::socket served = co_await listener.async_accept(use_awaitable);
+    co_await a.async_send({message_kind::user, {"tcp", std::move(served)}}, use_awaitable);
+    co_await a.async_send({message_kind::user, {"acceptor", std::move(listener)}}, use_awaitable);
+    co_await a.async_send({message_kind::user, {"udp", udp::socket(io, {asio::ip::address_v6::loopback(), 0})}}, use_awaitable);
+    unix_stream::socket u1(io), u2(io);
+    asio::local::connect_pair(u1, u2);
+    co_await a.async_send({message_kind::user, {"unix", std::move(u1)}}, use_awaitable);
+    const std::string path = "/tmp/cocluster-test-" + std::to_string(::getpid()) + ".sock";
+    ::unlink(path.c_str());
+    co_await a.async_send({message_kind::user, {"unix acceptor", unix_stream::acceptor(io, unix_stream::endpoint(path))}}, use_awaitable);
+
+    Envelope e = co_await b.async_receive(use_awaitable);
+    auto* tcp_socket = std::get_if<tcp::socket>(&e.message.handle);
+    REQUIRE(tcp_socket);
+    co_await asio::async_write(client, asio::buffer("ping", 4), use_awaitable);
+    char buf[4];
+    co_await asio::async_read(*tcp_socket, asio::buffer(buf), use_awaitable);
+    CHECK(std::string(buf, 4) == "ping");
+
+    e = co_await b.async_receive(use_awaitable);
+    auto* acceptor = std::get_if<tcp::acceptor>(&e.message.handle);
+    REQUIRE(acceptor);
+    tcp::socket client2(io);
+    co_await client2.async_connect(acceptor->local_endpoint(), use_awaitable);
+    tcp::socket accepted = co_await acceptor->async_accept(use_awaitable);
+    CHECK(accepted.is_open());
+
+    e = co_await b.async_receive(use_awaitable);
+    auto* udp_socket = std::get_if<udp::socket>(&e.message.handle);
+    REQUIRE(udp_socket);
+    CHECK(udp_socket->local_endpoint().address().is_v6());
+
+    e = co_await b.async_receive(use_awaitable);
+    auto* unix_socket = std::get_if<unix_stream::socket>(&e.message.handle);
+    REQUIRE(unix_socket);
+    co_await asio::async_write(u2, asio::buffer("pong", 4), use_awaitable);
+    co_await asio::async_read(*unix_socket, asio::buffer(buf), use_awaitable);
+    CHECK(std::string(buf, 4) == "pong");
+
+    e = co_await b.async_receive(use_awaitable);
+    auto* unix_acceptor = std::get_if<unix_stream::acceptor>(&e.message.handle);
+    REQUIRE(unix_acceptor);
+    CHECK(unix_acceptor->local_endpoint().path() == path);
+    ::unlink(path.c_str());
+  });
+}
+
+TEST_CASE("sending a handle that is not open fails with bad_descriptor") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    auto [a, b] = channel_pair(io);
+    auto [ec] = co_await a.async_send({message_kind::user, {"x", asio::ip::tcp::socket(io)}}, as_tuple);
+    CHECK(ec == asio::error::bad_descriptor);
+  });
+}
+
+TEST_CASE("closing one end completes the peer's receive with EOF") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    auto [a, b] = channel_pair(io);
+    asio::co_spawn(io, [&]() -> awaitable<void> {
+      co_await asio::post(io, use_awaitable);
+      a.close();
+    }, asio::detached);
+    auto [ec, e] = co_await b.async_receive(as_tuple);
+    CHECK(ec == asio::error::eof);
+    auto [ec2] = co_await a.async_send({message_kind::user, {"late"}}, as_tuple);
+    CHECK(ec2 == error::channel_closed);
+  });
+}
+
+TEST_CASE("shutdown delivers every queued message before EOF") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    auto [a, b] = channel_pair(io);
+    // More than the socket holds (net.unix.max_dgram_qlen), so some wait in our queue.
+    for (int i = 0; i < 100; ++i) co_await a.async_send({message_kind::user, {std::to_string(i)}}, use_awaitable);
+    bool shut = false;
+    a.async_shutdown([&](std::error_code ec) { shut = !ec; });
+    for (int i = 0; i < 100; ++i) CHECK((co_await b.async_receive(use_awaitable)).message.data == std::to_string(i));
+    auto [ec, e] = co_await b.async_receive(as_tuple);
+    CHECK(ec == asio::error::eof);
+    CHECK(shut);
+  });
+}
+
+TEST_CASE("a full send queue makes async_send wait until the peer reads") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    ipc::ChannelOptions opts;
+    opts.send_queue_capacity = 4;
+    auto [a, b] = channel_pair(io, opts);
+    // Each message fills a whole packet, so the socket buffer (208 KiB) holds only a few.
+    auto message = [](int i) { return std::to_string(i) + std::string(ipc::max_fragment - 8, 'x'); };
+    constexpr int count = 40;
+    int sent = 0;
+    asio::co_spawn(io, [&]() -> awaitable<void> {
+      for (int i = 0; i < count; ++i) {
+        co_await a.async_send({message_kind::user, {message(i)}}, use_awaitable);
+        ++sent;
+      }
+    }, asio::detached);
+    for (int i = 0; i < 4 * count; ++i) co_await asio::post(io, use_awaitable);
+    // Nobody reads: the socket holds a few packets, our queue 4 more, then the sender waits.
+    CHECK(sent < count);
+    CHECK(a.queued() == 4);
+    for (int i = 0; i < count; ++i) REQUIRE((co_await b.async_receive(use_awaitable)).message.data == message(i));
+    CHECK(sent == count);
+  });
+}
+
+TEST_CASE("a receive honours cancellation and the next receive gets the message") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    auto [a, b] = channel_pair(io);
+    asio::steady_timer timer(io, 5ms);
+    auto r = co_await (b.async_receive(use_awaitable) || timer.async_wait(use_awaitable));
+    CHECK(r.index() == 1);
+    co_await a.async_send({message_kind::user, {"after"}}, use_awaitable);
+    CHECK((co_await b.async_receive(use_awaitable)).message.data == "after");
+  });
+}
+
+TEST_CASE("a second concurrent receive is refused with already_started") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    auto [a, b] = channel_pair(io);
+    b.async_receive([](std::error_code, Envelope) {});
+    auto [ec, e] = co_await b.async_receive(as_tuple);
+    CHECK(ec == asio::error::already_started);
+    a.close();
+  });
+}

@@ -1,0 +1,125 @@
+// Messages and handles between the master and real worker processes.
+#include "cocluster/worker.hpp"
+
+#include <doctest/doctest.h>
+
+#include "cocluster/cocluster.hpp"
+#include "scenarios.hpp"
+#include "support.hpp"
+
+using namespace cocluster;
+using namespace test;
+
+namespace {
+std::string pattern(std::size_t size) {
+  std::string s(size, '\0');
+  for (std::size_t i = 0; i < size; ++i) s[i] = static_cast<char>((i * 2654435761u) >> 13);
+  return s;
+}
+}  // namespace
+
+TEST_CASE("a 32 MiB message and 1,000 small messages interleaved with 200 passed sockets arrive intact and in order") {
+  const int fds_before = open_fd_count();
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    using asio::ip::tcp;
+    Master<> master(io.get_executor());
+    auto w = co_await master.fork();
+    co_await w->online();
+    const std::string big = pattern(32u << 20);
+    tcp::acceptor listener(io, {asio::ip::address_v4::loopback(), 0});
+
+    // What the worker must answer, in order: small messages echoed, a socket message echoed
+    // with the 8 bytes the worker read from the socket, the big one echoed whole.
+    std::vector<std::string> expected;
+    std::vector<tcp::socket> clients;  // our ends; the worker reads what we wrote into them
+    bool sent_all = false;
+    asio::co_spawn(io, [&]() -> awaitable<void> {
+      for (int i = 0; i < 1000; ++i) {
+        if (i == 500) {
+          co_await w->send({big});
+          expected.push_back(big);
+        }
+        co_await w->send({"small " + std::to_string(i)});
+        expected.push_back("small " + std::to_string(i));
+        if (i % 5 == 0) {
+          tcp::socket client(io);
+          co_await client.async_connect(listener.local_endpoint(), use_awaitable);
+          tcp::socket served = co_await listener.async_accept(use_awaitable);
+          char token[16];
+          std::snprintf(token, sizeof token, "sock%04d", i / 5);
+          co_await asio::async_write(client, asio::buffer(token, 8), use_awaitable);
+          clients.push_back(std::move(client));
+          co_await w->send({"socket " + std::to_string(i / 5), std::move(served)});
+          expected.push_back("socket " + std::to_string(i / 5) + "|" + token);
+        }
+      }
+      sent_all = true;
+    }, asio::detached);
+
+    std::size_t received = 0;
+    while (!sent_all || received < expected.size()) {
+      const Message m = co_await w->receive();
+      REQUIRE(received < expected.size());
+      if (m.data.size() > 1000) {
+        CHECK(m.data.size() == big.size());
+        CHECK(m.data == big);
+      } else {
+        REQUIRE(m.data == expected[received]);
+      }
+      ++received;
+    }
+    CHECK(received == 1200 + 1);
+    w->disconnect();
+    co_await w->exited();
+  });
+  // Every socket the master passed was closed on its side once it was on its way.
+  CHECK(open_fd_count() == fds_before);
+}
+
+TEST_CASE("a message the worker sends right at online is not lost") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    auto w = co_await master.fork(scenario_env(scenario::hello_first));
+    co_await w->online();
+    CHECK((co_await w->receive()).data == "hello");
+    w->disconnect();
+    co_await w->exited();
+  });
+}
+
+TEST_CASE("the event stream announces each message; receive() takes it") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    auto& events = master.events();
+    auto w = co_await master.fork();
+    co_await w->send({"one"});
+    for (;;) {
+      const Event e = co_await events.next();
+      if (e.type != EventType::message) continue;
+      CHECK(e.worker == w);
+      CHECK((co_await e.worker->receive()).data == "one");
+      break;
+    }
+    w->disconnect();
+    co_await w->exited();
+  });
+}
+
+TEST_CASE("send() to a disconnected worker fails with worker_not_connected") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    auto w = co_await master.fork();
+    co_await w->online();
+    w->kill(SIGKILL);
+    co_await w->disconnected();
+    try {
+      co_await w->send({"too late"});
+      FAIL("send to a disconnected worker succeeded");
+    } catch (const std::system_error& e) {
+      CHECK(e.code() == error::worker_not_connected);
+    }
+    auto [ec, m] = co_await w->receive(asio::experimental::as_tuple(use_awaitable));
+    CHECK(ec == error::worker_not_connected);
+    co_await w->exited();
+  });
+}

@@ -1,0 +1,166 @@
+// The coroutine primitives under Master and Worker: latch and queue, and the checked syscalls.
+#include "cocluster/detail/async_latch.hpp"
+#include "cocluster/detail/async_queue.hpp"
+#include "cocluster/detail/spawn.hpp"
+#include "cocluster/detail/syscalls.hpp"
+#include "cocluster/error.hpp"
+
+#include <asio/experimental/as_tuple.hpp>
+
+#include <doctest/doctest.h>
+
+#include "support.hpp"
+
+using namespace cocluster;
+using namespace test;
+using namespace asio::experimental::awaitable_operators;
+
+TEST_CASE("a latch completes waiters from before and after it is set, with the same value") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    cocluster::detail::async_latch<int> latch(io.get_executor());
+    int early = 0;
+    asio::co_spawn(io, [&]() -> awaitable<void> { early = co_await latch.async_wait(use_awaitable); }, asio::detached);
+    co_await asio::post(io, use_awaitable);  // let the early waiter park
+    CHECK_FALSE(latch.is_set());
+    latch.set(7);
+    latch.set(8);  // ignored: the first result stands
+    const int late = co_await latch.async_wait(use_awaitable);
+    CHECK(late == 7);
+    co_await asio::post(io, use_awaitable);
+    CHECK(early == 7);
+  });
+}
+
+TEST_CASE("a failed latch reports its error to every waiter") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    cocluster::detail::async_latch<> latch(io.get_executor());
+    latch.fail(error::worker_exited);
+    try {
+      co_await latch.async_wait(use_awaitable);
+      FAIL("a failed latch completed without error");
+    } catch (const std::system_error& e) {
+      CHECK(e.code() == error::worker_exited);
+    }
+  });
+}
+
+TEST_CASE("latch || timer completes with the timer when the latch is never set") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    cocluster::detail::async_latch<> latch(io.get_executor());
+    asio::steady_timer timer(io, 10ms);
+    auto r = co_await (latch.async_wait(use_awaitable) || timer.async_wait(use_awaitable));
+    CHECK(r.index() == 1);
+    latch.set();  // the cancelled waiter is gone: nothing dangles
+    co_await latch.async_wait(use_awaitable);
+  });
+}
+
+TEST_CASE("a queue hands values out in order and to waiting consumers") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    cocluster::detail::async_queue<int> q(io.get_executor());
+    std::vector<int> got;
+    asio::co_spawn(io, [&]() -> awaitable<void> {
+      for (int i = 0; i < 3; ++i) got.push_back(co_await q.async_pop(use_awaitable));
+    }, asio::detached);
+    co_await asio::post(io, use_awaitable);
+    q.push(1);
+    q.push(2);
+    q.push(3);
+    for (int i = 0; i < 3; ++i) co_await asio::post(io, use_awaitable);
+    CHECK(got == std::vector<int>{1, 2, 3});
+  });
+}
+
+TEST_CASE("a bounded queue makes async_push wait until a pop makes room") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    cocluster::detail::async_queue<int> q(io.get_executor(), 2);
+    int a = 1, b = 2, c = 3;
+    CHECK(q.try_push(a));
+    CHECK(q.try_push(b));
+    CHECK_FALSE(q.try_push(c));
+    bool pushed = false;
+    asio::co_spawn(io, [&]() -> awaitable<void> {
+      co_await q.async_push(3, use_awaitable);
+      pushed = true;
+    }, asio::detached);
+    co_await asio::post(io, use_awaitable);
+    CHECK_FALSE(pushed);
+    CHECK(co_await q.async_pop(use_awaitable) == 1);
+    co_await asio::post(io, use_awaitable);
+    CHECK(pushed);
+    CHECK(q.size() == 2);
+  });
+}
+
+TEST_CASE("a closed queue drains what it holds, then fails consumers with the close reason") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    cocluster::detail::async_queue<int> q(io.get_executor());
+    q.push(5);
+    q.close(error::worker_not_connected);
+    q.push(6);  // ignored after close
+    CHECK(co_await q.async_pop(use_awaitable) == 5);
+    auto [ec, v] = co_await q.async_pop(asio::experimental::as_tuple(use_awaitable));
+    CHECK(ec == error::worker_not_connected);
+  });
+}
+
+TEST_CASE("a queue pop honours cancellation and loses no value") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    cocluster::detail::async_queue<int> q(io.get_executor());
+    asio::steady_timer timer(io, 5ms);
+    auto r = co_await (q.async_pop(use_awaitable) || timer.async_wait(use_awaitable));
+    CHECK(r.index() == 1);
+    q.push(9);  // no cancelled consumer may swallow it
+    CHECK(co_await q.async_pop(use_awaitable) == 9);
+  });
+}
+
+TEST_CASE("pidfd_open of a pid that does not exist reports ESRCH") {
+  std::error_code ec;
+  auto fd = cocluster::detail::pidfd_open(0x3fffffff, ec);
+  CHECK_FALSE(fd);
+  CHECK(ec == std::errc::no_such_process);
+}
+
+TEST_CASE("pidfd_send_signal on a bad fd reports EBADF") {
+  CHECK(cocluster::detail::pidfd_send_signal(-1, 0) == std::errc::bad_file_descriptor);
+}
+
+TEST_CASE("socketpair with an invalid type reports the error") {
+  std::error_code ec;
+  auto [a, b] = cocluster::detail::make_socketpair(12345, ec);
+  CHECK(ec);
+  CHECK_FALSE(a);
+}
+
+TEST_CASE("spawning a missing executable throws ENOENT naming it, and leaks no fd") {
+  const int before = open_fd_count();
+  auto [mine, theirs] = cocluster::detail::make_socketpair();
+  cocluster::detail::spawn_request r;
+  r.exec = "/nonexistent/cocluster-worker";
+  r.argv = {r.exec};
+  try {
+    cocluster::detail::spawn(r, std::move(theirs));
+    FAIL("spawn of a missing executable succeeded");
+  } catch (const std::system_error& e) {
+    CHECK(e.code() == std::errc::no_such_file_or_directory);
+    CHECK(std::string(e.what()).find("/nonexistent/cocluster-worker") != std::string::npos);
+  }
+  mine.reset();
+  CHECK(open_fd_count() == before);
+}
+
+TEST_CASE("spawning into a missing working directory reports chdir's error") {
+  auto [mine, theirs] = cocluster::detail::make_socketpair();
+  cocluster::detail::spawn_request r;
+  r.exec = "/bin/true";
+  r.argv = {r.exec};
+  r.cwd = "/nonexistent-dir";
+  try {
+    cocluster::detail::spawn(r, std::move(theirs));
+    FAIL("spawn into a missing directory succeeded");
+  } catch (const std::system_error& e) {
+    CHECK(e.code() == std::errc::no_such_file_or_directory);
+    CHECK(std::string(e.what()).find("chdir") != std::string::npos);
+  }
+}
