@@ -124,6 +124,7 @@ int run_worker() {
                                " setting=" + (setting ? setting : "") + " fds=" + inherited_fds;
     this_worker.send({report}, [](std::error_code) {});
   }
+  if (s == scenario::exit7_on_disconnect) this_worker.on_disconnect([] { std::exit(7); });
   if (s == scenario::hello_first) this_worker.send({"hello"}, [](std::error_code) {});
   asio::co_spawn(io, echo(), asio::detached);
   io.run();

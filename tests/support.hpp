@@ -9,11 +9,21 @@
 #include <asio/steady_timer.hpp>
 #include <asio/use_awaitable.hpp>
 
+#include "cocluster/exit_status.hpp"
+
 #include <chrono>
 #include <exception>
 #include <functional>
+#include <ostream>
 #include <stdexcept>
 #include <string>
+
+namespace cocluster {
+// For doctest's messages: "{code 0, signal SIGKILL}".
+inline std::ostream& operator<<(std::ostream& os, const ExitStatus& s) {
+  return os << "{code " << s.code << ", signal " << (s.signal ? s.signal_name() : "none") << "}";
+}
+}  // namespace cocluster
 
 namespace test {
 

@@ -106,6 +106,26 @@ TEST_CASE("a worker's own disconnect() sets exited_after_disconnect and it exits
   });
 }
 
+TEST_CASE("a worker whose channel closes without a disconnect exits with 0") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    auto w = co_await master.fork();
+    co_await w->online();
+    w->kill(0);  // signal 0 sends nothing: this only closes the channel from our side
+    CHECK((co_await w->exited()) == ExitStatus{0, 0});
+  });
+}
+
+TEST_CASE("a worker's on_disconnect handler replaces the exit on an unexpected channel close") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    auto w = co_await master.fork(scenario_env(scenario::exit7_on_disconnect));
+    co_await w->online();
+    w->kill(0);
+    CHECK((co_await w->exited()) == ExitStatus{7, 0});
+  });
+}
+
 TEST_CASE("online() || timer completes with the timer for a worker that never comes online") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<> master(io.get_executor());

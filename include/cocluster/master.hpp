@@ -74,7 +74,9 @@ template <class Policy = RoundRobin>
 class Master {
  public:
   explicit Master(asio::any_io_executor ex, Settings settings = {})
-      : state_(std::make_shared<detail::master_state>(std::move(ex))), settings_(std::move(settings)) {}
+      : state_(std::make_shared<detail::master_state>(std::move(ex))),
+        settings_(std::move(settings)),
+        command_line_(detail::own_command_line()) {}
   Master(const Master&) = delete;
   Master& operator=(const Master&) = delete;
 
@@ -148,7 +150,7 @@ class Master {
     try {
       auto [ours, theirs] = detail::make_socketpair(SOCK_SEQPACKET);
       detail::spawn_request r;
-      const auto self = detail::own_command_line();
+      const auto& self = command_line_;
       r.exec = settings_.exec.empty() ? "/proc/self/exe" : settings_.exec;
       r.argv.push_back(settings_.exec.empty() && !self.empty() ? self.front() : r.exec);
       if (settings_.args) r.argv.insert(r.argv.end(), settings_.args->begin(), settings_.args->end());
@@ -174,6 +176,7 @@ class Master {
 
   std::shared_ptr<detail::master_state> state_;
   Settings settings_;
+  std::vector<std::string> command_line_;  // this process's argv: Settings' defaults
   int last_id_ = 0;  // ids start at 1 and are never reused
 };
 
