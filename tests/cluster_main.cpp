@@ -7,6 +7,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <sys/resource.h>
 
 #include <cstdio>
 #include <cstring>
@@ -109,8 +110,26 @@ int run_worker() {
     }
     return 0;
   }
+  if (s == scenario::count_sockets) {
+    const rlimit few{300, 300};
+    ::setrlimit(RLIMIT_NOFILE, &few);
+  }
   asio::io_context io;
   this_worker.start(io.get_executor());
+  if (s == scenario::count_sockets) {
+    asio::co_spawn(io, []() -> awaitable<void> {
+      int sockets = 0;
+      for (int i = 0; i < 3000; ++i) {
+        sockets += (co_await this_worker.receive()).has_handle();
+        // A slow consumer: without a bound on unread handles the reader would run ahead of
+        // it and use up the 300 fds.
+        for (int yield = 0; yield < 8; ++yield) co_await asio::post(asio::use_awaitable);
+      }
+      co_await this_worker.send({std::to_string(sockets)});
+    }, asio::detached);
+    io.run();
+    return 0;
+  }
   if (s == scenario::exit3) std::exit(3);
   if (s == scenario::busy) {
     static volatile unsigned long spins = 0;  // volatile: a loop without side effects is UB

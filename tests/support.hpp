@@ -9,6 +9,7 @@
 #include <asio/steady_timer.hpp>
 #include <asio/use_awaitable.hpp>
 
+#include "cocluster/events.hpp"
 #include "cocluster/exit_status.hpp"
 
 #include <chrono>
@@ -23,6 +24,7 @@ namespace cocluster {
 inline std::ostream& operator<<(std::ostream& os, const ExitStatus& s) {
   return os << "{code " << s.code << ", signal " << (s.signal ? s.signal_name() : "none") << "}";
 }
+inline std::ostream& operator<<(std::ostream& os, EventType t) { return os << to_string(t); }
 }  // namespace cocluster
 
 namespace test {

@@ -123,3 +123,21 @@ TEST_CASE("send() to a disconnected worker fails with worker_not_connected") {
     co_await w->exited();
   });
 }
+
+TEST_CASE("a worker with few fds receives 3,000 sockets: unread handles stay in the kernel, none is lost") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    auto w = co_await master.fork(scenario_env(scenario::count_sockets));  // RLIMIT_NOFILE 300
+    co_await w->online();
+    asio::local::stream_protocol::socket a(io), b(io);
+    asio::local::connect_pair(a, b);
+    for (int i = 0; i < 3000; ++i) {
+      asio::local::stream_protocol::socket copy(io);
+      copy.assign(asio::local::stream_protocol(), ::dup(b.native_handle()));
+      co_await w->send({"socket", std::move(copy)});
+    }
+    CHECK((co_await w->receive()).data == "3000");
+    w->disconnect();
+    CHECK((co_await w->exited()) == ExitStatus{0, 0});
+  });
+}

@@ -164,3 +164,15 @@ TEST_CASE("spawning into a missing working directory reports chdir's error") {
     CHECK(std::string(e.what()).find("chdir") != std::string::npos);
   }
 }
+
+TEST_CASE("a waiter completed before the io_context runs is still delivered") {
+  // Regression: dropping the waiter's work count before queueing its completion stopped an
+  // io_context that had not started yet, and the completion was never run.
+  asio::io_context io;
+  cocluster::detail::async_latch<int> latch(io.get_executor());
+  int got = 0;
+  latch.async_wait([&](std::error_code, int v) { got = v; });
+  latch.set(5);
+  io.run();
+  CHECK(got == 5);
+}

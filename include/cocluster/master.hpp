@@ -165,6 +165,7 @@ class Master {
       state_->unreaped.emplace(id, w);
       detail::debug("Worker {} fork (id {})", w->pid(), id);
       state_->emit(Event{EventType::fork, w, {}, {}, {}});
+      detail::master_access::start(*w);
       return w;
     } catch (const std::system_error& e) {
       ec = e.code();

@@ -26,6 +26,7 @@
 #include "cocluster/detail/async_latch.hpp"
 #include "cocluster/detail/async_queue.hpp"
 #include "cocluster/detail/log.hpp"
+#include "cocluster/detail/read_channel.hpp"
 #include "cocluster/detail/spawn.hpp"
 #include "cocluster/ipc/channel.hpp"
 #include "cocluster/ipc/protocol.hpp"
@@ -59,7 +60,7 @@ class worker_runtime {
     return current();
   }
 
-  static void start(asio::any_io_executor ex, ipc::ChannelOptions options) {
+  static void start(asio::any_io_executor ex, ipc::ChannelOptions options, std::size_t max_unread) {
     if (!is_worker()) throw std::system_error(error::not_a_worker, "this_worker.start() in the master process");
     if (current()) throw std::logic_error("cocluster: this_worker.start() called twice");
     const int id = env_int("COCLUSTER_WORKER_ID");
@@ -70,7 +71,7 @@ class worker_runtime {
     // Programs this worker runs must not hold the master's channel open.
     ::fcntl(fd, F_SETFD, FD_CLOEXEC);
     // Never destroyed: the runtime lives as long as the process, like Node's.
-    current() = new worker_runtime(std::move(ex), id, unique_fd(fd), options);
+    current() = new worker_runtime(std::move(ex), id, unique_fd(fd), options, max_unread);
     current()->run();
   }
 
@@ -97,8 +98,11 @@ class worker_runtime {
     return runtime;
   }
 
-  worker_runtime(asio::any_io_executor ex, int id, unique_fd fd, ipc::ChannelOptions options)
-      : id_(id), channel_(ex, std::move(fd), options), messages_(ex), disconnected_(ex) {}
+  worker_runtime(asio::any_io_executor ex, int id, unique_fd fd, ipc::ChannelOptions options, std::size_t max_unread)
+      : id_(id),
+        channel_(ex, std::move(fd), options),
+        messages_(ex, std::max<std::size_t>(max_unread, 1), /*inline_delivery=*/true),
+        disconnected_(ex) {}
 
   void run() {
     send_internal(ipc::protocol::Online{});
@@ -115,28 +119,23 @@ class worker_runtime {
     channel_.async_shutdown([](std::error_code) {});
   }
 
-  asio::awaitable<void> read_loop() {
-    std::error_code end;
-    for (;;) {
-      auto [ec, envelope] = co_await channel_.async_receive(as_tuple_t{});
-      if (ec) {
-        end = ec;
-        break;
-      }
-      if (envelope.kind == ipc::message_kind::user) {
-        messages_.push(std::move(envelope.message));
-        continue;
-      }
-      auto m = ipc::protocol::decode(envelope.message.data);
-      if (m && std::holds_alternative<ipc::protocol::Disconnect>(*m)) {
-        debug("Worker {} disconnect requested by the master", id_);
-        begin_disconnect();
-        continue;
-      }
+  bool on_internal(const ipc::Envelope& envelope) {
+    auto m = ipc::protocol::decode(envelope.message.data);
+    if (!m || !std::holds_alternative<ipc::protocol::Disconnect>(*m)) {
       log_error("unexpected internal message from the master; closing the channel");
-      end = error::protocol_error;
-      break;
+      return false;
     }
+    debug("Worker {} disconnect requested by the master", id_);
+    begin_disconnect();
+    return true;
+  }
+
+  asio::awaitable<void> read_loop() {
+    const std::error_code end = co_await read_channel(
+        channel_, messages_, [this](const ipc::Envelope& e) { return on_internal(e); }, [] {},
+        [this] { debug("Worker {}: {} unread messages; reading paused", id_, messages_.size()); });
+    if (end != asio::error::eof && end != error::channel_closed)
+      log_error("worker {}: channel to the master failed: {} ({})", id_, end.message(), channel_.error_detail());
     connected_ = false;
     channel_.close();
     messages_.close(error::worker_not_connected);
@@ -162,9 +161,13 @@ class worker_runtime {
 // The worker's API as one object, so code reads like Node's: this_worker.send(...).
 struct this_worker_t {
   // Attaches to the channel the master gave this process and announces `online`.
-  // Throws std::system_error(error::not_a_worker) in the master.
-  void start(asio::any_io_executor ex, ipc::ChannelOptions options = {}) const {
-    detail::worker_runtime::start(std::move(ex), options);
+  // Throws std::system_error(error::not_a_worker) in the master. Beyond `max_unread_messages`
+  // unread messages the worker stops reading its channel (the master's sends then wait), so a
+  // flood of messages or passed sockets cannot exhaust its memory or fds... up to that count:
+  // a worker that receives handles and reads slowly wants a limit below its RLIMIT_NOFILE.
+  void start(asio::any_io_executor ex, ipc::ChannelOptions options = {},
+             std::size_t max_unread_messages = 65536) const {
+    detail::worker_runtime::start(std::move(ex), options, max_unread_messages);
   }
   bool is_started() const { return detail::worker_runtime::instance(false) != nullptr; }
 
@@ -175,14 +178,18 @@ struct this_worker_t {
   // Node: process.send(message[, handle]). Completes once queued.
   template <class CompletionToken = asio::use_awaitable_t<>>
   auto send(Message message, CompletionToken&& token = {}) const {
-    return runtime().channel().async_send({ipc::message_kind::user, std::move(message)},
-                                          std::forward<CompletionToken>(token));
+    if constexpr (detail::is_use_awaitable<CompletionToken>)
+      return detail::send_now_or_wait(runtime().channel(), {ipc::message_kind::user, std::move(message)});
+    else
+      return runtime().channel().async_send({ipc::message_kind::user, std::move(message)},
+                                            std::forward<CompletionToken>(token));
   }
 
   // Node: process.on('message'). The next message from the master, in order.
   template <class CompletionToken = asio::use_awaitable_t<>>
   auto receive(CompletionToken&& token = {}) const {
-    return runtime().messages().async_pop(std::forward<CompletionToken>(token));
+    if constexpr (detail::is_use_awaitable<CompletionToken>) return detail::pop_now_or_wait(runtime().messages());
+    else return runtime().messages().async_pop(std::forward<CompletionToken>(token));
   }
 
   // Node: process.on('disconnect'). Completes when the channel to the master has closed.

@@ -21,6 +21,7 @@
 #include "cocluster/detail/async_queue.hpp"
 #include "cocluster/detail/log.hpp"
 #include "cocluster/detail/process.hpp"
+#include "cocluster/detail/read_channel.hpp"
 #include "cocluster/events.hpp"
 #include "cocluster/ipc/channel.hpp"
 #include "cocluster/ipc/protocol.hpp"
@@ -56,7 +57,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
         process_(std::move(process)),
         channel_(std::move(channel)),
         master_(std::move(master)),
-        messages_(channel_.get_executor(), std::max<std::size_t>(max_unread, 1)),
+        messages_(channel_.get_executor(), std::max<std::size_t>(max_unread, 1), /*inline_delivery=*/true),
         online_(channel_.get_executor()),
         disconnected_(channel_.get_executor()),
         exited_(channel_.get_executor()) {}
@@ -100,15 +101,18 @@ class Worker : public std::enable_shared_from_this<Worker> {
             detail::pending_handler<>(std::move(handler), ex).complete(error::worker_not_connected);
           },
           token);
-    return channel_.async_send({ipc::message_kind::user, std::move(message)},
-                               std::forward<CompletionToken>(token));
+    if constexpr (detail::is_use_awaitable<CompletionToken>)
+      return detail::send_now_or_wait(channel_, {ipc::message_kind::user, std::move(message)});
+    else
+      return channel_.async_send({ipc::message_kind::user, std::move(message)}, std::forward<CompletionToken>(token));
   }
 
   // Node: worker.on('message'). The next user message from the worker, in order. Messages
   // that arrived before the disconnect can still be read; then error::worker_not_connected.
   template <class CompletionToken = asio::use_awaitable_t<>>
   auto receive(CompletionToken&& token = {}) {
-    return messages_.async_pop(std::forward<CompletionToken>(token));
+    if constexpr (detail::is_use_awaitable<CompletionToken>) return detail::pop_now_or_wait(messages_);
+    else return messages_.async_pop(std::forward<CompletionToken>(token));
   }
 
   // Node: worker.disconnect() in the primary. Asks the worker to close its servers and then
@@ -148,28 +152,13 @@ class Worker : public std::enable_shared_from_this<Worker> {
   }
 
   static asio::awaitable<void> read_loop(std::shared_ptr<Worker> self) {
-    std::error_code end;
-    for (;;) {
-      auto [ec, envelope] = co_await self->channel_.async_receive(as_tuple_t{});
-      if (ec) {
-        end = ec;
-        break;
-      }
-      if (envelope.kind == ipc::message_kind::internal) {
-        if (!self->on_internal(envelope)) {
-          end = error::protocol_error;
-          break;
-        }
-        continue;
-      }
-      if (!self->messages_.try_push(envelope.message)) {
-        detail::log_error("worker {} has {} unread messages; reading its channel paused until the master receives",
-                          self->id_, self->messages_.size());
-        auto [pushed] = co_await self->messages_.async_push(std::move(envelope.message), as_tuple_t{});
-        if (pushed) break;
-      }
-      self->emit(EventType::message);
-    }
+    const std::error_code end = co_await detail::read_channel(
+        self->channel_, self->messages_, [&](const ipc::Envelope& e) { return self->on_internal(e); },
+        [&] { self->emit(EventType::message); },
+        [&] {
+          detail::debug("Worker {}: {} unread messages; reading paused until the master receives", self->pid(),
+                        self->messages_.size());
+        });
     self->on_channel_end(end);
   }
 
@@ -261,10 +250,11 @@ namespace detail {
 struct master_access {
   static std::shared_ptr<Worker> make(int id, Process p, ipc::Channel c, std::weak_ptr<master_state> m,
                                       std::size_t max_unread) {
-    auto w = std::make_shared<Worker>(Worker::passkey{}, id, std::move(p), std::move(c), std::move(m), max_unread);
-    w->start();
-    return w;
+    return std::make_shared<Worker>(Worker::passkey{}, id, std::move(p), std::move(c), std::move(m), max_unread);
   }
+  // Starts reading the channel and watching the process; after the `fork` event is posted,
+  // since the read loop may process `online` before this returns.
+  static void start(Worker& w) { w.start(); }
   static void close_channel(Worker& w) { w.channel_.close(); }
   static Process& process(Worker& w) { return w.process_; }
 };

@@ -2,10 +2,13 @@
 // (backpressure). close(ec) lets the consumers drain what is queued, then fails them with ec.
 //   detail::async_queue<Message> q(ex, 64);  co_await q.async_push(m, use_awaitable);  auto m = co_await q.async_pop(use_awaitable);
 // Both waits honour per-operation cancellation. Single-threaded: use from one executor.
+// With inline_delivery, push()/try_push() hand a value to a waiting consumer by running it at
+// once (asio::dispatch) instead of posting: for producers that run in completion handlers.
 #pragma once
 
 #include <asio/async_result.hpp>
 #include <asio/error.hpp>
+#include <asio/use_awaitable.hpp>
 
 #include <cstddef>
 #include <deque>
@@ -18,12 +21,22 @@
 namespace cocluster::detail {
 
 template <class T>
+class async_queue;
+
+// For use_awaitable: the next value without a trip through the scheduler when one is queued.
+template <class T>
+asio::awaitable<T> pop_now_or_wait(async_queue<T>& q) {
+  if (auto v = q.try_pop()) co_return std::move(*v);
+  co_return co_await q.async_pop(asio::use_awaitable);
+}
+
+template <class T>
 class async_queue {
  public:
   static constexpr std::size_t unbounded = std::numeric_limits<std::size_t>::max();
 
-  explicit async_queue(asio::any_io_executor ex, std::size_t capacity = unbounded)
-      : ex_(std::move(ex)), capacity_(capacity) {}
+  explicit async_queue(asio::any_io_executor ex, std::size_t capacity = unbounded, bool inline_delivery = false)
+      : ex_(std::move(ex)), capacity_(capacity), inline_delivery_(inline_delivery) {}
   async_queue(const async_queue&) = delete;
   async_queue& operator=(const async_queue&) = delete;
   ~async_queue() {
@@ -43,13 +56,13 @@ class async_queue {
   // Adds at once if there is room (or a consumer waits); false when full or closed.
   bool try_push(T& value) {
     if (closed_ || (poppers_.empty() && items_.size() >= capacity_)) return false;
-    deliver(std::move(value));
+    deliver(std::move(value), inline_delivery_);
     return true;
   }
 
   // Adds regardless of capacity (for producers that must not wait); ignored once closed.
   void push(T value) {
-    if (!closed_) deliver(std::move(value));
+    if (!closed_) deliver(std::move(value), inline_delivery_);
   }
 
   template <class Token>
@@ -58,10 +71,27 @@ class async_queue {
         [this](auto handler, T v) {
           pending_handler<> h(std::move(handler), ex_);
           if (closed_) return h.complete(*closed_);
-          if (try_push(v)) return h.complete({});
+          if (!poppers_.empty() || items_.size() < capacity_) {
+            deliver(std::move(v), false);  // inside an initiation: never run the consumer here
+            return h.complete({});
+          }
           park(pushers_, pusher{std::move(h), std::move(v)});
         },
         token, std::move(value));
+  }
+
+  // Completes once fewer than `limit` values are queued (at once if that is so already): for a
+  // producer with a tighter bound for some values than the queue's capacity.
+  template <class Token>
+  auto async_wait_below(std::size_t limit, Token&& token) {
+    return asio::async_initiate<Token, void(std::error_code)>(
+        [this](auto handler, std::size_t n) {
+          pending_handler<> h(std::move(handler), ex_);
+          if (closed_) return h.complete(*closed_);
+          if (items_.size() < n) return h.complete({});
+          park(room_waiters_, room_waiter{std::move(h), n});
+        },
+        token, limit);
   }
 
   std::optional<T> try_pop() {
@@ -93,6 +123,13 @@ class async_queue {
   }
 
  private:
+  struct room_waiter {
+    pending_handler<> handler;
+    std::size_t limit;
+    asio::cancellation_slot cancellation_slot() const noexcept { return handler.cancellation_slot(); }
+    void complete(std::error_code ec) { handler.complete(ec); }
+  };
+
   struct pusher {
     pending_handler<> handler;
     T value;
@@ -109,17 +146,18 @@ class async_queue {
       slot.assign([&list, it](asio::cancellation_type) {
         auto parked = std::move(*it);
         list.erase(it);
-        if constexpr (std::is_same_v<W, pusher>) parked.complete(asio::error::operation_aborted);
-        else parked.complete(asio::error::operation_aborted, T{});
+        if constexpr (std::is_same_v<W, pending_handler<T>>) parked.complete(asio::error::operation_aborted, T{});
+        else parked.complete(asio::error::operation_aborted);
       });
     }
   }
 
-  void deliver(T&& value) {
+  void deliver(T&& value, bool run_consumer_now) {
     if (!poppers_.empty()) {
       auto h = std::move(poppers_.front());
       poppers_.pop_front();
-      h.complete({}, std::move(value));
+      if (run_consumer_now) h.complete_inline({}, std::move(value));
+      else h.complete({}, std::move(value));
     } else {
       items_.push_back(std::move(value));
     }
@@ -129,8 +167,17 @@ class async_queue {
     while (!pushers_.empty() && (items_.size() < capacity_ || !poppers_.empty())) {
       auto p = std::move(pushers_.front());
       pushers_.pop_front();
-      deliver(std::move(p.value));
+      deliver(std::move(p.value), false);
       p.complete({});
+    }
+    for (auto it = room_waiters_.begin(); it != room_waiters_.end();) {
+      if (items_.size() >= it->limit) {
+        ++it;
+        continue;
+      }
+      auto w = std::move(*it);
+      it = room_waiters_.erase(it);
+      w.complete({});
     }
     if (closed_ && items_.empty()) fail_all(poppers_, *closed_);
   }
@@ -139,6 +186,9 @@ class async_queue {
     auto list = std::move(pushers_);
     pushers_.clear();
     for (auto& p : list) p.complete(ec);
+    auto rooms = std::move(room_waiters_);
+    room_waiters_.clear();
+    for (auto& r : rooms) r.complete(ec);
   }
 
   static void fail_all(std::list<pending_handler<T>>& list, std::error_code ec) {
@@ -149,9 +199,11 @@ class async_queue {
 
   asio::any_io_executor ex_;
   std::size_t capacity_;
+  bool inline_delivery_;
   std::deque<T> items_;
   std::list<pending_handler<T>> poppers_;
   std::list<pusher> pushers_;
+  std::list<room_waiter> room_waiters_;
   std::optional<std::error_code> closed_;
 };
 

@@ -1,12 +1,15 @@
 // A completion handler for void(std::error_code, Args...) parked until an event happens,
 // type-erased (Asio 1.22 has no any_completion_handler). It keeps its executor's work count
-// up while parked, and its completion is always posted, never run inside the caller.
+// up while parked. complete() posts; complete_inline() dispatches (runs the handler at once
+// when called on its executor), which is only for callers that are not inside an initiating
+// function and whose state is consistent: the handler may call back into them.
 #pragma once
 
 #include <asio/associated_cancellation_slot.hpp>
 #include <asio/associated_executor.hpp>
 #include <asio/any_io_executor.hpp>
 #include <asio/executor_work_guard.hpp>
+#include <asio/dispatch.hpp>
 #include <asio/post.hpp>
 
 #include <memory>
@@ -33,14 +36,18 @@ class pending_handler {
   // Clears the handler's cancellation slot, then posts the completion to its executor.
   void complete(std::error_code ec, Args... args) {
     auto p = std::move(impl_);
-    p->complete(ec, std::move(args)...);
+    p->complete(false, ec, std::move(args)...);
+  }
+  void complete_inline(std::error_code ec, Args... args) {
+    auto p = std::move(impl_);
+    p->complete(true, ec, std::move(args)...);
   }
 
  private:
   struct base {
     virtual ~base() = default;
     virtual asio::cancellation_slot cancellation_slot() const noexcept = 0;
-    virtual void complete(std::error_code ec, Args&&... args) = 0;
+    virtual void complete(bool dispatch, std::error_code ec, Args&&... args) = 0;
   };
 
   template <class Handler>
@@ -54,13 +61,15 @@ class pending_handler {
       return asio::get_associated_cancellation_slot(handler);
     }
 
-    void complete(std::error_code ec, Args&&... args) override {
+    void complete(bool dispatch, std::error_code ec, Args&&... args) override {
       auto slot = asio::get_associated_cancellation_slot(handler);
       if (slot.is_connected()) slot.clear();
       auto ex = work.get_executor();
-      asio::post(ex, [h = std::move(handler), ec, ... a = std::move(args)]() mutable {
-        std::move(h)(ec, std::move(a)...);
-      });
+      auto f = [h = std::move(handler), ec, ... a = std::move(args)]() mutable { std::move(h)(ec, std::move(a)...); };
+      // The guard goes after the handler is queued (or has run): dropping the work count to
+      // zero first would stop an io_context that has not started running yet.
+      if (dispatch) asio::dispatch(ex, std::move(f));
+      else asio::post(ex, std::move(f));
       work.reset();
     }
 

@@ -11,6 +11,7 @@
 #include <sys/uio.h>
 
 #include <asio/posix/stream_descriptor.hpp>
+#include <asio/use_awaitable.hpp>
 
 #include <algorithm>
 #include <cstring>
@@ -70,6 +71,22 @@ class Channel {
         std::move(envelope));
   }
 
+  // Queues (and starts writing) `e` at once if the send queue has room: true, with `ec` set
+  // if the send failed. False when the queue is full; `e` is untouched, use async_send.
+  bool try_send(Envelope& e, std::error_code& ec) { return s_->try_send(e, ec); }
+
+  // Reads one whole message if it is already there, without waiting: true with `e` filled.
+  // False when nothing is ready (ec clear: wait with async_wait_readable) or on an error
+  // (eof, protocol_error, ...). Not while an async_receive is pending.
+  bool try_receive(Envelope& e, std::error_code& ec) { return s_->try_receive(e, ec); }
+
+  // Completes when the socket is readable (or at once once the peer is known to be gone).
+  // With try_receive, a reader that drains everything ready per wake-up.
+  template <class Token>
+  auto async_wait_readable(Token&& token) {
+    return s_->sock.async_wait(asio::posix::descriptor_base::wait_read, std::forward<Token>(token));
+  }
+
   // One receive at a time. Completes with asio::error::eof once the peer has closed,
   // error::protocol_error on a malformed frame, error::channel_closed after close().
   template <class Token>
@@ -94,10 +111,8 @@ class Channel {
   // of waiting (a process that inherited the peer's end must not keep the channel open).
   void mark_peer_gone() {
     s_->peer_gone = true;
-    if (s_->waiting_read) {
-      std::error_code ignored;
-      s_->sock.cancel(ignored);  // the wait handlers look at the socket again
-    }
+    std::error_code ignored;
+    s_->sock.cancel(ignored);  // pending waits complete, and their owners read again
   }
 
  private:
@@ -128,18 +143,31 @@ class Channel {
     template <class Handler>
     void send(Handler&& handler, Envelope e) {
       detail::pending_handler<> h(std::move(handler), ex);
-      if (!sock.is_open() || write_shut) return h.complete(error::channel_closed);
-      if (e.message.data.size() > options.max_message_size) return h.complete(error::message_too_large);
       std::error_code ec;
-      auto [tag, fd] = detail::release_handle(e.message.handle, ec);
+      if (try_send(e, ec)) return h.complete(ec);
+      outgoing item = make_outgoing(e, ec);
       if (ec) return h.complete(ec);
-      outgoing item{std::move(e.message.data),
-                    e.kind == message_kind::internal ? frame_header::internal : std::uint8_t{0}, tag,
-                    std::move(fd)};
-      if (queue.size() >= options.send_queue_capacity) return park_sender(std::move(h), std::move(item));
+      park_sender(std::move(h), std::move(item));
+    }
+
+    bool try_send(Envelope& e, std::error_code& ec) {
+      ec.clear();
+      if (!sock.is_open() || write_shut) ec = error::channel_closed;
+      else if (e.message.data.size() > options.max_message_size) ec = error::message_too_large;
+      if (ec) return true;
+      if (queue.size() >= options.send_queue_capacity) return false;
+      outgoing item = make_outgoing(e, ec);
+      if (ec) return true;
       queue.push_back(std::move(item));
-      h.complete({});
       if (!waiting_write) flush();
+      return true;
+    }
+
+    static outgoing make_outgoing(Envelope& e, std::error_code& ec) {
+      auto [tag, fd] = detail::release_handle(e.message.handle, ec);
+      if (ec) return {};
+      return {std::move(e.message.data), e.kind == message_kind::internal ? frame_header::internal : std::uint8_t{0},
+              tag, std::move(fd)};
     }
 
     void park_sender(detail::pending_handler<> h, outgoing item) {
@@ -247,6 +275,26 @@ class Channel {
       if (!waiting_read) read();
     }
 
+    bool try_receive(Envelope& e, std::error_code& ec) {
+      ec.clear();
+      if (receiver) {
+        ec = asio::error::already_started;
+        return false;
+      }
+      if (!sock.is_open() || rx_error) {
+        ec = rx_error ? rx_error : make_error_code(error::channel_closed);
+        return false;
+      }
+      for (;;) {
+        switch (read_frame(e)) {
+          case progress::message: return true;
+          case progress::fragment: continue;
+          case progress::would_block: return false;
+          case progress::failed: ec = rx_error; return false;
+        }
+      }
+    }
+
     enum class progress { message, fragment, would_block, failed };
 
     // Reads frames while a receiver waits; a whole message completes it.
@@ -311,8 +359,12 @@ class Channel {
         if (partial.active) return fail(error::protocol_error, "channel closed in the middle of a message");
         return end_of_input();
       }
-      if (msg.msg_flags & MSG_CTRUNC)
+      if (msg.msg_flags & MSG_CTRUNC) {
+        if (static_cast<std::size_t>(n) >= sizeof h && fds.empty() && h.handle != detail::no_handle)
+          return fail(std::make_error_code(std::errc::too_many_files_open),
+                      "a handle sent to this process was lost: no fd left (RLIMIT_NOFILE)");
         return fail(error::protocol_error, "frame carries more than " + std::to_string(max_fds_per_packet) + " fds");
+      }
       if (msg.msg_flags & MSG_TRUNC) return fail(error::protocol_error, "frame larger than expected");
       if (static_cast<std::size_t>(n) < sizeof h)
         return fail(error::protocol_error, "short frame of " + std::to_string(n) + " bytes");
@@ -431,3 +483,21 @@ class Channel {
 };
 
 }  // namespace cocluster::ipc
+
+namespace cocluster::detail {
+
+// The default token gets fast paths that complete without a trip through the scheduler when
+// they can; any other token goes through async_initiate as usual.
+template <class Token>
+inline constexpr bool is_use_awaitable = std::is_same_v<std::decay_t<Token>, asio::use_awaitable_t<>>;
+
+inline asio::awaitable<void> send_now_or_wait(ipc::Channel& channel, ipc::Envelope e) {
+  std::error_code ec;
+  if (!channel.try_send(e, ec)) {
+    co_await channel.async_send(std::move(e), asio::use_awaitable);  // the queue is full: wait
+    co_return;
+  }
+  if (ec) throw std::system_error(ec);
+}
+
+}  // namespace cocluster::detail

@@ -1,0 +1,62 @@
+// The read loop both ends of a channel run (the master's Worker and the worker runtime): it
+// drains every message that is ready per wake-up, without suspending in between, and hands
+// user messages to an inbox whose waiting consumer runs at once.
+#pragma once
+
+#include <asio/experimental/as_tuple.hpp>
+#include <asio/post.hpp>
+#include <asio/use_awaitable.hpp>
+
+#include "cocluster/detail/async_queue.hpp"
+#include "cocluster/ipc/channel.hpp"
+
+namespace cocluster::detail {
+
+// Messages read per wake-up before the loop yields to other handlers (a peer that keeps the
+// socket full must not starve the consumers of what was read).
+inline constexpr int read_budget = 64;
+// Unread messages that carry a handle: beyond it reading pauses, so a flood of passed sockets
+// stays in the kernel's queue instead of using up this process's fds.
+inline constexpr std::size_t max_unread_handles = 128;
+
+// Runs until the channel ends; returns why (eof, protocol_error, ...).
+//   on_internal(const ipc::Envelope&) -> bool: false ends the channel as a protocol error.
+//   on_user(): a user message was queued.  on_pause(): the inbox is full, reading waits.
+template <class OnInternal, class OnUser, class OnPause>
+asio::awaitable<std::error_code> read_channel(ipc::Channel& channel, async_queue<Message>& inbox,
+                                              OnInternal on_internal, OnUser on_user, OnPause on_pause) {
+  const auto as_tuple = asio::experimental::as_tuple(asio::use_awaitable);
+  int budget = read_budget;
+  for (;;) {
+    if (budget == 0) {
+      co_await asio::post(channel.get_executor(), asio::use_awaitable);
+      budget = read_budget;
+    }
+    ipc::Envelope envelope;
+    std::error_code end;
+    if (!channel.try_receive(envelope, end)) {
+      if (end) co_return end;
+      co_await channel.async_wait_readable(as_tuple);  // a wait error: try_receive reports it
+      budget = read_budget;
+      continue;
+    }
+    --budget;
+    if (envelope.kind == ipc::message_kind::internal) {
+      if (!on_internal(envelope)) co_return error::protocol_error;
+      continue;
+    }
+    if (envelope.message.has_handle() && inbox.size() >= max_unread_handles) {
+      on_pause();
+      auto [closed] = co_await inbox.async_wait_below(max_unread_handles, as_tuple);
+      if (closed) co_return closed;
+    }
+    if (!inbox.try_push(envelope.message)) {
+      on_pause();
+      auto [closed] = co_await inbox.async_push(std::move(envelope.message), as_tuple);
+      if (closed) co_return closed;
+    }
+    on_user();
+  }
+}
+
+}  // namespace cocluster::detail
