@@ -166,30 +166,27 @@ TEST_CASE("malformed framing is a protocol error") {
   }
 }
 
-TEST_CASE("a frame with 10 fds is a protocol error and every fd it carried is closed") {
+// A peer sends one frame declaring one handle but carrying `count` fds: a protocol error whose
+// detail mentions `what`, and every fd that arrived is closed.
+static void check_frame_with_fds(int count, const char* what) {
   const int before = open_fd_count();
-  run_bounded([](asio::io_context& io) -> awaitable<void> {
+  run_bounded([&](asio::io_context& io) -> awaitable<void> {
     auto [ch, raw] = channel_and_raw_peer(io);
     std::vector<int> fds;
-    for (int i = 0; i < 10; ++i) fds.push_back(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+    for (int i = 0; i < count; ++i) fds.push_back(::open("/dev/null", O_RDONLY | O_CLOEXEC));
     send_raw_frame(raw.get(), header(whole, 3, 1), "abc", fds);
     for (int fd : fds) ::close(fd);
-    co_await expect_protocol_error(ch, "carries 10 fds");
+    co_await expect_protocol_error(ch, what);
   });
   CHECK(open_fd_count() == before);
 }
 
+TEST_CASE("a frame with 10 fds is a protocol error and every fd it carried is closed") {
+  check_frame_with_fds(10, "carries 10 fds");
+}
+
 TEST_CASE("truncated ancillary data (more fds than we accept) is a protocol error and leaks nothing") {
-  const int before = open_fd_count();
-  run_bounded([](asio::io_context& io) -> awaitable<void> {
-    auto [ch, raw] = channel_and_raw_peer(io);
-    std::vector<int> fds;
-    for (int i = 0; i < 100; ++i) fds.push_back(::open("/dev/null", O_RDONLY | O_CLOEXEC));
-    send_raw_frame(raw.get(), header(whole, 3, 1), "abc", fds);
-    for (int fd : fds) ::close(fd);
-    co_await expect_protocol_error(ch, "more than 16 fds");
-  });
-  CHECK(open_fd_count() == before);
+  check_frame_with_fds(100, "more than 16 fds");
 }
 
 TEST_CASE("a handle declared as a TCP socket that is a pipe is refused and closed") {
