@@ -131,6 +131,16 @@ int run_worker() {
     return 0;
   }
   if (s == scenario::exit3) std::exit(3);
+  if (s == scenario::flood_then_socket) {
+    asio::co_spawn(io, []() -> awaitable<void> {
+      for (int i = 0; i < 200; ++i) co_await this_worker.send({std::to_string(i)});
+      asio::local::stream_protocol::socket a(co_await asio::this_coro::executor), b(a.get_executor());
+      asio::local::connect_pair(a, b);
+      co_await this_worker.send({"socket", std::move(a)});
+      std::_Exit(5);  // everything is in the master's socket; the master has read little of it
+    }, asio::detached);
+    io.run();
+  }
   if (s == scenario::busy) {
     static volatile unsigned long spins = 0;  // volatile: a loop without side effects is UB
     for (;;) spins = spins + 1;

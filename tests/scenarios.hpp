@@ -12,6 +12,7 @@ inline constexpr std::string_view self_disconnect = "self_disconnect";  // this_
 inline constexpr std::string_view report_env = "report_env";            // sends its id, env and open fds
 inline constexpr std::string_view exit7_on_disconnect = "exit7_on_disconnect";  // on_disconnect handler exits 7
 inline constexpr std::string_view count_sockets = "count_sockets";  // RLIMIT_NOFILE 300, slowly counts 3000 sockets
+inline constexpr std::string_view flood_then_socket = "flood_then_socket";  // 200 messages, one socket, then _Exit(5)
 inline constexpr std::string_view hello_first = "hello_first";          // sends "hello" right at online
 inline constexpr std::string_view garbage = "garbage";                  // writes a non-frame
 inline constexpr std::string_view oversized = "oversized";              // announces a 1 GiB message

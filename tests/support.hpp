@@ -53,6 +53,7 @@ inline void run_bounded(std::function<awaitable<void>(asio::io_context&)> body,
       [&](std::exception_ptr e) {
         failure = e;
         finished = true;
+        if (e) io.stop();  // the body is gone (its Master reaped its workers): do not wait on leftovers
       });
   io.run();
   if (failure) std::rethrow_exception(failure);

@@ -141,3 +141,19 @@ TEST_CASE("a worker with few fds receives 3,000 sockets: unread handles stay in 
     CHECK((co_await w->exited()) == ExitStatus{0, 0});
   });
 }
+
+TEST_CASE("a worker that exits while the master's reading is paused reports disconnect and exit, losing nothing") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    // 200 messages nobody receives, then one with a handle (reading pauses before it: more
+    // than 128 are unread), then the worker exits.
+    auto w = co_await master.fork(scenario_env(scenario::flood_then_socket));
+    CHECK((co_await w->exited()) == ExitStatus{5, 0});
+    CHECK_FALSE(w->is_connected());
+    CHECK(w->exited_after_disconnect() == false);
+    for (int i = 0; i < 200; ++i) REQUIRE((co_await w->receive()).data == std::to_string(i));
+    const Message last = co_await w->receive();
+    CHECK(last.data == "socket");
+    CHECK(last.has_handle());
+  });
+}

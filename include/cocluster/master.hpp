@@ -113,8 +113,9 @@ class Master {
   }
 
   // Node: cluster.workers. A worker leaves after both its disconnect and its exit (before
-  // the later event is delivered), or at once on worker.disconnect()/kill().
-  const std::map<int, std::shared_ptr<Worker>>& workers() const noexcept { return state_->workers; }
+  // the later event is delivered), or at once on worker.disconnect()/kill(). A copy, so the
+  // Node idiom `for (auto& [id, w] : master.workers()) w->kill();` is safe.
+  std::map<int, std::shared_ptr<Worker>> workers() const { return state_->workers; }
 
   // The master-wide event stream. The first call subscribes: events before it are not kept.
   EventStream& events() {

@@ -48,6 +48,7 @@ class async_queue {
   bool empty() const noexcept { return items_.empty(); }
   bool is_closed() const noexcept { return closed_.has_value(); }
 
+  // unbounded also lifts every async_wait_below limit (now and later).
   void set_capacity(std::size_t capacity) {
     capacity_ = capacity;
     admit_pushers();
@@ -88,7 +89,7 @@ class async_queue {
         [this](auto handler, std::size_t n) {
           pending_handler<> h(std::move(handler), ex_);
           if (closed_) return h.complete(*closed_);
-          if (items_.size() < n) return h.complete({});
+          if (items_.size() < n || capacity_ == unbounded) return h.complete({});
           park(room_waiters_, room_waiter{std::move(h), n});
         },
         token, limit);
@@ -171,7 +172,7 @@ class async_queue {
       p.complete({});
     }
     for (auto it = room_waiters_.begin(); it != room_waiters_.end();) {
-      if (items_.size() >= it->limit) {
+      if (items_.size() >= it->limit && capacity_ != unbounded) {
         ++it;
         continue;
       }

@@ -25,16 +25,24 @@ inline bool debug_enabled() {
 
 inline const char* process_role() { return std::getenv("COCLUSTER_WORKER_ID") ? "Worker" : "Master"; }
 
+// Logging never throws: it runs in the middle of teardown paths (a closed stderr must not
+// leave a worker half disconnected).
 template <class... Args>
-void debug(fmt::format_string<Args...> format, Args&&... args) {
+void debug(fmt::format_string<Args...> format, Args&&... args) noexcept {
   if (!debug_enabled()) return;
-  fmt::print(stderr, "{},{} {}\n", ::getpid(), process_role(), fmt::format(format, std::forward<Args>(args)...));
+  try {
+    fmt::print(stderr, "{},{} {}\n", ::getpid(), process_role(), fmt::format(format, std::forward<Args>(args)...));
+  } catch (...) {
+  }
 }
 
 template <class... Args>
-void log_error(fmt::format_string<Args...> format, Args&&... args) {
-  fmt::print(stderr, "cocluster: {} {}: {}\n", process_role(), ::getpid(),
-             fmt::format(format, std::forward<Args>(args)...));
+void log_error(fmt::format_string<Args...> format, Args&&... args) noexcept {
+  try {
+    fmt::print(stderr, "cocluster: {} {}: {}\n", process_role(), ::getpid(),
+               fmt::format(format, std::forward<Args>(args)...));
+  } catch (...) {
+  }
 }
 
 }  // namespace cocluster::detail

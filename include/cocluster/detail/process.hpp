@@ -54,7 +54,8 @@ class Process {
  private:
   struct state : std::enable_shared_from_this<state> {
     state(asio::any_io_executor ex, pid_t p, unique_fd fd) : pid(p), pidfd(ex), exited(ex) {
-      pidfd.assign(fd.release());
+      pidfd.assign(fd.get());  // may throw: the fd stays owned until it succeeded
+      (void)fd.release();
     }
 
     void watch() {

@@ -5,6 +5,7 @@
 // and exec allocates or throws, and the child leaves with _exit.
 #pragma once
 
+#include <pthread.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
@@ -53,12 +54,14 @@ inline constexpr const char* step_names[] = {"chdir", "dup2", "close_range", "ex
 }
 
 // Runs in the forked child: only async-signal-safe calls from here to execve.
+// Starts with every signal blocked (the parent blocked them around fork): the parent's
+// handlers are reset to the default first, so none of them can run in the child.
 [[noreturn]] inline void run_child(const spawn_request& r, char* const* argv, char* const* envp,
                                    pid_t parent, int report_fd) noexcept {
-  sigset_t all;
-  ::sigemptyset(&all);
-  ::sigprocmask(SIG_SETMASK, &all, nullptr);
-  for (int sig = 1; sig < NSIG; ++sig) ::signal(sig, SIG_DFL);  // handlers are the parent's
+  for (int sig = 1; sig < NSIG; ++sig) ::signal(sig, SIG_DFL);
+  sigset_t none;
+  ::sigemptyset(&none);
+  ::sigprocmask(SIG_SETMASK, &none, nullptr);
   if (::prctl(PR_SET_PDEATHSIG, r.death_signal) != 0) fail_in_child(report_fd, 4);
   if (::getppid() != parent) ::_exit(0);  // the parent died before prctl took effect
   if (!r.cwd.empty() && ::chdir(r.cwd.c_str()) != 0) fail_in_child(report_fd, 0);
@@ -98,9 +101,14 @@ inline spawned_process spawn(spawn_request r, unique_fd channel_end) {
   auto envp = c_strings(r.env);
   const pid_t parent = ::getpid();
 
+  sigset_t all, before;
+  ::sigfillset(&all);
+  ::pthread_sigmask(SIG_SETMASK, &all, &before);
   const pid_t pid = ::fork();
-  if (pid < 0) throw_last_error("fork");
   if (pid == 0) run_child(r, argv.data(), envp.data(), parent, report_write.get());
+  const int fork_errno = errno;
+  ::pthread_sigmask(SIG_SETMASK, &before, nullptr);
+  if (pid < 0) throw std::system_error(fork_errno, std::system_category(), "fork");
 
   report_write.reset();
   channel_end.reset();

@@ -152,7 +152,7 @@ class Channel {
 
     bool try_send(Envelope& e, std::error_code& ec) {
       ec.clear();
-      if (!sock.is_open() || write_shut) ec = error::channel_closed;
+      if (!sock.is_open() || write_shut) ec = write_error ? write_error : make_error_code(error::channel_closed);
       else if (e.message.data.size() > options.max_message_size) ec = error::message_too_large;
       if (ec) return true;
       if (queue.size() >= options.send_queue_capacity) return false;
@@ -160,6 +160,7 @@ class Channel {
       if (ec) return true;
       queue.push_back(std::move(item));
       if (!waiting_write) flush();
+      ec = write_error;  // the write just attempted failed: say so, do not report success
       return true;
     }
 
@@ -224,7 +225,7 @@ class Channel {
             [&] { return ::sendmsg(sock.native_handle(), &msg, MSG_DONTWAIT | MSG_NOSIGNAL); });
         if (n < 0) {
           if (errno == EAGAIN || errno == EWOULDBLOCK) return wait_writable();
-          return close(detail::last_error(), "");
+          return fail_writes(detail::last_error());
         }
         if (o.offset == 0) o.fd.reset();  // the kernel holds its own reference now
         o.offset += chunk;
@@ -437,6 +438,18 @@ class Channel {
       return progress::failed;
     }
 
+    // The peer stopped reading (EPIPE: it exited or closed): drop what is queued and fail the
+    // writers, but keep reading, so what the peer sent before it went is not lost.
+    void fail_writes(std::error_code ec) {
+      write_error = ec;
+      write_shut = true;
+      queue.clear();
+      auto senders = std::move(blocked);
+      blocked.clear();
+      for (auto& b : senders) b.handler.complete(ec);
+      if (shutdown_waiter) std::exchange(shutdown_waiter, {}).complete(ec);
+    }
+
     // ---- closing ----
 
     void close(std::error_code ec, std::string why = {}) {
@@ -461,6 +474,7 @@ class Channel {
     std::list<blocked_sender> blocked;
     bool waiting_write = false;
     bool write_shut = false;
+    std::error_code write_error;  // why writing stopped (EPIPE, ...), if it did by itself
     detail::pending_handler<> shutdown_waiter;
 
     detail::pending_handler<Envelope> receiver;
