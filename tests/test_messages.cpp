@@ -111,6 +111,8 @@ TEST_CASE("send() to a disconnected worker fails with worker_not_connected") {
     auto w = co_await master.fork();
     co_await w->online();
     w->kill(SIGKILL);
+    auto [right_after_kill] = co_await w->send({"too late"}, asio::experimental::as_tuple(use_awaitable));
+    CHECK(right_after_kill == error::worker_not_connected);
     co_await w->disconnected();
     try {
       co_await w->send({"too late"});

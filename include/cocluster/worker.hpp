@@ -95,7 +95,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
   // send queue is full). Fails with error::worker_not_connected after the disconnect.
   template <class CompletionToken = asio::use_awaitable_t<>>
   auto send(Message message, CompletionToken&& token = {}) {
-    if (!connected_)
+    if (!connected_ || !channel_.is_open())  // closed by kill(): the read loop has not seen it yet
       return asio::async_initiate<CompletionToken, void(std::error_code)>(
           [ex = channel_.get_executor()](auto handler) {
             detail::pending_handler<>(std::move(handler), ex).complete(error::worker_not_connected);
