@@ -71,9 +71,4 @@ inline int open_fd_count() {
   return n - 1;
 }
 
-inline awaitable<void> sleep_for(std::chrono::milliseconds d) {
-  asio::steady_timer t(co_await asio::this_coro::executor, d);
-  co_await t.async_wait(use_awaitable);
-}
-
 }  // namespace test

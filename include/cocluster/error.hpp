@@ -15,7 +15,7 @@ enum class error {
   worker_not_connected,   // send/disconnect on a worker whose channel is gone
   worker_exited,          // the worker process ended before the awaited event
   not_a_worker,           // a worker-side call in the master
-  exec_failed,            // the worker executable could not be started
+  // exec failures are the system errno (ENOENT, EACCES, ...) with the path in what()
 };
 
 namespace detail {
@@ -30,7 +30,6 @@ class error_category final : public std::error_category {
       case error::worker_not_connected: return "worker not connected";
       case error::worker_exited: return "worker exited";
       case error::not_a_worker: return "not a worker process";
-      case error::exec_failed: return "worker executable could not be started";
     }
     return "unknown cocluster error";
   }

@@ -46,7 +46,6 @@ class async_queue {
 
   std::size_t size() const noexcept { return items_.size(); }
   bool empty() const noexcept { return items_.empty(); }
-  bool is_closed() const noexcept { return closed_.has_value(); }
 
   // unbounded also lifts every async_wait_below limit (now and later).
   void set_capacity(std::size_t capacity) {
