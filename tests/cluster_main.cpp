@@ -104,6 +104,7 @@ int run_worker() {
   const char* env = std::getenv("COCLUSTER_TEST_SCENARIO");
   const std::string_view s = env ? env : scenario::echo;
   if (s == scenario::garbage || s == scenario::oversized || s == scenario::ten_fds) return misbehave(s);
+  if (s == scenario::serve || s == scenario::stall) return run_listen_worker(s);
   if (s == scenario::never_online) {
     char c;
     while (::recv(std::stoi(std::getenv("COCLUSTER_CHANNEL_FD")), &c, 1, 0) > 0) {

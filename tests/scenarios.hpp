@@ -17,7 +17,12 @@ inline constexpr std::string_view hello_first = "hello_first";          // sends
 inline constexpr std::string_view garbage = "garbage";                  // writes a non-frame
 inline constexpr std::string_view oversized = "oversized";              // announces a 1 GiB message
 inline constexpr std::string_view ten_fds = "ten_fds";                  // a frame carrying 10 fds
+inline constexpr std::string_view serve = "serve";  // listens on TEST_LISTEN, answers "worker <id>" (test_listen.cpp)
+inline constexpr std::string_view stall = "stall";  // listens on TEST_LISTEN, never accepts
 }  // namespace scenario
+
+// The worker side of the serve and stall scenarios (test_listen.cpp).
+int run_listen_worker(std::string_view scenario_name);
 
 #include "cocluster/settings.hpp"
 

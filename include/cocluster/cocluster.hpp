@@ -2,12 +2,17 @@
 // Includes the public headers, nothing else.
 #pragma once
 
+#include "cocluster/address.hpp"
 #include "cocluster/error.hpp"
 #include "cocluster/events.hpp"
 #include "cocluster/exit_status.hpp"
 #include "cocluster/ipc/channel.hpp"
 #include "cocluster/master.hpp"
 #include "cocluster/message.hpp"
+#include "cocluster/policy/round_robin.hpp"
+#include "cocluster/policy/runtime.hpp"
+#include "cocluster/policy/shared_socket.hpp"
+#include "cocluster/server.hpp"
 #include "cocluster/settings.hpp"
 #include "cocluster/this_worker.hpp"
 #include "cocluster/worker.hpp"

@@ -11,6 +11,7 @@
 #include <string_view>
 #include <system_error>
 
+#include "cocluster/address.hpp"
 #include "cocluster/detail/async_queue.hpp"
 #include "cocluster/exit_status.hpp"
 
@@ -31,10 +32,11 @@ struct Event {
   ExitStatus exit;                 // for exit
   std::error_code error;           // for error
   std::string detail;              // for error: what happened, in words
+  Address address;                 // for listening
 };
 // `message` says that worker->receive() has a message waiting; the message itself (and its
-// handle, which has one owner) is taken with receive(). `listening` comes with listen() in
-// workers.
+// handle, which has one owner) is taken with receive(). `listening` comes once per server a
+// worker listens on through the master, after worker->listening() has the address.
 
 class EventStream {
  public:

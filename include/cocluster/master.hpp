@@ -5,8 +5,8 @@
 //     auto w = co_await master.fork();  co_await w->online();  w->disconnect();
 //   }, asio::detached);
 //   io.run();
-// Policy decides how listen() in workers is served (Node: cluster.schedulingPolicy);
-// the policies arrive with listening through the master.
+// Policy decides how listen() in workers is served (Node: cluster.schedulingPolicy):
+// RoundRobin (the default), SharedSocket, or RuntimePolicy (from COCLUSTER_SCHED_POLICY).
 #pragma once
 
 #include <asio/co_spawn.hpp>
@@ -21,16 +21,18 @@
 #include <vector>
 
 #include "cocluster/detail/log.hpp"
+#include "cocluster/detail/server_table.hpp"
 #include "cocluster/detail/spawn.hpp"
 #include "cocluster/events.hpp"
+#include "cocluster/policy/round_robin.hpp"
+#include "cocluster/policy/runtime.hpp"
+#include "cocluster/policy/shared_socket.hpp"
 #include "cocluster/settings.hpp"
 #include "cocluster/worker.hpp"
 
 extern char** environ;
 
 namespace cocluster {
-
-struct RoundRobin;  // Node's SCHED_RR, the default policy
 
 namespace detail {
 
@@ -73,16 +75,22 @@ inline std::vector<std::string> worker_environment(const Env& settings, const En
 template <class Policy = RoundRobin>
 class Master {
  public:
-  explicit Master(asio::any_io_executor ex, Settings settings = {})
+  // The policy's choice is read here, once (RuntimePolicy may throw std::invalid_argument
+  // for an unknown COCLUSTER_SCHED_POLICY).
+  explicit Master(asio::any_io_executor ex, Settings settings = {}, Policy policy = {})
       : state_(std::make_shared<detail::master_state>(std::move(ex))),
         settings_(std::move(settings)),
-        command_line_(detail::own_command_line()) {}
+        policy_(std::move(policy)),
+        command_line_(detail::own_command_line()) {
+    state_->servers = std::make_unique<detail::server_table>(state_->ex, policy_.scheduling());
+  }
   Master(const Master&) = delete;
   Master& operator=(const Master&) = delete;
 
   // Leaves no process behind: closes every channel (workers exit on EOF), waits up to
   // `teardown_grace` in all for them, SIGKILLs the rest and reaps them. Blocks while it waits.
   ~Master() {
+    state_->servers->close_all();  // every listener and every connection not yet handed off
     auto unreaped = std::move(state_->unreaped);
     state_->workers.clear();
     for (auto& [id, w] : unreaped) detail::master_access::close_channel(*w);
@@ -126,9 +134,10 @@ class Master {
   // Node: cluster.setupMaster(settings) / cluster.settings. Affects later forks only.
   void setup(Settings settings) {
     settings_ = std::move(settings);
-    state_->emit(Event{EventType::setup, nullptr, {}, {}, {}});
+    state_->emit(Event{EventType::setup, nullptr, {}, {}, {}, {}});
   }
   const Settings& settings() const noexcept { return settings_; }
+  const Policy& policy() const noexcept { return policy_; }
 
   // Node: cluster.disconnect(). Disconnects every worker in workers(); completes when each
   // of them has disconnected.
@@ -165,19 +174,20 @@ class Master {
       state_->workers.emplace(id, w);
       state_->unreaped.emplace(id, w);
       detail::debug("Worker {} fork (id {})", w->pid(), id);
-      state_->emit(Event{EventType::fork, w, {}, {}, {}});
+      state_->emit(Event{EventType::fork, w, {}, {}, {}, {}});
       detail::master_access::start(*w);
       return w;
     } catch (const std::system_error& e) {
       ec = e.code();
       detail::log_error("cannot start worker {}: {}", id, e.what());
-      state_->emit(Event{EventType::error, nullptr, {}, ec, e.what()});
+      state_->emit(Event{EventType::error, nullptr, {}, ec, e.what(), {}});
       return nullptr;
     }
   }
 
   std::shared_ptr<detail::master_state> state_;
   Settings settings_;
+  Policy policy_;
   std::vector<std::string> command_line_;  // this process's argv: Settings' defaults
   int last_id_ = 0;  // ids start at 1 and are never reused
 };

@@ -19,9 +19,14 @@
 
 #include <charconv>
 #include <cstdlib>
+#include <filesystem>
 #include <functional>
+#include <map>
+#include <set>
 #include <stdexcept>
 #include <string_view>
+
+#include <fmt/core.h>
 
 #include "cocluster/detail/async_latch.hpp"
 #include "cocluster/detail/async_queue.hpp"
@@ -30,6 +35,7 @@
 #include "cocluster/detail/spawn.hpp"
 #include "cocluster/ipc/channel.hpp"
 #include "cocluster/ipc/protocol.hpp"
+#include "cocluster/server.hpp"
 
 namespace cocluster {
 
@@ -48,8 +54,80 @@ inline int env_int(const char* name) {
   return ec == std::errc() && p == s.data() + s.size() ? out : -1;
 }
 
+// What listen() asks the master for (the fields of query_server that name a listener).
+struct listen_target {
+  AddressType type = AddressType::v4;
+  std::string address;
+  std::uint16_t port = 0;
+  int fd = -1;
+};
+
+template <class Endpoint>
+listen_target target_of(const Endpoint& ep) {
+  using Protocol = typename Endpoint::protocol_type;
+  listen_target t;
+  if constexpr (std::is_same_v<Protocol, asio::local::stream_protocol>) {
+    t.type = AddressType::unix_path;
+    // Node resolves a Unix path against the worker's cwd, before the master sees it.
+    std::error_code ec;
+    auto absolute = std::filesystem::absolute(std::string(ep.path()), ec);
+    t.address = ec ? std::string(ep.path()) : absolute.lexically_normal().string();
+  } else {
+    const bool udp = std::is_same_v<Protocol, asio::ip::udp>;
+    const bool v4 = ep.address().is_v4();
+    t.type = udp ? (v4 ? AddressType::udp4 : AddressType::udp6) : (v4 ? AddressType::v4 : AddressType::v6);
+    t.address = ep.address().to_string();
+    t.port = ep.port();
+  }
+  return t;
+}
+
+template <class Protocol>
+constexpr AddressType fd_address_type() {  // for listen_fd: the family comes from the fd
+  if constexpr (std::is_same_v<Protocol, asio::local::stream_protocol>) return AddressType::unix_path;
+  else if constexpr (std::is_same_v<Protocol, asio::ip::udp>) return AddressType::udp4;
+  else return AddressType::v4;
+}
+
+// Builds the worker's server from the master's reply; the state type depends on the protocol.
+template <class Protocol>
+std::shared_ptr<worker_server> make_server(const asio::any_io_executor& ex, server_host* host,
+                                           const ipc::protocol::QueryReply& r, Handle& handle, std::error_code& ec) {
+  ec.clear();
+  if constexpr (std::is_same_v<Protocol, asio::ip::udp>) {
+    auto* socket = std::get_if<asio::ip::udp::socket>(&handle);
+    if (!socket) {
+      ec = error::protocol_error;
+      return nullptr;
+    }
+    return std::make_shared<datagram_server>(host, std::move(*socket));
+  } else {
+    using acceptor_type = typename Protocol::acceptor;
+    using endpoint_type = typename Protocol::endpoint;
+    if (r.shared) {
+      auto* acceptor = std::get_if<acceptor_type>(&handle);
+      if (!acceptor) {
+        ec = error::protocol_error;
+        return nullptr;
+      }
+      endpoint_type local = acceptor->local_endpoint(ec);
+      if (ec) return nullptr;
+      return std::make_shared<stream_server<Protocol>>(ex, host, std::move(*acceptor), local);
+    }
+    endpoint_type local;
+    if constexpr (std::is_same_v<Protocol, asio::local::stream_protocol>) {
+      local = endpoint_type(r.address);
+    } else {
+      auto address = asio::ip::make_address(r.address, ec);
+      if (ec) return nullptr;
+      local = endpoint_type(address, r.port);
+    }
+    return std::make_shared<stream_server<Protocol>>(ex, host, std::nullopt, local);
+  }
+}
+
 // The one per-process worker runtime (Node has the same singleton in its worker).
-class worker_runtime {
+class worker_runtime final : public server_host {
  public:
   static worker_runtime* instance(bool required = true) {
     if (!current() && required) {
@@ -82,6 +160,68 @@ class worker_runtime {
   async_latch<>& disconnected() noexcept { return disconnected_; }
   void set_unexpected_disconnect_handler(std::function<void()> h) { on_unexpected_disconnect_ = std::move(h); }
 
+  // server_host: the user's accept() took a handed-over connection.
+  void connection_accepted(std::uint32_t server, std::uint32_t seq) override {
+    if (connected_) channel_.post_internal(ipc::protocol::encode(ipc::protocol::Accepted{server, seq, true}));
+  }
+
+  // server_host: the server is closed (by the user, its destructor, or a disconnect).
+  void server_closed(worker_server& server) override {
+    if (server.id == 0) return;  // adopted: the master never knew it
+    servers_.erase(server.id);
+    release_index(server.index_key, server.index);
+    if (connected_ && !shut_down_) channel_.post_internal(ipc::protocol::encode(ipc::protocol::Close{server.id}));
+  }
+
+  // Node: the worker's side of server.listen() (cluster._getServer): asks the master for the
+  // listener of `t`, and makes the server from its answer.
+  template <class Protocol>
+  asio::awaitable<std::shared_ptr<worker_server>> listen(listen_target t, ListenOptions options) {
+    const std::string index_key = fmt::format("{}:{}:{}:{}", t.address, t.port, to_string(t.type), t.fd);
+    auto& indexes = indexes_[index_key];
+    const std::uint32_t index = indexes.next++;
+    indexes.open.insert(index);
+    ipc::protocol::QueryServer q;
+    q.seq = ++last_query_;
+    q.type = static_cast<std::uint8_t>(t.type);
+    q.address = t.address;
+    q.port = t.port;
+    q.fd = t.fd;
+    q.index = index;
+    q.backlog = static_cast<std::uint32_t>(std::max(options.backlog, 1));
+    pending_query pending;
+    pending.index_key = index_key;
+    pending.index = index;
+    pending.describe = t.fd >= 0 ? fmt::format("listen on the master's fd {}", t.fd)
+                       : t.type == AddressType::unix_path ? fmt::format("listen on {}", t.address)
+                                                          : fmt::format("listen on {}:{}", t.address, t.port);
+    pending.make = [this](const ipc::protocol::QueryReply& r, Handle& h, std::error_code& ec) {
+      return make_server<Protocol>(channel_.get_executor(), this, r, h, ec);
+    };
+    const std::string describe = pending.describe;
+    auto [ec, server] = co_await asio::async_initiate<const as_tuple_t&,
+                                                      void(std::error_code, std::shared_ptr<worker_server>)>(
+        [this](auto handler, ipc::protocol::QueryServer q, pending_query p) {
+          p.handler = pending_handler<std::shared_ptr<worker_server>>(std::move(handler), channel_.get_executor());
+          if (!connected_ || disconnecting_ || !channel_.post_internal(ipc::protocol::encode(q))) {
+            release_index(p.index_key, p.index);
+            return p.handler.complete(error::worker_not_connected, nullptr);
+          }
+          const std::uint32_t seq = q.seq;
+          auto slot = p.handler.cancellation_slot();
+          queries_.emplace(seq, std::move(p));
+          if (slot.is_connected())
+            slot.assign([this, seq](asio::cancellation_type) {
+              // The entry stays, without a handler, so that a late success is closed again.
+              if (auto it = queries_.find(seq); it != queries_.end() && it->second.handler)
+                std::exchange(it->second.handler, {}).complete(asio::error::operation_aborted, nullptr);
+            });
+        },
+        as_tuple_t{}, std::move(q), std::move(pending));
+    if (ec) throw std::system_error(ec, describe);
+    co_return server;
+  }
+
   // Node: cluster.worker.disconnect() in the worker: tell the master we leave on purpose,
   // then close our side once every queued message is written.
   void disconnect() {
@@ -109,35 +249,106 @@ class worker_runtime {
     asio::co_spawn(channel_.get_executor(), read_loop(), asio::detached);
   }
 
-  void send_internal(ipc::protocol::InternalMessage m) {
-    channel_.async_send({ipc::message_kind::internal, {ipc::protocol::encode(m), {}}}, [](std::error_code) {});
+  struct pending_query {
+    pending_handler<std::shared_ptr<worker_server>> handler;  // empty once the listen() was cancelled
+    std::function<std::shared_ptr<worker_server>(const ipc::protocol::QueryReply&, Handle&, std::error_code&)> make;
+    std::string index_key;
+    std::uint32_t index = 0;
+    std::string describe;  // "listen on 0.0.0.0:80", for the error
+  };
+
+  struct index_set {  // Node: the indexes map of lib/internal/cluster/child.js
+    std::uint32_t next = 0;
+    std::set<std::uint32_t> open;
+  };
+
+  void send_internal(ipc::protocol::InternalMessage m) { channel_.post_internal(ipc::protocol::encode(m)); }
+
+  void release_index(const std::string& key, std::uint32_t index) {
+    auto it = indexes_.find(key);
+    if (it == indexes_.end()) return;
+    it->second.open.erase(index);
+    if (it->second.open.empty()) indexes_.erase(it);  // the next listen on the key is index 0 again
   }
 
-  // Servers close here once workers listen through the master; then our side of the channel.
+  // Node: a disconnecting worker closes its servers (the master re-dispatches what it handed
+  // over and not yet accepted), then its side of the channel once every message is written.
   void begin_disconnect() {
     disconnecting_ = true;
+    close_servers();
+    shut_down_ = true;
     channel_.async_shutdown([](std::error_code) {});
   }
 
-  bool on_internal(const ipc::Envelope& envelope) {
-    auto m = ipc::protocol::decode(envelope.message.data);
-    if (!m || !std::holds_alternative<ipc::protocol::Disconnect>(*m)) {
+  void close_servers() {
+    std::vector<std::shared_ptr<worker_server>> open;
+    for (auto& [id, weak] : servers_)
+      if (auto s = weak.lock()) open.push_back(std::move(s));
+    for (auto& s : open) s->close();  // each erases itself from servers_
+    servers_.clear();
+  }
+
+  bool on_internal(ipc::Envelope& envelope) {
+    namespace p = ipc::protocol;
+    auto m = p::decode(envelope.message.data);
+    const bool handle_allowed = m && (std::holds_alternative<p::QueryReply>(*m) || std::holds_alternative<p::NewConn>(*m));
+    if (!m || (envelope.message.has_handle() && !handle_allowed)) {
       log_error("unexpected internal message from the master; closing the channel");
       return false;
     }
-    debug("Worker {} disconnect requested by the master", id_);
-    begin_disconnect();
+    if (auto* reply = std::get_if<p::QueryReply>(&*m)) {
+      on_query_reply(*reply, envelope.message.handle);
+    } else if (auto* conn = std::get_if<p::NewConn>(&*m)) {
+      auto it = servers_.find(conn->server);
+      auto server = it == servers_.end() ? nullptr : it->second.lock();
+      if (!server || !server->deliver(envelope.message.handle, conn->seq, conn->remote))
+        send_internal(p::Accepted{conn->server, conn->seq, false});  // the master gives it to another worker
+    } else if (std::holds_alternative<p::Disconnect>(*m)) {
+      debug("Worker {} disconnect requested by the master", id_);
+      if (!disconnecting_) begin_disconnect();
+    } else {
+      log_error("unexpected internal message from the master; closing the channel");
+      return false;
+    }
     return true;
+  }
+
+  void on_query_reply(const ipc::protocol::QueryReply& r, Handle& handle) {
+    auto it = queries_.find(r.seq);
+    if (it == queries_.end()) return;  // not ours: ignored, as Node ignores stray replies
+    pending_query q = std::move(it->second);
+    queries_.erase(it);
+    std::error_code ec;
+    std::shared_ptr<worker_server> server;
+    if (r.errno_value != 0) ec.assign(r.errno_value, std::system_category());
+    else server = q.make(r, handle, ec);
+    if (!server || !q.handler) {  // failed, or the listen() was cancelled meanwhile
+      if (r.errno_value == 0) send_internal(ipc::protocol::Close{r.server});
+      release_index(q.index_key, q.index);
+      if (q.handler) q.handler.complete(ec, nullptr);
+      return;
+    }
+    // Registered now, before the next message: a newconn may follow the reply at once.
+    server->id = r.server;
+    server->index_key = std::move(q.index_key);
+    server->index = q.index;
+    servers_.emplace(r.server, server);
+    send_internal(ipc::protocol::Listening{r.server});
+    q.handler.complete({}, std::move(server));
   }
 
   asio::awaitable<void> read_loop() {
     const std::error_code end = co_await read_channel(
-        channel_, messages_, [this](const ipc::Envelope& e) { return on_internal(e); }, [] {},
+        channel_, messages_, [this](ipc::Envelope& e) { return on_internal(e); }, [] {},
         [this] { debug("Worker {}: {} unread messages; reading paused", id_, messages_.size()); });
     if (end != asio::error::eof && end != error::channel_closed)
       log_error("worker {}: channel to the master failed: {} ({})", id_, end.message(), channel_.error_detail());
     connected_ = false;
     channel_.close();
+    auto queries = std::move(queries_);
+    queries_.clear();
+    for (auto& [seq, q] : queries)
+      if (q.handler) q.handler.complete(error::worker_not_connected, nullptr);
     messages_.close(error::worker_not_connected);
     disconnected_.set();
     if (disconnecting_) co_return;
@@ -153,7 +364,12 @@ class worker_runtime {
   async_latch<> disconnected_;
   bool connected_ = true;
   bool disconnecting_ = false;
+  bool shut_down_ = false;  // our side of the channel is closing: no more close messages
   std::function<void()> on_unexpected_disconnect_;
+  std::uint32_t last_query_ = 0;
+  std::map<std::uint32_t, pending_query> queries_;                    // by seq
+  std::map<std::uint32_t, std::weak_ptr<worker_server>> servers_;     // by the master's id
+  std::map<std::string, index_set> indexes_;
 };
 
 }  // namespace detail
@@ -198,6 +414,38 @@ struct this_worker_t {
     return runtime().disconnected().async_wait(std::forward<CompletionToken>(token));
   }
 
+  // Node: server.listen() in a worker, which goes through the master: the master creates the
+  // listener for this address (once per address, port and type, whichever worker asks first)
+  // and, by its policy, hands connections over or gives this worker a copy. Endpoint is a
+  // tcp, udp or local::stream_protocol endpoint; the result is Server<its protocol>.
+  // Port 0: every worker's Nth listen(0) gets the same port. A Unix path is relative to this
+  // worker's cwd. Errors are the master's: std::system_error with EADDRINUSE, EACCES, ...
+  template <class Endpoint, class CompletionToken = asio::use_awaitable_t<>>
+  auto listen(const Endpoint& endpoint, ListenOptions options = {}, CompletionToken&& token = {}) const {
+    using Protocol = typename Endpoint::protocol_type;
+    return start_listen<Protocol>(detail::target_of(endpoint), options, std::forward<CompletionToken>(token));
+  }
+
+  // Node: server.listen({fd}) in a worker: listens on `fd`, an fd open in the master (a bound
+  // socket of Protocol's kind; the master makes it listen if it does not yet).
+  template <class Protocol, class CompletionToken = asio::use_awaitable_t<>>
+  auto listen_fd(int fd, ListenOptions options = {}, CompletionToken&& token = {}) const {
+    detail::listen_target t;
+    t.type = detail::fd_address_type<Protocol>();
+    t.fd = fd;
+    return start_listen<Protocol>(std::move(t), options, std::forward<CompletionToken>(token));
+  }
+
+  // Node: server.listen(handle): a server on a listener this process already has; the master
+  // is not involved. Works in the master too.
+  Server<asio::ip::tcp> adopt(asio::ip::tcp::acceptor acceptor) const { return adopt_stream(std::move(acceptor)); }
+  Server<asio::local::stream_protocol> adopt(asio::local::stream_protocol::acceptor acceptor) const {
+    return adopt_stream(std::move(acceptor));
+  }
+  Server<asio::ip::udp> adopt(asio::ip::udp::socket socket) const {
+    return Server<asio::ip::udp>(std::make_shared<detail::datagram_server>(nullptr, std::move(socket)));
+  }
+
   // Node: cluster.worker.disconnect() in a worker.
   void disconnect() const { runtime().disconnect(); }
 
@@ -208,6 +456,34 @@ struct this_worker_t {
 
  private:
   static detail::worker_runtime& runtime() { return *detail::worker_runtime::instance(); }
+
+  template <class Protocol>
+  using server_state =
+      std::conditional_t<std::is_same_v<Protocol, asio::ip::udp>, detail::datagram_server, detail::stream_server<Protocol>>;
+
+  template <class Protocol>
+  static asio::awaitable<Server<Protocol>> listen_through_master(detail::listen_target t, ListenOptions options) {
+    auto server = co_await runtime().listen<Protocol>(std::move(t), options);
+    co_return Server<Protocol>(std::static_pointer_cast<server_state<Protocol>>(std::move(server)));
+  }
+
+  template <class Protocol, class CompletionToken>
+  static auto start_listen(detail::listen_target t, ListenOptions options, CompletionToken&& token) {
+    if constexpr (detail::is_use_awaitable<CompletionToken>)
+      return listen_through_master<Protocol>(std::move(t), options);
+    else
+      return asio::co_spawn(runtime().channel().get_executor(), listen_through_master<Protocol>(std::move(t), options),
+                            std::forward<CompletionToken>(token));
+  }
+
+  template <class Acceptor>
+  static Server<typename Acceptor::protocol_type> adopt_stream(Acceptor acceptor) {
+    using Protocol = typename Acceptor::protocol_type;
+    auto local = acceptor.local_endpoint();
+    auto ex = acceptor.get_executor();
+    return Server<Protocol>(
+        std::make_shared<detail::stream_server<Protocol>>(ex, nullptr, std::move(acceptor), std::move(local)));
+  }
 };
 
 inline constexpr this_worker_t this_worker{};

@@ -19,6 +19,7 @@
 
 #include "cocluster/detail/async_latch.hpp"
 #include "cocluster/detail/async_queue.hpp"
+#include "cocluster/detail/listen_service.hpp"
 #include "cocluster/detail/log.hpp"
 #include "cocluster/detail/process.hpp"
 #include "cocluster/detail/read_channel.hpp"
@@ -39,6 +40,7 @@ struct master_state {
   std::map<int, std::shared_ptr<Worker>> workers;   // Node: cluster.workers
   std::map<int, std::shared_ptr<Worker>> unreaped;  // every worker whose process is not reaped
   std::unique_ptr<EventStream> events;              // null until master.events() subscribes
+  std::unique_ptr<listen_service> servers;          // the listeners workers asked for
 
   void emit(Event e) {
     if (events) events->push(std::move(e));
@@ -58,6 +60,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
         channel_(std::move(channel)),
         master_(std::move(master)),
         messages_(channel_.get_executor(), std::max<std::size_t>(max_unread, 1), /*inline_delivery=*/true),
+        listening_(channel_.get_executor()),
         online_(channel_.get_executor()),
         disconnected_(channel_.get_executor()),
         exited_(channel_.get_executor()) {}
@@ -77,6 +80,14 @@ class Worker : public std::enable_shared_from_this<Worker> {
   template <class CompletionToken = asio::use_awaitable_t<>>
   auto online(CompletionToken&& token = {}) {
     return online_.async_wait(std::forward<CompletionToken>(token));
+  }
+
+  // Node: the worker's 'listening' event. The address of the next server the worker listens
+  // on through the master (one per server, in order; the real port for listen(0)). After the
+  // disconnect, what was announced can still be read; then error::worker_not_connected.
+  template <class CompletionToken = asio::use_awaitable_t<>>
+  auto listening(CompletionToken&& token = {}) {
+    return listening_.async_pop(std::forward<CompletionToken>(token));
   }
 
   // Completes when the channel to the worker has closed, whoever closed it.
@@ -163,23 +174,42 @@ class Worker : public std::enable_shared_from_this<Worker> {
   }
 
   bool on_internal(const ipc::Envelope& envelope) {
-    auto message = ipc::protocol::decode(envelope.message.data);
-    const bool valid = message && !envelope.message.has_handle() &&
-                       !std::holds_alternative<ipc::protocol::Disconnect>(*message);
-    if (!valid) {
-      protocol_detail_ = "unexpected internal message from the worker";
-      channel_.close();
-      return false;
-    }
-    if (std::holds_alternative<ipc::protocol::Online>(*message)) {
-      if (online_.is_set()) return true;
-      detail::debug("Worker {} online", pid());
-      online_.set();
-      emit(EventType::online);
-    } else {  // ExitedAfterDisconnect: sent before the worker's EOF, so it is seen first
-      exited_after_disconnect_ = true;
-    }
-    return true;
+    namespace p = ipc::protocol;
+    auto message = p::decode(envelope.message.data);
+    if (!message || envelope.message.has_handle()) return protocol_error("unexpected internal message from the worker");
+    auto master = master_.lock();
+    detail::listen_service* servers = master ? master->servers.get() : nullptr;
+    return std::visit(
+        [&](auto& m) -> bool {
+          using T = std::decay_t<decltype(m)>;
+          if constexpr (std::is_same_v<T, p::Online>) {
+            if (online_.is_set()) return true;
+            detail::debug("Worker {} online", pid());
+            online_.set();
+            emit(EventType::online);
+          } else if constexpr (std::is_same_v<T, p::ExitedAfterDisconnect>) {
+            exited_after_disconnect_ = true;  // sent before the worker's EOF, so it is seen first
+          } else if constexpr (std::is_same_v<T, p::QueryServer>) {
+            if (servers) servers->query(shared_from_this(), m);
+          } else if constexpr (std::is_same_v<T, p::Listening>) {
+            if (servers && !servers->listening(*this, m.server))
+              return protocol_error("listening for a server the worker does not hold");
+          } else if constexpr (std::is_same_v<T, p::Accepted>) {
+            if (servers) servers->accepted(*this, m);
+          } else if constexpr (std::is_same_v<T, p::Close>) {
+            if (servers) servers->close(*this, m.server);
+          } else {  // Disconnect, QueryReply, NewConn: the master's messages
+            return protocol_error("unexpected internal message from the worker");
+          }
+          return true;
+        },
+        *message);
+  }
+
+  bool protocol_error(std::string why) {
+    protocol_detail_ = std::move(why);
+    channel_.close();
+    return false;
   }
 
   void on_channel_end(std::error_code ec) {
@@ -192,9 +222,11 @@ class Worker : public std::enable_shared_from_this<Worker> {
       emit(EventType::error, ec, why);
     }
     channel_.close();
+    if (auto m = master_.lock(); m && m->servers) m->servers->worker_gone(*this);
     if (!exited_after_disconnect_) exited_after_disconnect_ = false;
     online_.fail(error::worker_not_connected);
     messages_.close(error::worker_not_connected);
+    listening_.close(error::worker_not_connected);
     if (dead_) leave_workers();
     detail::debug("Worker {} disconnect", pid());
     disconnected_.set();
@@ -226,8 +258,10 @@ class Worker : public std::enable_shared_from_this<Worker> {
     if (auto m = master_.lock()) m->workers.erase(id_);
   }
 
-  void emit(EventType type, std::error_code ec = {}, std::string detail = {}, ExitStatus status = {}) {
-    if (auto m = master_.lock()) m->emit(Event{type, shared_from_this(), status, ec, std::move(detail)});
+  void emit(EventType type, std::error_code ec = {}, std::string detail = {}, ExitStatus status = {},
+            Address address = {}) {
+    if (auto m = master_.lock())
+      m->emit(Event{type, shared_from_this(), status, ec, std::move(detail), std::move(address)});
   }
 
   int id_;
@@ -235,6 +269,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
   ipc::Channel channel_;
   std::weak_ptr<detail::master_state> master_;
   detail::async_queue<Message> messages_;
+  detail::async_queue<Address> listening_;  // one entry per server announced; bounded by them
   detail::async_latch<> online_;
   detail::async_latch<> disconnected_;
   detail::async_latch<ExitStatus> exited_;
@@ -256,6 +291,18 @@ struct master_access {
   // since the read loop may process `online` before this returns.
   static void start(Worker& w) { w.start(); }
   static void close_channel(Worker& w) { w.channel_.close(); }
+  // An internal message to the worker, with an fd as a handle of type `tag`; false if the
+  // channel can no longer send (the worker is going: its channel end will say so).
+  static bool send_internal(Worker& w, const ipc::protocol::InternalMessage& m, handle_tag tag = no_handle,
+                            unique_fd fd = {}) {
+    return w.connected_ && w.channel_.post_internal(ipc::protocol::encode(m), tag, std::move(fd));
+  }
+  // The worker's server listens at `a`: Node's 'listening', on the worker then the cluster.
+  static void announce_listening(Worker& w, Address a) {
+    detail::debug("Worker {} listening on {}:{} ({})", w.pid(), a.address, a.port, to_string(a.type));
+    w.listening_.push(a);
+    w.emit(EventType::listening, {}, {}, {}, std::move(a));
+  }
   static Process& process(Worker& w) { return w.process_; }
 };
 }  // namespace detail

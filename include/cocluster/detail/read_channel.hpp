@@ -20,7 +20,8 @@ inline constexpr int read_budget = 64;
 inline constexpr std::size_t max_unread_handles = 128;
 
 // Runs until the channel ends; returns why (eof, protocol_error, ...).
-//   on_internal(const ipc::Envelope&) -> bool: false ends the channel as a protocol error.
+//   on_internal(ipc::Envelope&) -> bool: false ends the channel as a protocol error (it may
+//   take the envelope's handle).
 //   on_user(): a user message was queued.  on_pause(): the inbox is full, reading waits.
 template <class OnInternal, class OnUser, class OnPause>
 asio::awaitable<std::error_code> read_channel(ipc::Channel& channel, async_queue<Message>& inbox,

@@ -75,6 +75,13 @@ class Channel {
   // if the send failed. False when the queue is full; `e` is untouched, use async_send.
   bool try_send(Envelope& e, std::error_code& ec) { return s_->try_send(e, ec); }
 
+  // Queues an internal message whatever the send queue's capacity (the protocol bounds how
+  // many there are) and writes it at once if the socket has room. `fd`, if any, travels as a
+  // handle of type `tag` and is closed once written. False if the channel cannot send.
+  bool post_internal(std::string payload, detail::handle_tag tag = detail::no_handle, detail::unique_fd fd = {}) {
+    return s_->post_internal(std::move(payload), tag, std::move(fd));
+  }
+
   // Reads one whole message if it is already there, without waiting: true with `e` filled.
   // False when nothing is ready (ec clear: wait with async_wait_readable) or on an error
   // (eof, protocol_error, ...). Not while an async_receive is pending.
@@ -162,6 +169,13 @@ class Channel {
       if (!waiting_write) flush();
       ec = write_error;  // the write just attempted failed: say so, do not report success
       return true;
+    }
+
+    bool post_internal(std::string payload, detail::handle_tag tag, detail::unique_fd fd) {
+      if (!sock.is_open() || write_shut) return false;
+      queue.push_back({std::move(payload), frame_header::internal, fd ? tag : detail::no_handle, std::move(fd)});
+      if (!waiting_write) flush();
+      return !write_error;
     }
 
     static outgoing make_outgoing(Envelope& e, std::error_code& ec) {

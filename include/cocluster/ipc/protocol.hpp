@@ -1,12 +1,16 @@
 // The internal messages between master and worker (Node: the NODE_CLUSTER messages), carried
-// as message_kind::internal envelopes. One byte names the message; fields follow.
-// The message flow is in docs/DESIGN.md, section "Protocol".
+// as message_kind::internal envelopes. One byte names the message; its fields follow in host
+// byte order (both ends run on one machine). The message flow is in docs/DESIGN.md, "Protocol".
+//   std::string bytes = protocol::encode(protocol::Accepted{seq, true});
+//   if (auto m = protocol::decode(bytes)) std::visit(handler, *m);
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <variant>
 
 namespace cocluster::ipc::protocol {
@@ -15,30 +19,186 @@ struct Online {};                 // worker -> master: the worker runtime has st
 struct Disconnect {};             // master -> worker: close your servers, then the channel
 struct ExitedAfterDisconnect {};  // worker -> master: I am leaving on purpose (sent before my EOF)
 
-using InternalMessage = std::variant<Online, Disconnect, ExitedAfterDisconnect>;
+// worker -> master (Node: queryServer): find or create the listener for this key.
+struct QueryServer {
+  std::uint32_t seq = 0;
+  std::uint8_t type = 0;  // AddressType
+  std::string address;    // an IP address as text, or an absolute Unix path
+  std::uint16_t port = 0;
+  std::int32_t fd = -1;   // listen({fd}): an fd of the master's, or -1
+  std::uint32_t index = 0;
+  std::uint32_t backlog = 0;
+};
 
-enum class tag : std::uint8_t { online = 1, disconnect = 2, exited_after_disconnect = 3 };
+// master -> worker: the answer to QueryServer `seq`. A shared listener comes as the handle.
+struct QueryReply {
+  std::uint32_t seq = 0;
+  std::int32_t errno_value = 0;  // 0: success
+  std::uint32_t server = 0;      // the master's id of the listener
+  bool shared = false;           // true: accept on the attached handle; false: newconn arrives
+  std::string address;           // where the listener is (the real port for listen(0))
+  std::uint16_t port = 0;
+};
 
-inline std::string encode(const InternalMessage& m) {
-  return std::string(1, static_cast<char>(std::visit(
-                            [](const auto& v) -> tag {
-                              using T = std::decay_t<decltype(v)>;
-                              if constexpr (std::is_same_v<T, Online>) return tag::online;
-                              else if constexpr (std::is_same_v<T, Disconnect>) return tag::disconnect;
-                              else return tag::exited_after_disconnect;
-                            },
-                            m)));
+struct Listening {  // worker -> master: my server `server` is listening
+  std::uint32_t server = 0;
+};
+
+// master -> worker: a connection accepted on `server` (the handle), hand-off `seq`.
+struct NewConn {
+  std::uint32_t server = 0;
+  std::uint32_t seq = 0;
+  std::string remote;  // the peer's sockaddr as accept4 returned it
+};
+
+struct Accepted {  // worker -> master (Node: the ack of newconn)
+  std::uint32_t server = 0;
+  std::uint32_t seq = 0;
+  bool ok = false;
+};
+
+struct Close {  // worker -> master: my server `server` is closed
+  std::uint32_t server = 0;
+};
+
+using InternalMessage =
+    std::variant<Online, Disconnect, ExitedAfterDisconnect, QueryServer, QueryReply, Listening, NewConn, Accepted, Close>;
+
+// The tag of each message is its index in InternalMessage plus one.
+template <class T>
+constexpr std::uint8_t tag_of() {
+  return []<std::size_t... I>(std::index_sequence<I...>) {
+    std::uint8_t tag = 0;
+    ((std::is_same_v<T, std::variant_alternative_t<I, InternalMessage>> ? (tag = I + 1) : 0), ...);
+    return tag;
+  }(std::make_index_sequence<std::variant_size_v<InternalMessage>>{});
 }
 
-// nullopt for anything that is not one of our messages: the caller treats it as a protocol error.
-inline std::optional<InternalMessage> decode(std::string_view bytes) {
-  if (bytes.size() != 1) return std::nullopt;
-  switch (static_cast<tag>(bytes[0])) {
-    case tag::online: return Online{};
-    case tag::disconnect: return Disconnect{};
-    case tag::exited_after_disconnect: return ExitedAfterDisconnect{};
+namespace detail {
+
+class writer {
+ public:
+  explicit writer(std::uint8_t tag) { out_.push_back(static_cast<char>(tag)); }
+  template <class Int>
+    requires std::is_integral_v<Int>
+  writer& operator<<(Int v) {
+    char bytes[sizeof v];
+    std::memcpy(bytes, &v, sizeof v);
+    out_.append(bytes, sizeof v);
+    return *this;
   }
-  return std::nullopt;
+  writer& operator<<(std::string_view s) {
+    *this << static_cast<std::uint32_t>(s.size());
+    out_.append(s);
+    return *this;
+  }
+  std::string take() { return std::move(out_); }
+
+ private:
+  std::string out_;
+};
+
+// Reads fields in order; any read past the end makes ok() false (and later reads no-ops).
+class reader {
+ public:
+  explicit reader(std::string_view in) : in_(in) {}
+  template <class Int>
+    requires std::is_integral_v<Int>
+  reader& operator>>(Int& v) {
+    if (!ok_ || in_.size() < sizeof v) {
+      ok_ = false;
+      return *this;
+    }
+    std::memcpy(&v, in_.data(), sizeof v);
+    in_.remove_prefix(sizeof v);
+    return *this;
+  }
+  reader& operator>>(std::string& s) {
+    std::uint32_t n = 0;
+    *this >> n;
+    if (!ok_ || in_.size() < n) {
+      ok_ = false;
+      return *this;
+    }
+    s.assign(in_.data(), n);
+    in_.remove_prefix(n);
+    return *this;
+  }
+  // Every field read and nothing left over.
+  bool complete() const noexcept { return ok_ && in_.empty(); }
+
+ private:
+  std::string_view in_;
+  bool ok_ = true;
+};
+
+// The fields of each message, in wire order, for both directions.
+template <class Stream> void fields(Stream&, Online&) {}
+template <class Stream> void fields(Stream&, Disconnect&) {}
+template <class Stream> void fields(Stream&, ExitedAfterDisconnect&) {}
+template <class Stream> void fields(Stream& s, QueryServer& m) {
+  s& m.seq& m.type& m.address& m.port& m.fd& m.index& m.backlog;
+}
+template <class Stream> void fields(Stream& s, QueryReply& m) {
+  s& m.seq& m.errno_value& m.server& m.shared& m.address& m.port;
+}
+template <class Stream> void fields(Stream& s, Listening& m) { s& m.server; }
+template <class Stream> void fields(Stream& s, NewConn& m) { s& m.server& m.seq& m.remote; }
+template <class Stream> void fields(Stream& s, Accepted& m) { s& m.server& m.seq& m.ok; }
+template <class Stream> void fields(Stream& s, Close& m) { s& m.server; }
+
+// `s & field` writes or reads, so one list of fields serves both.
+struct encoding {
+  writer& w;
+  template <class T> encoding& operator&(T& v) {
+    if constexpr (std::is_same_v<T, bool>) w << static_cast<std::uint8_t>(v);
+    else if constexpr (std::is_same_v<T, std::string>) w << std::string_view(v);
+    else w << v;
+    return *this;
+  }
+};
+struct decoding {
+  reader& r;
+  template <class T> decoding& operator&(T& v) {
+    if constexpr (std::is_same_v<T, bool>) {
+      std::uint8_t b = 2;
+      r >> b;
+      v = b == 1;
+    } else {
+      r >> v;
+    }
+    return *this;
+  }
+};
+
+}  // namespace detail
+
+inline std::string encode(InternalMessage m) {
+  return std::visit(
+      [](auto& v) {
+        detail::writer w(tag_of<std::decay_t<decltype(v)>>());
+        detail::encoding e{w};
+        detail::fields(e, v);
+        return w.take();
+      },
+      m);
+}
+
+// nullopt for anything that is not exactly one of our messages: the caller treats it as a
+// protocol error.
+inline std::optional<InternalMessage> decode(std::string_view bytes) {
+  if (bytes.empty()) return std::nullopt;
+  const auto tag = static_cast<std::uint8_t>(bytes[0]);
+  if (tag == 0 || tag > std::variant_size_v<InternalMessage>) return std::nullopt;
+  std::optional<InternalMessage> out;
+  [&]<std::size_t... I>(std::index_sequence<I...>) {
+    ((tag == I + 1 ? (void)out.emplace(std::in_place_index<I>) : void()), ...);
+  }(std::make_index_sequence<std::variant_size_v<InternalMessage>>{});
+  detail::reader r(bytes.substr(1));
+  detail::decoding d{r};
+  std::visit([&](auto& v) { detail::fields(d, v); }, *out);
+  if (!r.complete()) return std::nullopt;
+  return out;
 }
 
 }  // namespace cocluster::ipc::protocol

@@ -1,0 +1,204 @@
+// The socket syscalls of the master's listeners, in one place: opening a listener for a
+// query_server key, reading its address back, and accepting raw connections.
+#pragma once
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <fcntl.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstring>
+#include <filesystem>
+#include <string>
+#include <system_error>
+
+#include "cocluster/address.hpp"
+#include "cocluster/detail/syscalls.hpp"
+#include "cocluster/message.hpp"
+
+namespace cocluster::detail {
+
+// What a worker asked to listen on (the fields of query_server that name a listener).
+struct listen_request {
+  AddressType type = AddressType::v4;
+  std::string address;  // IP text or an absolute Unix path; empty with fd >= 0
+  std::uint16_t port = 0;
+  int fd = -1;          // listen({fd}): an fd of the master's
+  int backlog = 511;    // Node's default
+};
+
+inline bool is_datagram(AddressType t) noexcept { return t == AddressType::udp4 || t == AddressType::udp6; }
+
+// Fills `ss` for an IP address; false if `text` is not an address of that family.
+inline bool ip_sockaddr(AddressType type, const std::string& text, std::uint16_t port, sockaddr_storage& ss,
+                        socklen_t& len) {
+  std::memset(&ss, 0, sizeof ss);
+  if (type == AddressType::v4 || type == AddressType::udp4) {
+    auto* a = reinterpret_cast<sockaddr_in*>(&ss);
+    a->sin_family = AF_INET;
+    a->sin_port = htons(port);
+    len = sizeof *a;
+    return ::inet_pton(AF_INET, text.c_str(), &a->sin_addr) == 1;
+  }
+  auto* a = reinterpret_cast<sockaddr_in6*>(&ss);
+  a->sin6_family = AF_INET6;
+  a->sin6_port = htons(port);
+  len = sizeof *a;
+  return ::inet_pton(AF_INET6, text.c_str(), &a->sin6_addr) == 1;
+}
+
+// The path to bind for `path` (absolute, from the worker): itself if it fits sun_path, else the
+// shorter equivalent relative to this process's cwd (Node does the same). Empty if none fits.
+inline std::string bindable_unix_path(const std::string& path) {
+  constexpr std::size_t limit = sizeof(sockaddr_un{}.sun_path);
+  if (path.size() < limit) return path;
+  std::error_code ec;
+  auto relative = std::filesystem::path(path).lexically_relative(std::filesystem::current_path(ec)).string();
+  if (!ec && !relative.empty() && relative.size() < limit) return relative;
+  return {};
+}
+
+// The listener's own address (the real port after listen(0)); `type` says how to read it.
+inline Address socket_address(int fd, AddressType type) {
+  sockaddr_storage ss{};
+  socklen_t len = sizeof ss;
+  Address out;
+  out.type = type;
+  if (::getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &len) != 0) return out;
+  char text[INET6_ADDRSTRLEN] = {};
+  const bool datagram = is_datagram(type);
+  if (ss.ss_family == AF_INET) {
+    auto* a = reinterpret_cast<sockaddr_in*>(&ss);
+    ::inet_ntop(AF_INET, &a->sin_addr, text, sizeof text);
+    out = {text, ntohs(a->sin_port), datagram ? AddressType::udp4 : AddressType::v4};
+  } else if (ss.ss_family == AF_INET6) {
+    auto* a = reinterpret_cast<sockaddr_in6*>(&ss);
+    ::inet_ntop(AF_INET6, &a->sin6_addr, text, sizeof text);
+    out = {text, ntohs(a->sin6_port), datagram ? AddressType::udp6 : AddressType::v6};
+  } else if (ss.ss_family == AF_UNIX) {
+    auto* a = reinterpret_cast<sockaddr_un*>(&ss);
+    const std::size_t n = len > offsetof(sockaddr_un, sun_path) ? len - offsetof(sockaddr_un, sun_path) : 0;
+    out = {std::string(a->sun_path, strnlen(a->sun_path, n)), 0, AddressType::unix_path};
+  }
+  return out;
+}
+
+// The Handle tag a listener of this type travels as.
+inline handle_tag listener_tag(AddressType type) noexcept {
+  if (is_datagram(type)) return 3;                  // udp::socket
+  if (type == AddressType::unix_path) return 5;     // local::stream_protocol::acceptor
+  return 2;                                         // tcp::acceptor
+}
+
+// A duplicate of the master's fd `r.fd`, checked to be a socket of the requested kind, and put
+// into the listening state if it is a stream socket that is not listening yet.
+inline unique_fd adopt_master_fd(const listen_request& r, std::error_code& ec) {
+  unique_fd fd = dup_cloexec(r.fd, ec);
+  if (ec) return {};
+  const int domain = socket_option(fd.get(), SO_DOMAIN);
+  const int type = socket_option(fd.get(), SO_TYPE);
+  const bool inet = domain == AF_INET || domain == AF_INET6;
+  const bool fits = is_datagram(r.type) ? inet && type == SOCK_DGRAM
+                    : r.type == AddressType::unix_path ? domain == AF_UNIX && type == SOCK_STREAM
+                                                       : inet && type == SOCK_STREAM;
+  if (!fits) {
+    ec = std::make_error_code(domain < 0 ? std::errc::not_a_socket : std::errc::invalid_argument);
+    return {};
+  }
+  if (type == SOCK_STREAM && socket_option(fd.get(), SO_ACCEPTCONN) != 1 && ::listen(fd.get(), r.backlog) != 0) {
+    ec = last_error();
+    return {};
+  }
+  const int flags = ::fcntl(fd.get(), F_GETFL);
+  if (flags < 0 || ::fcntl(fd.get(), F_SETFL, flags | O_NONBLOCK) != 0) {
+    ec = last_error();
+    return {};
+  }
+  return fd;
+}
+
+// Opens a non-blocking, close-on-exec listener for `r` (bound and, for streams, listening).
+// `bound_path` receives the Unix path actually bound (to remove on close).
+inline unique_fd open_listener(const listen_request& r, std::string& bound_path, std::error_code& ec) {
+  ec.clear();
+  bound_path.clear();
+  if (r.fd >= 0) return adopt_master_fd(r, ec);
+  sockaddr_storage ss{};
+  socklen_t len = 0;
+  int domain = AF_UNIX;
+  if (r.type == AddressType::unix_path) {
+    std::string path = bindable_unix_path(r.address);
+    if (r.address.empty() || path.empty()) {
+      ec = std::make_error_code(r.address.empty() ? std::errc::invalid_argument : std::errc::filename_too_long);
+      return {};
+    }
+    auto* a = reinterpret_cast<sockaddr_un*>(&ss);
+    a->sun_family = AF_UNIX;
+    std::memcpy(a->sun_path, path.c_str(), path.size() + 1);
+    len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size() + 1);
+    bound_path = path;
+  } else {
+    if (!ip_sockaddr(r.type, r.address, r.port, ss, len)) {
+      ec = std::make_error_code(std::errc::invalid_argument);
+      return {};
+    }
+    domain = ss.ss_family;
+  }
+  const bool datagram = is_datagram(r.type);
+  unique_fd fd(::socket(domain, (datagram ? SOCK_DGRAM : SOCK_STREAM) | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+  if (!fd) {
+    ec = last_error();
+    return {};
+  }
+  const int one = 1;
+  if (domain != AF_UNIX && !datagram && ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0) {
+    ec = last_error();
+    return {};
+  }
+  if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&ss), len) != 0) {
+    ec = last_error();
+    bound_path.clear();  // not ours: someone else's socket file, or none
+    return {};
+  }
+  if (!datagram && ::listen(fd.get(), r.backlog) != 0) {
+    ec = last_error();
+    if (!bound_path.empty()) ::unlink(bound_path.c_str());
+    bound_path.clear();
+    return {};
+  }
+  return fd;
+}
+
+// One connection from a listening socket, non-blocking and close-on-exec, with the peer's
+// sockaddr. An empty fd with ec clear: nothing to accept now.
+inline unique_fd accept_connection(int listener, std::string& remote, std::error_code& ec) {
+  sockaddr_storage ss{};
+  socklen_t len = sizeof ss;
+  const int fd = retry_on_eintr(
+      [&] { return ::accept4(listener, reinterpret_cast<sockaddr*>(&ss), &len, SOCK_NONBLOCK | SOCK_CLOEXEC); });
+  if (fd < 0) {
+    ec = errno == EAGAIN || errno == EWOULDBLOCK ? std::error_code() : last_error();
+    return {};
+  }
+  ec.clear();
+  remote.assign(reinterpret_cast<const char*>(&ss), std::min<std::size_t>(len, sizeof ss));
+  return unique_fd(fd);
+}
+
+// accept(2) errors that concern one connection only (Linux passes pending network errors
+// through accept): take the next one.
+inline bool is_connection_error(const std::error_code& ec) noexcept {
+  switch (ec.value()) {
+    case ECONNABORTED: case EPROTO: case ENETDOWN: case ENOPROTOOPT: case EHOSTDOWN: case ENONET:
+    case EHOSTUNREACH: case EOPNOTSUPP: case ENETUNREACH: case EPERM: case ETIMEDOUT:
+      return true;
+  }
+  return false;
+}
+
+}  // namespace cocluster::detail

@@ -1,0 +1,48 @@
+// SharedSocket (Node: cluster.SCHED_NONE): the master creates each listener once and sends
+// every worker a copy; workers accept directly and the kernel picks which one wakes.
+//   cocluster::Master<cocluster::SharedSocket> master(ex);
+// UDP sockets are shared this way under every policy.
+#pragma once
+
+#include <memory>
+#include <set>
+
+#include "cocluster/detail/listen_service.hpp"
+#include "cocluster/detail/master_handle.hpp"
+#include "cocluster/detail/sockets.hpp"
+#include "cocluster/worker.hpp"
+
+namespace cocluster {
+
+struct SharedSocket {
+  detail::schedule scheduling() const { return {false, 0}; }
+};
+
+namespace detail {
+
+// Node: SharedHandle.
+class shared_handle final : public master_handle {
+ public:
+  shared_handle(std::uint32_t id, std::string key, Address address, std::string unix_path, unique_fd listener)
+      : master_handle(id, std::move(key), std::move(address), std::move(unix_path)), listener_(std::move(listener)) {}
+
+  bool shared() const noexcept override { return true; }
+  unique_fd listener_copy(std::error_code& ec) override { return dup_cloexec(listener_.get(), ec); }
+  void add(const std::shared_ptr<Worker>& worker) override { members_.insert(worker->id()); }
+  bool remove(Worker& worker) override {
+    members_.erase(worker.id());
+    return members_.empty();
+  }
+  void accepted(Worker&, std::uint32_t, bool) override {}  // nothing is handed off
+  void close() override {
+    listener_.reset();
+    master_handle::close();
+  }
+
+ private:
+  unique_fd listener_;
+  std::set<int> members_;
+};
+
+}  // namespace detail
+}  // namespace cocluster

@@ -1,0 +1,477 @@
+// Listening through the master: RoundRobin and SharedSocket with real workers and sockets.
+#include "cocluster/server.hpp"
+
+#include <doctest/doctest.h>
+#include <sys/stat.h>
+
+#include <filesystem>
+#include <map>
+
+#include "cocluster/cocluster.hpp"
+#include "scenarios.hpp"
+#include "support.hpp"
+
+using namespace cocluster;
+using namespace test;
+using asio::ip::tcp;
+using asio::ip::udp;
+using local_stream = asio::local::stream_protocol;
+using as_tuple_t = asio::experimental::as_tuple_t<asio::use_awaitable_t<>>;
+
+// ---- the worker side (run by cluster_main for the serve/stall scenarios) ----
+
+namespace {
+
+// TEST_LISTEN: "tcp4:ADDR:PORT", "tcp6:ADDR:PORT", "udp4:ADDR:PORT", "unix:PATH", "fd:N".
+struct target {
+  std::string kind, address;
+  unsigned short port = 0;
+};
+
+target parse_target(std::string spec) {
+  target t;
+  auto colon = spec.find(':');
+  t.kind = spec.substr(0, colon);
+  std::string rest = spec.substr(colon + 1);
+  if (t.kind == "unix" || t.kind == "fd") {
+    t.address = rest;
+    return t;
+  }
+  auto last = rest.rfind(':');
+  t.address = rest.substr(0, last);
+  t.port = static_cast<unsigned short>(std::stoi(rest.substr(last + 1)));
+  return t;
+}
+
+// Answers each connection with "worker <id>\n" once it has read a line, then closes it.
+template <class Socket>
+awaitable<void> answer(Socket socket) {
+  std::string line;
+  auto [ec, n] = co_await asio::async_read_until(socket, asio::dynamic_buffer(line), '\n', as_tuple_t{});
+  if (ec) co_return;
+  const std::string reply = "worker " + std::to_string(this_worker.id()) + "\n";
+  co_await asio::async_write(socket, asio::buffer(reply), as_tuple_t{});
+}
+
+template <class Server>
+awaitable<void> accept_loop(Server& server) {
+  for (;;) {
+    auto [ec, socket] = co_await server.accept(as_tuple_t{});
+    if (ec) co_return;
+    asio::co_spawn(socket.get_executor(), answer(std::move(socket)), asio::detached);
+  }
+}
+
+awaitable<void> udp_loop(Server<udp>& server) {
+  char buf[64];
+  udp::endpoint from;
+  for (;;) {
+    auto [ec, n] = co_await server.socket().async_receive_from(asio::buffer(buf), from, as_tuple_t{});
+    if (ec) co_return;
+    const std::string reply = "worker " + std::to_string(this_worker.id()) + "\n";
+    co_await server.socket().async_send_to(asio::buffer(reply), from, as_tuple_t{});
+  }
+}
+
+// Listens on TEST_LISTEN and reports "port N" (or "error <errno>"); serves unless stalling;
+// the master's "close" closes the server ("closed"), "listen" listens again.
+awaitable<void> listen_worker(bool stall) {
+  const target t = parse_target(std::getenv("TEST_LISTEN"));
+  std::optional<Server<tcp>> tcp_server;
+  std::optional<Server<local_stream>> unix_server;
+  std::optional<Server<udp>> udp_server;
+  auto listen = [&]() -> awaitable<std::string> {
+    try {
+      if (t.kind == "tcp4" || t.kind == "tcp6") {
+        tcp_server.emplace(co_await this_worker.listen(tcp::endpoint(asio::ip::make_address(t.address), t.port)));
+        if (!stall) asio::co_spawn(co_await asio::this_coro::executor, accept_loop(*tcp_server), asio::detached);
+        co_return "port " + std::to_string(tcp_server->local_endpoint().port());
+      }
+      if (t.kind == "fd") {
+        tcp_server.emplace(co_await this_worker.listen_fd<tcp>(std::stoi(t.address)));
+        asio::co_spawn(co_await asio::this_coro::executor, accept_loop(*tcp_server), asio::detached);
+        co_return "port " + std::to_string(tcp_server->local_endpoint().port());
+      }
+      if (t.kind == "unix") {
+        unix_server.emplace(co_await this_worker.listen(local_stream::endpoint(t.address)));
+        asio::co_spawn(co_await asio::this_coro::executor, accept_loop(*unix_server), asio::detached);
+        co_return "path " + unix_server->local_endpoint().path();
+      }
+      udp_server.emplace(co_await this_worker.listen(udp::endpoint(asio::ip::make_address(t.address), t.port)));
+      asio::co_spawn(co_await asio::this_coro::executor, udp_loop(*udp_server), asio::detached);
+      co_return "port " + std::to_string(udp_server->local_endpoint().port());
+    } catch (const std::system_error& e) {
+      co_return "error " + std::to_string(e.code().value()) + " " + e.what();
+    }
+  };
+  co_await this_worker.send({co_await listen()});
+  for (;;) {
+    auto [ec, m] = co_await this_worker.receive(as_tuple_t{});
+    if (ec) co_return;
+    if (m.data == "close") {
+      if (tcp_server) tcp_server->close();
+      if (unix_server) unix_server->close();
+      if (udp_server) udp_server->close();
+      co_await this_worker.send({"closed"});
+    } else if (m.data == "listen") {
+      co_await this_worker.send({co_await listen()});
+    }
+  }
+}
+
+}  // namespace
+
+int run_listen_worker(std::string_view s) {
+  asio::io_context io;
+  this_worker.start(io.get_executor());
+  asio::co_spawn(io, listen_worker(s == scenario::stall), asio::detached);
+  io.run();
+  return 0;
+}
+
+// ---- the master side: the tests ----
+
+namespace {
+
+Env listen_env(std::string_view scenario_name, const std::string& spec) {
+  Env env = scenario_env(scenario_name);
+  env["TEST_LISTEN"] = spec;
+  return env;
+}
+
+// One request: connect, send a line, read the answer to EOF. Returns the worker id (0 if the
+// connection ended without an answer).
+template <class Endpoint>
+awaitable<int> ask(Endpoint where) {
+  typename Endpoint::protocol_type::socket s(co_await asio::this_coro::executor);
+  co_await s.async_connect(where, use_awaitable);
+  co_await asio::async_write(s, asio::buffer("hi\n", 3), use_awaitable);
+  std::string reply;
+  co_await asio::async_read(s, asio::dynamic_buffer(reply), as_tuple_t{});  // to EOF, or an error: both end the answer
+  if (reply.rfind("worker ", 0) != 0) co_return 0;
+  co_return std::stoi(reply.substr(7));
+}
+
+// `total` requests, `concurrency` at a time; how many each worker id answered (0: none).
+template <class Endpoint>
+awaitable<std::map<int, int>> ask_many(Endpoint where, int total, int concurrency) {
+  std::map<int, int> served;
+  int next = 0;
+  auto ex = co_await asio::this_coro::executor;
+  auto one_client = [&]() -> awaitable<void> {
+    while (next < total) {
+      ++next;
+      ++served[co_await ask(where)];
+    }
+  };
+  int done = 0;
+  asio::steady_timer all_done(ex, std::chrono::steady_clock::time_point::max());
+  for (int i = 0; i < concurrency; ++i)
+    asio::co_spawn(ex, one_client(), [&](std::exception_ptr e) {
+      if (e) served[-1]++;  // a client failed: the caller's check sees it
+      if (++done == concurrency) all_done.cancel();
+    });
+  if (done < concurrency) co_await all_done.async_wait(as_tuple_t{});
+  co_return served;
+}
+
+struct cluster {
+  std::vector<std::shared_ptr<Worker>> workers;
+  std::vector<std::string> reports;  // each worker's first message ("port N", "error ...")
+};
+
+template <class Policy>
+awaitable<cluster> start(Master<Policy>& master, int n, const Env& env) {
+  cluster c;
+  for (int i = 0; i < n; ++i) c.workers.push_back(co_await master.fork(env));
+  for (auto& w : c.workers) {
+    Message m = co_await w->receive();
+    c.reports.push_back(m.data);
+  }
+  co_return c;
+}
+
+unsigned short port_of(const std::string& report) {
+  REQUIRE_MESSAGE(report.rfind("port ", 0) == 0, report);
+  return static_cast<unsigned short>(std::stoi(report.substr(5)));
+}
+
+template <class Policy>
+awaitable<void> four_workers_share_port_zero(asio::io_context& io, bool check_fairness) {
+  Master<Policy> master(io.get_executor());
+  auto& events = master.events();
+  auto c = co_await start(master, 4, listen_env(scenario::serve, "tcp4:127.0.0.1:0"));
+  const unsigned short port = port_of(c.reports[0]);
+  CHECK(port != 0);
+  for (auto& w : c.workers) {
+    Address a = co_await w->listening();
+    CHECK(a.port == port);
+    CHECK(a.address == "127.0.0.1");
+    CHECK(a.type == AddressType::v4);
+  }
+  for (auto& r : c.reports) CHECK(port_of(r) == port);
+  int listening_events = 0;
+  while (events.pending() > 0) {
+    Event e = co_await events.next();
+    if (e.type == EventType::listening) ++listening_events;
+  }
+  CHECK(listening_events == 4);
+
+  const tcp::endpoint where(asio::ip::address_v4::loopback(), port);
+  // One at a time, so the free queue's order is the rotation: exactly 100 each.
+  auto served = co_await ask_many(where, 400, check_fairness ? 1 : 16);
+  int answered = 0;
+  for (auto& [id, n] : served) {
+    CHECK_MESSAGE(id > 0, "connections not answered: ", n);
+    if (id > 0) answered += n;
+    if (check_fairness && id > 0) CHECK_MESSAGE(std::abs(n - 100) <= 1, "worker ", id, " served ", n);
+  }
+  CHECK(answered == 400);
+  if (check_fairness) CHECK(served.size() == 4);
+  co_await master.disconnect();
+}
+
+}  // namespace
+
+TEST_CASE("round robin: 4 workers on listen(0) share one port and each answers 100 of 400 connections") {
+  run_bounded([](asio::io_context& io) { return four_workers_share_port_zero<RoundRobin>(io, true); }, 120s);
+}
+
+TEST_CASE("round robin: 400 concurrent connections are all answered") {
+  run_bounded([](asio::io_context& io) { return four_workers_share_port_zero<RoundRobin>(io, false); }, 120s);
+}
+
+TEST_CASE("shared socket: 4 workers on listen(0) share one port and answer 400 concurrent connections") {
+  run_bounded([](asio::io_context& io) { return four_workers_share_port_zero<SharedSocket>(io, false); }, 120s);
+}
+
+TEST_CASE("round robin: connections handed to a worker that is SIGKILLed are answered by the others") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<RoundRobin> master(io.get_executor(), {}, RoundRobin{2});
+    cluster c;
+    for (auto scenario_name : {scenario::serve, scenario::serve, scenario::stall}) {
+      c.workers.push_back(co_await master.fork(listen_env(scenario_name, "tcp4:127.0.0.1:0")));
+      c.reports.push_back((co_await c.workers.back()->receive()).data);  // in order: worker 3 is last in turn
+    }
+    const tcp::endpoint where(asio::ip::address_v4::loopback(), port_of(c.reports[0]));
+    for (auto& w : c.workers) co_await w->listening();
+
+    // 20 clients at once: the 3rd connection accepted goes to worker 3, which never accepts;
+    // it takes up to its window (2) of them. The others answer the rest.
+    std::map<int, int> served;
+    int finished = 0;
+    asio::steady_timer all_done(io, std::chrono::steady_clock::time_point::max());
+    for (int i = 0; i < 20; ++i)
+      asio::co_spawn(io, ask(where), [&](std::exception_ptr e, int id) {
+        ++served[e ? -1 : id];
+        if (++finished == 20) all_done.cancel();
+      });
+    asio::steady_timer poll(io);
+    while (finished < 18) {
+      poll.expires_after(5ms);
+      co_await poll.async_wait(use_awaitable);
+    }
+    c.workers[2]->kill(SIGKILL);
+    CHECK((co_await c.workers[2]->exited()).signal == SIGKILL);
+    if (finished < 20) co_await all_done.async_wait(as_tuple_t{});  // cancel() only wakes a waiter
+    CHECK(served.count(3) == 0);
+    CHECK(served.count(0) == 0);
+    CHECK(served.count(-1) == 0);
+    CHECK(served[1] + served[2] == 20);
+    co_await master.disconnect();
+  }, 120s);
+}
+
+TEST_CASE("round robin: connections waiting on a worker that closes its server go to another worker") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<RoundRobin> master(io.get_executor(), {}, RoundRobin{3});
+    cluster c;
+    for (auto scenario_name : {scenario::stall, scenario::serve}) {
+      c.workers.push_back(co_await master.fork(listen_env(scenario_name, "tcp4:127.0.0.1:0")));
+      c.reports.push_back((co_await c.workers.back()->receive()).data);
+    }
+    const tcp::endpoint where(asio::ip::address_v4::loopback(), port_of(c.reports[0]));
+    for (auto& w : c.workers) co_await w->listening();
+    // The first connection goes to worker 1 (first in turn), which does not accept.
+    std::map<int, int> served;
+    int finished = 0;
+    asio::steady_timer all_done(io, std::chrono::steady_clock::time_point::max());
+    for (int i = 0; i < 10; ++i)
+      asio::co_spawn(io, ask(where), [&](std::exception_ptr e, int id) {
+        ++served[e ? -1 : id];
+        if (++finished == 10) all_done.cancel();
+      });
+    asio::steady_timer poll(io);
+    while (finished < 7) {
+      poll.expires_after(5ms);
+      co_await poll.async_wait(use_awaitable);
+    }
+    co_await c.workers[0]->send({"close"});
+    CHECK((co_await c.workers[0]->receive()).data == "closed");
+    if (finished < 10) co_await all_done.async_wait(as_tuple_t{});
+    CHECK(served[2] == 10);
+    co_await master.disconnect();
+  }, 60s);
+}
+
+TEST_CASE("a port held by another socket: the worker's listen() fails with EADDRINUSE and the master carries on") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    tcp::acceptor holder(io, tcp::endpoint(asio::ip::address_v4::loopback(), 0));  // listening
+    const auto taken = holder.local_endpoint().port();
+    for (bool shared : {false, true}) {
+      Master<RuntimePolicy> master(io.get_executor(), {},
+                                   RuntimePolicy(shared ? Scheduling::shared : Scheduling::round_robin));
+      auto& events = master.events();
+      auto c = co_await start(master, 1, listen_env(scenario::serve, "tcp4:127.0.0.1:" + std::to_string(taken)));
+      CHECK_MESSAGE(c.reports[0].rfind("error " + std::to_string(EADDRINUSE) + " ", 0) == 0, c.reports[0]);
+      CHECK(c.reports[0].find("127.0.0.1:" + std::to_string(taken)) != std::string::npos);  // what() names it
+      // The master is fine, the entry was not kept: once the port is free the same listen works.
+      holder.close();
+      co_await c.workers[0]->send({"listen"});
+      const std::string second = (co_await c.workers[0]->receive()).data;
+      CHECK(port_of(second) == taken);
+      CHECK(co_await ask(tcp::endpoint(asio::ip::address_v4::loopback(), taken)) == c.workers[0]->id());
+      while (events.pending() > 0) CHECK((co_await events.next()).type != EventType::error);
+      co_await master.disconnect();
+      co_await c.workers[0]->exited();  // under SharedSocket the worker held a copy of the listener
+      holder = tcp::acceptor(io, tcp::endpoint(asio::ip::address_v4::loopback(), taken));  // again for `shared`
+    }
+  }, 60s);
+}
+
+TEST_CASE("when the last worker closes its server the master closes the listener and the port is free") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    for (bool shared : {false, true}) {
+      Master<RuntimePolicy> master(io.get_executor(), {},
+                                   RuntimePolicy(shared ? Scheduling::shared : Scheduling::round_robin));
+      auto c = co_await start(master, 2, listen_env(scenario::serve, "tcp4:127.0.0.1:0"));
+      const auto port = port_of(c.reports[0]);
+      co_await c.workers[0]->send({"close"});
+      CHECK((co_await c.workers[0]->receive()).data == "closed");
+      CHECK(co_await ask(tcp::endpoint(asio::ip::address_v4::loopback(), port)) == c.workers[1]->id());
+      co_await c.workers[1]->send({"close"});
+      CHECK((co_await c.workers[1]->receive()).data == "closed");
+      // Both closed: nobody listens on the port, and we can take it.
+      // (SO_REUSEADDR: our earlier connections left TIME_WAIT entries on the port; a listening
+      // socket would still make bind fail.)
+      tcp::acceptor again(io);
+      again.open(tcp::v4());
+      again.set_option(tcp::acceptor::reuse_address(true));
+      std::error_code ec;
+      again.bind(tcp::endpoint(asio::ip::address_v4::loopback(), port), ec);
+      CHECK_MESSAGE(!ec, ec.message());
+      co_await master.disconnect();
+    }
+  }, 60s);
+}
+
+TEST_CASE("workers listen on a Unix socket path relative to their cwd; the path is removed when they are gone") {
+  const auto dir = std::filesystem::temp_directory_path() / ("cocluster-test-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  const auto path = dir / "server.sock";
+  run_bounded([&](asio::io_context& io) -> awaitable<void> {
+    for (bool shared : {false, true}) {
+      Settings settings;
+      settings.cwd = dir.string();
+      Master<RuntimePolicy> master(io.get_executor(), settings,
+                                   RuntimePolicy(shared ? Scheduling::shared : Scheduling::round_robin));
+      auto c = co_await start(master, 2, listen_env(scenario::serve, "unix:server.sock"));
+      for (auto& r : c.reports) CHECK(r == "path " + path.string());
+      Address a = co_await c.workers[0]->listening();
+      CHECK(a.type == AddressType::unix_path);
+      CHECK(a.address == path.string());
+      auto served = co_await ask_many(local_stream::endpoint(path.string()), 20, 4);
+      CHECK(served[1] + served[2] == 20);
+      co_await master.disconnect();
+      for (auto& w : c.workers) co_await w->exited();
+      CHECK_FALSE(std::filesystem::exists(path));
+    }
+  }, 60s);
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("UDP datagrams reach workers under both policies") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    for (bool shared : {false, true}) {
+      Master<RuntimePolicy> master(io.get_executor(), {},
+                                   RuntimePolicy(shared ? Scheduling::shared : Scheduling::round_robin));
+      auto c = co_await start(master, 2, listen_env(scenario::serve, "udp4:127.0.0.1:0"));
+      const auto port = port_of(c.reports[0]);
+      CHECK(port_of(c.reports[1]) == port);
+      Address a = co_await c.workers[1]->listening();
+      CHECK(a.type == AddressType::udp4);
+      CHECK(a.port == port);
+      udp::socket client(io, udp::endpoint(asio::ip::address_v4::loopback(), 0));
+      char buf[64];
+      for (int i = 0; i < 10; ++i) {
+        co_await client.async_send_to(asio::buffer("ping", 4), udp::endpoint(asio::ip::address_v4::loopback(), port),
+                                      use_awaitable);
+        udp::endpoint from;
+        const std::size_t n = co_await client.async_receive_from(asio::buffer(buf), from, use_awaitable);
+        const std::string reply(buf, n);
+        CHECK((reply == "worker 1\n" || reply == "worker 2\n"));
+      }
+      co_await master.disconnect();
+    }
+  }, 60s);
+}
+
+TEST_CASE("IPv6 and listen({fd}) on a socket the master bound") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    // IPv6 loopback, where the host has it.
+    std::error_code ec;
+    tcp::acceptor probe(io);
+    probe.open(tcp::v6(), ec);
+    if (!ec) probe.bind(tcp::endpoint(asio::ip::address_v6::loopback(), 0), ec);
+    probe.close();
+    if (!ec) {
+      auto c = co_await start(master, 2, listen_env(scenario::serve, "tcp6:::1:0"));
+      Address a = co_await c.workers[0]->listening();
+      CHECK(a.type == AddressType::v6);
+      CHECK(a.address == "::1");
+      auto served = co_await ask_many(tcp::endpoint(asio::ip::address_v6::loopback(), port_of(c.reports[0])), 10, 2);
+      CHECK(served[1] + served[2] == 10);
+    }
+    // A bound socket, not listening yet, open in the master: the worker names its fd.
+    tcp::acceptor bound(io);
+    bound.open(tcp::v4());
+    bound.bind(tcp::endpoint(asio::ip::address_v4::loopback(), 0));
+    const int fd = bound.native_handle();
+    auto w = co_await master.fork(listen_env(scenario::serve, "fd:" + std::to_string(fd)));
+    const auto port = port_of((co_await w->receive()).data);
+    CHECK(port == bound.local_endpoint().port());
+    CHECK(co_await ask(tcp::endpoint(asio::ip::address_v4::loopback(), port)) == w->id());
+    co_await master.disconnect();
+  }, 60s);
+}
+
+TEST_CASE("adopt() serves on a listener this process already has, without the master") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    auto server = this_worker.adopt(tcp::acceptor(io, tcp::endpoint(asio::ip::address_v4::loopback(), 0)));
+    CHECK_FALSE(server.round_robin());
+    tcp::socket client(io);
+    co_await client.async_connect(server.local_endpoint(), use_awaitable);
+    tcp::endpoint peer;
+    tcp::socket accepted = co_await server.accept(peer);
+    CHECK(peer == client.local_endpoint());
+    server.close();
+    auto [ec, none] = co_await server.accept(as_tuple_t{});
+    CHECK(ec);
+  });
+}
+
+TEST_CASE("no fd leaks in the master after 10,000 round-robin hand-offs") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<RoundRobin> master(io.get_executor());
+    auto c = co_await start(master, 2, listen_env(scenario::serve, "tcp4:127.0.0.1:0"));
+    for (auto& w : c.workers) co_await w->listening();
+    const tcp::endpoint where(asio::ip::address_v4::loopback(), port_of(c.reports[0]));
+    co_await ask_many(where, 100, 8);  // warm up: Asio's own lazily opened fds
+    const int before = open_fd_count();
+    auto served = co_await ask_many(where, 10000, 32);
+    CHECK(served[1] + served[2] == 10000);
+    CHECK(open_fd_count() == before);
+    co_await master.disconnect();
+  }, 240s);
+}
