@@ -1,0 +1,1050 @@
+// policy_bench: HTTP hello world on one port shared by 2 worker processes: cocluster's two
+// listening policies beside Node's cluster, nginx and a raw baseline, in one run.
+//   ninja -C build benchmarks/policy_bench benchmarks/raw_rr_server && build/benchmarks/policy_bench [--quick]
+//   [--concurrency C] [--duration S] [--workers N] [--client-threads T] [--only=NAME,NAME]
+// Servers (NAME; a prefix such as `node` selects both of its rows):
+//   cocluster-rr, cocluster-none  examples/hello_cluster --policy rr|none (skipped until it is built)
+//   cocluster-rr-w8               the same, round robin with --window 8 (Node's window is 1)
+//   node-rr, node-none            node/hello_cluster.js: Node's cluster, SCHED_RR / SCHED_NONE
+//   nginx                         2 worker_processes, `listen reuseport`, `return 200` (when installed)
+//   raw-rr, raw-none              raw_rr_server: a blocking accept4() master passing fds over
+//                                 SCM_RIGHTS, or workers accepting from the inherited socket
+// Every server but nginx takes `--workers N --port P --policy rr|none`, prints
+// `listening on HOST:PORT` when ready and, on SIGTERM, one JSON line of per-worker connection
+// counts, from which we compute each worker's share and Jain's fairness index.
+// Each server is loaded by a client built in here (Asio, in this process): "close" runs C loops
+// of connect, GET with `Connection: close`, read to EOF (connections/s, latency of the whole
+// connection); "keep-alive" runs C connections sending requests one after another (requests/s,
+// latency per request). Then by `wrk` in both modes when it is installed.
+// 3 s per mode after 0.5 s of warm-up (--quick: 0.5 s after 0.1 s; wrk runs whole seconds).
+// Prints tables, then one JSON object as its last line.
+// Every server runs in its own session (setsid) and its process group is SIGKILLed on every
+// way out: normal end, error, timeout, SIGINT/SIGTERM/SIGHUP, and, through a guard process
+// (spawn_guard), our own death by SIGKILL.
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <asio.hpp>
+#include <fmt/core.h>
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cctype>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#ifndef BENCH_HELLO_CLUSTER
+#define BENCH_HELLO_CLUSTER ""  // meson defines it once examples/hello_cluster exists
+#endif
+#ifndef BENCH_NODE_HELLO
+#define BENCH_NODE_HELLO "benchmarks/node/hello_cluster.js"
+#endif
+#ifndef BENCH_RAW_SERVER
+#define BENCH_RAW_SERVER ""
+#endif
+
+namespace {
+
+using namespace std::chrono_literals;
+using asio::awaitable;
+using asio::use_awaitable;
+using asio::ip::tcp;
+using Clock = std::chrono::steady_clock;
+using Figures = std::map<std::string, double>;  // "close_conn_per_s" -> 12345; absent if not measured
+
+struct Options {
+  int workers = 2, concurrency = 64, client_threads = 1;
+  double duration = 3.0, warmup = 0.5;  // seconds per mode; the warm-up is not counted
+  std::string only;                     // empty: every server
+  std::string hello_cluster, node_script, raw_server;
+};
+
+// Nearest-rank percentile.
+double percentile(std::vector<double>& v, double p) {
+  std::sort(v.begin(), v.end());
+  auto rank = static_cast<std::size_t>(std::ceil(p * static_cast<double>(v.size())));
+  return v[std::clamp<std::size_t>(rank, 1, v.size()) - 1];
+}
+
+// ---- cleanup on every way out ----
+
+volatile std::sig_atomic_t g_server_group = 0;  // the running server's process group (its pid)
+volatile std::sig_atomic_t g_guard_pid = 0;     // see spawn_guard
+volatile std::sig_atomic_t g_lifeline = -1;     // our end of the guard's pipe
+volatile std::sig_atomic_t g_wrk_pid = 0;
+const char* g_phase = "";
+
+// Reaps what is left of process group `group`, for at most `ms` milliseconds. Its members are
+// our children, or become ours when their parent dies: we are a child subreaper (main).
+// Async-signal-safe, like everything the signal handler below calls.
+void reap_group(pid_t group, int ms) {
+  const timespec tick{0, 1'000'000};
+  for (int i = 0; i < ms; ++i) {
+    while (::waitpid(-group, nullptr, WNOHANG) > 0) {
+    }
+    if (::kill(-group, 0) != 0) return;  // nobody left, not even a zombie
+    ::nanosleep(&tick, nullptr);
+  }
+}
+
+// SIGKILLs the running server's whole process group (its workers too, even once its master
+// has gone), removes its temporary directory (nginx) and reaps it all.
+void end_server() {
+  if (const int fd = g_lifeline; fd >= 0) {
+    g_lifeline = -1;
+    ::close(fd);  // the guard's cue
+  }
+  if (const pid_t guard = g_guard_pid; guard > 0) {
+    g_guard_pid = 0;
+    ::waitpid(guard, nullptr, 0);
+  }
+  if (const pid_t group = g_server_group; group > 0) {
+    g_server_group = 0;
+    ::kill(-group, SIGKILL);
+    reap_group(group, 2000);
+  }
+}
+
+void kill_children() {
+  end_server();
+  if (const pid_t wrk = g_wrk_pid; wrk > 0) {
+    g_wrk_pid = 0;
+    ::kill(wrk, SIGKILL);
+    ::waitpid(wrk, nullptr, 0);
+  }
+}
+
+void on_fatal_signal(int sig) {
+  kill_children();
+  const char* what = sig == SIGALRM ? "policy_bench: timed out in " : "policy_bench: interrupted in ";
+  (void)!::write(2, what, std::strlen(what));
+  (void)!::write(2, g_phase, std::strlen(g_phase));
+  (void)!::write(2, "\n", 1);
+  ::_exit(sig == SIGALRM ? 2 : 128 + sig);
+}
+
+void install_cleanup() {
+  ::prctl(PR_SET_CHILD_SUBREAPER, 1);  // orphaned server workers become ours to reap
+  for (int sig : {SIGINT, SIGTERM, SIGHUP, SIGALRM}) std::signal(sig, on_fatal_signal);
+  std::signal(SIGPIPE, SIG_IGN);
+  std::atexit(kill_children);
+  std::set_terminate([] {
+    kill_children();
+    std::abort();
+  });
+}
+
+// ---- child processes ----
+
+bool executable(const std::string& path) { return !path.empty() && ::access(path.c_str(), X_OK) == 0; }
+
+std::optional<std::string> find_program(const char* name, std::initializer_list<const char*> extra_dirs = {}) {
+  const char* path = std::getenv("PATH");
+  std::string dirs = path ? path : "";
+  for (const char* d : extra_dirs) dirs += std::string(":") + d;
+  for (std::size_t pos = 0; pos <= dirs.size();) {
+    std::size_t end = std::min(dirs.find(':', pos), dirs.size());
+    std::string candidate = dirs.substr(pos, end - pos) + "/" + name;
+    if (end > pos && executable(candidate)) return candidate;
+    pos = end + 1;
+  }
+  return std::nullopt;
+}
+
+[[noreturn]] void fail(const char* what) { throw std::system_error(errno, std::system_category(), what); }
+
+// A child with its stdout on a pipe to us; stdin is /dev/null, stderr is ours.
+struct Child {
+  pid_t pid = -1;
+  int out = -1;
+  std::string pending;  // read but not yet returned by read_line
+};
+
+Child spawn(const std::vector<std::string>& args, bool own_session) {
+  std::vector<char*> argv;
+  for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+  argv.push_back(nullptr);
+  int p[2];
+  if (::pipe2(p, O_CLOEXEC) != 0) fail("pipe2");
+  const pid_t parent = ::getpid();
+  std::fflush(stdout);
+  const pid_t pid = ::fork();
+  if (pid < 0) fail("fork");
+  if (pid == 0) {  // async-signal-safe calls only
+    if (own_session) ::setsid();
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);  // if we die without cleaning up (SIGKILL)
+    if (::getppid() != parent) ::_exit(127);
+    ::dup2(p[1], 1);
+    const int null = ::open("/dev/null", O_RDONLY);
+    if (null >= 0) ::dup2(null, 0);
+    for (int sig : {SIGINT, SIGTERM, SIGHUP, SIGALRM, SIGPIPE}) std::signal(sig, SIG_DFL);
+    ::execvp(argv[0], argv.data());
+    ::_exit(127);
+  }
+  ::close(p[1]);
+  return {pid, p[0], {}};
+}
+
+// The one way a server ends: a process in a session of its own waits for EOF on a pipe only we
+// hold open, then SIGKILLs the server's process group and removes `temp_dir`. We close the
+// pipe (end_server) on every way out we see; the kernel closes it when we die without seeing
+// it (SIGKILL, or a test runner killing our process group). Sets g_guard_pid and g_lifeline.
+void spawn_guard(pid_t group, const std::string& temp_dir) {
+  int lifeline[2];
+  if (::pipe2(lifeline, O_CLOEXEC) != 0) fail("pipe2");
+  const pid_t pid = ::fork();
+  if (pid < 0) fail("fork");
+  if (pid == 0) {  // we have one thread when we fork, so the child may call anything
+    ::setsid();
+    for (int sig : {SIGINT, SIGTERM, SIGHUP, SIGALRM}) std::signal(sig, SIG_DFL);
+    ::close(lifeline[1]);
+    ::close_range(3, lifeline[0] - 1, 0);  // nothing else of ours stays open because of it
+    ::close_range(lifeline[0] + 1, ~0U, 0);
+    pollfd pfd{lifeline[0], POLLIN, 0};
+    while (::poll(&pfd, 1, -1) < 0 && errno == EINTR) {
+    }
+    ::kill(-group, SIGKILL);
+    std::error_code ignored;
+    if (!temp_dir.empty()) std::filesystem::remove_all(temp_dir, ignored);
+    ::_exit(0);
+  }
+  ::close(lifeline[0]);
+  g_guard_pid = pid;
+  g_lifeline = lifeline[1];
+}
+
+// The next line of the child's stdout, or nullopt at EOF or the deadline.
+std::optional<std::string> read_line(Child& c, Clock::time_point deadline) {
+  for (;;) {
+    if (auto nl = c.pending.find('\n'); nl != std::string::npos) {
+      std::string line = c.pending.substr(0, nl);
+      c.pending.erase(0, nl + 1);
+      return line;
+    }
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
+    if (left <= 0) return std::nullopt;
+    pollfd pfd{c.out, POLLIN, 0};
+    const int ready = ::poll(&pfd, 1, static_cast<int>(left));
+    if (ready < 0 && errno == EINTR) continue;
+    if (ready <= 0) return std::nullopt;
+    char buf[4096];
+    const ssize_t got = ::read(c.out, buf, sizeof buf);
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0) return std::nullopt;
+    c.pending.append(buf, got);
+  }
+}
+
+// waitpid with a deadline; the exit status, or nullopt if it is still running.
+std::optional<int> wait_for(pid_t pid, Clock::time_point deadline) {
+  for (;;) {
+    int status = 0;
+    const pid_t r = ::waitpid(pid, &status, WNOHANG);
+    if (r == pid) return status;
+    if (r < 0) return -1;
+    if (Clock::now() >= deadline) return std::nullopt;
+    std::this_thread::sleep_for(10ms);
+  }
+}
+
+std::string describe(int status) {
+  if (WIFEXITED(status)) return fmt::format("exit code {}", WEXITSTATUS(status));
+  if (WIFSIGNALED(status)) return fmt::format("signal {}", WTERMSIG(status));
+  return "unknown status";
+}
+
+bool can_connect(int port) {
+  try {
+    asio::io_context io;
+    tcp::socket s(io);
+    s.connect({asio::ip::address_v4::loopback(), static_cast<unsigned short>(port)});
+    return true;
+  } catch (const std::system_error&) {
+    return false;
+  }
+}
+
+int free_port() {
+  asio::io_context io;
+  tcp::acceptor a(io, {asio::ip::address_v4::loopback(), 0});
+  return a.local_endpoint().port();
+}
+
+// ---- the servers ----
+
+struct Config {
+  std::string name, policy;       // policy: "rr", "none" or "" (nginx)
+  std::vector<std::string> argv;  // without --workers/--port/--policy
+  std::string skipped;            // why it can't run, or empty
+  bool nginx = false;
+};
+
+// nginx's counterpart of the common command line: a configuration in a temporary prefix.
+class NginxPrefix {
+ public:
+  NginxPrefix(int workers, int port, int connections) {
+    char tmpl[] = "/tmp/policy_bench.XXXXXX";
+    if (!::mkdtemp(tmpl)) fail("mkdtemp");
+    dir_ = tmpl;
+    std::ofstream conf(conf_path());
+    conf << fmt::format(R"(worker_processes {0};
+daemon off;
+master_process on;
+pid {1}/nginx.pid;
+error_log {1}/error.log warn;
+events {{ worker_connections {2}; }}
+http {{
+  access_log off;
+  default_type text/plain;
+  client_body_temp_path {1}/client_body;
+  proxy_temp_path {1}/proxy;
+  fastcgi_temp_path {1}/fastcgi;
+  uwsgi_temp_path {1}/uwsgi;
+  scgi_temp_path {1}/scgi;
+  keepalive_requests 1000000000;
+  server {{
+    listen 127.0.0.1:{3} reuseport;
+    location / {{ return 200 "hello\n"; }}
+  }}
+}}
+)",
+                        workers, dir_, connections, port);
+  }
+  NginxPrefix(const NginxPrefix&) = delete;
+  NginxPrefix& operator=(const NginxPrefix&) = delete;
+  ~NginxPrefix() {
+    std::error_code ignored;
+    std::filesystem::remove_all(dir_, ignored);
+  }
+  std::string dir() const { return dir_; }
+  std::string conf_path() const { return dir_ + "/nginx.conf"; }
+  std::string error_log() const {
+    std::ifstream in(dir_ + "/error.log");
+    return {std::istreambuf_iterator<char>(in), {}};
+  }
+
+ private:
+  std::string dir_;
+};
+
+class Server {
+ public:
+  Server(const Config& config, const Options& opt) : config_(config), port_(free_port()) {
+    std::vector<std::string> args = config.argv;
+    if (config.nginx) {
+      nginx_.emplace(opt.workers, port_, std::max(4096, 4 * opt.concurrency));
+      args.insert(args.end(), {"-c", nginx_->conf_path(), "-p", nginx_->dir(), "-e", nginx_->dir() + "/error.log"});
+    } else {
+      args.insert(args.end(), {"--workers", std::to_string(opt.workers), "--port", std::to_string(port_), "--policy",
+                               config.policy});
+    }
+    command_ = fmt::format("{}", fmt::join(args, " "));
+    child_ = spawn(args, true);
+    g_server_group = child_.pid;
+    try {
+      spawn_guard(child_.pid, nginx_ ? nginx_->dir() : "");
+      wait_until_listening();
+    } catch (...) {
+      kill_group();
+      throw;
+    }
+  }
+  ~Server() { kill_group(); }
+  Server(const Server&) = delete;
+  Server& operator=(const Server&) = delete;
+
+  int port() const { return port_; }
+  const std::string& command() const { return command_; }
+
+  // SIGTERM to the server's own pid (its master) only; returns its JSON line, if any.
+  std::optional<std::string> stop() {
+    std::optional<std::string> json;
+    ::kill(child_.pid, SIGTERM);
+    const auto deadline = Clock::now() + 10s;
+    if (!config_.nginx) {
+      while (auto line = read_line(child_, deadline)) {
+        if (line->starts_with("{")) {
+          json = std::move(*line);
+          break;
+        }
+      }
+    }
+    if (auto status = wait_for(child_.pid, deadline)) {
+      if (*status != 0)
+        fmt::print(stderr, "policy_bench: {} ended with {} after SIGTERM\n", config_.name, describe(*status));
+    } else {
+      fmt::print(stderr, "policy_bench: {} did not exit within 10 s of SIGTERM; killing it\n", config_.name);
+    }
+    kill_group();
+    return json;
+  }
+
+ private:
+  void wait_until_listening() {
+    const auto deadline = Clock::now() + 20s;
+    if (!config_.nginx) {  // every other server says so, with its port
+      for (;;) {
+        auto line = read_line(child_, deadline);
+        if (!line) throw std::runtime_error(why_not_listening());
+        if (line->starts_with("listening on ")) {
+          port_ = std::atoi(line->c_str() + line->rfind(':') + 1);
+          break;
+        }
+        fmt::print(stderr, "[{}] {}\n", config_.name, *line);
+      }
+    }
+    while (!can_connect(port_)) {  // nginx says nothing: poll until it accepts
+      if (Clock::now() > deadline) throw std::runtime_error(why_not_listening());
+      if (auto status = wait_for(child_.pid, Clock::now())) {
+          throw std::runtime_error(fmt::format("exited before listening ({})", describe(*status)));
+      }
+      std::this_thread::sleep_for(20ms);
+    }
+  }
+
+  std::string why_not_listening() {
+    std::string why = "no `listening on` line within 20 s";
+    if (auto status = wait_for(child_.pid, Clock::now())) {
+      why = fmt::format("exited before listening ({})", describe(*status));
+    }
+    if (nginx_) why += "; error.log: " + nginx_->error_log();
+    return why;
+  }
+
+  void kill_group() {
+    if (child_.pid <= 0) return;
+    end_server();
+    ::close(child_.out);
+    child_.pid = -1;
+  }
+
+  Config config_;
+  int port_;
+  std::optional<NginxPrefix> nginx_;
+  std::string command_;
+  Child child_;
+};
+
+// One request with `Connection: close`, before any measurement: the server answers 200.
+void probe(int port) {
+  asio::io_context io;
+  tcp::socket s(io);
+  s.connect({asio::ip::address_v4::loopback(), static_cast<unsigned short>(port)});
+  const std::string request = fmt::format("GET / HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n\r\n", port);
+  asio::write(s, asio::buffer(request));
+  std::string response;
+  asio::error_code ec;
+  asio::read(s, asio::dynamic_buffer(response), ec);
+  if (ec != asio::error::eof) throw std::system_error(ec, "probe request");
+  if (!response.starts_with("HTTP/1.1 200")) throw std::runtime_error("probe request: " + response.substr(0, 40));
+}
+
+// ---- the built-in load client ----
+
+struct Load {
+  tcp::endpoint endpoint;
+  std::string request;
+  Clock::time_point measure_from, stop_at;  // counted: completed in [measure_from, stop_at)
+};
+
+struct Tally {
+  long done = 0, errors = 0;
+  std::vector<double> us;
+  std::string first_error;
+
+  void record(const Load& load, Clock::time_point t0, const asio::error_code& ec) {
+    const auto t1 = Clock::now();
+    if (t1 < load.measure_from || t1 >= load.stop_at) return;
+    if (ec) {
+      if (errors++ == 0) first_error = ec.message();
+      return;
+    }
+    ++done;
+    us.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
+  }
+};
+
+asio::error_code bad_response() { return std::make_error_code(std::errc::protocol_error); }
+
+// Reads one response (status 200, a Content-Length body) and removes it from `buf`.
+awaitable<asio::error_code> read_response(tcp::socket& s, std::string& buf) {
+  asio::error_code ec;
+  const std::size_t head_size =
+      co_await asio::async_read_until(s, asio::dynamic_buffer(buf), "\r\n\r\n", asio::redirect_error(use_awaitable, ec));
+  if (ec) co_return ec;
+  std::string_view head(buf.data(), head_size);
+  if (!head.starts_with("HTTP/1.1 200")) co_return bad_response();
+  std::size_t body = 0;
+  bool have_length = false;
+  for (std::size_t at = head.find("\r\n"); at != std::string_view::npos && at + 2 < head.size();
+       at = head.find("\r\n", at + 2)) {
+    constexpr std::string_view key = "content-length:";
+    std::string_view line = head.substr(at + 2, key.size());
+    if (std::equal(line.begin(), line.end(), key.begin(), key.end(),
+                   [](char a, char b) { return std::tolower(static_cast<unsigned char>(a)) == b; })) {
+      body = std::strtoul(head.data() + at + 2 + key.size(), nullptr, 10);
+      have_length = line.size() == key.size();
+      break;
+    }
+  }
+  if (!have_length) co_return bad_response();
+  if (buf.size() < head_size + body)
+    co_await asio::async_read(s, asio::dynamic_buffer(buf), asio::transfer_exactly(head_size + body - buf.size()),
+                              asio::redirect_error(use_awaitable, ec));
+  if (ec) co_return ec;
+  buf.erase(0, head_size + body);
+  co_return asio::error_code{};
+}
+
+awaitable<void> pause_after_error() {
+  asio::steady_timer t(co_await asio::this_coro::executor, 10ms);
+  co_await t.async_wait(use_awaitable);
+}
+
+// One loop of: connect, GET with `Connection: close`, the response, EOF, close.
+awaitable<void> close_loop(const Load& load, Tally& tally) {
+  const auto ex = co_await asio::this_coro::executor;
+  std::string buf;
+  while (Clock::now() < load.stop_at) {
+    const auto t0 = Clock::now();
+    tcp::socket s(ex);
+    asio::error_code ec;
+    co_await s.async_connect(load.endpoint, asio::redirect_error(use_awaitable, ec));
+    if (!ec) co_await asio::async_write(s, asio::buffer(load.request), asio::redirect_error(use_awaitable, ec));
+    buf.clear();
+    if (!ec) ec = co_await read_response(s, buf);
+    if (!ec) {  // the server must close after a `Connection: close` response
+      char extra[64];
+      const std::size_t n = co_await s.async_read_some(asio::buffer(extra), asio::redirect_error(use_awaitable, ec));
+      ec = ec == asio::error::eof && n == 0 && buf.empty() ? asio::error_code{} : ec ? ec : bad_response();
+    }
+    s.close();
+    tally.record(load, t0, ec);
+    if (ec) co_await pause_after_error();
+  }
+}
+
+// One connection sending requests one after another; reconnects if the server closes it.
+awaitable<void> keepalive_loop(const Load& load, Tally& tally) {
+  const auto ex = co_await asio::this_coro::executor;
+  while (Clock::now() < load.stop_at) {
+    tcp::socket s(ex);
+    asio::error_code ec;
+    const auto connect_start = Clock::now();
+    co_await s.async_connect(load.endpoint, asio::redirect_error(use_awaitable, ec));
+    if (ec) tally.record(load, connect_start, ec);
+    std::string buf;
+    while (!ec && Clock::now() < load.stop_at) {
+      const auto t0 = Clock::now();
+      co_await asio::async_write(s, asio::buffer(load.request), asio::redirect_error(use_awaitable, ec));
+      if (!ec) ec = co_await read_response(s, buf);
+      tally.record(load, t0, ec);
+    }
+    if (ec) co_await pause_after_error();
+  }
+}
+
+struct ModeResult {
+  double rate = 0, p50_ms = 0, p99_ms = 0;
+  long errors = 0, stuck = 0;
+  std::string first_error;
+};
+
+ModeResult run_load(int port, bool close, const Options& opt) {
+  Load load;
+  load.endpoint = {asio::ip::address_v4::loopback(), static_cast<unsigned short>(port)};
+  load.request = fmt::format("GET / HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n{}\r\n", port, close ? "Connection: close\r\n" : "");
+  load.measure_from = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(opt.warmup));
+  load.stop_at = load.measure_from + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(opt.duration));
+
+  const int threads = std::clamp(opt.client_threads, 1, opt.concurrency);
+  std::vector<Tally> tallies(threads);
+  std::vector<long> unfinished(threads, 0);
+  auto run = [&](int t) {
+    asio::io_context io(1);
+    int loops = opt.concurrency / threads + (t < opt.concurrency % threads ? 1 : 0);
+    long running = loops;
+    for (int i = 0; i < loops; ++i)
+      asio::co_spawn(io, close ? close_loop(load, tallies[t]) : keepalive_loop(load, tallies[t]),
+                     [&](std::exception_ptr e) {
+                       --running;
+                       if (e) std::rethrow_exception(e);
+                     });
+    io.run_until(load.stop_at + 5s);  // a server that stops answering can't hang us
+    unfinished[t] = running;
+  };  // ~io_context destroys any loop still waiting
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) pool.emplace_back(run, t);
+  run(0);
+  for (auto& th : pool) th.join();
+
+  ModeResult r;
+  std::vector<double> us;
+  long done = 0;
+  for (int t = 0; t < threads; ++t) {
+    done += tallies[t].done;
+    r.errors += tallies[t].errors;
+    r.stuck += unfinished[t];
+    if (r.first_error.empty()) r.first_error = tallies[t].first_error;
+    us.insert(us.end(), tallies[t].us.begin(), tallies[t].us.end());
+  }
+  r.rate = static_cast<double>(done) / opt.duration;
+  if (!us.empty()) {
+    r.p50_ms = percentile(us, 0.50) / 1e3;
+    r.p99_ms = percentile(us, 0.99) / 1e3;
+  }
+  return r;
+}
+
+// ---- wrk ----
+
+// "2.50ms", "721.00us", "1.02s", "1.00m" in milliseconds.
+std::optional<double> wrk_time_ms(const std::string& text) {
+  char* end = nullptr;
+  const double v = std::strtod(text.c_str(), &end);
+  if (end == text.c_str()) return std::nullopt;
+  const std::string unit = end;
+  if (unit == "us") return v / 1e3;
+  if (unit == "ms") return v;
+  if (unit == "s") return v * 1e3;
+  if (unit == "m") return v * 60e3;
+  if (unit == "h") return v * 3600e3;
+  return std::nullopt;
+}
+
+std::optional<ModeResult> run_wrk(const std::string& wrk, int port, bool close, const Options& opt) {
+  const int seconds = std::max(1, static_cast<int>(std::lround(opt.duration)));  // wrk takes whole seconds
+  std::vector<std::string> args{wrk, fmt::format("-t{}", std::min(2, opt.concurrency)),
+                                fmt::format("-c{}", opt.concurrency), fmt::format("-d{}s", seconds), "--latency"};
+  if (close) args.insert(args.end(), {"-H", "Connection: close"});
+  args.push_back(fmt::format("http://127.0.0.1:{}/", port));
+  Child c = spawn(args, false);
+  g_wrk_pid = c.pid;
+  std::vector<std::string> lines;
+  const auto deadline = Clock::now() + std::chrono::seconds(seconds + 30);
+  while (auto line = read_line(c, deadline)) lines.push_back(std::move(*line));
+  ::kill(c.pid, SIGKILL);  // normally gone already
+  int status = 0;
+  ::waitpid(c.pid, &status, 0);
+  g_wrk_pid = 0;
+  ::close(c.out);
+
+  ModeResult r;
+  bool have_rate = false, in_distribution = false;
+  for (const auto& line : lines) {
+    char word[64] = {}, value[64] = {};
+    long connect = 0, read = 0, write = 0, timeout = 0, non2xx = 0;
+    if (std::sscanf(line.c_str(), " Requests/sec: %63s", value) == 1) {
+      r.rate = std::strtod(value, nullptr);
+      have_rate = true;
+    } else if (line.find("Latency Distribution") != std::string::npos) {
+      in_distribution = true;
+    } else if (in_distribution && std::sscanf(line.c_str(), " %63s %63s", word, value) == 2 && word[0] &&
+               word[std::strlen(word) - 1] == '%') {
+      if (std::string(word) == "50%") r.p50_ms = wrk_time_ms(value).value_or(0);
+      if (std::string(word) == "99%") r.p99_ms = wrk_time_ms(value).value_or(0);
+    } else if (std::sscanf(line.c_str(), " Socket errors: connect %ld, read %ld, write %ld, timeout %ld", &connect,
+                           &read, &write, &timeout) == 4) {
+      in_distribution = false;
+      r.errors += connect + read + write + timeout;
+      r.first_error = line.substr(line.find_first_not_of(' '));
+    } else if (std::sscanf(line.c_str(), " Non-2xx or 3xx responses: %ld", &non2xx) == 1) {
+      r.errors += non2xx;
+    } else {
+      in_distribution = in_distribution && line.find('%') != std::string::npos;
+    }
+  }
+  if (!have_rate) {
+    fmt::print(stderr, "policy_bench: `{}` printed no Requests/sec ({}):\n{}\n", fmt::join(args, " "),
+               describe(status), fmt::join(lines, "\n"));
+    return std::nullopt;
+  }
+  return r;
+}
+
+// ---- fairness, from {"workers":[{"id":1,"connections":123},...]} ----
+
+struct WorkerCount {
+  int id;
+  double connections;
+};
+
+std::optional<double> json_number_after(std::string_view object, std::string_view key) {
+  const auto at = object.find(fmt::format("\"{}\":", key));
+  if (at == std::string_view::npos) return std::nullopt;
+  const std::string rest(object.substr(at + key.size() + 3));
+  char* end = nullptr;
+  const double v = std::strtod(rest.c_str(), &end);
+  return end == rest.c_str() ? std::nullopt : std::optional<double>(v);
+}
+
+std::vector<WorkerCount> parse_worker_counts(const std::string& json) {
+  std::vector<WorkerCount> out;
+  const auto list = json.find("\"workers\"");
+  if (list == std::string::npos) return out;
+  for (std::size_t open = json.find('{', list); open != std::string::npos; open = json.find('{', open + 1)) {
+    const std::size_t close = json.find('}', open);
+    if (close == std::string::npos) break;
+    std::string_view object(json.data() + open, close - open);
+    auto id = json_number_after(object, "id");
+    auto connections = json_number_after(object, "connections");
+    if (id && connections) out.push_back({static_cast<int>(*id), *connections});
+  }
+  return out;
+}
+
+// Jain's fairness index: 1 when every worker served the same number, 1/n when one served all.
+std::optional<double> jain(const std::vector<WorkerCount>& w) {
+  double sum = 0, squares = 0;
+  for (const auto& x : w) {
+    sum += x.connections;
+    squares += x.connections * x.connections;
+  }
+  if (w.empty() || squares == 0) return std::nullopt;
+  return sum * sum / (static_cast<double>(w.size()) * squares);
+}
+
+// ---- one server, start to stop ----
+
+struct Result {
+  Config config;
+  std::string status = "ok";  // or why it was skipped or failed
+  std::string command;
+  Figures f;
+  std::vector<WorkerCount> workers;
+  std::vector<std::string> notes;  // errors seen by the clients
+};
+
+void put(Figures& f, const std::string& prefix, const ModeResult& m, const char* rate_key) {
+  f[prefix + rate_key] = m.rate;
+  if (m.p50_ms > 0) {
+    f[prefix + "p50_ms"] = m.p50_ms;
+    f[prefix + "p99_ms"] = m.p99_ms;
+  }
+  f[prefix + "errors"] = static_cast<double>(m.errors);
+}
+
+void note_errors(Result& r, const char* what, const ModeResult& m) {
+  if (m.errors) r.notes.push_back(fmt::format("{}: {} errors (first: {})", what, m.errors, m.first_error));
+  if (m.stuck) r.notes.push_back(fmt::format("{}: {} connections still waiting 5 s after the end", what, m.stuck));
+}
+
+Result run_server(const Config& config, const Options& opt, const std::optional<std::string>& wrk) {
+  Result r;
+  r.config = config;
+  if (!config.skipped.empty()) {
+    r.status = "skipped: " + config.skipped;
+    return r;
+  }
+  const double wrk_seconds = std::max(1.0, std::round(opt.duration));
+  g_phase = config.name.c_str();
+  ::alarm(static_cast<unsigned>(60 + 2 * (opt.warmup + opt.duration + 5) + (wrk ? 2 * (wrk_seconds + 30) : 0)));
+  try {
+    Server server(config, opt);
+    r.command = server.command();
+    probe(server.port());
+    const ModeResult close = run_load(server.port(), true, opt);
+    const ModeResult keep = run_load(server.port(), false, opt);
+    put(r.f, "close_", close, "conn_per_s");
+    put(r.f, "ka_", keep, "req_per_s");
+    note_errors(r, "close", close);
+    note_errors(r, "keep-alive", keep);
+    if (wrk) {
+      if (auto m = run_wrk(*wrk, server.port(), true, opt)) {
+        put(r.f, "wrk_close_", *m, "req_per_s");
+        note_errors(r, "wrk close", *m);
+      }
+      if (auto m = run_wrk(*wrk, server.port(), false, opt)) {
+        put(r.f, "wrk_ka_", *m, "req_per_s");
+        note_errors(r, "wrk keep-alive", *m);
+      }
+    }
+    auto json = server.stop();
+    if (!config.nginx) {
+      if (json) r.workers = parse_worker_counts(*json);
+      if (r.workers.empty()) r.notes.push_back("no per-worker counts: " + json.value_or("no JSON line after SIGTERM"));
+      if (auto j = jain(r.workers)) r.f["jain"] = *j;
+    }
+  } catch (const std::exception& e) {
+    r.status = std::string("failed: ") + e.what();
+  }
+  ::alarm(0);
+  return r;
+}
+
+// ---- report ----
+
+std::optional<double> get(const Figures& f, const std::string& key) {
+  auto it = f.find(key);
+  return it == f.end() ? std::nullopt : std::optional<double>(it->second);
+}
+
+std::string grouped(double v) {  // 12345.6 -> "12,346"
+  std::string digits = fmt::format("{:.0f}", v), out;
+  for (std::size_t i = 0; i < digits.size(); ++i) {
+    if (i && (digits.size() - i) % 3 == 0 && std::isdigit(static_cast<unsigned char>(digits[i - 1]))) out += ',';
+    out += digits[i];
+  }
+  return out;
+}
+
+std::string cell(std::optional<double> v, int precision) {
+  if (!v) return "-";
+  return precision < 0 ? grouped(*v) : fmt::format("{:.{}f}", *v, precision);
+}
+
+std::optional<double> ratio(const Figures& f, const Figures* base, const std::string& key) {
+  if (!base) return std::nullopt;
+  auto v = get(f, key), b = get(*base, key);
+  if (!v || !b || *b <= 0) return std::nullopt;
+  return *v / *b;
+}
+
+std::string json_string(std::string_view s) {
+  std::string out = "\"";
+  for (char ch : s) {
+    if (ch == '"' || ch == '\\') out += {'\\', ch};
+    else if (static_cast<unsigned char>(ch) < 0x20) out += fmt::format("\\u{:04x}", static_cast<int>(ch));
+    else out += ch;
+  }
+  return out + "\"";
+}
+
+std::string json_number(std::optional<double> v) { return v ? fmt::format("{:.3f}", *v) : "null"; }
+
+std::string cpu_model() {
+  std::ifstream in("/proc/cpuinfo");
+  for (std::string line; std::getline(in, line);)
+    if (line.starts_with("model name")) return line.substr(line.find(':') + 2);
+  return "unknown";
+}
+
+const Result* find(const std::vector<Result>& results, std::string_view name) {
+  for (const auto& r : results)
+    if (r.config.name == name && r.status == "ok") return &r;
+  return nullptr;
+}
+
+// "x raw" compares with raw of the same policy; nginx (the kernel spreads its reuseport
+// sockets) with raw-none.
+const Figures* raw_for(const std::vector<Result>& results, const Result& r) {
+  const Result* raw = find(results, r.config.policy == "rr" ? "raw-rr" : "raw-none");
+  return raw ? &raw->f : nullptr;
+}
+
+void print_table(const char* title, const char* rate_label, const std::string& prefix, const char* rate_key,
+                 const std::vector<Result>& results) {
+  const Result* nginx = find(results, "nginx");
+  fmt::print("\n{:<16}{:>12}{:>9}{:>9}{:>13}{:>9}{:>9}{:>14}{:>14}\n", title, rate_label, "p50 ms", "p99 ms",
+             "k-a req/s", "p50 ms", "p99 ms", "x nginx c/k", "x raw c/k");
+  for (const auto& r : results) {
+    if (r.status != "ok") {
+      fmt::print("{:<16}{}\n", r.config.name, r.status);
+      continue;
+    }
+    const std::string c = prefix + "close_", k = prefix + "ka_";
+    auto pair = [&](const Figures* base) {
+      return fmt::format("{}/{}", cell(ratio(r.f, base, c + rate_key), 2), cell(ratio(r.f, base, k + "req_per_s"), 2));
+    };
+    fmt::print("{:<16}{:>12}{:>9}{:>9}{:>13}{:>9}{:>9}{:>14}{:>14}\n", r.config.name, cell(get(r.f, c + rate_key), -1),
+               cell(get(r.f, c + "p50_ms"), 2), cell(get(r.f, c + "p99_ms"), 2), cell(get(r.f, k + "req_per_s"), -1),
+               cell(get(r.f, k + "p50_ms"), 2), cell(get(r.f, k + "p99_ms"), 2), pair(nginx ? &nginx->f : nullptr),
+               pair(raw_for(results, r)));
+  }
+}
+
+void report(const Options& opt, const std::vector<Result>& results, bool have_wrk, const std::string& command) {
+  const long nproc = ::sysconf(_SC_NPROCESSORS_ONLN);
+  const std::string cpu = cpu_model();
+  fmt::print("policy_bench: HTTP GET / on 127.0.0.1, {} workers per server, {} concurrent connections, "
+             "{:.1f} s per mode after {:.1f} s of warm-up\n",
+             opt.workers, opt.concurrency, opt.duration, opt.warmup);
+  fmt::print("machine: {} CPUs ({}). The load client ({} thread{} in this process, then wrk -t2) runs on the same CPUs "
+             "as the servers and takes a share of them: read the ratios, not the absolute rates.\n",
+             nproc, cpu, opt.client_threads, opt.client_threads == 1 ? "" : "s");
+  print_table("built-in client", "close conn/s", "", "conn_per_s", results);
+  if (have_wrk) print_table("wrk", "close req/s", "wrk_", "req_per_s", results);
+  else fmt::print("\n(wrk not installed: no wrk figures; apt-get install wrk)\n");
+
+  fmt::print("\n{:<16}{}\n", "fairness", "connections per worker over the whole run (share), Jain's index");
+  for (const auto& r : results) {
+    if (r.status != "ok") continue;
+    if (r.config.nginx) {
+      fmt::print("{:<16}n/a (nginx reports no per-worker counts)\n", r.config.name);
+      continue;
+    }
+    double sum = 0;
+    for (const auto& w : r.workers) sum += w.connections;
+    std::string counts;
+    for (const auto& w : r.workers)
+      counts += fmt::format("{}#{}: {} ({:.1f}%)", counts.empty() ? "" : "  ", w.id, grouped(w.connections),
+                            sum > 0 ? 100 * w.connections / sum : 0.0);
+    fmt::print("{:<16}{}  Jain {}\n", r.config.name, counts.empty() ? "-" : counts, cell(get(r.f, "jain"), 3));
+  }
+  fmt::print("\nc/k: close / keep-alive rates. x nginx: rate / nginx's rate. x raw: rate / the raw server's rate with "
+             "the same policy (nginx: raw-none). Latency: close = connect to EOF, keep-alive = one request.\n");
+  for (const auto& r : results)
+    for (const auto& n : r.notes) fmt::print("note: {}: {}\n", r.config.name, n);
+  for (const auto& r : results)
+    if (!r.command.empty()) fmt::print("command: {}: {}\n", r.config.name, r.command);
+
+  std::string json = fmt::format(
+      "{{\"machine\":{{\"nproc\":{},\"cpu\":{}}},\"command\":{},\"workers\":{},\"concurrency\":{},\"duration_s\":{},"
+      "\"warmup_s\":{},\"client_threads\":{},\"wrk\":{},\"servers\":{{",
+      nproc, json_string(cpu), json_string(command), opt.workers, opt.concurrency, opt.duration, opt.warmup,
+      opt.client_threads, have_wrk);
+  const Result* nginx = find(results, "nginx");
+  bool first = true;
+  for (const auto& r : results) {
+    json += fmt::format("{}{}:{{\"status\":{}", first ? "" : ",", json_string(r.config.name), json_string(r.status));
+    first = false;
+    if (r.status != "ok") {
+      json += "}";
+      continue;
+    }
+    for (const auto& [key, value] : r.f) json += fmt::format(",\"{}\":{}", key, json_number(value));
+    for (const char* key : {"close_conn_per_s", "ka_req_per_s", "wrk_close_req_per_s", "wrk_ka_req_per_s"}) {
+      const std::string stem = std::string(key).substr(0, std::string(key).find("_per_s"));
+      json += fmt::format(",\"{}_x_nginx\":{},\"{}_x_raw\":{}", stem, json_number(ratio(r.f, nginx ? &nginx->f : nullptr, key)),
+                          stem, json_number(ratio(r.f, raw_for(results, r), key)));
+    }
+    if (!r.config.nginx) {
+      double sum = 0;
+      for (const auto& w : r.workers) sum += w.connections;
+      json += ",\"workers\":[";
+      for (std::size_t i = 0; i < r.workers.size(); ++i)
+        json += fmt::format("{}{{\"id\":{},\"connections\":{:.0f},\"share\":{}}}", i ? "," : "", r.workers[i].id,
+                            r.workers[i].connections,
+                            json_number(sum > 0 ? std::optional<double>(r.workers[i].connections / sum) : std::nullopt));
+      json += "]";
+    }
+    json += "}";
+  }
+  fmt::print("{}}}}}\n", json);
+}
+
+// ---- configuration ----
+
+std::string exe_dir() {
+  std::error_code ec;
+  auto self = std::filesystem::read_symlink("/proc/self/exe", ec);
+  return ec ? std::string(".") : self.parent_path().lexically_normal().string();
+}
+
+std::string first_set(std::initializer_list<std::string> candidates) {
+  for (const auto& c : candidates)
+    if (!c.empty()) return c;
+  return {};
+}
+
+std::vector<Config> configs(const Options& opt) {
+  std::vector<Config> out;
+  const std::string hello = opt.hello_cluster;
+  const std::string missing =
+      executable(hello) ? "" : fmt::format("no executable {} (build examples/hello_cluster)", hello);
+  for (const char* policy : {"rr", "none"})
+    out.push_back({fmt::format("cocluster-{}", policy), policy, {hello}, missing});
+  // Round robin with 8 connections in flight per worker instead of Node's 1 (RoundRobin::window).
+  out.push_back({"cocluster-rr-w8", "rr", {hello, "--window", "8"}, missing});
+  const auto node = find_program("node");
+  for (const char* policy : {"rr", "none"}) {
+    std::string skipped = !node ? "node not installed"
+                          : ::access(opt.node_script.c_str(), R_OK) != 0
+                              ? fmt::format("{} not found (--node-script=PATH)", opt.node_script)
+                              : "";
+    out.push_back({fmt::format("node-{}", policy), policy, {node.value_or("node"), opt.node_script}, skipped});
+  }
+  const auto nginx = find_program("nginx", {"/usr/sbin", "/usr/local/sbin"});
+  out.push_back({"nginx", "", {nginx.value_or("nginx")}, nginx ? "" : "nginx not installed (apt-get install nginx)", true});
+  for (const char* policy : {"rr", "none"})
+    out.push_back({fmt::format("raw-{}", policy), policy, {opt.raw_server},
+                   executable(opt.raw_server) ? ""
+                                              : fmt::format("no executable {} (ninja benchmarks/raw_rr_server)",
+                                                            opt.raw_server)});
+  return out;
+}
+
+bool wanted(const std::string& only, const std::string& name) {
+  if (only.empty()) return true;
+  for (std::size_t pos = 0; pos <= only.size();) {
+    const std::size_t end = std::min(only.find(',', pos), only.size());
+    const std::string item = only.substr(pos, end - pos);
+    if (!item.empty() && (name == item || name.starts_with(item + "-"))) return true;
+    pos = end + 1;
+  }
+  return false;
+}
+
+int usage(const char* argv0) {
+  fmt::print(stderr,
+             "usage: {} [--quick] [--concurrency C] [--duration S] [--workers N] [--client-threads T]\n"
+             "       [--only=cocluster,node,nginx,raw or full names like raw-rr] [--hello-cluster=PATH]\n"
+             "       [--node-script=PATH] [--raw-server=PATH]\n",
+             argv0);
+  return 64;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options opt;
+  const auto env = [](const char* name) { return std::string(std::getenv(name) ? std::getenv(name) : ""); };
+  const std::string dir = exe_dir();
+  opt.hello_cluster = first_set({env("BENCH_HELLO_CLUSTER"), BENCH_HELLO_CLUSTER, (std::filesystem::path(dir) / "../examples/hello_cluster").lexically_normal().string()});
+  opt.node_script = first_set({env("BENCH_NODE_HELLO"), BENCH_NODE_HELLO});
+  opt.raw_server = first_set({env("BENCH_RAW_SERVER"), BENCH_RAW_SERVER, dir + "/raw_rr_server"});
+  std::string command = argv[0];
+  for (int i = 1; i < argc; ++i) command += std::string(" ") + argv[i];
+
+  for (int i = 1; i < argc; ++i) {
+    std::string_view arg = argv[i];
+    std::string value;  // `--name value` or `--name=value`
+    auto takes = [&](std::string_view name) {
+      if (arg.starts_with(name) && arg.size() > name.size() && arg[name.size()] == '=') {
+        value = arg.substr(name.size() + 1);
+        return true;
+      }
+      if (arg == name && i + 1 < argc) {
+        value = argv[++i];
+        return true;
+      }
+      return false;
+    };
+    if (arg == "--quick") opt.duration = 0.5, opt.warmup = 0.1;
+    else if (takes("--concurrency")) opt.concurrency = std::atoi(value.c_str());
+    else if (takes("--duration")) opt.duration = std::atof(value.c_str());
+    else if (takes("--workers")) opt.workers = std::atoi(value.c_str());
+    else if (takes("--client-threads")) opt.client_threads = std::atoi(value.c_str());
+    else if (takes("--only")) opt.only = value;
+    else if (takes("--hello-cluster")) opt.hello_cluster = value;
+    else if (takes("--node-script")) opt.node_script = value;
+    else if (takes("--raw-server")) opt.raw_server = value;
+    else return usage(argv[0]);
+  }
+  if (opt.concurrency < 1 || opt.duration <= 0 || opt.workers < 1 || opt.client_threads < 1) return usage(argv[0]);
+
+  install_cleanup();
+  const auto wrk = find_program("wrk");
+  std::vector<Result> results;
+  for (const Config& config : configs(opt)) {
+    if (!wanted(opt.only, config.name)) continue;
+    fmt::print(stderr, "policy_bench: {}...\n", config.name);
+    results.push_back(run_server(config, opt, wrk));
+  }
+  report(opt, results, wrk.has_value(), command);
+}
