@@ -297,6 +297,11 @@ struct master_access {
                             unique_fd fd = {}) {
     return w.connected_ && w.channel_.post_internal(ipc::protocol::encode(m), tag, std::move(fd));
   }
+  // The same with an fd the caller keeps (the channel holds it open until it is written).
+  static bool send_internal(Worker& w, const ipc::protocol::InternalMessage& m, handle_tag tag,
+                            std::shared_ptr<const unique_fd> fd) {
+    return w.connected_ && w.channel_.post_internal(ipc::protocol::encode(m), tag, std::move(fd));
+  }
   // The worker's server listens at `a`: Node's 'listening', on the worker then the cluster.
   static void announce_listening(Worker& w, Address a) {
     detail::debug("Worker {} listening on {}:{} ({})", w.pid(), a.address, a.port, to_string(a.type));

@@ -81,6 +81,11 @@ class Channel {
   bool post_internal(std::string payload, detail::handle_tag tag = detail::no_handle, detail::unique_fd fd = {}) {
     return s_->post_internal(std::move(payload), tag, std::move(fd));
   }
+  // The same with an fd the caller keeps: the channel holds a reference until the frame is
+  // written (no dup(2) for a sender that needs its own copy, as round robin does).
+  bool post_internal(std::string payload, detail::handle_tag tag, std::shared_ptr<const detail::unique_fd> fd) {
+    return s_->post_internal(std::move(payload), tag, {}, std::move(fd));
+  }
 
   // Reads one whole message if it is already there, without waiting: true with `e` filled.
   // False when nothing is ready (ec clear: wait with async_wait_readable) or on an error
@@ -127,8 +132,11 @@ class Channel {
     std::string payload;
     std::uint8_t kind_flag = 0;
     detail::handle_tag tag = detail::no_handle;
-    detail::unique_fd fd;
+    detail::unique_fd fd;                                  // ours: closed once written
+    std::shared_ptr<const detail::unique_fd> shared_fd;   // the caller's: kept open until written
     std::size_t offset = 0;
+
+    int handle_fd() const noexcept { return fd ? fd.get() : shared_fd ? shared_fd->get() : -1; }
   };
 
   struct blocked_sender {
@@ -171,9 +179,12 @@ class Channel {
       return true;
     }
 
-    bool post_internal(std::string payload, detail::handle_tag tag, detail::unique_fd fd) {
+    bool post_internal(std::string payload, detail::handle_tag tag, detail::unique_fd fd,
+                       std::shared_ptr<const detail::unique_fd> shared_fd = {}) {
       if (!sock.is_open() || write_shut) return false;
-      queue.push_back({std::move(payload), frame_header::internal, fd ? tag : detail::no_handle, std::move(fd)});
+      const bool has_fd = fd || (shared_fd && *shared_fd);
+      queue.push_back({std::move(payload), frame_header::internal, has_fd ? tag : detail::no_handle, std::move(fd),
+                       std::move(shared_fd)});
       if (!waiting_write) flush();
       return !write_error;
     }
@@ -182,7 +193,7 @@ class Channel {
       auto [tag, fd] = detail::release_handle(e.message.handle, ec);
       if (ec) return {};
       return {std::move(e.message.data), e.kind == message_kind::internal ? frame_header::internal : std::uint8_t{0},
-              tag, std::move(fd)};
+              tag, std::move(fd), {}};
     }
 
     void park_sender(detail::pending_handler<> h, outgoing item) {
@@ -232,7 +243,7 @@ class Channel {
           c->cmsg_level = SOL_SOCKET;
           c->cmsg_type = SCM_RIGHTS;
           c->cmsg_len = CMSG_LEN(sizeof(int));
-          const int fd = o.fd.get();
+          const int fd = o.handle_fd();
           std::memcpy(CMSG_DATA(c), &fd, sizeof fd);
         }
         const ssize_t n = detail::retry_on_eintr(
@@ -241,7 +252,10 @@ class Channel {
           if (errno == EAGAIN || errno == EWOULDBLOCK) return wait_writable();
           return fail_writes(detail::last_error());
         }
-        if (o.offset == 0) o.fd.reset();  // the kernel holds its own reference now
+        if (o.offset == 0) {  // the kernel holds its own reference now
+          o.fd.reset();
+          o.shared_fd.reset();
+        }
         o.offset += chunk;
         if (o.offset == size) {
           queue.pop_front();

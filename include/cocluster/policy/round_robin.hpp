@@ -108,8 +108,8 @@ class round_robin_handle final : public master_handle,
 
  private:
   struct connection {
-    unique_fd fd;
-    std::string remote;  // sockaddr from accept4
+    std::shared_ptr<const unique_fd> fd;  // shared with a channel while a newconn carrying it is queued
+    std::string remote;                   // sockaddr from accept4
   };
   struct member {
     std::shared_ptr<Worker> worker;
@@ -134,18 +134,9 @@ class round_robin_handle final : public master_handle,
     const int id = free_.front();
     free_.pop_front();
     member& m = members_.at(id);
-    std::error_code ec;
-    unique_fd copy = dup_cloexec(c.fd.get(), ec);
-    if (ec) {  // out of fds: keep the connection, try again when something is released
-      log_error("cannot pass a connection to worker {}: {}; retrying", m.worker->id(), ec.message());
-      free_.push_front(id);
-      backlog_.push_front(std::move(c));
-      pause_accepting();
-      return;
-    }
     const std::uint32_t seq = ++last_seq_;
-    if (!master_access::send_internal(*m.worker, ipc::protocol::NewConn{this->id(), seq, c.remote}, tag_,
-                                      std::move(copy))) {
+    // The channel shares our fd until the frame is written; we keep it until `accepted`.
+    if (!master_access::send_internal(*m.worker, ipc::protocol::NewConn{this->id(), seq, c.remote}, tag_, c.fd)) {
       backlog_.push_front(std::move(c));  // its channel is ending: worker_gone() removes it
       return;
     }
@@ -161,7 +152,7 @@ class round_robin_handle final : public master_handle,
       std::error_code ec;
       unique_fd fd = accept_connection(listener_.native_handle(), remote, ec);
       if (fd) {
-        hand_off({std::move(fd), std::move(remote)});
+        hand_off({std::make_shared<const unique_fd>(std::move(fd)), std::move(remote)});
         continue;
       }
       if (!ec) return wait_readable();
