@@ -2,7 +2,11 @@
 #include "cocluster/server.hpp"
 
 #include <doctest/doctest.h>
+#include <netinet/in.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
+#include <fcntl.h>
+#include <unistd.h>
 
 #include <filesystem>
 #include <map>
@@ -314,10 +318,64 @@ TEST_CASE("round robin: connections waiting on a worker that closes its server g
   }, 60s);
 }
 
-TEST_CASE("a port held by another socket: the worker's listen() fails with EADDRINUSE and the master carries on") {
+namespace {
+// Another process listening on 127.0.0.1:port (0: any); its port is read back from a pipe.
+// It exits when the pipe's other end closes or on SIGKILL.
+struct port_holder {
+  pid_t pid = -1;
+  unsigned short port = 0;
+  int control = -1;  // our end: closing it ends the holder
+
+  port_holder(const port_holder&) = delete;
+  port_holder& operator=(const port_holder&) = delete;
+  explicit port_holder(unsigned short wanted) {
+    int to_child[2], from_child[2];
+    REQUIRE(::pipe2(to_child, O_CLOEXEC) == 0);
+    REQUIRE(::pipe2(from_child, O_CLOEXEC) == 0);
+    pid = ::fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+      ::close(to_child[1]);  // or our own copy of the write end would keep read() from ending
+      ::close(from_child[0]);
+      const int s = ::socket(AF_INET, SOCK_STREAM, 0);
+      const int one = 1;  // earlier connections' TIME_WAIT must not stop us; a listener still does
+      ::setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+      sockaddr_in a{};
+      a.sin_family = AF_INET;
+      a.sin_port = htons(wanted);
+      a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+      socklen_t len = sizeof a;
+      unsigned short got = 0;
+      if (::bind(s, reinterpret_cast<sockaddr*>(&a), len) == 0 && ::listen(s, 8) == 0 &&
+          ::getsockname(s, reinterpret_cast<sockaddr*>(&a), &len) == 0)
+        got = ntohs(a.sin_port);
+      (void)!::write(from_child[1], &got, sizeof got);
+      char c;
+      (void)!::read(to_child[0], &c, 1);  // until the test closes its end
+      ::_exit(0);
+    }
+    ::close(to_child[0]);
+    ::close(from_child[1]);
+    control = to_child[1];
+    REQUIRE(::read(from_child[0], &port, sizeof port) == sizeof port);
+    ::close(from_child[0]);
+    REQUIRE(port != 0);
+  }
+  void release() {
+    if (pid < 0) return;
+    ::close(control);
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    pid = -1;
+  }
+  ~port_holder() { release(); }
+};
+}  // namespace
+
+TEST_CASE("a port held by another process: the worker's listen() fails with EADDRINUSE and the master carries on") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
-    tcp::acceptor holder(io, tcp::endpoint(asio::ip::address_v4::loopback(), 0));  // listening
-    const auto taken = holder.local_endpoint().port();
+    std::optional<port_holder> holder(std::in_place, 0);
+    const auto taken = holder->port;
     for (bool shared : {false, true}) {
       Master<RuntimePolicy> master(io.get_executor(), {},
                                    RuntimePolicy(shared ? Scheduling::shared : Scheduling::round_robin));
@@ -326,7 +384,7 @@ TEST_CASE("a port held by another socket: the worker's listen() fails with EADDR
       CHECK_MESSAGE(c.reports[0].rfind("error " + std::to_string(EADDRINUSE) + " ", 0) == 0, c.reports[0]);
       CHECK(c.reports[0].find("127.0.0.1:" + std::to_string(taken)) != std::string::npos);  // what() names it
       // The master is fine, the entry was not kept: once the port is free the same listen works.
-      holder.close();
+      holder.reset();
       co_await c.workers[0]->send({"listen"});
       const std::string second = (co_await c.workers[0]->receive()).data;
       CHECK(port_of(second) == taken);
@@ -334,7 +392,7 @@ TEST_CASE("a port held by another socket: the worker's listen() fails with EADDR
       while (events.pending() > 0) CHECK((co_await events.next()).type != EventType::error);
       co_await master.disconnect();
       co_await c.workers[0]->exited();  // under SharedSocket the worker held a copy of the listener
-      holder = tcp::acceptor(io, tcp::endpoint(asio::ip::address_v4::loopback(), taken));  // again for `shared`
+      if (!shared) holder.emplace(taken);  // held again for the SharedSocket round
     }
   }, 60s);
 }
@@ -474,4 +532,26 @@ TEST_CASE("no fd leaks in the master after 10,000 round-robin hand-offs") {
     CHECK(open_fd_count() == before);
     co_await master.disconnect();
   }, 240s);
+}
+
+TEST_CASE("RuntimePolicy reads COCLUSTER_SCHED_POLICY, then NODE_CLUSTER_SCHED_POLICY, and rejects other values") {
+  struct restore_env {
+    ~restore_env() {
+      ::unsetenv("COCLUSTER_SCHED_POLICY");
+      ::unsetenv("NODE_CLUSTER_SCHED_POLICY");
+    }
+  } restore;
+  ::unsetenv("COCLUSTER_SCHED_POLICY");
+  ::unsetenv("NODE_CLUSTER_SCHED_POLICY");
+  CHECK(RuntimePolicy().resolve() == Scheduling::round_robin);  // Node's default
+  ::setenv("NODE_CLUSTER_SCHED_POLICY", "none", 1);
+  CHECK(RuntimePolicy().resolve() == Scheduling::shared);
+  ::setenv("COCLUSTER_SCHED_POLICY", "rr", 1);  // ours first
+  CHECK(RuntimePolicy().resolve() == Scheduling::round_robin);
+  CHECK(RuntimePolicy(Scheduling::shared).resolve() == Scheduling::shared);  // an explicit choice wins
+  ::setenv("COCLUSTER_SCHED_POLICY", "roundrobin", 1);
+  CHECK_THROWS_WITH_AS(RuntimePolicy().resolve(), "COCLUSTER_SCHED_POLICY=roundrobin: expected rr or none",
+                       std::invalid_argument);
+  asio::io_context io;
+  CHECK_THROWS_AS(Master<RuntimePolicy>(io.get_executor()), std::invalid_argument);  // frozen, and checked, here
 }

@@ -321,9 +321,10 @@ class worker_runtime final : public server_host {
     std::error_code ec;
     std::shared_ptr<worker_server> server;
     if (r.errno_value != 0) ec.assign(r.errno_value, std::system_category());
+    else if (disconnecting_) ec = error::worker_not_connected;  // its servers are closed already
     else server = q.make(r, handle, ec);
     if (!server || !q.handler) {  // failed, or the listen() was cancelled meanwhile
-      if (r.errno_value == 0) send_internal(ipc::protocol::Close{r.server});
+      if (r.errno_value == 0 && !shut_down_) send_internal(ipc::protocol::Close{r.server});
       release_index(q.index_key, q.index);
       if (q.handler) q.handler.complete(ec, nullptr);
       return;
