@@ -555,3 +555,33 @@ TEST_CASE("RuntimePolicy reads COCLUSTER_SCHED_POLICY, then NODE_CLUSTER_SCHED_P
   asio::io_context io;
   CHECK_THROWS_AS(Master<RuntimePolicy>(io.get_executor()), std::invalid_argument);  // frozen, and checked, here
 }
+
+TEST_CASE("a Unix socket path longer than sun_path works through its shorter relative form") {
+  // /tmp/<93 characters>/server.sock is 110 characters, over sun_path's 108; relative to /tmp
+  // (the master's cwd here) and to the directory itself (the workers' cwd) it fits.
+  const std::string name = "cocluster-" + std::to_string(::getpid()) + "-" + std::string(93, 'x');
+  const std::string short_name = name.substr(0, 93);
+  const auto dir = std::filesystem::path("/tmp") / short_name;
+  std::filesystem::create_directories(dir);
+  const auto old_cwd = std::filesystem::current_path();
+  std::filesystem::current_path("/tmp");
+  run_bounded([&](asio::io_context& io) -> awaitable<void> {
+    for (bool shared : {false, true}) {
+      Settings settings;
+      settings.cwd = dir.string();
+      Master<RuntimePolicy> master(io.get_executor(), settings,
+                                   RuntimePolicy(shared ? Scheduling::shared : Scheduling::round_robin));
+      auto c = co_await start(master, 2, listen_env(scenario::serve, "unix:server.sock"));
+      for (auto& r : c.reports) CHECK_MESSAGE(r.rfind("path ", 0) == 0, r);
+      Address a = co_await c.workers[0]->listening();
+      CHECK(a.address == (dir / "server.sock").string());
+      auto served = co_await ask_many(local_stream::endpoint(short_name + "/server.sock"), 10, 2);
+      CHECK(served[1] + served[2] == 10);
+      co_await master.disconnect();
+      for (auto& w : c.workers) co_await w->exited();
+      CHECK_FALSE(std::filesystem::exists(dir / "server.sock"));
+    }
+  }, 60s);
+  std::filesystem::current_path(old_cwd);
+  std::filesystem::remove_all(dir);
+}

@@ -129,6 +129,8 @@ class stream_server final : public worker_server, public std::enable_shared_from
           queue.async_pop(asio::bind_cancellation_slot(
               slot, asio::bind_executor(ex, [self = std::move(self), peer, h = std::move(handler)](
                                                 std::error_code ec, incoming in) mutable {
+                // Closed after the pop: the master has given this connection to another worker.
+                if (!ec && !self->open_) ec = asio::error::operation_aborted;
                 if (ec) return std::move(h)(ec, socket_type(self->ex_));
                 if (peer) *peer = in.remote;
                 if (self->host_) self->host_->connection_accepted(self->id, in.seq);
@@ -144,6 +146,8 @@ class stream_server final : public worker_server, public std::enable_shared_from
       co_return co_await self->acceptor_->async_accept(asio::use_awaitable);
     }
     incoming in = co_await pop_now_or_wait(self->handed_);
+    if (!self->open_)  // closed while the completion was on its way: the master re-dispatched it
+      throw std::system_error(asio::error::operation_aborted);
     if (peer) *peer = in.remote;
     if (self->host_) self->host_->connection_accepted(self->id, in.seq);
     co_return std::move(*in.socket);

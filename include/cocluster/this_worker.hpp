@@ -11,6 +11,7 @@
 #pragma once
 
 #include <fcntl.h>
+#include <sys/un.h>
 
 #include <asio/co_spawn.hpp>
 #include <asio/detached.hpp>
@@ -89,6 +90,18 @@ constexpr AddressType fd_address_type() {  // for listen_fd: the family comes fr
   else return AddressType::v4;
 }
 
+// `path` as an endpoint: itself if it fits sun_path, else relative to our cwd (the master bound
+// the same shorter form), else an empty endpoint: where the server is stays in the master's
+// Address. Never throws (Asio's constructor does for a long path).
+inline asio::local::stream_protocol::endpoint unix_endpoint(const std::string& path) {
+  constexpr std::size_t limit = sizeof(sockaddr_un{}.sun_path);
+  if (path.size() < limit) return {path};
+  std::error_code ec;
+  auto relative = std::filesystem::path(path).lexically_relative(std::filesystem::current_path(ec)).string();
+  if (!ec && !relative.empty() && relative.size() < limit) return {relative};
+  return {};
+}
+
 // Builds the worker's server from the master's reply; the state type depends on the protocol.
 template <class Protocol>
 std::shared_ptr<worker_server> make_server(const asio::any_io_executor& ex, server_host* host,
@@ -116,7 +129,7 @@ std::shared_ptr<worker_server> make_server(const asio::any_io_executor& ex, serv
     }
     endpoint_type local;
     if constexpr (std::is_same_v<Protocol, asio::local::stream_protocol>) {
-      local = endpoint_type(r.address);
+      local = unix_endpoint(r.address);
     } else {
       auto address = asio::ip::make_address(r.address, ec);
       if (ec) return nullptr;
@@ -346,6 +359,7 @@ class worker_runtime final : public server_host {
       log_error("worker {}: channel to the master failed: {} ({})", id_, end.message(), channel_.error_detail());
     connected_ = false;
     channel_.close();
+    close_servers();  // nothing more will be handed over; the master is gone or let us go
     auto queries = std::move(queries_);
     queries_.clear();
     for (auto& [seq, q] : queries)

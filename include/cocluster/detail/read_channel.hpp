@@ -7,6 +7,8 @@
 #include <asio/post.hpp>
 #include <asio/use_awaitable.hpp>
 
+#include <exception>
+
 #include "cocluster/detail/async_queue.hpp"
 #include "cocluster/ipc/channel.hpp"
 
@@ -18,6 +20,13 @@ inline constexpr int read_budget = 64;
 // Unread messages that carry a handle: beyond it reading pauses, so a flood of passed sockets
 // stays in the kernel's queue instead of using up this process's fds.
 inline constexpr std::size_t max_unread_handles = 128;
+
+// An exception from code this loop runs inline (a consumer resumed by the inbox, a handler of
+// an internal message) must not end the loop silently: it leaves io_context::run() instead,
+// as it would have in plain Asio, and the loop reads on.
+inline void rethrow_from_run(const asio::any_io_executor& ex, std::exception_ptr e) {
+  asio::post(ex, [e] { std::rethrow_exception(e); });
+}
 
 // Runs until the channel ends; returns why (eof, protocol_error, ...).
 //   on_internal(ipc::Envelope&) -> bool: false ends the channel as a protocol error (it may
@@ -43,7 +52,13 @@ asio::awaitable<std::error_code> read_channel(ipc::Channel& channel, async_queue
     }
     --budget;
     if (envelope.kind == ipc::message_kind::internal) {
-      if (!on_internal(envelope)) co_return error::protocol_error;
+      bool valid = true;
+      try {
+        valid = on_internal(envelope);
+      } catch (...) {
+        rethrow_from_run(channel.get_executor(), std::current_exception());
+      }
+      if (!valid) co_return error::protocol_error;
       continue;
     }
     if (envelope.message.has_handle() && inbox.size() >= max_unread_handles) {
@@ -51,7 +66,13 @@ asio::awaitable<std::error_code> read_channel(ipc::Channel& channel, async_queue
       auto [closed] = co_await inbox.async_wait_below(max_unread_handles, as_tuple);
       if (closed) co_return closed;
     }
-    if (!inbox.try_push(envelope.message)) {
+    bool queued = true;
+    try {
+      queued = inbox.try_push(envelope.message);
+    } catch (...) {  // from the consumer it ran: the message was delivered
+      rethrow_from_run(channel.get_executor(), std::current_exception());
+    }
+    if (!queued) {
       on_pause();
       auto [closed] = co_await inbox.async_push(std::move(envelope.message), as_tuple);
       if (closed) co_return closed;

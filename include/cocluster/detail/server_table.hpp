@@ -22,6 +22,10 @@ namespace cocluster::detail {
 
 class server_table final : public listen_service {
  public:
+  // Listeners one worker may hold: a worker asking for more (a leak, or a broken worker) gets
+  // EMFILE from listen() instead of using up the master's fds.
+  static constexpr std::size_t max_servers_per_worker = 1024;
+
   server_table(asio::any_io_executor ex, schedule s) : ex_(std::move(ex)), schedule_(s) {}
   ~server_table() override { close_all(); }
 
@@ -37,6 +41,11 @@ class server_table final : public listen_service {
     const auto type = static_cast<AddressType>(q.type);
     const std::string key = fmt::format("{}:{}:{}:{}:{}", q.address, q.port, to_string(type), q.fd, q.index);
     auto& held = held_[worker->id()];
+    if (held.size() >= max_servers_per_worker) {
+      reply.errno_value = EMFILE;
+      master_access::send_internal(*worker, reply);
+      return;
+    }
     std::shared_ptr<master_handle> handle;
     if (auto it = by_key_.find(key); it != by_key_.end()) {
       handle = it->second;

@@ -141,7 +141,7 @@ inline unique_fd open_listener(const listen_request& r, std::string& bound_path,
     a->sun_family = AF_UNIX;
     std::memcpy(a->sun_path, path.c_str(), path.size() + 1);
     len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size() + 1);
-    bound_path = path;
+    bound_path = r.address;  // absolute: removed on close even if this process changes directory
   } else {
     if (!ip_sockaddr(r.type, r.address, r.port, ss, len)) {
       ec = std::make_error_code(std::errc::invalid_argument);
