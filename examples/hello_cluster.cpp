@@ -1,9 +1,9 @@
 // An HTTP/1.1 hello-world server on N worker processes sharing one port, the program Node's
 // cluster documentation opens with.
 //   hello_cluster --workers 2 --port 8000 [--host 127.0.0.1] [--policy rr|none] [--window N]
-// Prints `listening on HOST:PORT` once every worker listens. On SIGTERM or SIGINT the workers
-// stop accepting, finish the requests in hand, and report; then it prints one JSON line with
-// the connections each worker served. Without --policy, COCLUSTER_SCHED_POLICY decides (rr).
+// Prints `listening on HOST:PORT` once every worker listens, and replaces a worker that dies.
+// On SIGTERM or SIGINT the workers stop accepting, finish the requests in hand, and report;
+// then it prints one JSON line with the connections each worker served. Without --policy, COCLUSTER_SCHED_POLICY decides (rr).
 #include <asio.hpp>
 #include <asio/experimental/awaitable_operators.hpp>
 #include <fmt/core.h>
@@ -142,8 +142,25 @@ awaitable<void> master_main(options o, cocluster::Master<cocluster::RuntimePolic
   fmt::print("listening on {}:{}\n", where.address, where.port);
   std::fflush(stdout);
 
+  // Node's documentation: cluster.on('exit', () => cluster.fork()). A worker that dies is
+  // replaced; connections handed to it and not yet accepted have gone to the others already.
+  bool stopping = false;
+  asio::co_spawn(ex, [&]() -> awaitable<void> {
+    auto& events = master.events();
+    for (;;) {
+      Event e = co_await events.next();
+      if (stopping) co_return;
+      if (e.type != EventType::exit || e.worker->exited_after_disconnect().value_or(false)) continue;
+      fmt::print(stderr, "hello_cluster: worker {} died ({}); starting another\n", e.worker->id(),
+                 e.exit.signal ? e.exit.signal_name() : "code " + std::to_string(e.exit.code));
+      auto fresh = co_await master.fork();
+      std::replace(workers.begin(), workers.end(), e.worker, fresh);
+    }
+  }, asio::detached);
+
   asio::signal_set signals(ex, SIGINT, SIGTERM);
   co_await signals.async_wait(use_awaitable);
+  stopping = true;
   std::string json = "{\"workers\":[";
   for (auto& w : workers) {
     std::size_t served = 0;
