@@ -5,7 +5,6 @@
 // On SIGTERM or SIGINT the workers stop accepting, finish the requests in hand, and report;
 // then it prints one JSON line with the connections each worker served. Without --policy, COCLUSTER_SCHED_POLICY decides (rr).
 #include <asio.hpp>
-#include <asio/experimental/awaitable_operators.hpp>
 #include <fmt/core.h>
 
 #include <algorithm>
@@ -133,7 +132,6 @@ awaitable<void> worker_main(options o, worker_state& st) {
 
 awaitable<void> master_main(options o, cocluster::Master<cocluster::RuntimePolicy>& master) {
   using namespace cocluster;
-  using namespace asio::experimental::awaitable_operators;
   auto ex = co_await asio::this_coro::executor;
   std::vector<std::shared_ptr<Worker>> workers;
   for (int i = 0; i < o.workers; ++i) workers.push_back(co_await master.fork());

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <functional>
 #include <map>
 
 #include "cocluster/cocluster.hpp"
@@ -156,6 +157,32 @@ awaitable<int> ask(Endpoint where) {
   co_return std::stoi(reply.substr(7));
 }
 
+// Returns once `done()` holds, looking every 5 ms (a wait, not a timing assumption).
+awaitable<void> wait_until(std::function<bool()> done) {
+  asio::steady_timer poll(co_await asio::this_coro::executor);
+  while (!done()) {
+    poll.expires_after(5ms);
+    co_await poll.async_wait(use_awaitable);
+  }
+}
+
+// `n` clients asking at once, as detached coroutines; how many each worker id answered
+// (0: no answer, -1: the client failed), and how many have finished.
+struct asks_in_flight {
+  std::map<int, int> served;
+  int finished = 0;
+};
+template <class Endpoint>
+std::shared_ptr<asks_in_flight> ask_at_once(asio::io_context& io, Endpoint where, int n) {
+  auto state = std::make_shared<asks_in_flight>();
+  for (int i = 0; i < n; ++i)
+    asio::co_spawn(io, ask(where), [state](std::exception_ptr e, int id) {
+      ++state->served[e ? -1 : id];
+      ++state->finished;
+    });
+  return state;
+}
+
 // `total` requests, `concurrency` at a time; how many each worker id answered (0: none).
 template <class Endpoint>
 awaitable<std::map<int, int>> ask_many(Endpoint where, int total, int concurrency) {
@@ -169,13 +196,12 @@ awaitable<std::map<int, int>> ask_many(Endpoint where, int total, int concurrenc
     }
   };
   int done = 0;
-  asio::steady_timer all_done(ex, std::chrono::steady_clock::time_point::max());
   for (int i = 0; i < concurrency; ++i)
     asio::co_spawn(ex, one_client(), [&](std::exception_ptr e) {
       if (e) served[-1]++;  // a client failed: the caller's check sees it
-      if (++done == concurrency) all_done.cancel();
+      ++done;
     });
-  if (done < concurrency) co_await all_done.async_wait(as_tuple_t{});
+  co_await wait_until([&] { return done == concurrency; });
   co_return served;
 }
 
@@ -262,22 +288,12 @@ TEST_CASE("round robin: connections handed to a worker that is SIGKILLed are ans
 
     // 20 clients at once: the 3rd connection accepted goes to worker 3, which never accepts;
     // it takes up to its window (2) of them. The others answer the rest.
-    std::map<int, int> served;
-    int finished = 0;
-    asio::steady_timer all_done(io, std::chrono::steady_clock::time_point::max());
-    for (int i = 0; i < 20; ++i)
-      asio::co_spawn(io, ask(where), [&](std::exception_ptr e, int id) {
-        ++served[e ? -1 : id];
-        if (++finished == 20) all_done.cancel();
-      });
-    asio::steady_timer poll(io);
-    while (finished < 18) {
-      poll.expires_after(5ms);
-      co_await poll.async_wait(use_awaitable);
-    }
+    auto asks = ask_at_once(io, where, 20);
+    co_await wait_until([&] { return asks->finished >= 18; });
     c.workers[2]->kill(SIGKILL);
     CHECK((co_await c.workers[2]->exited()).signal == SIGKILL);
-    if (finished < 20) co_await all_done.async_wait(as_tuple_t{});  // cancel() only wakes a waiter
+    co_await wait_until([&] { return asks->finished == 20; });
+    auto& served = asks->served;
     CHECK(served.count(3) == 0);
     CHECK(served.count(0) == 0);
     CHECK(served.count(-1) == 0);
@@ -297,23 +313,12 @@ TEST_CASE("round robin: connections waiting on a worker that closes its server g
     const tcp::endpoint where(asio::ip::address_v4::loopback(), port_of(c.reports[0]));
     for (auto& w : c.workers) co_await w->listening();
     // The first connection goes to worker 1 (first in turn), which does not accept.
-    std::map<int, int> served;
-    int finished = 0;
-    asio::steady_timer all_done(io, std::chrono::steady_clock::time_point::max());
-    for (int i = 0; i < 10; ++i)
-      asio::co_spawn(io, ask(where), [&](std::exception_ptr e, int id) {
-        ++served[e ? -1 : id];
-        if (++finished == 10) all_done.cancel();
-      });
-    asio::steady_timer poll(io);
-    while (finished < 7) {
-      poll.expires_after(5ms);
-      co_await poll.async_wait(use_awaitable);
-    }
+    auto asks = ask_at_once(io, where, 10);
+    co_await wait_until([&] { return asks->finished >= 7; });
     co_await c.workers[0]->send({"close"});
     CHECK((co_await c.workers[0]->receive()).data == "closed");
-    if (finished < 10) co_await all_done.async_wait(as_tuple_t{});
-    CHECK(served[2] == 10);
+    co_await wait_until([&] { return asks->finished == 10; });
+    CHECK(asks->served[2] == 10);
     co_await master.disconnect();
   }, 60s);
 }

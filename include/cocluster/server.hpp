@@ -192,87 +192,79 @@ class datagram_server final : public worker_server {
   bool open_ = true;
 };
 
-template <class Token>
-inline constexpr bool is_awaitable_token = std::is_same_v<std::decay_t<Token>, asio::use_awaitable_t<>>;
+// What both kinds of Server share: move-only ownership of the state, and closing it when
+// closed, destroyed or assigned over.
+template <class State>
+class server_handle {
+ public:
+  explicit server_handle(std::shared_ptr<State> s) : s_(std::move(s)) {}
+  server_handle(server_handle&&) noexcept = default;
+  server_handle& operator=(server_handle&& other) noexcept {
+    if (this != &other) {
+      close();
+      s_ = std::move(other.s_);
+    }
+    return *this;
+  }
+  ~server_handle() { close(); }
+
+  bool is_open() const noexcept { return s_ && s_->is_open(); }
+  // Node: server.close(). Tells the master.
+  void close() {
+    if (s_) s_->close();
+  }
+
+ protected:
+  std::shared_ptr<State> s_;
+};
 
 }  // namespace detail
 
 // A stream server (TCP or Unix). Move-only; closing or destroying it closes the server.
 template <class Protocol>
-class Server {
+class Server : public detail::server_handle<detail::stream_server<Protocol>> {
   using state = detail::stream_server<Protocol>;
+  using detail::server_handle<state>::s_;
 
  public:
   using protocol_type = Protocol;
   using socket_type = typename Protocol::socket;
   using endpoint_type = typename Protocol::endpoint;
 
-  explicit Server(std::shared_ptr<state> s) : s_(std::move(s)) {}
-  Server(Server&&) noexcept = default;
-  Server& operator=(Server&& other) noexcept {
-    if (this != &other) {
-      close();
-      s_ = std::move(other.s_);
-    }
-    return *this;
-  }
-  ~Server() { close(); }
+  explicit Server(std::shared_ptr<state> s) : detail::server_handle<state>(std::move(s)) {}
 
   // The next connection, as an ordinary Asio socket on the worker's executor. Fails with
   // asio::error::operation_aborted once the server is closed.
   template <class Token = asio::use_awaitable_t<>>
   auto accept(Token&& token = {}) {
-    if constexpr (detail::is_awaitable_token<Token>) return state::accept(s_, nullptr);
+    if constexpr (detail::is_use_awaitable<Token>) return state::accept(s_, nullptr);
     else return state::async_accept(s_, nullptr, std::forward<Token>(token));
   }
   // The same, and the peer's address (round robin: as the master's accept saw it).
   template <class Token = asio::use_awaitable_t<>>
   auto accept(endpoint_type& peer, Token&& token = {}) {
-    if constexpr (detail::is_awaitable_token<Token>) return state::accept(s_, &peer);
+    if constexpr (detail::is_use_awaitable<Token>) return state::accept(s_, &peer);
     else return state::async_accept(s_, &peer, std::forward<Token>(token));
   }
 
   // Where the server listens (for listen(0): the port the master got).
   endpoint_type local_endpoint() const { return s_->local_endpoint(); }
-  bool is_open() const noexcept { return s_ && s_->is_open(); }
   // True if the master hands connections over (RoundRobin), false if this worker accepts.
+  // close(): pending accept()s fail with operation_aborted.
   bool round_robin() const noexcept { return s_ && s_->round_robin(); }
-  // Node: server.close(). Tells the master; pending accept()s fail with operation_aborted.
-  void close() {
-    if (s_) s_->close();
-  }
-
- private:
-  std::shared_ptr<state> s_;
 };
 
 // A UDP server: the socket itself, shared with the other workers on the same address.
 template <>
-class Server<asio::ip::udp> {
+class Server<asio::ip::udp> : public detail::server_handle<detail::datagram_server> {
  public:
   using protocol_type = asio::ip::udp;
   using endpoint_type = asio::ip::udp::endpoint;
 
-  explicit Server(std::shared_ptr<detail::datagram_server> s) : s_(std::move(s)) {}
-  Server(Server&&) noexcept = default;
-  Server& operator=(Server&& other) noexcept {
-    if (this != &other) {
-      close();
-      s_ = std::move(other.s_);
-    }
-    return *this;
-  }
-  ~Server() { close(); }
+  explicit Server(std::shared_ptr<detail::datagram_server> s) : server_handle(std::move(s)) {}
 
   asio::ip::udp::socket& socket() noexcept { return s_->socket(); }
   endpoint_type local_endpoint() const { return s_->socket().local_endpoint(); }
-  bool is_open() const noexcept { return s_ && s_->is_open(); }
-  void close() {
-    if (s_) s_->close();
-  }
-
- private:
-  std::shared_ptr<detail::datagram_server> s_;
 };
 
 }  // namespace cocluster

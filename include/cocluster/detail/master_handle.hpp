@@ -38,8 +38,8 @@ class master_handle {
   virtual unique_fd listener_copy(std::error_code& ec) = 0;
   // The worker holds this listener from now on (its query_reply has been sent).
   virtual void add(const std::shared_ptr<Worker>& worker) = 0;
-  // The worker closed its server or went away. True when no worker is left.
-  virtual bool remove(Worker& worker) = 0;
+  // The worker closed its server or went away (the table counts who is left).
+  virtual void remove(Worker& worker) = 0;
   virtual void accepted(Worker& worker, std::uint32_t seq, bool ok) = 0;
 
   // Closes the listener and everything it still holds, and removes a Unix socket's path

@@ -11,12 +11,19 @@
 #include <asio/executor_work_guard.hpp>
 #include <asio/dispatch.hpp>
 #include <asio/post.hpp>
+#include <asio/use_awaitable.hpp>
 
 #include <memory>
 #include <system_error>
+#include <type_traits>
 #include <utility>
 
 namespace cocluster::detail {
+
+// The default token gets fast paths that complete without a trip through the scheduler when
+// they can; any other token goes through async_initiate as usual.
+template <class Token>
+inline constexpr bool is_use_awaitable = std::is_same_v<std::decay_t<Token>, asio::use_awaitable_t<>>;
 
 template <class... Args>
 class pending_handler {

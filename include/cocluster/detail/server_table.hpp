@@ -156,8 +156,10 @@ class server_table final : public listen_service {
     return h;
   }
 
+  // The worker no longer holds `h` (its entry in held_ is gone already).
   void leave(Worker& worker, std::shared_ptr<master_handle> h) {  // a copy: discard() erases the map's
-    if (h->remove(worker)) discard(h);
+    h->remove(worker);
+    if (members_of(*h) == 0) discard(std::move(h));
   }
 
   std::size_t members_of(const master_handle& h) const {

@@ -528,11 +528,6 @@ class Channel {
 
 namespace cocluster::detail {
 
-// The default token gets fast paths that complete without a trip through the scheduler when
-// they can; any other token goes through async_initiate as usual.
-template <class Token>
-inline constexpr bool is_use_awaitable = std::is_same_v<std::decay_t<Token>, asio::use_awaitable_t<>>;
-
 inline asio::awaitable<void> send_now_or_wait(ipc::Channel& channel, ipc::Envelope e) {
   std::error_code ec;
   if (!channel.try_send(e, ec)) {

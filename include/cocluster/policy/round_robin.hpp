@@ -61,8 +61,8 @@ class round_robin_handle final : public master_handle,
     distribute();
   }
 
-  bool remove(Worker& worker) override {
-    if (members_.erase(worker.id()) == 0) return members_.empty();
+  void remove(Worker& worker) override {
+    if (members_.erase(worker.id()) == 0) return;
     free_.erase(std::remove(free_.begin(), free_.end(), worker.id()), free_.end());
     // Everything handed to it and not acknowledged goes back to the front, in order.
     std::deque<connection> back;
@@ -77,9 +77,7 @@ class round_robin_handle final : public master_handle,
     if (!back.empty())
       debug("Worker {}: {} connection(s) handed to it go to other workers", worker.pid(), back.size());
     backlog_.insert(backlog_.begin(), std::make_move_iterator(back.begin()), std::make_move_iterator(back.end()));
-    if (members_.empty()) return true;
-    distribute();
-    return false;
+    if (!members_.empty()) distribute();  // else the table closes us, and what waits with us
   }
 
   void accepted(Worker& worker, std::uint32_t seq, bool ok) override {

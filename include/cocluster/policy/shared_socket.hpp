@@ -5,7 +5,6 @@
 #pragma once
 
 #include <memory>
-#include <set>
 
 #include "cocluster/detail/listen_service.hpp"
 #include "cocluster/detail/master_handle.hpp"
@@ -28,12 +27,10 @@ class shared_handle final : public master_handle {
 
   bool shared() const noexcept override { return true; }
   unique_fd listener_copy(std::error_code& ec) override { return dup_cloexec(listener_.get(), ec); }
-  void add(const std::shared_ptr<Worker>& worker) override { members_.insert(worker->id()); }
-  bool remove(Worker& worker) override {
-    members_.erase(worker.id());
-    return members_.empty();
-  }
-  void accepted(Worker&, std::uint32_t, bool) override {}  // nothing is handed off
+  // The copies are the workers' own: nothing to track per worker, nothing handed off.
+  void add(const std::shared_ptr<Worker>&) override {}
+  void remove(Worker&) override {}
+  void accepted(Worker&, std::uint32_t, bool) override {}
   void close() override {
     listener_.reset();
     master_handle::close();
@@ -41,7 +38,6 @@ class shared_handle final : public master_handle {
 
  private:
   unique_fd listener_;
-  std::set<int> members_;
 };
 
 }  // namespace detail
