@@ -46,9 +46,20 @@ inline void run_bounded(std::function<awaitable<void>(asio::io_context&)> body,
       [&]() -> awaitable<void> {
         using namespace asio::experimental::awaitable_operators;
         asio::steady_timer timer(io, limit);
-        auto which = co_await (body(io) || timer.async_wait(use_awaitable));
+        // `||` waits for the first *success*: a body that throws is caught here, so its
+        // exception ends the test at once instead of after the time limit.
+        auto guarded = [&]() -> awaitable<std::exception_ptr> {
+          try {
+            co_await body(io);
+          } catch (...) {
+            co_return std::current_exception();
+          }
+          co_return nullptr;
+        };
+        auto which = co_await (guarded() || timer.async_wait(use_awaitable));
         if (which.index() == 1)
           throw std::runtime_error("test timed out after " + std::to_string(limit.count()) + " s");
+        if (auto failed = std::get<0>(which)) std::rethrow_exception(failed);
       },
       [&](std::exception_ptr e) {
         failure = e;
