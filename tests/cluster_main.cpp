@@ -105,6 +105,7 @@ int run_worker() {
   const std::string_view s = env ? env : scenario::echo;
   if (s == scenario::garbage || s == scenario::oversized || s == scenario::ten_fds) return misbehave(s);
   if (s == scenario::serve || s == scenario::stall) return run_listen_worker(s);
+  if (s == scenario::node) return run_node_worker();
   if (s == scenario::never_online) {
     char c;
     while (::recv(std::stoi(std::getenv("COCLUSTER_CHANNEL_FD")), &c, 1, 0) > 0) {

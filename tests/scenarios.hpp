@@ -19,10 +19,13 @@ inline constexpr std::string_view oversized = "oversized";              // annou
 inline constexpr std::string_view ten_fds = "ten_fds";                  // a frame carrying 10 fds
 inline constexpr std::string_view serve = "serve";  // listens on TEST_LISTEN, answers "worker <id>" (test_listen.cpp)
 inline constexpr std::string_view stall = "stall";  // listens on TEST_LISTEN, never accepts
+inline constexpr std::string_view node = "node";    // a line server driven by messages (test_node_cluster.cpp)
 }  // namespace scenario
 
 // The worker side of the serve and stall scenarios (test_listen.cpp).
 int run_listen_worker(std::string_view scenario_name);
+// The worker side of the node scenario (test_node_cluster.cpp).
+int run_node_worker();
 
 #include "cocluster/settings.hpp"
 

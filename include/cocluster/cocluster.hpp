@@ -16,3 +16,4 @@
 #include "cocluster/settings.hpp"
 #include "cocluster/this_worker.hpp"
 #include "cocluster/worker.hpp"
+#include "cocluster/worker_state.hpp"

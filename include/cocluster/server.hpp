@@ -41,6 +41,9 @@ class server_host {
   virtual void connection_accepted(std::uint32_t server, std::uint32_t seq) = 0;
   // The server closed: tell the master, forget it.
   virtual void server_closed(worker_server& server) = 0;
+  // The executor a new connection's socket is made on: the worker's, tracked, so that a
+  // disconnect can wait until every connection is gone (Node: server.close() waits for them).
+  virtual asio::any_io_executor connection_executor() = 0;
 };
 
 // The runtime's view of one server (any protocol).
@@ -119,8 +122,9 @@ class stream_server final : public worker_server, public std::enable_shared_from
     return asio::async_initiate<Token, void(std::error_code, socket_type)>(
         [](auto handler, std::shared_ptr<stream_server> self, endpoint_type* peer) {
           if (self->acceptor_) {
-            if (peer) self->acceptor_->async_accept(*peer, std::move(handler));
-            else self->acceptor_->async_accept(std::move(handler));
+            auto ex = self->connection_executor();
+            if (peer) self->acceptor_->async_accept(ex, *peer, std::move(handler));
+            else self->acceptor_->async_accept(ex, std::move(handler));
             return;
           }
           auto slot = asio::get_associated_cancellation_slot(handler);
@@ -142,8 +146,9 @@ class stream_server final : public worker_server, public std::enable_shared_from
 
   static asio::awaitable<socket_type> accept(std::shared_ptr<stream_server> self, endpoint_type* peer) {
     if (self->acceptor_) {
-      if (peer) co_return co_await self->acceptor_->async_accept(*peer, asio::use_awaitable);
-      co_return co_await self->acceptor_->async_accept(asio::use_awaitable);
+      auto ex = self->connection_executor();
+      if (peer) co_return co_await self->acceptor_->async_accept(ex, *peer, asio::use_awaitable);
+      co_return co_await self->acceptor_->async_accept(ex, asio::use_awaitable);
     }
     incoming in = co_await pop_now_or_wait(self->handed_);
     if (!self->open_)  // closed while the completion was on its way: the master re-dispatched it
@@ -154,6 +159,9 @@ class stream_server final : public worker_server, public std::enable_shared_from
   }
 
  private:
+  // Adopted servers (no host) make plain sockets: the master never knew them.
+  asio::any_io_executor connection_executor() const { return host_ ? host_->connection_executor() : ex_; }
+
   struct incoming {
     std::optional<socket_type> socket;  // optional: the queue wants a default value
     std::uint32_t seq = 0;

@@ -34,9 +34,11 @@
 #include "cocluster/detail/log.hpp"
 #include "cocluster/detail/read_channel.hpp"
 #include "cocluster/detail/spawn.hpp"
+#include "cocluster/detail/tracked_executor.hpp"
 #include "cocluster/ipc/channel.hpp"
 #include "cocluster/ipc/protocol.hpp"
 #include "cocluster/server.hpp"
+#include "cocluster/worker_state.hpp"
 
 namespace cocluster {
 
@@ -168,6 +170,10 @@ class worker_runtime final : public server_host {
 
   int id() const noexcept { return id_; }
   bool is_connected() const noexcept { return connected_; }
+  WorkerState state() const noexcept { return state_; }
+  std::optional<bool> exited_after_disconnect() const noexcept { return exited_after_disconnect_; }
+  // Connections accepted through the master whose sockets still exist.
+  std::size_t live_connections() const noexcept { return live_connections_; }
   ipc::Channel& channel() noexcept { return channel_; }
   async_queue<Message>& messages() noexcept { return messages_; }
   async_latch<>& disconnected() noexcept { return disconnected_; }
@@ -176,6 +182,12 @@ class worker_runtime final : public server_host {
   // server_host: the user's accept() took a handed-over connection.
   void connection_accepted(std::uint32_t server, std::uint32_t seq) override {
     if (connected_) channel_.post_internal(ipc::protocol::encode(ipc::protocol::Accepted{server, seq, true}));
+  }
+
+  // server_host: every connection's socket holds a token; a disconnect waits for the last.
+  asio::any_io_executor connection_executor() override {
+    ++live_connections_;
+    return tracked_executor(channel_.get_executor(), std::make_shared<connection_token>(this));
   }
 
   // server_host: the server is closed (by the user, its destructor, or a disconnect).
@@ -236,11 +248,29 @@ class worker_runtime final : public server_host {
   }
 
   // Node: cluster.worker.disconnect() in the worker: tell the master we leave on purpose,
-  // then close our side once every queued message is written.
+  // close every server, wait until their connections have ended, then close our side of the
+  // channel once every queued message is written.
   void disconnect() {
     if (!connected_ || disconnecting_) return;
+    exited_after_disconnect_ = true;
     send_internal(ipc::protocol::ExitedAfterDisconnect{});
     begin_disconnect();
+  }
+
+  // Node: cluster.worker.kill() / destroy() in the worker: tell the master we leave on
+  // purpose, and exit with 0 once that is written, without waiting for servers.
+  void kill() {
+    exited_after_disconnect_ = true;
+    if (!connected_ || shut_down_) {
+      if (!connected_) std::exit(0);
+      exit_when_shut_down_ = true;  // the channel is already closing: exit when it has
+      return;
+    }
+    if (!disconnecting_) send_internal(ipc::protocol::ExitedAfterDisconnect{});
+    disconnecting_ = true;
+    exit_when_shut_down_ = true;
+    close_servers();
+    shut_down_channel();
   }
 
  private:
@@ -251,6 +281,13 @@ class worker_runtime final : public server_host {
     return runtime;
   }
 
+  // Held by every copy of a connection socket's executor (detail::tracked_executor).
+  struct connection_token {
+    explicit connection_token(worker_runtime* r) : runtime(r) {}
+    ~connection_token() { runtime->connection_ended(); }
+    worker_runtime* runtime;  // never destroyed
+  };
+
   worker_runtime(asio::any_io_executor ex, int id, unique_fd fd, ipc::ChannelOptions options, std::size_t max_unread)
       : id_(id),
         channel_(ex, std::move(fd), options),
@@ -258,6 +295,7 @@ class worker_runtime final : public server_host {
         disconnected_(ex) {}
 
   void run() {
+    state_ = WorkerState::online;
     send_internal(ipc::protocol::Online{});
     asio::co_spawn(channel_.get_executor(), read_loop(), asio::detached);
   }
@@ -285,12 +323,29 @@ class worker_runtime final : public server_host {
   }
 
   // Node: a disconnecting worker closes its servers (the master re-dispatches what it handed
-  // over and not yet accepted), then its side of the channel once every message is written.
+  // over and not yet accepted), waits until their connections have ended, then closes its side
+  // of the channel once every message is written. Until then messages flow both ways.
   void begin_disconnect() {
     disconnecting_ = true;
     close_servers();
+    if (live_connections_ == 0) shut_down_channel();
+    else debug("Worker {} disconnecting: waiting for {} connections to end", id_, live_connections_);
+  }
+
+  void connection_ended() {
+    --live_connections_;
+    if (live_connections_ == 0 && disconnecting_ && !shut_down_ && connected_)
+      // Posted: a token may go inside Asio's cleanup of an operation.
+      asio::post(channel_.get_executor(), [this] {
+        if (live_connections_ == 0 && !shut_down_) shut_down_channel();
+      });
+  }
+
+  void shut_down_channel() {
     shut_down_ = true;
-    channel_.async_shutdown([](std::error_code) {});
+    channel_.async_shutdown([this](std::error_code) {
+      if (exit_when_shut_down_) std::exit(0);  // Node: a worker's kill() exits with 0
+    });
   }
 
   void close_servers() {
@@ -305,19 +360,31 @@ class worker_runtime final : public server_host {
     namespace p = ipc::protocol;
     auto m = p::decode(envelope.message.data);
     const bool handle_allowed = m && (std::holds_alternative<p::QueryReply>(*m) || std::holds_alternative<p::NewConn>(*m));
-    if (!m || (envelope.message.has_handle() && !handle_allowed)) {
+    if (!m || (envelope.has_handle() && !handle_allowed)) {
       log_error("unexpected internal message from the master; closing the channel");
       return false;
     }
+    // The handle is made here, on the executor it belongs to, and checked to be what its type
+    // says (adopt_handle), as the channel does for user messages.
+    auto adopt = [&](asio::any_io_executor ex, Handle& out) {
+      std::error_code ec;
+      out = adopt_handle(ex, envelope.internal_tag, std::move(envelope.internal_fd), ec);
+      if (ec) log_error("a handle from the master is not the socket its type says; closing the channel");
+      return !ec;
+    };
+    Handle handle;
     if (auto* reply = std::get_if<p::QueryReply>(&*m)) {
-      on_query_reply(*reply, envelope.message.handle);
+      if (!adopt(channel_.get_executor(), handle)) return false;
+      on_query_reply(*reply, handle);
     } else if (auto* conn = std::get_if<p::NewConn>(&*m)) {
       auto it = servers_.find(conn->server);
       auto server = it == servers_.end() ? nullptr : it->second.lock();
-      if (!server || !server->deliver(envelope.message.handle, conn->seq, conn->remote))
+      if (server && !adopt(connection_executor(), handle)) return false;
+      if (!server || !server->deliver(handle, conn->seq, conn->remote))
         send_internal(p::Accepted{conn->server, conn->seq, false});  // the master gives it to another worker
     } else if (std::holds_alternative<p::Disconnect>(*m)) {
       debug("Worker {} disconnect requested by the master", id_);
+      exited_after_disconnect_ = true;
       if (!disconnecting_) begin_disconnect();
     } else {
       log_error("unexpected internal message from the master; closing the channel");
@@ -347,6 +414,7 @@ class worker_runtime final : public server_host {
     server->index_key = std::move(q.index_key);
     server->index = q.index;
     servers_.emplace(r.server, server);
+    state_ = WorkerState::listening;
     send_internal(ipc::protocol::Listening{r.server});
     q.handler.complete({}, std::move(server));
   }
@@ -358,6 +426,8 @@ class worker_runtime final : public server_host {
     if (end != asio::error::eof && end != error::channel_closed)
       log_error("worker {}: channel to the master failed: {} ({})", id_, end.message(), channel_.error_detail());
     connected_ = false;
+    state_ = WorkerState::disconnected;
+    if (!exited_after_disconnect_) exited_after_disconnect_ = false;
     channel_.close();
     close_servers();  // nothing more will be handed over; the master is gone or let us go
     auto queries = std::move(queries_);
@@ -366,6 +436,7 @@ class worker_runtime final : public server_host {
       if (q.handler) q.handler.complete(error::worker_not_connected, nullptr);
     messages_.close(error::worker_not_connected);
     disconnected_.set();
+    if (exit_when_shut_down_) std::exit(0);
     if (disconnecting_) co_return;
     // Node: a worker whose channel closes without a disconnect exits with 0 (the master died).
     debug("Worker {} lost its channel ({}); exiting", id_, end.message());
@@ -380,6 +451,10 @@ class worker_runtime final : public server_host {
   bool connected_ = true;
   bool disconnecting_ = false;
   bool shut_down_ = false;  // our side of the channel is closing: no more close messages
+  bool exit_when_shut_down_ = false;  // kill(): exit(0) once our side is closed
+  WorkerState state_ = WorkerState::none;
+  std::optional<bool> exited_after_disconnect_;
+  std::size_t live_connections_ = 0;
   std::function<void()> on_unexpected_disconnect_;
   std::uint32_t last_query_ = 0;
   std::map<std::uint32_t, pending_query> queries_;                    // by seq
@@ -405,6 +480,14 @@ struct this_worker_t {
   // Node: cluster.worker.id. Known before start(): it comes from the environment.
   int id() const { return detail::env_int("COCLUSTER_WORKER_ID"); }
   bool is_connected() const { return runtime().is_connected(); }
+  // Node: cluster.worker.state: none before start(), then online, listening, disconnected.
+  WorkerState state() const {
+    auto* r = detail::worker_runtime::instance(false);
+    return r ? r->state() : WorkerState::none;
+  }
+  // Node: cluster.worker.exitedAfterDisconnect: unset until disconnect(), kill() or the
+  // channel's end; then whether this worker is leaving on purpose (or was asked to).
+  std::optional<bool> exited_after_disconnect() const { return runtime().exited_after_disconnect(); }
 
   // Node: process.send(message[, handle]). Completes once queued.
   template <class CompletionToken = asio::use_awaitable_t<>>
@@ -461,8 +544,16 @@ struct this_worker_t {
     return Server<asio::ip::udp>(std::make_shared<detail::datagram_server>(nullptr, std::move(socket)));
   }
 
-  // Node: cluster.worker.disconnect() in a worker.
+  // Node: cluster.worker.disconnect() in a worker: closes every server listening through the
+  // master, waits until the connections they accepted have ended (each socket and every
+  // operation on it destroyed), then closes the channel; the process ends when its io_context
+  // runs out of work. Long-lived connections keep it alive: the master can kill() it after a
+  // timeout, or send a message that makes the worker end them.
   void disconnect() const { runtime().disconnect(); }
+
+  // Node: cluster.worker.kill() in a worker: tells the master this worker leaves on purpose,
+  // then exits with 0 without waiting for servers or connections.
+  void kill() const { runtime().kill(); }
 
   // Replaces the default exit(0) when the channel closes without a disconnect.
   void on_disconnect(std::function<void()> handler) const {

@@ -26,6 +26,7 @@
 #include "cocluster/events.hpp"
 #include "cocluster/ipc/channel.hpp"
 #include "cocluster/ipc/protocol.hpp"
+#include "cocluster/worker_state.hpp"
 
 namespace cocluster {
 
@@ -71,6 +72,8 @@ class Worker : public std::enable_shared_from_this<Worker> {
   bool is_connected() const noexcept { return connected_; }
   // Node: worker.isDead(). True once the process has ended.
   bool is_dead() const noexcept { return dead_; }
+  // Node: worker.state: none → online → listening → disconnected → dead.
+  WorkerState state() const noexcept { return state_; }
   // Node: worker.exitedAfterDisconnect — unset until disconnect(), kill() or the first of
   // the disconnect/exit events, then whether the worker left on purpose.
   std::optional<bool> exited_after_disconnect() const noexcept { return exited_after_disconnect_; }
@@ -176,7 +179,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
   bool on_internal(const ipc::Envelope& envelope) {
     namespace p = ipc::protocol;
     auto message = p::decode(envelope.message.data);
-    if (!message || envelope.message.has_handle()) return protocol_error("unexpected internal message from the worker");
+    if (!message || envelope.has_handle()) return protocol_error("unexpected internal message from the worker");
     auto master = master_.lock();
     detail::listen_service* servers = master ? master->servers.get() : nullptr;
     return std::visit(
@@ -185,6 +188,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
           if constexpr (std::is_same_v<T, p::Online>) {
             if (online_.is_set()) return true;
             detail::debug("Worker {} online", pid());
+            state_ = WorkerState::online;
             online_.set();
             emit(EventType::online);
           } else if constexpr (std::is_same_v<T, p::ExitedAfterDisconnect>) {
@@ -228,6 +232,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
     messages_.close(error::worker_not_connected);
     listening_.close(error::worker_not_connected);
     if (dead_) leave_workers();
+    state_ = WorkerState::disconnected;
     detail::debug("Worker {} disconnect", pid());
     disconnected_.set();
     emit(EventType::disconnect);
@@ -250,6 +255,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
     if (auto m = self->master_.lock()) m->unreaped.erase(self->id_);
     detail::debug("Worker {} exit ({})", self->pid(),
                   status.killed_by_signal() ? status.signal_name() : "code " + std::to_string(status.code));
+    self->state_ = WorkerState::dead;
     self->exited_.set(status);
     self->emit(EventType::exit, {}, {}, status);
   }
@@ -273,6 +279,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
   detail::async_latch<> online_;
   detail::async_latch<> disconnected_;
   detail::async_latch<ExitStatus> exited_;
+  WorkerState state_ = WorkerState::none;
   bool connected_ = true;
   bool dead_ = false;
   bool disconnect_sent_ = false;
@@ -305,6 +312,7 @@ struct master_access {
   // The worker's server listens at `a`: Node's 'listening', on the worker then the cluster.
   static void announce_listening(Worker& w, Address a) {
     detail::debug("Worker {} listening on {}:{} ({})", w.pid(), a.address, a.port, to_string(a.type));
+    if (w.state_ == WorkerState::online) w.state_ = WorkerState::listening;
     w.listening_.push(a);
     w.emit(EventType::listening, {}, {}, {}, std::move(a));
   }

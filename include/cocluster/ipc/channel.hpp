@@ -42,6 +42,13 @@ struct Envelope {  // not an aggregate: see Message
 
   message_kind kind = message_kind::user;
   Message message;
+  // A received internal message's handle is left as its fd and declared type, not made into
+  // an Asio object: the protocol layer does that (detail::adopt_handle, which checks the fd),
+  // on the executor it chooses (a handed-over connection's socket is made tracked).
+  detail::handle_tag internal_tag = detail::no_handle;
+  detail::unique_fd internal_fd;
+
+  bool has_handle() const noexcept { return message.has_handle() || static_cast<bool>(internal_fd); }
 };
 
 class Channel {
@@ -448,6 +455,11 @@ class Channel {
     }
 
     progress adopt(Envelope& e, detail::handle_tag tag, detail::unique_fd fd) {
+      if (e.kind == message_kind::internal) {
+        e.internal_tag = fd ? tag : detail::no_handle;
+        e.internal_fd = std::move(fd);
+        return progress::message;
+      }
       std::error_code ec;
       e.message.handle = detail::adopt_handle(ex, tag, std::move(fd), ec);
       if (ec)

@@ -1,0 +1,513 @@
+// Node's cluster behaviours one by one (../shared/reference/node-cluster.md and
+// node-cluster-invariants.md), and the examples of Node's documentation translated to C++.
+// Each test is named after the behaviour it checks.
+#include <spawn.h>
+#include <sys/wait.h>
+
+#include <doctest/doctest.h>
+
+#include <list>
+#include <regex>
+#include <sstream>
+
+#include "cocluster/cocluster.hpp"
+#include "scenarios.hpp"
+#include "support.hpp"
+
+using namespace cocluster;
+using namespace test;
+using namespace asio::experimental::awaitable_operators;
+using asio::ip::tcp;
+using as_tuple_t = asio::experimental::as_tuple_t<asio::use_awaitable_t<>>;
+
+// ---- the worker side (scenario::node) ----
+//
+// A line server in the manner of Node's examples. Listens on 127.0.0.1:TEST_PORT (default 0)
+// at start if TEST_LISTEN_NOW is set, else on the master's "listen". Each connection answers
+// every line with "echo:<line>" (and with TEST_NOTIFY set, sends the master "notifyRequest"
+// first, as the request-counting example does) until the client closes it. Messages:
+// "listen"; "state" (answers "<state> <exited_after_disconnect>"); "shutdown" (closes every
+// open connection: the example's "initiate graceful close"); "disconnect"; "kill"; "port".
+
+namespace {
+
+struct node_worker {
+  std::optional<Server<tcp>> server;
+  std::list<std::shared_ptr<tcp::socket>> connections;
+  std::string state_before_start;
+};
+
+node_worker* self = nullptr;
+
+awaitable<void> serve_lines(std::shared_ptr<tcp::socket> socket) {
+  auto it = self->connections.insert(self->connections.end(), socket);
+  std::string buffer;
+  for (;;) {
+    auto [ec, n] = co_await asio::async_read_until(*socket, asio::dynamic_buffer(buffer), '\n', as_tuple_t{});
+    if (ec) break;
+    const std::string line = buffer.substr(0, n - 1);
+    buffer.erase(0, n);
+    if (std::getenv("TEST_NOTIFY")) co_await this_worker.send({"notifyRequest"});
+    const std::string reply = "echo:" + line + "\n";
+    auto [wec, w] = co_await asio::async_write(*socket, asio::buffer(reply), as_tuple_t{});
+    if (wec) break;
+  }
+  self->connections.erase(it);  // the last owner of the socket: the connection has ended
+}
+
+awaitable<void> accept_lines() {
+  for (;;) {
+    auto [ec, socket] = co_await self->server->accept(as_tuple_t{});
+    if (ec) co_return;
+    asio::co_spawn(socket.get_executor(), serve_lines(std::make_shared<tcp::socket>(std::move(socket))),
+                   asio::detached);
+  }
+}
+
+awaitable<void> listen_lines() {
+  const char* port = std::getenv("TEST_PORT");
+  const tcp::endpoint at(asio::ip::make_address("127.0.0.1"), port ? std::stoi(port) : 0);
+  self->server.emplace(co_await this_worker.listen(at));
+  asio::co_spawn(co_await asio::this_coro::executor, accept_lines(), asio::detached);
+}
+
+std::string describe(std::optional<bool> flag) { return !flag ? "unset" : *flag ? "true" : "false"; }
+
+awaitable<void> node_worker_loop() {
+  if (std::getenv("TEST_LISTEN_NOW")) co_await listen_lines();
+  for (;;) {
+    auto [ec, m] = co_await this_worker.receive(as_tuple_t{});
+    if (ec) co_return;
+    if (m.data == "listen") {
+      co_await listen_lines();
+      co_await this_worker.send({"listening"});
+    } else if (m.data == "state") {
+      co_await this_worker.send({self->state_before_start + " " + std::string(to_string(this_worker.state())) + " " +
+                                 describe(this_worker.exited_after_disconnect())});
+    } else if (m.data == "shutdown") {
+      for (auto& c : self->connections) c->close();
+    } else if (m.data == "disconnect") {
+      this_worker.disconnect();
+    } else if (m.data == "kill") {
+      this_worker.kill();
+    }
+  }
+}
+
+}  // namespace
+
+int run_node_worker() {
+  node_worker w;
+  self = &w;
+  w.state_before_start = std::string(to_string(this_worker.state()));
+  asio::io_context io;
+  this_worker.start(io.get_executor());
+  asio::co_spawn(io, node_worker_loop(), asio::detached);
+  io.run();
+  return 0;
+}
+
+// ---- the master side ----
+
+namespace {
+
+Env node_env() { return {{"COCLUSTER_TEST_SCENARIO", std::string(scenario::node)}}; }
+
+// A node worker that listens at start. (Built outside coroutines: GCC 12 rejects a braced
+// initializer list inside a co_await expression.)
+Env listening_env(std::uint16_t port = 0, bool notify = false) {
+  Env env = node_env();
+  env["TEST_LISTEN_NOW"] = "1";
+  env["TEST_PORT"] = std::to_string(port);
+  if (notify) env["TEST_NOTIFY"] = "1";
+  return env;
+}
+
+awaitable<tcp::socket> connect_to(std::uint16_t port) {
+  tcp::socket s(co_await asio::this_coro::executor);
+  co_await s.async_connect({asio::ip::make_address("127.0.0.1"), port}, use_awaitable);
+  co_return s;
+}
+
+// Writes one line and reads the answer; "" if the connection ended first.
+awaitable<std::string> ask(tcp::socket& s, const std::string& line) {
+  const std::string out = line + "\n";
+  auto [wec, w] = co_await asio::async_write(s, asio::buffer(out), as_tuple_t{});
+  if (wec) co_return "";
+  std::string in;
+  auto [ec, n] = co_await asio::async_read_until(s, asio::dynamic_buffer(in), '\n', as_tuple_t{});
+  if (ec) co_return "";
+  co_return in.substr(0, n - 1);
+}
+
+// True if the peer closed the connection (EOF or reset) rather than sending something.
+awaitable<bool> closed_by_peer(tcp::socket& s) {
+  char c;
+  auto [ec, n] = co_await s.async_read_some(asio::buffer(&c, 1), as_tuple_t{});
+  co_return ec == asio::error::eof || ec == asio::error::connection_reset;
+}
+
+awaitable<void> sleep_for(std::chrono::milliseconds d) {
+  asio::steady_timer t(co_await asio::this_coro::executor, d);
+  co_await t.async_wait(use_awaitable);
+}
+
+template <class Policy>
+awaitable<void> disconnect_lets_a_connection_finish(asio::io_context& io, Policy policy) {
+  Master<Policy> master(io.get_executor(), {}, policy);
+  auto w = co_await master.fork(listening_env());
+  const Address at = co_await w->listening();
+  CHECK(w->state() == WorkerState::listening);
+  tcp::socket client = co_await connect_to(at.port);
+  CHECK((co_await ask(client, "before")) == "echo:before");  // the worker holds the connection
+
+  w->disconnect();
+  CHECK(w->exited_after_disconnect() == true);
+  CHECK(master.workers().empty());  // Node: at once on a master-side disconnect()
+  // The worker has closed its server, but the connection it holds is served to the end, and
+  // the channel stays open while it is.
+  CHECK((co_await ask(client, "after")) == "echo:after");
+  CHECK(w->is_connected());
+  CHECK(w->state() == WorkerState::listening);
+
+  client.close();  // the last connection ends: now the worker disconnects and exits by itself
+  co_await w->disconnected();
+  CHECK(w->state() != WorkerState::listening);
+  CHECK((co_await w->exited()) == ExitStatus{0, 0});
+  CHECK(w->state() == WorkerState::dead);
+  CHECK(w->exited_after_disconnect() == true);
+}
+
+}  // namespace
+
+TEST_CASE("worker.disconnect(): servers close, existing connections finish, then the channel closes (round robin)") {
+  run_bounded([](asio::io_context& io) { return disconnect_lets_a_connection_finish(io, RoundRobin{}); });
+}
+
+TEST_CASE("worker.disconnect(): servers close, existing connections finish, then the channel closes (shared socket)") {
+  run_bounded([](asio::io_context& io) { return disconnect_lets_a_connection_finish(io, SharedSocket{}); });
+}
+
+TEST_CASE("Node's disconnect-with-timeout example: a connection that never ends keeps the worker until kill()") {
+  // cluster.fork(); on 'listening': send('shutdown'), disconnect(), setTimeout(kill, 2000);
+  // on 'disconnect': clearTimeout. Here the worker ignores "shutdown" (its connection never
+  // ends), so the timeout is what ends it: disconnect cannot come while the connection is open.
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    auto worker = co_await master.fork(listening_env());
+    const Address at = co_await worker->listening();
+    tcp::socket client = co_await connect_to(at.port);
+    CHECK((co_await ask(client, "hello")) == "echo:hello");  // accepted: a connection that never ends
+
+    worker->disconnect();
+    asio::steady_timer timeout(io, 300ms);
+    auto which = co_await (worker->disconnected() || timeout.async_wait(use_awaitable));
+    CHECK(which.index() == 1);  // the timeout fired
+    CHECK(worker->is_connected());
+    worker->kill();
+    const ExitStatus s = co_await worker->exited();
+    CHECK(s.signal == SIGTERM);
+    CHECK(worker->exited_after_disconnect() == true);
+    const bool closed = co_await closed_by_peer(client);
+    CHECK(closed);
+  });
+}
+
+TEST_CASE("Node's disconnect-with-timeout example: a worker that ends its connections on 'shutdown' disconnects first") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    auto worker = co_await master.fork(listening_env());
+    const Address at = co_await worker->listening();
+    tcp::socket client = co_await connect_to(at.port);
+    CHECK((co_await ask(client, "hello")) == "echo:hello");
+
+    co_await worker->send({"shutdown"});
+    worker->disconnect();
+    asio::steady_timer timeout(io, 20s);  // a bound only: the disconnect does not wait for it
+    auto which = co_await (worker->disconnected() || timeout.async_wait(use_awaitable));
+    CHECK(which.index() == 0);
+    const bool closed = co_await closed_by_peer(client);
+    CHECK(closed);
+    CHECK((co_await worker->exited()) == ExitStatus{0, 0});
+  });
+}
+
+TEST_CASE("worker.kill() in a worker: it tells the master and exits with 0 without waiting for its connections") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    auto w = co_await master.fork(listening_env());
+    const Address at = co_await w->listening();
+    tcp::socket client = co_await connect_to(at.port);
+    CHECK((co_await ask(client, "hello")) == "echo:hello");
+    co_await w->send({"kill"});
+    CHECK((co_await w->exited()) == ExitStatus{0, 0});
+    CHECK(w->exited_after_disconnect() == true);
+    CHECK_FALSE(w->is_connected());
+    const bool closed = co_await closed_by_peer(client);
+    CHECK(closed);
+  });
+}
+
+TEST_CASE("worker.disconnect() in a worker waits for its connections too, and the master sees exitedAfterDisconnect") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    auto w = co_await master.fork(listening_env());
+    const Address at = co_await w->listening();
+    tcp::socket client = co_await connect_to(at.port);
+    CHECK((co_await ask(client, "one")) == "echo:one");
+    co_await w->send({"disconnect"});
+    co_await w->send({"state"});  // answered after the disconnect began: messages still flow
+    const Message state = co_await w->receive();
+    CHECK(state.data == "none listening true");
+    CHECK((co_await ask(client, "two")) == "echo:two");
+    CHECK(w->is_connected());
+    client.close();
+    co_await w->disconnected();
+    CHECK((co_await w->exited()) == ExitStatus{0, 0});
+    CHECK(w->exited_after_disconnect() == true);
+  });
+}
+
+TEST_CASE("repeated and concurrent disconnect() and kill() calls are harmless") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    auto a = co_await master.fork(node_env());
+    auto b = co_await master.fork(node_env());
+    co_await a->online();
+    co_await b->online();
+    a->disconnect();
+    a->disconnect();
+    co_await b->send({"disconnect"});
+    b->disconnect();
+    co_await a->disconnected();
+    a->disconnect();
+    a->kill();  // after the disconnect: just the signal, or nothing if it has exited
+    CHECK(a->exited_after_disconnect() == true);
+    co_await a->exited();
+    a->kill();
+    a->disconnect();
+    CHECK((co_await b->exited()) == ExitStatus{0, 0});
+    CHECK(b->exited_after_disconnect() == true);
+  });
+}
+
+TEST_CASE("worker.state: none, online, listening, disconnected, dead in the master; none, online, listening in the worker") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    auto w = co_await master.fork(node_env());
+    co_await w->online();
+    CHECK(w->state() == WorkerState::online);  // it listens only when asked
+    co_await w->send({"state"});
+    CHECK((co_await w->receive()).data == "none online unset");
+    co_await w->send({"listen"});
+    CHECK((co_await w->receive()).data == "listening");
+    co_await w->listening();
+    CHECK(w->state() == WorkerState::listening);
+    co_await w->send({"state"});
+    CHECK((co_await w->receive()).data == "none listening unset");
+    w->disconnect();
+    co_await w->disconnected();
+    CHECK((w->state() == WorkerState::disconnected || w->state() == WorkerState::dead));
+    co_await w->exited();
+    CHECK(w->state() == WorkerState::dead);
+    CHECK(to_string(w->state()) == "dead");
+  });
+}
+
+TEST_CASE("cluster.disconnect(): completes when every worker has disconnected and the listeners are closed; the cycle repeats on the same port") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    std::uint16_t port = 0;
+    for (int cycle = 0; cycle < 2; ++cycle) {
+      const Env env = listening_env(port);
+      auto a = co_await master.fork(env);
+      auto b = co_await master.fork(env);
+      const Address at_a = co_await a->listening();
+      const Address at_b = co_await b->listening();
+      CHECK(at_a.port == at_b.port);
+      if (cycle == 0) port = at_a.port;
+      CHECK(at_a.port == port);
+      co_await master.disconnect();
+      CHECK(master.workers().empty());
+      CHECK_FALSE(a->is_connected());
+      CHECK_FALSE(b->is_connected());
+      // The master's listener is closed: the port can be bound again.
+      tcp::acceptor probe(io);
+      probe.open(tcp::v4());
+      std::error_code ec;
+      probe.bind({asio::ip::make_address("127.0.0.1"), port}, ec);
+      CHECK_MESSAGE(!ec, ec.message());
+      probe.close();
+      co_await a->exited();
+      co_await b->exited();
+    }
+  });
+}
+
+TEST_CASE("cluster.disconnect() with no workers completes (on a later turn of the loop)") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    bool done = false;
+    master.disconnect([&](std::exception_ptr) { done = true; });
+    CHECK_FALSE(done);  // never inline
+    co_await master.disconnect();
+    CHECK(done);
+  });
+}
+
+TEST_CASE("Node's request-counting example: workers notify the master of each request by message") {
+  // Master: numReqs += 1 for each {cmd: 'notifyRequest'} from any worker.
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    auto& events = master.events();
+    const Env env = listening_env(0, /*notify=*/true);
+    auto first = co_await master.fork(env);
+    co_await master.fork(env);
+    const Address at = co_await first->listening();
+    int num_reqs = 0;
+    int answered = 0;
+    constexpr int requests = 20;
+    for (int i = 0; i < requests; ++i) {
+      tcp::socket client = co_await connect_to(at.port);
+      answered += (co_await ask(client, "GET /")) == "echo:GET /";
+    }
+    while (num_reqs < requests) {
+      const Event e = co_await events.next();
+      if (e.type != EventType::message) continue;
+      const Message m = co_await e.worker->receive();
+      if (m.data == "notifyRequest") ++num_reqs;
+    }
+    CHECK(answered == requests);
+    CHECK(num_reqs == requests);
+    co_await master.disconnect();
+  });
+}
+
+TEST_CASE("Node's fork/listening/exit timeout example, written with ||") {
+  // cluster.on('fork', start a timeout); 'listening' clears it; 'exit' clears it and reports.
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    auto watch = [&](std::shared_ptr<Worker> w, std::chrono::milliseconds limit) -> awaitable<std::string> {
+      asio::steady_timer timeout(io, limit);
+      auto which = co_await (w->listening() || w->exited() || timeout.async_wait(use_awaitable));
+      if (which.index() == 0) co_return "listening";
+      co_return "Something must be wrong with the connection ...";  // exited, or the timeout
+    };
+    auto listens = co_await master.fork(listening_env());
+    CHECK((co_await watch(listens, 20s)) == "listening");
+    auto never_listens = co_await master.fork(node_env());
+    CHECK((co_await watch(never_listens, 300ms)) == "Something must be wrong with the connection ...");
+    auto exits = co_await master.fork(scenario_env(scenario::exit3));
+    CHECK((co_await watch(exits, 20s)) == "Something must be wrong with the connection ...");
+    CHECK(exits->is_dead());
+    co_await master.disconnect();
+  });
+}
+
+TEST_CASE("Node's restart-on-exit example: a supervision loop forks a replacement for a worker that dies") {
+  // cluster.on('exit', (worker, code, signal) => { log; cluster.fork(); });
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    auto& events = master.events();
+    auto first = co_await master.fork(node_env());
+    auto second = co_await master.fork(node_env());
+    co_await first->online();
+    co_await second->online();
+    first->kill(SIGKILL);
+    std::string log;
+    for (;;) {
+      const Event e = co_await events.next();
+      if (e.type != EventType::exit) continue;
+      log = "worker " + std::to_string(e.worker->pid()) + " died (" + e.exit.signal_name() + "). restarting...";
+      co_await master.fork(node_env());
+      break;
+    }
+    CHECK(log == "worker " + std::to_string(first->pid()) + " died (SIGKILL). restarting...");
+    const auto workers = master.workers();
+    CHECK(workers.size() == 2);
+    CHECK(workers.count(2) == 1);
+    CHECK(workers.count(3) == 1);  // ids are never reused
+    co_await workers.at(3)->online();
+    co_await master.disconnect();
+  });
+}
+
+TEST_CASE("Node's eachWorker example: a message to every worker in cluster.workers") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    for (int i = 0; i < 3; ++i) co_await master.fork(node_env());
+    for (auto& [id, w] : master.workers()) co_await w->send({"state"});
+    for (auto& [id, w] : master.workers()) CHECK((co_await w->receive()).data == "none online unset");
+    co_await master.disconnect();
+  });
+}
+
+// ---- NODE_DEBUG=cluster ----
+
+namespace {
+
+// Runs this executable as a master (cluster_main's COCLUSTER_TEST_ROLE=master: 3 workers,
+// their pids on stdout) with `debug_env` added, and returns its stderr once the 3 pids are out.
+struct debug_run {
+  pid_t master = -1;
+  std::vector<pid_t> workers;
+  std::string stderr_text;
+};
+
+debug_run run_master_with(const std::string& debug_env) {
+  auto [out_read, out_write] = cocluster::detail::make_pipe();
+  auto [err_read, err_write] = cocluster::detail::make_pipe();
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_adddup2(&actions, out_write.get(), 1);
+  posix_spawn_file_actions_adddup2(&actions, err_write.get(), 2);
+  std::vector<std::string> env_strings = {"COCLUSTER_TEST_ROLE=master", debug_env};
+  for (char** e = environ; *e; ++e)
+    if (std::string_view(*e).rfind("COCLUSTER_DEBUG=", 0) != 0 && std::string_view(*e).rfind("NODE_DEBUG=", 0) != 0)
+      env_strings.emplace_back(*e);
+  std::vector<char*> envp;
+  for (auto& s : env_strings) envp.push_back(s.data());
+  envp.push_back(nullptr);
+  char self_exe[] = "/proc/self/exe";
+  char* argv[] = {self_exe, nullptr};
+  debug_run run;
+  REQUIRE(posix_spawn(&run.master, self_exe, &actions, nullptr, argv, envp.data()) == 0);
+  posix_spawn_file_actions_destroy(&actions);
+  out_write.reset();
+  err_write.reset();
+  std::string line;
+  char c;
+  while (::read(out_read.get(), &c, 1) == 1 && c != '\n') line += c;
+  std::istringstream in(line);
+  for (pid_t p; in >> p;) run.workers.push_back(p);
+  // Every worker is online: its line is written. Stop the master (its workers follow) and
+  // read what it wrote until its stderr closes.
+  ::kill(run.master, SIGKILL);
+  ::waitpid(run.master, nullptr, 0);
+  // The workers still hold stderr; they exit on the channel's EOF.
+  char buf[4096];
+  for (ssize_t n; (n = ::read(err_read.get(), buf, sizeof buf)) > 0;) run.stderr_text.append(buf, n);
+  // Reaped here if they were re-parented to this process (another test makes it a subreaper).
+  for (pid_t w : run.workers) ::waitpid(w, nullptr, 0);
+  return run;
+}
+
+}  // namespace
+
+TEST_CASE("NODE_DEBUG=cluster and COCLUSTER_DEBUG=1 print '<master pid>,Master Worker <pid> online' per worker") {
+  for (std::string env : {"COCLUSTER_DEBUG=1", "NODE_DEBUG=net,cluster"}) {
+    CAPTURE(env);
+    const debug_run run = run_master_with(env);
+    REQUIRE(run.workers.size() == 3);
+    for (pid_t w : run.workers) {
+      const std::string expected = std::to_string(run.master) + ",Master Worker " + std::to_string(w) + " online\n";
+      CHECK_MESSAGE(run.stderr_text.find(expected) != std::string::npos, run.stderr_text);
+    }
+    // Every line has Node's prefix: "<pid>,Master " or "<pid>,Worker ".
+    std::istringstream lines(run.stderr_text);
+    const std::regex prefix(R"(^[0-9]+,(Master|Worker) .+)");
+    for (std::string l; std::getline(lines, l);) CHECK_MESSAGE(std::regex_match(l, prefix), l);
+  }
+  const debug_run quiet = run_master_with("COCLUSTER_DEBUG=0");
+  CHECK(quiet.stderr_text.empty());
+}
