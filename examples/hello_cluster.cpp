@@ -2,9 +2,12 @@
 // cluster documentation opens with.
 //   hello_cluster --workers 2 --port 8000 [--host 127.0.0.1] [--policy rr|none] [--window N]
 // Prints `listening on HOST:PORT` once every worker listens, and replaces a worker that dies.
-// On SIGTERM or SIGINT the workers stop accepting, finish the requests in hand, and report;
-// then it prints one JSON line with the connections each worker served. Without --policy, COCLUSTER_SCHED_POLICY decides (rr).
+// On SIGTERM or SIGINT the master tells each worker to stop (it closes its idle keep-alive
+// connections and reports), then disconnects it: the worker stops accepting and leaves once
+// the requests in hand are answered. A worker still connected after 5 s is killed (Node's
+// disconnect-with-timeout pattern). Then one JSON line with the connections each served. Without --policy, COCLUSTER_SCHED_POLICY decides (rr).
 #include <asio.hpp>
+#include <asio/experimental/awaitable_operators.hpp>
 #include <fmt/core.h>
 
 #include <algorithm>
@@ -73,7 +76,6 @@ bool wants_close(std::string_view head) {
 
 struct worker_state {
   std::size_t connections = 0;
-  std::size_t active = 0;  // requests being answered
   bool stopping = false;
   std::list<tcp::socket*> idle;  // sessions waiting for a request: closed on stop
 };
@@ -87,13 +89,11 @@ awaitable<void> session(tcp::socket socket, worker_state& st) {
                                                    asio::experimental::as_tuple(use_awaitable));
     st.idle.erase(me);
     if (ec) co_return;
-    ++st.active;
     const bool close = wants_close(std::string_view(buffer).substr(0, n)) || st.stopping;
     buffer.erase(0, n);
     std::string response = fmt::format("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{}",
                                        body.size(), close ? "Connection: close\r\n" : "", body);
     auto [wec, wn] = co_await asio::async_write(socket, asio::buffer(response), asio::experimental::as_tuple(use_awaitable));
-    --st.active;
     if (wec || close) co_return;
   }
 }
@@ -110,22 +110,17 @@ awaitable<void> worker_main(options o, worker_state& st) {
       asio::co_spawn(ex, session(std::move(socket), st), asio::detached);
     }
   }, asio::detached);
-  // The master asks us to stop: close the server, then idle connections; wait for the
-  // requests in hand; report; leave.
+  // Node's example: the master's 'shutdown' message lets the worker end its long-lived
+  // connections (here: idle keep-alive ones; requests in hand are answered with
+  // Connection: close). The master's disconnect then closes the server and waits for them.
   for (;;) {
-    Message m = co_await this_worker.receive();
-    if (m.data == "stop") break;
+    auto [ec, m] = co_await this_worker.receive(asio::experimental::as_tuple(use_awaitable));
+    if (ec) co_return;  // disconnected
+    if (m.data != "stop") continue;
+    st.stopping = true;
+    for (auto* s : st.idle) s->close();
+    co_await this_worker.send(fmt::format("{}", st.connections));
   }
-  st.stopping = true;
-  server.close();
-  for (auto* s : st.idle) s->close();
-  asio::steady_timer tick(ex);
-  while (st.active > 0) {
-    tick.expires_after(std::chrono::milliseconds(5));
-    co_await tick.async_wait(use_awaitable);
-  }
-  co_await this_worker.send(fmt::format("{}", st.connections));
-  this_worker.disconnect();
 }
 
 // ---- master ----
@@ -172,6 +167,18 @@ awaitable<void> master_main(options o, cocluster::Master<cocluster::RuntimePolic
     json += fmt::format("{}{{\"id\":{},\"connections\":{}}}", &w == &workers.front() ? "" : ",", w->id(), served);
   }
   json += "]}";
+  // Node's documentation: disconnect, and kill a worker that has not disconnected in time
+  // (a client that keeps its connection open would otherwise keep the worker forever).
+  for (auto& w : workers) w->disconnect();
+  asio::steady_timer timeout(ex, std::chrono::seconds(5));
+  for (auto& w : workers) {
+    using namespace asio::experimental::awaitable_operators;
+    auto which = co_await (w->disconnected() || timeout.async_wait(use_awaitable));
+    if (which.index() == 1 && w->is_connected()) {
+      fmt::print(stderr, "hello_cluster: worker {} still has connections after 5 s; killing it\n", w->id());
+      w->kill();
+    }
+  }
   for (auto& w : workers) co_await w->exited();
   fmt::print("{}\n", json);
 }
