@@ -17,12 +17,15 @@
 #include <iterator>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
+#include <system_error>
 #include <vector>
 
 #include "cocluster/detail/log.hpp"
 #include "cocluster/detail/server_table.hpp"
 #include "cocluster/detail/spawn.hpp"
+#include "cocluster/detail/stdio.hpp"
 #include "cocluster/events.hpp"
 #include "cocluster/policy/round_robin.hpp"
 #include "cocluster/policy/runtime.hpp"
@@ -105,19 +108,26 @@ class Master {
 
   const asio::any_io_executor& get_executor() const noexcept { return state_->ex; }
 
-  // Node: cluster.fork([env]). Starts a worker; completes with it once the process runs
-  // (exec succeeded), before it is online. It is in workers() at once and a `fork` event is
-  // posted. Fails with the errno of the step that failed (exec: ENOENT, EACCES, ...).
+  // Node: cluster.fork([env]). Starts a worker with the current settings and `env` added to
+  // its environment; completes with it once the process runs (exec succeeded), before it is
+  // online. It is in workers() at once and a `fork` event is posted.
+  // Fails with the errno of the step that failed (fork: EAGAIN; setuid: EPERM; execve:
+  // ENOENT, EACCES, ...) and posts an `error` event; the master carries on. With the default
+  // token the std::system_error's what() names the step (the event's detail does for all).
   template <class CompletionToken = asio::use_awaitable_t<>>
   auto fork(Env env = {}, CompletionToken&& token = {}) {
-    return asio::async_initiate<CompletionToken, void(std::error_code, std::shared_ptr<Worker>)>(
-        [this](auto handler, Env e) {
-          detail::pending_handler<std::shared_ptr<Worker>> h(std::move(handler), state_->ex);
-          std::error_code ec;
-          auto w = start_worker(e, ec);
-          h.complete(ec, std::move(w));
-        },
-        token, std::move(env));
+    if constexpr (detail::is_use_awaitable<CompletionToken>) {
+      return fork_or_throw(std::move(env));
+    } else {
+      return asio::async_initiate<CompletionToken, void(std::error_code, std::shared_ptr<Worker>)>(
+          [this](auto handler, Env e) {
+            detail::pending_handler<std::shared_ptr<Worker>> h(std::move(handler), state_->ex);
+            std::optional<std::system_error> failure;
+            auto w = start_worker(e, failure);
+            h.complete(failure ? failure->code() : std::error_code(), std::move(w));
+          },
+          token, std::move(env));
+    }
   }
 
   // Node: cluster.workers. A worker leaves after both its disconnect and its exit (before
@@ -155,10 +165,27 @@ class Master {
   }
 
  private:
-  std::shared_ptr<Worker> start_worker(const Env& env, std::error_code& ec) {
+  asio::awaitable<std::shared_ptr<Worker>> fork_or_throw(Env env) {
+    std::optional<std::system_error> failure;
+    auto w = start_worker(env, failure);
+    if (failure) throw *failure;
+    co_return w;
+  }
+
+  std::shared_ptr<Worker> start_worker(const Env& env, std::optional<std::system_error>& failure) {
     const int id = ++last_id_;
     try {
       auto [ours, theirs] = detail::make_socketpair(SOCK_SEQPACKET);
+      // The master's pipe ends become Asio objects before the fork: registering them can fail,
+      // and should then fail before there is a process to clean up.
+      auto stdio = detail::open_stdio(detail::stdio_choice(settings_));
+      detail::stdio_pipes pipes;
+      for (int i = 0; i < 3; ++i) {
+        if (!stdio.master[i]) continue;
+        pipes[i].emplace(state_->ex);
+        pipes[i]->assign(stdio.master[i].get());  // may throw: the fd stays owned until it succeeded
+        (void)stdio.master[i].release();
+      }
       detail::spawn_request r;
       const auto& self = command_line_;
       r.exec = settings_.exec.empty() ? "/proc/self/exe" : settings_.exec;
@@ -167,10 +194,12 @@ class Master {
       else if (!self.empty()) r.argv.insert(r.argv.end(), self.begin() + 1, self.end());
       r.env = detail::worker_environment(settings_.env, env, id);
       r.cwd = settings_.cwd;
-      detail::Process process(state_->ex, detail::spawn(std::move(r), std::move(theirs)));
+      r.uid = settings_.uid;
+      r.gid = settings_.gid;
+      detail::Process process(state_->ex, detail::spawn(r, std::move(theirs), std::move(stdio.child)));
       ipc::Channel channel(state_->ex, std::move(ours), settings_.channel);
       auto w = detail::master_access::make(id, std::move(process), std::move(channel), state_,
-                                           settings_.max_unread_messages);
+                                           settings_.max_unread_messages, std::move(pipes));
       state_->workers.emplace(id, w);
       state_->unreaped.emplace(id, w);
       detail::debug("Worker {} fork (id {})", w->pid(), id);
@@ -178,9 +207,9 @@ class Master {
       detail::master_access::start(*w);
       return w;
     } catch (const std::system_error& e) {
-      ec = e.code();
+      failure.emplace(e);
       detail::log_error("cannot start worker {}: {}", id, e.what());
-      state_->emit(Event{EventType::error, nullptr, {}, ec, e.what(), {}});
+      state_->emit(Event{EventType::error, nullptr, {}, e.code(), e.what(), {}});
       return nullptr;
     }
   }
