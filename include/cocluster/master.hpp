@@ -53,7 +53,9 @@ inline std::vector<std::string> own_command_line() {
   return args;
 }
 
-// The master's environment, less any worker identity it had, plus `settings` then `extra`.
+// The master's environment, less any worker identity it had (NODE_UNIQUE_ID is dropped, so a
+// Node program the worker runs is no cluster worker; COCLUSTER_WORKER_ID becomes the new id),
+// plus `settings` then `extra`.
 inline std::vector<std::string> worker_environment(const Env& settings, const Env& extra, int id) {
   Env merged;
   for (char** e = environ; e && *e; ++e) {
@@ -110,7 +112,8 @@ class Master {
 
   // Node: cluster.fork([env]). Starts a worker with the current settings and `env` added to
   // its environment; completes with it once the process runs (exec succeeded), before it is
-  // online. It is in workers() at once and a `fork` event is posted.
+  // online. It is in workers() at once. Like Node's fork(), which runs setupMaster() first,
+  // it posts a `setup` event (the settings, defaults filled in) and then a `fork` event.
   // Fails with the errno of the step that failed (fork: EAGAIN; setuid: EPERM; execve:
   // ENOENT, EACCES, ...) and posts an `error` event; the master carries on. With the default
   // token the std::system_error's what() names the step (the event's detail does for all).
@@ -141,11 +144,16 @@ class Master {
     return *state_->events;
   }
 
-  // Node: cluster.setupMaster(settings) / cluster.settings. Affects later forks only.
+  // Node: cluster.setupMaster(settings). Replaces the settings for later forks (running
+  // workers keep theirs), fills in the defaults and posts a `setup` event with a snapshot.
+  // To change one field, as Node merges: `auto s = master.settings(); s.args = {...}; master.setup(s);`
   void setup(Settings settings) {
     settings_ = std::move(settings);
-    state_->emit(Event{EventType::setup, nullptr, {}, {}, {}, {}});
+    run_setup();
   }
+  // Node: cluster.settings. What the Master was constructed with until the first setup() or
+  // fork(); from then on with the defaults filled in (exec: /proc/self/exe; args: the
+  // master's own arguments).
   const Settings& settings() const noexcept { return settings_; }
   const Policy& policy() const noexcept { return policy_; }
 
@@ -165,6 +173,19 @@ class Master {
   }
 
  private:
+  static constexpr const char* self_exe = "/proc/self/exe";
+
+  // Node's setupMaster(): the defaults fill what is unset, then a `setup` event with a
+  // snapshot (made only when someone subscribed: every fork() comes through here).
+  void run_setup() {
+    if (settings_.exec.empty()) settings_.exec = self_exe;
+    if (!settings_.args)
+      settings_.args.emplace(command_line_.empty() ? command_line_.end() : command_line_.begin() + 1,
+                             command_line_.end());
+    if (state_->events)
+      state_->emit(Event{EventType::setup, nullptr, {}, {}, {}, {}, std::make_shared<const Settings>(settings_)});
+  }
+
   asio::awaitable<std::shared_ptr<Worker>> fork_or_throw(Env env) {
     std::optional<std::system_error> failure;
     auto w = start_worker(env, failure);
@@ -173,6 +194,7 @@ class Master {
   }
 
   std::shared_ptr<Worker> start_worker(const Env& env, std::optional<std::system_error>& failure) {
+    run_setup();
     const int id = ++last_id_;
     try {
       auto [ours, theirs] = detail::make_socketpair(SOCK_SEQPACKET);
@@ -187,11 +209,10 @@ class Master {
         (void)stdio.master[i].release();
       }
       detail::spawn_request r;
-      const auto& self = command_line_;
-      r.exec = settings_.exec.empty() ? "/proc/self/exe" : settings_.exec;
-      r.argv.push_back(settings_.exec.empty() && !self.empty() ? self.front() : r.exec);
-      if (settings_.args) r.argv.insert(r.argv.end(), settings_.args->begin(), settings_.args->end());
-      else if (!self.empty()) r.argv.insert(r.argv.end(), self.begin() + 1, self.end());
+      r.exec = settings_.exec;
+      // This executable again: argv[0] is the master's own (what `ps` shows), as for a fork.
+      r.argv.push_back(r.exec == self_exe && !command_line_.empty() ? command_line_.front() : r.exec);
+      r.argv.insert(r.argv.end(), settings_.args->begin(), settings_.args->end());
       r.env = detail::worker_environment(settings_.env, env, id);
       r.cwd = settings_.cwd;
       r.uid = settings_.uid;
