@@ -267,7 +267,11 @@ TEST_CASE("stdio overrides silent") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Settings settings;
     settings.silent = true;
-    settings.stdio = {Stdio::inherit(), Stdio::pipe(), Stdio::ignore()};
+    std::array<Stdio, 3> choice;  // inherit, unless set
+    choice[1] = Stdio::pipe();
+    choice[2] = Stdio::ignore();
+    CHECK(choice[0] == Stdio::inherit());
+    settings.stdio = choice;
     Master<> master(io.get_executor(), settings);
     auto w = co_await master.fork(scenario_env(scenario::report));
     CHECK(w->stdin_pipe() == nullptr);

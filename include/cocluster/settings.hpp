@@ -24,6 +24,9 @@ class Stdio {
  public:
   enum class Kind { inherit, pipe, ignore, fd };
 
+  // inherit, so that `std::array<Stdio, 3> io;  io[1] = Stdio::pipe();` pipes stdout only.
+  constexpr Stdio() noexcept : Stdio(Kind::inherit, -1) {}
+
   // The master's own fd of that number (Node: 'inherit').
   static constexpr Stdio inherit() noexcept { return Stdio(Kind::inherit, -1); }
   // A pipe the master reads (or, for stdin, writes) through worker->stdout_pipe() etc.
