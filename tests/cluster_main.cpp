@@ -126,6 +126,12 @@ int run_worker(int argc, char** argv) {
   const std::string_view s = env ? env : scenario::echo;
   if (s == scenario::garbage || s == scenario::oversized || s == scenario::ten_fds) return misbehave(s);
   if (s == scenario::serve || s == scenario::stall) return run_listen_worker(s);
+  if (s == scenario::never_online) {
+    char c;
+    while (::recv(std::stoi(std::getenv("COCLUSTER_CHANNEL_FD")), &c, 1, 0) > 0) {
+    }
+    return 0;
+  }
   if (s == scenario::stdio_lines) {
     const bool written = ::write(1, "out 1\nout 2\n", 12) == 12 && ::write(2, "err 1\n", 6) == 6;
     return written ? 0 : 1;
@@ -136,12 +142,6 @@ int run_worker(int argc, char** argv) {
     while (::read(0, &c, 1) == 1 && c != '\n') line += c;
     line += '\n';
     return ::write(1, line.data(), line.size()) == static_cast<ssize_t>(line.size()) ? 0 : 1;
-  }
-  if (s == scenario::never_online) {
-    char c;
-    while (::recv(std::stoi(std::getenv("COCLUSTER_CHANNEL_FD")), &c, 1, 0) > 0) {
-    }
-    return 0;
   }
   if (s == scenario::count_sockets) {
     const rlimit few{300, 300};
