@@ -31,6 +31,7 @@ awaitable<void> supervise(Master<>& master, int count) {
     Event e = co_await master.events().next();
     if (e.type == EventType::exit) ++exits;
     if (e.type == EventType::message) continue;  // the loop in master_main takes those
+    if (e.type == EventType::setup) continue;    // every fork() posts one (Node's fork runs setup)
     fmt::print("event {:<10} worker {}{}\n", to_string(e.type), e.worker ? e.worker->id() : 0,
                e.type != EventType::exit ? ""
                : e.exit.killed_by_signal()

@@ -7,7 +7,9 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <sys/resource.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <cstring>
@@ -99,7 +101,26 @@ int misbehave(std::string_view how) {
   return 0;
 }
 
-int run_worker() {
+std::string fd_target(int fd) {
+  char target[PATH_MAX];
+  const ssize_t n = ::readlink(("/proc/self/fd/" + std::to_string(fd)).c_str(), target, sizeof target);
+  return n < 0 ? "closed" : std::string(target, static_cast<std::size_t>(n));
+}
+
+// "uid=U gid=G groups=N cwd=C argv=a|b fd0=T fd1=T fd2=T node_unique_id=X id=I", each
+// value free of spaces (the test's paths are), read again for every report.
+std::string report_process(int argc, char** argv) {
+  char cwd[PATH_MAX];
+  std::string args;
+  for (int i = 1; i < argc; ++i) args += (i > 1 ? "|" : "") + std::string(argv[i]);
+  const char* node_id = std::getenv("NODE_UNIQUE_ID");
+  return "uid=" + std::to_string(::getuid()) + " gid=" + std::to_string(::getgid()) +
+         " groups=" + std::to_string(::getgroups(0, nullptr)) + " cwd=" + (::getcwd(cwd, sizeof cwd) ? cwd : "?") +
+         " argv=" + args + " fd0=" + fd_target(0) + " fd1=" + fd_target(1) + " fd2=" + fd_target(2) +
+         " node_unique_id=" + (node_id ? node_id : "unset") + " id=" + std::to_string(this_worker.id());
+}
+
+int run_worker(int argc, char** argv) {
   const std::string inherited_fds = open_fds();  // before this process opens any of its own
   const char* env = std::getenv("COCLUSTER_TEST_SCENARIO");
   const std::string_view s = env ? env : scenario::echo;
@@ -111,6 +132,17 @@ int run_worker() {
     while (::recv(std::stoi(std::getenv("COCLUSTER_CHANNEL_FD")), &c, 1, 0) > 0) {
     }
     return 0;
+  }
+  if (s == scenario::stdio_lines) {
+    const bool written = ::write(1, "out 1\nout 2\n", 12) == 12 && ::write(2, "err 1\n", 6) == 6;
+    return written ? 0 : 1;
+  }
+  if (s == scenario::echo_stdin) {
+    std::string line = "echo: ";
+    char c;
+    while (::read(0, &c, 1) == 1 && c != '\n') line += c;
+    line += '\n';
+    return ::write(1, line.data(), line.size()) == static_cast<ssize_t>(line.size()) ? 0 : 1;
   }
   if (s == scenario::count_sockets) {
     const rlimit few{300, 300};
@@ -133,6 +165,17 @@ int run_worker() {
     return 0;
   }
   if (s == scenario::exit3) std::exit(3);
+  if (s == scenario::report) {
+    asio::co_spawn(io, [argc, argv]() -> awaitable<void> {
+      for (;;) {
+        auto [ec, m] = co_await this_worker.receive(asio::experimental::as_tuple(use_awaitable));
+        if (ec) co_return;
+        co_await this_worker.send({report_process(argc, argv)});
+      }
+    }, asio::detached);
+    io.run();
+    return 0;
+  }
   if (s == scenario::flood_then_socket) {
     asio::co_spawn(io, []() -> awaitable<void> {
       for (int i = 0; i < 200; ++i) co_await this_worker.send({std::to_string(i)});
@@ -183,7 +226,7 @@ int run_intermediate_master() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (is_worker()) return run_worker();
+  if (is_worker()) return run_worker(argc, argv);
   if (const char* role = std::getenv("COCLUSTER_TEST_ROLE"); role && std::string_view(role) == "master")
     return run_intermediate_master();
   doctest::Context context(argc, argv);

@@ -5,6 +5,9 @@
 
 namespace scenario {
 inline constexpr std::string_view echo = "echo";                        // echoes messages (default)
+inline constexpr std::string_view report = "report";  // answers each message with report_process() (test_settings.cpp)
+inline constexpr std::string_view stdio_lines = "stdio_lines";  // "out 1\nout 2\n" on stdout, "err 1\n" on stderr, exits 0
+inline constexpr std::string_view echo_stdin = "echo_stdin";    // reads a line from stdin, writes "echo: <line>\n", exits 0
 inline constexpr std::string_view exit3 = "exit3";                      // exits with 3 after online
 inline constexpr std::string_view busy = "busy";                        // spins after online, never reads
 inline constexpr std::string_view never_online = "never_online";        // never starts the runtime

@@ -89,10 +89,11 @@ TEST_CASE("a worker that exits by itself with 3 reports code 3 and exited_after_
     CHECK(s == ExitStatus{3, 0});
     CHECK(w->exited_after_disconnect() == false);
     CHECK(master.workers().empty());
-    // Node's order: fork, online, disconnect, exit (disconnect is processed before the reap).
+    // Node's order: (setup, which fork() runs first,) fork, online, disconnect, exit
+    // (disconnect is processed before the reap).
     std::string seen;
     while (events->pending()) seen += std::string(to_string((co_await events->next()).type)) + " ";
-    CHECK(seen == "fork online disconnect exit ");
+    CHECK(seen == "setup fork online disconnect exit ");
   });
 }
 
@@ -185,6 +186,8 @@ TEST_CASE("fork() of a missing executable fails with ENOENT, posts an error even
     CHECK(ec == std::errc::no_such_file_or_directory);
     CHECK(w == nullptr);
     CHECK(master.workers().empty());
+    const Event setup = co_await events.next();  // fork() runs setup first
+    CHECK(setup.type == EventType::setup);
     const Event e = co_await events.next();
     CHECK(e.type == EventType::error);
     CHECK(e.detail.find("/nonexistent/worker") != std::string::npos);

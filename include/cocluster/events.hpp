@@ -9,11 +9,13 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <system_error>
 
 #include "cocluster/address.hpp"
 #include "cocluster/detail/async_queue.hpp"
 #include "cocluster/exit_status.hpp"
+#include "cocluster/settings.hpp"
 
 namespace cocluster {
 
@@ -27,12 +29,23 @@ inline std::string_view to_string(EventType t) {
 }
 
 struct Event {
+  // A constructor rather than an aggregate, so that callers naming only the first fields
+  // (Event{EventType::fork, w}) need not spell out the fields added since.
+  Event() = default;
+  Event(EventType t, std::shared_ptr<Worker> w, ExitStatus status = {}, std::error_code ec = {},
+        std::string what = {}, Address a = {}, std::shared_ptr<const Settings> s = {})
+      : type(t), worker(std::move(w)), exit(status), error(ec), detail(std::move(what)), address(std::move(a)),
+        settings(std::move(s)) {}
+
   EventType type = EventType::error;
   std::shared_ptr<Worker> worker;  // null only for setup (and an error before any worker exists)
   ExitStatus exit;                 // for exit
   std::error_code error;           // for error
   std::string detail;              // for error: what happened, in words
   Address address;                 // for listening
+  // For setup: the settings as they were then, defaults filled in (Node: the event's argument,
+  // "advisory only"; master.settings() is the current value).
+  std::shared_ptr<const Settings> settings;
 };
 // `message` says that worker->receive() has a message waiting; the message itself (and its
 // handle, which has one owner) is taken with receive(). `listening` comes once per server a

@@ -17,12 +17,15 @@
 #include <iterator>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
+#include <system_error>
 #include <vector>
 
 #include "cocluster/detail/log.hpp"
 #include "cocluster/detail/server_table.hpp"
 #include "cocluster/detail/spawn.hpp"
+#include "cocluster/detail/stdio.hpp"
 #include "cocluster/events.hpp"
 #include "cocluster/policy/round_robin.hpp"
 #include "cocluster/policy/runtime.hpp"
@@ -50,7 +53,9 @@ inline std::vector<std::string> own_command_line() {
   return args;
 }
 
-// The master's environment, less any worker identity it had, plus `settings` then `extra`.
+// The master's environment, less any worker identity it had (NODE_UNIQUE_ID is dropped, so a
+// Node program the worker runs is no cluster worker; COCLUSTER_WORKER_ID becomes the new id),
+// plus `settings` then `extra`.
 inline std::vector<std::string> worker_environment(const Env& settings, const Env& extra, int id) {
   Env merged;
   for (char** e = environ; e && *e; ++e) {
@@ -105,19 +110,27 @@ class Master {
 
   const asio::any_io_executor& get_executor() const noexcept { return state_->ex; }
 
-  // Node: cluster.fork([env]). Starts a worker; completes with it once the process runs
-  // (exec succeeded), before it is online. It is in workers() at once and a `fork` event is
-  // posted. Fails with the errno of the step that failed (exec: ENOENT, EACCES, ...).
+  // Node: cluster.fork([env]). Starts a worker with the current settings and `env` added to
+  // its environment; completes with it once the process runs (exec succeeded), before it is
+  // online. It is in workers() at once. Like Node's fork(), which runs setupMaster() first,
+  // it posts a `setup` event (the settings, defaults filled in) and then a `fork` event.
+  // Fails with the errno of the step that failed (fork: EAGAIN; setuid: EPERM; execve:
+  // ENOENT, EACCES, ...) and posts an `error` event; the master carries on. With the default
+  // token the std::system_error's what() names the step (the event's detail does for all).
   template <class CompletionToken = asio::use_awaitable_t<>>
   auto fork(Env env = {}, CompletionToken&& token = {}) {
-    return asio::async_initiate<CompletionToken, void(std::error_code, std::shared_ptr<Worker>)>(
-        [this](auto handler, Env e) {
-          detail::pending_handler<std::shared_ptr<Worker>> h(std::move(handler), state_->ex);
-          std::error_code ec;
-          auto w = start_worker(e, ec);
-          h.complete(ec, std::move(w));
-        },
-        token, std::move(env));
+    if constexpr (detail::is_use_awaitable<CompletionToken>) {
+      return fork_or_throw(std::move(env));
+    } else {
+      return asio::async_initiate<CompletionToken, void(std::error_code, std::shared_ptr<Worker>)>(
+          [this](auto handler, Env e) {
+            detail::pending_handler<std::shared_ptr<Worker>> h(std::move(handler), state_->ex);
+            std::optional<std::system_error> failure;
+            auto w = start_worker(e, failure);
+            h.complete(failure ? failure->code() : std::error_code(), std::move(w));
+          },
+          token, std::move(env));
+    }
   }
 
   // Node: cluster.workers. A worker leaves after both its disconnect and its exit (before
@@ -131,11 +144,16 @@ class Master {
     return *state_->events;
   }
 
-  // Node: cluster.setupMaster(settings) / cluster.settings. Affects later forks only.
+  // Node: cluster.setupMaster(settings). Replaces the settings for later forks (running
+  // workers keep theirs), fills in the defaults and posts a `setup` event with a snapshot.
+  // To change one field, as Node merges: `auto s = master.settings(); s.args = {...}; master.setup(s);`
   void setup(Settings settings) {
     settings_ = std::move(settings);
-    state_->emit(Event{EventType::setup, nullptr, {}, {}, {}, {}});
+    run_setup();
   }
+  // Node: cluster.settings. What the Master was constructed with until the first setup() or
+  // fork(); from then on with the defaults filled in (exec: /proc/self/exe; args: the
+  // master's own arguments).
   const Settings& settings() const noexcept { return settings_; }
   const Policy& policy() const noexcept { return policy_; }
 
@@ -155,22 +173,54 @@ class Master {
   }
 
  private:
-  std::shared_ptr<Worker> start_worker(const Env& env, std::error_code& ec) {
+  static constexpr const char* self_exe = "/proc/self/exe";
+
+  // Node's setupMaster(): the defaults fill what is unset, then a `setup` event with a
+  // snapshot (made only when someone subscribed: every fork() comes through here).
+  void run_setup() {
+    if (settings_.exec.empty()) settings_.exec = self_exe;
+    if (!settings_.args)
+      settings_.args.emplace(command_line_.empty() ? command_line_.end() : command_line_.begin() + 1,
+                             command_line_.end());
+    if (state_->events)
+      state_->emit(Event{EventType::setup, nullptr, {}, {}, {}, {}, std::make_shared<const Settings>(settings_)});
+  }
+
+  asio::awaitable<std::shared_ptr<Worker>> fork_or_throw(Env env) {
+    std::optional<std::system_error> failure;
+    auto w = start_worker(env, failure);
+    if (failure) throw *failure;
+    co_return w;
+  }
+
+  std::shared_ptr<Worker> start_worker(const Env& env, std::optional<std::system_error>& failure) {
+    run_setup();
     const int id = ++last_id_;
     try {
       auto [ours, theirs] = detail::make_socketpair(SOCK_SEQPACKET);
+      // The master's pipe ends become Asio objects before the fork: registering them can fail,
+      // and should then fail before there is a process to clean up.
+      auto stdio = detail::open_stdio(detail::stdio_choice(settings_));
+      detail::stdio_pipes pipes;
+      for (int i = 0; i < 3; ++i) {
+        if (!stdio.master[i]) continue;
+        pipes[i].emplace(state_->ex);
+        pipes[i]->assign(stdio.master[i].get());  // may throw: the fd stays owned until it succeeded
+        (void)stdio.master[i].release();
+      }
       detail::spawn_request r;
-      const auto& self = command_line_;
-      r.exec = settings_.exec.empty() ? "/proc/self/exe" : settings_.exec;
-      r.argv.push_back(settings_.exec.empty() && !self.empty() ? self.front() : r.exec);
-      if (settings_.args) r.argv.insert(r.argv.end(), settings_.args->begin(), settings_.args->end());
-      else if (!self.empty()) r.argv.insert(r.argv.end(), self.begin() + 1, self.end());
+      r.exec = settings_.exec;
+      // This executable again: argv[0] is the master's own (what `ps` shows), as for a fork.
+      r.argv.push_back(r.exec == self_exe && !command_line_.empty() ? command_line_.front() : r.exec);
+      r.argv.insert(r.argv.end(), settings_.args->begin(), settings_.args->end());
       r.env = detail::worker_environment(settings_.env, env, id);
       r.cwd = settings_.cwd;
-      detail::Process process(state_->ex, detail::spawn(std::move(r), std::move(theirs)));
+      r.uid = settings_.uid;
+      r.gid = settings_.gid;
+      detail::Process process(state_->ex, detail::spawn(r, std::move(theirs), std::move(stdio.child)));
       ipc::Channel channel(state_->ex, std::move(ours), settings_.channel);
       auto w = detail::master_access::make(id, std::move(process), std::move(channel), state_,
-                                           settings_.max_unread_messages);
+                                           settings_.max_unread_messages, std::move(pipes));
       state_->workers.emplace(id, w);
       state_->unreaped.emplace(id, w);
       detail::debug("Worker {} fork (id {})", w->pid(), id);
@@ -178,9 +228,9 @@ class Master {
       detail::master_access::start(*w);
       return w;
     } catch (const std::system_error& e) {
-      ec = e.code();
+      failure.emplace(e);
       detail::log_error("cannot start worker {}: {}", id, e.what());
-      state_->emit(Event{EventType::error, nullptr, {}, ec, e.what(), {}});
+      state_->emit(Event{EventType::error, nullptr, {}, e.code(), e.what(), {}});
       return nullptr;
     }
   }

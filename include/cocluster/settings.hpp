@@ -1,7 +1,11 @@
 // How the master starts workers. Node: cluster.settings / cluster.setupMaster().
-//   cocluster::Settings s;  s.args = {"--serve"};  s.env["MODE"] = "fast";  master.setup(s);
+//   cocluster::Settings s;  s.args = {"--serve"};  s.env["MODE"] = "fast";  s.silent = true;
+//   master.setup(s);   // later forks only; then w->stdout_pipe() is the worker's stdout
 #pragma once
 
+#include <sys/types.h>
+
+#include <array>
 #include <cstddef>
 #include <map>
 #include <optional>
@@ -15,6 +19,35 @@ namespace cocluster {
 // Variables added to a worker's environment (Node: the env of cluster.fork(env)).
 using Env = std::map<std::string, std::string>;
 
+// What one of a worker's fds 0, 1, 2 is (Node: an entry of the `stdio` option).
+class Stdio {
+ public:
+  enum class Kind { inherit, pipe, ignore, fd };
+
+  // inherit, so that `std::array<Stdio, 3> io;  io[1] = Stdio::pipe();` pipes stdout only.
+  constexpr Stdio() noexcept : Stdio(Kind::inherit, -1) {}
+
+  // The master's own fd of that number (Node: 'inherit').
+  static constexpr Stdio inherit() noexcept { return Stdio(Kind::inherit, -1); }
+  // A pipe the master reads (or, for stdin, writes) through worker->stdout_pipe() etc.
+  static constexpr Stdio pipe() noexcept { return Stdio(Kind::pipe, -1); }
+  // /dev/null (Node: 'ignore').
+  static constexpr Stdio ignore() noexcept { return Stdio(Kind::ignore, -1); }
+  // A copy of the master's fd `fd` (Node: an integer). The master keeps its fd; it must be
+  // open when fork() is called.
+  static constexpr Stdio fd(int fd) noexcept { return Stdio(Kind::fd, fd); }
+
+  constexpr Kind kind() const noexcept { return kind_; }
+  // The master's fd for Kind::fd, else -1.
+  constexpr int descriptor() const noexcept { return fd_; }
+  friend constexpr bool operator==(const Stdio&, const Stdio&) = default;
+
+ private:
+  constexpr Stdio(Kind k, int fd) noexcept : kind_(k), fd_(fd) {}
+  Kind kind_;
+  int fd_;
+};
+
 struct Settings {
   // Executable each worker runs. Default: this executable (/proc/self/exe).
   std::string exec;
@@ -24,6 +57,17 @@ struct Settings {
   Env env;
   // Working directory of workers. Default: the master's.
   std::string cwd;
+  // Node: silent. True: the worker's stdin, stdout and stderr are pipes to the master
+  // (worker->stdin_pipe(), stdout_pipe(), stderr_pipe()) instead of the master's own.
+  bool silent = false;
+  // Node: stdio. The worker's fds 0, 1, 2; overrides `silent` when set. Node's array also
+  // needs an 'ipc' entry; ours has none: the channel is always fd 3 (COCLUSTER_CHANNEL_FD).
+  std::optional<std::array<Stdio, 3>> stdio;
+  // Node: uid, gid. The worker's user and group (setuid(2)/setgid(2), after chdir, before
+  // exec; its supplementary groups are cleared when the master runs as root). Without the
+  // permission fork() fails with EPERM and the step in what().
+  std::optional<uid_t> uid;
+  std::optional<gid_t> gid;
   // Framing limits and send-queue size of every master-worker channel.
   ipc::ChannelOptions channel;
   // Unread user messages held per worker; beyond it the master stops reading that worker's

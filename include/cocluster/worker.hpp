@@ -11,8 +11,10 @@
 #include <asio/co_spawn.hpp>
 #include <asio/detached.hpp>
 #include <asio/experimental/as_tuple.hpp>
+#include <asio/posix/stream_descriptor.hpp>
 #include <asio/use_awaitable.hpp>
 
+#include <array>
 #include <map>
 #include <memory>
 #include <optional>
@@ -32,6 +34,8 @@ namespace cocluster {
 
 namespace detail {
 struct master_access;
+// The master's ends of a worker's piped stdin, stdout, stderr (empty: not piped).
+using stdio_pipes = std::array<std::optional<asio::posix::stream_descriptor>, 3>;
 
 // What a Master shares with its workers; workers hold it weakly, so a worker outliving its
 // master (in an event someone kept) is harmless.
@@ -55,8 +59,11 @@ class Worker : public std::enable_shared_from_this<Worker> {
  public:
   // Made by Master::fork only.
   Worker(passkey, int id, detail::Process process, ipc::Channel channel,
-         std::weak_ptr<detail::master_state> master, std::size_t max_unread)
-      : id_(id),
+         std::weak_ptr<detail::master_state> master, std::size_t max_unread, detail::stdio_pipes stdio = {})
+      : stdin_(std::move(stdio[0])),
+        stdout_(std::move(stdio[1])),
+        stderr_(std::move(stdio[2])),
+        id_(id),
         process_(std::move(process)),
         channel_(std::move(channel)),
         master_(std::move(master)),
@@ -104,6 +111,17 @@ class Worker : public std::enable_shared_from_this<Worker> {
   auto exited(CompletionToken&& token = {}) {
     return exited_.async_wait(std::forward<CompletionToken>(token));
   }
+
+  // Node: worker.process.stdin/stdout/stderr. The master's end of the worker's pipe set up by
+  // Settings::silent or Settings::stdio, on the master's executor; nullptr when that fd is
+  // not piped (Node: null). Read them like any Asio stream: async_read_until(*w->stdout_pipe(),
+  // ...) ends with asio::error::eof once the worker (and any child holding the fd) has closed
+  // it. A pipe nobody reads fills up (64 KiB) and then blocks the worker's writes, as in Node.
+  // Writing to stdin_pipe() after the worker has closed its stdin raises SIGPIPE unless the
+  // master ignores it (Node ignores SIGPIPE process-wide; cocluster changes no disposition).
+  asio::posix::stream_descriptor* stdin_pipe() noexcept { return stdin_ ? &*stdin_ : nullptr; }
+  asio::posix::stream_descriptor* stdout_pipe() noexcept { return stdout_ ? &*stdout_ : nullptr; }
+  asio::posix::stream_descriptor* stderr_pipe() noexcept { return stderr_ ? &*stderr_ : nullptr; }
 
   // Node: worker.send(message[, handle]). Completes once queued (waits while the channel's
   // send queue is full). Fails with error::worker_not_connected after the disconnect.
@@ -270,6 +288,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
       m->emit(Event{type, shared_from_this(), status, ec, std::move(detail), std::move(address)});
   }
 
+  std::optional<asio::posix::stream_descriptor> stdin_, stdout_, stderr_;
   int id_;
   detail::Process process_;
   ipc::Channel channel_;
@@ -291,8 +310,9 @@ namespace detail {
 // The parts of Worker that only Master uses.
 struct master_access {
   static std::shared_ptr<Worker> make(int id, Process p, ipc::Channel c, std::weak_ptr<master_state> m,
-                                      std::size_t max_unread) {
-    return std::make_shared<Worker>(Worker::passkey{}, id, std::move(p), std::move(c), std::move(m), max_unread);
+                                      std::size_t max_unread, stdio_pipes stdio = {}) {
+    return std::make_shared<Worker>(Worker::passkey{}, id, std::move(p), std::move(c), std::move(m), max_unread,
+                                    std::move(stdio));
   }
   // Starts reading the channel and watching the process; after the `fork` event is posted,
   // since the read loop may process `online` before this returns.

@@ -1,17 +1,22 @@
 // Starting a worker process: fork + exec of an executable, with exactly stdio and the channel
 // inherited (as fd 3), the environment given, and the parent's death as a backstop signal.
-//   auto child = detail::spawn(request);   // throws std::system_error if exec fails
-// exec failure is reported by the child through a close-on-exec pipe; nothing between fork
-// and exec allocates or throws, and the child leaves with _exit.
+//   auto child = detail::spawn(request, std::move(channel_end), std::move(stdio_fds));
+// Throws std::system_error naming the step that failed (fork, chdir, setuid, execve, ...).
+// A failure in the child is reported through a close-on-exec pipe; nothing between fork and
+// exec allocates or throws, and the child leaves with _exit.
 #pragma once
 
+#include <grp.h>
 #include <pthread.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <array>
 #include <cstdint>
+#include <iterator>
+#include <optional>
 #include <string>
 #include <system_error>
 #include <vector>
@@ -29,7 +34,8 @@ struct spawn_request {
   std::vector<std::string> argv;   // argv[0] included
   std::vector<std::string> env;    // "NAME=value", the whole environment
   std::string cwd;                 // empty: the parent's
-  int channel_fd = -1;             // becomes fd 3 in the child
+  std::optional<uid_t> uid;        // set after chdir, before exec (unset: the parent's)
+  std::optional<gid_t> gid;
   int death_signal = SIGTERM;      // sent to the child when the parent dies
 };
 
@@ -40,15 +46,36 @@ struct spawned_process {
 
 namespace spawn_detail {
 
+// The child's steps, in order; a failure names one of them.
+enum class step : std::int32_t { prctl, chdir, dup2_stdio, dup2, close_range, setgroups, setgid, setuid, execve };
+inline constexpr const char* step_names[] = {"prctl",     "chdir",  "dup2 stdio", "dup2",  "close_range",
+                                             "setgroups", "setgid", "setuid",     "execve"};
+inline constexpr std::int32_t step_count = std::size(step_names);
+
 // What the child reports through the pipe when a step fails: which step, and errno.
 struct child_failure {
   std::int32_t step;
   std::int32_t error;
 };
-inline constexpr const char* step_names[] = {"chdir", "dup2", "close_range", "execve", "prctl"};
 
-[[noreturn]] inline void fail_in_child(int report_fd, int step) noexcept {
-  child_failure f{step, errno};
+// Everything the child needs, as plain values prepared by the parent: the child only reads it.
+struct child_plan {
+  const char* exec;
+  char* const* argv;
+  char* const* envp;
+  const char* cwd;             // null: stay in the parent's
+  std::array<int, 3> stdio;    // copied onto 0, 1, 2; -1: inherited. All above 4.
+  int channel;                 // becomes fd 3; above 4
+  int report;                  // the failure pipe, becomes fd 4; above 4
+  pid_t parent;
+  int death_signal;
+  bool clear_groups;           // setgroups(0): only a root parent may (and must) drop them
+  std::optional<gid_t> gid;
+  std::optional<uid_t> uid;
+};
+
+[[noreturn]] inline void fail_in_child(int report_fd, step s) noexcept {
+  child_failure f{static_cast<std::int32_t>(s), errno};
   (void)!::write(report_fd, &f, sizeof f);
   ::_exit(127);
 }
@@ -56,22 +83,29 @@ inline constexpr const char* step_names[] = {"chdir", "dup2", "close_range", "ex
 // Runs in the forked child: only async-signal-safe calls from here to execve.
 // Starts with every signal blocked (the parent blocked them around fork): the parent's
 // handlers are reset to the default first, so none of them can run in the child.
-[[noreturn]] inline void run_child(const spawn_request& r, char* const* argv, char* const* envp,
-                                   pid_t parent, int report_fd) noexcept {
+[[noreturn]] inline void run_child(const child_plan& p) noexcept {
   for (int sig = 1; sig < NSIG; ++sig) ::signal(sig, SIG_DFL);
   sigset_t none;
   ::sigemptyset(&none);
   ::sigprocmask(SIG_SETMASK, &none, nullptr);
-  if (::prctl(PR_SET_PDEATHSIG, r.death_signal) != 0) fail_in_child(report_fd, 4);
-  if (::getppid() != parent) ::_exit(0);  // the parent died before prctl took effect
-  if (!r.cwd.empty() && ::chdir(r.cwd.c_str()) != 0) fail_in_child(report_fd, 0);
-  // Both fds are above 4 (the parent made sure), so these dup2s cannot clobber each other.
-  if (::dup2(r.channel_fd, worker_channel_fd) < 0) fail_in_child(report_fd, 1);
-  if (::dup3(report_fd, 4, O_CLOEXEC) < 0) fail_in_child(report_fd, 1);
-  report_fd = 4;
-  if (::close_range(5, ~0U, 0) != 0) fail_in_child(report_fd, 2);
-  ::execve(r.exec.c_str(), argv, envp);
-  fail_in_child(report_fd, 3);
+  int report = p.report;
+  if (::prctl(PR_SET_PDEATHSIG, p.death_signal) != 0) fail_in_child(report, step::prctl);
+  if (::getppid() != p.parent) ::_exit(0);  // the parent died before prctl took effect
+  if (p.cwd && ::chdir(p.cwd) != 0) fail_in_child(report, step::chdir);
+  // Every source fd is above 4 (the parent made sure), so no dup2 onto 0..4 can clobber one
+  // still to be copied, and none is its own target (dup2 would then keep close-on-exec).
+  for (int i = 0; i < 3; ++i)
+    if (p.stdio[i] >= 0 && ::dup2(p.stdio[i], i) < 0) fail_in_child(report, step::dup2_stdio);
+  if (::dup2(p.channel, worker_channel_fd) < 0) fail_in_child(report, step::dup2);
+  if (::dup3(report, 4, O_CLOEXEC) < 0) fail_in_child(report, step::dup2);
+  report = 4;
+  if (::close_range(5, ~0U, 0) != 0) fail_in_child(report, step::close_range);
+  // libuv's order: groups, then gid (needs the privilege the uid change gives up), then uid.
+  if (p.clear_groups && ::setgroups(0, nullptr) != 0) fail_in_child(report, step::setgroups);
+  if (p.gid && ::setgid(*p.gid) != 0) fail_in_child(report, step::setgid);
+  if (p.uid && ::setuid(*p.uid) != 0) fail_in_child(report, step::setuid);
+  ::execve(p.exec, p.argv, p.envp);
+  fail_in_child(report, step::execve);
 }
 
 inline std::vector<char*> c_strings(const std::vector<std::string>& v) {
@@ -89,38 +123,62 @@ inline unique_fd above_four(unique_fd fd) {
   return unique_fd(moved);
 }
 
+// The what() of a failed step: the step, what it was given, and the executable.
+inline std::string describe_failure(const spawn_request& r, const child_failure& f) {
+  if (f.step < 0 || f.step >= step_count) return "spawn " + r.exec;
+  const std::string name = step_names[f.step];
+  switch (static_cast<step>(f.step)) {
+    case step::chdir: return name + " " + r.cwd + " for " + r.exec;
+    case step::setgid: return name + "(" + std::to_string(r.gid.value_or(0)) + ") for " + r.exec;
+    case step::setuid: return name + "(" + std::to_string(r.uid.value_or(0)) + ") for " + r.exec;
+    default: return name + " " + r.exec;
+  }
+}
+
 }  // namespace spawn_detail
 
-inline spawned_process spawn(spawn_request r, unique_fd channel_end) {
+// `stdio[i]`, when open, becomes the child's fd i (the parent's fd i otherwise). The fds
+// given are the parent's to close: spawn closes them once the child has its copies.
+inline spawned_process spawn(const spawn_request& r, unique_fd channel_end, std::array<unique_fd, 3> stdio = {}) {
   using namespace spawn_detail;
   channel_end = above_four(std::move(channel_end));
-  r.channel_fd = channel_end.get();
+  for (auto& fd : stdio)
+    if (fd) fd = above_four(std::move(fd));
   auto [report_read, report_write] = make_pipe();
   report_write = above_four(std::move(report_write));
   auto argv = c_strings(r.argv);
   auto envp = c_strings(r.env);
-  const pid_t parent = ::getpid();
+  child_plan plan{r.exec.c_str(),
+                  argv.data(),
+                  envp.data(),
+                  r.cwd.empty() ? nullptr : r.cwd.c_str(),
+                  {stdio[0].get(), stdio[1].get(), stdio[2].get()},
+                  channel_end.get(),
+                  report_write.get(),
+                  ::getpid(),
+                  r.death_signal,
+                  (r.uid || r.gid) && ::geteuid() == 0,
+                  r.gid,
+                  r.uid};
 
   sigset_t all, before;
   ::sigfillset(&all);
   ::pthread_sigmask(SIG_SETMASK, &all, &before);
   const pid_t pid = ::fork();
-  if (pid == 0) run_child(r, argv.data(), envp.data(), parent, report_write.get());
+  if (pid == 0) run_child(plan);
   const int fork_errno = errno;
   ::pthread_sigmask(SIG_SETMASK, &before, nullptr);
-  if (pid < 0) throw std::system_error(fork_errno, std::system_category(), "fork");
+  if (pid < 0) throw std::system_error(fork_errno, std::system_category(), "fork " + r.exec);
 
   report_write.reset();
   channel_end.reset();
+  for (auto& fd : stdio) fd.reset();
   child_failure failure{};
   const ssize_t n = retry_on_eintr([&] { return ::read(report_read.get(), &failure, sizeof failure); });
   if (n != 0) {  // the child reported a failure (or the pipe broke): it exits with 127
     retry_on_eintr([&] { return ::waitpid(pid, nullptr, 0); });
-    const int err = n == static_cast<ssize_t>(sizeof failure) ? failure.error : EIO;
-    const char* step = n == static_cast<ssize_t>(sizeof failure) && failure.step >= 0 && failure.step < 5
-                           ? step_names[failure.step]
-                           : "spawn";
-    throw std::system_error(err, std::system_category(), std::string(step) + " " + r.exec);
+    if (n != static_cast<ssize_t>(sizeof failure)) failure = {-1, EIO};
+    throw std::system_error(failure.error, std::system_category(), describe_failure(r, failure));
   }
   std::error_code ec;
   unique_fd pidfd = pidfd_open(pid, ec);
