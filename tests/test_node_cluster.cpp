@@ -147,11 +147,6 @@ awaitable<bool> closed_by_peer(tcp::socket& s) {
   co_return ec == asio::error::eof || ec == asio::error::connection_reset;
 }
 
-awaitable<void> sleep_for(std::chrono::milliseconds d) {
-  asio::steady_timer t(co_await asio::this_coro::executor, d);
-  co_await t.async_wait(use_awaitable);
-}
-
 template <class Policy>
 awaitable<void> disconnect_lets_a_connection_finish(asio::io_context& io, Policy policy) {
   Master<Policy> master(io.get_executor(), {}, policy);
