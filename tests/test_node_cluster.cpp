@@ -27,7 +27,9 @@ using as_tuple_t = asio::experimental::as_tuple_t<asio::use_awaitable_t<>>;
 // every line with "echo:<line>" (and with TEST_NOTIFY set, sends the master "notifyRequest"
 // first, as the request-counting example does) until the client closes it. Messages:
 // "listen"; "state" (answers "<state> <exited_after_disconnect>"); "shutdown" (closes every
-// open connection: the example's "initiate graceful close"); "disconnect"; "kill"; "port".
+// open connection: the example's "initiate graceful close"); "disconnect"; "kill"; "whoami"
+// (Node's cluster.worker example); "send_after_disconnect" (disconnects, then tries to send:
+// exits with 42 if that fails with error::channel_closed).
 
 namespace {
 
@@ -90,6 +92,14 @@ awaitable<void> node_worker_loop() {
       this_worker.disconnect();
     } else if (m.data == "kill") {
       this_worker.kill();
+    } else if (m.data == "whoami") {
+      co_await this_worker.send({"I am worker #" + std::to_string(this_worker.id()) +
+                                 " is_worker=" + std::to_string(is_worker()) + " is_master=" + std::to_string(is_master())});
+    } else if (m.data == "send_after_disconnect") {
+      this_worker.disconnect();
+      co_await this_worker.disconnected();
+      auto [sent] = co_await this_worker.send({"too late"}, as_tuple_t{});
+      std::exit(sent == error::channel_closed ? 42 : 43);
     }
   }
 }
@@ -505,4 +515,55 @@ TEST_CASE("NODE_DEBUG=cluster and COCLUSTER_DEBUG=1 print '<master pid>,Master W
   }
   const debug_run quiet = run_master_with("COCLUSTER_DEBUG=0");
   CHECK(quiet.stderr_text.empty());
+}
+
+TEST_CASE("cluster.isMaster / isWorker and Node's cluster.worker example ('I am worker #id'); this_worker in the master is an error") {
+  CHECK(is_master());
+  CHECK_FALSE(is_worker());
+  CHECK(this_worker.state() == WorkerState::none);
+  CHECK_THROWS_WITH_AS(this_worker.disconnect(), doctest::Contains("master"), std::system_error);
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    auto a = co_await master.fork(node_env());
+    auto b = co_await master.fork(node_env());
+    co_await a->send({"whoami"});
+    co_await b->send({"whoami"});
+    CHECK((co_await a->receive()).data == "I am worker #1 is_worker=1 is_master=0");
+    CHECK((co_await b->receive()).data == "I am worker #2 is_worker=1 is_master=0");
+    co_await master.disconnect();
+  });
+}
+
+TEST_CASE("Node's worker 'exit' example: killed by a signal, exited with an error code, or success") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    auto describe_exit = [](ExitStatus s) {
+      if (s.signal) return "worker was killed by signal: " + s.signal_name();
+      if (s.code != 0) return "worker exited with error code: " + std::to_string(s.code);
+      return std::string("worker success!");
+    };
+    auto killed = co_await master.fork(node_env());
+    auto failing = co_await master.fork(scenario_env(scenario::exit3));
+    auto fine = co_await master.fork(node_env());
+    co_await killed->online();
+    killed->kill(SIGKILL);
+    co_await fine->online();
+    fine->disconnect();
+    const ExitStatus k = co_await killed->exited();
+    const ExitStatus f = co_await failing->exited();
+    const ExitStatus s = co_await fine->exited();
+    CHECK(describe_exit(k) == "worker was killed by signal: SIGKILL");
+    CHECK(describe_exit(f) == "worker exited with error code: 3");
+    CHECK(describe_exit(s) == "worker success!");
+  });
+}
+
+TEST_CASE("send() in a worker after its disconnect fails with channel_closed") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    auto w = co_await master.fork(node_env());
+    co_await w->send({"send_after_disconnect"});
+    CHECK((co_await w->exited()) == ExitStatus{42, 0});
+    CHECK(w->exited_after_disconnect() == true);
+  });
 }
