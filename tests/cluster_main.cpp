@@ -8,6 +8,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -109,6 +110,12 @@ std::string fd_target(int fd) {
 
 // "uid=U gid=G groups=N cwd=C argv=a|b fd0=T fd1=T fd2=T node_unique_id=X id=I", each
 // value free of spaces (the test's paths are), read again for every report.
+int parent_death_signal() {
+  int sig = -1;
+  ::prctl(PR_GET_PDEATHSIG, &sig);
+  return sig;
+}
+
 std::string report_process(int argc, char** argv) {
   char cwd[PATH_MAX];
   std::string args;
@@ -117,7 +124,8 @@ std::string report_process(int argc, char** argv) {
   return "uid=" + std::to_string(::getuid()) + " gid=" + std::to_string(::getgid()) +
          " groups=" + std::to_string(::getgroups(0, nullptr)) + " cwd=" + (::getcwd(cwd, sizeof cwd) ? cwd : "?") +
          " argv=" + args + " fd0=" + fd_target(0) + " fd1=" + fd_target(1) + " fd2=" + fd_target(2) +
-         " node_unique_id=" + (node_id ? node_id : "unset") + " id=" + std::to_string(this_worker.id());
+         " node_unique_id=" + (node_id ? node_id : "unset") + " id=" + std::to_string(this_worker.id()) +
+         " pdeathsig=" + std::to_string(parent_death_signal());
 }
 
 int run_worker(int argc, char** argv) {

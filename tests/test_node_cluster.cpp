@@ -28,7 +28,7 @@ using as_tuple_t = asio::experimental::as_tuple_t<asio::use_awaitable_t<>>;
 // first, as the request-counting example does) until the client closes it. Messages:
 // "listen"; "state" (answers "<state> <exited_after_disconnect>"); "shutdown" (closes every
 // open connection: the example's "initiate graceful close"); "disconnect"; "kill"; "whoami"
-// (Node's cluster.worker example); "send_after_disconnect" (disconnects, then tries to send:
+// (Node's cluster.worker example); "disconnect_then_kill"; "send_after_disconnect" (disconnects, then tries to send:
 // exits with 42 if that fails with error::channel_closed).
 
 namespace {
@@ -95,6 +95,11 @@ awaitable<void> node_worker_loop() {
     } else if (m.data == "whoami") {
       co_await this_worker.send({"I am worker #" + std::to_string(this_worker.id()) +
                                  " is_worker=" + std::to_string(is_worker()) + " is_master=" + std::to_string(is_master())});
+    } else if (m.data == "disconnect_then_kill") {
+      this_worker.disconnect();  // no connections: the channel's shutdown completes soon
+      asio::steady_timer settle(co_await asio::this_coro::executor, std::chrono::milliseconds(100));
+      co_await settle.async_wait(use_awaitable);
+      this_worker.kill();
     } else if (m.data == "send_after_disconnect") {
       this_worker.disconnect();
       co_await this_worker.disconnected();
@@ -564,6 +569,20 @@ TEST_CASE("send() in a worker after its disconnect fails with channel_closed") {
     auto w = co_await master.fork(node_env());
     co_await w->send({"send_after_disconnect"});
     CHECK((co_await w->exited()) == ExitStatus{42, 0});
+    CHECK(w->exited_after_disconnect() == true);
+  });
+}
+
+TEST_CASE("worker.kill() in a worker after its disconnect() exits at once, even while the master is not reading") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Settings settings;
+    settings.max_unread_messages = 1;  // two unread replies pause the master's reading
+    Master<> master(io.get_executor(), settings);
+    auto w = co_await master.fork(node_env());
+    co_await w->send({"whoami"});
+    co_await w->send({"whoami"});
+    co_await w->send({"disconnect_then_kill"});
+    CHECK((co_await w->exited()) == ExitStatus{0, 0});
     CHECK(w->exited_after_disconnect() == true);
   });
 }

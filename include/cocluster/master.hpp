@@ -218,9 +218,15 @@ class Master {
       r.uid = settings_.uid;
       r.gid = settings_.gid;
       detail::Process process(state_->ex, detail::spawn(r, std::move(theirs), std::move(stdio.child)));
-      ipc::Channel channel(state_->ex, std::move(ours), settings_.channel);
-      auto w = detail::master_access::make(id, std::move(process), std::move(channel), state_,
-                                           settings_.max_unread_messages, std::move(pipes));
+      std::shared_ptr<Worker> w;
+      try {
+        ipc::Channel channel(state_->ex, std::move(ours), settings_.channel);
+        w = detail::master_access::make(id, std::move(process), std::move(channel), state_,
+                                        settings_.max_unread_messages, std::move(pipes));
+      } catch (...) {  // the process runs: end it, so that a failed fork leaves nothing behind
+        process.terminate_and_reap(std::chrono::milliseconds(0));
+        throw;
+      }
       state_->workers.emplace(id, w);
       state_->unreaped.emplace(id, w);
       detail::debug("Worker {} fork (id {})", w->pid(), id);

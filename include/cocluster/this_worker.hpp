@@ -261,8 +261,8 @@ class worker_runtime final : public server_host {
   // purpose, and exit with 0 once that is written, without waiting for servers.
   void kill() {
     exited_after_disconnect_ = true;
-    if (!connected_ || shut_down_) {
-      if (!connected_) std::exit(0);
+    if (!connected_ || shut_down_done_) std::exit(0);  // nothing of ours is left to write
+    if (shut_down_) {
       exit_when_shut_down_ = true;  // the channel is already closing: exit when it has
       return;
     }
@@ -281,10 +281,19 @@ class worker_runtime final : public server_host {
     return runtime;
   }
 
-  // Held by every copy of a connection socket's executor (detail::tracked_executor).
+  // Held by every copy of a connection socket's executor (detail::tracked_executor). The
+  // last copy may go on any thread (with a strand over a thread pool, Asio drops an operation's
+  // executor where the operation completed) or inside Asio's cleanup of an operation: the count
+  // is only ever touched on the runtime's executor.
   struct connection_token {
     explicit connection_token(worker_runtime* r) : runtime(r) {}
-    ~connection_token() { runtime->connection_ended(); }
+    ~connection_token() {
+      try {
+        asio::post(runtime->channel_.get_executor(), [r = runtime] { r->connection_ended(); });
+      } catch (...) {  // out of memory: count it here rather than never
+        runtime->connection_ended();
+      }
+    }
     worker_runtime* runtime;  // never destroyed
   };
 
@@ -334,16 +343,13 @@ class worker_runtime final : public server_host {
 
   void connection_ended() {
     --live_connections_;
-    if (live_connections_ == 0 && disconnecting_ && !shut_down_ && connected_)
-      // Posted: a token may go inside Asio's cleanup of an operation.
-      asio::post(channel_.get_executor(), [this] {
-        if (live_connections_ == 0 && !shut_down_) shut_down_channel();
-      });
+    if (live_connections_ == 0 && disconnecting_ && !shut_down_ && connected_) shut_down_channel();
   }
 
   void shut_down_channel() {
     shut_down_ = true;
     channel_.async_shutdown([this](std::error_code) {
+      shut_down_done_ = true;
       if (exit_when_shut_down_) std::exit(0);  // Node: a worker's kill() exits with 0
     });
   }
@@ -451,6 +457,7 @@ class worker_runtime final : public server_host {
   bool connected_ = true;
   bool disconnecting_ = false;
   bool shut_down_ = false;  // our side of the channel is closing: no more close messages
+  bool shut_down_done_ = false;       // ...and everything we queued is written
   bool exit_when_shut_down_ = false;  // kill(): exit(0) once our side is closed
   WorkerState state_ = WorkerState::none;
   std::optional<bool> exited_after_disconnect_;

@@ -18,8 +18,17 @@ namespace cocluster::detail {
 
 class Process {
  public:
-  Process(asio::any_io_executor ex, spawned_process p)
-      : s_(std::make_shared<state>(ex, p.pid, std::move(p.pidfd))) {
+  // If watching the process fails (registering its pidfd with Asio), the process is killed
+  // and reaped before the exception leaves: nothing is left behind.
+  Process(asio::any_io_executor ex, spawned_process p) {
+    const pid_t pid = p.pid;
+    try {
+      s_ = std::make_shared<state>(ex, pid, std::move(p.pidfd));
+    } catch (...) {
+      ::kill(pid, SIGKILL);
+      retry_on_eintr([&] { return ::waitpid(pid, nullptr, 0); });
+      throw;
+    }
     s_->watch();
   }
   Process(Process&&) noexcept = default;
@@ -44,7 +53,7 @@ class Process {
   // For teardown without an event loop: waits up to `grace` for the exit, then SIGKILLs,
   // then reaps. Blocks; the async waiters still see the status.
   void terminate_and_reap(std::chrono::milliseconds grace) {
-    if (!s_->pidfd.is_open()) return;
+    if (!s_ || !s_->pidfd.is_open()) return;  // moved from, or reaped already
     pollfd pfd{s_->pidfd.native_handle(), POLLIN, 0};
     if (retry_on_eintr([&] { return ::poll(&pfd, 1, static_cast<int>(grace.count())); }) <= 0)
       signal(SIGKILL);

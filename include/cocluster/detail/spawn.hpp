@@ -89,8 +89,6 @@ struct child_plan {
   ::sigemptyset(&none);
   ::sigprocmask(SIG_SETMASK, &none, nullptr);
   int report = p.report;
-  if (::prctl(PR_SET_PDEATHSIG, p.death_signal) != 0) fail_in_child(report, step::prctl);
-  if (::getppid() != p.parent) ::_exit(0);  // the parent died before prctl took effect
   if (p.cwd && ::chdir(p.cwd) != 0) fail_in_child(report, step::chdir);
   // Every source fd is above 4 (the parent made sure), so no dup2 onto 0..4 can clobber one
   // still to be copied, and none is its own target (dup2 would then keep close-on-exec).
@@ -104,6 +102,9 @@ struct child_plan {
   if (p.clear_groups && ::setgroups(0, nullptr) != 0) fail_in_child(report, step::setgroups);
   if (p.gid && ::setgid(*p.gid) != 0) fail_in_child(report, step::setgid);
   if (p.uid && ::setuid(*p.uid) != 0) fail_in_child(report, step::setuid);
+  // After the ids: changing them clears the parent-death signal.
+  if (::prctl(PR_SET_PDEATHSIG, p.death_signal) != 0) fail_in_child(report, step::prctl);
+  if (::getppid() != p.parent) ::_exit(0);  // the parent died before prctl took effect
   ::execve(p.exec, p.argv, p.envp);
   fail_in_child(report, step::execve);
 }
