@@ -1,6 +1,7 @@
 // Node's cluster behaviours one by one (../shared/reference/node-cluster.md and
 // node-cluster-invariants.md), and the examples of Node's documentation translated to C++.
 // Each test is named after the behaviour it checks.
+#include <poll.h>
 #include <spawn.h>
 #include <sys/wait.h>
 
@@ -585,4 +586,71 @@ TEST_CASE("worker.kill() in a worker after its disconnect() exits at once, even 
     CHECK((co_await w->exited()) == ExitStatus{0, 0});
     CHECK(w->exited_after_disconnect() == true);
   });
+}
+
+// ---- a master that breaks the protocol ----
+
+TEST_CASE("a worker closes every fd a master hands it: a newconn for no server is refused, a handle that is not its declared socket is a protocol error") {
+  // The channel leaves an internal message's fd to the runtime (which makes the socket on a
+  // tracked executor): this checks the runtime keeps the channel's rules. The test plays the
+  // master by hand over a raw channel.
+  namespace p = ipc::protocol;
+  const int fds_before = open_fd_count();
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    auto [ours, theirs] = cocluster::detail::make_socketpair(SOCK_SEQPACKET);
+    cocluster::detail::spawn_request r;
+    r.exec = "/proc/self/exe";
+    r.argv = {r.exec};
+    r.env = {"COCLUSTER_WORKER_ID=1", "COCLUSTER_CHANNEL_FD=3", "COCLUSTER_TEST_SCENARIO=node", "TEST_LISTEN_NOW=1"};
+    cocluster::detail::Process worker(io.get_executor(), cocluster::detail::spawn(r, std::move(theirs)));
+    ipc::Channel master(io.get_executor(), std::move(ours));
+    auto next = [&]() -> awaitable<p::InternalMessage> {
+      ipc::Envelope e = co_await master.async_receive(use_awaitable);
+      auto m = p::decode(e.message.data);
+      if (e.kind != ipc::message_kind::internal || !m) throw std::runtime_error("not an internal message");
+      co_return *m;
+    };
+    CHECK(std::holds_alternative<p::Online>(co_await next()));
+    const p::InternalMessage query = co_await next();
+    REQUIRE(std::holds_alternative<p::QueryServer>(query));
+    p::QueryReply reply;
+    reply.seq = std::get<p::QueryServer>(query).seq;
+    reply.server = 7;
+    reply.address = "127.0.0.1";
+    reply.port = 9;
+    master.post_internal(p::encode(reply));
+    CHECK(std::holds_alternative<p::Listening>(co_await next()));
+
+    // A connection for a server the worker does not have: refused, and its fd closed.
+    tcp::acceptor acceptor(io, {asio::ip::make_address("127.0.0.1"), 0});
+    tcp::socket client(io);
+    client.connect(acceptor.local_endpoint());
+    tcp::socket handed = acceptor.accept();
+    p::NewConn stray;
+    stray.server = 99;
+    stray.seq = 1;
+    master.post_internal(p::encode(stray), 1, cocluster::detail::unique_fd(handed.release()));
+    const p::InternalMessage refusal = co_await next();
+    REQUIRE(std::holds_alternative<p::Accepted>(refusal));
+    CHECK(std::get<p::Accepted>(refusal).server == 99);
+    CHECK_FALSE(std::get<p::Accepted>(refusal).ok);
+    const bool closed = co_await closed_by_peer(client);  // the worker's copy was the last
+    CHECK(closed);
+
+    // A pipe declared as a TCP socket, for the server it has: a protocol error; the worker
+    // closes the channel and the pipe.
+    auto [pipe_read, pipe_write] = cocluster::detail::make_pipe();
+    p::NewConn fake;
+    fake.server = 7;
+    fake.seq = 2;
+    master.post_internal(p::encode(fake), 1, std::move(pipe_read));
+    auto [ec, e] = co_await master.async_receive(as_tuple_t{});
+    CHECK(ec == asio::error::eof);
+    pollfd pfd{pipe_write.get(), 0, 0};
+    CHECK(::poll(&pfd, 1, 10000) == 1);  // POLLERR: no read end is left open anywhere
+    CHECK((pfd.revents & POLLERR) != 0);
+    const ExitStatus s = co_await worker.async_wait(use_awaitable);
+    CHECK(s == ExitStatus{0, 0});  // an unexpected end of the channel: Node's exit(0)
+  });
+  CHECK(open_fd_count() == fds_before);
 }
