@@ -163,14 +163,30 @@ awaitable<bool> closed_by_peer(tcp::socket& s) {
   co_return ec == asio::error::eof || ec == asio::error::connection_reset;
 }
 
+// A node worker that listens at start, and a client connection it has accepted and answered
+// (so the worker holds it: a connection its disconnect must wait for).
+struct served_worker {
+  std::shared_ptr<Worker> worker;
+  tcp::socket client;
+};
+
+template <class Policy>
+awaitable<served_worker> fork_with_connection(Master<Policy>& master) {
+  auto w = co_await master.fork(listening_env());
+  const Address at = co_await w->listening();
+  tcp::socket client = co_await connect_to(at.port);
+  const std::string answer = co_await ask(client, "hello");
+  if (answer != "echo:hello") throw std::runtime_error("the worker did not answer: '" + answer + "'");
+  co_return served_worker{std::move(w), std::move(client)};
+}
+
 template <class Policy>
 awaitable<void> disconnect_lets_a_connection_finish(asio::io_context& io, Policy policy) {
   Master<Policy> master(io.get_executor(), {}, policy);
-  auto w = co_await master.fork(listening_env());
-  const Address at = co_await w->listening();
+  served_worker served = co_await fork_with_connection(master);  // the worker holds the connection
+  auto& w = served.worker;
+  auto& client = served.client;
   CHECK(w->state() == WorkerState::listening);
-  tcp::socket client = co_await connect_to(at.port);
-  CHECK((co_await ask(client, "before")) == "echo:before");  // the worker holds the connection
 
   w->disconnect();
   CHECK(w->exited_after_disconnect() == true);
@@ -205,10 +221,7 @@ TEST_CASE("Node's disconnect-with-timeout example: a connection that never ends 
   // ends), so the timeout is what ends it: disconnect cannot come while the connection is open.
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<> master(io.get_executor());
-    auto worker = co_await master.fork(listening_env());
-    const Address at = co_await worker->listening();
-    tcp::socket client = co_await connect_to(at.port);
-    CHECK((co_await ask(client, "hello")) == "echo:hello");  // accepted: a connection that never ends
+    auto [worker, client] = co_await fork_with_connection(master);  // accepted: a connection that never ends
 
     worker->disconnect();
     asio::steady_timer timeout(io, 300ms);
@@ -227,10 +240,7 @@ TEST_CASE("Node's disconnect-with-timeout example: a connection that never ends 
 TEST_CASE("Node's disconnect-with-timeout example: a worker that ends its connections on 'shutdown' disconnects first") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<> master(io.get_executor());
-    auto worker = co_await master.fork(listening_env());
-    const Address at = co_await worker->listening();
-    tcp::socket client = co_await connect_to(at.port);
-    CHECK((co_await ask(client, "hello")) == "echo:hello");
+    auto [worker, client] = co_await fork_with_connection(master);
 
     co_await worker->send({"shutdown"});
     worker->disconnect();
@@ -246,10 +256,7 @@ TEST_CASE("Node's disconnect-with-timeout example: a worker that ends its connec
 TEST_CASE("worker.kill() in a worker: it tells the master and exits with 0 without waiting for its connections") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<> master(io.get_executor());
-    auto w = co_await master.fork(listening_env());
-    const Address at = co_await w->listening();
-    tcp::socket client = co_await connect_to(at.port);
-    CHECK((co_await ask(client, "hello")) == "echo:hello");
+    auto [w, client] = co_await fork_with_connection(master);
     co_await w->send({"kill"});
     CHECK((co_await w->exited()) == ExitStatus{0, 0});
     CHECK(w->exited_after_disconnect() == true);
@@ -262,10 +269,7 @@ TEST_CASE("worker.kill() in a worker: it tells the master and exits with 0 witho
 TEST_CASE("worker.disconnect() in a worker waits for its connections too, and the master sees exitedAfterDisconnect") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<> master(io.get_executor());
-    auto w = co_await master.fork(listening_env());
-    const Address at = co_await w->listening();
-    tcp::socket client = co_await connect_to(at.port);
-    CHECK((co_await ask(client, "one")) == "echo:one");
+    auto [w, client] = co_await fork_with_connection(master);
     co_await w->send({"disconnect"});
     co_await w->send({"state"});  // answered after the disconnect began: messages still flow
     const Message state = co_await w->receive();
