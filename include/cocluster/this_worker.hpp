@@ -171,9 +171,13 @@ class worker_runtime final : public server_host {
   int id() const noexcept { return id_; }
   bool is_connected() const noexcept { return connected_; }
   WorkerState state() const noexcept { return state_; }
-  std::optional<bool> exited_after_disconnect() const noexcept { return exited_after_disconnect_; }
-  // Connections accepted through the master whose sockets still exist.
-  std::size_t live_connections() const noexcept { return live_connections_; }
+  // True once this worker leaves on purpose (disconnect(), kill(), or the master's request),
+  // false once its channel ended otherwise, unset until then.
+  std::optional<bool> exited_after_disconnect() const noexcept {
+    if (disconnecting_) return true;
+    if (!connected_) return false;
+    return std::nullopt;
+  }
   ipc::Channel& channel() noexcept { return channel_; }
   async_queue<Message>& messages() noexcept { return messages_; }
   async_latch<>& disconnected() noexcept { return disconnected_; }
@@ -252,7 +256,6 @@ class worker_runtime final : public server_host {
   // channel once every queued message is written.
   void disconnect() {
     if (!connected_ || disconnecting_) return;
-    exited_after_disconnect_ = true;
     send_internal(ipc::protocol::ExitedAfterDisconnect{});
     begin_disconnect();
   }
@@ -260,7 +263,6 @@ class worker_runtime final : public server_host {
   // Node: cluster.worker.kill() / destroy() in the worker: tell the master we leave on
   // purpose, and exit with 0 once that is written, without waiting for servers.
   void kill() {
-    exited_after_disconnect_ = true;
     if (!connected_ || shut_down_done_) std::exit(0);  // nothing of ours is left to write
     if (shut_down_) {
       exit_when_shut_down_ = true;  // the channel is already closing: exit when it has
@@ -390,7 +392,6 @@ class worker_runtime final : public server_host {
         send_internal(p::Accepted{conn->server, conn->seq, false});  // the master gives it to another worker
     } else if (std::holds_alternative<p::Disconnect>(*m)) {
       debug("Worker {} disconnect requested by the master", id_);
-      exited_after_disconnect_ = true;
       if (!disconnecting_) begin_disconnect();
     } else {
       log_error("unexpected internal message from the master; closing the channel");
@@ -433,7 +434,6 @@ class worker_runtime final : public server_host {
       log_error("worker {}: channel to the master failed: {} ({})", id_, end.message(), channel_.error_detail());
     connected_ = false;
     state_ = WorkerState::disconnected;
-    if (!exited_after_disconnect_) exited_after_disconnect_ = false;
     channel_.close();
     close_servers();  // nothing more will be handed over; the master is gone or let us go
     auto queries = std::move(queries_);
@@ -460,7 +460,6 @@ class worker_runtime final : public server_host {
   bool shut_down_done_ = false;       // ...and everything we queued is written
   bool exit_when_shut_down_ = false;  // kill(): exit(0) once our side is closed
   WorkerState state_ = WorkerState::none;
-  std::optional<bool> exited_after_disconnect_;
   std::size_t live_connections_ = 0;
   std::function<void()> on_unexpected_disconnect_;
   std::uint32_t last_query_ = 0;
