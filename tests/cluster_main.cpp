@@ -1,6 +1,7 @@
 // Entry point of test_cluster. The same executable is the master (doctest runs the tests),
 // every worker (a scenario picked by COCLUSTER_TEST_SCENARIO), and, for the master-death
-// test, an intermediate master process (COCLUSTER_TEST_ROLE=master).
+// tests, an intermediate master process (COCLUSTER_TEST_ROLE=master), or a master started by
+// a worker (COCLUSTER_TEST_ROLE=nested_master).
 #define DOCTEST_CONFIG_IMPLEMENT
 #define DOCTEST_CONFIG_NO_POSIX_SIGNALS  // forked workers must not inherit doctest's handlers
 #include "cocluster/cocluster.hpp"
@@ -116,6 +117,8 @@ int parent_death_signal() {
   return sig;
 }
 
+int pdeathsig_at_exec = -1;  // spawn's, before this_worker.start() replaces it
+
 std::string report_process(int argc, char** argv) {
   char cwd[PATH_MAX];
   std::string args;
@@ -125,11 +128,12 @@ std::string report_process(int argc, char** argv) {
          " groups=" + std::to_string(::getgroups(0, nullptr)) + " cwd=" + (::getcwd(cwd, sizeof cwd) ? cwd : "?") +
          " argv=" + args + " fd0=" + fd_target(0) + " fd1=" + fd_target(1) + " fd2=" + fd_target(2) +
          " node_unique_id=" + (node_id ? node_id : "unset") + " id=" + std::to_string(this_worker.id()) +
-         " pdeathsig=" + std::to_string(parent_death_signal());
+         " pdeathsig=" + std::to_string(parent_death_signal()) + " pdeathsig_at_exec=" + std::to_string(pdeathsig_at_exec);
 }
 
 int run_worker(int argc, char** argv) {
   const std::string inherited_fds = open_fds();  // before this process opens any of its own
+  pdeathsig_at_exec = parent_death_signal();
   const char* env = std::getenv("COCLUSTER_TEST_SCENARIO");
   const std::string_view s = env ? env : scenario::echo;
   if (s == scenario::garbage || s == scenario::oversized || s == scenario::ten_fds) return misbehave(s);
@@ -213,14 +217,17 @@ int run_worker(int argc, char** argv) {
   return 0;
 }
 
-// The intermediate master of the master-death test: forks workers, prints their pids once
+// The intermediate master of the master-death tests: forks TEST_WORKERS workers (default 3;
+// they inherit this environment, so its COCLUSTER_TEST_SCENARIO), prints their pids once
 // they are online, then serves until killed.
 int run_intermediate_master() {
   asio::io_context io;
   Master<> master(io.get_executor());
+  const char* count = std::getenv("TEST_WORKERS");
+  const int workers = count ? std::atoi(count) : 3;
   asio::co_spawn(io, [&]() -> awaitable<void> {
     std::string pids;
-    for (int i = 0; i < 3; ++i) {
+    for (int i = 0; i < workers; ++i) {
       auto w = co_await master.fork();
       co_await w->online();
       pids += std::to_string(w->pid()) + " ";
@@ -231,12 +238,30 @@ int run_intermediate_master() {
   return 0;
 }
 
+// A master started by a worker: one echo worker, one round trip; exits 0 if it went well.
+int run_nested_master() {
+  asio::io_context io;
+  Master<> master(io.get_executor());
+  int rc = 1;
+  asio::co_spawn(io, [&]() -> awaitable<void> {
+    auto w = co_await master.fork(scenario_env(scenario::echo));
+    co_await w->send({"ping"});
+    const Message m = co_await w->receive();
+    w->disconnect();
+    const ExitStatus s = co_await w->exited();
+    rc = m.data == "ping" && s == ExitStatus{0, 0} ? 0 : 1;
+  }, asio::detached);
+  io.run();
+  return rc;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (is_worker()) return run_worker(argc, argv);
-  if (const char* role = std::getenv("COCLUSTER_TEST_ROLE"); role && std::string_view(role) == "master")
-    return run_intermediate_master();
+  const char* role = std::getenv("COCLUSTER_TEST_ROLE");
+  if (role && std::string_view(role) == "master") return run_intermediate_master();
+  if (role && std::string_view(role) == "nested_master") return run_nested_master();
   doctest::Context context(argc, argv);
   return context.run();
 }

@@ -2,6 +2,11 @@
 #pragma once
 
 #include <dirent.h>
+#include <poll.h>
+#include <spawn.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <asio/co_spawn.hpp>
 #include <asio/experimental/awaitable_operators.hpp>
@@ -9,15 +14,19 @@
 #include <asio/steady_timer.hpp>
 #include <asio/use_awaitable.hpp>
 
+#include "cocluster/detail/syscalls.hpp"
 #include "cocluster/events.hpp"
 #include "cocluster/exit_status.hpp"
 
 #include <chrono>
 #include <exception>
 #include <functional>
+#include <optional>
 #include <ostream>
+#include <sstream>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace cocluster {
 // For doctest's messages: "{code 0, signal SIGKILL}".
@@ -69,6 +78,72 @@ inline void run_bounded(std::function<awaitable<void>(asio::io_context&)> body,
   io.run();
   if (failure) std::rethrow_exception(failure);
   if (!finished) throw std::runtime_error("io_context ran dry before the test finished");
+}
+
+// Starts this executable again with `extra` ("NAME=value" entries) ahead of this process's
+// environment, so they win, and its stdout and stderr on `out` and `err` when given.
+// The child's pid, or -1.
+inline pid_t spawn_this_executable(std::vector<std::string> extra, int out = -1, int err = -1) {
+  for (char** e = environ; *e; ++e) extra.emplace_back(*e);
+  std::vector<char*> envp;
+  for (auto& s : extra) envp.push_back(s.data());
+  envp.push_back(nullptr);
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  if (out >= 0) posix_spawn_file_actions_adddup2(&actions, out, 1);
+  if (err >= 0) posix_spawn_file_actions_adddup2(&actions, err, 2);
+  char self[] = "/proc/self/exe";
+  char* argv[] = {self, nullptr};
+  pid_t pid = -1;
+  const int rc = posix_spawn(&pid, self, &actions, nullptr, argv, envp.data());
+  posix_spawn_file_actions_destroy(&actions);
+  return rc == 0 ? pid : -1;
+}
+
+// An intermediate master (this executable with COCLUSTER_TEST_ROLE=master, see cluster_main)
+// and its workers, for the tests that kill the master: its stdout (which the workers inherit)
+// and a pidfd per worker. Call with PR_SET_CHILD_SUBREAPER set, so that the orphaned workers
+// come to this process to be waited for.
+struct orphan_run {
+  pid_t master = -1;
+  std::vector<pid_t> workers;
+  std::vector<cocluster::detail::unique_fd> pidfds;
+  cocluster::detail::unique_fd out;  // read end of the master's (and the workers') stdout
+};
+
+// Starts it with `extra` in its environment and returns once every worker is online (the
+// master printed their pids); nullopt if it did not start.
+inline std::optional<orphan_run> start_intermediate_master(std::vector<std::string> extra) {
+  auto [out_read, out_write] = cocluster::detail::make_pipe();
+  extra.insert(extra.begin(), "COCLUSTER_TEST_ROLE=master");
+  orphan_run run;
+  run.master = spawn_this_executable(std::move(extra), out_write.get());
+  if (run.master < 0) return std::nullopt;
+  out_write.reset();
+  run.out = std::move(out_read);
+  std::string line;
+  char c;
+  while (::read(run.out.get(), &c, 1) == 1 && c != '\n') line += c;
+  std::istringstream in(line);
+  for (pid_t p; in >> p;) {
+    std::error_code ec;
+    auto fd = cocluster::detail::pidfd_open(p, ec);
+    if (ec) return std::nullopt;
+    run.workers.push_back(p);
+    run.pidfds.push_back(std::move(fd));
+  }
+  return run;
+}
+
+// Waits up to `limit` for the process behind `pidfd` to end (SIGKILLs it past that) and reaps
+// it. True if it ended within the limit; `info` says how.
+inline bool reap_within(const cocluster::detail::unique_fd& pidfd, std::chrono::milliseconds limit, siginfo_t& info) {
+  pollfd pfd{pidfd.get(), POLLIN, 0};
+  const bool ended = ::poll(&pfd, 1, static_cast<int>(limit.count())) == 1;
+  if (!ended) ::syscall(SYS_pidfd_send_signal, pidfd.get(), SIGKILL, nullptr, 0);
+  info = siginfo_t{};
+  ::waitid(P_PIDFD, static_cast<id_t>(pidfd.get()), &info, WEXITED);
+  return ended;
 }
 
 // Open fds of this process (the directory stream's own fd excluded).

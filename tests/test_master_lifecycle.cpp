@@ -6,7 +6,9 @@
 #include <poll.h>
 #include <sys/prctl.h>
 
+#include <future>
 #include <sstream>
+#include <thread>
 
 #include <doctest/doctest.h>
 
@@ -209,48 +211,69 @@ TEST_CASE("master.disconnect() disconnects every worker and completes when all h
 }
 
 TEST_CASE("killing the master with SIGKILL makes its workers exit within a second") {
-  // Orphaned workers are re-parented to this process, so it can watch and reap them.
-  REQUIRE(::prctl(PR_SET_CHILD_SUBREAPER, 1) == 0);
-  auto [out_read, out_write] = cocluster::detail::make_pipe();
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_adddup2(&actions, out_write.get(), 1);
-  std::vector<std::string> env_strings = {"COCLUSTER_TEST_ROLE=master"};
-  for (char** e = environ; *e; ++e) env_strings.emplace_back(*e);
-  std::vector<char*> envp;
-  for (auto& s : env_strings) envp.push_back(s.data());
-  envp.push_back(nullptr);
-  char self[] = "/proc/self/exe";
-  char* argv[] = {self, nullptr};
-  pid_t master_pid = -1;
-  REQUIRE(posix_spawn(&master_pid, self, &actions, nullptr, argv, envp.data()) == 0);
-  posix_spawn_file_actions_destroy(&actions);
-  out_write.reset();
-
-  std::string line;
-  char c;
-  while (::read(out_read.get(), &c, 1) == 1 && c != '\n') line += c;
-  std::vector<pid_t> pids;
-  std::istringstream in(line);
-  for (pid_t p; in >> p;) pids.push_back(p);
-  REQUIRE(pids.size() == 3);
-  std::vector<cocluster::detail::unique_fd> pidfds;
-  for (pid_t p : pids) {
-    std::error_code ec;
-    pidfds.push_back(cocluster::detail::pidfd_open(p, ec));
-    REQUIRE_FALSE(ec);
-  }
-  REQUIRE(::kill(master_pid, SIGKILL) == 0);
-  REQUIRE(::waitpid(master_pid, nullptr, 0) == master_pid);
+  REQUIRE(::prctl(PR_SET_CHILD_SUBREAPER, 1) == 0);  // orphaned workers come to this process
+  auto run = start_intermediate_master({});
+  REQUIRE(run);
+  REQUIRE(run->workers.size() == 3);
+  REQUIRE(::kill(run->master, SIGKILL) == 0);
+  REQUIRE(::waitpid(run->master, nullptr, 0) == run->master);
   const auto killed_at = std::chrono::steady_clock::now();
-  for (std::size_t i = 0; i < pids.size(); ++i) {
+  for (std::size_t i = 0; i < run->workers.size(); ++i) {
     const auto left = 1000ms - std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - killed_at);
-    pollfd pfd{pidfds[i].get(), POLLIN, 0};
-    const int ready = ::poll(&pfd, 1, static_cast<int>(std::max(left, 0ms).count()));
-    CHECK_MESSAGE(ready == 1, "worker " << pids[i] << " still runs a second after its master was killed");
-    if (ready != 1) ::kill(pids[i], SIGKILL);
-    siginfo_t info{};
-    ::waitid(P_PIDFD, static_cast<id_t>(pidfds[i].get()), &info, WEXITED);
+    siginfo_t info;
+    const bool ended = reap_within(run->pidfds[i], std::max(left, 0ms), info);
+    CHECK_MESSAGE(ended, "worker " << run->workers[i] << " still runs a second after its master was killed");
   }
   ::prctl(PR_SET_CHILD_SUBREAPER, 0);
+}
+
+TEST_CASE("a worker whose loop is stuck when its master dies is ended by the parent-death backstop (SIGKILL)") {
+  // The orderly path (the channel's EOF) needs the loop; a worker spinning in user code never
+  // gets there, so the kernel's parent-death signal arms a timer that ends it.
+  REQUIRE(::prctl(PR_SET_CHILD_SUBREAPER, 1) == 0);
+  auto run = start_intermediate_master({"TEST_WORKERS=1", "COCLUSTER_TEST_SCENARIO=busy"});
+  REQUIRE(run);
+  REQUIRE(run->workers.size() == 1);
+  REQUIRE(::kill(run->master, SIGKILL) == 0);
+  REQUIRE(::waitpid(run->master, nullptr, 0) == run->master);
+  siginfo_t info;
+  const bool ended = reap_within(run->pidfds[0], 20000ms, info);  // the grace is 2 s
+  CHECK(ended);
+  CHECK(info.si_code == CLD_KILLED);
+  CHECK(info.si_status == SIGKILL);
+  ::prctl(PR_SET_CHILD_SUBREAPER, 0);
+}
+
+TEST_CASE("the parent-death signal that follows the end of the master's forking thread leaves the worker running") {
+  // PR_SET_PDEATHSIG fires when the thread that forked the child ends, though the master
+  // lives on. The backstop sees its parent is still the master and stands down.
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    auto [ours, theirs] = cocluster::detail::make_socketpair(SOCK_SEQPACKET);
+    cocluster::detail::spawn_request r;
+    r.exec = "/proc/self/exe";
+    r.argv = {r.exec};
+    r.env = {"COCLUSTER_WORKER_ID=1", "COCLUSTER_CHANNEL_FD=3"};  // the echo scenario
+    // The thread forks, and ends once the worker is online (before that, spawn's SIGTERM
+    // would still be the parent-death signal).
+    std::promise<cocluster::detail::spawned_process> spawned;
+    std::promise<void> online_seen;
+    std::thread forking([&] {
+      spawned.set_value(cocluster::detail::spawn(r, std::move(theirs)));
+      online_seen.get_future().wait();
+    });
+    cocluster::detail::Process worker(io.get_executor(), spawned.get_future().get());
+    ipc::Channel channel(io.get_executor(), std::move(ours));
+    ipc::Envelope online = co_await channel.async_receive(use_awaitable);
+    CHECK(online.kind == ipc::message_kind::internal);
+    online_seen.set_value();
+    forking.join();
+    // Longer than the grace: a backstop that ignored its parent would have ended the worker.
+    asio::steady_timer past_grace(io, cocluster::detail::parent_death::grace + 1s);
+    co_await past_grace.async_wait(use_awaitable);
+    co_await channel.async_send({ipc::message_kind::user, {"still here?"}}, use_awaitable);
+    ipc::Envelope echo = co_await channel.async_receive(use_awaitable);
+    CHECK(echo.message.data == "still here?");
+    channel.close();  // an unexpected end: the worker exits with 0
+    CHECK((co_await worker.async_wait(use_awaitable)) == ExitStatus{0, 0});
+  });
 }

@@ -3,10 +3,12 @@
 // Each test is named after the behaviour it checks.
 #include <poll.h>
 #include <spawn.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 
 #include <doctest/doctest.h>
 
+#include <filesystem>
 #include <list>
 #include <regex>
 #include <sstream>
@@ -30,7 +32,13 @@ using as_tuple_t = asio::experimental::as_tuple_t<asio::use_awaitable_t<>>;
 // "listen"; "state" (answers "<state> <exited_after_disconnect>"); "shutdown" (closes every
 // open connection: the example's "initiate graceful close"); "disconnect"; "kill"; "whoami"
 // (Node's cluster.worker example); "disconnect_then_kill"; "send_after_disconnect" (disconnects, then tries to send:
-// exits with 42 if that fails with error::channel_closed).
+// exits with 42 if that fails with error::channel_closed); "close_channel" (process.disconnect());
+// "is_dead"; "watch_sigusr1" (answers "watching", then "got SIGUSR1" for each SIGUSR1);
+// "run_nested_master" (runs this executable as a master of its own and reports how it went);
+// "fork_holder" (forks a child, without exec, that holds the channel: answers "holder <pid>");
+// "exit42". Environment: TEST_ON_DISCONNECT installs an on_disconnect handler that writes
+// "on_disconnect <pid>" on stdout and exits 0; TEST_ATEXIT an atexit handler, registered
+// before start(), that ends the process with 40 if this_worker.is_dead() is true then, else 41.
 
 namespace {
 
@@ -76,6 +84,34 @@ awaitable<void> listen_lines() {
 
 std::string describe(std::optional<bool> flag) { return !flag ? "unset" : *flag ? "true" : "false"; }
 
+// Runs this executable as a master (cluster_main's COCLUSTER_TEST_ROLE=nested_master: one echo
+// worker, one round trip) with this worker's environment as it is now, and says how it ended
+// and whether our identity was still in the environment it got.
+std::string run_nested_master() {
+  const bool id_set = std::getenv("COCLUSTER_WORKER_ID") != nullptr;
+  const bool fd_set = std::getenv("COCLUSTER_CHANNEL_FD") != nullptr;
+  const pid_t pid = test::spawn_this_executable({"COCLUSTER_TEST_ROLE=nested_master"});
+  int status = 0;
+  if (pid < 0 || ::waitpid(pid, &status, 0) != pid) return "nested could not run";
+  const std::string how = WIFEXITED(status) ? "exit " + std::to_string(WEXITSTATUS(status))
+                                            : "signal " + std::to_string(WTERMSIG(status));
+  return "nested " + how + " id=" + (id_set ? "set" : "unset") + " fd=" + (fd_set ? "set" : "unset");
+}
+
+awaitable<void> report_signals(std::shared_ptr<asio::signal_set> signals) {
+  for (;;) {
+    auto [ec, sig] = co_await signals->async_wait(as_tuple_t{});
+    if (ec) co_return;
+    co_await this_worker.send({"got SIGUSR1"});
+  }
+}
+
+// A pending signal wait would keep the process alive after its disconnect.
+awaitable<void> cancel_on_disconnect(std::shared_ptr<asio::signal_set> signals) {
+  co_await this_worker.disconnected();
+  signals->cancel();
+}
+
 awaitable<void> node_worker_loop() {
   if (std::getenv("TEST_LISTEN_NOW")) co_await listen_lines();
   for (;;) {
@@ -101,6 +137,25 @@ awaitable<void> node_worker_loop() {
       asio::steady_timer settle(co_await asio::this_coro::executor, std::chrono::milliseconds(100));
       co_await settle.async_wait(use_awaitable);
       this_worker.kill();
+    } else if (m.data == "close_channel") {
+      this_worker.close_channel();
+    } else if (m.data == "is_dead") {
+      co_await this_worker.send({"is_dead " + std::to_string(this_worker.is_dead())});
+    } else if (m.data == "watch_sigusr1") {
+      auto signals = std::make_shared<asio::signal_set>(co_await asio::this_coro::executor, SIGUSR1);
+      asio::co_spawn(signals->get_executor(), report_signals(signals), asio::detached);
+      asio::co_spawn(signals->get_executor(), cancel_on_disconnect(signals), asio::detached);
+      co_await this_worker.send({"watching"});
+    } else if (m.data == "run_nested_master") {
+      co_await this_worker.send({run_nested_master()});
+    } else if (m.data == "fork_holder") {
+      const pid_t holder = ::fork();
+      if (holder == 0) {
+        for (;;) ::pause();  // holds every fd of the worker, the channel's end among them
+      }
+      co_await this_worker.send({"holder " + std::to_string(holder)});
+    } else if (m.data == "exit42") {
+      std::exit(42);
     } else if (m.data == "send_after_disconnect") {
       this_worker.disconnect();
       co_await this_worker.disconnected();
@@ -116,8 +171,15 @@ int run_node_worker() {
   node_worker w;
   self = &w;
   w.state_before_start = std::string(to_string(this_worker.state()));
+  if (std::getenv("TEST_ATEXIT")) std::atexit([] { ::_exit(this_worker.is_dead() ? 40 : 41); });
   asio::io_context io;
   this_worker.start(io.get_executor());
+  if (std::getenv("TEST_ON_DISCONNECT"))
+    this_worker.on_disconnect([] {
+      const std::string line = "on_disconnect " + std::to_string(::getpid()) + "\n";
+      const bool written = ::write(1, line.data(), line.size()) == static_cast<ssize_t>(line.size());
+      std::exit(written ? 0 : 1);
+    });
   asio::co_spawn(io, node_worker_loop(), asio::detached);
   io.run();
   return 0;
@@ -472,22 +534,12 @@ struct debug_run {
 debug_run run_master_with(const std::string& debug_env) {
   auto [out_read, out_write] = cocluster::detail::make_pipe();
   auto [err_read, err_write] = cocluster::detail::make_pipe();
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_adddup2(&actions, out_write.get(), 1);
-  posix_spawn_file_actions_adddup2(&actions, err_write.get(), 2);
-  std::vector<std::string> env_strings = {"COCLUSTER_TEST_ROLE=master", debug_env};
-  for (char** e = environ; *e; ++e)
-    if (std::string_view(*e).rfind("COCLUSTER_DEBUG=", 0) != 0 && std::string_view(*e).rfind("NODE_DEBUG=", 0) != 0)
-      env_strings.emplace_back(*e);
-  std::vector<char*> envp;
-  for (auto& s : env_strings) envp.push_back(s.data());
-  envp.push_back(nullptr);
-  char self_exe[] = "/proc/self/exe";
-  char* argv[] = {self_exe, nullptr};
+  // Both debug variables given: the one tested, and the other one empty (off).
+  const bool node = debug_env.rfind("NODE_DEBUG=", 0) == 0;
   debug_run run;
-  REQUIRE(posix_spawn(&run.master, self_exe, &actions, nullptr, argv, envp.data()) == 0);
-  posix_spawn_file_actions_destroy(&actions);
+  run.master = spawn_this_executable({"COCLUSTER_TEST_ROLE=master", debug_env, node ? "COCLUSTER_DEBUG=" : "NODE_DEBUG="},
+                                     out_write.get(), err_write.get());
+  REQUIRE(run.master > 0);
   out_write.reset();
   err_write.reset();
   std::string line;
@@ -657,4 +709,251 @@ TEST_CASE("a worker closes every fd a master hands it: a newconn for no server i
     CHECK(s == ExitStatus{0, 0});  // an unexpected end of the channel: Node's exit(0)
   });
   CHECK(open_fd_count() == fds_before);
+}
+
+// ---- issue 10: what an independent check of Node's own tests found ----
+
+namespace {
+
+// Reads `fd` until EOF or `limit`; false on the limit.
+bool read_to_eof(int fd, std::string& out, std::chrono::milliseconds limit) {
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  char buf[4096];
+  for (;;) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    pollfd pfd{fd, POLLIN, 0};
+    if (left.count() <= 0 || ::poll(&pfd, 1, static_cast<int>(left.count())) != 1) return false;
+    const ssize_t n = ::read(fd, buf, sizeof buf);
+    if (n <= 0) return n == 0;
+    out.append(buf, static_cast<std::size_t>(n));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("a worker whose master is SIGKILLed runs its on_disconnect handler and exits 0 (50 times): the parent-death signal never pre-empts it") {
+  // Node: a worker exits with 0 when its channel closes (test-cluster-master-kill.js). The
+  // kernel's parent-death signal arrives with the EOF; it must not be what ends the worker.
+  REQUIRE(::prctl(PR_SET_CHILD_SUBREAPER, 1) == 0);  // orphaned workers come to this process
+  int handlers_ran = 0;
+  int clean_exits = 0;
+  constexpr int rounds = 50;
+  constexpr int workers = 2;
+  for (int round = 0; round < rounds; ++round) {
+    auto [out_read, out_write] = cocluster::detail::make_pipe();
+    const pid_t master = spawn_this_executable({"COCLUSTER_TEST_ROLE=master", "TEST_WORKERS=2", "TEST_ON_DISCONNECT=1",
+                                                "COCLUSTER_TEST_SCENARIO=node"},
+                                               out_write.get());
+    REQUIRE(master > 0);
+    out_write.reset();
+    std::string line;
+    char c;
+    while (::read(out_read.get(), &c, 1) == 1 && c != '\n') line += c;
+    std::istringstream in(line);
+    std::vector<pid_t> pids;
+    for (pid_t p; in >> p;) pids.push_back(p);
+    REQUIRE(pids.size() == workers);
+    std::vector<cocluster::detail::unique_fd> pidfds;
+    for (pid_t p : pids) {
+      std::error_code ec;
+      pidfds.push_back(cocluster::detail::pidfd_open(p, ec));
+      REQUIRE_FALSE(ec);
+    }
+    REQUIRE(::kill(master, SIGKILL) == 0);
+    REQUIRE(::waitpid(master, nullptr, 0) == master);
+    // Every worker writes its line and exits; the pipe ends when the last one has.
+    std::string rest;
+    const bool ended = read_to_eof(out_read.get(), rest, 20s);
+    CHECK_MESSAGE(ended, "the workers still hold stdout 20 s after their master was killed");
+    for (std::size_t i = 0; i < pids.size(); ++i) {
+      if (!ended) ::kill(pids[i], SIGKILL);
+      siginfo_t info{};
+      REQUIRE(::waitid(P_PIDFD, static_cast<id_t>(pidfds[i].get()), &info, WEXITED) == 0);
+      const bool exited_0 = info.si_code == CLD_EXITED && info.si_status == 0;
+      CHECK_MESSAGE(exited_0, "round " << round << ": worker " << pids[i] << " ended with si_code " << info.si_code
+                                       << ", status " << info.si_status);
+      clean_exits += exited_0;
+      const bool ran = rest.find("on_disconnect " + std::to_string(pids[i]) + "\n") != std::string::npos;
+      CHECK_MESSAGE(ran, "round " << round << ": no on_disconnect line from " << pids[i] << " in '" << rest << "'");
+      handlers_ran += ran;
+    }
+  }
+  ::prctl(PR_SET_CHILD_SUBREAPER, 0);
+  CHECK(handlers_ran == rounds * workers);
+  CHECK(clean_exits == rounds * workers);
+}
+
+TEST_CASE("a worker's identity leaves its environment at start(): a cocluster program it runs is a master") {
+  // Node deletes NODE_UNIQUE_ID in the worker for this reason.
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    auto w = co_await master.fork(node_env());
+    co_await w->send({"run_nested_master"});
+    CHECK((co_await w->receive()).data == "nested exit 0 id=unset fd=unset");
+    co_await w->send({"whoami"});  // the worker itself still knows who it is
+    CHECK((co_await w->receive()).data == "I am worker #1 is_worker=1 is_master=0");
+    co_await master.disconnect();
+  });
+}
+
+TEST_CASE("the cluster 'disconnect' event reads state disconnected, even when taken after the exit (a child of the worker holds its channel)") {
+  // Node's listeners run when the event is emitted; ours are read later from a queue, so each
+  // event carries what they would have read then.
+  REQUIRE(::prctl(PR_SET_CHILD_SUBREAPER, 1) == 0);  // the holder comes to this process
+  pid_t holder = -1;
+  run_bounded([&](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    auto& events = master.events();
+    auto w = co_await master.fork(node_env());
+    co_await w->send({"fork_holder"});
+    const std::string answer = (co_await w->receive()).data;
+    REQUIRE(answer.rfind("holder ", 0) == 0);
+    holder = std::stoi(answer.substr(7));
+    co_await w->send({"exit42"});
+    CHECK((co_await w->exited()) == ExitStatus{42, 0});  // the channel's end was read first
+    CHECK(w->state() == WorkerState::dead);  // by now; the events below were emitted before
+    std::optional<Event> disconnect, exit;
+    while (!exit) {
+      Event e = co_await events.next();
+      if (e.type == EventType::disconnect) disconnect = e;
+      if (e.type == EventType::exit) exit = e;
+    }
+    REQUIRE(disconnect);
+    CHECK(disconnect->snapshot.state == WorkerState::disconnected);
+    CHECK_FALSE(disconnect->snapshot.is_connected);
+    CHECK_FALSE(disconnect->snapshot.is_dead);
+    CHECK(disconnect->snapshot.exited_after_disconnect == false);
+    CHECK(exit->snapshot.state == WorkerState::dead);
+    CHECK(exit->snapshot.is_dead);
+    CHECK(exit->exit == ExitStatus{42, 0});
+  });
+  if (holder > 0) {
+    ::kill(holder, SIGKILL);
+    ::waitpid(holder, nullptr, 0);
+  }
+  ::prctl(PR_SET_CHILD_SUBREAPER, 0);
+  CHECK(holder > 0);
+}
+
+TEST_CASE("every cluster event carries the worker's state when it was emitted: fork, online, listening, disconnect, exit") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    auto& events = master.events();
+    auto w = co_await master.fork(listening_env());
+    co_await w->listening();
+    w->disconnect();
+    co_await w->exited();
+    std::vector<std::pair<EventType, WorkerSnapshot>> seen;
+    while (seen.empty() || seen.back().first != EventType::exit) {
+      const Event e = co_await events.next();
+      if (e.worker) seen.emplace_back(e.type, e.snapshot);
+    }
+    const std::vector<std::pair<EventType, WorkerSnapshot>> expected = {
+        {EventType::fork, {WorkerState::none, std::nullopt, true, false}},
+        {EventType::online, {WorkerState::online, std::nullopt, true, false}},
+        {EventType::listening, {WorkerState::listening, std::nullopt, true, false}},
+        {EventType::disconnect, {WorkerState::disconnected, true, false, false}},
+        {EventType::exit, {WorkerState::dead, true, false, true}},
+    };
+    REQUIRE(seen.size() == expected.size());
+    for (std::size_t i = 0; i < seen.size(); ++i) {
+      CAPTURE(i);
+      CHECK(seen[i].first == expected[i].first);
+      CHECK(seen[i].second == expected[i].second);
+    }
+  });
+}
+
+TEST_CASE("worker.isDead() in a worker: false while it runs, true in its exit handlers") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    Env env = node_env();
+    env["TEST_ATEXIT"] = "1";
+    auto w = co_await master.fork(env);
+    co_await w->send({"is_dead"});
+    CHECK((co_await w->receive()).data == "is_dead 0");
+    co_await w->send({"kill"});
+    CHECK((co_await w->exited()) == ExitStatus{40, 0});  // 40: the atexit handler read true
+  });
+}
+
+TEST_CASE("cluster.setupMaster() merges: setup_merge() changes only the fields given, so exec is kept") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    const std::string exe = std::filesystem::read_symlink("/proc/self/exe").string();
+    Settings initial;
+    initial.exec = exe;  // not the default (/proc/self/exe)
+    initial.env = scenario_env(scenario::report);
+    Master<> master(io.get_executor(), initial);
+    auto& events = master.events();
+    master.setup_merge({.args = std::vector<std::string>{"--merged"}});
+    CHECK(master.settings().exec == exe);
+    CHECK(master.settings().args == std::vector<std::string>{"--merged"});
+    CHECK(master.settings().env == scenario_env(scenario::report));
+    const Event setup = co_await events.next();
+    REQUIRE(setup.type == EventType::setup);
+    CHECK(setup.settings->exec == exe);
+    CHECK(setup.settings->args == std::vector<std::string>{"--merged"});
+    auto w = co_await master.fork();  // runs `exe` with the merged arguments
+    co_await w->send({"report"});
+    const std::string report = (co_await w->receive()).data;
+    CHECK_MESSAGE(report.find(" argv=--merged ") != std::string::npos, report);
+    w->disconnect();
+    co_await w->exited();
+    // setup() replaces: what it is not given goes back to the defaults.
+    master.setup(Settings{.args = std::vector<std::string>{"--replaced"}});
+    CHECK(master.settings().exec == "/proc/self/exe");
+    CHECK(master.settings().env.empty());
+  });
+}
+
+TEST_CASE("worker.process.disconnect() in the master: the channel closes without the graceful disconnect, and the worker exits 0 at once") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    auto [w, client] = co_await fork_with_connection(master);  // a connection the worker holds
+    w->close_channel();
+    CHECK_FALSE(w->is_connected());  // Node: process.connected is false at once
+    auto [ec] = co_await w->send({"too late"}, as_tuple_t{});
+    CHECK(ec == error::worker_not_connected);
+    co_await w->disconnected();
+    // A graceful disconnect would wait for the client's connection; this does not.
+    CHECK((co_await w->exited()) == ExitStatus{0, 0});
+    CHECK(w->exited_after_disconnect() == false);
+    const bool closed = co_await closed_by_peer(client);
+    CHECK(closed);
+  });
+}
+
+TEST_CASE("process.disconnect() in a worker: the master sees a disconnect it did not ask for, and the worker exits 0 at once") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    auto [w, client] = co_await fork_with_connection(master);
+    co_await w->send({"close_channel"});
+    co_await w->disconnected();
+    CHECK((co_await w->exited()) == ExitStatus{0, 0});
+    CHECK(w->exited_after_disconnect() == false);
+    const bool closed = co_await closed_by_peer(client);
+    CHECK(closed);
+  });
+}
+
+TEST_CASE("worker.signal(SIGUSR1) reaches a worker that handles it, through the pidfd, and the worker stays connected") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    auto w = co_await master.fork(node_env());
+    co_await w->send({"watch_sigusr1"});
+    CHECK((co_await w->receive()).data == "watching");
+    w->signal(SIGUSR1);
+    CHECK((co_await w->receive()).data == "got SIGUSR1");
+    CHECK(w->is_connected());
+    CHECK(w->state() == WorkerState::online);
+    co_await w->send({"state"});
+    CHECK((co_await w->receive()).data == "none online unset");
+    w->disconnect();
+    co_await w->exited();
+    // Reaped: the pidfd is closed, so a signal now is ESRCH, never another process.
+    std::error_code ec;
+    w->signal(SIGUSR1, ec);
+    CHECK(ec == std::errc::no_such_process);
+    CHECK_THROWS_AS(w->signal(SIGUSR1), std::system_error);
+  });
 }

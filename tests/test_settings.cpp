@@ -445,8 +445,10 @@ TEST_CASE("uid and gid set the worker's user and group") {
     CHECK(field(report, "uid") == std::to_string(uid));
     CHECK(field(report, "gid") == std::to_string(gid));
     if (root) CHECK(field(report, "groups") == "0");  // root's supplementary groups are dropped
-    // Changing ids clears the parent-death signal: it must be set after them.
-    CHECK(field(report, "pdeathsig") == std::to_string(SIGTERM));
+    // Changing ids clears the parent-death signal: spawn must set it after them. The runtime
+    // then replaces it with its own backstop signal.
+    CHECK(field(report, "pdeathsig_at_exec") == std::to_string(SIGTERM));
+    CHECK(field(report, "pdeathsig") == std::to_string(cocluster::detail::parent_death::signal_number()));
     CHECK((co_await disconnect_and_wait(w)) == ExitStatus{0, 0});
   });
   CHECK(::getuid() == (root ? 0u : uid));  // the master's own ids are unchanged

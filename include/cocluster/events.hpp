@@ -7,6 +7,7 @@
 #include <asio/use_awaitable.hpp>
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -16,6 +17,7 @@
 #include "cocluster/detail/async_queue.hpp"
 #include "cocluster/exit_status.hpp"
 #include "cocluster/settings.hpp"
+#include "cocluster/worker_state.hpp"
 
 namespace cocluster {
 
@@ -27,6 +29,17 @@ inline std::string_view to_string(EventType t) {
   constexpr std::string_view names[] = {"fork", "online", "listening", "message", "disconnect", "exit", "error", "setup"};
   return names[static_cast<int>(t)];
 }
+
+// What a Node listener would read from the worker at the moment its event was emitted. The
+// stream is a queue, so by the time an event is taken the worker may have moved on (a
+// `disconnect` taken after the exit was reaped): read these, not worker->state().
+struct WorkerSnapshot {
+  WorkerState state = WorkerState::none;        // Node: worker.state
+  std::optional<bool> exited_after_disconnect;  // Node: worker.exitedAfterDisconnect
+  bool is_connected = false;                    // Node: worker.isConnected()
+  bool is_dead = false;                         // Node: worker.isDead()
+  friend bool operator==(const WorkerSnapshot&, const WorkerSnapshot&) = default;
+};
 
 struct Event {
   // A constructor rather than an aggregate, so that callers naming only the first fields
@@ -46,6 +59,8 @@ struct Event {
   // For setup: the settings as they were then, defaults filled in (Node: the event's argument,
   // "advisory only"; master.settings() is the current value).
   std::shared_ptr<const Settings> settings;
+  // For every event with a worker: the worker as it was when the event was emitted.
+  WorkerSnapshot snapshot;
 };
 // `message` says that worker->receive() has a message waiting; the message itself (and its
 // handle, which has one owner) is taken with receive(). `listening` comes once per server a

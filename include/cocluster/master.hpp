@@ -26,6 +26,7 @@
 #include "cocluster/detail/server_table.hpp"
 #include "cocluster/detail/spawn.hpp"
 #include "cocluster/detail/stdio.hpp"
+#include "cocluster/detail/worker_identity.hpp"
 #include "cocluster/events.hpp"
 #include "cocluster/policy/round_robin.hpp"
 #include "cocluster/policy/runtime.hpp"
@@ -67,8 +68,8 @@ inline std::vector<std::string> worker_environment(const Env& settings, const En
   merged.erase("NODE_UNIQUE_ID");
   for (auto& [k, v] : settings) merged[k] = v;
   for (auto& [k, v] : extra) merged[k] = v;
-  merged["COCLUSTER_WORKER_ID"] = std::to_string(id);
-  merged["COCLUSTER_CHANNEL_FD"] = std::to_string(worker_channel_fd);
+  merged[worker_id_variable] = std::to_string(id);
+  merged[channel_fd_variable] = std::to_string(worker_channel_fd);
   std::vector<std::string> out;
   out.reserve(merged.size());
   for (auto& [k, v] : merged) out.push_back(k + "=" + v);
@@ -144,11 +145,17 @@ class Master {
     return *state_->events;
   }
 
-  // Node: cluster.setupMaster(settings). Replaces the settings for later forks (running
-  // workers keep theirs), fills in the defaults and posts a `setup` event with a snapshot.
-  // To change one field, as Node merges: `auto s = master.settings(); s.args = {...}; master.setup(s);`
+  // Replaces the settings for later forks (running workers keep theirs), fills in the
+  // defaults and posts a `setup` event with a snapshot. Unlike Node's setupMaster(), fields
+  // not given are reset to their defaults: setup_merge() is Node's.
   void setup(Settings settings) {
     settings_ = std::move(settings);
+    run_setup();
+  }
+  // Node: cluster.setupMaster(settings). Changes only the fields `patch` sets, for later
+  // forks; then as setup(): defaults filled in, a `setup` event with a snapshot.
+  void setup_merge(const SettingsPatch& patch) {
+    patch.apply_to(settings_);
     run_setup();
   }
   // Node: cluster.settings. What the Master was constructed with until the first setup() or
@@ -230,7 +237,9 @@ class Master {
       state_->workers.emplace(id, w);
       state_->unreaped.emplace(id, w);
       detail::debug("Worker {} fork (id {})", w->pid(), id);
-      state_->emit(Event{EventType::fork, w, {}, {}, {}, {}});
+      Event forked{EventType::fork, w};
+      forked.snapshot = w->snapshot();
+      state_->emit(std::move(forked));
       detail::master_access::start(*w);
       return w;
     } catch (const std::system_error& e) {

@@ -1,6 +1,7 @@
 // How the master starts workers. Node: cluster.settings / cluster.setupMaster().
 //   cocluster::Settings s;  s.args = {"--serve"};  s.env["MODE"] = "fast";  s.silent = true;
 //   master.setup(s);   // later forks only; then w->stdout_pipe() is the worker's stdout
+//   master.setup_merge({.silent = false});   // Node's setupMaster(): only the fields given change
 #pragma once
 
 #include <sys/types.h>
@@ -50,29 +51,60 @@ class Stdio {
 
 struct Settings {
   // Executable each worker runs. Default: this executable (/proc/self/exe).
-  std::string exec;
+  std::string exec{};
   // Arguments after argv[0]. Default: the master's own arguments (Node: process.argv.slice(2)).
-  std::optional<std::vector<std::string>> args;
+  std::optional<std::vector<std::string>> args{};
   // Added to the master's environment for every worker; fork(env) adds on top.
-  Env env;
+  Env env{};
   // Working directory of workers. Default: the master's.
-  std::string cwd;
+  std::string cwd{};
   // Node: silent. True: the worker's stdin, stdout and stderr are pipes to the master
   // (worker->stdin_pipe(), stdout_pipe(), stderr_pipe()) instead of the master's own.
   bool silent = false;
   // Node: stdio. The worker's fds 0, 1, 2; overrides `silent` when set. Node's array also
   // needs an 'ipc' entry; ours has none: the channel is always fd 3 (COCLUSTER_CHANNEL_FD).
-  std::optional<std::array<Stdio, 3>> stdio;
+  std::optional<std::array<Stdio, 3>> stdio{};
   // Node: uid, gid. The worker's user and group (setuid(2)/setgid(2), after chdir, before
   // exec; its supplementary groups are cleared when the master runs as root). Without the
   // permission fork() fails with EPERM and the step in what().
-  std::optional<uid_t> uid;
-  std::optional<gid_t> gid;
+  std::optional<uid_t> uid{};
+  std::optional<gid_t> gid{};
+  // (Every field has an initializer so that `Settings{.args = ...}` is clean under -Wextra.)
   // Framing limits and send-queue size of every master-worker channel.
-  ipc::ChannelOptions channel;
+  ipc::ChannelOptions channel{};
   // Unread user messages held per worker; beyond it the master stops reading that worker's
   // channel (its sends then wait) until worker.receive() catches up. Nothing is dropped.
   std::size_t max_unread_messages = 65536;
+};
+
+// Node: the object given to cluster.setupMaster(settings), which changes only the keys it
+// has. Each field set here replaces that field of the Settings; the others stay.
+//   master.setup_merge({.args = std::vector<std::string>{"--serve"}});   // exec, env, ... kept
+// A field cannot be reset to "unset" this way (Node cannot either): use setup(Settings).
+struct SettingsPatch {
+  std::optional<std::string> exec{};
+  std::optional<std::vector<std::string>> args{};
+  std::optional<Env> env{};
+  std::optional<std::string> cwd{};
+  std::optional<bool> silent{};
+  std::optional<std::array<Stdio, 3>> stdio{};
+  std::optional<uid_t> uid{};
+  std::optional<gid_t> gid{};
+  std::optional<ipc::ChannelOptions> channel{};
+  std::optional<std::size_t> max_unread_messages{};
+
+  void apply_to(Settings& s) const {
+    if (exec) s.exec = *exec;
+    if (args) s.args = *args;
+    if (env) s.env = *env;
+    if (cwd) s.cwd = *cwd;
+    if (silent) s.silent = *silent;
+    if (stdio) s.stdio = *stdio;
+    if (uid) s.uid = *uid;
+    if (gid) s.gid = *gid;
+    if (channel) s.channel = *channel;
+    if (max_unread_messages) s.max_unread_messages = *max_unread_messages;
+  }
 };
 
 }  // namespace cocluster

@@ -5,9 +5,10 @@
 //       for (;;) { Message m = co_await this_worker.receive();  co_await this_worker.send(std::move(m)); }
 //     }, detached);
 //   }
-// When the channel to the master closes unexpectedly (the master died), the worker exits with
-// code 0 unless on_disconnect() installed another handler. A disconnect the master asked for
-// (or this_worker.disconnect()) instead lets the process end once its io_context runs dry.
+// When the channel to the master closes unexpectedly (the master died, or either side closed
+// the channel itself), the worker exits with code 0 unless on_disconnect() installed another
+// handler. A disconnect the master asked for (or this_worker.disconnect()) instead lets the
+// process end once its io_context runs dry.
 #pragma once
 
 #include <fcntl.h>
@@ -18,7 +19,7 @@
 #include <asio/experimental/as_tuple.hpp>
 #include <asio/use_awaitable.hpp>
 
-#include <charconv>
+#include <atomic>
 #include <cstdlib>
 #include <filesystem>
 #include <functional>
@@ -32,9 +33,11 @@
 #include "cocluster/detail/async_latch.hpp"
 #include "cocluster/detail/async_queue.hpp"
 #include "cocluster/detail/log.hpp"
+#include "cocluster/detail/parent_death.hpp"
 #include "cocluster/detail/read_channel.hpp"
 #include "cocluster/detail/spawn.hpp"
 #include "cocluster/detail/tracked_executor.hpp"
+#include "cocluster/detail/worker_identity.hpp"
 #include "cocluster/ipc/channel.hpp"
 #include "cocluster/ipc/protocol.hpp"
 #include "cocluster/server.hpp"
@@ -42,20 +45,12 @@
 
 namespace cocluster {
 
-// Node: cluster.isWorker / cluster.isMaster, from NODE_UNIQUE_ID; ours is COCLUSTER_WORKER_ID.
-inline bool is_worker() noexcept { return std::getenv("COCLUSTER_WORKER_ID") != nullptr; }
+// Node: cluster.isWorker / cluster.isMaster, from NODE_UNIQUE_ID; ours is COCLUSTER_WORKER_ID,
+// read at the first call and kept after start() removes it from the environment.
+inline bool is_worker() noexcept { return detail::identity().is_worker; }
 inline bool is_master() noexcept { return !is_worker(); }
 
 namespace detail {
-
-inline int env_int(const char* name) {
-  const char* v = std::getenv(name);
-  int out = -1;
-  if (!v) return -1;
-  std::string_view s(v);
-  auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), out);
-  return ec == std::errc() && p == s.data() + s.size() ? out : -1;
-}
 
 // What listen() asks the master for (the fields of query_server that name a listener).
 struct listen_target {
@@ -156,13 +151,19 @@ class worker_runtime final : public server_host {
   static void start(asio::any_io_executor ex, ipc::ChannelOptions options, std::size_t max_unread) {
     if (!is_worker()) throw std::system_error(error::not_a_worker, "this_worker.start() in the master process");
     if (current()) throw std::logic_error("cocluster: this_worker.start() called twice");
-    const int id = env_int("COCLUSTER_WORKER_ID");
-    const int fd = env_int("COCLUSTER_CHANNEL_FD");
+    const int id = identity().id;
+    const int fd = identity().channel_fd;
     if (id < 1 || fd < 0 || socket_option(fd, SO_TYPE) != SOCK_SEQPACKET)
-      throw std::system_error(error::protocol_error,
-                              "COCLUSTER_WORKER_ID/COCLUSTER_CHANNEL_FD do not name a cocluster channel");
-    // Programs this worker runs must not hold the master's channel open.
+      throw std::system_error(error::protocol_error, fmt::format("{}/{} do not name a cocluster channel",
+                                                                 worker_id_variable, channel_fd_variable));
+    // Programs this worker runs must not hold the master's channel open, nor think they are
+    // workers (Node deletes NODE_UNIQUE_ID here).
     ::fcntl(fd, F_SETFD, FD_CLOEXEC);
+    forget_identity_in_environment();
+    // The master's death ends this worker through the channel's EOF (on_disconnect); the
+    // kernel's parent-death signal becomes a backstop that waits for that path.
+    if (!parent_death::arm()) debug("Worker {}: parent-death backstop unavailable; SIGTERM stays", id);
+    std::atexit([] { exiting() = true; });
     // Never destroyed: the runtime lives as long as the process, like Node's.
     current() = new worker_runtime(std::move(ex), id, unique_fd(fd), options, max_unread);
     current()->run();
@@ -170,6 +171,8 @@ class worker_runtime final : public server_host {
 
   int id() const noexcept { return id_; }
   bool is_connected() const noexcept { return connected_; }
+  // True once the process is exiting: std::exit has been called (by the runtime or anyone).
+  static bool is_exiting() noexcept { return exiting(); }
   WorkerState state() const noexcept { return state_; }
   // True once this worker leaves on purpose (disconnect(), kill(), or the master's request),
   // false once its channel ended otherwise, unset until then.
@@ -263,7 +266,7 @@ class worker_runtime final : public server_host {
   // Node: cluster.worker.kill() / destroy() in the worker: tell the master we leave on
   // purpose, and exit with 0 once that is written, without waiting for servers.
   void kill() {
-    if (!connected_ || shut_down_done_) std::exit(0);  // nothing of ours is left to write
+    if (!connected_ || shut_down_done_) exit_process(0);  // nothing of ours is left to write
     if (shut_down_) {
       exit_when_shut_down_ = true;  // the channel is already closing: exit when it has
       return;
@@ -275,8 +278,28 @@ class worker_runtime final : public server_host {
     shut_down_channel();
   }
 
+  // Node: process.disconnect() in a worker: the channel closes once what is queued is written,
+  // without the graceful disconnect (servers and connections are not waited for). The master
+  // sees a disconnect that was not asked for; this worker then takes the unexpected path
+  // (on_disconnect(), by default exit(0)), as Node's worker exits at once.
+  void close_channel() {
+    if (!connected_ || shut_down_) return;
+    debug("Worker {} closes its channel", id_);
+    shut_down_channel();
+  }
+
  private:
   using as_tuple_t = asio::experimental::as_tuple_t<asio::use_awaitable_t<>>;
+
+  static std::atomic<bool>& exiting() {
+    static std::atomic<bool> flag{false};
+    return flag;
+  }
+
+  [[noreturn]] static void exit_process(int code) {
+    exiting() = true;
+    std::exit(code);
+  }
 
   static worker_runtime*& current() {
     static worker_runtime* runtime = nullptr;
@@ -352,7 +375,7 @@ class worker_runtime final : public server_host {
     shut_down_ = true;
     channel_.async_shutdown([this](std::error_code) {
       shut_down_done_ = true;
-      if (exit_when_shut_down_) std::exit(0);  // Node: a worker's kill() exits with 0
+      if (exit_when_shut_down_) exit_process(0);  // Node: a worker's kill() exits with 0
     });
   }
 
@@ -430,6 +453,7 @@ class worker_runtime final : public server_host {
     const std::error_code end = co_await read_channel(
         channel_, messages_, [this](ipc::Envelope& e) { return on_internal(e); }, [] {},
         [this] { debug("Worker {}: {} unread messages; reading paused", id_, messages_.size()); });
+    parent_death::stand_down();  // whatever the master did, the orderly path runs from here
     if (end != asio::error::eof && end != error::channel_closed)
       log_error("worker {}: channel to the master failed: {} ({})", id_, end.message(), channel_.error_detail());
     connected_ = false;
@@ -442,12 +466,12 @@ class worker_runtime final : public server_host {
       if (q.handler) q.handler.complete(error::worker_not_connected, nullptr);
     messages_.close(error::worker_not_connected);
     disconnected_.set();
-    if (exit_when_shut_down_) std::exit(0);
+    if (exit_when_shut_down_) exit_process(0);
     if (disconnecting_) co_return;
     // Node: a worker whose channel closes without a disconnect exits with 0 (the master died).
     debug("Worker {} lost its channel ({}); exiting", id_, end.message());
     if (on_unexpected_disconnect_) on_unexpected_disconnect_();
-    else std::exit(0);
+    else exit_process(0);
   }
 
   int id_;
@@ -484,8 +508,12 @@ struct this_worker_t {
   bool is_started() const { return detail::worker_runtime::instance(false) != nullptr; }
 
   // Node: cluster.worker.id. Known before start(): it comes from the environment.
-  int id() const { return detail::env_int("COCLUSTER_WORKER_ID"); }
+  int id() const { return detail::identity().id; }
   bool is_connected() const { return runtime().is_connected(); }
+  // Node: cluster.worker.isDead() in a worker: true once the process is exiting (exit() was
+  // called: by kill(), by the default reaction to the master's death, or by anyone), so it
+  // reads true in atexit handlers and static destructors; false while the worker runs.
+  bool is_dead() const noexcept { return detail::worker_runtime::is_exiting(); }
   // Node: cluster.worker.state: none before start(), then online, listening, disconnected.
   WorkerState state() const {
     auto* r = detail::worker_runtime::instance(false);
@@ -561,7 +589,16 @@ struct this_worker_t {
   // then exits with 0 without waiting for servers or connections.
   void kill() const { runtime().kill(); }
 
-  // Replaces the default exit(0) when the channel closes without a disconnect.
+  // Node: process.disconnect() in a worker. Closes the channel (what is queued is written
+  // first) without the graceful disconnect: no waiting for servers or connections. Then, as
+  // for any disconnect this worker did not ask for with disconnect(), the on_disconnect()
+  // handler runs, by default exit(0). The master sees exited_after_disconnect() false.
+  void close_channel() const { runtime().close_channel(); }
+
+  // Replaces the default exit(0) when the channel closes without a disconnect (the master
+  // died, or either side called close_channel()). When the master dies, this handler runs
+  // before the kernel's parent-death signal can end the process: that signal only ends a
+  // worker whose event loop has not reached the channel's end within 2 s.
   void on_disconnect(std::function<void()> handler) const {
     runtime().set_unexpected_disconnect_handler(std::move(handler));
   }

@@ -19,6 +19,8 @@
 #include <memory>
 #include <optional>
 
+#include <fmt/core.h>
+
 #include "cocluster/detail/async_latch.hpp"
 #include "cocluster/detail/async_queue.hpp"
 #include "cocluster/detail/listen_service.hpp"
@@ -75,15 +77,19 @@ class Worker : public std::enable_shared_from_this<Worker> {
 
   int id() const noexcept { return id_; }
   pid_t pid() const noexcept { return process_.pid(); }
-  // Node: worker.isConnected(). False from the moment the channel is gone.
-  bool is_connected() const noexcept { return connected_; }
-  // Node: worker.isDead(). True once the process has ended.
+  // Node: worker.isConnected(). False from the moment the channel is gone or closing
+  // (close_channel(), kill()).
+  bool is_connected() const noexcept { return connected_ && !channel_closing_; }
+  // Node: worker.isDead(). True once the process has ended and that is reported: after
+  // disconnected(), just before exited() completes (disconnect always comes first here).
   bool is_dead() const noexcept { return dead_; }
   // Node: worker.state: none → online → listening → disconnected → dead.
   WorkerState state() const noexcept { return state_; }
   // Node: worker.exitedAfterDisconnect — unset until disconnect(), kill() or the first of
   // the disconnect/exit events, then whether the worker left on purpose.
   std::optional<bool> exited_after_disconnect() const noexcept { return exited_after_disconnect_; }
+  // All four of the above at once: what each event on master.events() carries.
+  WorkerSnapshot snapshot() const noexcept { return {state_, exited_after_disconnect_, is_connected(), dead_}; }
 
   // Completes when the worker runtime has announced itself. Fails with error::worker_exited
   // (or worker_not_connected) if the worker is gone without ever coming online.
@@ -127,7 +133,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
   // send queue is full). Fails with error::worker_not_connected after the disconnect.
   template <class CompletionToken = asio::use_awaitable_t<>>
   auto send(Message message, CompletionToken&& token = {}) {
-    if (!connected_ || !channel_.is_open())  // closed by kill(): the read loop has not seen it yet
+    if (!connected_ || channel_closing_ || !channel_.is_open())  // closed by kill() or close_channel()
       return asio::async_initiate<CompletionToken, void(std::error_code)>(
           [ex = channel_.get_executor()](auto handler) {
             detail::pending_handler<>(std::move(handler), ex).complete(error::worker_not_connected);
@@ -150,13 +156,36 @@ class Worker : public std::enable_shared_from_this<Worker> {
   // Node: worker.disconnect() in the primary. Asks the worker to close its servers and then
   // its channel; the worker leaves master.workers() at once.
   void disconnect() {
-    if (!connected_ || disconnect_sent_) return;
+    if (!is_connected() || disconnect_sent_) return;
     disconnect_sent_ = true;
     exited_after_disconnect_ = true;
     leave_workers();
     channel_.async_send({ipc::message_kind::internal, {ipc::protocol::encode(ipc::protocol::Disconnect{}), {}}},
                         [](std::error_code) {});
   }
+
+  // Node: worker.process.disconnect() in the primary. Closes the channel (what is queued is
+  // written first) without the graceful disconnect: the worker is not asked to close its
+  // servers or wait for its connections. It sees an unexpected disconnect and runs its
+  // on_disconnect() handler, by default exit(0), at once. exited_after_disconnect() stays as
+  // it was (false at the disconnect unless disconnect() or kill() came first); the worker stays
+  // in master.workers() until it has exited, as in Node.
+  void close_channel() {
+    if (!connected_ || channel_closing_) return;
+    channel_closing_ = true;
+    detail::debug("Worker {} channel closed by the master", pid());
+    channel_.async_shutdown([](std::error_code) {});
+  }
+
+  // Node: process.kill(worker.process.pid, sig): a signal and nothing else (no disconnect,
+  // unlike kill()). Sent through the pidfd, so it never reaches a recycled pid. Throws
+  // std::system_error: ESRCH once the worker has been reaped, EINVAL for a bad signal.
+  void signal(int sig) {
+    std::error_code ec;
+    signal(sig, ec);
+    if (ec) throw std::system_error(ec, fmt::format("signal {} to worker {}", sig, id_));
+  }
+  void signal(int sig, std::error_code& ec) noexcept { ec = process_.signal(sig); }
 
   // Node: worker.kill(signal) in the primary: the worker is disconnected and signalled, and
   // exited_after_disconnect becomes true. Node disconnects, then signals; we signal first,
@@ -249,7 +278,6 @@ class Worker : public std::enable_shared_from_this<Worker> {
     online_.fail(error::worker_not_connected);
     messages_.close(error::worker_not_connected);
     listening_.close(error::worker_not_connected);
-    if (dead_) leave_workers();
     state_ = WorkerState::disconnected;
     detail::debug("Worker {} disconnect", pid());
     disconnected_.set();
@@ -259,7 +287,6 @@ class Worker : public std::enable_shared_from_this<Worker> {
   static asio::awaitable<void> watch_exit(std::shared_ptr<Worker> self) {
     auto [ec, status] = co_await self->process_.async_wait(as_tuple_t{});
     if (ec) co_return;  // the master is being torn down
-    self->dead_ = true;
     if (self->connected_) {
       // Everything the dead process sent is already in our socket: read it all (lifting the
       // unread-message bound), so 'disconnect' always comes before 'exit'.
@@ -267,6 +294,8 @@ class Worker : public std::enable_shared_from_this<Worker> {
       self->channel_.mark_peer_gone();
       co_await self->disconnected_.async_wait(as_tuple_t{});
     }
+    // Dead from here on, not before: a `disconnect` emitted above reads as Node's does.
+    self->dead_ = true;
     if (!self->exited_after_disconnect_) self->exited_after_disconnect_ = false;
     self->online_.fail(error::worker_exited);
     self->leave_workers();
@@ -284,8 +313,11 @@ class Worker : public std::enable_shared_from_this<Worker> {
 
   void emit(EventType type, std::error_code ec = {}, std::string detail = {}, ExitStatus status = {},
             Address address = {}) {
-    if (auto m = master_.lock())
-      m->emit(Event{type, shared_from_this(), status, ec, std::move(detail), std::move(address)});
+    auto m = master_.lock();
+    if (!m || !m->events) return;
+    Event e{type, shared_from_this(), status, ec, std::move(detail), std::move(address)};
+    e.snapshot = snapshot();
+    m->emit(std::move(e));
   }
 
   std::optional<asio::posix::stream_descriptor> stdin_, stdout_, stderr_;
@@ -302,6 +334,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
   bool connected_ = true;
   bool dead_ = false;
   bool disconnect_sent_ = false;
+  bool channel_closing_ = false;  // close_channel(): our side is being shut down
   std::optional<bool> exited_after_disconnect_;
   std::string protocol_detail_;
 };

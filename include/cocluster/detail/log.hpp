@@ -11,6 +11,8 @@
 #include <cstring>
 #include <string_view>
 
+#include "cocluster/detail/worker_identity.hpp"
+
 namespace cocluster::detail {
 
 inline bool debug_enabled() {
@@ -23,7 +25,7 @@ inline bool debug_enabled() {
   return enabled;
 }
 
-inline const char* process_role() { return std::getenv("COCLUSTER_WORKER_ID") ? "Worker" : "Master"; }
+inline const char* process_role() { return identity().is_worker ? "Worker" : "Master"; }
 
 // Logging never throws: it runs in the middle of teardown paths (a closed stderr must not
 // leave a worker half disconnected).
