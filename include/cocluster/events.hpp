@@ -42,13 +42,10 @@ struct WorkerSnapshot {
 };
 
 struct Event {
-  // A constructor rather than an aggregate, so that callers naming only the first fields
-  // (Event{EventType::fork, w}) need not spell out the fields added since.
+  // The type and the worker; the other fields are set by name (e.exit = ...), each only for
+  // the events it concerns. (Not an aggregate: see Message.)
   Event() = default;
-  Event(EventType t, std::shared_ptr<Worker> w, ExitStatus status = {}, std::error_code ec = {},
-        std::string what = {}, Address a = {}, std::shared_ptr<const Settings> s = {})
-      : type(t), worker(std::move(w)), exit(status), error(ec), detail(std::move(what)), address(std::move(a)),
-        settings(std::move(s)) {}
+  Event(EventType t, std::shared_ptr<Worker> w) : type(t), worker(std::move(w)) {}
 
   EventType type = EventType::error;
   std::shared_ptr<Worker> worker;  // null only for setup (and an error before any worker exists)
@@ -68,8 +65,13 @@ struct Event {
 
 class EventStream {
  public:
-  explicit EventStream(asio::any_io_executor ex) : queue_(std::move(ex)) {}
+  using executor_type = asio::any_io_executor;
+  explicit EventStream(asio::any_io_executor ex) : ex_(ex), queue_(std::move(ex)) {}
 
+  const executor_type& get_executor() const noexcept { return ex_; }
+
+  // The next event, in order. Signature: void(std::error_code, Event). Cancellation
+  // (per-operation, terminal): no event is lost.
   template <class CompletionToken = asio::use_awaitable_t<>>
   auto next(CompletionToken&& token = {}) {
     return queue_.async_pop(std::forward<CompletionToken>(token));
@@ -79,6 +81,7 @@ class EventStream {
   void push(Event e) { queue_.push(std::move(e)); }
 
  private:
+  asio::any_io_executor ex_;
   detail::async_queue<Event> queue_;
 };
 

@@ -6,7 +6,8 @@
 //   }, asio::detached);
 //   io.run();
 // Policy decides how listen() in workers is served (Node: cluster.schedulingPolicy):
-// RoundRobin (the default), SharedSocket, or RuntimePolicy (from COCLUSTER_SCHED_POLICY).
+// RoundRobin (the default), SharedSocket, RuntimePolicy (from COCLUSTER_SCHED_POLICY), or any
+// type that models cocluster::Policy (policy/policy.hpp).
 #pragma once
 
 #include <asio/co_spawn.hpp>
@@ -22,12 +23,14 @@
 #include <system_error>
 #include <vector>
 
+#include "cocluster/detail/async_operation.hpp"
 #include "cocluster/detail/log.hpp"
-#include "cocluster/detail/server_table.hpp"
+#include "cocluster/detail/master/listener_table.hpp"
 #include "cocluster/detail/spawn.hpp"
 #include "cocluster/detail/stdio.hpp"
 #include "cocluster/detail/worker_identity.hpp"
 #include "cocluster/events.hpp"
+#include "cocluster/policy/policy.hpp"
 #include "cocluster/policy/round_robin.hpp"
 #include "cocluster/policy/runtime.hpp"
 #include "cocluster/policy/shared_socket.hpp"
@@ -78,17 +81,21 @@ inline std::vector<std::string> worker_environment(const Env& settings, const En
 
 }  // namespace detail
 
-template <class Policy = RoundRobin>
+template <Policy P = RoundRobin>
 class Master {
  public:
-  // The policy's choice is read here, once (RuntimePolicy may throw std::invalid_argument
-  // for an unknown COCLUSTER_SCHED_POLICY).
-  explicit Master(asio::any_io_executor ex, Settings settings = {}, Policy policy = {})
+  using policy_type = P;
+  using executor_type = asio::any_io_executor;
+
+  // (Default-constructing RuntimePolicy reads COCLUSTER_SCHED_POLICY and may throw
+  // std::invalid_argument for an unknown value.)
+  explicit Master(asio::any_io_executor ex, Settings settings = {}, P policy = {})
       : state_(std::make_shared<detail::master_state>(std::move(ex))),
         settings_(std::move(settings)),
         policy_(std::move(policy)),
         command_line_(detail::own_command_line()) {
-    state_->servers = std::make_unique<detail::server_table>(state_->ex, policy_.scheduling());
+    state_->listeners = std::make_unique<detail::listener_table>(
+        state_->ex, [policy = policy_](ListenerArgs args) { return policy.make_listener(std::move(args)); });
   }
   Master(const Master&) = delete;
   Master& operator=(const Master&) = delete;
@@ -96,7 +103,7 @@ class Master {
   // Leaves no process behind: closes every channel (workers exit on EOF), waits up to
   // `teardown_grace` in all for them, SIGKILLs the rest and reaps them. Blocks while it waits.
   ~Master() {
-    state_->servers->close_all();  // every listener and every connection not yet handed off
+    state_->listeners->close_all();  // every listener and every connection not yet handed off
     auto unreaped = std::move(state_->unreaped);
     state_->workers.clear();
     for (auto& [id, w] : unreaped) detail::master_access::close_channel(*w);
@@ -109,29 +116,29 @@ class Master {
 
   static constexpr std::chrono::milliseconds teardown_grace{2000};
 
-  const asio::any_io_executor& get_executor() const noexcept { return state_->ex; }
+  const executor_type& get_executor() const noexcept { return state_->ex; }
 
   // Node: cluster.fork([env]). Starts a worker with the current settings and `env` added to
   // its environment; completes with it once the process runs (exec succeeded), before it is
   // online. It is in workers() at once. Like Node's fork(), which runs setupMaster() first,
   // it posts a `setup` event (the settings, defaults filled in) and then a `fork` event.
-  // Fails with the errno of the step that failed (fork: EAGAIN; setuid: EPERM; execve:
-  // ENOENT, EACCES, ...) and posts an `error` event; the master carries on. With the default
-  // token the std::system_error's what() names the step (the event's detail does for all).
+  // Signature: void(std::error_code, std::shared_ptr<Worker>). Fails with the errno of the
+  // step that failed (fork: EAGAIN; setuid: EPERM; execve: ENOENT, EACCES, ...) and posts an
+  // `error` event; the master carries on. With use_awaitable the std::system_error's what()
+  // names the step (the event's detail does for every token). The process is started when the
+  // operation is initiated; no cancellation (it completes at once).
   template <class CompletionToken = asio::use_awaitable_t<>>
   auto fork(Env env = {}, CompletionToken&& token = {}) {
-    if constexpr (detail::is_use_awaitable<CompletionToken>) {
-      return fork_or_throw(std::move(env));
-    } else {
-      return asio::async_initiate<CompletionToken, void(std::error_code, std::shared_ptr<Worker>)>(
-          [this](auto handler, Env e) {
-            detail::pending_handler<std::shared_ptr<Worker>> h(std::move(handler), state_->ex);
-            std::optional<std::system_error> failure;
-            auto w = start_worker(e, failure);
-            h.complete(failure ? failure->code() : std::error_code(), std::move(w));
-          },
-          token, std::move(env));
-    }
+    auto shared_env = std::make_shared<Env>(std::move(env));
+    return detail::async_operation<void(std::error_code, std::shared_ptr<Worker>)>(
+        std::forward<CompletionToken>(token),
+        [this, shared_env]() -> std::optional<detail::op_result<std::shared_ptr<Worker>>> {
+          std::optional<std::system_error> failure;
+          auto w = start_worker(*shared_env, failure);
+          if (failure) return detail::op_result<std::shared_ptr<Worker>>{failure->code(), {nullptr}, failure->what()};
+          return detail::op_result<std::shared_ptr<Worker>>{{}, {std::move(w)}, {}};
+        },
+        initiate_fork{this, shared_env});
   }
 
   // Node: cluster.workers. A worker leaves after both its disconnect and its exit (before
@@ -140,6 +147,7 @@ class Master {
   std::map<int, std::shared_ptr<Worker>> workers() const { return state_->workers; }
 
   // The master-wide event stream. The first call subscribes: events before it are not kept.
+  // Its next() takes any completion token: void(std::error_code, Event).
   EventStream& events() {
     if (!state_->events) state_->events = std::make_unique<EventStream>(state_->ex);
     return *state_->events;
@@ -162,25 +170,57 @@ class Master {
   // fork(); from then on with the defaults filled in (exec: /proc/self/exe; args: the
   // master's own arguments).
   const Settings& settings() const noexcept { return settings_; }
-  const Policy& policy() const noexcept { return policy_; }
+  const P& policy() const noexcept { return policy_; }
 
-  // Node: cluster.disconnect(). Disconnects every worker in workers(); completes when each
-  // of them has disconnected.
+  // Node: cluster.disconnect(). Disconnects every worker in workers() when the operation is
+  // initiated; completes when each of them has disconnected (their listeners are closed by
+  // then), never inline. Signature: void(std::error_code), no error today. Cancellation
+  // (per-operation, terminal) stops the waiting, not the disconnects.
   template <class CompletionToken = asio::use_awaitable_t<>>
   auto disconnect(CompletionToken&& token = {}) {
-    std::vector<std::shared_ptr<Worker>> leaving;
-    for (auto& [id, w] : state_->workers) leaving.push_back(w);
-    for (auto& w : leaving) w->disconnect();
-    return asio::co_spawn(
-        state_->ex,
-        [leaving = std::move(leaving)]() -> asio::awaitable<void> {
-          for (auto& w : leaving) co_await w->disconnected();
-        },
-        std::forward<CompletionToken>(token));
+    return asio::async_initiate<CompletionToken, void(std::error_code)>(initiate_disconnect{this}, token);
   }
 
  private:
   static constexpr const char* self_exe = "/proc/self/exe";
+
+  struct initiate_fork {
+    Master* self;
+    std::shared_ptr<Env> env;
+    template <class Handler>
+    void operator()(Handler&& handler) const {
+      detail::pending_handler<std::shared_ptr<Worker>> h(std::forward<Handler>(handler), self->state_->ex);
+      std::optional<std::system_error> failure;
+      auto w = self->start_worker(*env, failure);
+      h.complete(failure ? failure->code() : std::error_code(), std::move(w));
+    }
+  };
+
+  struct initiate_disconnect {
+    Master* self;
+    template <class Handler>
+    void operator()(Handler&& handler) const {
+      std::vector<std::shared_ptr<Worker>> leaving;
+      for (auto& [id, w] : self->state_->workers) leaving.push_back(w);
+      for (auto& w : leaving) w->disconnect();
+      // One waiter for all of them: completes (posted) when the last has disconnected.
+      struct countdown {
+        detail::pending_handler<> handler;
+        std::size_t left;
+      };
+      auto c = std::make_shared<countdown>(countdown{{std::forward<Handler>(handler), self->state_->ex}, leaving.size()});
+      if (leaving.empty()) return c->handler.complete({});
+      auto slot = c->handler.cancellation_slot();
+      if (slot.is_connected())
+        slot.assign([weak = std::weak_ptr<countdown>(c)](asio::cancellation_type) {
+          if (auto c = weak.lock(); c && c->handler) c->handler.complete(asio::error::operation_aborted);
+        });
+      for (auto& w : leaving)
+        w->disconnected([c](std::error_code) {
+          if (--c->left == 0 && c->handler) c->handler.complete({});
+        });
+    }
+  };
 
   // Node's setupMaster(): the defaults fill what is unset, then a `setup` event with a
   // snapshot (made only when someone subscribed: every fork() comes through here).
@@ -189,15 +229,11 @@ class Master {
     if (!settings_.args)
       settings_.args.emplace(command_line_.empty() ? command_line_.end() : command_line_.begin() + 1,
                              command_line_.end());
-    if (state_->events)
-      state_->emit(Event{EventType::setup, nullptr, {}, {}, {}, {}, std::make_shared<const Settings>(settings_)});
-  }
-
-  asio::awaitable<std::shared_ptr<Worker>> fork_or_throw(Env env) {
-    std::optional<std::system_error> failure;
-    auto w = start_worker(env, failure);
-    if (failure) throw *failure;
-    co_return w;
+    if (state_->events) {
+      Event e{EventType::setup, nullptr};
+      e.settings = std::make_shared<const Settings>(settings_);
+      state_->emit(std::move(e));
+    }
   }
 
   std::shared_ptr<Worker> start_worker(const Env& env, std::optional<std::system_error>& failure) {
@@ -245,14 +281,17 @@ class Master {
     } catch (const std::system_error& e) {
       failure.emplace(e);
       detail::log_error("cannot start worker {}: {}", id, e.what());
-      state_->emit(Event{EventType::error, nullptr, {}, e.code(), e.what(), {}});
+      Event failed{EventType::error, nullptr};
+      failed.error = e.code();
+      failed.detail = e.what();
+      state_->emit(std::move(failed));
       return nullptr;
     }
   }
 
   std::shared_ptr<detail::master_state> state_;
   Settings settings_;
-  Policy policy_;
+  P policy_;
   std::vector<std::string> command_line_;  // this process's argv: Settings' defaults
   int last_id_ = 0;  // ids start at 1 and are never reused
 };

@@ -22,9 +22,11 @@
 #include <fmt/core.h>
 
 #include "cocluster/detail/async_latch.hpp"
+#include "cocluster/detail/async_operation.hpp"
 #include "cocluster/detail/async_queue.hpp"
-#include "cocluster/detail/listen_service.hpp"
 #include "cocluster/detail/log.hpp"
+#include "cocluster/detail/master/listener_table.hpp"
+#include "cocluster/detail/master/worker_link.hpp"
 #include "cocluster/detail/process.hpp"
 #include "cocluster/detail/read_channel.hpp"
 #include "cocluster/events.hpp"
@@ -47,7 +49,7 @@ struct master_state {
   std::map<int, std::shared_ptr<Worker>> workers;   // Node: cluster.workers
   std::map<int, std::shared_ptr<Worker>> unreaped;  // every worker whose process is not reaped
   std::unique_ptr<EventStream> events;              // null until master.events() subscribes
-  std::unique_ptr<listen_service> servers;          // the listeners workers asked for
+  std::unique_ptr<listener_table> listeners;        // the listeners workers asked for
 
   void emit(Event e) {
     if (events) events->push(std::move(e));
@@ -67,13 +69,18 @@ class Worker : public std::enable_shared_from_this<Worker> {
         stderr_(std::move(stdio[2])),
         id_(id),
         process_(std::move(process)),
-        channel_(std::move(channel)),
+        link_(std::make_shared<detail::worker_link>(id, process_.pid(), std::move(channel))),
+        channel_(link_->channel()),
         master_(std::move(master)),
         messages_(channel_.get_executor(), std::max<std::size_t>(max_unread, 1), /*inline_delivery=*/true),
         listening_(channel_.get_executor()),
         online_(channel_.get_executor()),
         disconnected_(channel_.get_executor()),
         exited_(channel_.get_executor()) {}
+
+  using executor_type = asio::any_io_executor;
+  // The master's executor: every operation completes on it unless its handler has another.
+  const executor_type& get_executor() const noexcept { return channel_.get_executor(); }
 
   int id() const noexcept { return id_; }
   pid_t pid() const noexcept { return process_.pid(); }
@@ -130,27 +137,37 @@ class Worker : public std::enable_shared_from_this<Worker> {
   asio::posix::stream_descriptor* stderr_pipe() noexcept { return stderr_ ? &*stderr_ : nullptr; }
 
   // Node: worker.send(message[, handle]). Completes once queued (waits while the channel's
-  // send queue is full). Fails with error::worker_not_connected after the disconnect.
+  // send queue is full); the handle is moved out of `message` and closed here once sent.
+  // Signature: void(std::error_code). Errors: error::worker_not_connected after the disconnect,
+  // error::message_too_large, a system error from sendmsg. Cancellation (per-operation,
+  // terminal) while it waits for room: the message is not sent.
   template <class CompletionToken = asio::use_awaitable_t<>>
   auto send(Message message, CompletionToken&& token = {}) {
-    if (!connected_ || channel_closing_ || !channel_.is_open())  // closed by kill() or close_channel()
-      return asio::async_initiate<CompletionToken, void(std::error_code)>(
-          [ex = channel_.get_executor()](auto handler) {
-            detail::pending_handler<>(std::move(handler), ex).complete(error::worker_not_connected);
-          },
-          token);
-    if constexpr (detail::is_use_awaitable<CompletionToken>)
-      return detail::send_now_or_wait(channel_, {ipc::message_kind::user, std::move(message)});
-    else
-      return channel_.async_send({ipc::message_kind::user, std::move(message)}, std::forward<CompletionToken>(token));
+    auto envelope = std::make_shared<ipc::Envelope>(ipc::message_kind::user, std::move(message));
+    return detail::async_operation<void(std::error_code)>(
+        std::forward<CompletionToken>(token),
+        [this, envelope]() -> std::optional<detail::op_result<>> {
+          if (!can_send()) return detail::op_result<>{error::worker_not_connected, {}, {}};
+          std::error_code ec;
+          if (!channel_.try_send(*envelope, ec)) return std::nullopt;  // the queue is full: wait
+          return detail::op_result<>{ec, {}, {}};
+        },
+        initiate_send{this, envelope});
   }
 
   // Node: worker.on('message'). The next user message from the worker, in order. Messages
   // that arrived before the disconnect can still be read; then error::worker_not_connected.
+  // Signature: void(std::error_code, Message). Cancellation (per-operation, terminal): the
+  // message stays queued for the next receive().
   template <class CompletionToken = asio::use_awaitable_t<>>
   auto receive(CompletionToken&& token = {}) {
-    if constexpr (detail::is_use_awaitable<CompletionToken>) return detail::pop_now_or_wait(messages_);
-    else return messages_.async_pop(std::forward<CompletionToken>(token));
+    return detail::async_operation<void(std::error_code, Message)>(
+        std::forward<CompletionToken>(token),
+        [this]() -> std::optional<detail::op_result<Message>> {
+          if (auto m = messages_.try_pop()) return detail::op_result<Message>{{}, {std::move(*m)}, {}};
+          return std::nullopt;
+        },
+        initiate_receive{this});
   }
 
   // Node: worker.disconnect() in the primary. Asks the worker to close its servers and then
@@ -160,8 +177,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
     disconnect_sent_ = true;
     exited_after_disconnect_ = true;
     leave_workers();
-    channel_.async_send({ipc::message_kind::internal, {ipc::protocol::encode(ipc::protocol::Disconnect{}), {}}},
-                        [](std::error_code) {});
+    link_->send(ipc::protocol::Disconnect{});
   }
 
   // Node: worker.process.disconnect() in the primary. Closes the channel (what is queued is
@@ -192,11 +208,25 @@ class Worker : public std::enable_shared_from_this<Worker> {
   // then close the channel from this side at once, so that a worker killed by a signal always
   // reports that signal (it cannot win a race to exit(0) on EOF) and a busy worker needs no
   // cooperation. A worker that handles the signal still sees its channel close.
+  //
+  // Throws std::system_error if the signal cannot be sent to a worker that has not exited
+  // (EINVAL for a bad signal number); the error_code form reports it instead. After the exit,
+  // kill() is harmless (Node's is too).
   void kill(int sig = SIGTERM) {
-    if (!dead_) exited_after_disconnect_ = true;
-    process_.signal(sig);
+    std::error_code ec;
+    kill(sig, ec);
+    if (ec) throw std::system_error(ec, fmt::format("kill({}) of worker {}", sig, id_));
+  }
+  void kill(int sig, std::error_code& ec) {
+    ec.clear();
+    if (!dead_) {
+      exited_after_disconnect_ = true;
+      ec = process_.signal(sig);
+      if (ec == std::errc::no_such_process) ec.clear();  // it is exiting: the exit will say so
+    }
     if (connected_) {
       leave_workers();
+      link_->mark_disconnected();
       channel_.close();
     }
   }
@@ -205,6 +235,28 @@ class Worker : public std::enable_shared_from_this<Worker> {
   friend struct detail::master_access;
 
   using as_tuple_t = asio::experimental::as_tuple_t<asio::use_awaitable_t<>>;
+
+  bool can_send() const noexcept { return connected_ && !channel_closing_ && channel_.is_open(); }
+
+  struct initiate_send {
+    Worker* self;
+    std::shared_ptr<ipc::Envelope> envelope;
+    template <class Handler>
+    void operator()(Handler&& handler) const {
+      if (!self->can_send())  // closed by kill() or close_channel(): the read loop has not seen it yet
+        return detail::pending_handler<>(std::forward<Handler>(handler), self->get_executor())
+            .complete(error::worker_not_connected);
+      self->channel_.async_send(std::move(*envelope), std::forward<Handler>(handler));
+    }
+  };
+
+  struct initiate_receive {
+    Worker* self;
+    template <class Handler>
+    void operator()(Handler&& handler) const {
+      self->messages_.async_pop(std::forward<Handler>(handler));
+    }
+  };
 
   void start() {
     auto self = shared_from_this();
@@ -223,12 +275,14 @@ class Worker : public std::enable_shared_from_this<Worker> {
     self->on_channel_end(end);
   }
 
+  // The worker's internal messages: lifecycle ones here, listening ones straight to the
+  // master's listener table (which answers through this worker's link).
   bool on_internal(const ipc::Envelope& envelope) {
     namespace p = ipc::protocol;
     auto message = p::decode(envelope.message.data);
     if (!message || envelope.has_handle()) return protocol_error("unexpected internal message from the worker");
     auto master = master_.lock();
-    detail::listen_service* servers = master ? master->servers.get() : nullptr;
+    detail::listener_table* listeners = master ? master->listeners.get() : nullptr;
     return std::visit(
         [&](auto& m) -> bool {
           using T = std::decay_t<decltype(m)>;
@@ -241,20 +295,30 @@ class Worker : public std::enable_shared_from_this<Worker> {
           } else if constexpr (std::is_same_v<T, p::ExitedAfterDisconnect>) {
             exited_after_disconnect_ = true;  // sent before the worker's EOF, so it is seen first
           } else if constexpr (std::is_same_v<T, p::QueryServer>) {
-            if (servers) servers->query(shared_from_this(), m);
+            if (listeners) listeners->query(link_, m);
           } else if constexpr (std::is_same_v<T, p::Listening>) {
-            if (servers && !servers->listening(*this, m.server))
+            std::optional<Address> announce;
+            if (listeners && !listeners->listening(*link_, m.server, announce))
               return protocol_error("listening for a server the worker does not hold");
+            if (announce) announce_listening(std::move(*announce));
           } else if constexpr (std::is_same_v<T, p::Accepted>) {
-            if (servers) servers->accepted(*this, m);
+            if (listeners) listeners->accepted(*link_, m);
           } else if constexpr (std::is_same_v<T, p::Close>) {
-            if (servers) servers->close(*this, m.server);
+            if (listeners) listeners->close(*link_, m.server);
           } else {  // Disconnect, QueryReply, NewConn: the master's messages
             return protocol_error("unexpected internal message from the worker");
           }
           return true;
         },
         *message);
+  }
+
+  // The worker's server listens at `a`: Node's 'listening', on the worker then the cluster.
+  void announce_listening(Address a) {
+    detail::debug("Worker {} listening on {}:{} ({})", pid(), a.address, a.port, to_string(a.type));
+    if (state_ == WorkerState::online) state_ = WorkerState::listening;
+    listening_.push(a);
+    emit(EventType::listening, {}, {}, {}, std::move(a));
   }
 
   bool protocol_error(std::string why) {
@@ -265,6 +329,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
 
   void on_channel_end(std::error_code ec) {
     connected_ = false;
+    link_->mark_disconnected();
     const bool clean = ec == asio::error::eof || ec == error::channel_closed || ec == asio::error::operation_aborted;
     if (!clean) {
       std::string why = !protocol_detail_.empty() ? protocol_detail_ : channel_.error_detail();
@@ -273,7 +338,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
       emit(EventType::error, ec, why);
     }
     channel_.close();
-    if (auto m = master_.lock(); m && m->servers) m->servers->worker_gone(*this);
+    if (auto m = master_.lock(); m && m->listeners) m->listeners->worker_gone(*link_);
     if (!exited_after_disconnect_) exited_after_disconnect_ = false;
     online_.fail(error::worker_not_connected);
     messages_.close(error::worker_not_connected);
@@ -315,7 +380,11 @@ class Worker : public std::enable_shared_from_this<Worker> {
             Address address = {}) {
     auto m = master_.lock();
     if (!m || !m->events) return;
-    Event e{type, shared_from_this(), status, ec, std::move(detail), std::move(address)};
+    Event e{type, shared_from_this()};
+    e.exit = status;
+    e.error = ec;
+    e.detail = std::move(detail);
+    e.address = std::move(address);
     e.snapshot = snapshot();
     m->emit(std::move(e));
   }
@@ -323,7 +392,8 @@ class Worker : public std::enable_shared_from_this<Worker> {
   std::optional<asio::posix::stream_descriptor> stdin_, stdout_, stderr_;
   int id_;
   detail::Process process_;
-  ipc::Channel channel_;
+  std::shared_ptr<detail::worker_link> link_;  // id, pid, channel: what the listeners hold
+  ipc::Channel& channel_;                      // link_->channel()
   std::weak_ptr<detail::master_state> master_;
   detail::async_queue<Message> messages_;
   detail::async_queue<Address> listening_;  // one entry per server announced; bounded by them
@@ -351,24 +421,6 @@ struct master_access {
   // since the read loop may process `online` before this returns.
   static void start(Worker& w) { w.start(); }
   static void close_channel(Worker& w) { w.channel_.close(); }
-  // An internal message to the worker, with an fd as a handle of type `tag`; false if the
-  // channel can no longer send (the worker is going: its channel end will say so).
-  static bool send_internal(Worker& w, const ipc::protocol::InternalMessage& m, handle_tag tag = no_handle,
-                            unique_fd fd = {}) {
-    return w.connected_ && w.channel_.post_internal(ipc::protocol::encode(m), tag, std::move(fd));
-  }
-  // The same with an fd the caller keeps (the channel holds it open until it is written).
-  static bool send_internal(Worker& w, const ipc::protocol::InternalMessage& m, handle_tag tag,
-                            std::shared_ptr<const unique_fd> fd) {
-    return w.connected_ && w.channel_.post_internal(ipc::protocol::encode(m), tag, std::move(fd));
-  }
-  // The worker's server listens at `a`: Node's 'listening', on the worker then the cluster.
-  static void announce_listening(Worker& w, Address a) {
-    detail::debug("Worker {} listening on {}:{} ({})", w.pid(), a.address, a.port, to_string(a.type));
-    if (w.state_ == WorkerState::online) w.state_ = WorkerState::listening;
-    w.listening_.push(a);
-    w.emit(EventType::listening, {}, {}, {}, std::move(a));
-  }
   static Process& process(Worker& w) { return w.process_; }
 };
 }  // namespace detail

@@ -26,17 +26,22 @@ inline std::optional<Scheduling> parse_scheduling(std::string_view name) {
 }
 
 struct RuntimePolicy {
-  RuntimePolicy() = default;
-  RuntimePolicy(std::optional<Scheduling> s, std::size_t w = 1) : scheduling_override(s), window(w) {}
+  // The choice is made here, once (Node freezes cluster.schedulingPolicy too): `s` if given,
+  // else COCLUSTER_SCHED_POLICY, else NODE_CLUSTER_SCHED_POLICY, else round robin. An unknown
+  // value in the environment is an error, not a silent default: throws std::invalid_argument.
+  RuntimePolicy(std::optional<Scheduling> s = std::nullopt, std::size_t window = 1)
+      : choice_(s ? *s : from_environment()), window_(window) {}
 
-  // Unset: COCLUSTER_SCHED_POLICY, else NODE_CLUSTER_SCHED_POLICY, else round robin.
-  std::optional<Scheduling> scheduling_override;
-  std::size_t window = 1;  // as RoundRobin::window
+  Scheduling resolve() const noexcept { return choice_; }
+  std::size_t window() const noexcept { return window_; }  // as RoundRobin::window
 
-  // The choice, read once (the Master freezes it when it is made). An unknown value in the
-  // environment is an error, not a silent default: throws std::invalid_argument.
-  Scheduling resolve() const {
-    if (scheduling_override) return *scheduling_override;
+  std::shared_ptr<Listener> make_listener(ListenerArgs args) const {
+    if (choice_ == Scheduling::round_robin) return RoundRobin{window_}.make_listener(std::move(args));
+    return SharedSocket{}.make_listener(std::move(args));
+  }
+
+ private:
+  static Scheduling from_environment() {
     for (const char* name : {"COCLUSTER_SCHED_POLICY", "NODE_CLUSTER_SCHED_POLICY"}) {
       const char* value = std::getenv(name);
       if (!value || !*value) continue;
@@ -46,9 +51,8 @@ struct RuntimePolicy {
     return Scheduling::round_robin;
   }
 
-  detail::schedule scheduling() const {
-    return resolve() == Scheduling::round_robin ? RoundRobin{window}.scheduling() : SharedSocket{}.scheduling();
-  }
+  Scheduling choice_;
+  std::size_t window_;
 };
 
 }  // namespace cocluster

@@ -6,39 +6,36 @@
 
 #include <memory>
 
-#include "cocluster/detail/listen_service.hpp"
-#include "cocluster/detail/master_handle.hpp"
-#include "cocluster/detail/sockets.hpp"
-#include "cocluster/worker.hpp"
+#include "cocluster/detail/syscalls.hpp"
+#include "cocluster/policy/policy.hpp"
 
 namespace cocluster {
 
-struct SharedSocket {
-  detail::schedule scheduling() const { return {false, 0}; }
-};
-
 namespace detail {
 
-// Node: SharedHandle.
-class shared_handle final : public master_handle {
+// Node: SharedHandle. The copies are the workers' own: nothing to track per worker, nothing
+// handed off.
+class shared_listener final : public Listener {
  public:
-  shared_handle(std::uint32_t id, std::string key, Address address, std::string unix_path, unique_fd listener)
-      : master_handle(id, std::move(key), std::move(address), std::move(unix_path)), listener_(std::move(listener)) {}
+  explicit shared_listener(ListenerArgs args) : socket_(std::move(args.socket)) {}
 
-  bool shared() const noexcept override { return true; }
-  unique_fd listener_copy(std::error_code& ec) override { return dup_cloexec(listener_.get(), ec); }
-  // The copies are the workers' own: nothing to track per worker, nothing handed off.
-  void add(const std::shared_ptr<Worker>&) override {}
-  void remove(Worker&) override {}
-  void accepted(Worker&, std::uint32_t, bool) override {}
-  void close() override {
-    listener_.reset();
-    master_handle::close();
-  }
+  bool shares_socket() const noexcept override { return true; }
+  unique_fd socket_copy(std::error_code& ec) override { return dup_cloexec(socket_.get(), ec); }
+  void joined(std::shared_ptr<WorkerLink>) override {}
+  void left(WorkerLink&) override {}
+  void acknowledged(WorkerLink&, std::uint32_t, bool) override {}
+  void close() override { socket_.reset(); }
 
  private:
-  unique_fd listener_;
+  unique_fd socket_;
 };
 
 }  // namespace detail
+
+struct SharedSocket {
+  std::shared_ptr<Listener> make_listener(ListenerArgs args) const {
+    return std::make_shared<detail::shared_listener>(std::move(args));
+  }
+};
+
 }  // namespace cocluster

@@ -1,4 +1,4 @@
-// The socket syscalls of the master's listeners, in one place: opening a listener for a
+// (Master process.) The socket syscalls of the master's listeners, in one place: opening a listener for a
 // query_server key, reading its address back, and accepting raw connections.
 #pragma once
 
@@ -85,6 +85,11 @@ inline Address socket_address(int fd, AddressType type) {
     out = {std::string(a->sun_path, strnlen(a->sun_path, n)), 0, AddressType::unix_path};
   }
   return out;
+}
+
+// The Handle tag a connection accepted on a stream listener of this type travels as.
+inline handle_tag connection_tag(AddressType type) noexcept {
+  return type == AddressType::unix_path ? 4 : 1;  // local::stream_protocol::socket, tcp::socket
 }
 
 // The Handle tag a listener of this type travels as.

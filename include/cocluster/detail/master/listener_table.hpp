@@ -1,0 +1,212 @@
+// (Master process.) The master's listeners, one per key, created through the policy on a
+// worker's first query_server for the key and closed when the last worker holding it closes
+// its server or goes away (Node: the `handles` map of lib/internal/cluster/primary.js). The
+// Worker's read loop hands it the listening messages of its worker; it answers through the
+// worker's link. UDP listeners are shared under every policy.
+#pragma once
+
+#include <fmt/core.h>
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "cocluster/detail/log.hpp"
+#include "cocluster/detail/master/sockets.hpp"
+#include "cocluster/detail/master/worker_link.hpp"
+#include "cocluster/ipc/protocol.hpp"
+#include "cocluster/policy/policy.hpp"
+#include "cocluster/policy/shared_socket.hpp"
+
+namespace cocluster::detail {
+
+class listener_table {
+ public:
+  using factory = std::function<std::shared_ptr<Listener>(ListenerArgs)>;
+
+  // Listeners one worker may hold: a worker asking for more (a leak, or a broken worker) gets
+  // EMFILE from listen() instead of using up the master's fds.
+  static constexpr std::size_t max_servers_per_worker = 1024;
+
+  listener_table(asio::any_io_executor ex, factory make) : ex_(std::move(ex)), make_(std::move(make)) {}
+  listener_table(const listener_table&) = delete;
+  listener_table& operator=(const listener_table&) = delete;
+  ~listener_table() { close_all(); }
+
+  // query_server: find or create the listener and answer; on success the worker holds it.
+  void query(const std::shared_ptr<worker_link>& worker, const ipc::protocol::QueryServer& q) {
+    namespace p = ipc::protocol;
+    auto refuse = [&](int errno_value) {
+      p::QueryReply reply;
+      reply.seq = q.seq;
+      reply.errno_value = errno_value;
+      worker->send(reply);
+    };
+    if (q.type > static_cast<std::uint8_t>(AddressType::udp6)) return refuse(EINVAL);
+    const auto type = static_cast<AddressType>(q.type);
+    const std::string key = fmt::format("{}:{}:{}:{}:{}", q.address, q.port, to_string(type), q.fd, q.index);
+    auto& held = held_[worker->id()];
+    if (held.size() >= max_servers_per_worker) return refuse(EMFILE);
+    entry* e = nullptr;
+    if (auto it = by_key_.find(key); it != by_key_.end()) {
+      e = &by_id_.at(it->second);
+      if (held.count(e->id)) return refuse(EADDRINUSE);  // the worker's own index rule makes this impossible
+    } else {
+      std::error_code ec;
+      e = create(key, type, q, ec);
+      if (!e) {
+        debug("Worker {} cannot listen on {}: {}", worker->pid(), key, ec.message());
+        return refuse(ec.value());
+      }
+    }
+    p::QueryReply reply;
+    reply.seq = q.seq;
+    reply.server = e->id;
+    reply.shared = e->listener->shares_socket();
+    reply.address = e->address.address;
+    reply.port = e->address.port;
+    unique_fd copy;
+    if (reply.shared) {
+      std::error_code ec;
+      copy = e->listener->socket_copy(ec);
+      if (ec) {
+        refuse(ec.value());
+        if (members_of(e->id) == 0) discard(e->id);
+        return;
+      }
+    }
+    // The reply goes first: a newconn must not reach the worker before it knows the server.
+    if (!worker->send(reply, reply.shared ? listener_tag(type) : no_handle, std::move(copy))) {
+      if (members_of(e->id) == 0) discard(e->id);
+      return;
+    }
+    held.emplace(e->id, false);
+    e->listener->joined(worker);
+  }
+
+  // listening: the address to announce the first time (nullopt after that); false if the
+  // worker does not hold `server` (a protocol error).
+  bool listening(const worker_link& worker, std::uint32_t server, std::optional<Address>& announce) {
+    announce.reset();
+    auto w = held_.find(worker.id());
+    if (w == held_.end()) return false;
+    auto s = w->second.find(server);
+    if (s == w->second.end()) return false;
+    if (!s->second) {  // once per server per worker
+      s->second = true;
+      announce = by_id_.at(server).address;
+    }
+    return true;
+  }
+
+  void accepted(worker_link& worker, const ipc::protocol::Accepted& a) {
+    auto w = held_.find(worker.id());
+    if (w == held_.end() || !w->second.count(a.server)) return;  // closed already: re-dispatched
+    by_id_.at(a.server).listener->acknowledged(worker, a.seq, a.ok);
+  }
+
+  void close(worker_link& worker, std::uint32_t server) {
+    auto w = held_.find(worker.id());
+    if (w == held_.end() || w->second.erase(server) == 0) return;
+    leave(worker, server);
+  }
+
+  // The worker's channel has ended: it leaves every listener; its hand-offs go elsewhere.
+  void worker_gone(worker_link& worker) {
+    auto w = held_.find(worker.id());
+    if (w == held_.end()) return;
+    auto servers = std::move(w->second);
+    held_.erase(w);
+    for (auto& [id, announced] : servers) leave(worker, id);
+  }
+
+  // The master is going away: every listener and every connection it holds is closed.
+  void close_all() {
+    auto entries = std::move(by_id_);
+    by_id_.clear();
+    by_key_.clear();
+    held_.clear();
+    for (auto& [id, e] : entries) close_entry(e);
+  }
+
+ private:
+  struct entry {
+    std::uint32_t id = 0;
+    std::string key;
+    Address address;
+    std::string unix_path;  // the path this master bound, if any: removed on close
+    std::shared_ptr<Listener> listener;
+  };
+
+  entry* create(const std::string& key, AddressType type, const ipc::protocol::QueryServer& q, std::error_code& ec) {
+    listen_request r;
+    r.type = type;
+    r.address = q.address;
+    r.port = q.port;
+    r.fd = q.fd;
+    if (q.backlog > 0) r.backlog = static_cast<int>(std::min<std::uint32_t>(q.backlog, INT32_MAX));
+    std::string bound_path;
+    unique_fd fd = open_listener(r, bound_path, ec);
+    if (ec) return nullptr;
+    Address address = socket_address(fd.get(), type);
+    if (type == AddressType::unix_path && q.fd < 0) address.address = q.address;  // as the worker named it
+    const std::uint32_t id = ++last_id_;
+    ListenerArgs args{ex_, id, key, address, std::move(fd)};
+    std::shared_ptr<Listener> listener;
+    try {
+      listener = is_datagram(type) ? SharedSocket{}.make_listener(std::move(args)) : make_(std::move(args));
+    } catch (const std::system_error& e) {  // e.g. registering the socket with the reactor
+      ec = e.code();
+    }
+    if (!listener) {
+      if (!ec) ec = std::make_error_code(std::errc::operation_not_supported);
+      if (!bound_path.empty()) ::unlink(bound_path.c_str());
+      return nullptr;
+    }
+    debug("listener {} for {} ({})", id, key, listener->shares_socket() ? "shared" : "handed off");
+    by_key_.emplace(key, id);
+    return &by_id_.emplace(id, entry{id, key, std::move(address), std::move(bound_path), std::move(listener)})
+                .first->second;
+  }
+
+  // The worker no longer holds `server` (its entry in held_ is gone already).
+  void leave(worker_link& worker, std::uint32_t server) {
+    auto listener = by_id_.at(server).listener;  // a copy: discard() erases the entry
+    listener->left(worker);
+    if (members_of(server) == 0) discard(server);
+  }
+
+  std::size_t members_of(std::uint32_t server) const {
+    std::size_t n = 0;
+    for (auto& [w, servers] : held_) n += servers.count(server);
+    return n;
+  }
+
+  // No worker holds it any more: the port is free again (Node: handle.close(), then delete).
+  void discard(std::uint32_t server) {
+    auto it = by_id_.find(server);
+    entry e = std::move(it->second);
+    by_id_.erase(it);
+    by_key_.erase(e.key);
+    debug("listener {} for {} closed: no worker holds it", e.id, e.key);
+    close_entry(e);
+  }
+
+  // Closes the listener and everything it still holds, and removes a Unix socket's path
+  // (Node removes it too, so the next listen on it succeeds).
+  static void close_entry(entry& e) {
+    e.listener->close();
+    if (!e.unix_path.empty()) ::unlink(e.unix_path.c_str());
+  }
+
+  asio::any_io_executor ex_;
+  factory make_;
+  std::map<std::string, std::uint32_t> by_key_;
+  std::map<std::uint32_t, entry> by_id_;
+  std::map<int, std::map<std::uint32_t, bool>> held_;  // worker id -> servers it holds -> announced?
+  std::uint32_t last_id_ = 0;
+};
+
+}  // namespace cocluster::detail

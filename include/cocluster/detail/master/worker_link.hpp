@@ -1,0 +1,50 @@
+// (Master process.) What the master's listeners hold of one worker: its id, its pid and the
+// channel to it. The Worker owns the link and reads the channel; a listener only sends
+// internal messages through it (a query_reply, a newconn). Data flows one way: listener ->
+// link -> channel -> sendmsg; nothing here knows the Worker.
+//   link->send(ipc::protocol::NewConn{server, seq, remote}, connection_tag(type), fd);
+#pragma once
+
+#include <sys/types.h>
+
+#include <memory>
+#include <utility>
+
+#include "cocluster/detail/unique_fd.hpp"
+#include "cocluster/ipc/channel.hpp"
+#include "cocluster/ipc/protocol.hpp"
+
+namespace cocluster::detail {
+
+class worker_link {
+ public:
+  worker_link(int id, pid_t pid, ipc::Channel channel) : id_(id), pid_(pid), channel_(std::move(channel)) {}
+  worker_link(const worker_link&) = delete;
+  worker_link& operator=(const worker_link&) = delete;
+
+  int id() const noexcept { return id_; }
+  pid_t pid() const noexcept { return pid_; }
+  ipc::Channel& channel() noexcept { return channel_; }
+  // False once the Worker has seen its channel end (or closed it).
+  bool is_connected() const noexcept { return connected_ && channel_.is_open(); }
+  void mark_disconnected() noexcept { connected_ = false; }
+
+  // An internal message, with an fd as a handle of type `tag` (closed once written). False if
+  // the channel can no longer send: the worker is going, and its channel's end will say so.
+  bool send(const ipc::protocol::InternalMessage& m, handle_tag tag = no_handle, unique_fd fd = {}) {
+    return connected_ && channel_.post_internal(ipc::protocol::encode(m), tag, std::move(fd));
+  }
+  // The same with an fd the caller keeps: the channel holds it open until the frame is written
+  // (no dup(2) for a sender that needs its own copy, as a hand-off does until `accepted`).
+  bool send(const ipc::protocol::InternalMessage& m, handle_tag tag, std::shared_ptr<const unique_fd> fd) {
+    return connected_ && channel_.post_internal(ipc::protocol::encode(m), tag, std::move(fd));
+  }
+
+ private:
+  int id_;
+  pid_t pid_;
+  ipc::Channel channel_;
+  bool connected_ = true;
+};
+
+}  // namespace cocluster::detail

@@ -1,0 +1,223 @@
+// The listener of every policy in which the master accepts each connection and hands it to a
+// worker it chooses (Node: RoundRobinHandle). It does the bookkeeping; a policy derives from
+// it and says which worker takes the next connection:
+//   class lowest_id final : public HandoffListener {
+//     using HandoffListener::HandoffListener;
+//     int choose() override {                       // 0: nobody now; accepting waits
+//       for (auto& [id, m] : members()) if (m.in_flight == 0) return id;
+//       return 0;
+//     }
+//   };
+// The master accepts (accept4; raw fds, never read, never registered with Asio) only while
+// choose() names a worker, so connections otherwise wait in the kernel's backlog. It keeps its
+// copy of each connection until the worker's `accepted`: a connection handed to a worker that
+// closes its server, disconnects or dies goes back to the front and to another worker. With
+// no worker left the listener is closed with what it holds (Node does the same).
+#pragma once
+
+#include <asio/posix/stream_descriptor.hpp>
+#include <asio/steady_timer.hpp>
+
+#include <chrono>
+#include <deque>
+#include <map>
+#include <memory>
+#include <string>
+
+#include "cocluster/detail/log.hpp"
+#include "cocluster/detail/master/sockets.hpp"
+#include "cocluster/policy/policy.hpp"
+
+namespace cocluster {
+
+class HandoffListener : public Listener, public std::enable_shared_from_this<HandoffListener> {
+ public:
+  // How long accepting pauses after EMFILE, ENFILE, ENOBUFS or ENOMEM.
+  static constexpr std::chrono::milliseconds accept_retry_delay{100};
+
+  // A worker holding this listener, as choose() sees it.
+  struct Member {
+    int id = 0;
+    pid_t pid = 0;
+    std::size_t in_flight = 0;  // handed to it and not yet acknowledged
+  };
+
+  explicit HandoffListener(ListenerArgs args)
+      : id_(args.id),
+        address_(std::move(args.address)),
+        socket_(args.executor),
+        retry_(args.executor),
+        tag_(detail::connection_tag(address_.type)) {
+    socket_.assign(args.socket.get());
+    (void)args.socket.release();
+  }
+
+  bool shares_socket() const noexcept final { return false; }
+  detail::unique_fd socket_copy(std::error_code& ec) final {
+    ec = std::make_error_code(std::errc::operation_not_supported);
+    return {};
+  }
+
+  void joined(std::shared_ptr<WorkerLink> worker) final {
+    const int id = worker->id();
+    auto [it, added] = members_.insert_or_assign(id, Member{id, worker->pid(), 0});
+    links_.insert_or_assign(id, std::move(worker));
+    on_joined(it->second);
+    distribute();
+  }
+
+  void left(WorkerLink& worker) final {
+    // It may have left members_ already (a hand-off to it failed); its hand-offs are still ours.
+    if (members_.erase(worker.id()) != 0) on_left(worker.id());
+    links_.erase(worker.id());
+    // Everything handed to it and not acknowledged goes back to the front, in order.
+    std::deque<connection> back;
+    for (auto it = unacked_.begin(); it != unacked_.end();) {
+      if (it->second.worker != worker.id()) {
+        ++it;
+        continue;
+      }
+      back.push_back(std::move(it->second.conn));
+      it = unacked_.erase(it);
+    }
+    if (!back.empty())
+      detail::debug("Worker {}: {} connection(s) handed to it go to other workers", worker.pid(), back.size());
+    backlog_.insert(backlog_.begin(), std::make_move_iterator(back.begin()), std::make_move_iterator(back.end()));
+    if (!members_.empty()) distribute();  // else the master closes us, and what waits with us
+  }
+
+  void acknowledged(WorkerLink& worker, std::uint32_t seq, bool ok) final {
+    auto it = unacked_.find(seq);
+    if (it == unacked_.end() || it->second.worker != worker.id()) return;  // Node ignores stray acks too
+    connection conn = std::move(it->second.conn);
+    unacked_.erase(it);
+    if (auto m = members_.find(worker.id()); m != members_.end()) {
+      --m->second.in_flight;
+      on_acknowledged(m->second);
+    }
+    if (!ok) backlog_.push_front(std::move(conn));  // refused: another worker gets it
+    distribute();  // ok: our copy of the fd closes here
+  }
+
+  void close() override {
+    std::error_code ignored;
+    socket_.close(ignored);
+    retry_.cancel();
+    backlog_.clear();
+    unacked_.clear();
+    members_.clear();
+    links_.clear();
+  }
+
+ protected:
+  // The worker (a Member's id) that takes the next connection now, or 0 for nobody: then
+  // accepting waits until a worker joins or acknowledges. Called before each accept and each
+  // hand-off; it must not change what it would answer (the hooks below are for that).
+  virtual int choose() = 0;
+
+  // After the bookkeeping of each event, for a policy's own state.
+  virtual void on_joined(const Member&) {}
+  virtual void on_left(int /*id*/) {}
+  virtual void on_handed(const Member&) {}        // in_flight counts the new hand-off
+  virtual void on_acknowledged(const Member&) {}  // in_flight no longer counts it
+
+  const std::map<int, Member>& members() const noexcept { return members_; }
+  const Address& address() const noexcept { return address_; }
+  std::uint32_t id() const noexcept { return id_; }
+
+ private:
+  struct connection {
+    std::shared_ptr<const detail::unique_fd> fd;  // shared with a channel while a newconn carrying it is queued
+    std::string remote;                           // sockaddr from accept4
+  };
+  struct handed {
+    int worker;
+    connection conn;
+  };
+
+  int pick() {
+    const int id = choose();
+    return id != 0 && members_.count(id) ? id : 0;
+  }
+
+  // Waiting connections first, to chosen workers in turn; then accept more while one is chosen.
+  void distribute() {
+    while (!backlog_.empty()) {
+      const int id = pick();
+      if (id == 0) return;
+      connection c = std::move(backlog_.front());
+      backlog_.pop_front();
+      hand_off(id, std::move(c));
+    }
+    accept_now();
+  }
+
+  void hand_off(int id, connection c) {
+    const std::uint32_t seq = ++last_seq_;
+    // The channel shares our fd until the frame is written; we keep it until `accepted`.
+    if (!links_.at(id)->send(ipc::protocol::NewConn{id_, seq, c.remote}, tag_, c.fd)) {
+      backlog_.push_front(std::move(c));  // its channel is ending: left() follows and
+      members_.erase(id);                 // gives back what it holds; until then it takes nothing
+      on_left(id);
+      return;
+    }
+    unacked_.emplace(seq, handed{id, std::move(c)});
+    Member& m = members_.at(id);
+    ++m.in_flight;
+    on_handed(m);
+  }
+
+  // Accepts while a worker is chosen; waits for readiness only when nothing is pending.
+  void accept_now() {
+    if (waiting_ || paused_ || !socket_.is_open()) return;
+    while (backlog_.empty()) {
+      const int id = pick();
+      if (id == 0) return;
+      std::string remote;
+      std::error_code ec;
+      detail::unique_fd fd = detail::accept_connection(socket_.native_handle(), remote, ec);
+      if (fd) {
+        hand_off(id, {std::make_shared<const detail::unique_fd>(std::move(fd)), std::move(remote)});
+        continue;
+      }
+      if (!ec) return wait_readable();
+      if (detail::is_connection_error(ec)) continue;
+      detail::log_error("accept on {}:{}: {}; retrying in {} ms", address_.address, address_.port, ec.message(),
+                        accept_retry_delay.count());
+      return pause_accepting();
+    }
+  }
+
+  void wait_readable() {
+    waiting_ = true;
+    socket_.async_wait(asio::posix::descriptor_base::wait_read, [self = shared_from_this()](std::error_code ec) {
+      self->waiting_ = false;
+      if (!ec) self->accept_now();
+    });
+  }
+
+  void pause_accepting() {
+    if (paused_) return;
+    paused_ = true;
+    retry_.expires_after(accept_retry_delay);
+    retry_.async_wait([self = shared_from_this()](std::error_code ec) {
+      self->paused_ = false;
+      if (!ec) self->distribute();
+    });
+  }
+
+  std::uint32_t id_;
+  Address address_;
+  asio::posix::stream_descriptor socket_;
+  asio::steady_timer retry_;
+  detail::handle_tag tag_;                   // what a connection travels as (TCP or Unix socket)
+  std::map<int, Member> members_;            // workers holding this listener, by id
+  std::map<int, std::shared_ptr<WorkerLink>> links_;
+  std::deque<connection> backlog_;           // accepted, waiting for a chosen worker
+  std::map<std::uint32_t, handed> unacked_;  // handed off, not yet acknowledged, by seq
+  std::uint32_t last_seq_ = 0;
+  bool waiting_ = false;
+  bool paused_ = false;
+};
+
+}  // namespace cocluster

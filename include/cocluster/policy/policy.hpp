@@ -1,0 +1,80 @@
+// What a policy is: the type that decides how the connections of one listening address reach
+// the workers that listen on it (Node: cluster.schedulingPolicy, RoundRobinHandle and
+// SharedHandle). Master<P> takes any type P that models cocluster::Policy:
+//
+//   struct P {
+//     std::shared_ptr<Listener> make_listener(ListenerArgs args) const;
+//   };
+//
+// The master calls make_listener when the first worker listens on a key (Node's key:
+// address:port:type:fd:index) and keeps the Listener until no worker holds it. The Listener
+// owns the listening socket and what happens on the four events below. RoundRobin and
+// SharedSocket are written this way (policy/round_robin.hpp, policy/shared_socket.hpp);
+// HandoffListener (policy/handoff_listener.hpp) does the hand-off bookkeeping for policies
+// where the master accepts and chooses a worker per connection, so such a policy only says
+// which worker takes the next one. UDP listeners are always shared, whatever the policy.
+//   struct LowestId {   // every connection to the worker with the lowest id
+//     std::shared_ptr<Listener> make_listener(ListenerArgs a) const;   // a HandoffListener
+//   };
+//   Master<LowestId> master(ex);
+// Everything runs on the master's executor; no callback may block.
+#pragma once
+
+#include <asio/any_io_executor.hpp>
+
+#include <concepts>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <system_error>
+
+#include "cocluster/address.hpp"
+#include "cocluster/detail/master/worker_link.hpp"
+#include "cocluster/detail/unique_fd.hpp"
+
+namespace cocluster {
+
+// The master's end of one worker, as a listener holds it (id, pid, the channel).
+using WorkerLink = detail::worker_link;
+
+// What a policy is given to make a listener: it owns `socket` from then on.
+struct ListenerArgs {
+  asio::any_io_executor executor;  // the master's
+  std::uint32_t id = 0;            // the master's id of this listener (the protocol's server id)
+  std::string key;                 // Node's address:port:type:fd:index, for logs
+  Address address;                 // where it listens (the real port after listen(0))
+  detail::unique_fd socket;        // listening (stream) or bound (UDP), non-blocking, close-on-exec
+};
+
+// The master-side listener of one key.
+class Listener {
+ public:
+  Listener() = default;
+  Listener(const Listener&) = delete;
+  Listener& operator=(const Listener&) = delete;
+  virtual ~Listener() = default;
+
+  // True if each worker accepts on its own copy of the socket (socket_copy() gives one, sent
+  // with the worker's listen() answer); false if the master accepts and hands connections over.
+  virtual bool shares_socket() const noexcept = 0;
+  virtual detail::unique_fd socket_copy(std::error_code& ec) = 0;
+
+  // `worker` holds this listener from now on (its listen() answer is on its way, so a
+  // connection sent now arrives after it).
+  virtual void joined(std::shared_ptr<WorkerLink> worker) = 0;
+  // `worker` no longer holds it: it closed its server, disconnected or died. What it was
+  // handed and had not accepted goes to the others (nothing accepted is dropped).
+  virtual void left(WorkerLink& worker) = 0;
+  // `worker` answered hand-off `seq`: ok, it took the connection (the master closes its
+  // copy); not ok, it could not (another worker gets it).
+  virtual void acknowledged(WorkerLink& worker, std::uint32_t seq, bool ok) = 0;
+  // The last worker left, or the master is going: close the socket and whatever is held.
+  virtual void close() = 0;
+};
+
+template <class P>
+concept Policy = std::copy_constructible<P> && requires(const P& p, ListenerArgs args) {
+  { p.make_listener(std::move(args)) } -> std::convertible_to<std::shared_ptr<Listener>>;
+};
+
+}  // namespace cocluster
