@@ -590,3 +590,49 @@ TEST_CASE("a Unix socket path longer than sun_path works through its shorter rel
   std::filesystem::current_path(old_cwd);
   std::filesystem::remove_all(dir);
 }
+
+// ---- a policy written outside the library ----
+
+namespace {
+
+// Every connection to the worker with the lowest id that has none in hand (a policy that only
+// chooses: HandoffListener does the accepting, the acknowledgements and the hand-backs).
+class lowest_id_listener final : public HandoffListener {
+ public:
+  using HandoffListener::HandoffListener;
+
+ private:
+  int choose() override {
+    for (auto& [id, m] : members())
+      if (m.in_flight == 0) return id;
+    return 0;
+  }
+};
+
+struct LowestId {
+  std::shared_ptr<Listener> make_listener(ListenerArgs args) const {
+    return std::make_shared<lowest_id_listener>(std::move(args));
+  }
+};
+
+static_assert(cocluster::Policy<LowestId>);
+static_assert(cocluster::Policy<RoundRobin> && cocluster::Policy<SharedSocket> && cocluster::Policy<RuntimePolicy>);
+static_assert(!cocluster::Policy<int>);
+
+}  // namespace
+
+TEST_CASE("a policy written outside the library: every connection to the lowest worker id, then to the next when it leaves") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<LowestId> master(io.get_executor());
+    auto c = co_await start(master, 3, listen_env(scenario::serve, "tcp4:127.0.0.1:0"));
+    const tcp::endpoint where(asio::ip::address_v4::loopback(), port_of(c.reports[0]));
+    for (auto& w : c.workers) co_await w->listening();
+    auto served = co_await ask_many(where, 30, 1);
+    CHECK(served == std::map<int, int>{{1, 30}});
+    co_await c.workers[0]->send({"close"});
+    CHECK((co_await c.workers[0]->receive()).data == "closed");
+    served = co_await ask_many(where, 30, 1);
+    CHECK(served == std::map<int, int>{{2, 30}});
+    co_await master.disconnect();
+  });
+}

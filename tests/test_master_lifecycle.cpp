@@ -140,7 +140,7 @@ TEST_CASE("online() || timer completes with the timer for a worker that never co
     CHECK((co_await w->exited()).signal == SIGKILL);
     // online() after the worker is gone fails instead of waiting for ever.
     auto [ec] = co_await w->online(asio::experimental::as_tuple(use_awaitable));
-    CHECK(ec);
+    CHECK(ec == error::worker_exited);
   });
 }
 
@@ -276,4 +276,21 @@ TEST_CASE("the parent-death signal that follows the end of the master's forking 
     channel.close();  // an unexpected end: the worker exits with 0
     CHECK((co_await worker.async_wait(use_awaitable)) == ExitStatus{0, 0});
   });
+}
+
+TEST_CASE("set_log_sink takes cocluster's error lines instead of stderr, until it is reset") {
+  std::vector<std::pair<LogLevel, std::string>> lines;
+  set_log_sink([&](LogLevel level, std::string_view line) { lines.emplace_back(level, std::string(line)); });
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Settings settings;
+    settings.exec = "/nonexistent/worker";
+    Master<> master(io.get_executor(), settings);
+    auto [ec, w] = co_await master.fork({}, asio::experimental::as_tuple(use_awaitable));
+    CHECK(ec == std::errc::no_such_file_or_directory);
+  });
+  set_log_sink({});
+  REQUIRE(lines.size() == 1);
+  CHECK(lines[0].first == LogLevel::error);
+  CHECK(lines[0].second == "cocluster: Master " + std::to_string(::getpid()) +
+                               ": cannot start worker 1: execve /nonexistent/worker: No such file or directory");
 }

@@ -98,8 +98,10 @@ class Worker : public std::enable_shared_from_this<Worker> {
   // All four of the above at once: what each event on master.events() carries.
   WorkerSnapshot snapshot() const noexcept { return {state_, exited_after_disconnect_, is_connected(), dead_}; }
 
-  // Completes when the worker runtime has announced itself. Fails with error::worker_exited
-  // (or worker_not_connected) if the worker is gone without ever coming online.
+  // Completes when the worker runtime has announced itself (Node's 'online'). Fails with
+  // error::worker_exited once the process has exited without coming online. Signature:
+  // void(std::error_code); at once if it has happened. Cancellation (per-operation): stops
+  // this wait only. The same holds for listening(), disconnected() and exited() below.
   template <class CompletionToken = asio::use_awaitable_t<>>
   auto online(CompletionToken&& token = {}) {
     return online_.async_wait(std::forward<CompletionToken>(token));
@@ -340,7 +342,6 @@ class Worker : public std::enable_shared_from_this<Worker> {
     channel_.close();
     if (auto m = master_.lock(); m && m->listeners) m->listeners->worker_gone(*link_);
     if (!exited_after_disconnect_) exited_after_disconnect_ = false;
-    online_.fail(error::worker_not_connected);
     messages_.close(error::worker_not_connected);
     listening_.close(error::worker_not_connected);
     state_ = WorkerState::disconnected;

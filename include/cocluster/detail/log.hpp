@@ -12,6 +12,7 @@
 #include <string_view>
 
 #include "cocluster/detail/worker_identity.hpp"
+#include "cocluster/log.hpp"
 
 namespace cocluster::detail {
 
@@ -27,13 +28,23 @@ inline bool debug_enabled() {
 
 inline const char* process_role() { return identity().is_worker ? "Worker" : "Master"; }
 
+// One finished line to the sink, or to stderr. Never throws.
+inline void write_line(LogLevel level, const std::string& line) noexcept {
+  try {
+    if (auto& sink = log_sink()) return sink(level, line);
+    fmt::print(stderr, "{}\n", line);
+  } catch (...) {
+  }
+}
+
 // Logging never throws: it runs in the middle of teardown paths (a closed stderr must not
 // leave a worker half disconnected).
 template <class... Args>
 void debug(fmt::format_string<Args...> format, Args&&... args) noexcept {
   if (!debug_enabled()) return;
   try {
-    fmt::print(stderr, "{},{} {}\n", ::getpid(), process_role(), fmt::format(format, std::forward<Args>(args)...));
+    write_line(LogLevel::debug,
+               fmt::format("{},{} {}", ::getpid(), process_role(), fmt::format(format, std::forward<Args>(args)...)));
   } catch (...) {
   }
 }
@@ -41,8 +52,8 @@ void debug(fmt::format_string<Args...> format, Args&&... args) noexcept {
 template <class... Args>
 void log_error(fmt::format_string<Args...> format, Args&&... args) noexcept {
   try {
-    fmt::print(stderr, "cocluster: {} {}: {}\n", process_role(), ::getpid(),
-               fmt::format(format, std::forward<Args>(args)...));
+    write_line(LogLevel::error, fmt::format("cocluster: {} {}: {}", process_role(), ::getpid(),
+                                            fmt::format(format, std::forward<Args>(args)...)));
   } catch (...) {
   }
 }
