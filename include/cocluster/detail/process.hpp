@@ -36,7 +36,6 @@ class Process {
   ~Process() = default;
 
   pid_t pid() const noexcept { return s_->pid; }
-  bool has_exited() const noexcept { return s_->exited.is_set(); }
 
   // ESRCH once the process has been reaped: the pidfd never signals a recycled pid.
   std::error_code signal(int sig) const noexcept {
