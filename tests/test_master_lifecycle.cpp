@@ -137,7 +137,7 @@ TEST_CASE("online() || timer completes with the timer for a worker that never co
     w->kill(SIGKILL);
     CHECK((co_await w->exited()).signal == SIGKILL);
     // online() after the worker is gone fails instead of waiting for ever.
-    auto [ec] = co_await w->online(asio::experimental::as_tuple(use_awaitable));
+    auto [ec] = co_await w->online(cocluster::as_tuple(use_awaitable));
     CHECK(ec);
   });
 }
@@ -182,7 +182,7 @@ TEST_CASE("fork() of a missing executable fails with ENOENT, posts an error even
     settings.exec = "/nonexistent/worker";
     Master<> master(io.get_executor(), settings);
     auto& events = master.events();
-    auto [ec, w] = co_await master.fork({}, asio::experimental::as_tuple(use_awaitable));
+    auto [ec, w] = co_await master.fork({}, cocluster::as_tuple(use_awaitable));
     CHECK(ec == std::errc::no_such_file_or_directory);
     CHECK(w == nullptr);
     CHECK(master.workers().empty());

@@ -9,6 +9,8 @@
 // RoundRobin (the default), SharedSocket, or RuntimePolicy (from COCLUSTER_SCHED_POLICY).
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <asio/co_spawn.hpp>
 #include <asio/use_awaitable.hpp>
 

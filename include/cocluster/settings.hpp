@@ -3,6 +3,8 @@
 //   master.setup(s);   // later forks only; then w->stdout_pipe() is the worker's stdout
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <sys/types.h>
 
 #include <array>

@@ -3,6 +3,8 @@
 // policies plug into). Declared apart so worker.hpp does not depend on the policies.
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <cstddef>
 #include <cstdint>
 #include <memory>

@@ -3,6 +3,8 @@
 // keeps one per key and removes it once no worker holds it.
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <unistd.h>
 
 #include <cstdint>

@@ -4,6 +4,8 @@
 // new listener is round robin or shared; UDP is always shared.
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <fmt/core.h>
 
 #include <map>

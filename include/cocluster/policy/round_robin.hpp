@@ -5,6 +5,8 @@
 // handed to a worker that dies or closes its server first goes to another worker.
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <asio/posix/stream_descriptor.hpp>
 #include <asio/steady_timer.hpp>
 
