@@ -269,7 +269,6 @@ TEST_CASE("sending a handle that is not open fails with bad_descriptor") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     auto channels = channel_pair(io);
     Channel& a = channels.first;
-    Channel& b = channels.second;
     auto [ec] = co_await a.async_send({message_kind::user, {"x", asio::ip::tcp::socket(io)}}, tuple);
     CHECK(ec == asio::error::bad_descriptor);
   });
