@@ -6,6 +6,8 @@
 // connections and reports), then disconnects it: the worker stops accepting and leaves once
 // the requests in hand are answered. A worker still connected after 5 s is killed (Node's
 // disconnect-with-timeout pattern). Then one JSON line with the connections each served. Without --policy, COCLUSTER_SCHED_POLICY decides (rr).
+#include "cocluster/cocluster.hpp"
+
 #include <asio.hpp>
 #include <asio/experimental/awaitable_operators.hpp>
 #include <fmt/core.h>
@@ -17,8 +19,6 @@
 #include <cstdlib>
 #include <list>
 #include <string>
-
-#include "cocluster/cocluster.hpp"
 
 using asio::awaitable;
 using asio::use_awaitable;
@@ -86,14 +86,14 @@ awaitable<void> session(tcp::socket socket, worker_state& st) {
   for (;;) {
     auto me = st.idle.insert(st.idle.end(), &socket);
     auto [ec, n] = co_await asio::async_read_until(socket, asio::dynamic_buffer(buffer), "\r\n\r\n",
-                                                   asio::experimental::as_tuple(use_awaitable));
+                                                   cocluster::as_tuple(use_awaitable));
     st.idle.erase(me);
     if (ec) co_return;
     const bool close = wants_close(std::string_view(buffer).substr(0, n)) || st.stopping;
     buffer.erase(0, n);
     std::string response = fmt::format("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{}",
                                        body.size(), close ? "Connection: close\r\n" : "", body);
-    auto [wec, wn] = co_await asio::async_write(socket, asio::buffer(response), asio::experimental::as_tuple(use_awaitable));
+    auto [wec, wn] = co_await asio::async_write(socket, asio::buffer(response), cocluster::as_tuple(use_awaitable));
     if (wec || close) co_return;
   }
 }
@@ -104,7 +104,7 @@ awaitable<void> worker_main(options o, worker_state& st) {
   auto server = co_await this_worker.listen(tcp::endpoint(asio::ip::make_address(o.host), o.port));
   asio::co_spawn(ex, [&]() -> awaitable<void> {
     for (;;) {
-      auto [ec, socket] = co_await server.accept(asio::experimental::as_tuple(use_awaitable));
+      auto [ec, socket] = co_await server.accept(cocluster::as_tuple(use_awaitable));
       if (ec) co_return;  // closed
       ++st.connections;
       asio::co_spawn(ex, session(std::move(socket), st), asio::detached);
@@ -114,7 +114,7 @@ awaitable<void> worker_main(options o, worker_state& st) {
   // connections (here: idle keep-alive ones; requests in hand are answered with
   // Connection: close). The master's disconnect then closes the server and waits for them.
   for (;;) {
-    auto [ec, m] = co_await this_worker.receive(asio::experimental::as_tuple(use_awaitable));
+    auto [ec, m] = co_await this_worker.receive(cocluster::as_tuple(use_awaitable));
     if (ec) co_return;  // disconnected
     if (m.data != "stop") continue;
     st.stopping = true;

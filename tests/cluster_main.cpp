@@ -45,7 +45,7 @@ std::string open_fds() {
 // and the 8 bytes read from that socket (its peer wrote them before the handoff).
 awaitable<void> echo() {
   for (;;) {
-    auto [ec, m] = co_await this_worker.receive(asio::experimental::as_tuple(use_awaitable));
+    auto [ec, m] = co_await this_worker.receive(cocluster::as_tuple(use_awaitable));
     if (ec) co_return;
     std::string reply = std::move(m.data);
     auto read_token = [&](auto& socket) -> awaitable<void> {
@@ -55,7 +55,7 @@ awaitable<void> echo() {
     };
     if (auto* s = std::get_if<asio::ip::tcp::socket>(&m.handle)) co_await read_token(*s);
     else if (auto* u = std::get_if<asio::local::stream_protocol::socket>(&m.handle)) co_await read_token(*u);
-    auto [sent] = co_await this_worker.send({std::move(reply)}, asio::experimental::as_tuple(use_awaitable));
+    auto [sent] = co_await this_worker.send({std::move(reply)}, cocluster::as_tuple(use_awaitable));
     if (sent) co_return;
   }
 }
@@ -180,7 +180,7 @@ int run_worker(int argc, char** argv) {
   if (s == scenario::report) {
     asio::co_spawn(io, [argc, argv]() -> awaitable<void> {
       for (;;) {
-        auto [ec, m] = co_await this_worker.receive(asio::experimental::as_tuple(use_awaitable));
+        auto [ec, m] = co_await this_worker.receive(cocluster::as_tuple(use_awaitable));
         if (ec) co_return;
         co_await this_worker.send({report_process(argc, argv)});
       }

@@ -4,7 +4,7 @@
 
 #include <fcntl.h>
 
-#include <asio/experimental/as_tuple.hpp>
+#include "cocluster/detail/as_tuple.hpp"
 
 #include <cstring>
 
@@ -21,8 +21,10 @@ using ipc::message_kind;
 
 namespace {
 
-auto as_tuple = asio::experimental::as_tuple(use_awaitable);
+const auto tuple = cocluster::as_tuple(use_awaitable);
 
+// The tests name the two ends through references, not a structured binding: their lambdas
+// capture them, which clang before 16 rejects for a binding.
 std::pair<Channel, Channel> channel_pair(asio::io_context& io, ipc::ChannelOptions options = {}) {
   auto [a, b] = cocluster::detail::make_socketpair();
   return {Channel(io.get_executor(), std::move(a), options), Channel(io.get_executor(), std::move(b), options)};
@@ -76,7 +78,7 @@ std::string pattern(std::size_t size, unsigned seed) {
 
 // Receives on `ch` and expects a protocol error whose detail mentions `what`.
 awaitable<void> expect_protocol_error(Channel& ch, std::string_view what) {
-  auto [ec, e] = co_await ch.async_receive(as_tuple);
+  auto [ec, e] = co_await ch.async_receive(tuple);
   CHECK(ec == error::protocol_error);
   CHECK_MESSAGE(ch.error_detail().find(what) != std::string::npos, "detail was: " << ch.error_detail());
   CHECK_FALSE(ch.is_open());
@@ -86,7 +88,9 @@ awaitable<void> expect_protocol_error(Channel& ch, std::string_view what) {
 
 TEST_CASE("small and large messages arrive intact and in order") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
-    auto [a, b] = channel_pair(io);
+    auto channels = channel_pair(io);
+    Channel& a = channels.first;
+    Channel& b = channels.second;
     const std::string big = pattern(3 << 20, 1);
     asio::co_spawn(io, [&]() -> awaitable<void> {
       for (int i = 0; i < 500; ++i) co_await a.async_send({message_kind::user, {std::to_string(i)}}, use_awaitable);
@@ -111,8 +115,10 @@ TEST_CASE("a message over the limit is refused on send with message_too_large") 
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     ipc::ChannelOptions small;
     small.max_message_size = 1024;
-    auto [a, b] = channel_pair(io, small);
-    auto [ec] = co_await a.async_send({message_kind::user, {std::string(1025, 'x')}}, as_tuple);
+    auto channels = channel_pair(io, small);
+    Channel& a = channels.first;
+    Channel& b = channels.second;
+    auto [ec] = co_await a.async_send({message_kind::user, {std::string(1025, 'x')}}, tuple);
     CHECK(ec == error::message_too_large);
     co_await a.async_send({message_kind::user, {std::string(1024, 'x')}}, use_awaitable);  // still usable
     CHECK((co_await b.async_receive(use_awaitable)).message.data.size() == 1024);
@@ -205,7 +211,9 @@ TEST_CASE("each handle type arrives as the matching, working Asio object") {
     using asio::ip::tcp;
     using asio::ip::udp;
     using unix_stream = asio::local::stream_protocol;
-    auto [a, b] = channel_pair(io);
+    auto channels = channel_pair(io);
+    Channel& a = channels.first;
+    Channel& b = channels.second;
 
     tcp::acceptor listener(io, {asio::ip::address_v4::loopback(), 0});
     tcp::socket client(io);
@@ -259,35 +267,40 @@ TEST_CASE("each handle type arrives as the matching, working Asio object") {
 
 TEST_CASE("sending a handle that is not open fails with bad_descriptor") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
-    auto [a, b] = channel_pair(io);
-    auto [ec] = co_await a.async_send({message_kind::user, {"x", asio::ip::tcp::socket(io)}}, as_tuple);
+    auto channels = channel_pair(io);
+    Channel& a = channels.first;
+    auto [ec] = co_await a.async_send({message_kind::user, {"x", asio::ip::tcp::socket(io)}}, tuple);
     CHECK(ec == asio::error::bad_descriptor);
   });
 }
 
 TEST_CASE("closing one end completes the peer's receive with EOF") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
-    auto [a, b] = channel_pair(io);
+    auto channels = channel_pair(io);
+    Channel& a = channels.first;
+    Channel& b = channels.second;
     asio::co_spawn(io, [&]() -> awaitable<void> {
       co_await asio::post(io, use_awaitable);
       a.close();
     }, asio::detached);
-    auto [ec, e] = co_await b.async_receive(as_tuple);
+    auto [ec, e] = co_await b.async_receive(tuple);
     CHECK(ec == asio::error::eof);
-    auto [ec2] = co_await a.async_send({message_kind::user, {"late"}}, as_tuple);
+    auto [ec2] = co_await a.async_send({message_kind::user, {"late"}}, tuple);
     CHECK(ec2 == error::channel_closed);
   });
 }
 
 TEST_CASE("shutdown delivers every queued message before EOF") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
-    auto [a, b] = channel_pair(io);
+    auto channels = channel_pair(io);
+    Channel& a = channels.first;
+    Channel& b = channels.second;
     // More than the socket holds (net.unix.max_dgram_qlen), so some wait in our queue.
     for (int i = 0; i < 100; ++i) co_await a.async_send({message_kind::user, {std::to_string(i)}}, use_awaitable);
     bool shut = false;
     a.async_shutdown([&](std::error_code ec) { shut = !ec; });
     for (int i = 0; i < 100; ++i) CHECK((co_await b.async_receive(use_awaitable)).message.data == std::to_string(i));
-    auto [ec, e] = co_await b.async_receive(as_tuple);
+    auto [ec, e] = co_await b.async_receive(tuple);
     CHECK(ec == asio::error::eof);
     CHECK(shut);
   });
@@ -297,7 +310,9 @@ TEST_CASE("a full send queue makes async_send wait until the peer reads") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     ipc::ChannelOptions opts;
     opts.send_queue_capacity = 4;
-    auto [a, b] = channel_pair(io, opts);
+    auto channels = channel_pair(io, opts);
+    Channel& a = channels.first;
+    Channel& b = channels.second;
     // Each message fills a whole packet, so the socket buffer (208 KiB) holds only a few.
     auto message = [](int i) { return std::to_string(i) + std::string(ipc::max_fragment - 8, 'x'); };
     constexpr int count = 40;
@@ -319,7 +334,9 @@ TEST_CASE("a full send queue makes async_send wait until the peer reads") {
 
 TEST_CASE("a receive honours cancellation and the next receive gets the message") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
-    auto [a, b] = channel_pair(io);
+    auto channels = channel_pair(io);
+    Channel& a = channels.first;
+    Channel& b = channels.second;
     asio::steady_timer timer(io, 5ms);
     auto r = co_await (b.async_receive(use_awaitable) || timer.async_wait(use_awaitable));
     CHECK(r.index() == 1);
@@ -330,9 +347,11 @@ TEST_CASE("a receive honours cancellation and the next receive gets the message"
 
 TEST_CASE("a second concurrent receive is refused with already_started") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
-    auto [a, b] = channel_pair(io);
+    auto channels = channel_pair(io);
+    Channel& a = channels.first;
+    Channel& b = channels.second;
     b.async_receive([](std::error_code, Envelope) {});
-    auto [ec, e] = co_await b.async_receive(as_tuple);
+    auto [ec, e] = co_await b.async_receive(tuple);
     CHECK(ec == asio::error::already_started);
     a.close();
   });

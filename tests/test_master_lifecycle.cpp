@@ -139,7 +139,7 @@ TEST_CASE("online() || timer completes with the timer for a worker that never co
     w->kill(SIGKILL);
     CHECK((co_await w->exited()).signal == SIGKILL);
     // online() after the worker is gone fails instead of waiting for ever.
-    auto [ec] = co_await w->online(asio::experimental::as_tuple(use_awaitable));
+    auto [ec] = co_await w->online(cocluster::as_tuple(use_awaitable));
     CHECK(ec == error::worker_exited);
   });
 }
@@ -184,7 +184,7 @@ TEST_CASE("fork() of a missing executable fails with ENOENT, posts an error even
     settings.exec = "/nonexistent/worker";
     Master<> master(io.get_executor(), settings);
     auto& events = master.events();
-    auto [ec, w] = co_await master.fork({}, asio::experimental::as_tuple(use_awaitable));
+    auto [ec, w] = co_await master.fork({}, cocluster::as_tuple(use_awaitable));
     CHECK(ec == std::errc::no_such_file_or_directory);
     CHECK(w == nullptr);
     CHECK(master.workers().empty());
@@ -248,7 +248,9 @@ TEST_CASE("the parent-death signal that follows the end of the master's forking 
   // PR_SET_PDEATHSIG fires when the thread that forked the child ends, though the master
   // lives on. The backstop sees its parent is still the master and stands down.
   run_bounded([](asio::io_context& io) -> awaitable<void> {
-    auto [ours, theirs] = cocluster::detail::make_socketpair(SOCK_SEQPACKET);
+    auto ends = cocluster::detail::make_socketpair(SOCK_SEQPACKET);  // named: a lambda captures one end
+    auto& ours = ends.first;
+    auto& theirs = ends.second;
     cocluster::detail::spawn_request r;
     r.exec = "/proc/self/exe";
     r.argv = {r.exec};
@@ -285,7 +287,7 @@ TEST_CASE("set_log_sink takes cocluster's error lines instead of stderr, until i
     Settings settings;
     settings.exec = "/nonexistent/worker";
     Master<> master(io.get_executor(), settings);
-    auto [ec, w] = co_await master.fork({}, asio::experimental::as_tuple(use_awaitable));
+    auto [ec, w] = co_await master.fork({}, cocluster::as_tuple(use_awaitable));
     CHECK(ec == std::errc::no_such_file_or_directory);
   });
   set_log_sink({});

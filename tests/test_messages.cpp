@@ -118,7 +118,7 @@ TEST_CASE("send() to a disconnected worker fails with worker_not_connected") {
     auto w = co_await master.fork();
     co_await w->online();
     w->kill(SIGKILL);
-    auto [right_after_kill] = co_await w->send({"too late"}, asio::experimental::as_tuple(use_awaitable));
+    auto [right_after_kill] = co_await w->send({"too late"}, cocluster::as_tuple(use_awaitable));
     CHECK(right_after_kill == error::worker_not_connected);
     co_await w->disconnected();
     try {
@@ -127,7 +127,7 @@ TEST_CASE("send() to a disconnected worker fails with worker_not_connected") {
     } catch (const std::system_error& e) {
       CHECK(e.code() == error::worker_not_connected);
     }
-    auto [ec, m] = co_await w->receive(asio::experimental::as_tuple(use_awaitable));
+    auto [ec, m] = co_await w->receive(cocluster::as_tuple(use_awaitable));
     CHECK(ec == error::worker_not_connected);
     co_await w->exited();
   });

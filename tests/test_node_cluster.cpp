@@ -21,7 +21,7 @@ using namespace cocluster;
 using namespace test;
 using namespace asio::experimental::awaitable_operators;
 using asio::ip::tcp;
-using as_tuple_t = asio::experimental::as_tuple_t<asio::use_awaitable_t<>>;
+using as_tuple_t = cocluster::detail::as_tuple_t<asio::use_awaitable_t<>>;
 
 // ---- the worker side (scenario::node) ----
 //

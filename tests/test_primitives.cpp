@@ -5,7 +5,7 @@
 #include "cocluster/detail/syscalls.hpp"
 #include "cocluster/error.hpp"
 
-#include <asio/experimental/as_tuple.hpp>
+#include "cocluster/detail/as_tuple.hpp"
 
 #include <doctest/doctest.h>
 
@@ -99,7 +99,7 @@ TEST_CASE("a closed queue drains what it holds, then fails consumers with the cl
     q.close(error::worker_not_connected);
     q.push(6);  // ignored after close
     CHECK(co_await q.async_pop(use_awaitable) == 5);
-    auto [ec, v] = co_await q.async_pop(asio::experimental::as_tuple(use_awaitable));
+    auto [ec, v] = co_await q.async_pop(cocluster::as_tuple(use_awaitable));
     CHECK(ec == error::worker_not_connected);
   });
 }

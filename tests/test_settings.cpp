@@ -24,7 +24,7 @@
 
 using namespace cocluster;
 using namespace test;
-using asio::experimental::as_tuple;
+using cocluster::as_tuple;
 
 namespace {
 

@@ -34,7 +34,7 @@ constexpr auto deferred = asio::deferred;
 constexpr auto deferred = asio::experimental::deferred;
 #endif
 
-using as_tuple_t = asio::experimental::as_tuple_t<asio::use_awaitable_t<>>;
+using as_tuple_t = cocluster::detail::as_tuple_t<asio::use_awaitable_t<>>;
 
 // Waits (without blocking the loop) until a callback has run.
 awaitable<void> until(const bool& done) {

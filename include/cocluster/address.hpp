@@ -3,6 +3,8 @@
 //   Address a = co_await worker->listening();  fmt::print("{}:{} ({})\n", a.address, a.port, to_string(a.type));
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <cstdint>
 #include <string>
 #include <string_view>

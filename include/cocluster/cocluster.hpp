@@ -2,6 +2,8 @@
 // Includes the public headers, nothing else.
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include "cocluster/address.hpp"
 #include "cocluster/error.hpp"
 #include "cocluster/events.hpp"

@@ -3,6 +3,8 @@
 // System errors stay in std::system_category().
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <string>
 #include <system_error>
 

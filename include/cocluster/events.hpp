@@ -4,6 +4,8 @@
 // A worker's own awaitables (online(), exited(), ...) complete before the matching event here.
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <asio/use_awaitable.hpp>
 
 #include <memory>

@@ -2,6 +2,8 @@
 // Node: the (code, signal) pair of the 'exit' event; signal_name() gives Node's string.
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <signal.h>
 #include <string.h>
 

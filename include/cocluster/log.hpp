@@ -7,6 +7,8 @@
 // the thread that logs, and must not throw (what it throws is dropped).
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <functional>
 #include <string_view>
 #include <utility>

@@ -10,6 +10,8 @@
 // type that models cocluster::Policy (policy/policy.hpp).
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <asio/co_spawn.hpp>
 #include <asio/use_awaitable.hpp>
 

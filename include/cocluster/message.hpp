@@ -5,6 +5,8 @@
 // Sending moves the handle: the sender's copy is closed once it is on its way.
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <sys/socket.h>
 
 #include <asio/ip/tcp.hpp>

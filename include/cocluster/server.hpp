@@ -6,6 +6,8 @@
 // accepts on its copy of the listener. close() (or the destructor) tells the master.
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <asio/bind_cancellation_slot.hpp>
 #include <asio/bind_executor.hpp>
 #include <asio/ip/tcp.hpp>

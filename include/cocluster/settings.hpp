@@ -4,6 +4,8 @@
 //   master.setup_merge({.silent = false});   // Node's setupMaster(): only the fields given change
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <sys/types.h>
 
 #include <array>

@@ -11,12 +11,14 @@
 // process end once its io_context runs dry.
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <fcntl.h>
 #include <sys/un.h>
 
 #include <asio/co_spawn.hpp>
 #include <asio/detached.hpp>
-#include <asio/experimental/as_tuple.hpp>
+#include "cocluster/detail/as_tuple.hpp"
 #include <asio/use_awaitable.hpp>
 
 #include <atomic>
@@ -30,6 +32,7 @@
 
 #include <fmt/core.h>
 
+#include "cocluster/address.hpp"
 #include "cocluster/detail/async_latch.hpp"
 #include "cocluster/detail/async_queue.hpp"
 #include "cocluster/detail/log.hpp"
@@ -289,7 +292,7 @@ class worker_runtime final : public server_host {
   }
 
  private:
-  using as_tuple_t = asio::experimental::as_tuple_t<asio::use_awaitable_t<>>;
+  using as_tuple_t = cocluster::detail::as_tuple_t<asio::use_awaitable_t<>>;
 
   static std::atomic<bool>& exiting() {
     static std::atomic<bool> flag{false};

@@ -8,9 +8,11 @@
 // is a timeout.
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <asio/co_spawn.hpp>
 #include <asio/detached.hpp>
-#include <asio/experimental/as_tuple.hpp>
+#include "cocluster/detail/as_tuple.hpp"
 #include <asio/posix/stream_descriptor.hpp>
 #include <asio/use_awaitable.hpp>
 
@@ -236,7 +238,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
  private:
   friend struct detail::master_access;
 
-  using as_tuple_t = asio::experimental::as_tuple_t<asio::use_awaitable_t<>>;
+  using as_tuple_t = cocluster::detail::as_tuple_t<asio::use_awaitable_t<>>;
 
   bool can_send() const noexcept { return connected_ && !channel_closing_ && channel_.is_open(); }
 

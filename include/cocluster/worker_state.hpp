@@ -1,6 +1,8 @@
 // Node: worker.state, in the master and in the worker.
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <string_view>
 
 namespace cocluster {

@@ -4,6 +4,8 @@
 // Waiting honours per-operation cancellation (completes with asio::error::operation_aborted).
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <asio/async_result.hpp>
 #include <asio/error.hpp>
 

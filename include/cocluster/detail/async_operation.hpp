@@ -11,6 +11,8 @@
 // std::system_error(ec, what) with the result's `what`.
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <asio/async_result.hpp>
 #include <asio/use_awaitable.hpp>
 

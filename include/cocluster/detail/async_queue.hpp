@@ -6,6 +6,8 @@
 // once (asio::dispatch) instead of posting: for producers that run in completion handlers.
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <asio/async_result.hpp>
 #include <asio/error.hpp>
 #include <asio/use_awaitable.hpp>

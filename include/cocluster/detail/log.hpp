@@ -2,6 +2,8 @@
 // "cluster", in Node's format ("<pid>,Master Worker <pid> online"), and error lines always.
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <unistd.h>
 
 #include <fmt/core.h>

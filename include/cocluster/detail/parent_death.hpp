@@ -9,6 +9,8 @@
 //   detail::parent_death::stand_down();  // the read loop has seen the channel end
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <signal.h>
 #include <sys/prctl.h>
 #include <time.h>

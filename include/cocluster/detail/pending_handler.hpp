@@ -5,6 +5,8 @@
 // function and whose state is consistent: the handler may call back into them.
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <asio/associated_cancellation_slot.hpp>
 #include <asio/associated_executor.hpp>
 #include <asio/any_io_executor.hpp>

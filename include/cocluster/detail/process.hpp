@@ -3,6 +3,8 @@
 //   detail::Process p(ex, detail::spawn(req, fd));  ExitStatus s = co_await p.async_wait(use_awaitable);
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <poll.h>
 
 #include <asio/posix/stream_descriptor.hpp>

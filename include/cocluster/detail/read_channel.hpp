@@ -3,12 +3,14 @@
 // user messages to an inbox whose waiting consumer runs at once.
 #pragma once
 
-#include <asio/experimental/as_tuple.hpp>
+#include "cocluster/detail/config.hpp"
+
 #include <asio/post.hpp>
 #include <asio/use_awaitable.hpp>
 
 #include <exception>
 
+#include "cocluster/detail/as_tuple.hpp"
 #include "cocluster/detail/async_queue.hpp"
 #include "cocluster/ipc/channel.hpp"
 
@@ -35,7 +37,7 @@ inline void rethrow_from_run(const asio::any_io_executor& ex, std::exception_ptr
 template <class OnInternal, class OnUser, class OnPause>
 asio::awaitable<std::error_code> read_channel(ipc::Channel& channel, async_queue<Message>& inbox,
                                               OnInternal on_internal, OnUser on_user, OnPause on_pause) {
-  const auto as_tuple = asio::experimental::as_tuple(asio::use_awaitable);
+  const auto tuple = cocluster::as_tuple(asio::use_awaitable);
   int budget = read_budget;
   for (;;) {
     if (budget == 0) {
@@ -46,7 +48,7 @@ asio::awaitable<std::error_code> read_channel(ipc::Channel& channel, async_queue
     std::error_code end;
     if (!channel.try_receive(envelope, end)) {
       if (end) co_return end;
-      co_await channel.async_wait_readable(as_tuple);  // a wait error: try_receive reports it
+      co_await channel.async_wait_readable(tuple);  // a wait error: try_receive reports it
       budget = read_budget;
       continue;
     }
@@ -63,7 +65,7 @@ asio::awaitable<std::error_code> read_channel(ipc::Channel& channel, async_queue
     }
     if (envelope.message.has_handle() && inbox.size() >= max_unread_handles) {
       on_pause();
-      auto [closed] = co_await inbox.async_wait_below(max_unread_handles, as_tuple);
+      auto [closed] = co_await inbox.async_wait_below(max_unread_handles, tuple);
       if (closed) co_return closed;
     }
     bool queued = true;
@@ -74,7 +76,7 @@ asio::awaitable<std::error_code> read_channel(ipc::Channel& channel, async_queue
     }
     if (!queued) {
       on_pause();
-      auto [closed] = co_await inbox.async_push(std::move(envelope.message), as_tuple);
+      auto [closed] = co_await inbox.async_push(std::move(envelope.message), tuple);
       if (closed) co_return closed;
     }
     on_user();

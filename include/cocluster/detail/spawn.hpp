@@ -6,6 +6,8 @@
 // exec allocates or throws, and the child leaves with _exit.
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <grp.h>
 #include <pthread.h>
 #include <signal.h>
@@ -175,7 +177,8 @@ inline spawned_process spawn(const spawn_request& r, unique_fd channel_end, std:
   channel_end.reset();
   for (auto& fd : stdio) fd.reset();
   child_failure failure{};
-  const ssize_t n = retry_on_eintr([&] { return ::read(report_read.get(), &failure, sizeof failure); });
+  const int report_fd = report_read.get();  // clang before 16 cannot capture a structured binding
+  const ssize_t n = retry_on_eintr([&] { return ::read(report_fd, &failure, sizeof failure); });
   if (n != 0) {  // the child reported a failure (or the pipe broke): it exits with 127
     retry_on_eintr([&] { return ::waitpid(pid, nullptr, 0); });
     if (n != static_cast<ssize_t>(sizeof failure)) failure = {-1, EIO};

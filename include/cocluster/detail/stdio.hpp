@@ -3,6 +3,8 @@
 //   spawn(request, channel_end, std::move(fds.child));   // fds.master: the master's pipe ends
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <fcntl.h>
 
 #include <array>

@@ -2,6 +2,8 @@
 // each returning an owning type or a std::error_code.
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/socket.h>

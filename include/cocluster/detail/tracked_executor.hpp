@@ -7,6 +7,8 @@
 //   tcp::socket s(detail::tracked_executor(ex, token));   // s.get_executor() is any_io_executor
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <asio/any_io_executor.hpp>
 #include <asio/prefer.hpp>
 #include <asio/query.hpp>
@@ -33,16 +35,18 @@ class tracked_executor {
     return asio::query(inner_, p);
   }
 
-  // Requiring or preferring a property keeps the token: the result is still tracked.
-  template <class Property>
-  auto require(const Property& p) const
-      -> decltype(asio::require(std::declval<const asio::any_io_executor&>(), p), tracked_executor(*this)) {
+  // Requiring or preferring a property keeps the token: the result is still tracked. Whether
+  // the inner executor takes the property is checked in a template parameter, not with an
+  // expression of this class's type: the class is incomplete here, which clang rejects.
+  template <class Property,
+            class = decltype(asio::require(std::declval<const asio::any_io_executor&>(), std::declval<const Property&>()))>
+  tracked_executor require(const Property& p) const {
     return tracked_executor(asio::any_io_executor(asio::require(inner_, p)), token_);
   }
 
-  template <class Property>
-  auto prefer(const Property& p) const
-      -> decltype(asio::prefer(std::declval<const asio::any_io_executor&>(), p), tracked_executor(*this)) {
+  template <class Property,
+            class = decltype(asio::prefer(std::declval<const asio::any_io_executor&>(), std::declval<const Property&>()))>
+  tracked_executor prefer(const Property& p) const {
     return tracked_executor(asio::any_io_executor(asio::prefer(inner_, p)), token_);
   }
 

@@ -1,6 +1,8 @@
 // An owning file descriptor: move-only, closes on destruction.
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <unistd.h>
 
 #include <utility>

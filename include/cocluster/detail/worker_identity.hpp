@@ -4,6 +4,8 @@
 //   if (detail::identity().is_worker) { int id = detail::identity().id; ... }
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <charconv>
 #include <cstdlib>
 #include <string_view>

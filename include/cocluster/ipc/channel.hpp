@@ -7,6 +7,8 @@
 // error::protocol_error (error_detail() says what), and every fd that came with it is closed.
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <sys/socket.h>
 #include <sys/uio.h>
 

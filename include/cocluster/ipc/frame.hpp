@@ -3,6 +3,8 @@
 // a handle (one fd in SCM_RIGHTS) travels with the first frame of its message.
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <cstddef>
 #include <cstdint>
 

@@ -5,6 +5,8 @@
 //   if (auto m = protocol::decode(bytes)) std::visit(handler, *m);
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <cstdint>
 #include <cstring>
 #include <optional>

@@ -15,6 +15,8 @@
 // no worker left the listener is closed with what it holds (Node does the same).
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <asio/posix/stream_descriptor.hpp>
 #include <asio/steady_timer.hpp>
 

@@ -20,6 +20,8 @@
 // Everything runs on the master's executor; no callback may block.
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <asio/any_io_executor.hpp>
 
 #include <concepts>

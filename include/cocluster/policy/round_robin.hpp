@@ -5,6 +5,8 @@
 // handed to a worker that dies or closes its server first goes to another worker.
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <algorithm>
 #include <deque>
 #include <memory>

@@ -4,6 +4,8 @@
 //   cocluster::Master<cocluster::RuntimePolicy> master(ex, {}, {cocluster::Scheduling::shared});
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <cstdlib>
 #include <optional>
 #include <stdexcept>

@@ -4,6 +4,8 @@
 // UDP sockets are shared this way under every policy.
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <memory>
 
 #include "cocluster/detail/syscalls.hpp"

@@ -5,6 +5,8 @@
 // worker's link. UDP listeners are shared under every policy.
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <fmt/core.h>
 
 #include <functional>

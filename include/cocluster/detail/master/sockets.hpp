@@ -2,6 +2,8 @@
 // query_server key, reading its address back, and accepting raw connections.
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>

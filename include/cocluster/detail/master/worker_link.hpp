@@ -5,6 +5,8 @@
 //   link->send(ipc::protocol::NewConn{server, seq, remote}, connection_tag(type), fd);
 #pragma once
 
+#include "cocluster/detail/config.hpp"
+
 #include <sys/types.h>
 
 #include <memory>
