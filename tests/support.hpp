@@ -4,6 +4,7 @@
 #include <dirent.h>
 #include <poll.h>
 #include <spawn.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -18,7 +19,9 @@
 #include "cocluster/events.hpp"
 #include "cocluster/exit_status.hpp"
 
+#include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <exception>
 #include <functional>
 #include <optional>
@@ -144,6 +147,35 @@ inline bool reap_within(const cocluster::detail::unique_fd& pidfd, std::chrono::
   info = siginfo_t{};
   ::waitid(P_PIDFD, static_cast<id_t>(pidfd.get()), &info, WEXITED);
   return ended;
+}
+
+// The open fds of this process, in order, as "0,1,2,3" (the directory stream's own excluded).
+inline std::string open_fds() {
+  DIR* d = ::opendir("/proc/self/fd");
+  if (!d) return "?";
+  const int own = ::dirfd(d);
+  std::vector<int> fds;
+  while (auto* e = ::readdir(d))
+    if (e->d_name[0] != '.' && std::atoi(e->d_name) != own) fds.push_back(std::atoi(e->d_name));
+  ::closedir(d);
+  std::sort(fds.begin(), fds.end());
+  std::string out;
+  for (int fd : fds) out += (out.empty() ? "" : ",") + std::to_string(fd);
+  return out;
+}
+
+// What fd `fd` of this process is ("pipe:[123]", "/dev/null", ...), or "closed".
+inline std::string fd_target(int fd) {
+  char target[4096];
+  const ssize_t n = ::readlink(("/proc/self/fd/" + std::to_string(fd)).c_str(), target, sizeof target);
+  return n < 0 ? "closed" : std::string(target, static_cast<std::size_t>(n));
+}
+
+// This process's parent-death signal (PR_GET_PDEATHSIG), or -1.
+inline int parent_death_signal() {
+  int sig = -1;
+  ::prctl(PR_GET_PDEATHSIG, &sig);
+  return sig;
 }
 
 // Open fds of this process (the directory stream's own fd excluded).

@@ -13,8 +13,8 @@
 #include <map>
 
 #include "cocluster/cocluster.hpp"
-#include "scenarios.hpp"
 #include "support.hpp"
+#include "worker_scenario.hpp"
 
 using namespace cocluster;
 using namespace test;
@@ -23,7 +23,7 @@ using asio::ip::udp;
 using local_stream = asio::local::stream_protocol;
 using as_tuple_t = cocluster::detail::as_tuple_t<asio::use_awaitable_t<>>;
 
-// ---- the worker side (run by cluster_main for the serve/stall scenarios) ----
+// ---- the worker side: the serve and stall scenarios ----
 
 namespace {
 
@@ -124,15 +124,21 @@ awaitable<void> listen_worker(bool stall) {
   }
 }
 
-}  // namespace
-
-int run_listen_worker(std::string_view s) {
+int run_listen_worker(bool stall) {
   asio::io_context io;
   this_worker.start(io.get_executor());
-  asio::co_spawn(io, listen_worker(s == scenario::stall), asio::detached);
+  asio::co_spawn(io, listen_worker(stall), asio::detached);
   io.run();
   return 0;
 }
+
+}  // namespace
+
+// Listens on TEST_LISTEN and reports "port N" (or "path P", "error <errno> <what>"); then serves
+// each connection with "worker <id>\n"; "close" closes the server, "listen" listens again.
+WORKER_SCENARIO(serve) { return run_listen_worker(false); }
+// The same, but never accepts.
+WORKER_SCENARIO(stall) { return run_listen_worker(true); }
 
 // ---- the master side: the tests ----
 
@@ -230,7 +236,7 @@ template <class Policy>
 awaitable<void> four_workers_share_port_zero(asio::io_context& io, bool check_fairness) {
   Master<Policy> master(io.get_executor());
   auto& events = master.events();
-  auto c = co_await start(master, 4, listen_env(scenario::serve, "tcp4:127.0.0.1:0"));
+  auto c = co_await start(master, 4, listen_env("serve", "tcp4:127.0.0.1:0"));
   const unsigned short port = port_of(c.reports[0]);
   CHECK(port != 0);
   for (auto& w : c.workers) {
@@ -281,7 +287,7 @@ TEST_CASE("round robin: connections handed to a worker that is SIGKILLed are ans
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<RoundRobin> master(io.get_executor(), {}, RoundRobin{2});
     cluster c;
-    for (auto scenario_name : {scenario::serve, scenario::serve, scenario::stall}) {
+    for (auto scenario_name : {"serve", "serve", "stall"}) {
       c.workers.push_back(co_await master.fork(listen_env(scenario_name, "tcp4:127.0.0.1:0")));
       c.reports.push_back((co_await c.workers.back()->receive()).data);  // in order: worker 3 is last in turn
     }
@@ -308,7 +314,7 @@ TEST_CASE("round robin: connections waiting on a worker that closes its server g
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<RoundRobin> master(io.get_executor(), {}, RoundRobin{3});
     cluster c;
-    for (auto scenario_name : {scenario::stall, scenario::serve}) {
+    for (auto scenario_name : {"stall", "serve"}) {
       c.workers.push_back(co_await master.fork(listen_env(scenario_name, "tcp4:127.0.0.1:0")));
       c.reports.push_back((co_await c.workers.back()->receive()).data);
     }
@@ -387,7 +393,7 @@ TEST_CASE("a port held by another process: the worker's listen() fails with EADD
       Master<RuntimePolicy> master(io.get_executor(), {},
                                    RuntimePolicy(shared ? Scheduling::shared : Scheduling::round_robin));
       auto& events = master.events();
-      auto c = co_await start(master, 1, listen_env(scenario::serve, "tcp4:127.0.0.1:" + std::to_string(taken)));
+      auto c = co_await start(master, 1, listen_env("serve", "tcp4:127.0.0.1:" + std::to_string(taken)));
       CHECK_MESSAGE(c.reports[0].rfind("error " + std::to_string(EADDRINUSE) + " ", 0) == 0, c.reports[0]);
       CHECK(c.reports[0].find("127.0.0.1:" + std::to_string(taken)) != std::string::npos);  // what() names it
       // The master is fine, the entry was not kept: once the port is free the same listen works.
@@ -409,7 +415,7 @@ TEST_CASE("when the last worker closes its server the master closes the listener
     for (bool shared : {false, true}) {
       Master<RuntimePolicy> master(io.get_executor(), {},
                                    RuntimePolicy(shared ? Scheduling::shared : Scheduling::round_robin));
-      auto c = co_await start(master, 2, listen_env(scenario::serve, "tcp4:127.0.0.1:0"));
+      auto c = co_await start(master, 2, listen_env("serve", "tcp4:127.0.0.1:0"));
       const auto port = port_of(c.reports[0]);
       co_await c.workers[0]->send({"close"});
       CHECK((co_await c.workers[0]->receive()).data == "closed");
@@ -440,7 +446,7 @@ TEST_CASE("workers listen on a Unix socket path relative to their cwd; the path 
       settings.cwd = dir.string();
       Master<RuntimePolicy> master(io.get_executor(), settings,
                                    RuntimePolicy(shared ? Scheduling::shared : Scheduling::round_robin));
-      auto c = co_await start(master, 2, listen_env(scenario::serve, "unix:server.sock"));
+      auto c = co_await start(master, 2, listen_env("serve", "unix:server.sock"));
       for (auto& r : c.reports) CHECK(r == "path " + path.string());
       Address a = co_await c.workers[0]->listening();
       CHECK(a.type == AddressType::unix_path);
@@ -460,7 +466,7 @@ TEST_CASE("UDP datagrams reach workers under both policies") {
     for (bool shared : {false, true}) {
       Master<RuntimePolicy> master(io.get_executor(), {},
                                    RuntimePolicy(shared ? Scheduling::shared : Scheduling::round_robin));
-      auto c = co_await start(master, 2, listen_env(scenario::serve, "udp4:127.0.0.1:0"));
+      auto c = co_await start(master, 2, listen_env("serve", "udp4:127.0.0.1:0"));
       const auto port = port_of(c.reports[0]);
       CHECK(port_of(c.reports[1]) == port);
       Address a = co_await c.workers[1]->listening();
@@ -491,7 +497,7 @@ TEST_CASE("IPv6 and listen({fd}) on a socket the master bound") {
     if (!ec) probe.bind(tcp::endpoint(asio::ip::address_v6::loopback(), 0), ec);
     probe.close();
     if (!ec) {
-      auto c = co_await start(master, 2, listen_env(scenario::serve, "tcp6:::1:0"));
+      auto c = co_await start(master, 2, listen_env("serve", "tcp6:::1:0"));
       Address a = co_await c.workers[0]->listening();
       CHECK(a.type == AddressType::v6);
       CHECK(a.address == "::1");
@@ -503,7 +509,7 @@ TEST_CASE("IPv6 and listen({fd}) on a socket the master bound") {
     bound.open(tcp::v4());
     bound.bind(tcp::endpoint(asio::ip::address_v4::loopback(), 0));
     const int fd = bound.native_handle();
-    auto w = co_await master.fork(listen_env(scenario::serve, "fd:" + std::to_string(fd)));
+    auto w = co_await master.fork(listen_env("serve", "fd:" + std::to_string(fd)));
     const auto port = port_of((co_await w->receive()).data);
     CHECK(port == bound.local_endpoint().port());
     CHECK(co_await ask(tcp::endpoint(asio::ip::address_v4::loopback(), port)) == w->id());
@@ -529,7 +535,7 @@ TEST_CASE("adopt() serves on a listener this process already has, without the ma
 TEST_CASE("no fd leaks in the master after 10,000 round-robin hand-offs") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<RoundRobin> master(io.get_executor());
-    auto c = co_await start(master, 2, listen_env(scenario::serve, "tcp4:127.0.0.1:0"));
+    auto c = co_await start(master, 2, listen_env("serve", "tcp4:127.0.0.1:0"));
     for (auto& w : c.workers) co_await w->listening();
     const tcp::endpoint where(asio::ip::address_v4::loopback(), port_of(c.reports[0]));
     co_await ask_many(where, 100, 8);  // warm up: Asio's own lazily opened fds
@@ -578,7 +584,7 @@ TEST_CASE("a Unix socket path longer than sun_path works through its shorter rel
       settings.cwd = dir.string();
       Master<RuntimePolicy> master(io.get_executor(), settings,
                                    RuntimePolicy(shared ? Scheduling::shared : Scheduling::round_robin));
-      auto c = co_await start(master, 2, listen_env(scenario::serve, "unix:server.sock"));
+      auto c = co_await start(master, 2, listen_env("serve", "unix:server.sock"));
       for (auto& r : c.reports) CHECK_MESSAGE(r.rfind("path ", 0) == 0, r);
       Address a = co_await c.workers[0]->listening();
       CHECK(a.address == (dir / "server.sock").string());
@@ -626,7 +632,7 @@ static_assert(!cocluster::Policy<int>);
 TEST_CASE("a policy written outside the library: every connection to the lowest worker id, then to the next when it leaves") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<LowestId> master(io.get_executor());
-    auto c = co_await start(master, 3, listen_env(scenario::serve, "tcp4:127.0.0.1:0"));
+    auto c = co_await start(master, 3, listen_env("serve", "tcp4:127.0.0.1:0"));
     const tcp::endpoint where(asio::ip::address_v4::loopback(), port_of(c.reports[0]));
     for (auto& w : c.workers) co_await w->listening();
     auto served = co_await ask_many(where, 30, 1);

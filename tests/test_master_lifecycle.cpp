@@ -13,12 +13,55 @@
 #include <doctest/doctest.h>
 
 #include "cocluster/cocluster.hpp"
-#include "scenarios.hpp"
 #include "support.hpp"
+#include "worker_scenario.hpp"
 
 using namespace cocluster;
 using namespace test;
 using namespace asio::experimental::awaitable_operators;
+
+// ---- the workers ----
+
+WORKER_SCENARIO(exit3) {  // exits with 3 after online
+  asio::io_context io;
+  this_worker.start(io.get_executor());
+  return 3;
+}
+
+WORKER_SCENARIO(busy) {  // spins after online, never reads
+  asio::io_context io;
+  this_worker.start(io.get_executor());
+  static volatile unsigned long spins = 0;  // volatile: a loop without side effects is UB
+  for (;;) spins = spins + 1;
+}
+
+WORKER_SCENARIO(never_online) {  // never starts the runtime; waits for the channel's end
+  char c;
+  while (::recv(cocluster::detail::identity().channel_fd, &c, 1, 0) > 0) {
+  }
+  return 0;
+}
+
+WORKER_SCENARIO(self_disconnect) {  // this_worker.disconnect() at once
+  return run_echo_worker([](asio::io_context&) { this_worker.disconnect(); });
+}
+
+// Sends "id=I extra=E setting=S fds=F": its id, two variables and the fds it was started with.
+WORKER_SCENARIO(report_env) {
+  return run_echo_worker([](asio::io_context&) {
+    const char* extra = std::getenv("TEST_EXTRA");
+    const char* setting = std::getenv("TEST_SETTING");
+    const std::string report = "id=" + std::to_string(this_worker.id()) + " extra=" + (extra ? extra : "") +
+                               " setting=" + (setting ? setting : "") + " fds=" + at_start().inherited_fds;
+    this_worker.send({report}, [](std::error_code) {});
+  });
+}
+
+WORKER_SCENARIO(exit7_on_disconnect) {  // its on_disconnect handler exits with 7
+  return run_echo_worker([](asio::io_context&) { this_worker.on_disconnect([] { std::exit(7); }); });
+}
+
+// ---- the master side ----
 
 TEST_CASE("8 forked workers come online, answer a round trip and exit with 0 after disconnect()") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
@@ -58,7 +101,7 @@ TEST_CASE("kill(SIGKILL) reports the signal and sets exited_after_disconnect") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<> master(io.get_executor());
     // A worker busy in a loop: the signal must not need its cooperation.
-    auto w = co_await master.fork(scenario_env(scenario::busy));
+    auto w = co_await master.fork(scenario_env("busy"));
     co_await w->online();
     CHECK_FALSE(w->exited_after_disconnect().has_value());
     w->kill(SIGKILL);
@@ -74,7 +117,7 @@ TEST_CASE("kill(SIGKILL) reports the signal and sets exited_after_disconnect") {
 TEST_CASE("kill() defaults to SIGTERM") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<> master(io.get_executor());
-    auto w = co_await master.fork(scenario_env(scenario::busy));
+    auto w = co_await master.fork(scenario_env("busy"));
     co_await w->online();
     w->kill();
     CHECK((co_await w->exited()).signal == SIGTERM);
@@ -86,7 +129,7 @@ TEST_CASE("a worker that exits by itself with 3 reports code 3 and exited_after_
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<> master(io.get_executor());
     auto events = &master.events();
-    auto w = co_await master.fork(scenario_env(scenario::exit3));
+    auto w = co_await master.fork(scenario_env("exit3"));
     const ExitStatus s = co_await w->exited();
     CHECK(s == ExitStatus{3, 0});
     CHECK(w->exited_after_disconnect() == false);
@@ -102,7 +145,7 @@ TEST_CASE("a worker that exits by itself with 3 reports code 3 and exited_after_
 TEST_CASE("a worker's own disconnect() sets exited_after_disconnect and it exits with 0") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<> master(io.get_executor());
-    auto w = co_await master.fork(scenario_env(scenario::self_disconnect));
+    auto w = co_await master.fork(scenario_env("self_disconnect"));
     co_await w->disconnected();
     CHECK(w->exited_after_disconnect() == true);
     CHECK((co_await w->exited()) == ExitStatus{0, 0});
@@ -122,7 +165,7 @@ TEST_CASE("a worker whose channel closes without a disconnect exits with 0") {
 TEST_CASE("a worker's on_disconnect handler replaces the exit on an unexpected channel close") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<> master(io.get_executor());
-    auto w = co_await master.fork(scenario_env(scenario::exit7_on_disconnect));
+    auto w = co_await master.fork(scenario_env("exit7_on_disconnect"));
     co_await w->online();
     w->kill(0);
     CHECK((co_await w->exited()) == ExitStatus{7, 0});
@@ -132,7 +175,7 @@ TEST_CASE("a worker's on_disconnect handler replaces the exit on an unexpected c
 TEST_CASE("online() || timer completes with the timer for a worker that never comes online") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<> master(io.get_executor());
-    auto w = co_await master.fork(scenario_env(scenario::never_online));
+    auto w = co_await master.fork(scenario_env("never_online"));
     asio::steady_timer timer(io, 200ms);
     auto first = co_await (w->online() || timer.async_wait(use_awaitable));
     CHECK(first.index() == 1);
@@ -147,7 +190,7 @@ TEST_CASE("online() || timer completes with the timer for a worker that never co
 TEST_CASE("ids start at 1 and are never reused; workers() forgets a worker after disconnect and exit") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<> master(io.get_executor());
-    auto first = co_await master.fork(scenario_env(scenario::exit3));
+    auto first = co_await master.fork(scenario_env("exit3"));
     CHECK(first->id() == 1);
     CHECK(master.workers().count(1) == 1);
     co_await first->exited();
@@ -166,7 +209,7 @@ TEST_CASE("a worker gets its id, fork(env) and Settings::env, and inherits only 
     Master<> master(io.get_executor(), settings);
     // An fd the master has open without close-on-exec must not reach the worker.
     const int leaky = ::open("/dev/null", O_RDONLY);
-    auto env = scenario_env(scenario::report_env);
+    auto env = scenario_env("report_env");
     env["TEST_EXTRA"] = "from-fork";
     auto w = co_await master.fork(env);
     ::close(leaky);

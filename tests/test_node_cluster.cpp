@@ -14,8 +14,8 @@
 #include <sstream>
 
 #include "cocluster/cocluster.hpp"
-#include "scenarios.hpp"
 #include "support.hpp"
+#include "worker_scenario.hpp"
 
 using namespace cocluster;
 using namespace test;
@@ -23,7 +23,7 @@ using namespace asio::experimental::awaitable_operators;
 using asio::ip::tcp;
 using as_tuple_t = cocluster::detail::as_tuple_t<asio::use_awaitable_t<>>;
 
-// ---- the worker side (scenario::node) ----
+// ---- the worker side ("node") ----
 //
 // A line server in the manner of Node's examples. Listens on 127.0.0.1:TEST_PORT (default 0)
 // at start if TEST_LISTEN_NOW is set, else on the master's "listen". Each connection answers
@@ -167,7 +167,7 @@ awaitable<void> node_worker_loop() {
 
 }  // namespace
 
-int run_node_worker() {
+WORKER_SCENARIO(node) {
   node_worker w;
   self = &w;
   w.state_before_start = std::string(to_string(this_worker.state()));
@@ -189,7 +189,7 @@ int run_node_worker() {
 
 namespace {
 
-Env node_env() { return {{"COCLUSTER_TEST_SCENARIO", std::string(scenario::node)}}; }
+Env node_env() { return {{"COCLUSTER_TEST_SCENARIO", "node"}}; }
 
 // A node worker that listens at start. (Built outside coroutines: GCC 12 rejects a braced
 // initializer list inside a co_await expression.)
@@ -474,7 +474,7 @@ TEST_CASE("Node's fork/listening/exit timeout example, written with ||") {
     CHECK((co_await watch(listens, 20s)) == "listening");
     auto never_listens = co_await master.fork(node_env());
     CHECK((co_await watch(never_listens, 300ms)) == "Something must be wrong with the connection ...");
-    auto exits = co_await master.fork(scenario_env(scenario::exit3));
+    auto exits = co_await master.fork(scenario_env("exit3"));
     CHECK((co_await watch(exits, 20s)) == "Something must be wrong with the connection ...");
     CHECK(exits->is_dead());
     co_await master.disconnect();
@@ -605,7 +605,7 @@ TEST_CASE("Node's worker 'exit' example: killed by a signal, exited with an erro
       return std::string("worker success!");
     };
     auto killed = co_await master.fork(node_env());
-    auto failing = co_await master.fork(scenario_env(scenario::exit3));
+    auto failing = co_await master.fork(scenario_env("exit3"));
     auto fine = co_await master.fork(node_env());
     co_await killed->online();
     killed->kill(SIGKILL);
@@ -882,13 +882,13 @@ TEST_CASE("cluster.setupMaster() merges: setup_merge() changes only the fields g
     const std::string exe = std::filesystem::read_symlink("/proc/self/exe").string();
     Settings initial;
     initial.exec = exe;  // not the default (/proc/self/exe)
-    initial.env = scenario_env(scenario::report);
+    initial.env = scenario_env("report");
     Master<> master(io.get_executor(), initial);
     auto& events = master.events();
     master.setup_merge({.args = std::vector<std::string>{"--merged"}});
     CHECK(master.settings().exec == exe);
     CHECK(master.settings().args == std::vector<std::string>{"--merged"});
-    CHECK(master.settings().env == scenario_env(scenario::report));
+    CHECK(master.settings().env == scenario_env("report"));
     const Event setup = co_await events.next();
     REQUIRE(setup.type == EventType::setup);
     CHECK(setup.settings->exec == exe);

@@ -19,8 +19,8 @@
 #include <doctest/doctest.h>
 
 #include "cocluster/cocluster.hpp"
-#include "scenarios.hpp"
 #include "support.hpp"
+#include "worker_scenario.hpp"
 
 using namespace cocluster;
 using namespace test;
@@ -28,7 +28,60 @@ using cocluster::as_tuple;
 
 namespace {
 
-// The value of `name=` in a worker's report (see report_process in cluster_main.cpp).
+// ---- the workers ----
+
+// "uid=U gid=G groups=N cwd=C argv=a|b fd0=T fd1=T fd2=T node_unique_id=X id=I pdeathsig=S
+// pdeathsig_at_exec=S", each value free of spaces (the test's paths are), read anew each time.
+std::string report_process(int argc, char** argv) {
+  char cwd[PATH_MAX];
+  std::string args;
+  for (int i = 1; i < argc; ++i) args += (i > 1 ? "|" : "") + std::string(argv[i]);
+  const char* node_id = std::getenv("NODE_UNIQUE_ID");
+  return "uid=" + std::to_string(::getuid()) + " gid=" + std::to_string(::getgid()) +
+         " groups=" + std::to_string(::getgroups(0, nullptr)) + " cwd=" + (::getcwd(cwd, sizeof cwd) ? cwd : "?") +
+         " argv=" + args + " fd0=" + fd_target(0) + " fd1=" + fd_target(1) + " fd2=" + fd_target(2) +
+         " node_unique_id=" + (node_id ? node_id : "unset") + " id=" + std::to_string(this_worker.id()) +
+         " pdeathsig=" + std::to_string(parent_death_signal()) +
+         " pdeathsig_at_exec=" + std::to_string(at_start().pdeathsig_at_exec);
+}
+
+}  // namespace
+
+// Answers each message with report_process().
+WORKER_SCENARIO(report) {
+  asio::io_context io;
+  this_worker.start(io.get_executor());
+  asio::co_spawn(io, [argc, argv]() -> awaitable<void> {
+    for (;;) {
+      auto [ec, m] = co_await this_worker.receive(as_tuple(use_awaitable));
+      if (ec) co_return;
+      co_await this_worker.send({report_process(argc, argv)});
+    }
+  }, asio::detached);
+  io.run();
+  return 0;
+}
+
+// "out 1\nout 2\n" on stdout, "err 1\n" on stderr, then exits 0 (no runtime).
+WORKER_SCENARIO(stdio_lines) {
+  const bool written = ::write(1, "out 1\nout 2\n", 12) == 12 && ::write(2, "err 1\n", 6) == 6;
+  return written ? 0 : 1;
+}
+
+// Reads a line from stdin, writes "echo: <line>\n" on stdout, exits 0 (no runtime).
+WORKER_SCENARIO(echo_stdin) {
+  std::string line = "echo: ";
+  char c;
+  while (::read(0, &c, 1) == 1 && c != '\n') line += c;
+  line += '\n';
+  return ::write(1, line.data(), line.size()) == static_cast<ssize_t>(line.size()) ? 0 : 1;
+}
+
+namespace {
+
+// ---- the master side ----
+
+// The value of `name=` in a worker's report (see report_process above).
 std::string field(const std::string& report, std::string_view name) {
   const std::string key = " " + std::string(name) + "=";
   const std::string padded = " " + report;
@@ -38,7 +91,7 @@ std::string field(const std::string& report, std::string_view name) {
   return padded.substr(start, padded.find(' ', start) - start);
 }
 
-// What the worker (scenario::report) says about itself now.
+// What the worker (the report scenario) says about itself now.
 awaitable<std::string> ask(std::shared_ptr<Worker> w) {
   co_await w->send({"report"});
   Message m = co_await w->receive();
@@ -60,12 +113,6 @@ awaitable<ExitStatus> disconnect_and_wait(std::shared_ptr<Worker> w) {
   w->disconnect();
   ExitStatus s = co_await w->exited();
   co_return s;
-}
-
-std::string fd_target(int fd) {
-  char target[PATH_MAX];
-  const ssize_t n = ::readlink(("/proc/self/fd/" + std::to_string(fd)).c_str(), target, sizeof target);
-  return n < 0 ? "closed" : std::string(target, static_cast<std::size_t>(n));
 }
 
 std::string joined(const std::vector<std::string>& v, std::string_view separator = "|") {
@@ -182,7 +229,7 @@ TEST_CASE("silent: the master reads the worker's stdout and stderr lines from pi
     Settings settings;
     settings.silent = true;
     Master<> master(io.get_executor(), settings);
-    auto w = co_await master.fork(scenario_env(scenario::stdio_lines));
+    auto w = co_await master.fork(scenario_env("stdio_lines"));
     REQUIRE(w->stdin_pipe() != nullptr);
     REQUIRE(w->stdout_pipe() != nullptr);
     REQUIRE(w->stderr_pipe() != nullptr);
@@ -206,7 +253,7 @@ TEST_CASE("silent: the worker's stdin is a pipe the master writes") {
     Settings settings;
     settings.silent = true;
     Master<> master(io.get_executor(), settings);
-    auto w = co_await master.fork(scenario_env(scenario::echo_stdin));
+    auto w = co_await master.fork(scenario_env("echo_stdin"));
     co_await asio::async_write(*w->stdin_pipe(), asio::buffer(std::string_view("hello\n")), use_awaitable);
     w->stdin_pipe()->close();
     CHECK(co_await read_to_eof(*w->stdout_pipe()) == "echo: hello\n");
@@ -218,7 +265,7 @@ TEST_CASE("silent: the worker's stdin is a pipe the master writes") {
 TEST_CASE("without silent or stdio a worker inherits the master's stdin, stdout, stderr and has no pipes") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<> master(io.get_executor());
-    auto w = co_await master.fork(scenario_env(scenario::report));
+    auto w = co_await master.fork(scenario_env("report"));
     CHECK(w->stdin_pipe() == nullptr);
     CHECK(w->stdout_pipe() == nullptr);
     CHECK(w->stderr_pipe() == nullptr);
@@ -235,7 +282,7 @@ TEST_CASE("stdio: 'ignore' gives the worker /dev/null") {
     Settings settings;
     settings.stdio = {Stdio::ignore(), Stdio::ignore(), Stdio::ignore()};
     Master<> master(io.get_executor(), settings);
-    auto w = co_await master.fork(scenario_env(scenario::report));
+    auto w = co_await master.fork(scenario_env("report"));
     CHECK(w->stdin_pipe() == nullptr);
     CHECK(w->stdout_pipe() == nullptr);
     CHECK(w->stderr_pipe() == nullptr);
@@ -253,7 +300,7 @@ TEST_CASE("stdio: an fd of the master becomes the worker's stdout; the master ke
     Settings settings;
     settings.stdio = {Stdio::ignore(), Stdio::fd(write_end.get()), Stdio::ignore()};
     Master<> master(io.get_executor(), settings);
-    auto w = co_await master.fork(scenario_env(scenario::stdio_lines));
+    auto w = co_await master.fork(scenario_env("stdio_lines"));
     CHECK(w->stdout_pipe() == nullptr);
     CHECK(::fcntl(write_end.get(), F_GETFD) != -1);  // still open in the master
     write_end.reset();  // the worker's copy is now the only writer
@@ -273,7 +320,7 @@ TEST_CASE("stdio overrides silent") {
     CHECK(choice[0] == Stdio::inherit());
     settings.stdio = choice;
     Master<> master(io.get_executor(), settings);
-    auto w = co_await master.fork(scenario_env(scenario::report));
+    auto w = co_await master.fork(scenario_env("report"));
     CHECK(w->stdin_pipe() == nullptr);
     REQUIRE(w->stdout_pipe() != nullptr);
     CHECK(w->stderr_pipe() == nullptr);
@@ -319,7 +366,7 @@ TEST_CASE("setupMaster example: args and silent apply to later forks; each setup
     https.args = {"--use", "https"};
     https.silent = true;
     master.setup(https);
-    auto w1 = co_await master.fork(scenario_env(scenario::report));  // https worker
+    auto w1 = co_await master.fork(scenario_env("report"));  // https worker
     CHECK(field(co_await ask(w1), "argv") == "--use|https");
     CHECK(w1->stdout_pipe() != nullptr);
 
@@ -327,7 +374,7 @@ TEST_CASE("setupMaster example: args and silent apply to later forks; each setup
     auto http = master.settings();
     http.args = {"--use", "http"};
     master.setup(http);
-    auto w2 = co_await master.fork(scenario_env(scenario::report));  // http worker
+    auto w2 = co_await master.fork(scenario_env("report"));  // http worker
     CHECK(field(co_await ask(w2), "argv") == "--use|http");
     CHECK(w2->stdout_pipe() != nullptr);  // silent kept
     CHECK(field(co_await ask(w1), "argv") == "--use|https");  // the running worker is unaffected
@@ -389,7 +436,7 @@ TEST_CASE("fork() runs setup: a setup event with the current settings comes befo
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<> master(io.get_executor());
     auto& events = master.events();
-    auto w = co_await master.fork(scenario_env(scenario::report));
+    auto w = co_await master.fork(scenario_env("report"));
     CHECK(master.settings().exec == "/proc/self/exe");
     CHECK(master.settings().args == own_args());
     Event e = co_await events.next();
@@ -414,12 +461,12 @@ TEST_CASE("cwd applies only to later forks") {
   const std::string master_cwd = here;
   run_bounded([&](asio::io_context& io) -> awaitable<void> {
     Master<> master(io.get_executor());
-    auto w1 = co_await master.fork(scenario_env(scenario::report));
+    auto w1 = co_await master.fork(scenario_env("report"));
     CHECK(field(co_await ask(w1), "cwd") == master_cwd);
     auto s = master.settings();
     s.cwd = dir;
     master.setup(s);
-    auto w2 = co_await master.fork(scenario_env(scenario::report));
+    auto w2 = co_await master.fork(scenario_env("report"));
     CHECK(field(co_await ask(w2), "cwd") == dir);
     CHECK(field(co_await ask(w1), "cwd") == master_cwd);
     char now[PATH_MAX];
@@ -440,7 +487,7 @@ TEST_CASE("uid and gid set the worker's user and group") {
     settings.uid = uid;
     settings.gid = gid;
     Master<> master(io.get_executor(), settings);
-    auto w = co_await master.fork(scenario_env(scenario::report));
+    auto w = co_await master.fork(scenario_env("report"));
     const std::string report = co_await ask(w);
     CHECK(field(report, "uid") == std::to_string(uid));
     CHECK(field(report, "gid") == std::to_string(gid));
@@ -532,7 +579,7 @@ TEST_CASE("the worker-id variables of the master's own environment reach a worke
   scoped_env env{{"COCLUSTER_WORKER_ID", "99"}, {"NODE_UNIQUE_ID", "42"}};
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<> master(io.get_executor());
-    auto w = co_await master.fork(scenario_env(scenario::report));
+    auto w = co_await master.fork(scenario_env("report"));
     const std::string report = co_await ask(w);
     CHECK(field(report, "id") == "1");
     CHECK(field(report, "node_unique_id") == "unset");

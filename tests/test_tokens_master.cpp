@@ -20,7 +20,7 @@
 #include <thread>
 
 #include "cocluster/cocluster.hpp"
-#include "scenarios.hpp"
+#include "worker_scenario.hpp"
 #include "support.hpp"
 
 using namespace cocluster;
