@@ -339,3 +339,61 @@ TEST_CASE("set_log_sink takes cocluster's error lines instead of stderr, until i
   CHECK(lines[0].second == "cocluster: Master " + std::to_string(::getpid()) +
                                ": cannot start worker 1: execve /nonexistent/worker: No such file or directory");
 }
+
+TEST_CASE("any number of event subscribers each see every event from their subscription on (Node's listeners)") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    EventStream early = master.subscribe();
+    auto w = co_await master.fork();
+    co_await w->online();
+    EventStream late = master.subscribe();  // after fork and online
+    w->disconnect();
+    co_await w->exited();
+    auto types = [](EventStream& s) -> awaitable<std::vector<EventType>> {
+      std::vector<EventType> seen;
+      while (s.pending() > 0) seen.push_back((co_await s.next()).type);
+      co_return seen;
+    };
+    const std::vector<EventType> all = {EventType::setup, EventType::fork, EventType::online, EventType::disconnect,
+                                        EventType::exit};
+    const std::vector<EventType> since = {EventType::disconnect, EventType::exit};
+    const auto early_saw = co_await types(early);
+    const auto late_saw = co_await types(late);
+    CHECK(early_saw == all);
+    CHECK(late_saw == since);
+    {
+      EventStream dropped = master.subscribe();  // destroyed: unsubscribed
+    }
+    co_await master.fork();
+    CHECK((co_await early.next()).type == EventType::setup);
+    CHECK((co_await late.next()).type == EventType::setup);
+    co_await master.disconnect();
+  });
+}
+
+TEST_CASE("a subscriber that stops reading keeps at most its capacity, then one lagged event counting what it lost") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    EventStream slow = master.subscribe(4);
+    EventStream keeping_up = master.subscribe();
+    auto w = co_await master.fork();  // setup, fork
+    co_await w->online();             // online
+    for (int i = 0; i < 10; ++i) co_await w->send({"m" + std::to_string(i)});
+    for (int i = 0; i < 10; ++i) co_await w->receive();  // 10 message events
+    // The last receive() resumed inside the read loop, before it posted that message's event.
+    co_await asio::post(io, use_awaitable);
+    const std::size_t emitted = keeping_up.pending();
+    CHECK(emitted == 13);
+    CHECK(slow.pending() == 5);  // four events and the marker
+    std::vector<Event> got;
+    while (slow.pending() > 0) got.push_back(co_await slow.next());
+    CHECK(got[0].type == EventType::setup);
+    CHECK(got[3].type == EventType::message);
+    CHECK(got[4].type == EventType::lagged);
+    CHECK(got[4].lost == emitted - 4);
+    // Reading again makes room: the next events arrive as usual.
+    w->disconnect();
+    CHECK((co_await slow.next()).type == EventType::disconnect);
+    co_await w->exited();
+  });
+}

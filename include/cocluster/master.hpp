@@ -148,11 +148,20 @@ class Master {
   // Node idiom `for (auto& [id, w] : master.workers()) w->kill();` is safe.
   std::map<int, std::shared_ptr<Worker>> workers() const { return state_->workers; }
 
-  // The master-wide event stream. The first call subscribes: events before it are not kept.
-  // Its next() takes any completion token: void(std::error_code, Event).
+  // Node: cluster.on(...). A new subscription to every event from now on, in order, owned by
+  // the caller (destroying it unsubscribes); any number may be open, each sees every event.
+  // At most `capacity` unread events are kept per subscription (see EventStream: a `lagged`
+  // event counts what a subscriber that fell behind lost). next() takes any completion token.
+  EventStream subscribe(std::size_t capacity = EventStream::default_capacity) {
+    EventStream stream(state_->ex, capacity);
+    state_->events.add(stream);
+    return stream;
+  }
+  // The master's own subscription, made at the first call (events before it are not kept):
+  // `auto& events = master.events();`. The same stream on every call.
   EventStream& events() {
-    if (!state_->events) state_->events = std::make_unique<EventStream>(state_->ex);
-    return *state_->events;
+    if (!state_->default_events) state_->default_events = std::make_unique<EventStream>(subscribe());
+    return *state_->default_events;
   }
 
   // Replaces the settings for later forks (running workers keep theirs), fills in the
@@ -231,7 +240,7 @@ class Master {
     if (!settings_.args)
       settings_.args.emplace(command_line_.empty() ? command_line_.end() : command_line_.begin() + 1,
                              command_line_.end());
-    if (state_->events) {
+    if (state_->events.has_subscribers()) {
       Event e{EventType::setup, nullptr};
       e.settings = std::make_shared<const Settings>(settings_);
       state_->emit(std::move(e));

@@ -50,11 +50,12 @@ struct master_state {
   asio::any_io_executor ex;
   std::map<int, std::shared_ptr<Worker>> workers;   // Node: cluster.workers
   std::map<int, std::shared_ptr<Worker>> unreaped;  // every worker whose process is not reaped
-  std::unique_ptr<EventStream> events;              // null until master.events() subscribes
+  event_hub events;                                 // every open EventStream
+  std::unique_ptr<EventStream> default_events;      // master.events(): null until called
   std::unique_ptr<listener_table> listeners;        // the listeners workers asked for
 
   void emit(Event e) {
-    if (events) events->push(std::move(e));
+    events.emit(e);
   }
 };
 }  // namespace detail
@@ -382,7 +383,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
   void emit(EventType type, std::error_code ec = {}, std::string detail = {}, ExitStatus status = {},
             Address address = {}) {
     auto m = master_.lock();
-    if (!m || !m->events) return;
+    if (!m || !m->events.has_subscribers()) return;
     Event e{type, shared_from_this()};
     e.exit = status;
     e.error = ec;
