@@ -5,7 +5,11 @@
 // On SIGTERM or SIGINT the master tells each worker to stop (it closes its idle keep-alive
 // connections and reports), then disconnects it: the worker stops accepting and leaves once
 // the requests in hand are answered. A worker still connected after 5 s is killed (Node's
-// disconnect-with-timeout pattern). Then one JSON line with the connections each served. Without --policy, COCLUSTER_SCHED_POLICY decides (rr).
+// disconnect-with-timeout pattern). Then one JSON line with the connections each served.
+// Without --policy, COCLUSTER_SCHED_POLICY decides (rr). Bad arguments: a message and exit 2.
+// Requests are framed by Content-Length (a body is read and ignored); Transfer-Encoding gets
+// 501, a malformed request 400, headers over 8 KiB 431, a body over 1 MiB 413, each followed
+// by closing the connection, so no request can hide inside another one's body.
 #include "cocluster/cocluster.hpp"
 
 #include <asio.hpp>
@@ -43,16 +47,25 @@ options parse(int argc, char** argv) {
       throw std::invalid_argument(fmt::format("{}: not a number: {}", what, s));
     return v;
   };
+  auto in_range = [&](std::string_view s, const char* what, int low, int high) {
+    const int v = number(s, what);
+    if (v < low || v > high) throw std::invalid_argument(fmt::format("{} {}: out of range {}..{}", what, s, low, high));
+    return v;
+  };
   for (int i = 1; i < argc; ++i) {
     std::string_view a = argv[i];
     auto value = [&]() -> std::string_view {
       if (i + 1 >= argc) throw std::invalid_argument(fmt::format("{} needs a value", a));
       return argv[++i];
     };
-    if (a == "--workers") o.workers = std::max(1, number(value(), "--workers"));
-    else if (a == "--port") o.port = static_cast<unsigned short>(number(value(), "--port"));
-    else if (a == "--host") o.host = value();
-    else if (a == "--window") o.window = std::max(1, number(value(), "--window"));
+    if (a == "--workers") o.workers = in_range(value(), "--workers", 1, 1024);
+    else if (a == "--port") o.port = static_cast<unsigned short>(in_range(value(), "--port", 0, 65535));
+    else if (a == "--host") {
+      o.host = value();
+      std::error_code ec;
+      asio::ip::make_address(o.host, ec);
+      if (ec) throw std::invalid_argument(fmt::format("--host {}: not an IP address", o.host));
+    } else if (a == "--window") o.window = in_range(value(), "--window", 1, 1 << 20);
     else if (a == "--policy") {
       auto name = value();
       o.policy = cocluster::parse_scheduling(name);
@@ -66,35 +79,148 @@ options parse(int argc, char** argv) {
 
 // ---- worker ----
 
-bool wants_close(std::string_view head) {
-  std::string lower(head);
-  std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char c) { return std::tolower(c); });
-  const bool http10 = lower.find("http/1.0\r\n") != std::string::npos;
-  if (lower.find("\r\nconnection: close") != std::string::npos) return true;
-  return http10 && lower.find("\r\nconnection: keep-alive") == std::string::npos;
+constexpr std::size_t max_head = 8 * 1024;
+constexpr std::size_t max_body = 1 << 20;
+
+// One request's head, checked as RFC 9112 asks of a server that must not be confused about
+// where a request ends: a request line, then `name: value` fields without folding.
+struct request {
+  int status = 200;  // else the error to answer with, then close
+  bool close = false;
+  std::size_t body = 0;
+};
+
+std::string lower(std::string_view s) {
+  std::string out(s);
+  std::transform(out.begin(), out.end(), out.begin(), [](unsigned char c) { return std::tolower(c); });
+  return out;
+}
+
+request parse_head(std::string_view head) {
+  request r;
+  auto bad = [&](int status) {
+    r.status = status;
+    r.close = true;
+    return r;
+  };
+  const auto line_end = head.find("\r\n");
+  const std::string_view line = head.substr(0, line_end);
+  const auto sp1 = line.find(' ');
+  const auto sp2 = sp1 == std::string_view::npos ? sp1 : line.find(' ', sp1 + 1);
+  if (sp1 == 0 || sp2 == std::string_view::npos || sp2 == sp1 + 1 || line.find(' ', sp2 + 1) != std::string_view::npos)
+    return bad(400);
+  const std::string_view version = line.substr(sp2 + 1);
+  if (version != "HTTP/1.1" && version != "HTTP/1.0") return bad(version.rfind("HTTP/", 0) == 0 ? 505 : 400);
+  bool keep_alive = false, saw_length = false, chunked = false;
+  std::size_t length = 0;
+  for (std::size_t at = line_end + 2; at < head.size();) {
+    const auto end = head.find("\r\n", at);
+    const std::string_view field = head.substr(at, end - at);
+    at = end + 2;
+    if (field.empty()) break;
+    const auto colon = field.find(':');
+    if (colon == 0 || colon == std::string_view::npos || field[0] == ' ' || field[0] == '\t' ||
+        field.substr(0, colon).find_first_of(" \t") != std::string_view::npos)
+      return bad(400);  // no name, folding, or whitespace before the colon
+    const std::string name = lower(field.substr(0, colon));
+    std::string_view value = field.substr(colon + 1);
+    while (!value.empty() && (value.front() == ' ' || value.front() == '\t')) value.remove_prefix(1);
+    while (!value.empty() && (value.back() == ' ' || value.back() == '\t')) value.remove_suffix(1);
+    if (name == "content-length") {
+      std::size_t n = 0;
+      auto [p, ec] = std::from_chars(value.data(), value.data() + value.size(), n);
+      if (value.empty() || ec != std::errc() || p != value.data() + value.size()) return bad(400);
+      if (saw_length && n != length) return bad(400);  // two different lengths: which one?
+      saw_length = true;
+      length = n;
+    } else if (name == "transfer-encoding") {
+      chunked = true;
+    } else if (name == "connection") {
+      const std::string v = lower(value);
+      if (v.find("close") != std::string::npos) r.close = true;
+      if (v.find("keep-alive") != std::string::npos) keep_alive = true;
+    }
+  }
+  if (chunked) return bad(501);  // not implemented here; never guessed at
+  if (length > max_body) return bad(413);
+  if (version == "HTTP/1.0" && !keep_alive) r.close = true;
+  r.body = length;
+  return r;
+}
+
+const char* reason(int status) {
+  switch (status) {
+    case 200: return "OK";
+    case 400: return "Bad Request";
+    case 413: return "Content Too Large";
+    case 431: return "Request Header Fields Too Large";
+    case 501: return "Not Implemented";
+    case 505: return "HTTP Version Not Supported";
+  }
+  return "Error";
 }
 
 struct worker_state {
   std::size_t connections = 0;
   bool stopping = false;
-  std::list<tcp::socket*> idle;  // sessions waiting for a request: closed on stop
+  std::list<tcp::socket*> idle;  // sessions between requests, nothing read: closed on stop
 };
 
+// Closing with unread input makes the kernel send a reset, which can destroy the response
+// before the client reads it: end our side, then read what the client still sends until it
+// closes too (at most 64 KiB and 2 s), as nginx's lingering close does.
+awaitable<void> linger(tcp::socket& socket) {
+  std::error_code ec;
+  socket.shutdown(tcp::socket::shutdown_send, ec);
+  if (ec) co_return;
+  asio::steady_timer deadline(socket.get_executor(), std::chrono::seconds(2));
+  deadline.async_wait([&socket](std::error_code e) {
+    if (!e) socket.cancel();
+  });
+  char sink[4096];
+  for (std::size_t drained = 0; drained < 64 * 1024;) {
+    auto [rec, n] = co_await socket.async_read_some(asio::buffer(sink), cocluster::as_tuple(use_awaitable));
+    if (rec) break;
+    drained += n;
+  }
+  deadline.cancel();
+}
+
+// Reads requests one at a time. A connection is idle only while it has no byte of a next
+// request: a request whose head is still arriving when the worker stops is answered.
 awaitable<void> session(tcp::socket socket, worker_state& st) {
   const std::string body = fmt::format("hello from worker {}\n", cocluster::this_worker.id());
   std::string buffer;
+  char chunk[4096];
   for (;;) {
-    auto me = st.idle.insert(st.idle.end(), &socket);
-    auto [ec, n] = co_await asio::async_read_until(socket, asio::dynamic_buffer(buffer), "\r\n\r\n",
-                                                   cocluster::as_tuple(use_awaitable));
-    st.idle.erase(me);
-    if (ec) co_return;
-    const bool close = wants_close(std::string_view(buffer).substr(0, n)) || st.stopping;
-    buffer.erase(0, n);
-    std::string response = fmt::format("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{}",
-                                       body.size(), close ? "Connection: close\r\n" : "", body);
+    std::size_t head_end;
+    while ((head_end = buffer.find("\r\n\r\n")) == std::string::npos && buffer.size() <= max_head) {
+      const bool idle = buffer.empty();
+      if (idle && st.stopping) co_return;
+      auto me = idle ? st.idle.insert(st.idle.end(), &socket) : st.idle.end();
+      auto [ec, n] = co_await socket.async_read_some(asio::buffer(chunk), cocluster::as_tuple(use_awaitable));
+      if (idle) st.idle.erase(me);
+      if (ec) co_return;
+      buffer.append(chunk, n);
+    }
+    request r = head_end == std::string::npos ? request{431, true, 0} : parse_head(std::string_view(buffer).substr(0, head_end + 4));
+    if (r.status == 200) {
+      buffer.erase(0, head_end + 4);
+      while (buffer.size() < r.body) {  // the body, read and ignored: it is not a next request
+        auto [ec, n] = co_await socket.async_read_some(asio::buffer(chunk), cocluster::as_tuple(use_awaitable));
+        if (ec) co_return;
+        buffer.append(chunk, n);
+      }
+      buffer.erase(0, r.body);
+    }
+    const bool close = r.close || st.stopping;
+    const std::string& text = r.status == 200 ? body : std::string(reason(r.status)) + "\n";
+    std::string response = fmt::format("HTTP/1.1 {} {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{}",
+                                       r.status, reason(r.status), text.size(), close ? "Connection: close\r\n" : "",
+                                       text);
     auto [wec, wn] = co_await asio::async_write(socket, asio::buffer(response), cocluster::as_tuple(use_awaitable));
-    if (wec || close) co_return;
+    if (wec) co_return;
+    if (close) co_return co_await linger(socket);
   }
 }
 
@@ -118,7 +244,12 @@ awaitable<void> worker_main(options o, worker_state& st) {
     if (ec) co_return;  // disconnected
     if (m.data != "stop") continue;
     st.stopping = true;
-    for (auto* s : st.idle) s->close();
+    // Idle: nothing of a next request read. Bytes already waiting in the socket are a request
+    // in progress: that session answers it, then closes.
+    for (auto* s : st.idle) {
+      std::error_code ec;
+      if (s->available(ec) == 0) s->close(ec);
+    }
     co_await this_worker.send(fmt::format("{}", st.connections));
   }
 }
@@ -212,7 +343,14 @@ int main(int argc, char** argv) {
     io.run();
     return 0;
   }
-  cocluster::Master<cocluster::RuntimePolicy> master(io.get_executor(), {}, cocluster::RuntimePolicy(o.policy, o.window));
+  std::optional<cocluster::RuntimePolicy> policy;
+  try {
+    policy.emplace(o.policy, o.window);  // without --policy: COCLUSTER_SCHED_POLICY, checked here
+  } catch (const std::invalid_argument& e) {
+    fmt::print(stderr, "hello_cluster: {}\n", e.what());
+    return 2;
+  }
+  cocluster::Master<cocluster::RuntimePolicy> master(io.get_executor(), {}, *policy);
   asio::co_spawn(io, master_main(o, master), [&](std::exception_ptr e) {
     report(e);
     io.stop();

@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Checks examples/hello_cluster as a client would: HTTP framing (Content-Length, no request
+# smuggled in a body, 501 for chunked, 400 for garbage), bad arguments (a message, exit 2), and
+# a request in progress at SIGTERM answered. Loopback only; every wait is bounded. Needs bash
+# and ss (iproute2).
+#   hello_cluster_test.sh path/to/hello_cluster
+set -uo pipefail
+exe=$1
+passed=0
+failed=0
+check() {  # check NAME CONDITION...
+  local name=$1
+  shift
+  if "$@"; then passed=$((passed + 1)); else failed=$((failed + 1)); echo "FAILED: $name"; fi
+}
+
+# ---- bad input: a clear message and exit 2 ----
+bad_input() {  # bad_input EXPECTED_WORDS ARGS... (env in BAD_ENV)
+  local words=$1
+  shift
+  local out rc
+  out=$(env ${BAD_ENV:-} timeout 10 "$exe" "$@" 2>&1 >/dev/null)
+  rc=$?
+  [ "$rc" -eq 2 ] && grep -q -- "$words" <<<"$out" || { echo "rc=$rc: $out"; return 1; }
+}
+check "port out of range" bad_input "out of range" --port 70000
+check "port not a number" bad_input "not a number" --port 80x
+check "unknown argument" bad_input "unknown argument" --bogus
+check "bad host" bad_input "not an IP address" --host nowhere
+BAD_ENV="COCLUSTER_SCHED_POLICY=roundrobin" check "bad COCLUSTER_SCHED_POLICY" bad_input "expected rr or none" --port 0
+
+# ---- a running server ----
+out=$(mktemp)
+trap 'kill -KILL "$server" 2>/dev/null; rm -f "$out"' EXIT
+"$exe" --workers 2 --port 0 >"$out" &
+server=$!
+for _ in $(seq 300); do
+  grep -q '^listening on ' "$out" && break
+  kill -0 "$server" 2>/dev/null || break
+  sleep 0.05
+done
+port=$(sed -n 's/^listening on .*:\([0-9]*\)$/\1/p' "$out")
+[ -n "$port" ] || { echo "hello_cluster did not start: $(cat "$out")"; exit 1; }
+
+# ask BYTES: sends them on a new connection and prints everything until the server closes it.
+ask() {
+  exec 3<>"/dev/tcp/127.0.0.1/$port"
+  printf '%b' "$1" >&3
+  timeout 10 cat <&3
+  exec 3>&-
+}
+responses() { grep -c '^HTTP/1.1 ' <<<"$1"; }
+
+smuggled='GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n'
+length=$(printf '%b' "$smuggled" | wc -c)
+reply=$(ask "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: $length\r\n\r\n${smuggled}GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+check "a body that looks like a request is a body: two responses, not three" [ "$(responses "$reply")" -eq 2 ]
+reply=$(ask "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+check "chunked: 501 and close" grep -q '^HTTP/1.1 501 ' <<<"$reply"
+check "chunked: one response" [ "$(responses "$reply")" -eq 1 ]
+reply=$(ask "GARBAGE\r\n\r\n")
+check "malformed request line: 400" grep -q '^HTTP/1.1 400 ' <<<"$reply"
+reply=$(ask "GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd")
+check "two different Content-Lengths: 400" grep -q '^HTTP/1.1 400 ' <<<"$reply"
+reply=$(ask "GET / HTTP/1.1\r\nHost: x\r\n folded: header\r\nConnection: close\r\n\r\n")
+check "an obsolete line folding: 400" grep -q '^HTTP/1.1 400 ' <<<"$reply"
+reply=$(ask "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+check "a plain GET: 200" grep -q '^HTTP/1.1 200 ' <<<"$reply"
+
+# A request in progress at SIGTERM: the first request on the connection is answered (so a
+# worker holds it), the second is half sent, then SIGTERM, then the rest: it is answered.
+exec 3<>"/dev/tcp/127.0.0.1/$port"
+printf 'GET / HTTP/1.1\r\nHost: x\r\n\r\n' >&3
+first=""
+while IFS= read -r -t 10 line <&3; do
+  first+="$line"$'\n'
+  [[ "$line" == hello* ]] && break
+done
+printf 'GET /second HTTP/1.1\r\nHost: x\r\n' >&3
+# Wait until the server's kernel has those bytes (our Send-Q is empty: they are acknowledged),
+# so that the request is in progress when SIGTERM comes, not still on its way.
+for _ in $(seq 500); do
+  sendq=$(ss -Htn state established "( dport = :$port )" | awk '{print $2}' | head -n 1)
+  [ "$sendq" = "0" ] && break
+  sleep 0.01
+done
+kill -TERM "$server"
+printf '\r\n' >&3
+second=$(timeout 10 cat <&3)
+second_rc=$?  # 0: the server closed the connection after answering (124: it did not)
+exec 3>&-
+check "keep-alive first request: 200" grep -q '^HTTP/1.1 200 ' <<<"$first"
+check "a request in progress at SIGTERM is answered" grep -q '^HTTP/1.1 200 ' <<<"$second"
+check "...and the connection is closed after it" [ "$second_rc" -eq 0 ]
+timeout 20 tail --pid="$server" -f /dev/null
+wait "$server"
+rc=$?
+check "the master exits 0 after SIGTERM" [ "$rc" -eq 0 ]
+check "the JSON report is printed" grep -q '^{"workers":' "$out"
+
+echo "hello_cluster: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
