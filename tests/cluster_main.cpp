@@ -139,6 +139,7 @@ int run_worker(int argc, char** argv) {
   if (s == scenario::garbage || s == scenario::oversized || s == scenario::ten_fds) return misbehave(s);
   if (s == scenario::serve || s == scenario::stall) return run_listen_worker(s);
   if (s == scenario::node) return run_node_worker();
+  if (s == scenario::tokens) return run_tokens_worker();
   if (s == scenario::never_online) {
     char c;
     while (::recv(std::stoi(std::getenv("COCLUSTER_CHANNEL_FD")), &c, 1, 0) > 0) {

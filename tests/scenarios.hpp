@@ -23,12 +23,15 @@ inline constexpr std::string_view ten_fds = "ten_fds";                  // a fra
 inline constexpr std::string_view serve = "serve";  // listens on TEST_LISTEN, answers "worker <id>" (test_listen.cpp)
 inline constexpr std::string_view stall = "stall";  // listens on TEST_LISTEN, never accepts
 inline constexpr std::string_view node = "node";    // a line server driven by messages (test_node_cluster.cpp)
+inline constexpr std::string_view tokens = "tokens";  // every worker operation with every token (test_tokens_worker.cpp)
 }  // namespace scenario
 
 // The worker side of the serve and stall scenarios (test_listen.cpp).
 int run_listen_worker(std::string_view scenario_name);
 // The worker side of the node scenario (test_node_cluster.cpp).
 int run_node_worker();
+// The worker side of the tokens scenario (test_tokens_worker.cpp); its exit code is a count.
+int run_tokens_worker();
 
 #include "cocluster/settings.hpp"
 
