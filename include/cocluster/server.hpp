@@ -111,7 +111,7 @@ class Server<asio::ip::udp> : public detail::worker::server_handle<detail::worke
 
   explicit Server(std::shared_ptr<detail::worker::datagram_server> s) : server_handle(std::move(s)) {}
 
-  executor_type get_executor() noexcept { return s_->socket().get_executor(); }
+  executor_type get_executor() const noexcept { return s_->socket().get_executor(); }
   asio::ip::udp::socket& socket() noexcept { return s_->socket(); }
   endpoint_type local_endpoint() const { return s_->socket().local_endpoint(); }
 };

@@ -103,7 +103,6 @@ class runtime {
   ipc::Channel& channel() noexcept { return channel_; }
   async_queue<Message>& messages() noexcept { return messages_; }
   async_latch<>& disconnected() noexcept { return disconnected_; }
-  server_link& link() noexcept { return link_; }
   void set_unexpected_disconnect_handler(std::function<void()> h) { on_unexpected_disconnect_ = std::move(h); }
 
   // Node: the worker's side of server.listen() (cluster._getServer): asks the master for the

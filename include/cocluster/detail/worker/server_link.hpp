@@ -18,7 +18,7 @@
 #include <vector>
 
 #include "cocluster/detail/pending_handler.hpp"
-#include "cocluster/detail/tracked_executor.hpp"
+#include "cocluster/detail/worker/tracked_executor.hpp"
 #include "cocluster/detail/worker/server_base.hpp"
 #include "cocluster/ipc/channel.hpp"
 #include "cocluster/ipc/protocol.hpp"
@@ -110,7 +110,7 @@ class server_link {
   }
 
  private:
-  // Held by every copy of a connection socket's executor (detail::tracked_executor). The
+  // Held by every copy of a connection socket's executor (worker::tracked_executor). The
   // last copy may go on any thread (with a strand over a thread pool, Asio drops an operation's
   // executor where the operation completed) or inside Asio's cleanup of an operation: the count
   // is only ever touched on the runtime's executor.
