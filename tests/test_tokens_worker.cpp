@@ -178,7 +178,9 @@ void listen_and_accept_step(asio::io_context& io) {
       continue;
     }
     Server<tcp>& server = *listened.value;
-    say("listen:" + name(t) + " " + std::to_string(server.local_endpoint().port()));
+    const bool on_worker_executor = server.get_executor() == asio::any_io_executor(io.get_executor());
+    say("listen:" + name(t) + " executor=" + std::to_string(on_worker_executor) + " " +
+        std::to_string(server.local_endpoint().port()));
     // Half the tokens with the peer overload.
     const bool with_peer = t == token::awaitable || t == token::future || t == token::deferred;
     tcp::endpoint peer;
@@ -249,7 +251,7 @@ int run_tokens_worker() {
     on_io(io, [&] { this_worker.disconnected([&](std::error_code ec) { completed += !ec; }); });
     this_worker.disconnected(asio::experimental::deferred)([&](std::error_code ec) { completed += !ec; });
     this_worker.disconnected(asio::detached);
-    say("disconnected:armed");
+    say(std::string("disconnected:armed primary=") + (is_primary() ? "1" : "0"));
     try {
       future.get();
       ++completed;
@@ -274,6 +276,8 @@ std::uint16_t port_in(const std::string& report) {
 
 template <class Policy>
 awaitable<void> token_matrix(asio::io_context& io, Policy policy) {
+  CHECK(is_primary());  // Node: cluster.isPrimary, the newer name of isMaster
+  CHECK(is_master());
   Master<Policy> master(io.get_executor(), {}, policy);
   tcp::acceptor bound(io);  // for listen_fd: a socket the master bound and the worker names
   bound.open(tcp::v4());
@@ -301,7 +305,7 @@ awaitable<void> token_matrix(asio::io_context& io, Policy policy) {
       CHECK(listening.port != 0);
       continue;
     }
-    REQUIRE_MESSAGE(report.rfind("listen:" + name(t) + " ", 0) == 0, report);
+    REQUIRE_MESSAGE(report.rfind("listen:" + name(t) + " executor=1 ", 0) == 0, report);
     const std::uint16_t port = port_in(report);
     CHECK(listening.port == port);
     tcp::socket client(io);
@@ -333,7 +337,7 @@ awaitable<void> token_matrix(asio::io_context& io, Policy policy) {
   }
 
   // disconnected: five completions the worker can count (detached's cannot be seen)
-  CHECK((co_await next_report(*w)) == "disconnected:armed");
+  CHECK((co_await next_report(*w)) == "disconnected:armed primary=0");
   w->disconnect();
   CHECK((co_await w->exited()) == ExitStatus{5, 0});
 }
