@@ -75,8 +75,9 @@ struct this_worker_t {
   //   Completion signature: void(std::error_code).
   //   Errors: error::channel_closed (the channel is closing or gone), error::message_too_large,
   //   a system error from sendmsg (EPIPE: the master is gone).
-  //   Cancellation: none; a send waiting for room in the full send queue completes when
-  //   there is room or the channel closes.
+  //   Cancellation: per-operation, terminal, while the send waits for room in the full send
+  //   queue: completes with asio::error::operation_aborted and the message is not sent (its
+  //   handle is closed). A queued message is never taken back.
   template <class CompletionToken = asio::use_awaitable_t<>>
   auto send(Message message, CompletionToken&& token = {}) const {
     return asio::async_initiate<CompletionToken, void(std::error_code)>(
