@@ -11,6 +11,9 @@
 #include <asio/io_context.hpp>
 #include <asio/use_awaitable.hpp>
 
+#include <future>
+#include <thread>
+
 namespace {
 
 using cocluster::detail::worker::complete_now;
@@ -71,4 +74,30 @@ TEST_CASE("a ready result is posted to a callback, never run inside the initiati
   CHECK(got == 0);
   CHECK(io.run() == 1);
   CHECK(got == 7);
+}
+
+TEST_CASE("a ready result resumes a coroutine of another thread's io_context on that thread, not the caller's") {
+  // As run_on does for a caller on another thread: the initiation hops to `a`'s thread, where
+  // the result is ready; the coroutine belongs to `b`, run by its own thread.
+  asio::io_context a, b;
+  auto b_work = asio::make_work_guard(b);
+  std::thread b_thread([&] { b.run(); });
+  const auto b_id = b_thread.get_id();
+  std::promise<std::thread::id> resumed_on;
+  asio::co_spawn(b, [&]() -> asio::awaitable<void> {
+    co_await asio::async_initiate<const asio::use_awaitable_t<>&, void(std::error_code, int)>(
+        [&](auto handler) {
+          asio::post(a, [&a, h = std::move(handler)]() mutable {
+            complete_now(std::move(h), a.get_executor(), std::error_code{}, 1);
+          });
+        },
+        asio::use_awaitable);
+    resumed_on.set_value(std::this_thread::get_id());
+  }, asio::detached);
+  auto resumed = resumed_on.get_future();
+  auto a_work = asio::make_work_guard(a);
+  CHECK(a.run_one() == 1);  // the initiation's hop, which completes the operation
+  CHECK(resumed.get() == b_id);
+  b_work.reset();
+  b_thread.join();
 }

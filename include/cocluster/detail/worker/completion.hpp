@@ -39,11 +39,13 @@ inline int& inline_resumptions() noexcept {
   return depth;
 }
 
-// Completes `handler` with `args` from inside an initiation: resumes an awaiting coroutine at
-// once, posts any other handler to its associated executor (`fallback` if it has none).
-// Nothing of the caller's may be touched after this returns: the coroutine has run on.
+// Completes `handler` with `args` from inside an initiation running on `ex` (the runtime's
+// executor): resumes an awaiting coroutine at once when it runs on `ex` too, or when its own
+// executor runs in this thread (asio::dispatch decides: a strand, a socket's tracked
+// executor); posts anything else to the handler's executor (`ex` if it has none). Nothing of
+// the caller's may be touched after this returns: the coroutine may have run on.
 template <class Handler, class... Args>
-void complete_now(Handler&& handler, const asio::any_io_executor& fallback, Args&&... args) {
+void complete_now(Handler&& handler, const asio::any_io_executor& ex, Args&&... args) {
   using handler_type = std::decay_t<Handler>;
   if constexpr (resumes_coroutine<handler_type>::value) {
     if (inline_resumptions() < max_inline_resumptions) {
@@ -53,17 +55,24 @@ void complete_now(Handler&& handler, const asio::any_io_executor& fallback, Args
       } guard;
       try {
         handler_type h(std::forward<Handler>(handler));
-        std::move(h)(std::forward<Args>(args)...);
+        auto handler_ex = asio::get_associated_executor(h);
+        if (handler_ex == ex) {
+          std::move(h)(std::forward<Args>(args)...);
+        } else {
+          asio::dispatch(handler_ex, [h = std::move(h), ... a = std::decay_t<Args>(std::forward<Args>(args))]() mutable {
+            std::move(h)(std::move(a)...);
+          });
+        }
       } catch (...) {
         // From the code the coroutine ran (or its co_spawn's completion handler): it leaves
         // io_context::run(), as it would have from a posted completion.
-        asio::post(fallback, [e = std::current_exception()] { std::rethrow_exception(e); });
+        asio::post(ex, [e = std::current_exception()] { std::rethrow_exception(e); });
       }
       return;
     }
   }
-  auto ex = asio::get_associated_executor(handler, fallback);
-  asio::post(ex, [h = handler_type(std::forward<Handler>(handler)), ... a = std::decay_t<Args>(std::forward<Args>(args))]() mutable {
+  auto handler_ex = asio::get_associated_executor(handler, ex);
+  asio::post(handler_ex, [h = handler_type(std::forward<Handler>(handler)), ... a = std::decay_t<Args>(std::forward<Args>(args))]() mutable {
     std::move(h)(std::move(a)...);
   });
 }
