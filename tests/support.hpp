@@ -14,6 +14,12 @@
 #include <asio/io_context.hpp>
 #include <asio/steady_timer.hpp>
 #include <asio/use_awaitable.hpp>
+#include <asio/version.hpp>
+#if ASIO_VERSION >= 102400
+#include <asio/deferred.hpp>
+#else
+#include <asio/experimental/deferred.hpp>
+#endif
 
 #include "cocluster/detail/syscalls.hpp"
 #include "cocluster/events.hpp"
@@ -40,6 +46,13 @@ inline std::ostream& operator<<(std::ostream& os, EventType t) { return os << to
 }  // namespace cocluster
 
 namespace test {
+
+// Asio's lazy completion token under the name the Asio in use has (experimental before 1.24).
+#if ASIO_VERSION >= 102400
+inline constexpr auto deferred = asio::deferred;
+#else
+inline constexpr auto deferred = asio::experimental::deferred;
+#endif
 
 using namespace std::chrono_literals;
 using asio::awaitable;

@@ -395,7 +395,9 @@ TEST_CASE("a port held by another process: the worker's listen() fails with EADD
       auto& events = master.events();
       auto c = co_await start(master, 1, listen_env("serve", "tcp4:127.0.0.1:" + std::to_string(taken)));
       CHECK_MESSAGE(c.reports[0].rfind("error " + std::to_string(EADDRINUSE) + " ", 0) == 0, c.reports[0]);
-      CHECK(c.reports[0].find("127.0.0.1:" + std::to_string(taken)) != std::string::npos);  // what() names it
+      // what() is the error's own message: listen() completes with an error_code, as Asio's
+      // operations do, so the exception no longer names the address (the caller knows it).
+      CHECK(c.reports[0].find(std::system_category().message(EADDRINUSE)) != std::string::npos);
       // The master is fine, the entry was not kept: once the port is free the same listen works.
       holder.reset();
       co_await c.workers[0]->send({"listen"});

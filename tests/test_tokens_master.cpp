@@ -8,12 +8,6 @@
 #include <asio/use_future.hpp>
 #include <asio/version.hpp>
 
-#if ASIO_VERSION >= 102400
-#include <asio/deferred.hpp>
-#else
-#include <asio/experimental/deferred.hpp>
-#endif
-
 #include <doctest/doctest.h>
 
 #include <future>
@@ -28,11 +22,7 @@ using namespace test;
 
 namespace {
 
-#if ASIO_VERSION >= 102400
-constexpr auto deferred = asio::deferred;
-#else
-constexpr auto deferred = asio::experimental::deferred;
-#endif
+using test::deferred;
 
 using as_tuple_t = cocluster::detail::as_tuple_t<asio::use_awaitable_t<>>;
 

@@ -4,7 +4,7 @@
 // operations are gone. That is how a disconnecting worker knows its connections have ended
 // (Node: server.close() waits for the 'close' of every connection) while handing the user an
 // ordinary asio::ip::tcp::socket: any_io_executor carries this executor type-erased.
-//   tcp::socket s(detail::tracked_executor(ex, token));   // s.get_executor() is any_io_executor
+//   tcp::socket s(detail::worker::tracked_executor(ex, token));   // s.get_executor() is any_io_executor
 #pragma once
 
 #include "cocluster/detail/config.hpp"
@@ -17,7 +17,7 @@
 #include <memory>
 #include <utility>
 
-namespace cocluster::detail {
+namespace cocluster::detail::worker {
 
 class tracked_executor {
  public:
@@ -60,4 +60,4 @@ class tracked_executor {
   std::shared_ptr<const void> token_;
 };
 
-}  // namespace cocluster::detail
+}  // namespace cocluster::detail::worker

@@ -1,0 +1,152 @@
+// What a worker's servers share with the runtime, owned by the runtime and handed to each
+// server it makes: the channel (to tell the master a connection was taken or a server
+// closed), the servers by the master's id, Node's listen indexes, and the count of
+// connections still alive, which a disconnect waits on.
+//   link.accepted(server.id, seq);   link.closed(server);   auto ex = link.connection_executor();
+#pragma once
+
+#include <asio/any_io_executor.hpp>
+#include <asio/async_result.hpp>
+#include <asio/post.hpp>
+
+#include <cstdint>
+#include <list>
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "cocluster/detail/pending_handler.hpp"
+#include "cocluster/detail/worker/tracked_executor.hpp"
+#include "cocluster/detail/worker/server_base.hpp"
+#include "cocluster/ipc/channel.hpp"
+#include "cocluster/ipc/protocol.hpp"
+
+namespace cocluster::detail::worker {
+
+class server_link {
+ public:
+  explicit server_link(ipc::Channel& channel) : channel_(channel) {}
+  server_link(const server_link&) = delete;
+  server_link& operator=(const server_link&) = delete;
+
+  const asio::any_io_executor& executor() const noexcept { return channel_.get_executor(); }
+
+  // ---- what servers call ----
+
+  // accept() took hand-off `seq`: the master may close its copy. (Nothing is sent once our
+  // side of the channel is closing or closed: the channel refuses it.)
+  void accepted(std::uint32_t server, std::uint32_t seq) {
+    channel_.post_internal(ipc::protocol::encode(ipc::protocol::Accepted{server, seq, true}));
+  }
+
+  // The server is closed (by the user, its destructor, a disconnect or the channel's end).
+  void closed(server_base& server) {
+    if (server.id == 0) return;  // adopted: the master never knew it
+    servers_.erase(server.id);
+    release_index(server.index_key, server.index);
+    channel_.post_internal(ipc::protocol::encode(ipc::protocol::Close{server.id}));
+  }
+
+  // The executor a connection's socket is made on: the runtime's, tracked, so that a
+  // disconnect can wait until every connection is gone (Node: server.close() waits for them).
+  asio::any_io_executor connection_executor() {
+    ++live_connections_;
+    return tracked_executor(channel_.get_executor(), std::make_shared<connection_token>(this));
+  }
+
+  // ---- what the runtime calls ----
+
+  // Node's listen index: the Nth open listen of this worker on the same key.
+  std::uint32_t take_index(const std::string& key) {
+    auto& set = indexes_[key];
+    const std::uint32_t index = set.next++;
+    set.open.insert(index);
+    return index;
+  }
+  void release_index(const std::string& key, std::uint32_t index) {
+    auto it = indexes_.find(key);
+    if (it == indexes_.end()) return;
+    it->second.open.erase(index);
+    if (it->second.open.empty()) indexes_.erase(it);  // the next listen on the key is index 0 again
+  }
+
+  void add(std::shared_ptr<server_base> server) { servers_.emplace(server->id, server); }
+  std::shared_ptr<server_base> find(std::uint32_t id) const {
+    auto it = servers_.find(id);
+    return it == servers_.end() ? nullptr : it->second.lock();
+  }
+
+  // Closes every server (each tells the master, while the channel can still say it).
+  void close_servers() {
+    std::vector<std::shared_ptr<server_base>> open;
+    for (auto& [id, weak] : servers_)
+      if (auto s = weak.lock()) open.push_back(std::move(s));
+    for (auto& s : open) s->close();  // each erases itself
+    servers_.clear();
+  }
+
+  std::size_t live_connections() const noexcept { return live_connections_; }
+
+  // Completes once no connection is alive (at once if none is), or with
+  // error::channel_closed once stop() was called.
+  template <class Token>
+  auto async_wait_no_connections(Token&& token) {
+    return asio::async_initiate<Token, void(std::error_code)>(
+        [this](auto handler) {
+          pending_handler<> h(std::move(handler), channel_.get_executor());
+          if (stopped_) return h.complete(error::channel_closed);
+          if (live_connections_ == 0) return h.complete({});
+          idle_waiters_.push_back(std::move(h));
+        },
+        token);
+  }
+
+  // The channel has ended: nobody waits for connections any more.
+  void stop() {
+    stopped_ = true;
+    release_idle_waiters(error::channel_closed);
+  }
+
+ private:
+  // Held by every copy of a connection socket's executor (worker::tracked_executor). The
+  // last copy may go on any thread (with a strand over a thread pool, Asio drops an operation's
+  // executor where the operation completed) or inside Asio's cleanup of an operation: the count
+  // is only ever touched on the runtime's executor.
+  struct connection_token {
+    explicit connection_token(server_link* l) : link(l) {}
+    ~connection_token() {
+      try {
+        asio::post(link->channel_.get_executor(), [l = link] { l->connection_ended(); });
+      } catch (...) {  // out of memory: count it here rather than never
+        link->connection_ended();
+      }
+    }
+    server_link* link;  // owned by the runtime, which is never destroyed
+  };
+
+  struct index_set {  // Node: the indexes map of lib/internal/cluster/child.js
+    std::uint32_t next = 0;
+    std::set<std::uint32_t> open;
+  };
+
+  void connection_ended() {
+    if (--live_connections_ == 0) release_idle_waiters({});
+  }
+
+  void release_idle_waiters(std::error_code ec) {
+    auto waiters = std::move(idle_waiters_);
+    idle_waiters_.clear();
+    for (auto& w : waiters) w.complete(ec);
+  }
+
+  ipc::Channel& channel_;
+  std::map<std::uint32_t, std::weak_ptr<server_base>> servers_;  // by the master's id
+  std::map<std::string, index_set> indexes_;
+  std::size_t live_connections_ = 0;
+  std::list<pending_handler<>> idle_waiters_;
+  bool stopped_ = false;
+};
+
+}  // namespace cocluster::detail::worker
