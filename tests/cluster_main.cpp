@@ -48,13 +48,15 @@ awaitable<void> echo() {
     auto [ec, m] = co_await this_worker.receive(asio::experimental::as_tuple(use_awaitable));
     if (ec) co_return;
     std::string reply = std::move(m.data);
-    auto read_token = [&](auto& socket) -> awaitable<void> {
+    auto read_token = [&](auto socket) -> awaitable<void> {
       char token[8];
       co_await asio::async_read(socket, asio::buffer(token), use_awaitable);
       reply += "|" + std::string(token, sizeof token);
     };
-    if (auto* s = std::get_if<asio::ip::tcp::socket>(&m.handle)) co_await read_token(*s);
-    else if (auto* u = std::get_if<asio::local::stream_protocol::socket>(&m.handle)) co_await read_token(*u);
+    const auto& ex = co_await asio::this_coro::executor;
+    if (m.handle.is<asio::ip::tcp::socket>()) co_await read_token(m.handle.adopt<asio::ip::tcp::socket>(ex));
+    else if (m.handle.is<asio::local::stream_protocol::socket>())
+      co_await read_token(m.handle.adopt<asio::local::stream_protocol::socket>(ex));
     auto [sent] = co_await this_worker.send({std::move(reply)}, asio::experimental::as_tuple(use_awaitable));
     if (sent) co_return;
   }
@@ -76,7 +78,7 @@ int misbehave(std::string_view how) {
     packet.assign(reinterpret_cast<char*>(&h), sizeof h);
     packet += std::string(1000, 'x');
   } else {  // ten_fds
-    h.handle = 1;
+    h.handle_kind = 1;
     h.total_size = 3;
     packet.assign(reinterpret_cast<char*>(&h), sizeof h);
     packet += "abc";

@@ -62,7 +62,7 @@ ipc::frame_header header(std::uint8_t flags, std::uint32_t total, std::uint8_t h
   ipc::frame_header h;
   h.flags = flags;
   h.total_size = total;
-  h.handle = handle;
+  h.handle_kind = handle;
   return h;
 }
 
@@ -200,7 +200,7 @@ TEST_CASE("a handle declared as a TCP socket that is a pipe is refused and close
   CHECK(open_fd_count() == before);
 }
 
-TEST_CASE("each handle type arrives as the matching, working Asio object") {
+TEST_CASE("each handle kind arrives as its fd and adopts into the matching, working Asio object") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     using asio::ip::tcp;
     using asio::ip::udp;
@@ -221,38 +221,41 @@ TEST_CASE("each handle type arrives as the matching, working Asio object") {
     ::unlink(path.c_str());
     co_await a.async_send({message_kind::user, {"unix acceptor", unix_stream::acceptor(io, unix_stream::endpoint(path))}}, use_awaitable);
 
+    // Each arrives as its fd and declared kind; adopt() makes the Asio object on `io`.
     Envelope e = co_await b.async_receive(use_awaitable);
-    auto* tcp_socket = std::get_if<tcp::socket>(&e.message.handle);
-    REQUIRE(tcp_socket);
+    CHECK(e.message.handle.kind() == handle_kind::tcp_socket);
+    REQUIRE(e.message.handle.is<tcp::socket>());
+    tcp::socket tcp_socket = e.message.handle.adopt<tcp::socket>(io);
+    CHECK_FALSE(e.message.has_handle());  // adopted: the fd is the socket's now
     co_await asio::async_write(client, asio::buffer("ping", 4), use_awaitable);
     char buf[4];
-    co_await asio::async_read(*tcp_socket, asio::buffer(buf), use_awaitable);
+    co_await asio::async_read(tcp_socket, asio::buffer(buf), use_awaitable);
     CHECK(std::string(buf, 4) == "ping");
 
     e = co_await b.async_receive(use_awaitable);
-    auto* acceptor = std::get_if<tcp::acceptor>(&e.message.handle);
-    REQUIRE(acceptor);
+    REQUIRE(e.message.handle.kind() == handle_kind::tcp_acceptor);
+    tcp::acceptor acceptor = e.message.handle.adopt<tcp::acceptor>(io.get_executor());
     tcp::socket client2(io);
-    co_await client2.async_connect(acceptor->local_endpoint(), use_awaitable);
-    tcp::socket accepted = co_await acceptor->async_accept(use_awaitable);
+    co_await client2.async_connect(acceptor.local_endpoint(), use_awaitable);
+    tcp::socket accepted = co_await acceptor.async_accept(use_awaitable);
     CHECK(accepted.is_open());
 
     e = co_await b.async_receive(use_awaitable);
-    auto* udp_socket = std::get_if<udp::socket>(&e.message.handle);
-    REQUIRE(udp_socket);
-    CHECK(udp_socket->local_endpoint().address().is_v6());
+    REQUIRE(e.message.handle.kind() == handle_kind::udp_socket);
+    udp::socket udp_socket = e.message.handle.adopt<udp::socket>(io);
+    CHECK(udp_socket.local_endpoint().address().is_v6());
 
     e = co_await b.async_receive(use_awaitable);
-    auto* unix_socket = std::get_if<unix_stream::socket>(&e.message.handle);
-    REQUIRE(unix_socket);
+    REQUIRE(e.message.handle.kind() == handle_kind::unix_socket);
+    unix_stream::socket unix_socket = e.message.handle.adopt<unix_stream::socket>(io);
     co_await asio::async_write(u2, asio::buffer("pong", 4), use_awaitable);
-    co_await asio::async_read(*unix_socket, asio::buffer(buf), use_awaitable);
+    co_await asio::async_read(unix_socket, asio::buffer(buf), use_awaitable);
     CHECK(std::string(buf, 4) == "pong");
 
     e = co_await b.async_receive(use_awaitable);
-    auto* unix_acceptor = std::get_if<unix_stream::acceptor>(&e.message.handle);
-    REQUIRE(unix_acceptor);
-    CHECK(unix_acceptor->local_endpoint().path() == path);
+    REQUIRE(e.message.handle.kind() == handle_kind::unix_acceptor);
+    unix_stream::acceptor unix_acceptor = e.message.handle.adopt<unix_stream::acceptor>(io);
+    CHECK(unix_acceptor.local_endpoint().path() == path);
     ::unlink(path.c_str());
   });
 }

@@ -52,7 +52,7 @@ class worker_server {
   virtual ~worker_server() = default;
   // A round-robin connection for this server; false if it cannot take it (then the runtime
   // refuses it and `h` is closed).
-  virtual bool deliver(Handle& h, std::uint32_t seq, const std::string& remote) = 0;
+  virtual bool deliver(any_socket& h, std::uint32_t seq, const std::string& remote) = 0;
   // Closes the server; `tell_host` false when the runtime itself is closing it.
   virtual void close(bool tell_host = true) = 0;
 
@@ -97,7 +97,7 @@ class stream_server final : public worker_server, public std::enable_shared_from
   const endpoint_type& local_endpoint() const noexcept { return local_; }
   bool round_robin() const noexcept { return !acceptor_; }
 
-  bool deliver(Handle& h, std::uint32_t seq, const std::string& remote) override {
+  bool deliver(any_socket& h, std::uint32_t seq, const std::string& remote) override {
     auto* socket = std::get_if<socket_type>(&h);
     if (!open_ || !socket || acceptor_) return false;
     handed_.push(incoming{std::move(*socket), seq, endpoint_from_sockaddr<endpoint_type>(remote)});
@@ -185,7 +185,7 @@ class datagram_server final : public worker_server {
   asio::ip::udp::socket& socket() noexcept { return socket_; }
   bool is_open() const noexcept { return open_; }
 
-  bool deliver(Handle&, std::uint32_t, const std::string&) override { return false; }
+  bool deliver(any_socket&, std::uint32_t, const std::string&) override { return false; }
   void close(bool tell_host = true) override {
     if (!open_) return;
     open_ = false;

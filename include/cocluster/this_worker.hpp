@@ -102,7 +102,7 @@ inline asio::local::stream_protocol::endpoint unix_endpoint(const std::string& p
 // Builds the worker's server from the master's reply; the state type depends on the protocol.
 template <class Protocol>
 std::shared_ptr<worker_server> make_server(const asio::any_io_executor& ex, server_host* host,
-                                           const ipc::protocol::QueryReply& r, Handle& handle, std::error_code& ec) {
+                                           const ipc::protocol::QueryReply& r, any_socket& handle, std::error_code& ec) {
   ec.clear();
   if constexpr (std::is_same_v<Protocol, asio::ip::udp>) {
     auto* socket = std::get_if<asio::ip::udp::socket>(&handle);
@@ -227,7 +227,7 @@ class worker_runtime final : public server_host {
     pending.describe = t.fd >= 0 ? fmt::format("listen on the master's fd {}", t.fd)
                        : t.type == AddressType::unix_path ? fmt::format("listen on {}", t.address)
                                                           : fmt::format("listen on {}:{}", t.address, t.port);
-    pending.make = [this](const ipc::protocol::QueryReply& r, Handle& h, std::error_code& ec) {
+    pending.make = [this](const ipc::protocol::QueryReply& r, any_socket& h, std::error_code& ec) {
       return make_server<Protocol>(channel_.get_executor(), this, r, h, ec);
     };
     const std::string describe = pending.describe;
@@ -336,7 +336,7 @@ class worker_runtime final : public server_host {
 
   struct pending_query {
     pending_handler<std::shared_ptr<worker_server>> handler;  // empty once the listen() was cancelled
-    std::function<std::shared_ptr<worker_server>(const ipc::protocol::QueryReply&, Handle&, std::error_code&)> make;
+    std::function<std::shared_ptr<worker_server>(const ipc::protocol::QueryReply&, any_socket&, std::error_code&)> make;
     std::string index_key;
     std::uint32_t index = 0;
     std::string describe;  // "listen on 0.0.0.0:80", for the error
@@ -397,13 +397,13 @@ class worker_runtime final : public server_host {
     }
     // The handle is made here, on the executor it belongs to, and checked to be what its type
     // says (adopt_handle), as the channel does for user messages.
-    auto adopt = [&](asio::any_io_executor ex, Handle& out) {
+    auto adopt = [&](asio::any_io_executor ex, any_socket& out) {
       std::error_code ec;
       out = adopt_handle(ex, envelope.internal_tag, std::move(envelope.internal_fd), ec);
       if (ec) log_error("a handle from the master is not the socket its type says; closing the channel");
       return !ec;
     };
-    Handle handle;
+    any_socket handle;
     if (auto* reply = std::get_if<p::QueryReply>(&*m)) {
       if (!adopt(channel_.get_executor(), handle)) return false;
       on_query_reply(*reply, handle);
@@ -423,7 +423,7 @@ class worker_runtime final : public server_host {
     return true;
   }
 
-  void on_query_reply(const ipc::protocol::QueryReply& r, Handle& handle) {
+  void on_query_reply(const ipc::protocol::QueryReply& r, any_socket& handle) {
     auto it = queries_.find(r.seq);
     if (it == queries_.end()) return;  // not ours: ignored, as Node ignores stray replies
     pending_query q = std::move(it->second);
