@@ -3,7 +3,9 @@
 // when asked for, on the executor the caller chooses:
 //   co_await worker.send({"take this", std::move(tcp_socket)});
 //   Message m = co_await this_worker.receive();
-//   if (m.handle.is<asio::ip::tcp::socket>()) auto s = m.handle.adopt<asio::ip::tcp::socket>(ex);
+//   if (m.handle.is<asio::ip::tcp::socket>()) {
+//     asio::ip::tcp::socket s = m.handle.adopt<asio::ip::tcp::socket>(ex);  // checked, registered
+//   }
 // Sending moves the handle: the sender's copy is closed once it is on its way. Passing a received
 // handle on (send it again) or dropping it costs a sendmsg or a close, nothing more.
 #pragma once
