@@ -101,8 +101,8 @@ awaitable<void> worker_main() {
       long sockets = 0;
       for (long i = 0; i < count; ++i) {
         cocluster::Message m = co_await this_worker.receive();
-        sockets += std::holds_alternative<asio::local::stream_protocol::socket>(m.handle);
-      }  // each socket is closed here
+        sockets += m.handle.is<asio::local::stream_protocol::socket>();
+      }  // each handle is dropped here unadopted: a close(2), no epoll_ctl, no getsockopt
       co_await this_worker.send(std::to_string(sockets));
     }  // "spawn": being online is the work
   } catch (const std::system_error& e) {
@@ -150,19 +150,26 @@ awaitable<void> cocluster_rtt(cocluster::Master<>& master, const Counts& n, Figu
 }
 
 // Each hand-off sends a fresh dup of one connected unix socket; the worker drops what it gets.
-awaitable<void> cocluster_fd(cocluster::Master<>& master, const Counts& n, Figures& out) {
+// fd_pass_per_s wraps each dup in an Asio socket first (registered with epoll on construction,
+// deregistered when the Handle takes its fd), as a master sending the sockets it works with
+// does; fd_pass_fd_per_s sends the dup as Handle(kind, fd), which is what raw does.
+awaitable<void> cocluster_fd(cocluster::Master<>& master, const Counts& n, Figures& out, bool as_asio_socket) {
   auto w = co_await fork_online(master, "fd", n.fd);
   const auto& ex = master.get_executor();
   asio::local::stream_protocol::socket a(ex), b(ex);
   asio::local::connect_pair(a, b);
   const auto t0 = Clock::now();
   for (long i = 0; i < n.fd; ++i) {
-    asio::local::stream_protocol::socket copy(ex, asio::local::stream_protocol(),
-                                              ::fcntl(a.native_handle(), F_DUPFD_CLOEXEC, 0));
-    co_await w->send(cocluster::Message("fd", std::move(copy)));
+    cocluster::detail::unique_fd copy(::fcntl(a.native_handle(), F_DUPFD_CLOEXEC, 0));
+    if (as_asio_socket) {
+      asio::local::stream_protocol::socket s(ex, asio::local::stream_protocol(), copy.release());
+      co_await w->send(cocluster::Message("fd", std::move(s)));
+    } else {
+      co_await w->send(cocluster::Message("fd", cocluster::Handle(cocluster::handle_kind::unix_socket, std::move(copy))));
+    }
   }
   cocluster::Message got = co_await w->receive();
-  out["fd_pass_per_s"] = static_cast<double>(n.fd) / seconds_since(t0);
+  out[as_asio_socket ? "fd_pass_per_s" : "fd_pass_fd_per_s"] = static_cast<double>(n.fd) / seconds_since(t0);
   if (got.data != std::to_string(n.fd)) throw std::runtime_error("worker received sockets: " + got.data);
   co_await finish(w);
 }
@@ -184,7 +191,8 @@ void run_cocluster(const Counts& n, Figures& out) {
   auto all = [&]() -> awaitable<void> {
     co_await cocluster_oneway(master, n, out);
     co_await cocluster_rtt(master, n, out);
-    co_await cocluster_fd(master, n, out);
+    co_await cocluster_fd(master, n, out, true);
+    co_await cocluster_fd(master, n, out, false);
     for (int size : k_spawn_sizes) {
       std::vector<double> ms;
       for (int i = 0; i < n.spawn_repeats; ++i) ms.push_back(co_await cocluster_spawn(master, size));
@@ -379,6 +387,7 @@ void run_raw(const Counts& n, Figures& out) {
   raw_oneway(n, out);
   raw_rtt(n, out);
   raw_fd(n, out);
+  out["fd_pass_fd_per_s"] = out["fd_pass_per_s"];  // raw has no Asio socket: one baseline for both
   for (int size : k_spawn_sizes) {
     std::vector<double> ms;
     for (int i = 0; i < n.spawn_repeats; ++i) ms.push_back(raw_spawn(size));
@@ -445,6 +454,7 @@ constexpr Row k_rows[] = {
     {"rtt_p50_us", "round trip p50 (us)", false, "rtt_p50_ratio"},
     {"rtt_p99_us", "round trip p99 (us)", false, "rtt_p99_ratio"},
     {"fd_pass_per_s", "fd hand-offs/s", true, "fd_pass_ratio"},
+    {"fd_pass_fd_per_s", "  sent as Handle(kind, fd)", true, "fd_pass_fd_ratio"},
     {"spawn_ms_1", "fork to online, 1 (ms)", false, "spawn_1_ratio"},
     {"spawn_ms_8", "fork to online, 8 (ms)", false, "spawn_8_ratio"},
     {"spawn_ms_32", "fork to online, 32 (ms)", false, "spawn_32_ratio"},

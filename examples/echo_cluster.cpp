@@ -17,9 +17,10 @@ using asio::use_awaitable;
 awaitable<void> worker_main() {
   for (;;) {
     Message m = co_await this_worker.receive();
-    if (auto* socket = std::get_if<asio::local::stream_protocol::socket>(&m.handle)) {
+    if (m.handle.is<asio::local::stream_protocol::socket>()) {
+      auto socket = m.handle.adopt<asio::local::stream_protocol::socket>(co_await asio::this_coro::executor);
       const std::string line = fmt::format("written by worker {} (pid {})\n", this_worker.id(), ::getpid());
-      co_await asio::async_write(*socket, asio::buffer(line), use_awaitable);
+      co_await asio::async_write(socket, asio::buffer(line), use_awaitable);
     }
     co_await this_worker.send({fmt::format("worker {} echoes: {}", this_worker.id(), m.data)});
   }

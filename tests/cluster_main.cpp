@@ -26,13 +26,15 @@ awaitable<void> echo() {
     auto [ec, m] = co_await this_worker.receive(cocluster::as_tuple(use_awaitable));
     if (ec) co_return;
     std::string reply = std::move(m.data);
-    auto read_token = [&](auto& socket) -> awaitable<void> {
+    auto read_token = [&](auto socket) -> awaitable<void> {
       char token[8];
       co_await asio::async_read(socket, asio::buffer(token), use_awaitable);
       reply += "|" + std::string(token, sizeof token);
     };
-    if (auto* s = std::get_if<asio::ip::tcp::socket>(&m.handle)) co_await read_token(*s);
-    else if (auto* u = std::get_if<asio::local::stream_protocol::socket>(&m.handle)) co_await read_token(*u);
+    const auto& ex = co_await asio::this_coro::executor;
+    if (m.handle.is<asio::ip::tcp::socket>()) co_await read_token(m.handle.adopt<asio::ip::tcp::socket>(ex));
+    else if (m.handle.is<asio::local::stream_protocol::socket>())
+      co_await read_token(m.handle.adopt<asio::local::stream_protocol::socket>(ex));
     auto [sent] = co_await this_worker.send({std::move(reply)}, cocluster::as_tuple(use_awaitable));
     if (sent) co_return;
   }

@@ -64,7 +64,7 @@ ipc::frame_header header(std::uint8_t flags, std::uint32_t total, std::uint8_t h
   ipc::frame_header h;
   h.flags = flags;
   h.total_size = total;
-  h.handle = handle;
+  h.handle_kind = handle;
   return h;
 }
 
@@ -206,7 +206,7 @@ TEST_CASE("a handle declared as a TCP socket that is a pipe is refused and close
   CHECK(open_fd_count() == before);
 }
 
-TEST_CASE("each handle type arrives as the matching, working Asio object") {
+TEST_CASE("each handle kind arrives as its fd and adopts into the matching, working Asio object") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     using asio::ip::tcp;
     using asio::ip::udp;
@@ -229,38 +229,41 @@ TEST_CASE("each handle type arrives as the matching, working Asio object") {
     ::unlink(path.c_str());
     co_await a.async_send({message_kind::user, {"unix acceptor", unix_stream::acceptor(io, unix_stream::endpoint(path))}}, use_awaitable);
 
+    // Each arrives as its fd and declared kind; adopt() makes the Asio object on `io`.
     Envelope e = co_await b.async_receive(use_awaitable);
-    auto* tcp_socket = std::get_if<tcp::socket>(&e.message.handle);
-    REQUIRE(tcp_socket);
+    CHECK(e.message.handle.kind() == handle_kind::tcp_socket);
+    REQUIRE(e.message.handle.is<tcp::socket>());
+    tcp::socket tcp_socket = e.message.handle.adopt<tcp::socket>(io);
+    CHECK_FALSE(e.message.has_handle());  // adopted: the fd is the socket's now
     co_await asio::async_write(client, asio::buffer("ping", 4), use_awaitable);
     char buf[4];
-    co_await asio::async_read(*tcp_socket, asio::buffer(buf), use_awaitable);
+    co_await asio::async_read(tcp_socket, asio::buffer(buf), use_awaitable);
     CHECK(std::string(buf, 4) == "ping");
 
     e = co_await b.async_receive(use_awaitable);
-    auto* acceptor = std::get_if<tcp::acceptor>(&e.message.handle);
-    REQUIRE(acceptor);
+    REQUIRE(e.message.handle.kind() == handle_kind::tcp_acceptor);
+    tcp::acceptor acceptor = e.message.handle.adopt<tcp::acceptor>(io.get_executor());
     tcp::socket client2(io);
-    co_await client2.async_connect(acceptor->local_endpoint(), use_awaitable);
-    tcp::socket accepted = co_await acceptor->async_accept(use_awaitable);
+    co_await client2.async_connect(acceptor.local_endpoint(), use_awaitable);
+    tcp::socket accepted = co_await acceptor.async_accept(use_awaitable);
     CHECK(accepted.is_open());
 
     e = co_await b.async_receive(use_awaitable);
-    auto* udp_socket = std::get_if<udp::socket>(&e.message.handle);
-    REQUIRE(udp_socket);
-    CHECK(udp_socket->local_endpoint().address().is_v6());
+    REQUIRE(e.message.handle.kind() == handle_kind::udp_socket);
+    udp::socket udp_socket = e.message.handle.adopt<udp::socket>(io);
+    CHECK(udp_socket.local_endpoint().address().is_v6());
 
     e = co_await b.async_receive(use_awaitable);
-    auto* unix_socket = std::get_if<unix_stream::socket>(&e.message.handle);
-    REQUIRE(unix_socket);
+    REQUIRE(e.message.handle.kind() == handle_kind::unix_socket);
+    unix_stream::socket unix_socket = e.message.handle.adopt<unix_stream::socket>(io);
     co_await asio::async_write(u2, asio::buffer("pong", 4), use_awaitable);
-    co_await asio::async_read(*unix_socket, asio::buffer(buf), use_awaitable);
+    co_await asio::async_read(unix_socket, asio::buffer(buf), use_awaitable);
     CHECK(std::string(buf, 4) == "pong");
 
     e = co_await b.async_receive(use_awaitable);
-    auto* unix_acceptor = std::get_if<unix_stream::acceptor>(&e.message.handle);
-    REQUIRE(unix_acceptor);
-    CHECK(unix_acceptor->local_endpoint().path() == path);
+    REQUIRE(e.message.handle.kind() == handle_kind::unix_acceptor);
+    unix_stream::acceptor unix_acceptor = e.message.handle.adopt<unix_stream::acceptor>(io);
+    CHECK(unix_acceptor.local_endpoint().path() == path);
     ::unlink(path.c_str());
   });
 }
@@ -355,4 +358,124 @@ TEST_CASE("a second concurrent receive is refused with already_started") {
     CHECK(ec == asio::error::already_started);
     a.close();
   });
+}
+
+TEST_CASE("a peer that dies in the middle of a multi-frame message is EOF, not a protocol error") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    auto [ch, raw] = channel_and_raw_peer(io);
+    send_raw_frame(raw.get(), header(ipc::frame_header::first, 100), std::string(50, 'x'));
+    raw.reset();  // the peer is gone with half of its message sent
+    auto [ec, e] = co_await ch.async_receive(tuple);
+    CHECK(ec == asio::error::eof);
+    CHECK(ch.error_detail().empty());
+  });
+}
+
+TEST_CASE("a handle whose fd is another kind of socket arrives, and adopting it is a protocol error") {
+  const int before = open_fd_count();
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    auto [ch, raw] = channel_and_raw_peer(io);
+    auto [u1, u2] = cocluster::detail::make_socketpair(SOCK_STREAM);
+    send_raw_frame(raw.get(), header(whole, 3, 1), "abc", {u1.get()});  // declared TCP, is Unix
+    Envelope e = co_await ch.async_receive(use_awaitable);
+    REQUIRE(e.message.handle.kind() == handle_kind::tcp_socket);  // a claim, not yet checked
+    std::error_code ec;
+    auto s = e.message.handle.adopt<asio::ip::tcp::socket>(io, ec);
+    CHECK(ec == error::protocol_error);
+    CHECK_FALSE(s.is_open());
+    CHECK(e.message.has_handle());  // still owned: dropping the message closes it
+    CHECK_THROWS_WITH_AS(e.message.handle.adopt<asio::ip::tcp::socket>(io),
+                         doctest::Contains("declared as TCP socket, adopted as TCP socket, is not such a socket"),
+                         std::system_error);
+  });
+  CHECK(open_fd_count() == before);
+}
+
+TEST_CASE("adopting a handle as another kind than it declares fails with wrong_protocol_type and keeps it") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    using unix_stream = asio::local::stream_protocol;
+    auto [a, b] = channel_pair(io);
+    unix_stream::socket u1(io), u2(io);
+    asio::local::connect_pair(u1, u2);
+    co_await a.async_send({message_kind::user, {"unix", std::move(u1)}}, use_awaitable);
+    Envelope e = co_await b.async_receive(use_awaitable);
+    std::error_code ec;
+    auto wrong = e.message.handle.adopt<asio::ip::tcp::socket>(io, ec);
+    CHECK(ec == std::errc::wrong_protocol_type);
+    CHECK_FALSE(wrong.is_open());
+    CHECK_THROWS_WITH_AS(e.message.handle.adopt<asio::ip::tcp::acceptor>(io),
+                         doctest::Contains("declared as Unix stream socket, adopted as TCP acceptor"), std::system_error);
+    unix_stream::socket right = e.message.handle.adopt<unix_stream::socket>(io, ec);
+    CHECK_FALSE(ec);
+    co_await asio::async_write(u2, asio::buffer("ok", 2), use_awaitable);
+    char buf[2];
+    co_await asio::async_read(right, asio::buffer(buf), use_awaitable);
+    CHECK(std::string(buf, 2) == "ok");
+  });
+}
+
+TEST_CASE("a received handle passed on unadopted arrives at the next channel and works") {
+  const int before = open_fd_count();
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    using unix_stream = asio::local::stream_protocol;
+    auto [a, b] = channel_pair(io);
+    auto [c, d] = channel_pair(io);
+    unix_stream::socket u1(io), u2(io);
+    asio::local::connect_pair(u1, u2);
+    co_await a.async_send({message_kind::user, {"first hop", std::move(u1)}}, use_awaitable);
+    Envelope e = co_await b.async_receive(use_awaitable);
+    const int forwarded = e.message.handle.native_handle();
+    co_await c.async_send({message_kind::user, {"second hop", std::move(e.message.handle)}}, use_awaitable);
+    CHECK(::fcntl(forwarded, F_GETFD) == -1);  // the forwarder's copy is closed once written
+    Envelope f = co_await d.async_receive(use_awaitable);
+    REQUIRE(f.message.handle.kind() == handle_kind::unix_socket);
+    auto s = f.message.handle.adopt<unix_stream::socket>(io);
+    co_await asio::async_write(u2, asio::buffer("hop", 3), use_awaitable);
+    char buf[3];
+    co_await asio::async_read(s, asio::buffer(buf), use_awaitable);
+    CHECK(std::string(buf, 3) == "hop");
+  });
+  CHECK(open_fd_count() == before);
+}
+
+TEST_CASE("a received handle dropped unadopted is closed") {
+  const int before = open_fd_count();
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    auto [a, b] = channel_pair(io);
+    for (int i = 0; i < 20; ++i) {
+      asio::local::stream_protocol::socket u1(io), u2(io);
+      asio::local::connect_pair(u1, u2);
+      co_await a.async_send({message_kind::user, {"drop me", std::move(u1)}}, use_awaitable);
+    }
+    for (int i = 0; i < 20; ++i) CHECK((co_await b.async_receive(use_awaitable)).message.has_handle());
+  });
+  CHECK(open_fd_count() == before);
+}
+
+// Sending moves: a socket lvalue does not convert to a Handle, a moved one does.
+static_assert(!std::is_convertible_v<asio::ip::tcp::socket&, Handle>);
+static_assert(std::is_convertible_v<asio::ip::tcp::socket&&, Handle>);
+static_assert(!std::is_convertible_v<asio::posix::stream_descriptor&&, Handle>);  // not a socket kind
+
+TEST_CASE("a Handle takes the fd out of an Asio socket, and release() gives it up") {
+  asio::io_context io;
+  asio::local::stream_protocol::socket u1(io), u2(io);
+  asio::local::connect_pair(u1, u2);
+  const int fd = u1.native_handle();
+  Handle h(std::move(u1));
+  CHECK_FALSE(u1.is_open());
+  CHECK(h.kind() == handle_kind::unix_socket);
+  CHECK(h.is<asio::local::stream_protocol::socket>());
+  CHECK_FALSE(h.is<asio::ip::tcp::socket>());
+  CHECK(h.native_handle() == fd);
+  cocluster::detail::unique_fd owned = h.release();
+  CHECK(owned.get() == fd);
+  CHECK_FALSE(h);
+  CHECK(h.kind() == handle_kind::none);
+  Handle closed{asio::ip::tcp::socket(io)};  // a closed socket: its kind, no fd
+  CHECK(closed.kind() == handle_kind::tcp_socket);
+  CHECK(closed.native_handle() == -1);
+  std::error_code ec;
+  auto none = closed.adopt<asio::ip::tcp::socket>(io, ec);
+  CHECK(ec == asio::error::bad_descriptor);
 }

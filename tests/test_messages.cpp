@@ -40,7 +40,7 @@ int misbehave(std::string_view how) {
     packet.assign(reinterpret_cast<char*>(&h), sizeof h);
     packet += std::string(1000, 'x');
   } else {  // ten_fds
-    h.handle = 1;
+    h.handle_kind = 1;
     h.total_size = 3;
     packet.assign(reinterpret_cast<char*>(&h), sizeof h);
     packet += "abc";

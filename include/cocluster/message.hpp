@@ -1,13 +1,16 @@
 // What travels between master and workers: bytes, plus at most one handle (a socket or a
-// listener), which arrives as the matching Asio object.
+// listener). A received handle is an fd and its declared kind; it becomes an Asio object only
+// when asked for, on the executor the caller chooses:
 //   co_await worker.send({"take this", std::move(tcp_socket)});
-//   Message m = co_await this_worker.receive();  auto* s = std::get_if<asio::ip::tcp::socket>(&m.handle);
-// Sending moves the handle: the sender's copy is closed once it is on its way.
+//   Message m = co_await this_worker.receive();
+//   if (m.handle.is<asio::ip::tcp::socket>()) {
+//     asio::ip::tcp::socket s = m.handle.adopt<asio::ip::tcp::socket>(ex);  // checked, registered
+//   }
+// Sending moves the handle: the sender's copy is closed once it is on its way. Passing a received
+// handle on (send it again) or dropping it costs a sendmsg or a close, nothing more.
 #pragma once
 
 #include "cocluster/detail/config.hpp"
-
-#include <sys/socket.h>
 
 #include <asio/ip/tcp.hpp>
 #include <asio/ip/udp.hpp>
@@ -16,20 +19,99 @@
 #include <cstdint>
 #include <string>
 #include <system_error>
-#include <variant>
+#include <type_traits>
 
 #include "cocluster/detail/unique_fd.hpp"
 #include "cocluster/error.hpp"
 
 namespace cocluster {
 
-// Node: the `sendHandle` of child.send(). The index of each alternative is its wire tag.
-using Handle = std::variant<std::monostate,                          // no handle
-                            asio::ip::tcp::socket,                   // a connected TCP socket
-                            asio::ip::tcp::acceptor,                 // a listening TCP socket
-                            asio::ip::udp::socket,                   // a UDP socket
-                            asio::local::stream_protocol::socket,    // a connected Unix socket
-                            asio::local::stream_protocol::acceptor>; // a listening Unix socket
+// What a handle declares itself to be. The value is the byte the wire carries (ipc/frame.hpp).
+enum class handle_kind : std::uint8_t {
+  none = 0,
+  tcp_socket = 1,     // asio::ip::tcp::socket, connected
+  tcp_acceptor = 2,   // asio::ip::tcp::acceptor, listening
+  udp_socket = 3,     // asio::ip::udp::socket
+  unix_socket = 4,    // asio::local::stream_protocol::socket, connected
+  unix_acceptor = 5,  // asio::local::stream_protocol::acceptor, listening
+};
+inline constexpr std::uint8_t handle_kind_count = 6;  // wire bytes at or above it are invalid
+
+constexpr const char* to_string(handle_kind k) noexcept {
+  switch (k) {
+    case handle_kind::none: return "no handle";
+    case handle_kind::tcp_socket: return "TCP socket";
+    case handle_kind::tcp_acceptor: return "TCP acceptor";
+    case handle_kind::udp_socket: return "UDP socket";
+    case handle_kind::unix_socket: return "Unix stream socket";
+    case handle_kind::unix_acceptor: return "Unix stream acceptor";
+  }
+  return "unknown handle kind";
+}
+
+// The handle_kind of an Asio type (any executor), or none for a type a handle cannot be.
+template <class T> inline constexpr handle_kind handle_kind_of = handle_kind::none;
+template <class E> inline constexpr handle_kind handle_kind_of<asio::basic_stream_socket<asio::ip::tcp, E>> = handle_kind::tcp_socket;
+template <class E> inline constexpr handle_kind handle_kind_of<asio::basic_socket_acceptor<asio::ip::tcp, E>> = handle_kind::tcp_acceptor;
+template <class E> inline constexpr handle_kind handle_kind_of<asio::basic_datagram_socket<asio::ip::udp, E>> = handle_kind::udp_socket;
+template <class E> inline constexpr handle_kind handle_kind_of<asio::basic_stream_socket<asio::local::stream_protocol, E>> = handle_kind::unix_socket;
+template <class E> inline constexpr handle_kind handle_kind_of<asio::basic_socket_acceptor<asio::local::stream_protocol, E>> = handle_kind::unix_acceptor;
+
+// An Asio socket or acceptor that can travel as a handle. An lvalue is not one: sending moves.
+template <class T>
+concept handle_object = handle_kind_of<T> != handle_kind::none;
+
+// Node: the `sendHandle` of child.send(), the `handle` of the 'message' event. Owns one fd and
+// its declared kind. Received from a peer, the kind is a claim: adopt() checks it.
+class Handle {
+ public:
+  Handle() noexcept = default;
+  // Takes the fd out of `object` (Asio's release(): its pending operations are cancelled). A
+  // closed object gives a handle of its kind without an fd, which fails to send (bad_descriptor).
+  template <handle_object Socket>
+  Handle(Socket&& object) noexcept : kind_(handle_kind_of<Socket>) {
+    std::error_code ignored;
+    if (object.is_open()) fd_.reset(object.release(ignored));
+  }
+  // An fd whose kind the caller states (a received one, or one made without Asio).
+  Handle(handle_kind kind, detail::unique_fd fd) noexcept : kind_(kind), fd_(std::move(fd)) {}
+
+  Handle(Handle&& other) noexcept : kind_(std::exchange(other.kind_, handle_kind::none)), fd_(std::move(other.fd_)) {}
+  Handle& operator=(Handle&& other) noexcept {
+    kind_ = std::exchange(other.kind_, handle_kind::none);
+    fd_ = std::move(other.fd_);
+    return *this;
+  }
+
+  handle_kind kind() const noexcept { return kind_; }
+  explicit operator bool() const noexcept { return kind_ != handle_kind::none; }
+  // Whether adopt<Socket>() would be asked for the kind this handle declares.
+  template <class Socket> bool is() const noexcept { return kind_ != handle_kind::none && kind_ == handle_kind_of<Socket>; }
+  int native_handle() const noexcept { return fd_.get(); }
+
+  // The handle as an open Asio object on `ex` (an executor or an execution context), registered
+  // with its reactor from now on. Checks first that the fd really is that kind of socket (family,
+  // type, listening state): a peer is not trusted. Errors, after which the handle still owns its
+  // fd (dropping it closes it): bad_descriptor (no fd), std::errc::wrong_protocol_type (the
+  // handle declares another kind: see kind()), error::protocol_error (the fd is not what the
+  // sender declared), or a system error from registering it.
+  template <handle_object Socket, class ExecutorOrContext>
+  Socket adopt(ExecutorOrContext&& ex, std::error_code& ec);
+  // The same, throwing std::system_error whose what() names both kinds.
+  template <handle_object Socket, class ExecutorOrContext>
+  Socket adopt(ExecutorOrContext&& ex);
+
+  // Gives up the fd (the handle is left empty); the caller closes it.
+  detail::unique_fd release() noexcept {
+    kind_ = handle_kind::none;
+    return std::move(fd_);
+  }
+  void reset() noexcept { release().reset(); }
+
+ private:
+  handle_kind kind_ = handle_kind::none;
+  detail::unique_fd fd_;
+};
 
 // Not an aggregate on purpose: GCC 12 miscompiles aggregate temporaries passed to a
 // co_await-ed call (`co_await w->send({"hi"})` freed a pointer into the coroutine frame).
@@ -42,87 +124,9 @@ struct Message {
   std::string data;
   Handle handle;
 
-  bool has_handle() const noexcept { return handle.index() != 0; }
+  bool has_handle() const noexcept { return static_cast<bool>(handle); }
 };
 
-namespace detail {
-
-using handle_tag = std::uint8_t;
-inline constexpr handle_tag no_handle = 0;
-inline constexpr handle_tag handle_tag_count = std::variant_size_v<Handle>;
-
-// Takes the fd out of `h` (which is left empty). An empty or closed handle gives no fd.
-inline std::pair<handle_tag, unique_fd> release_handle(Handle& h, std::error_code& ec) {
-  ec.clear();
-  auto tag = static_cast<handle_tag>(h.index());
-  unique_fd fd = std::visit(
-      [&](auto& object) -> unique_fd {
-        if constexpr (std::is_same_v<std::decay_t<decltype(object)>, std::monostate>) {
-          return {};
-        } else {
-          if (!object.is_open()) {
-            ec = asio::error::bad_descriptor;
-            return {};
-          }
-          return unique_fd(object.release(ec));
-        }
-      },
-      h);
-  h = std::monostate{};
-  if (ec) return {no_handle, unique_fd()};
-  return {tag, std::move(fd)};
-}
-
-inline int socket_option(int fd, int option) {
-  int value = -1;
-  socklen_t len = sizeof value;
-  if (::getsockopt(fd, SOL_SOCKET, option, &value, &len) != 0) return -1;
-  return value;
-}
-
-// Turns a received fd into the Asio object its tag names, after checking that the fd really
-// is such a socket: a peer is not trusted. On failure `fd` is closed and ec is protocol_error.
-inline Handle adopt_handle(const asio::any_io_executor& ex, handle_tag tag, unique_fd fd,
-                           std::error_code& ec) {
-  ec.clear();
-  if (tag == no_handle) return {};
-  const int domain = socket_option(fd.get(), SO_DOMAIN);
-  const int type = socket_option(fd.get(), SO_TYPE);
-  const int listening = socket_option(fd.get(), SO_ACCEPTCONN);
-  const bool inet = domain == AF_INET || domain == AF_INET6;
-  const bool stream = type == SOCK_STREAM;
-
-  auto make = [&](auto object, auto protocol) -> Handle {
-    object.assign(protocol, fd.get(), ec);
-    if (ec) return {};
-    (void)fd.release();
-    return Handle(std::move(object));
-  };
-  switch (tag) {
-    case 1:
-      if (inet && stream && listening == 0)
-        return make(asio::ip::tcp::socket(ex), domain == AF_INET ? asio::ip::tcp::v4() : asio::ip::tcp::v6());
-      break;
-    case 2:
-      if (inet && stream && listening == 1)
-        return make(asio::ip::tcp::acceptor(ex), domain == AF_INET ? asio::ip::tcp::v4() : asio::ip::tcp::v6());
-      break;
-    case 3:
-      if (inet && type == SOCK_DGRAM)
-        return make(asio::ip::udp::socket(ex), domain == AF_INET ? asio::ip::udp::v4() : asio::ip::udp::v6());
-      break;
-    case 4:
-      if (domain == AF_UNIX && stream && listening == 0)
-        return make(asio::local::stream_protocol::socket(ex), asio::local::stream_protocol());
-      break;
-    case 5:
-      if (domain == AF_UNIX && stream && listening == 1)
-        return make(asio::local::stream_protocol::acceptor(ex), asio::local::stream_protocol());
-      break;
-  }
-  ec = error::protocol_error;
-  return {};
-}
-
-}  // namespace detail
 }  // namespace cocluster
+
+#include "cocluster/detail/ipc/handle_impl.hpp"

@@ -1,0 +1,306 @@
+// The state behind an ipc::Channel, shared with the handlers it has pending on its socket. Two
+// halves that share only the socket and close(): sending (ipc::send_queue, written with
+// sendmsg) and receiving (recvmsg, checked by ipc::frame_parser).
+#pragma once
+
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#include <asio/posix/stream_descriptor.hpp>
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <string>
+
+#include "cocluster/detail/ipc/handle_impl.hpp"
+#include "cocluster/detail/pending_handler.hpp"
+#include "cocluster/detail/syscalls.hpp"
+#include "cocluster/error.hpp"
+#include "cocluster/ipc/envelope.hpp"
+#include "cocluster/ipc/frame.hpp"
+#include "cocluster/ipc/frame_parser.hpp"
+#include "cocluster/ipc/send_queue.hpp"
+
+namespace cocluster::detail {
+
+struct channel_state : std::enable_shared_from_this<channel_state> {
+  channel_state(asio::any_io_executor e, unique_fd fd, ipc::ChannelOptions o)
+      : ex(std::move(e)), sock(ex), options(clamped(o)), queue(options.send_queue_capacity),
+        parser(options.max_message_size) {
+    sock.assign(fd.get());
+    (void)fd.release();
+  }
+
+  static ipc::ChannelOptions clamped(ipc::ChannelOptions o) {
+    o.max_message_size = std::min<std::size_t>(o.max_message_size, UINT32_MAX);
+    o.send_queue_capacity = std::max<std::size_t>(o.send_queue_capacity, 1);
+    return o;
+  }
+
+  // ---- sending: the send queue, written with sendmsg ----
+
+  template <class Handler>
+  void send(Handler&& handler, ipc::Envelope e) {
+    pending_handler<> h(std::move(handler), ex);
+    std::error_code ec;
+    if (try_send(e, ec)) return h.complete(ec);
+    ipc::outgoing item = make_outgoing(e, ec);
+    if (ec) return h.complete(ec);
+    queue.park(std::move(h), std::move(item), this->weak_from_this());
+  }
+
+  bool try_send(ipc::Envelope& e, std::error_code& ec) {
+    ec.clear();
+    if (!sock.is_open() || write_shut) ec = write_error ? write_error : make_error_code(error::channel_closed);
+    else if (e.message.data.size() > options.max_message_size) ec = error::message_too_large;
+    if (ec) return true;
+    if (!queue.has_room()) return false;
+    ipc::outgoing item = make_outgoing(e, ec);
+    if (ec) return true;
+    queue.push(std::move(item));
+    if (!waiting_write) flush();
+    ec = write_error;  // the write just attempted failed: say so, do not report success
+    return true;
+  }
+
+  bool post_internal(std::string payload, handle_tag tag, unique_fd fd,
+                     std::shared_ptr<const unique_fd> shared_fd = {}) {
+    if (!sock.is_open() || write_shut) return false;
+    const bool has_fd = fd || (shared_fd && *shared_fd);
+    queue.push({std::move(payload), ipc::frame_header::internal, has_fd ? handle_kind{tag} : handle_kind::none,
+                std::move(fd), std::move(shared_fd)});
+    if (!waiting_write) flush();
+    return !write_error;
+  }
+
+  // The envelope's handle is sent as it is: an fd and its kind, adopted or not.
+  static ipc::outgoing make_outgoing(ipc::Envelope& e, std::error_code& ec) {
+    const handle_kind kind = e.message.handle.kind();
+    unique_fd fd = e.message.handle.release();
+    if (kind != handle_kind::none && !fd) {  // made from a closed socket
+      ec = asio::error::bad_descriptor;
+      return {};
+    }
+    return {std::move(e.message.data), e.kind == ipc::message_kind::internal ? ipc::frame_header::internal : std::uint8_t{0},
+            kind, std::move(fd), {}};
+  }
+
+  // Writes queued frames until the socket would block; then waits for it to drain.
+  void flush() {
+    while (ipc::outgoing* o = queue.front()) {
+      ipc::frame f = ipc::next_frame(*o);
+      iovec iov[2] = {{&f.header, sizeof f.header}, {const_cast<char*>(f.payload.data()), f.payload.size()}};
+      msghdr msg{};
+      msg.msg_iov = iov;
+      msg.msg_iovlen = 2;
+      alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))];
+      if (f.fd >= 0) {
+        msg.msg_control = control;
+        msg.msg_controllen = sizeof control;
+        cmsghdr* c = CMSG_FIRSTHDR(&msg);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int));
+        std::memcpy(CMSG_DATA(c), &f.fd, sizeof f.fd);
+      }
+      const ssize_t n = retry_on_eintr(
+          [&] { return ::sendmsg(sock.native_handle(), &msg, MSG_DONTWAIT | MSG_NOSIGNAL); });
+      if (n < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK) return wait_writable();
+        return fail_writes(last_error());
+      }
+      queue.sent(f);
+    }
+    if (shutdown_waiter) {
+      ::shutdown(sock.native_handle(), SHUT_WR);
+      std::exchange(shutdown_waiter, {}).complete({});
+    }
+  }
+
+  void wait_writable() {
+    waiting_write = true;
+    sock.async_wait(asio::posix::descriptor_base::wait_write, [self = this->shared_from_this()](std::error_code) {
+      self->waiting_write = false;
+      if (self->sock.is_open()) self->flush();  // after an error too: sendmsg reports it
+    });
+  }
+
+  template <class Handler>
+  void shutdown(Handler&& handler) {
+    pending_handler<> h(std::move(handler), ex);
+    if (!sock.is_open() || write_shut || shutdown_waiter) return h.complete(error::channel_closed);
+    write_shut = true;
+    shutdown_waiter = std::move(h);
+    if (!waiting_write) flush();
+  }
+
+  // The peer stopped reading (EPIPE: it exited or closed): drop what is queued and fail the
+  // writers, but keep reading, so what the peer sent before it went is not lost.
+  void fail_writes(std::error_code ec) {
+    write_error = ec;
+    write_shut = true;
+    queue.clear(ec);
+    if (shutdown_waiter) std::exchange(shutdown_waiter, {}).complete(ec);
+  }
+
+  // ---- receiving: recvmsg, checked by the frame parser ----
+
+  template <class Handler>
+  void receive(Handler&& handler) {
+    pending_handler<ipc::Envelope> h(std::move(handler), ex);
+    if (receiver) return h.complete(asio::error::already_started, {});
+    if (!sock.is_open()) return h.complete(rx_error ? rx_error : error::channel_closed, {});
+    if (rx_error) return h.complete(rx_error, {});
+    auto slot = h.cancellation_slot();
+    receiver = std::move(h);
+    if (slot.is_connected()) {
+      slot.assign([weak = this->weak_from_this()](asio::cancellation_type) {
+        if (auto self = weak.lock(); self && self->receiver)
+          std::exchange(self->receiver, {}).complete(asio::error::operation_aborted, {});
+      });
+    }
+    if (!waiting_read) read();
+  }
+
+  bool try_receive(ipc::Envelope& e, std::error_code& ec) {
+    ec.clear();
+    if (receiver) {
+      ec = asio::error::already_started;
+      return false;
+    }
+    if (!sock.is_open() || rx_error) {
+      ec = rx_error ? rx_error : make_error_code(error::channel_closed);
+      return false;
+    }
+    for (;;) {
+      switch (read_frame(e)) {
+        case progress::message: return true;
+        case progress::fragment: continue;
+        case progress::would_block: return false;
+        case progress::failed: ec = rx_error; return false;
+      }
+    }
+  }
+
+  enum class progress { message, fragment, would_block, failed };
+
+  // Reads frames while a receiver waits; a whole message completes it.
+  void read() {
+    while (receiver) {
+      ipc::Envelope e;
+      switch (read_frame(e)) {
+        case progress::message: std::exchange(receiver, {}).complete({}, std::move(e)); return;
+        case progress::fragment: continue;
+        case progress::would_block: return wait_readable();
+        case progress::failed:  // close() may have completed the receiver already
+          if (receiver) std::exchange(receiver, {}).complete(rx_error, {});
+          return;
+      }
+    }
+  }
+
+  void wait_readable() {
+    waiting_read = true;
+    sock.async_wait(asio::posix::descriptor_base::wait_read, [self = this->shared_from_this()](std::error_code) {
+      self->waiting_read = false;
+      if (self->sock.is_open()) self->read();  // after an error too: recvmsg reports it
+    });
+  }
+
+  progress read_frame(ipc::Envelope& e) {
+    ipc::frame_header h;
+    const std::span<char> payload = parser.payload_buffer();
+    iovec iov[2] = {{&h, sizeof h}, {payload.data(), payload.size()}};
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * ipc::max_fds_per_packet)];
+    msghdr msg{};
+    msg.msg_iov = iov;
+    msg.msg_iovlen = 2;
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof control;
+    const ssize_t n = retry_on_eintr(
+        [&] { return ::recvmsg(sock.native_handle(), &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC); });
+    if (n < 0) {
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return peer_gone ? end_of_input() : progress::would_block;
+      if (errno == ECONNRESET) return end_of_input();
+      return fail(last_error(), "");
+    }
+    // Own every received fd first, so every path below closes the ones not kept.
+    unique_fd fds[ipc::max_fds_per_packet];
+    std::size_t count = 0;
+    for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+      if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+      const std::size_t in_header = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+      for (std::size_t i = 0; i < in_header && count < ipc::max_fds_per_packet; ++i) {
+        int fd;
+        std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+        fds[count++].reset(fd);
+      }
+    }
+    auto r = parser.on_packet(h, static_cast<std::size_t>(n), {fds, count}, msg.msg_flags);
+    switch (r.what) {
+      case ipc::frame_parser::status::need_more: return progress::fragment;
+      case ipc::frame_parser::status::end_of_input: return end_of_input();
+      case ipc::frame_parser::status::failed: return fail(r.error, std::move(r.detail));
+      case ipc::frame_parser::status::message: break;
+    }
+    // One fstat, not the full check: an fd that is no socket at all (a pipe, a file) can never
+    // be a handle, so it ends the channel here; whether it is the socket its kind says is
+    // checked by whoever adopts it (Handle::adopt, detail::adopt_handle).
+    if (r.handle && !is_socket(r.handle.native_handle()))
+      return fail(error::protocol_error, "handle declared as type " + std::to_string(static_cast<int>(r.handle.kind())) +
+                                             " is not such a socket (not a socket at all)");
+    e.kind = r.kind;
+    e.message.data = std::move(r.data);
+    if (r.kind == ipc::message_kind::internal) {
+      e.internal_tag = static_cast<handle_tag>(r.handle.kind());
+      e.internal_fd = r.handle.release();
+    } else {
+      e.message.handle = std::move(r.handle);
+    }
+    return progress::message;
+  }
+
+  progress end_of_input() {
+    parser.reset();
+    rx_error = asio::error::eof;
+    return progress::failed;
+  }
+
+  progress fail(std::error_code ec, std::string why) {
+    close(ec, std::move(why));
+    return progress::failed;
+  }
+
+  // ---- closing ----
+
+  void close(std::error_code ec, std::string why = {}) {
+    if (!rx_error || rx_error == asio::error::eof) rx_error = ec;
+    if (failure_detail.empty()) failure_detail = why.empty() ? ec.message() : std::move(why);
+    std::error_code ignored;
+    sock.close(ignored);
+    parser.reset();
+    queue.clear(error::channel_closed);
+    if (shutdown_waiter) std::exchange(shutdown_waiter, {}).complete(error::channel_closed);
+    if (receiver) std::exchange(receiver, {}).complete(rx_error, {});
+  }
+
+  asio::any_io_executor ex;
+  asio::posix::stream_descriptor sock;
+  ipc::ChannelOptions options;
+
+  ipc::send_queue queue;
+  bool waiting_write = false;
+  bool write_shut = false;
+  std::error_code write_error;  // why writing stopped (EPIPE, ...), if it did by itself
+  pending_handler<> shutdown_waiter;
+
+  ipc::frame_parser parser;
+  pending_handler<ipc::Envelope> receiver;
+  bool waiting_read = false;
+  bool peer_gone = false;
+  std::error_code rx_error;  // eof, protocol_error, channel_closed or a system error
+  std::string failure_detail;
+};
+
+}  // namespace cocluster::detail

@@ -1,0 +1,36 @@
+// What one channel message is (Envelope) and a channel's limits (ChannelOptions).
+//   ipc::Envelope e{ipc::message_kind::user, {"hello", std::move(socket)}};
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+
+#include "cocluster/ipc/frame.hpp"
+#include "cocluster/message.hpp"
+
+namespace cocluster::ipc {
+
+struct ChannelOptions {
+  // Largest message accepted either way; at most 4 GiB - 1 (the frame's size field).
+  std::size_t max_message_size = std::size_t{64} << 20;
+  // Messages queued for sending before async_send waits for room (backpressure).
+  std::size_t send_queue_capacity = 256;
+};
+
+struct Envelope {  // not an aggregate: see Message
+  Envelope() = default;
+  Envelope(message_kind k, Message m) : kind(k), message(std::move(m)) {}
+
+  message_kind kind = message_kind::user;
+  Message message;
+  // A received internal message's handle is here, as its fd and declared kind (the wire byte),
+  // not in message.handle: the protocol layer adopts it (detail::adopt_handle, which checks the
+  // fd) on the executor it chooses (a handed-over connection's socket is made tracked).
+  detail::handle_tag internal_tag = detail::no_handle;
+  detail::unique_fd internal_fd;
+
+  bool has_handle() const noexcept { return message.has_handle() || static_cast<bool>(internal_fd); }
+};
+
+}  // namespace cocluster::ipc

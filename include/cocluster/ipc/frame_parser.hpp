@@ -1,0 +1,170 @@
+// The receiving half of the wire format, without a socket: given what one recvmsg returned (a
+// header, a payload written into payload_buffer(), the fds, msg_flags), it says whether a whole
+// message is ready, more frames are needed, the peer has gone, or the peer broke a rule.
+//   frame_header h;  iovec iov[2] = {{&h, sizeof h}, as_iovec(parser.payload_buffer())};
+//   n = recvmsg(...);  auto r = parser.on_packet(h, n, received_fds, msg.msg_flags);
+// The rules are the ones in docs/DESIGN.md, "Wire format"; each has a test in
+// tests/test_frame_parser.cpp.
+#pragma once
+
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <cstring>
+#include <span>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <vector>
+
+#include "cocluster/error.hpp"
+#include "cocluster/ipc/frame.hpp"
+#include "cocluster/message.hpp"
+
+namespace cocluster::ipc {
+
+class frame_parser {
+ public:
+  enum class status {
+    message,       // a whole message: kind, data, handle
+    need_more,     // a fragment of a larger message was taken in
+    end_of_input,  // the peer closed (also in the middle of a message: it died, it did not lie)
+    failed,        // the peer broke a rule: error and detail say which
+  };
+  struct result {
+    status what = status::need_more;
+    message_kind kind = message_kind::user;
+    std::string data;
+    Handle handle;  // the fd as received, with the kind the frame declares; not checked here
+    std::error_code error;
+    std::string detail;  // for Channel::error_detail()
+  };
+
+  explicit frame_parser(std::size_t max_message_size) : max_message_size_(max_message_size) {}
+
+  // Where the payload of the next packet goes (after the header): the message's own buffer
+  // while a multi-frame message is in progress, so continuation frames are not copied twice.
+  // Its size is what the next frame may carry; a larger packet arrives as MSG_TRUNC.
+  std::span<char> payload_buffer() {
+    if (partial_) return {partial_.payload.data() + partial_.filled, std::min(max_fragment, partial_.payload.size() - partial_.filled)};
+    if (scratch_.empty()) scratch_.resize(max_fragment);
+    return {scratch_.data(), scratch_.size()};
+  }
+
+  bool in_message() const noexcept { return static_cast<bool>(partial_); }
+
+  // One packet: `size` is what recvmsg returned (header and payload), `h` the header bytes it
+  // wrote, `fds` every fd that came with it (the parser takes the one it keeps; the caller's
+  // storage closes the rest), `msg_flags` recvmsg's msg.msg_flags.
+  result on_packet(const frame_header& h, std::size_t size, std::span<detail::unique_fd> fds, int msg_flags) {
+    if (size == 0) return end_of_input();
+    if (msg_flags & MSG_CTRUNC) {
+      // The kernel drops fds it cannot install (RLIMIT_NOFILE) with the same flag as fds
+      // beyond our buffer: a declared handle with no fd at all is the former.
+      if (size >= sizeof h && fds.empty() && h.handle_kind != 0)
+        return fail(std::make_error_code(std::errc::too_many_files_open),
+                    "a handle sent to this process was lost: no fd left (RLIMIT_NOFILE)");
+      return fail("frame carries more than " + std::to_string(max_fds_per_packet) + " fds");
+    }
+    if (msg_flags & MSG_TRUNC) return fail("frame larger than expected");
+    if (size < sizeof h) return fail("short frame of " + std::to_string(size) + " bytes");
+    if (h.magic != frame_header::magic_value) return fail("frame with a bad magic byte");
+    if (h.handle_kind >= handle_kind_count) return fail("frame with unknown handle type " + std::to_string(h.handle_kind));
+    const std::size_t expected_fds = h.handle_kind == 0 ? 0 : 1;
+    if (fds.size() != expected_fds)
+      return fail("frame carries " + std::to_string(fds.size()) + " fds, declares " + std::to_string(expected_fds));
+    const bool first = h.flags & frame_header::first;
+    if (h.handle_kind != 0 && !first) return fail("handle on a continuation frame");
+
+    const std::size_t len = size - sizeof h;
+    const bool last = h.flags & frame_header::last;
+    const auto kind = (h.flags & frame_header::internal) ? message_kind::internal : message_kind::user;
+    Handle handle;
+    if (h.handle_kind != 0) handle = Handle(static_cast<handle_kind>(h.handle_kind), std::move(fds.front()));
+
+    if (!partial_) {
+      if (!first) return fail("continuation frame without a first frame");
+      if (h.total_size > max_message_size_)
+        return fail("message of " + std::to_string(h.total_size) + " bytes exceeds the limit of " +
+                    std::to_string(max_message_size_));
+      if (len > h.total_size || (last && len != h.total_size) || (!last && len == 0))
+        return fail("frame size does not match its message size");
+      if (last) return whole(kind, std::string(scratch_.data(), len), std::move(handle));
+      partial_.active = true;
+      partial_.kind = kind;
+      partial_.payload.resize(h.total_size);  // bounded by max_message_size above
+      std::memcpy(partial_.payload.data(), scratch_.data(), len);
+      partial_.filled = len;
+      partial_.handle = std::move(handle);
+      return {};
+    }
+    if (first || kind != partial_.kind || h.total_size != partial_.payload.size())
+      return fail("frame does not continue the message in progress");
+    partial_.filled += len;  // the payload was written in place (payload_buffer)
+    const bool complete = partial_.filled == partial_.payload.size();
+    if (last != complete || (!last && len == 0)) return fail("frame size does not match its message size");
+    if (!last) return {};
+    auto done = std::exchange(partial_, {});
+    return whole(done.kind, std::move(done.payload), std::move(done.handle));
+  }
+
+  // A packet as bytes, received as recvmsg would into payload_buffer(): a short packet fills
+  // part of the header, a long one is cut and flagged MSG_TRUNC. For tests and fuzzing.
+  result feed(std::string_view packet, std::span<detail::unique_fd> fds = {}, int msg_flags = 0) {
+    frame_header h;
+    std::memcpy(&h, packet.data(), std::min(packet.size(), sizeof h));
+    std::size_t size = std::min(packet.size(), sizeof h);
+    if (packet.size() > sizeof h) {
+      auto buffer = payload_buffer();
+      const std::size_t payload = packet.size() - sizeof h;
+      const std::size_t taken = std::min(payload, buffer.size());
+      std::memcpy(buffer.data(), packet.data() + sizeof h, taken);
+      size += taken;
+      if (taken < payload) msg_flags |= MSG_TRUNC;
+    }
+    return on_packet(h, size, fds, msg_flags);
+  }
+
+  // Forgets a message in progress (its handle is closed).
+  void reset() noexcept { partial_ = {}; }
+
+ private:
+  struct partial_message {
+    message_kind kind = message_kind::user;
+    std::string payload;  // sized to the whole message by its first frame
+    std::size_t filled = 0;
+    Handle handle;
+    bool active = false;
+    explicit operator bool() const noexcept { return active; }
+  };
+
+  static result whole(message_kind kind, std::string data, Handle handle) {
+    result r;
+    r.what = status::message;
+    r.kind = kind;
+    r.data = std::move(data);
+    r.handle = std::move(handle);
+    return r;
+  }
+  result end_of_input() {
+    reset();
+    result r;
+    r.what = status::end_of_input;
+    return r;
+  }
+  result fail(std::string detail) { return fail(error::protocol_error, std::move(detail)); }
+  result fail(std::error_code ec, std::string detail) {
+    reset();
+    result r;
+    r.what = status::failed;
+    r.error = ec;
+    r.detail = std::move(detail);
+    return r;
+  }
+
+  std::size_t max_message_size_;
+  std::vector<char> scratch_;  // a single-frame message's payload lands here
+  partial_message partial_;
+};
+
+}  // namespace cocluster::ipc

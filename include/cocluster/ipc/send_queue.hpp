@@ -1,0 +1,117 @@
+// The sending half of the wire format, without a socket: messages waiting to be written, each
+// cut into frames (next_frame), and the bound on how many wait (senders beyond it are parked
+// until there is room: backpressure). The Channel does the sendmsg.
+//   while (outgoing* o = q.front()) { auto f = next_frame(*o); sendmsg(f...); q.sent(f); }
+#pragma once
+
+#include <algorithm>
+#include <deque>
+#include <list>
+#include <memory>
+#include <span>
+#include <string>
+#include <utility>
+
+#include "cocluster/detail/pending_handler.hpp"
+#include "cocluster/ipc/frame.hpp"
+#include "cocluster/message.hpp"
+
+namespace cocluster::ipc {
+
+// One message to write. Its fd goes with the first frame and is closed once that is written.
+struct outgoing {
+  std::string payload;
+  std::uint8_t kind_flag = 0;  // frame_header::internal or 0
+  handle_kind kind = handle_kind::none;
+  detail::unique_fd fd;                                 // ours: closed once written
+  std::shared_ptr<const detail::unique_fd> shared_fd;  // the caller's: kept open until written
+  std::size_t offset = 0;                               // payload bytes already written
+
+  int handle_fd() const noexcept { return fd ? fd.get() : shared_fd ? shared_fd->get() : -1; }
+};
+
+// The next frame of `o`: its header, its piece of the payload, and the fd it carries (-1: none).
+struct frame {
+  frame_header header;
+  std::span<const char> payload;
+  int fd = -1;
+};
+
+inline frame next_frame(const outgoing& o) {
+  const std::size_t size = o.payload.size();
+  const std::size_t chunk = std::min(max_fragment, size - o.offset);
+  frame f;
+  f.header.flags = static_cast<std::uint8_t>(o.kind_flag | (o.offset == 0 ? frame_header::first : 0) |
+                                             (o.offset + chunk == size ? frame_header::last : 0));
+  f.header.handle_kind = o.offset == 0 ? static_cast<std::uint8_t>(o.kind) : std::uint8_t{0};
+  f.header.total_size = static_cast<std::uint32_t>(size);
+  f.payload = {o.payload.data() + o.offset, chunk};
+  if (f.header.handle_kind != 0) f.fd = o.handle_fd();
+  return f;
+}
+
+class send_queue {
+ public:
+  explicit send_queue(std::size_t capacity) : capacity_(std::max<std::size_t>(capacity, 1)) {}
+
+  std::size_t size() const noexcept { return queue_.size(); }
+  bool has_room() const noexcept { return queue_.size() < capacity_; }
+  outgoing* front() noexcept { return queue_.empty() ? nullptr : &queue_.front(); }
+
+  // Internal messages go in whatever the capacity (the protocol bounds how many there are).
+  void push(outgoing o) { queue_.push_back(std::move(o)); }
+
+  // A sender beyond the capacity waits here; its cancellation removes it (and closes its fd).
+  template <class Self>
+  void park(detail::pending_handler<> h, outgoing item, std::weak_ptr<Self> owner) {
+    auto slot = h.cancellation_slot();
+    blocked_.push_back({std::move(h), std::move(item)});
+    if (slot.is_connected()) {
+      auto it = std::prev(blocked_.end());
+      slot.assign([owner = std::move(owner), this, it](asio::cancellation_type) {
+        if (!owner.lock()) return;  // `this` lives as long as the owner
+        auto b = std::move(*it);
+        blocked_.erase(it);
+        b.handler.complete(asio::error::operation_aborted);
+      });
+    }
+  }
+
+  // The kernel took frame `f` of the front message.
+  void sent(const frame& f) {
+    outgoing& o = queue_.front();
+    if (o.offset == 0) {  // the kernel holds its own reference to the fd now
+      o.fd.reset();
+      o.shared_fd.reset();
+    }
+    o.offset += f.payload.size();
+    if (o.offset < o.payload.size()) return;
+    queue_.pop_front();
+    while (!blocked_.empty() && has_room()) {  // room for a parked sender
+      auto b = std::move(blocked_.front());
+      blocked_.pop_front();
+      queue_.push_back(std::move(b.item));
+      b.handler.complete({});
+    }
+  }
+
+  // Drops every queued message (closing its fd) and fails every parked sender with `ec`.
+  void clear(std::error_code ec) {
+    queue_.clear();
+    auto senders = std::move(blocked_);
+    blocked_.clear();
+    for (auto& b : senders) b.handler.complete(ec);
+  }
+
+ private:
+  struct blocked_sender {
+    detail::pending_handler<> handler;
+    outgoing item;
+  };
+
+  std::size_t capacity_;
+  std::deque<outgoing> queue_;
+  std::list<blocked_sender> blocked_;
+};
+
+}  // namespace cocluster::ipc
