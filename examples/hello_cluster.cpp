@@ -103,6 +103,14 @@ request parse_head(std::string_view head) {
     r.close = true;
     return r;
   };
+  // A CR, LF or NUL anywhere but in the CRLFs that end lines: another parser in front of us
+  // could read the request's end elsewhere (RFC 9112 2.2).
+  for (std::size_t i = 0; i < head.size(); ++i) {
+    const char c = head[i];
+    if (c == '\0' || (c == '\r' && (i + 1 >= head.size() || head[i + 1] != '\n')) ||
+        (c == '\n' && (i == 0 || head[i - 1] != '\r')))
+      return bad(400);
+  }
   const auto line_end = head.find("\r\n");
   const std::string_view line = head.substr(0, line_end);
   const auto sp1 = line.find(' ');
@@ -122,6 +130,10 @@ request parse_head(std::string_view head) {
     if (colon == 0 || colon == std::string_view::npos || field[0] == ' ' || field[0] == '\t' ||
         field.substr(0, colon).find_first_of(" \t") != std::string_view::npos)
       return bad(400);  // no name, folding, or whitespace before the colon
+    // A field name is a token (RFC 9110 5.1).
+    for (char c : field.substr(0, colon))
+      if (!(std::isalnum(static_cast<unsigned char>(c)) || std::string_view("!#$%&'*+-.^_`|~").find(c) != std::string_view::npos))
+        return bad(400);
     const std::string name = lower(field.substr(0, colon));
     std::string_view value = field.substr(colon + 1);
     while (!value.empty() && (value.front() == ' ' || value.front() == '\t')) value.remove_prefix(1);
@@ -173,9 +185,12 @@ awaitable<void> linger(tcp::socket& socket) {
   std::error_code ec;
   socket.shutdown(tcp::socket::shutdown_send, ec);
   if (ec) co_return;
+  // The timer's completion may already be queued when the last read ends: it must not touch
+  // the socket after this frame is gone, so it looks at a flag it shares.
+  auto reading = std::make_shared<bool>(true);
   asio::steady_timer deadline(socket.get_executor(), std::chrono::seconds(2));
-  deadline.async_wait([&socket](std::error_code e) {
-    if (!e) socket.cancel();
+  deadline.async_wait([&socket, reading](std::error_code e) {
+    if (!e && *reading) socket.cancel();
   });
   char sink[4096];
   for (std::size_t drained = 0; drained < 64 * 1024;) {
@@ -183,6 +198,7 @@ awaitable<void> linger(tcp::socket& socket) {
     if (rec) break;
     drained += n;
   }
+  *reading = false;
   deadline.cancel();
 }
 
@@ -192,10 +208,12 @@ awaitable<void> session(tcp::socket socket, worker_state& st) {
   const std::string body = fmt::format("hello from worker {}\n", cocluster::this_worker.id());
   std::string buffer;
   char chunk[4096];
-  for (;;) {
+  for (bool served = false;; served = true) {
     std::size_t head_end;
     while ((head_end = buffer.find("\r\n\r\n")) == std::string::npos && buffer.size() <= max_head) {
-      const bool idle = buffer.empty();
+      // Idle: between two requests of a keep-alive connection. A connection that has not had
+      // its first request yet is not idle: the client is sending it (answered, then closed).
+      const bool idle = buffer.empty() && served;
       if (idle && st.stopping) co_return;
       auto me = idle ? st.idle.insert(st.idle.end(), &socket) : st.idle.end();
       auto [ec, n] = co_await socket.async_read_some(asio::buffer(chunk), cocluster::as_tuple(use_awaitable));
@@ -206,12 +224,17 @@ awaitable<void> session(tcp::socket socket, worker_state& st) {
     request r = head_end == std::string::npos ? request{431, true, 0} : parse_head(std::string_view(buffer).substr(0, head_end + 4));
     if (r.status == 200) {
       buffer.erase(0, head_end + 4);
-      while (buffer.size() < r.body) {  // the body, read and ignored: it is not a next request
-        auto [ec, n] = co_await socket.async_read_some(asio::buffer(chunk), cocluster::as_tuple(use_awaitable));
+      // The body, read and ignored (never kept): it is not a next request.
+      std::size_t left = r.body;
+      const std::size_t buffered = std::min(left, buffer.size());
+      buffer.erase(0, buffered);
+      left -= buffered;
+      while (left > 0) {
+        auto [ec, n] = co_await socket.async_read_some(asio::buffer(chunk, std::min(left, sizeof chunk)),
+                                                       cocluster::as_tuple(use_awaitable));
         if (ec) co_return;
-        buffer.append(chunk, n);
+        left -= n;
       }
-      buffer.erase(0, r.body);
     }
     const bool close = r.close || st.stopping;
     const std::string& text = r.status == 200 ? body : std::string(reason(r.status)) + "\n";

@@ -64,6 +64,15 @@ reply=$(ask "GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4
 check "two different Content-Lengths: 400" grep -q '^HTTP/1.1 400 ' <<<"$reply"
 reply=$(ask "GET / HTTP/1.1\r\nHost: x\r\n folded: header\r\nConnection: close\r\n\r\n")
 check "an obsolete line folding: 400" grep -q '^HTTP/1.1 400 ' <<<"$reply"
+reply=$(ask "POST / HTTP/1.1\r\nHost: x\r\nX: a\nContent-Length: $length\r\n\r\n${smuggled}GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+check "a bare LF inside the head: 400, one response" [ "$(responses "$reply")" -eq 1 ]
+check "...and it is a 400" grep -q '^HTTP/1.1 400 ' <<<"$reply"
+reply=$(ask "GET / HTTP/1.1\r\nHo\0st: x\r\n\r\n")
+check "a NUL in a field name: 400" grep -q '^HTTP/1.1 400 ' <<<"$reply"
+reply=$(ask "GET / HTTP/1.1\r\nHost: x\rContent-Length: 5\r\n\r\n")
+check "a bare CR: 400" grep -q '^HTTP/1.1 400 ' <<<"$reply"
+reply=$(ask "GET / HTTP/1.1\r\nContent-Length\v: 5\r\n\r\n")
+check "a field name that is not a token: 400" grep -q '^HTTP/1.1 400 ' <<<"$reply"
 reply=$(ask "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
 check "a plain GET: 200" grep -q '^HTTP/1.1 200 ' <<<"$reply"
 

@@ -397,3 +397,21 @@ TEST_CASE("a subscriber that stops reading keeps at most its capacity, then one 
     co_await w->exited();
   });
 }
+
+TEST_CASE("a subscriber waiting for the next event when the Master goes away is told (operation_aborted), and the loop ends") {
+  asio::io_context io;
+  std::error_code seen;
+  bool done = false;
+  auto master = std::make_unique<Master<>>(io.get_executor());
+  EventStream events = master->subscribe();
+  asio::co_spawn(io, [&]() -> awaitable<void> {
+    auto [ec, e] = co_await events.next(cocluster::as_tuple(use_awaitable));
+    seen = ec;
+    done = true;
+  }, asio::detached);
+  asio::post(io, [&] { master.reset(); });
+  io.run_for(10s);  // returns once nothing is left to do: nothing may keep the loop alive
+  CHECK(done);
+  CHECK(seen == asio::error::operation_aborted);
+  CHECK(io.stopped());
+}

@@ -101,7 +101,7 @@ class EventStream {
   // terminal): no event is lost.
   template <class CompletionToken = asio::use_awaitable_t<>>
   auto next(CompletionToken&& token = {}) {
-    return asio::async_initiate<CompletionToken, void(std::error_code, Event)>(initiate_next{s_}, token);
+    return asio::async_initiate<CompletionToken, void(std::error_code, Event)>(initiate_next{s_, s_->ex}, token);
   }
   // Unread events (a lagged marker counts as one).
   std::size_t pending() const noexcept { return s_->events.size(); }
@@ -112,6 +112,14 @@ class EventStream {
 
   struct state {
     state(asio::any_io_executor e, std::size_t c) : ex(std::move(e)), capacity(c) {}
+    ~state() { close(); }
+
+    // The master is gone: a waiting next() fails, and so does every later one once the
+    // events kept are read.
+    void close() {
+      closed = true;
+      if (waiter) std::exchange(waiter, {}).complete(asio::error::operation_aborted, Event{});
+    }
 
     void push(const Event& e) {
       if (waiter) return std::exchange(waiter, {}).complete({}, e);  // posted
@@ -127,18 +135,25 @@ class EventStream {
     std::size_t capacity;
     std::deque<Event> events;
     detail::pending_handler<Event> waiter;
+    bool closed = false;
   };
 
+  // Holds the state weakly: a parked handler (which keeps this initiation alive inside a
+  // coroutine frame) must not keep its own stream alive.
   struct initiate_next {
-    std::shared_ptr<state> s;
+    std::weak_ptr<state> weak;
+    asio::any_io_executor ex;
     template <class Handler>
     void operator()(Handler&& handler) const {
-      detail::pending_handler<Event> h(std::forward<Handler>(handler), s->ex);
+      detail::pending_handler<Event> h(std::forward<Handler>(handler), ex);
+      auto s = weak.lock();
+      if (!s) return h.complete(asio::error::operation_aborted, Event{});
       if (!s->events.empty()) {
         Event e = std::move(s->events.front());
         s->events.pop_front();
         return h.complete({}, std::move(e));
       }
+      if (s->closed) return h.complete(asio::error::operation_aborted, Event{});
       if (s->waiter) return h.complete(asio::error::already_started, Event{});
       auto slot = h.cancellation_slot();
       s->waiter = std::move(h);
@@ -168,6 +183,12 @@ class event_hub {
   void emit(const Event& e) {
     for (auto& w : streams_)
       if (auto s = w.lock()) s->push(e);
+  }
+  // The master is going away: every subscriber's waiting next() fails.
+  void close_all() {
+    for (auto& w : streams_)
+      if (auto s = w.lock()) s->close();
+    streams_.clear();
   }
 
  private:

@@ -106,6 +106,7 @@ class Master {
   // `teardown_grace` in all for them, SIGKILLs the rest and reaps them. Blocks while it waits.
   ~Master() {
     state_->listeners->close_all();  // every listener and every connection not yet handed off
+    state_->events.close_all();      // a subscriber waiting for the next event is told
     auto unreaped = std::move(state_->unreaped);
     state_->workers.clear();
     for (auto& [id, w] : unreaped) detail::master_access::close_channel(*w);

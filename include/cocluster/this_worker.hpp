@@ -61,7 +61,8 @@ struct this_worker_t {
   bool is_connected() const { return runtime().is_connected(); }
   // Node: cluster.worker.isDead() in a worker: true once the process is exiting (exit() was
   // called: by kill(), by the default reaction to the master's death, or by anyone), so it
-  // reads true in atexit handlers and static destructors; false while the worker runs.
+  // reads true in atexit handlers registered before start() and in the destructors of statics
+  // made before start() (they run after start()'s own atexit hook); false while it runs.
   bool is_dead() const noexcept { return detail::worker::runtime::is_exiting(); }
   // Node: cluster.worker.state: none before start(), then online, listening, disconnected.
   WorkerState state() const {

@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 
 namespace cocluster::detail {
@@ -64,6 +65,11 @@ struct parent_death {
 
   // Async-signal-safe throughout: atomics, getppid, timer_settime, kill.
   static void on_signal(int, siginfo_t* info, void*) {
+    const int saved_errno = errno;  // the interrupted code may be about to read it
+    struct restore {
+      int value;
+      ~restore() { errno = value; }
+    } keep{saved_errno};
     auto& s = state();
     if (s.stood_down.load() || !s.timer_made.load()) return;
     if (info->si_code != SI_TIMER) {  // the kernel's parent-death signal (or a stray kill)

@@ -180,6 +180,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
       detail::unique_fd fd = detail::accept_connection(socket_.native_handle(), remote, ec);
       if (fd) {
         hand_off(id, {std::make_shared<const detail::unique_fd>(std::move(fd)), std::move(remote)});
+        if (!backlog_.empty()) return distribute();  // that worker is going: give it to another
         continue;
       }
       if (!ec) return wait_readable();
