@@ -676,7 +676,7 @@ TEST_CASE("a worker closes every fd a master hands it: a newconn for no server i
     reply.server = 7;
     reply.address = "127.0.0.1";
     reply.port = 9;
-    master.post_internal(p::encode(reply));
+    master.send_internal(p::encode(reply));
     CHECK(std::holds_alternative<p::Listening>(co_await next()));
 
     // A connection for a server the worker does not have: refused, and its fd closed.
@@ -687,7 +687,7 @@ TEST_CASE("a worker closes every fd a master hands it: a newconn for no server i
     p::NewConn stray;
     stray.server = 99;
     stray.seq = 1;
-    master.post_internal(p::encode(stray), 1, cocluster::detail::unique_fd(handed.release()));
+    master.send_internal(p::encode(stray), 1, cocluster::detail::unique_fd(handed.release()));
     const p::InternalMessage refusal = co_await next();
     REQUIRE(std::holds_alternative<p::Accepted>(refusal));
     CHECK(std::get<p::Accepted>(refusal).server == 99);
@@ -702,7 +702,7 @@ TEST_CASE("a worker closes every fd a master hands it: a newconn for no server i
     p::NewConn wrong;
     wrong.server = 7;
     wrong.seq = 2;
-    master.post_internal(p::encode(wrong), 1, std::move(pipe2_read));
+    master.send_internal(p::encode(wrong), 1, std::move(pipe2_read));
     auto [ec, e] = co_await master.async_receive(as_tuple_t{});
     CHECK(ec == asio::error::eof);
     pollfd pfd2{pipe2_write.get(), 0, 0};

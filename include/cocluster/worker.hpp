@@ -24,7 +24,7 @@
 #include <fmt/core.h>
 
 #include "cocluster/detail/async_latch.hpp"
-#include "cocluster/detail/async_operation.hpp"
+#include "cocluster/detail/completion.hpp"
 #include "cocluster/detail/async_queue.hpp"
 #include "cocluster/detail/log.hpp"
 #include "cocluster/detail/master/listener_table.hpp"
@@ -148,16 +148,8 @@ class Worker : public std::enable_shared_from_this<Worker> {
   // terminal) while it waits for room: the message is not sent.
   template <class CompletionToken = asio::use_awaitable_t<>>
   auto send(Message message, CompletionToken&& token = {}) {
-    auto envelope = std::make_shared<ipc::Envelope>(ipc::message_kind::user, std::move(message));
-    return detail::async_operation<void(std::error_code)>(
-        std::forward<CompletionToken>(token),
-        [this, envelope]() -> std::optional<detail::op_result<>> {
-          if (!can_send()) return detail::op_result<>{error::worker_not_connected, {}, {}};
-          std::error_code ec;
-          if (!channel_.try_send(*envelope, ec)) return std::nullopt;  // the queue is full: wait
-          return detail::op_result<>{ec, {}, {}};
-        },
-        initiate_send{this, envelope});
+    return asio::async_initiate<CompletionToken, void(std::error_code)>(
+        initiate_send{this}, token, ipc::Envelope(ipc::message_kind::user, std::move(message)));
   }
 
   // Node: worker.on('message'). The next user message from the worker, in order. Messages
@@ -166,13 +158,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
   // message stays queued for the next receive().
   template <class CompletionToken = asio::use_awaitable_t<>>
   auto receive(CompletionToken&& token = {}) {
-    return detail::async_operation<void(std::error_code, Message)>(
-        std::forward<CompletionToken>(token),
-        [this]() -> std::optional<detail::op_result<Message>> {
-          if (auto m = messages_.try_pop()) return detail::op_result<Message>{{}, {std::move(*m)}, {}};
-          return std::nullopt;
-        },
-        initiate_receive{this});
+    return asio::async_initiate<CompletionToken, void(std::error_code, Message)>(initiate_receive{this}, token);
   }
 
   // Node: worker.disconnect() in the primary. Asks the worker to close its servers and then
@@ -243,15 +229,20 @@ class Worker : public std::enable_shared_from_this<Worker> {
 
   bool can_send() const noexcept { return connected_ && !channel_closing_ && channel_.is_open(); }
 
+  // The initiations run on the master's executor (run_on) and complete what is ready at once
+  // (complete_now: an awaiting coroutine resumes without a trip through the scheduler).
   struct initiate_send {
     Worker* self;
-    std::shared_ptr<ipc::Envelope> envelope;
     template <class Handler>
-    void operator()(Handler&& handler) const {
-      if (!self->can_send())  // closed by kill() or close_channel(): the read loop has not seen it yet
-        return detail::pending_handler<>(std::forward<Handler>(handler), self->get_executor())
-            .complete(error::worker_not_connected);
-      self->channel_.async_send(std::move(*envelope), std::forward<Handler>(handler));
+    void operator()(Handler&& handler, ipc::Envelope envelope) const {
+      detail::run_on(self->get_executor(), std::forward<Handler>(handler), [self = self, e = std::move(envelope)](auto h) mutable {
+        const auto& ex = self->get_executor();
+        // Closed by kill() or close_channel(): the read loop may not have seen it yet.
+        if (!self->can_send()) return detail::complete_now(std::move(h), ex, std::error_code(error::worker_not_connected));
+        std::error_code ec;
+        if (self->channel_.try_send(e, ec)) return detail::complete_now(std::move(h), ex, ec);
+        self->channel_.async_send(std::move(e), std::move(h));  // the send queue is full: wait for room
+      });
     }
   };
 
@@ -259,7 +250,11 @@ class Worker : public std::enable_shared_from_this<Worker> {
     Worker* self;
     template <class Handler>
     void operator()(Handler&& handler) const {
-      self->messages_.async_pop(std::forward<Handler>(handler));
+      detail::run_on(self->get_executor(), std::forward<Handler>(handler), [self = self](auto h) {
+        if (auto m = self->messages_.try_pop())
+          return detail::complete_now(std::move(h), self->get_executor(), std::error_code{}, std::move(*m));
+        self->messages_.async_pop(std::move(h));
+      });
     }
   };
 

@@ -1,8 +1,10 @@
-// Every public asynchronous operation is written once, as an Asio initiation, and started
-// with async_operation(), which works with every completion token (use_awaitable,
-// as_tuple(use_awaitable), use_future, a callback, deferred, detached, ...):
-//   return detail::async_operation<void(std::error_code, Message)>(
-//       std::forward<Token>(token), [this] { return try_receive_now(); }, initiate_receive{this});
+// For an operation whose failure has a description that use_awaitable's exception should keep
+// (Master::fork: "execve /path", "setuid(65534) for ..."): the operation is one Asio
+// initiation for every completion token (use_awaitable, as_tuple(use_awaitable), use_future, a
+// callback, deferred, detached, ...); the others complete what is ready with complete_now
+// (detail/completion.hpp), which cannot carry a description:
+//   return detail::async_operation<void(std::error_code, std::shared_ptr<Worker>)>(
+//       std::forward<Token>(token), [this] { return start_now(); }, initiate_fork{this});
 // `try_now` says whether the operation can complete at once: an empty optional (wait: run
 // the initiation), or the result. With use_awaitable the result is returned without
 // suspending the coroutine (no trip through the scheduler: the fast path of a receive loop

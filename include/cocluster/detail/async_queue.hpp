@@ -23,16 +23,6 @@
 namespace cocluster::detail {
 
 template <class T>
-class async_queue;
-
-// For use_awaitable: the next value without a trip through the scheduler when one is queued.
-template <class T>
-asio::awaitable<T> pop_now_or_wait(async_queue<T>& q) {
-  if (auto v = q.try_pop()) co_return std::move(*v);
-  co_return co_await q.async_pop(asio::use_awaitable);
-}
-
-template <class T>
 class async_queue {
  public:
   static constexpr std::size_t unbounded = std::numeric_limits<std::size_t>::max();

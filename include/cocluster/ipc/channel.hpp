@@ -39,7 +39,6 @@ class Channel {
   std::size_t queued() const noexcept { return s_->queue.size(); }
   // Why the channel failed, for logs ("frame carries 10 fds", ...); empty while it has not.
   const std::string& error_detail() const noexcept { return s_->failure_detail; }
-  const ChannelOptions& options() const noexcept { return s_->options; }
 
   // Completes once the message is queued (at once while the queue has room). The first
   // attempt to write happens before this returns. Errors: message_too_large,
@@ -58,13 +57,13 @@ class Channel {
   // Queues an internal message whatever the send queue's capacity (the protocol bounds how
   // many there are) and writes it at once if the socket has room. `fd`, if any, travels as a
   // handle of kind `tag` and is closed once written. False if the channel cannot send.
-  bool post_internal(std::string payload, detail::handle_tag tag = detail::no_handle, detail::unique_fd fd = {}) {
-    return s_->post_internal(std::move(payload), tag, std::move(fd));
+  bool send_internal(std::string payload, detail::handle_tag tag = detail::no_handle, detail::unique_fd fd = {}) {
+    return s_->send_internal(std::move(payload), tag, std::move(fd));
   }
   // The same with an fd the caller keeps: the channel holds a reference until the frame is
   // written (no dup(2) for a sender that needs its own copy, as round robin does).
-  bool post_internal(std::string payload, detail::handle_tag tag, std::shared_ptr<const detail::unique_fd> fd) {
-    return s_->post_internal(std::move(payload), tag, {}, std::move(fd));
+  bool send_internal(std::string payload, detail::handle_tag tag, std::shared_ptr<const detail::unique_fd> fd) {
+    return s_->send_internal(std::move(payload), tag, {}, std::move(fd));
   }
 
   // Reads one whole message if it is already there, without waiting: true with `e` filled.
@@ -113,16 +112,3 @@ class Channel {
 };
 
 }  // namespace cocluster::ipc
-
-namespace cocluster::detail {
-
-inline asio::awaitable<void> send_now_or_wait(ipc::Channel& channel, ipc::Envelope e) {
-  std::error_code ec;
-  if (!channel.try_send(e, ec)) {
-    co_await channel.async_send(std::move(e), asio::use_awaitable);  // the queue is full: wait
-    co_return;
-  }
-  if (ec) throw std::system_error(ec);
-}
-
-}  // namespace cocluster::detail

@@ -64,7 +64,7 @@ struct channel_state : std::enable_shared_from_this<channel_state> {
     return true;
   }
 
-  bool post_internal(std::string payload, handle_tag tag, unique_fd fd,
+  bool send_internal(std::string payload, handle_tag tag, unique_fd fd,
                      std::shared_ptr<const unique_fd> shared_fd = {}) {
     if (!sock.is_open() || write_shut) return false;
     const bool has_fd = fd || (shared_fd && *shared_fd);
@@ -113,8 +113,11 @@ struct channel_state : std::enable_shared_from_this<channel_state> {
       queue.sent(f);
     }
     if (shutdown_waiter) {
-      ::shutdown(sock.native_handle(), SHUT_WR);
-      std::exchange(shutdown_waiter, {}).complete({});
+      // ENOTCONN when the peer is gone already: there is nobody left to tell, which is what
+      // the shutdown was for; anything else is reported to the waiter.
+      std::error_code ec;
+      if (::shutdown(sock.native_handle(), SHUT_WR) != 0 && errno != ENOTCONN) ec = last_error();
+      std::exchange(shutdown_waiter, {}).complete(ec);
     }
   }
 

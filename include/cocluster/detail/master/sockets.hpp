@@ -20,6 +20,7 @@
 
 #include "cocluster/address.hpp"
 #include "cocluster/detail/syscalls.hpp"
+#include "cocluster/detail/unix_path.hpp"
 #include "cocluster/message.hpp"
 
 namespace cocluster::detail {
@@ -53,17 +54,6 @@ inline bool ip_sockaddr(AddressType type, const std::string& text, std::uint16_t
   return ::inet_pton(AF_INET6, text.c_str(), &a->sin6_addr) == 1;
 }
 
-// The path to bind for `path` (absolute, from the worker): itself if it fits sun_path, else the
-// shorter equivalent relative to this process's cwd (Node does the same). Empty if none fits.
-inline std::string bindable_unix_path(const std::string& path) {
-  constexpr std::size_t limit = sizeof(sockaddr_un{}.sun_path);
-  if (path.size() < limit) return path;
-  std::error_code ec;
-  auto relative = std::filesystem::path(path).lexically_relative(std::filesystem::current_path(ec)).string();
-  if (!ec && !relative.empty() && relative.size() < limit) return relative;
-  return {};
-}
-
 // The listener's own address (the real port after listen(0)); `type` says how to read it.
 inline Address socket_address(int fd, AddressType type) {
   sockaddr_storage ss{};
@@ -89,16 +79,16 @@ inline Address socket_address(int fd, AddressType type) {
   return out;
 }
 
-// The Handle tag a connection accepted on a stream listener of this type travels as.
+// The handle kind a connection accepted on a stream listener of this type travels as.
 inline handle_tag connection_tag(AddressType type) noexcept {
-  return type == AddressType::unix_path ? 4 : 1;  // local::stream_protocol::socket, tcp::socket
+  return static_cast<handle_tag>(type == AddressType::unix_path ? handle_kind::unix_socket : handle_kind::tcp_socket);
 }
 
 // The Handle tag a listener of this type travels as.
 inline handle_tag listener_tag(AddressType type) noexcept {
-  if (is_datagram(type)) return 3;                  // udp::socket
-  if (type == AddressType::unix_path) return 5;     // local::stream_protocol::acceptor
-  return 2;                                         // tcp::acceptor
+  if (is_datagram(type)) return static_cast<handle_tag>(handle_kind::udp_socket);
+  if (type == AddressType::unix_path) return static_cast<handle_tag>(handle_kind::unix_acceptor);
+  return static_cast<handle_tag>(handle_kind::tcp_acceptor);
 }
 
 // A duplicate of the master's fd `r.fd`, checked to be a socket of the requested kind, and put
@@ -138,7 +128,7 @@ inline unique_fd open_listener(const listen_request& r, std::string& bound_path,
   socklen_t len = 0;
   int domain = AF_UNIX;
   if (r.type == AddressType::unix_path) {
-    std::string path = bindable_unix_path(r.address);
+    std::string path = short_unix_path(r.address);  // absolute, from the worker
     if (r.address.empty() || path.empty()) {
       ec = std::make_error_code(r.address.empty() ? std::errc::invalid_argument : std::errc::filename_too_long);
       return {};

@@ -34,12 +34,12 @@ class worker_link {
   // An internal message, with an fd as a handle of type `tag` (closed once written). False if
   // the channel can no longer send: the worker is going, and its channel's end will say so.
   bool send(const ipc::protocol::InternalMessage& m, handle_tag tag = no_handle, unique_fd fd = {}) {
-    return connected_ && channel_.post_internal(ipc::protocol::encode(m), tag, std::move(fd));
+    return connected_ && channel_.send_internal(ipc::protocol::encode(m), tag, std::move(fd));
   }
   // The same with an fd the caller keeps: the channel holds it open until the frame is written
   // (no dup(2) for a sender that needs its own copy, as a hand-off does until `accepted`).
   bool send(const ipc::protocol::InternalMessage& m, handle_tag tag, std::shared_ptr<const unique_fd> fd) {
-    return connected_ && channel_.post_internal(ipc::protocol::encode(m), tag, std::move(fd));
+    return connected_ && channel_.send_internal(ipc::protocol::encode(m), tag, std::move(fd));
   }
 
  private:

@@ -15,6 +15,7 @@
 #include <type_traits>
 
 #include "cocluster/address.hpp"
+#include "cocluster/detail/unix_path.hpp"
 
 namespace cocluster::detail::worker {
 
@@ -60,12 +61,9 @@ listen_target fd_target(int fd) {
 // the same shorter form), else an empty endpoint: where the server is stays in the master's
 // Address. Never throws (Asio's constructor does for a long path).
 inline asio::local::stream_protocol::endpoint unix_endpoint(const std::string& path) {
-  constexpr std::size_t limit = sizeof(sockaddr_un{}.sun_path);
-  if (path.size() < limit) return {path};
-  std::error_code ec;
-  auto relative = std::filesystem::path(path).lexically_relative(std::filesystem::current_path(ec)).string();
-  if (!ec && !relative.empty() && relative.size() < limit) return {relative};
-  return {};
+  const std::string fits = short_unix_path(path);
+  if (fits.empty()) return {};
+  return {fits};
 }
 
 }  // namespace cocluster::detail::worker

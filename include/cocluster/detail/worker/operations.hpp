@@ -7,7 +7,7 @@
 
 #include <asio/async_result.hpp>
 
-#include "cocluster/detail/worker/completion.hpp"
+#include "cocluster/detail/completion.hpp"
 #include "cocluster/detail/worker/listen_target.hpp"
 #include "cocluster/detail/worker/runtime.hpp"
 #include "cocluster/server.hpp"

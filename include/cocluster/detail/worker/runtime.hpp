@@ -140,7 +140,7 @@ class runtime {
     q.fd = t.fd;
     q.index = p.index;
     q.backlog = static_cast<std::uint32_t>(std::max(options.backlog, 1));
-    if (phase_ == phase::closed || intent_ != intent::none || !channel_.post_internal(ipc::protocol::encode(q))) {
+    if (phase_ == phase::closed || intent_ != intent::none || !channel_.send_internal(ipc::protocol::encode(q))) {
       link_.release_index(p.index_key, p.index);
       return p.handler.complete(error::worker_not_connected, nullptr);
     }
@@ -219,7 +219,7 @@ class runtime {
     asio::co_spawn(channel_.get_executor(), read_loop(), asio::detached);
   }
 
-  void send_internal(ipc::protocol::InternalMessage m) { channel_.post_internal(ipc::protocol::encode(m)); }
+  void send_internal(ipc::protocol::InternalMessage m) { channel_.send_internal(ipc::protocol::encode(m)); }
 
   // disconnect(), kill() and the master's disconnect: this worker now leaves on purpose.
   void leave(intent why) {

@@ -38,7 +38,7 @@ class server_link {
   // accept() took hand-off `seq`: the master may close its copy. (Nothing is sent once our
   // side of the channel is closing or closed: the channel refuses it.)
   void accepted(std::uint32_t server, std::uint32_t seq) {
-    channel_.post_internal(ipc::protocol::encode(ipc::protocol::Accepted{server, seq, true}));
+    channel_.send_internal(ipc::protocol::encode(ipc::protocol::Accepted{server, seq, true}));
   }
 
   // The server is closed (by the user, its destructor, a disconnect or the channel's end).
@@ -46,7 +46,7 @@ class server_link {
     if (server.id == 0) return;  // adopted: the master never knew it
     servers_.erase(server.id);
     release_index(server.index_key, server.index);
-    channel_.post_internal(ipc::protocol::encode(ipc::protocol::Close{server.id}));
+    channel_.send_internal(ipc::protocol::encode(ipc::protocol::Close{server.id}));
   }
 
   // The executor a connection's socket is made on: the runtime's, tracked, so that a

@@ -16,7 +16,7 @@
 #include <string>
 
 #include "cocluster/detail/async_queue.hpp"
-#include "cocluster/detail/worker/completion.hpp"
+#include "cocluster/detail/completion.hpp"
 #include "cocluster/detail/worker/server_base.hpp"
 #include "cocluster/detail/worker/server_link.hpp"
 #include "cocluster/detail/worker/trusted_fd.hpp"

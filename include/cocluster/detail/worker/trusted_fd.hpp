@@ -18,20 +18,15 @@
 
 #include "cocluster/detail/unique_fd.hpp"
 #include "cocluster/error.hpp"
+#include "cocluster/message.hpp"
 
 namespace cocluster::detail::worker {
 
 // The handle byte of a frame (docs/DESIGN.md, "Wire format"): which Asio object an fd is.
 template <class Object>
 constexpr std::uint8_t wire_tag() {
-  if constexpr (std::is_same_v<Object, asio::ip::tcp::socket>) return 1;
-  else if constexpr (std::is_same_v<Object, asio::ip::tcp::acceptor>) return 2;
-  else if constexpr (std::is_same_v<Object, asio::ip::udp::socket>) return 3;
-  else if constexpr (std::is_same_v<Object, asio::local::stream_protocol::socket>) return 4;
-  else {
-    static_assert(std::is_same_v<Object, asio::local::stream_protocol::acceptor>, "not a type the wire carries");
-    return 5;
-  }
+  static_assert(handle_kind_of<Object> != handle_kind::none, "not a type the wire carries");
+  return static_cast<std::uint8_t>(handle_kind_of<Object>);
 }
 
 // `fd` as an Object of `protocol` on `ex`. error::protocol_error if the master declared another

@@ -1,10 +1,10 @@
-// How the worker's operations complete when their result is ready in the initiation (a
+// How an operation (of the worker's or the master's) completes when its result is ready in the initiation (a
 // queued message, room in the send queue, a connection waiting): Asio's rule is that an
 // initiating function never runs the handler itself, so the completion is posted. A coroutine
 // awaiting with use_awaitable (or as_tuple(use_awaitable)) is an exception: it is already
 // suspended when the initiation runs, so resuming it here is what a posted completion would
 // do, without the trip through the scheduler.
-//   if (auto v = queue.try_pop()) return worker::complete_now(std::move(handler), ex, std::error_code{}, std::move(*v));
+//   if (auto v = queue.try_pop()) return detail::complete_now(std::move(handler), ex, std::error_code{}, std::move(*v));
 #pragma once
 
 #include "cocluster/detail/config.hpp"
@@ -20,7 +20,7 @@
 #include <type_traits>
 #include <utility>
 
-namespace cocluster::detail::worker {
+namespace cocluster::detail {
 
 // True for the handlers that resume a coroutine: Asio's awaitable handler, alone or behind
 // as_tuple. An unknown handler type is simply not one, and its completion is posted.
@@ -98,4 +98,4 @@ void run_on(const asio::any_io_executor& ex, Handler&& handler, Body body) {
   });
 }
 
-}  // namespace cocluster::detail::worker
+}  // namespace cocluster::detail

@@ -1,7 +1,7 @@
-// detail/worker/completion.hpp: how an initiation completes a result it already has. A waiting
+// detail/completion.hpp: how an initiation completes a result it already has. A waiting
 // coroutine resumes at once, any other handler is posted, and resumptions never nest without
 // bound.
-#include "cocluster/detail/worker/completion.hpp"
+#include "cocluster/detail/completion.hpp"
 
 #include <doctest/doctest.h>
 
@@ -16,8 +16,8 @@
 
 namespace {
 
-using cocluster::detail::worker::complete_now;
-using cocluster::detail::worker::max_inline_resumptions;
+using cocluster::detail::complete_now;
+using cocluster::detail::max_inline_resumptions;
 
 // An operation whose result is ready as soon as it starts: void(std::error_code, int).
 template <class Token>
