@@ -137,6 +137,10 @@ awaitable<void> node_worker_loop() {
       asio::steady_timer settle(co_await asio::this_coro::executor, std::chrono::milliseconds(100));
       co_await settle.async_wait(use_awaitable);
       this_worker.kill();
+    } else if (m.data == "start_again") {
+      std::error_code ec;
+      this_worker.start(co_await asio::this_coro::executor, ec);
+      co_await this_worker.send({ec == asio::error::already_started ? "already_started" : "start: " + ec.message()});
     } else if (m.data == "close_channel") {
       this_worker.close_channel();
     } else if (m.data == "is_dead") {
@@ -584,6 +588,10 @@ TEST_CASE("cluster.isMaster / isWorker and Node's cluster.worker example ('I am 
   CHECK_FALSE(is_worker());
   CHECK(this_worker.state() == WorkerState::none);
   CHECK_THROWS_WITH_AS(this_worker.disconnect(), doctest::Contains("master"), std::system_error);
+  asio::io_context here;
+  std::error_code ec;
+  this_worker.start(here.get_executor(), ec);  // the error_code form of start()
+  CHECK(ec == error::not_a_worker);
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<> master(io.get_executor());
     auto a = co_await master.fork(node_env());
@@ -592,6 +600,8 @@ TEST_CASE("cluster.isMaster / isWorker and Node's cluster.worker example ('I am 
     co_await b->send({"whoami"});
     CHECK((co_await a->receive()).data == "I am worker #1 is_worker=1 is_master=0");
     CHECK((co_await b->receive()).data == "I am worker #2 is_worker=1 is_master=0");
+    co_await a->send({"start_again"});
+    CHECK((co_await a->receive()).data == "already_started");
     co_await master.disconnect();
   });
 }

@@ -22,11 +22,13 @@
 
 #include <asio/any_io_executor.hpp>
 #include <asio/async_result.hpp>
+#include <asio/error.hpp>
 #include <asio/use_awaitable.hpp>
 
 #include <functional>
 #include <memory>
 #include <optional>
+#include <system_error>
 
 #include "cocluster/detail/worker/operations.hpp"
 #include "cocluster/detail/worker/runtime.hpp"
@@ -54,7 +56,23 @@ struct this_worker_t {
              std::size_t max_unread_messages = 65536) const {
     detail::worker::runtime::start(std::move(ex), options, max_unread_messages);
   }
-  bool is_started() const { return detail::worker::runtime::instance(false) != nullptr; }
+  // The same, reporting instead of throwing: error::not_a_worker in the master,
+  // asio::error::already_started on a second call, error::protocol_error when fd 3 is not a
+  // cocluster channel, a system error from fcntl.
+  void start(asio::any_io_executor ex, std::error_code& ec, ipc::ChannelOptions options = {},
+             std::size_t max_unread_messages = 65536) const {
+    ec.clear();
+    if (detail::worker::runtime::find()) {
+      ec = asio::error::already_started;
+      return;
+    }
+    try {
+      detail::worker::runtime::start(std::move(ex), options, max_unread_messages);
+    } catch (const std::system_error& e) {
+      ec = e.code();
+    }
+  }
+  bool is_started() const { return detail::worker::runtime::find() != nullptr; }
 
   // Node: cluster.worker.id. Known before start(): it comes from the environment.
   int id() const { return detail::identity().id; }
@@ -66,7 +84,7 @@ struct this_worker_t {
   bool is_dead() const noexcept { return detail::worker::runtime::is_exiting(); }
   // Node: cluster.worker.state: none before start(), then online, listening, disconnected.
   WorkerState state() const {
-    auto* r = detail::worker::runtime::instance(false);
+    auto* r = detail::worker::runtime::find();
     return r ? r->state() : WorkerState::none;
   }
   // Node: cluster.worker.exitedAfterDisconnect: unset until disconnect(), kill() or the
@@ -173,7 +191,7 @@ struct this_worker_t {
   }
 
  private:
-  static detail::worker::runtime& runtime() { return *detail::worker::runtime::instance(); }
+  static detail::worker::runtime& runtime() { return detail::worker::runtime::get(); }
 
   template <class Acceptor>
   static Server<typename Acceptor::protocol_type> adopt_stream(Acceptor acceptor) {

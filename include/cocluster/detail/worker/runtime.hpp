@@ -1,7 +1,7 @@
 // The worker process's runtime (Node has the same singleton in its worker): the channel to
 // the master, the inbox of its messages, the servers listening through it, and the worker's
 // lifecycle from start() to the channel's end. this_worker (this_worker.hpp) is its face.
-//   runtime::start(ex, options, max_unread);   runtime& r = *runtime::instance();
+//   runtime::start(ex, options, max_unread);   runtime& r = runtime::get();
 #pragma once
 
 #include <fcntl.h>
@@ -56,13 +56,17 @@ enum class intent {
 
 class runtime {
  public:
-  static runtime* instance(bool required = true) {
-    if (!current() && required) {
+  // The runtime, or nullptr before start() (and in the master).
+  static runtime* find() noexcept { return current(); }
+  // The runtime; throws when there is none: std::system_error(not_a_worker) in the master,
+  // std::logic_error in a worker that has not called start().
+  static runtime& get() {
+    if (!current()) {
       if (!identity().is_worker)
         throw std::system_error(error::not_a_worker, "this_worker used in the master process");
       throw std::logic_error("cocluster: call this_worker.start(executor) before using this_worker");
     }
-    return current();
+    return *current();
   }
 
   static void start(asio::any_io_executor ex, ipc::ChannelOptions options, std::size_t max_unread) {
