@@ -39,11 +39,6 @@ struct op_result {
 
 template <class Signature>
 struct signature_traits;
-template <>
-struct signature_traits<void(std::error_code)> {
-  using result = op_result<>;
-  using value = void;
-};
 template <class T>
 struct signature_traits<void(std::error_code, T)> {
   using result = op_result<T>;
@@ -61,19 +56,11 @@ auto async_operation(Token&& token, TryNow try_now, Initiation initiation) {
         co_return co_await asio::async_initiate<asio::use_awaitable_t<>, Signature>(std::move(initiation), wait);
       }
       if (now->ec) throw std::system_error(now->ec, now->what);
-      if constexpr (!std::is_void_v<typename traits::value>) co_return std::move(std::get<0>(now->values));
+      co_return std::move(std::get<0>(now->values));
     }(std::move(try_now), std::move(initiation));
   } else {
     return asio::async_initiate<Token, Signature>(std::move(initiation), token);
   }
 }
-
-// For operations without a fast path.
-struct never_now {
-  template <class Result>
-  std::optional<Result> operator()() const {
-    return std::nullopt;
-  }
-};
 
 }  // namespace cocluster::detail
