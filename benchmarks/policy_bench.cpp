@@ -1,9 +1,11 @@
-// policy_bench: HTTP hello world on one port shared by 2 worker processes: cocluster's two
-// listening policies beside Node's cluster, nginx and a raw baseline, in one run.
+// policy_bench: HTTP hello world on one port shared by worker processes (2 by default):
+// cocluster's listening policies beside Node's cluster, nginx and a raw baseline, in one run.
 //   ninja -C build benchmarks/policy_bench benchmarks/raw_rr_server && build/benchmarks/policy_bench [--quick]
 //   [--concurrency C] [--duration S] [--workers N] [--client-threads T] [--only=NAME,NAME]
+//   [--sources N] [--stalled] [--svg FILE]
 // Servers (NAME; a prefix such as `node` selects both of its rows):
-//   cocluster-rr, cocluster-none  examples/hello_cluster --policy rr|none (skipped until it is built)
+//   cocluster-POLICY              examples/hello_cluster --policy POLICY, for each policy
+//                                 RuntimePolicy knows: rr, none, reuseport, leastconn, sticky
 //   cocluster-rr-w8               the same, round robin with --window 8 (Node's window is 1)
 //   node-rr, node-none            node/hello_cluster.js: Node's cluster, SCHED_RR / SCHED_NONE
 //   nginx                         2 worker_processes, `listen reuseport`, `return 200` (when installed)
@@ -16,6 +18,10 @@
 // of connect, GET with `Connection: close`, read to EOF (connections/s, latency of the whole
 // connection); "keep-alive" runs C connections sending requests one after another (requests/s,
 // latency per request). Then by `wrk` in both modes when it is installed.
+// The built-in client connects from 127.0.0.1 .. 127.0.0.N in turn (--sources, 16; Sticky
+// routes by the client's address). --stalled: only our policies, each with worker 1 blocking its
+// loop 50 ms on every 10th request (hello_cluster --stall-ms 50 --stall-every 10); compare the
+// latency table's p99 and max. --svg FILE: connections/s and each worker's share as a chart.
 // 3 s per mode after 0.5 s of warm-up (--quick: 0.5 s after 0.1 s; wrk runs whole seconds).
 // Prints tables, then one JSON object as its last line.
 // Every server runs in its own session (setsid) and its process group is SIGKILLed on every
@@ -70,7 +76,10 @@ using Figures = std::map<std::string, double>;  // "close_conn_per_s" -> 12345; 
 struct Options {
   int workers = 2, concurrency = 64, client_threads = 1;
   double duration = 3.0, warmup = 0.5;  // seconds per mode; the warm-up is not counted
+  int sources = 16;                     // client source addresses 127.0.0.1 .. 127.0.0.N
+  bool stalled = false;                 // --stalled: worker 1 blocks 50 ms on 1 request in 10
   std::string only;                     // empty: every server
+  std::string svg;                      // --svg FILE: the chart
   std::string hello_cluster, node_script, raw_server;
 };
 
@@ -419,7 +428,7 @@ class Server {
 
   std::string why_not_listening() {
     std::string why = "no `listening on` line within 20 s";
-    if (auto status = wait_for(child_.pid, Clock::now())) {
+    if (auto status = wait_for(child_.pid, Clock::now() + 1s)) {  // its stdout ended: it is exiting
       why = fmt::format("exited before listening ({})", describe(*status));
     }
     if (nginx_) why += "; error.log: " + nginx_->error_log();
@@ -458,6 +467,7 @@ void probe(int port) {
 
 struct Load {
   tcp::endpoint endpoint;
+  std::vector<asio::ip::address_v4> sources;  // loop i connects from sources[i % size]; empty: any
   std::string request;
   Clock::time_point measure_from, stop_at;  // counted: completed in [measure_from, stop_at)
 };
@@ -511,20 +521,34 @@ awaitable<asio::error_code> read_response(tcp::socket& s, std::string& buf) {
   co_return asio::error_code{};
 }
 
+// Opens `s` and connects it from `source` (unspecified: the kernel's choice). Sticky routes by
+// the client's address, so the load comes from several: 127.0.0.0/8 is all local on Linux.
+awaitable<void> connect_from(tcp::socket& s, const Load& load, const asio::ip::address_v4& source,
+                             asio::error_code& ec) {
+  if (!source.is_unspecified()) {
+    s.open(tcp::v4(), ec);
+    // The port is chosen at connect(), per destination, instead of one per bind().
+    if (!ec) s.set_option(asio::detail::socket_option::boolean<IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT>(true), ec);
+    if (!ec) s.bind({source, 0}, ec);
+    if (ec) co_return;
+  }
+  co_await s.async_connect(load.endpoint, asio::redirect_error(use_awaitable, ec));
+}
+
 awaitable<void> pause_after_error() {
   asio::steady_timer t(co_await asio::this_coro::executor, 10ms);
   co_await t.async_wait(use_awaitable);
 }
 
 // One loop of: connect, GET with `Connection: close`, the response, EOF, close.
-awaitable<void> close_loop(const Load& load, Tally& tally) {
+awaitable<void> close_loop(const Load& load, asio::ip::address_v4 source, Tally& tally) {
   const auto ex = co_await asio::this_coro::executor;
   std::string buf;
   while (Clock::now() < load.stop_at) {
     const auto t0 = Clock::now();
     tcp::socket s(ex);
     asio::error_code ec;
-    co_await s.async_connect(load.endpoint, asio::redirect_error(use_awaitable, ec));
+    co_await connect_from(s, load, source, ec);
     if (!ec) co_await asio::async_write(s, asio::buffer(load.request), asio::redirect_error(use_awaitable, ec));
     buf.clear();
     if (!ec) ec = co_await read_response(s, buf);
@@ -540,13 +564,13 @@ awaitable<void> close_loop(const Load& load, Tally& tally) {
 }
 
 // One connection sending requests one after another; reconnects if the server closes it.
-awaitable<void> keepalive_loop(const Load& load, Tally& tally) {
+awaitable<void> keepalive_loop(const Load& load, asio::ip::address_v4 source, Tally& tally) {
   const auto ex = co_await asio::this_coro::executor;
   while (Clock::now() < load.stop_at) {
     tcp::socket s(ex);
     asio::error_code ec;
     const auto connect_start = Clock::now();
-    co_await s.async_connect(load.endpoint, asio::redirect_error(use_awaitable, ec));
+    co_await connect_from(s, load, source, ec);
     if (ec) tally.record(load, connect_start, ec);
     std::string buf;
     while (!ec && Clock::now() < load.stop_at) {
@@ -560,7 +584,7 @@ awaitable<void> keepalive_loop(const Load& load, Tally& tally) {
 }
 
 struct ModeResult {
-  double rate = 0, p50_ms = 0, p99_ms = 0;
+  double rate = 0, p50_ms = 0, p99_ms = 0, max_ms = 0;
   long errors = 0, stuck = 0;
   std::string first_error;
 };
@@ -568,6 +592,8 @@ struct ModeResult {
 ModeResult run_load(int port, bool close, const Options& opt) {
   Load load;
   load.endpoint = {asio::ip::address_v4::loopback(), static_cast<unsigned short>(port)};
+  for (int i = 1; opt.sources > 1 && i <= opt.sources; ++i)
+    load.sources.push_back(asio::ip::address_v4((127u << 24) | static_cast<unsigned>(i)));
   load.request = fmt::format("GET / HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n{}\r\n", port, close ? "Connection: close\r\n" : "");
   load.measure_from = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(opt.warmup));
   load.stop_at = load.measure_from + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(opt.duration));
@@ -579,12 +605,16 @@ ModeResult run_load(int port, bool close, const Options& opt) {
     asio::io_context io(1);
     int loops = opt.concurrency / threads + (t < opt.concurrency % threads ? 1 : 0);
     long running = loops;
-    for (int i = 0; i < loops; ++i)
-      asio::co_spawn(io, close ? close_loop(load, tallies[t]) : keepalive_loop(load, tallies[t]),
+    for (int i = 0; i < loops; ++i) {
+      const std::size_t n = load.sources.size();
+      const asio::ip::address_v4 source = n ? load.sources[(static_cast<std::size_t>(t) + static_cast<std::size_t>(i) * threads) % n]
+                                            : asio::ip::address_v4{};
+      asio::co_spawn(io, close ? close_loop(load, source, tallies[t]) : keepalive_loop(load, source, tallies[t]),
                      [&](std::exception_ptr e) {
                        --running;
                        if (e) std::rethrow_exception(e);
                      });
+    }
     io.run_until(load.stop_at + 5s);  // a server that stops answering can't hang us
     unfinished[t] = running;
   };  // ~io_context destroys any loop still waiting
@@ -607,6 +637,7 @@ ModeResult run_load(int port, bool close, const Options& opt) {
   if (!us.empty()) {
     r.p50_ms = percentile(us, 0.50) / 1e3;
     r.p99_ms = percentile(us, 0.99) / 1e3;
+    r.max_ms = us.back() / 1e3;  // sorted by percentile()
   }
   return r;
 }
@@ -735,6 +766,7 @@ void put(Figures& f, const std::string& prefix, const ModeResult& m, const char*
   if (m.p50_ms > 0) {
     f[prefix + "p50_ms"] = m.p50_ms;
     f[prefix + "p99_ms"] = m.p99_ms;
+    if (m.max_ms > 0) f[prefix + "max_ms"] = m.max_ms;  // wrk reports none
   }
   f[prefix + "errors"] = static_cast<double>(m.errors);
 }
@@ -840,28 +872,31 @@ const Result* find(const std::vector<Result>& results, std::string_view name) {
   return nullptr;
 }
 
-// "x raw" compares with raw of the same policy; nginx (the kernel spreads its reuseport
+// Whether the master hands each connection to a worker (else the workers accept themselves).
+bool handed_off(std::string_view policy) { return policy == "rr" || policy == "leastconn" || policy == "sticky"; }
+
+// "x raw" compares with raw of the same kind (hand-off: raw-rr; accepting workers: raw-none); nginx (the kernel spreads its reuseport
 // sockets) with raw-none.
 const Figures* raw_for(const std::vector<Result>& results, const Result& r) {
-  const Result* raw = find(results, r.config.policy == "rr" ? "raw-rr" : "raw-none");
+  const Result* raw = find(results, handed_off(r.config.policy) ? "raw-rr" : "raw-none");
   return raw ? &raw->f : nullptr;
 }
 
 void print_table(const char* title, const char* rate_label, const std::string& prefix, const char* rate_key,
                  const std::vector<Result>& results) {
   const Result* nginx = find(results, "nginx");
-  fmt::print("\n{:<16}{:>12}{:>9}{:>9}{:>13}{:>9}{:>9}{:>14}{:>14}\n", title, rate_label, "p50 ms", "p99 ms",
+  fmt::print("\n{:<20}{:>12}{:>9}{:>9}{:>13}{:>9}{:>9}{:>14}{:>14}\n", title, rate_label, "p50 ms", "p99 ms",
              "k-a req/s", "p50 ms", "p99 ms", "x nginx c/k", "x raw c/k");
   for (const auto& r : results) {
     if (r.status != "ok") {
-      fmt::print("{:<16}{}\n", r.config.name, r.status);
+      fmt::print("{:<20}{}\n", r.config.name, r.status);
       continue;
     }
     const std::string c = prefix + "close_", k = prefix + "ka_";
     auto pair = [&](const Figures* base) {
       return fmt::format("{}/{}", cell(ratio(r.f, base, c + rate_key), 2), cell(ratio(r.f, base, k + "req_per_s"), 2));
     };
-    fmt::print("{:<16}{:>12}{:>9}{:>9}{:>13}{:>9}{:>9}{:>14}{:>14}\n", r.config.name, cell(get(r.f, c + rate_key), -1),
+    fmt::print("{:<20}{:>12}{:>9}{:>9}{:>13}{:>9}{:>9}{:>14}{:>14}\n", r.config.name, cell(get(r.f, c + rate_key), -1),
                cell(get(r.f, c + "p50_ms"), 2), cell(get(r.f, c + "p99_ms"), 2), cell(get(r.f, k + "req_per_s"), -1),
                cell(get(r.f, k + "p50_ms"), 2), cell(get(r.f, k + "p99_ms"), 2), pair(nginx ? &nginx->f : nullptr),
                pair(raw_for(results, r)));
@@ -877,15 +912,27 @@ void report(const Options& opt, const std::vector<Result>& results, bool have_wr
   fmt::print("machine: {} CPUs ({}). The load client ({} thread{} in this process, then wrk -t2) runs on the same CPUs "
              "as the servers and takes a share of them: read the ratios, not the absolute rates.\n",
              nproc, cpu, opt.client_threads, opt.client_threads == 1 ? "" : "s");
+  if (opt.stalled)
+    fmt::print("stalled: worker 1 of each server blocks its loop 50 ms on every 10th request it serves\n");
+  if (opt.sources > 1)
+    fmt::print("built-in client: connections from 127.0.0.1 to 127.0.0.{} in turn (wrk: 127.0.0.1 only)\n", opt.sources);
   print_table("built-in client", "close conn/s", "", "conn_per_s", results);
+  fmt::print("\n{:<20}{:>10}{:>10}{:>10}{:>12}{:>10}{:>10}\n", "latency (ms)", "close p50", "p99", "max", "k-a p50",
+             "p99", "max");
+  for (const auto& r : results) {
+    if (r.status != "ok") continue;
+    fmt::print("{:<20}{:>10}{:>10}{:>10}{:>12}{:>10}{:>10}\n", r.config.name, cell(get(r.f, "close_p50_ms"), 2),
+               cell(get(r.f, "close_p99_ms"), 2), cell(get(r.f, "close_max_ms"), 2), cell(get(r.f, "ka_p50_ms"), 2),
+               cell(get(r.f, "ka_p99_ms"), 2), cell(get(r.f, "ka_max_ms"), 2));
+  }
   if (have_wrk) print_table("wrk", "close req/s", "wrk_", "req_per_s", results);
   else fmt::print("\n(wrk not installed: no wrk figures; apt-get install wrk)\n");
 
-  fmt::print("\n{:<16}{}\n", "fairness", "connections per worker over the whole run (share), Jain's index");
+  fmt::print("\n{:<20}{}\n", "fairness", "connections per worker over the whole run (share), Jain's index");
   for (const auto& r : results) {
     if (r.status != "ok") continue;
     if (r.config.nginx) {
-      fmt::print("{:<16}n/a (nginx reports no per-worker counts)\n", r.config.name);
+      fmt::print("{:<20}n/a (nginx reports no per-worker counts)\n", r.config.name);
       continue;
     }
     double sum = 0;
@@ -894,7 +941,7 @@ void report(const Options& opt, const std::vector<Result>& results, bool have_wr
     for (const auto& w : r.workers)
       counts += fmt::format("{}#{}: {} ({:.1f}%)", counts.empty() ? "" : "  ", w.id, grouped(w.connections),
                             sum > 0 ? 100 * w.connections / sum : 0.0);
-    fmt::print("{:<16}{}  Jain {}\n", r.config.name, counts.empty() ? "-" : counts, cell(get(r.f, "jain"), 3));
+    fmt::print("{:<20}{}  Jain {}\n", r.config.name, counts.empty() ? "-" : counts, cell(get(r.f, "jain"), 3));
   }
   fmt::print("\nc/k: close / keep-alive rates. x nginx: rate / nginx's rate. x raw: rate / the raw server's rate with "
              "the same policy (nginx: raw-none). Latency: close = connect to EOF, keep-alive = one request.\n");
@@ -905,9 +952,9 @@ void report(const Options& opt, const std::vector<Result>& results, bool have_wr
 
   std::string json = fmt::format(
       "{{\"machine\":{{\"nproc\":{},\"cpu\":{}}},\"command\":{},\"workers\":{},\"concurrency\":{},\"duration_s\":{},"
-      "\"warmup_s\":{},\"client_threads\":{},\"wrk\":{},\"servers\":{{",
+      "\"warmup_s\":{},\"client_threads\":{},\"sources\":{},\"stalled\":{},\"wrk\":{},\"servers\":{{",
       nproc, json_string(cpu), json_string(command), opt.workers, opt.concurrency, opt.duration, opt.warmup,
-      opt.client_threads, have_wrk);
+      opt.client_threads, opt.sources, opt.stalled, have_wrk);
   const Result* nginx = find(results, "nginx");
   bool first = true;
   for (const auto& r : results) {
@@ -938,6 +985,91 @@ void report(const Options& opt, const std::vector<Result>& results, bool have_wr
   fmt::print("{}}}}}\n", json);
 }
 
+// ---- the chart ----
+
+std::string xml_escape(std::string_view s) {
+  std::string out;
+  for (char ch : s) {
+    if (ch == '&') out += "&amp;";
+    else if (ch == '<') out += "&lt;";
+    else if (ch == '>') out += "&gt;";
+    else if (ch == '"') out += "&quot;";
+    else out += ch;
+  }
+  return out;
+}
+
+// --svg FILE: for each server that ran, its close connections/s and keep-alive requests/s as
+// bars (built-in client), and each worker's share of the connections as one stacked bar.
+// Plain SVG written here: no plotting dependency.
+void write_svg(const Options& opt, const std::vector<Result>& results) {
+  std::vector<const Result*> ok;
+  for (const auto& r : results)
+    if (r.status == "ok") ok.push_back(&r);
+  // Each measure on its own scale: its best server's bar is 4/5 of the width.
+  double top[2] = {1, 1};
+  for (const Result* r : ok) {
+    top[0] = std::max(top[0], get(r->f, "close_conn_per_s").value_or(0));
+    top[1] = std::max(top[1], get(r->f, "ka_req_per_s").value_or(0));
+  }
+  const int label_w = 150, bar_w = 330, gap = 40, share_w = 260, row_h = 34, head = 64;
+  const int width = label_w + bar_w + gap + share_w + 80;
+  const int height = head + row_h * static_cast<int>(ok.size()) + 40;
+  static constexpr const char* palette[] = {"#4e79a7", "#f28e2b", "#e15759", "#76b7b2",
+                                            "#59a14f", "#edc948", "#b07aa1", "#ff9da7"};
+  std::string svg = fmt::format(
+      "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{0}\" height=\"{1}\" viewBox=\"0 0 {0} {1}\" "
+      "font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n",
+      width, height);
+  svg += fmt::format("<text x=\"10\" y=\"20\" font-size=\"14\" font-weight=\"bold\">policy_bench: {} workers, {} "
+                     "connections{}</text>\n",
+                     opt.workers, opt.concurrency, opt.stalled ? ", worker 1 stalled" : "");
+  svg += fmt::format("<text x=\"{}\" y=\"44\"><tspan fill=\"#4e79a7\">&#9632;</tspan> close conn/s  "
+                     "<tspan fill=\"#a0cbe8\">&#9632;</tspan> keep-alive req/s (each on its own scale)</text>\n",
+                     label_w);
+  svg += fmt::format("<text x=\"{}\" y=\"44\">share of connections per worker</text>\n", label_w + bar_w + gap);
+  for (std::size_t i = 0; i < ok.size(); ++i) {
+    const Result& r = *ok[i];
+    const int y = head + row_h * static_cast<int>(i);
+    svg += fmt::format("<text x=\"10\" y=\"{}\">{}</text>\n", y + 18, xml_escape(r.config.name));
+    int line = 0;
+    for (const char* key : {"close_conn_per_s", "ka_req_per_s"}) {
+      const double v = get(r.f, key).value_or(0);
+      const double w = 0.8 * bar_w * v / top[line];
+      svg += fmt::format("<rect x=\"{}\" y=\"{}\" width=\"{:.1f}\" height=\"12\" fill=\"{}\"/>"
+                         "<text x=\"{:.1f}\" y=\"{}\" font-size=\"10\">{}</text>\n",
+                         label_w, y + 4 + 13 * line, w, line ? "#a0cbe8" : "#4e79a7", label_w + w + 3,
+                         y + 14 + 13 * line, grouped(v));
+      ++line;
+    }
+    double sum = 0;
+    for (const auto& w : r.workers) sum += w.connections;
+    const int x0 = label_w + bar_w + gap;
+    if (sum <= 0) {
+      svg += fmt::format("<text x=\"{}\" y=\"{}\" fill=\"#777\">no per-worker counts</text>\n", x0, y + 18);
+      continue;
+    }
+    double x = x0;
+    for (std::size_t k = 0; k < r.workers.size(); ++k) {
+      const double w = share_w * r.workers[k].connections / sum;
+      svg += fmt::format("<rect x=\"{:.1f}\" y=\"{}\" width=\"{:.1f}\" height=\"22\" fill=\"{}\" stroke=\"white\">"
+                         "<title>worker {}: {:.1f}%</title></rect>\n",
+                         x, y + 4, w, palette[k % std::size(palette)], r.workers[k].id,
+                         100 * r.workers[k].connections / sum);
+      x += w;
+    }
+    if (auto j = get(r.f, "jain"))
+      svg += fmt::format("<text x=\"{}\" y=\"{}\" font-size=\"10\">Jain {:.3f}</text>\n", x0 + share_w + 4, y + 19, *j);
+  }
+  svg += fmt::format("<text x=\"10\" y=\"{}\" font-size=\"10\" fill=\"#555\">{} CPUs ({}); one run; "
+                     "the client shares the CPUs</text>\n</svg>\n",
+                     height - 12, ::sysconf(_SC_NPROCESSORS_ONLN), xml_escape(cpu_model()));
+  std::ofstream out(opt.svg);
+  out << svg;
+  if (!out) fmt::print(stderr, "policy_bench: could not write {}\n", opt.svg);
+  else fmt::print(stderr, "policy_bench: chart written to {}\n", opt.svg);
+}
+
 // ---- configuration ----
 
 std::string exe_dir() {
@@ -957,10 +1089,22 @@ std::vector<Config> configs(const Options& opt) {
   const std::string hello = opt.hello_cluster;
   const std::string missing =
       executable(hello) ? "" : fmt::format("no executable {} (build examples/hello_cluster)", hello);
-  for (const char* policy : {"rr", "none"})
-    out.push_back({fmt::format("cocluster-{}", policy), policy, {hello}, missing});
+  // --stalled: worker 1 blocks its loop 50 ms on every 10th request it serves; only our
+  // policies are compared there (the others cannot be told to stall).
+  std::vector<std::string> stall;
+  if (opt.stalled) stall = {"--stall-ms", "50", "--stall-every", "10"};
+  auto hello_with = [&](std::vector<std::string> extra) {
+    std::vector<std::string> argv{hello};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    argv.insert(argv.end(), stall.begin(), stall.end());
+    return argv;
+  };
+  // Every policy RuntimePolicy knows by name (COCLUSTER_SCHED_POLICY, hello_cluster --policy).
+  for (const char* policy : {"rr", "none", "reuseport", "leastconn", "sticky"})
+    out.push_back({fmt::format("cocluster-{}", policy), policy, hello_with({}), missing});
   // Round robin with 8 connections in flight per worker instead of Node's 1 (RoundRobin::window).
-  out.push_back({"cocluster-rr-w8", "rr", {hello, "--window", "8"}, missing});
+  out.push_back({"cocluster-rr-w8", "rr", hello_with({"--window", "8"}), missing});
+  if (opt.stalled) return out;
   const auto node = find_program("node");
   for (const char* policy : {"rr", "none"}) {
     std::string skipped = !node ? "node not installed"
@@ -993,8 +1137,8 @@ bool wanted(const std::string& only, const std::string& name) {
 int usage(const char* argv0) {
   fmt::print(stderr,
              "usage: {} [--quick] [--concurrency C] [--duration S] [--workers N] [--client-threads T]\n"
-             "       [--only=cocluster,node,nginx,raw or full names like raw-rr] [--hello-cluster=PATH]\n"
-             "       [--node-script=PATH] [--raw-server=PATH]\n",
+             "       [--only=cocluster,node,nginx,raw or full names like raw-rr] [--sources N] [--stalled]\n"
+             "       [--svg FILE] [--hello-cluster=PATH] [--node-script=PATH] [--raw-server=PATH]\n",
              argv0);
   return 64;
 }
@@ -1031,15 +1175,21 @@ int main(int argc, char** argv) {
     else if (takes("--workers")) opt.workers = std::atoi(value.c_str());
     else if (takes("--client-threads")) opt.client_threads = std::atoi(value.c_str());
     else if (takes("--only")) opt.only = value;
+    else if (takes("--sources")) opt.sources = std::atoi(value.c_str());
+    else if (takes("--svg")) opt.svg = value;
+    else if (arg == "--stalled") opt.stalled = true;
     else if (takes("--hello-cluster")) opt.hello_cluster = value;
     else if (takes("--node-script")) opt.node_script = value;
     else if (takes("--raw-server")) opt.raw_server = value;
     else return usage(argv[0]);
   }
-  if (opt.concurrency < 1 || opt.duration <= 0 || opt.workers < 1 || opt.client_threads < 1) return usage(argv[0]);
+  if (opt.concurrency < 1 || opt.duration <= 0 || opt.workers < 1 || opt.client_threads < 1 || opt.sources < 1 ||
+      opt.sources > 254)
+    return usage(argv[0]);
 
   install_cleanup();
-  const auto wrk = find_program("wrk");
+  // wrk connects from one address and cannot stall: the built-in client only for these runs.
+  const auto wrk = opt.stalled ? std::nullopt : find_program("wrk");
   std::vector<Result> results;
   for (const Config& config : configs(opt)) {
     if (!wanted(opt.only, config.name)) continue;
@@ -1047,4 +1197,5 @@ int main(int argc, char** argv) {
     results.push_back(run_server(config, opt, wrk));
   }
   report(opt, results, wrk.has_value(), command);
+  if (!opt.svg.empty()) write_svg(opt, results);
 }
