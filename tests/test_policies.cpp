@@ -1,0 +1,174 @@
+// The dispatch policies beyond Node: a user's Dispatch<F>, and Sticky. Real workers (the
+// `serve` scenario of test_listen.cpp: "port N", then "worker <id>\n" per connection) and
+// clients bound to 127.0.0.x source addresses.
+#include "cocluster/policy/dispatch.hpp"
+
+#include <doctest/doctest.h>
+
+#include <map>
+#include <set>
+
+#include "cocluster/cocluster.hpp"
+#include "support.hpp"
+#include "worker_scenario.hpp"
+
+using namespace cocluster;
+using namespace test;
+using asio::ip::tcp;
+using as_tuple_t = cocluster::detail::as_tuple_t<asio::use_awaitable_t<>>;
+
+namespace {
+
+Env serve_on_port_zero() {
+  Env env = scenario_env("serve");
+  env["TEST_LISTEN"] = "tcp4:127.0.0.1:0";
+  return env;
+}
+
+asio::ip::address_v4 loopback(int last_octet) {
+  return asio::ip::address_v4((127u << 24) | static_cast<unsigned>(last_octet));
+}
+
+// One request from source address `from`: the id of the worker that answered (0: none).
+awaitable<int> ask_from(asio::ip::address_v4 from, tcp::endpoint where) {
+  tcp::socket s(co_await asio::this_coro::executor);
+  s.open(tcp::v4());
+  s.bind(tcp::endpoint(from, 0));
+  co_await s.async_connect(where, use_awaitable);
+  co_await asio::async_write(s, asio::buffer("hi\n", 3), use_awaitable);
+  std::string reply;
+  co_await asio::async_read(s, asio::dynamic_buffer(reply), as_tuple_t{});  // to EOF
+  if (reply.rfind("worker ", 0) != 0) co_return 0;
+  co_return std::stoi(reply.substr(7));
+}
+
+// `per_source` requests from each of 127.0.0.1 .. 127.0.0.<sources>, `concurrency` at a time:
+// for each source's last octet, the worker ids that answered it and how often.
+awaitable<std::map<int, std::map<int, int>>> ask_from_sources(tcp::endpoint where, int sources, int per_source,
+                                                              int concurrency) {
+  std::map<int, std::map<int, int>> served;
+  const int total = sources * per_source;
+  int next = 0, done = 0;
+  std::exception_ptr failure;
+  auto ex = co_await asio::this_coro::executor;
+  auto one_client = [&]() -> awaitable<void> {
+    while (next < total) {
+      const int octet = 1 + next++ % sources;
+      ++served[octet][co_await ask_from(loopback(octet), where)];
+    }
+  };
+  for (int i = 0; i < concurrency; ++i)
+    asio::co_spawn(ex, one_client(), [&](std::exception_ptr e) {
+      if (e) failure = e;
+      ++done;
+    });
+  asio::steady_timer poll(ex);
+  while (done < concurrency) {  // a wait for the clients, not a timing assumption
+    poll.expires_after(5ms);
+    co_await poll.async_wait(use_awaitable);
+  }
+  if (failure) std::rethrow_exception(failure);
+  co_return served;
+}
+
+template <class Policy>
+awaitable<std::pair<std::vector<std::shared_ptr<Worker>>, tcp::endpoint>> start_serving(Master<Policy>& master, int n) {
+  std::vector<std::shared_ptr<Worker>> workers;
+  for (int i = 0; i < n; ++i) workers.push_back(co_await master.fork(serve_on_port_zero()));
+  unsigned short port = 0;
+  for (auto& w : workers) {
+    Message m = co_await w->receive();
+    REQUIRE_MESSAGE(m.data.rfind("port ", 0) == 0, m.data);
+    port = static_cast<unsigned short>(std::stoi(m.data.substr(5)));
+    co_await w->listening();
+  }
+  co_return std::pair{std::move(workers), tcp::endpoint(loopback(1), port)};
+}
+
+// A user's routing function: the client 127.0.0.N goes to worker N (if it is live).
+struct by_last_octet {
+  int operator()(const Remote& remote, const HandoffListener::Members& live) const {
+    if (!remote.address().is_v4() || remote.port() == 0) return 0;
+    const int id = remote.address().to_v4().to_bytes()[3];
+    return live.count(id) ? id : 0;
+  }
+};
+
+static_assert(cocluster::Policy<Dispatch<by_last_octet>> && cocluster::Policy<Sticky>);
+
+}  // namespace
+
+TEST_CASE("a user-written Dispatch function routes each connection by the client's address") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<Dispatch<by_last_octet>> master(io.get_executor(), {}, Dispatch(by_last_octet{}));
+    auto [workers, where] = co_await start_serving(master, 3);
+    auto served = co_await ask_from_sources(where, 3, 20, 6);
+    CHECK(served == std::map<int, std::map<int, int>>{{1, {{1, 20}}}, {2, {{2, 20}}}, {3, {{3, 20}}}});
+    co_await master.disconnect();
+  });
+}
+
+TEST_CASE("Dispatch with a lambda: a connection for a worker that is not live waits until one is") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    // Clients from 127.0.0.2 belong to worker 2, which does not exist until forked below.
+    auto route = [](const Remote& r, const HandoffListener::Members&) { return r.address().to_v4().to_bytes()[3] == 2 ? 2 : 1; };
+    Master<Dispatch<decltype(route)>> master(io.get_executor(), {}, Dispatch(route));
+    auto [workers, where] = co_await start_serving(master, 1);
+    int answered_by = -1;
+    asio::co_spawn(io, ask_from(loopback(2), where), [&](std::exception_ptr e, int id) { answered_by = e ? -2 : id; });
+    auto first = co_await ask_from_sources(where, 1, 5, 1);  // 127.0.0.1 is served meanwhile
+    CHECK(first == std::map<int, std::map<int, int>>{{1, {{1, 5}}}});
+    CHECK(answered_by == -1);  // still waiting: worker 2 is not there
+    auto second = co_await master.fork(serve_on_port_zero());
+    (void)co_await second->receive();
+    asio::steady_timer poll(io);
+    while (answered_by == -1) {
+      poll.expires_after(5ms);
+      co_await poll.async_wait(use_awaitable);
+    }
+    CHECK(answered_by == 2);
+    co_await master.disconnect();
+  });
+}
+
+TEST_CASE("Sticky: 1,000 connections from 10 addresses each stay on one worker; a SIGKILLed worker moves only its own clients") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<Sticky> master(io.get_executor());
+    auto [workers, where] = co_await start_serving(master, 4);
+    auto before = co_await ask_from_sources(where, 10, 100, 16);
+    std::map<int, int> owner;  // source octet -> worker id
+    std::set<int> used;
+    for (auto& [octet, by_worker] : before) {
+      CHECK_MESSAGE(by_worker.size() == 1, "127.0.0.", octet, " reached ", by_worker.size(), " workers");
+      owner[octet] = by_worker.begin()->first;
+      CHECK(by_worker.begin()->first != 0);
+      CHECK(by_worker.begin()->second == 100);
+      used.insert(owner[octet]);
+    }
+    REQUIRE(owner.size() == 10);
+    CHECK(used.size() >= 2);  // the hash spreads clients (fixed ids and addresses: deterministic)
+
+    const int victim = owner[1];
+    workers[static_cast<std::size_t>(victim - 1)]->signal(SIGKILL);
+    ExitStatus status = co_await workers[static_cast<std::size_t>(victim - 1)]->exited();
+    CHECK(status.signal == SIGKILL);
+
+    auto after = co_await ask_from_sources(where, 10, 100, 16);
+    for (auto& [octet, by_worker] : after) {
+      CHECK_MESSAGE(by_worker.size() == 1, "127.0.0.", octet, " reached ", by_worker.size(), " workers after the kill");
+      const int now = by_worker.begin()->first;
+      CHECK(now != 0);
+      CHECK(now != victim);
+      if (owner[octet] != victim) CHECK_MESSAGE(now == owner[octet], "127.0.0.", octet, " moved from worker ", owner[octet], " to ", now);
+    }
+    co_await master.disconnect();
+  });
+}
+
+TEST_CASE("RuntimePolicy knows sticky by name") {
+  ::setenv("COCLUSTER_SCHED_POLICY", "sticky", 1);
+  CHECK(RuntimePolicy().resolve() == Scheduling::sticky);
+  ::unsetenv("COCLUSTER_SCHED_POLICY");
+  CHECK(parse_scheduling("sticky") == Scheduling::sticky);
+  CHECK_FALSE(parse_scheduling("Sticky"));
+}
