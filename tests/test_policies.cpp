@@ -94,9 +94,42 @@ struct by_last_octet {
   }
 };
 
-static_assert(cocluster::Policy<Dispatch<by_last_octet>> && cocluster::Policy<Sticky>);
+static_assert(cocluster::Policy<Dispatch<by_last_octet>> && cocluster::Policy<Sticky> &&
+              cocluster::Policy<LeastConnections>);
+
+// Answers "worker <id>\n" to each line "hi" (then closes) or "hold" (then keeps the connection
+// open); after the TEST_HOLD-th held connection, tells the master "holding N".
+awaitable<void> hold_worker() {
+  auto ex = co_await asio::this_coro::executor;
+  auto server = co_await this_worker.listen(tcp::endpoint(asio::ip::address_v4::loopback(), 0));
+  co_await this_worker.send(Message("port " + std::to_string(server.local_endpoint().port())));
+  const std::size_t hold = std::stoul(std::getenv("TEST_HOLD"));
+  auto held = std::make_shared<std::vector<tcp::socket>>();
+  for (;;) {
+    auto [ec, socket] = co_await server.accept(as_tuple_t{});
+    if (ec) co_return;
+    asio::co_spawn(ex, [s = std::move(socket), held, hold]() mutable -> awaitable<void> {
+      std::string line;
+      auto [rec, n] = co_await asio::async_read_until(s, asio::dynamic_buffer(line), '\n', as_tuple_t{});
+      if (rec) co_return;
+      const std::string reply = "worker " + std::to_string(this_worker.id()) + "\n";
+      co_await asio::async_write(s, asio::buffer(reply), as_tuple_t{});
+      if (line != "hold\n") co_return;
+      held->push_back(std::move(s));
+      if (held->size() == hold) co_await this_worker.send(Message("holding " + std::to_string(hold)));
+    }, asio::detached);
+  }
+}
 
 }  // namespace
+
+WORKER_SCENARIO(hold) {
+  asio::io_context io;
+  this_worker.start(io.get_executor());
+  asio::co_spawn(io, hold_worker(), asio::detached);
+  io.run();
+  return 0;
+}
 
 TEST_CASE("a user-written Dispatch function routes each connection by the client's address") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
@@ -171,4 +204,48 @@ TEST_CASE("RuntimePolicy knows sticky by name") {
   ::unsetenv("COCLUSTER_SCHED_POLICY");
   CHECK(parse_scheduling("sticky") == Scheduling::sticky);
   CHECK_FALSE(parse_scheduling("Sticky"));
+}
+
+TEST_CASE("LeastConnections: with one worker holding 50 idle connections, the next 50 go to the others") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<LeastConnections> master(io.get_executor());
+    Env env = scenario_env("hold");
+    env["TEST_HOLD"] = "50";
+    auto first = co_await master.fork(env);
+    const std::string report = (co_await first->receive()).data;
+    REQUIRE(report.rfind("port ", 0) == 0);
+    const tcp::endpoint where(loopback(1), static_cast<unsigned short>(std::stoi(report.substr(5))));
+    std::vector<tcp::socket> held;
+    for (int i = 0; i < 50; ++i) {  // the only worker takes them all, and keeps them
+      tcp::socket s(io);
+      co_await s.async_connect(where, use_awaitable);
+      co_await asio::async_write(s, asio::buffer("hold\n", 5), use_awaitable);
+      std::string line;
+      co_await asio::async_read_until(s, asio::dynamic_buffer(line), '\n', use_awaitable);
+      REQUIRE(line == "worker 1\n");
+      held.push_back(std::move(s));
+    }
+    // Sent after its count of 50 (the channel is in order): the master knows it now.
+    CHECK((co_await first->receive()).data == "holding 50");
+    std::vector<std::shared_ptr<Worker>> others;
+    for (int i = 0; i < 2; ++i) {
+      others.push_back(co_await master.fork(env));
+      CHECK((co_await others.back()->receive()).data == report);
+      co_await others.back()->listening();
+    }
+    auto served = co_await ask_from_sources(where, 1, 50, 8);
+    CHECK(served[1][1] == 0);
+    CHECK(served[1][2] + served[1][3] == 50);
+    CHECK(served[1][0] == 0);
+    // Worker 1 keeps its held connections (a disconnect would wait for them): end them all.
+    for (auto& [id, w] : master.workers()) w->kill();
+    co_await first->exited();
+    for (auto& w : others) co_await w->exited();
+  });
+}
+
+TEST_CASE("RuntimePolicy knows leastconn by name") {
+  ::setenv("COCLUSTER_SCHED_POLICY", "leastconn", 1);
+  CHECK(RuntimePolicy().resolve() == Scheduling::least_connections);
+  ::unsetenv("COCLUSTER_SCHED_POLICY");
 }

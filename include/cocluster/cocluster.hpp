@@ -14,6 +14,7 @@
 #include "cocluster/message.hpp"
 #include "cocluster/policy/dispatch.hpp"
 #include "cocluster/policy/handoff_listener.hpp"
+#include "cocluster/policy/least_connections.hpp"
 #include "cocluster/policy/policy.hpp"
 #include "cocluster/policy/remote.hpp"
 #include "cocluster/policy/round_robin.hpp"

@@ -137,6 +137,16 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   virtual void on_acknowledged(const Member&) {}  // in_flight no longer counts it
 
   const Members& members() const noexcept { return members_; }
+  // Asks member `id` to report its open connections (once per worker, whatever the listener);
+  // open_connections(id) is then its last report: every connection it has open, on any server,
+  // including the ones it was handed and has not accepted yet (0 before its first report).
+  void count_connections(int id) {
+    if (auto it = links_.find(id); it != links_.end()) it->second->count_connections();
+  }
+  std::uint32_t open_connections(int id) const noexcept {
+    auto it = links_.find(id);
+    return it == links_.end() ? 0 : it->second->open_connections();
+  }
   const Address& address() const noexcept { return address_; }
   std::uint32_t id() const noexcept { return id_; }
 

@@ -1,7 +1,7 @@
 // RuntimePolicy: a policy chosen by name when the program runs (Node:
 // cluster.schedulingPolicy from NODE_CLUSTER_SCHED_POLICY). Node's rr and none, and ours
-// beyond Node: sticky.
-//   cocluster::Master<cocluster::RuntimePolicy> master(ex);   // COCLUSTER_SCHED_POLICY=rr|none|sticky
+// beyond Node: sticky, leastconn.
+//   cocluster::Master<cocluster::RuntimePolicy> master(ex);   // COCLUSTER_SCHED_POLICY=rr|none|sticky|leastconn
 //   cocluster::Master<cocluster::RuntimePolicy> master(ex, {}, {cocluster::Scheduling::shared});
 #pragma once
 
@@ -13,6 +13,7 @@
 #include <string>
 #include <string_view>
 
+#include "cocluster/policy/least_connections.hpp"
 #include "cocluster/policy/round_robin.hpp"
 #include "cocluster/policy/shared_socket.hpp"
 #include "cocluster/policy/sticky.hpp"
@@ -20,16 +21,17 @@
 namespace cocluster {
 
 // Node: cluster.SCHED_RR / cluster.SCHED_NONE; then the policies Node does not have.
-enum class Scheduling { round_robin, shared, sticky };
+enum class Scheduling { round_robin, shared, sticky, least_connections };
 
 // The names COCLUSTER_SCHED_POLICY takes, for messages.
-inline constexpr const char* scheduling_names = "rr or none, or beyond Node: sticky";
+inline constexpr const char* scheduling_names = "rr or none, or beyond Node: sticky or leastconn";
 
-// "rr" or "none" (Node's spellings), "sticky"; nullopt for anything else.
+// "rr" or "none" (Node's spellings), "sticky", "leastconn"; nullopt for anything else.
 inline std::optional<Scheduling> parse_scheduling(std::string_view name) {
   if (name == "rr") return Scheduling::round_robin;
   if (name == "none") return Scheduling::shared;
   if (name == "sticky") return Scheduling::sticky;
+  if (name == "leastconn") return Scheduling::least_connections;
   return std::nullopt;
 }
 
@@ -41,13 +43,14 @@ struct RuntimePolicy {
       : choice_(s ? *s : from_environment()), window_(window) {}
 
   Scheduling resolve() const noexcept { return choice_; }
-  std::size_t window() const noexcept { return window_; }  // as RoundRobin::window (Sticky's too)
+  std::size_t window() const noexcept { return window_; }  // as RoundRobin::window (and the others')
 
   std::shared_ptr<Listener> make_listener(ListenerArgs args) const {
     switch (choice_) {
       case Scheduling::round_robin: return RoundRobin{window_}.make_listener(std::move(args));
       case Scheduling::shared: return SharedSocket{}.make_listener(std::move(args));
       case Scheduling::sticky: return Sticky{window_}.make_listener(std::move(args));
+      case Scheduling::least_connections: return LeastConnections{window_}.make_listener(std::move(args));
     }
     return nullptr;  // not reached: every Scheduling is above
   }
