@@ -166,13 +166,13 @@ awaitable<int> serve_until_stopped(Master& master, std::vector<std::shared_ptr<c
 }
 
 // The reference's master: accept (never read), then send the socket to the chosen worker.
-awaitable<void> send_connections(tcp::acceptor& acceptor, std::shared_ptr<cocluster::Worker> normal,
+awaitable<void> send_connections(std::shared_ptr<tcp::acceptor> acceptor, std::shared_ptr<cocluster::Worker> normal,
                                  std::shared_ptr<cocluster::Worker> special, asio::ip::address special_address) {
-  asio::steady_timer pause(acceptor.get_executor());
+  asio::steady_timer pause(acceptor->get_executor());
   for (;;) {
     tcp::endpoint peer;  // from accept itself: the connection may be reset already
-    auto [ec, socket] = co_await acceptor.async_accept(peer, as_tuple(use_awaitable));
-    if (ec == asio::error::operation_aborted || !acceptor.is_open()) co_return;
+    auto [ec, socket] = co_await acceptor->async_accept(peer, as_tuple(use_awaitable));
+    if (ec == asio::error::operation_aborted || !acceptor->is_open()) co_return;
     if (ec) {  // EMFILE and the like: wait a moment rather than spin
       fmt::print(stderr, "priority_routing: accept: {}\n", ec.message());
       pause.expires_after(std::chrono::milliseconds(100));
@@ -188,7 +188,8 @@ awaitable<void> send_connections(tcp::acceptor& acceptor, std::shared_ptr<coclus
 
 awaitable<int> master_send(options o) {
   auto ex = co_await asio::this_coro::executor;
-  tcp::acceptor acceptor(ex, tcp::endpoint(asio::ip::make_address(o.host), static_cast<unsigned short>(o.port)));
+  auto acceptor =
+      std::make_shared<tcp::acceptor>(ex, tcp::endpoint(asio::ip::make_address(o.host), static_cast<unsigned short>(o.port)));
   cocluster::Master<> master(ex);
   // child_process.fork('subprocess.js', ['normal']) (a variable first: GCC 12 mishandles a
   // braced list inside co_await).
@@ -197,12 +198,12 @@ awaitable<int> master_send(options o) {
   auto special = co_await master.fork(cocluster::Env(), as_special);
   co_await normal->online();
   co_await special->online();
-  fmt::print("listening on {}:{}\n", o.host, acceptor.local_endpoint().port());
+  fmt::print("listening on {}:{}\n", o.host, acceptor->local_endpoint().port());
   std::fflush(stdout);
   asio::co_spawn(ex, send_connections(acceptor, normal, special, o.special), asio::detached);
   std::vector<std::shared_ptr<cocluster::Worker>> both{normal, special};
   const int code = co_await serve_until_stopped(master, std::move(both));
-  acceptor.close();
+  acceptor->close();
   co_return code;
 }
 

@@ -16,6 +16,7 @@
 #include <concepts>
 #include <cstddef>
 #include <memory>
+#include <type_traits>
 #include <utility>
 
 #include "cocluster/policy/handoff_listener.hpp"

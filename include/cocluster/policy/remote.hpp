@@ -10,6 +10,7 @@
 
 #include <asio/ip/address.hpp>
 
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <string_view>
