@@ -3,7 +3,7 @@
 //   cocluster::Master<cocluster::LeastConnections> master(ex);   // COCLUSTER_SCHED_POLICY=leastconn
 // Each worker reports its count of open connections (OpenConnections, coalesced: at most one
 // message per turn of its event loop, and only when the count changed); the master adds what
-// it has handed to the worker since and not yet had acknowledged. Ties go to the lowest id.
+// it has handed to the worker and not yet had acknowledged. Equal loads take turns.
 // The master accepts and hands off as RoundRobin does.
 #pragma once
 
@@ -27,19 +27,28 @@ class least_connections_listener final : public HandoffListener {
       : HandoffListener(std::move(args)), window_(window) {}
 
  private:
+  // Looks at the members in turn from the one after the last chosen, so that equal loads
+  // rotate (HAProxy's leastconn does round robin among equals too).
   int choose() override {
+    const auto& all = members();
+    if (all.empty()) return 0;
     int best = 0;
     std::size_t best_load = 0;
-    for (auto& [id, m] : members()) {
+    auto it = all.upper_bound(last_);
+    for (std::size_t n = 0; n < all.size(); ++n, ++it) {
+      if (it == all.end()) it = all.begin();
+      const Member& m = it->second;
       if (m.in_flight >= window_) continue;
-      const std::size_t load = open_connections(id) + m.in_flight;
-      if (best == 0 || load < best_load) best = id, best_load = load;
+      const std::size_t load = open_connections(m.id) + m.in_flight;
+      if (best == 0 || load < best_load) best = m.id, best_load = load;
     }
     return best;
   }
   void on_joined(const Member& m) override { count_connections(m.id); }
+  void on_handed(const Member& m) override { last_ = m.id; }
 
   std::size_t window_;
+  int last_ = 0;  // the member handed the last connection
 };
 
 }  // namespace detail
