@@ -171,7 +171,9 @@ TEST_CASE("Sticky: 1,000 connections from 10 addresses each stay on one worker; 
     auto before = co_await ask_from_sources(where, 10, 100, 16);
     std::map<int, int> owner;  // source octet -> worker id
     std::set<int> used;
-    for (auto& [octet, by_worker] : before) {
+    for (auto& entry : before) {  // (no structured bindings: clang before 16 cannot use them in CHECK_MESSAGE)
+      const int octet = entry.first;
+      const auto& by_worker = entry.second;
       CHECK_MESSAGE(by_worker.size() == 1, "127.0.0.", octet, " reached ", by_worker.size(), " workers");
       owner[octet] = by_worker.begin()->first;
       CHECK(by_worker.begin()->first != 0);
@@ -187,7 +189,9 @@ TEST_CASE("Sticky: 1,000 connections from 10 addresses each stay on one worker; 
     CHECK(status.signal == SIGKILL);
 
     auto after = co_await ask_from_sources(where, 10, 100, 16);
-    for (auto& [octet, by_worker] : after) {
+    for (auto& entry : after) {
+      const int octet = entry.first;
+      const auto& by_worker = entry.second;
       CHECK_MESSAGE(by_worker.size() == 1, "127.0.0.", octet, " reached ", by_worker.size(), " workers after the kill");
       const int now = by_worker.begin()->first;
       CHECK(now != 0);
