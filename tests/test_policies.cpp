@@ -1,9 +1,11 @@
-// The dispatch policies beyond Node: a user's Dispatch<F>, and Sticky. Real workers (the
-// `serve` scenario of test_listen.cpp: "port N", then "worker <id>\n" per connection) and
-// clients bound to 127.0.0.x source addresses.
+// The dispatch policies beyond Node: a user's Dispatch<F>, Sticky (IPv4 and IPv6) and
+// LeastConnections. Real workers (the `serve` scenario of test_listen.cpp: "port N", then
+// "worker <id>\n" per connection, or `hold` below) and clients bound to 127.0.0.x addresses.
 #include "cocluster/policy/dispatch.hpp"
 
+#include <arpa/inet.h>
 #include <doctest/doctest.h>
+#include <netinet/in.h>
 
 #include <map>
 #include <set>
@@ -252,4 +254,69 @@ TEST_CASE("RuntimePolicy knows leastconn by name") {
   ::setenv("COCLUSTER_SCHED_POLICY", "leastconn", 1);
   CHECK(RuntimePolicy().resolve() == Scheduling::least_connections);
   ::unsetenv("COCLUSTER_SCHED_POLICY");
+}
+
+TEST_CASE("Remote reads IPv4 and IPv6 peers; Sticky's hash is the address's, not the port's") {
+  sockaddr_in6 a6{};
+  a6.sin6_family = AF_INET6;
+  a6.sin6_port = htons(1000);
+  ::inet_pton(AF_INET6, "2001:db8::7", &a6.sin6_addr);
+  sockaddr_in6 b6 = a6;
+  b6.sin6_port = htons(2000);
+  const std::string bytes_a(reinterpret_cast<const char*>(&a6), sizeof a6), bytes_b(reinterpret_cast<const char*>(&b6), sizeof b6);
+  const Remote ra(bytes_a), rb(bytes_b);
+  CHECK(ra.family() == AF_INET6);
+  CHECK(ra.address() == asio::ip::make_address("2001:db8::7"));
+  CHECK(ra.port() == 1000);
+  CHECK(ra.address_bytes().size() == 16);
+  CHECK(ra.address_bytes() == rb.address_bytes());
+  CHECK(cocluster::detail::hash_address(ra.address_bytes()) == cocluster::detail::hash_address(rb.address_bytes()));
+
+  sockaddr_in a4{};
+  a4.sin_family = AF_INET;
+  a4.sin_port = htons(80);
+  ::inet_pton(AF_INET, "192.0.2.9", &a4.sin_addr);
+  const std::string bytes4(reinterpret_cast<const char*>(&a4), sizeof a4);
+  const Remote r4(bytes4);
+  CHECK(r4.family() == AF_INET);
+  CHECK(r4.address() == asio::ip::make_address("192.0.2.9"));
+  CHECK(r4.port() == 80);
+  CHECK(r4.address_bytes().size() == 4);
+  CHECK(Remote().family() == AF_UNSPEC);
+  CHECK(Remote().address_bytes().empty());
+}
+
+TEST_CASE("Sticky over IPv6: every connection from ::1 reaches one worker") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<Sticky> master(io.get_executor());
+    Env env = scenario_env("serve");
+    env["TEST_LISTEN"] = "tcp6:::1:0";
+    std::vector<std::shared_ptr<Worker>> workers;
+    for (int i = 0; i < 3; ++i) workers.push_back(co_await master.fork(env));
+    unsigned short port = 0;
+    for (auto& w : workers) {
+      Message m = co_await w->receive();
+      if (m.data.rfind("error", 0) == 0) {  // no IPv6 loopback on this machine
+        MESSAGE("skipped: ", m.data);
+        co_await master.disconnect();
+        co_return;
+      }
+      REQUIRE_MESSAGE(m.data.rfind("port ", 0) == 0, m.data);
+      port = static_cast<unsigned short>(std::stoi(m.data.substr(5)));
+      co_await w->listening();
+    }
+    const tcp::endpoint where(asio::ip::address_v6::loopback(), port);
+    std::set<int> answered_by;
+    for (int i = 0; i < 30; ++i) {
+      tcp::socket s(io);
+      co_await s.async_connect(where, use_awaitable);
+      co_await asio::async_write(s, asio::buffer("hi\n", 3), use_awaitable);
+      std::string reply;
+      co_await asio::async_read(s, asio::dynamic_buffer(reply), as_tuple_t{});
+      REQUIRE(reply.rfind("worker ", 0) == 0);
+      answered_by.insert(std::stoi(reply.substr(7)));
+    }
+    CHECK(answered_by.size() == 1);
+    co_await master.disconnect();
+  });
 }
