@@ -132,16 +132,15 @@ class Master {
   // operation is initiated; no cancellation (it completes at once).
   template <class CompletionToken = asio::use_awaitable_t<>>
   auto fork(Env env = {}, CompletionToken&& token = {}) {
-    auto shared_env = std::make_shared<Env>(std::move(env));
-    return detail::async_operation<void(std::error_code, std::shared_ptr<Worker>)>(
-        std::forward<CompletionToken>(token),
-        [this, shared_env]() -> std::optional<detail::op_result<std::shared_ptr<Worker>>> {
-          std::optional<std::system_error> failure;
-          auto w = start_worker(*shared_env, failure);
-          if (failure) return detail::op_result<std::shared_ptr<Worker>>{failure->code(), {nullptr}, failure->what()};
-          return detail::op_result<std::shared_ptr<Worker>>{{}, {std::move(w)}, {}};
-        },
-        initiate_fork{this, shared_env});
+    return fork_with(std::move(env), nullptr, std::forward<CompletionToken>(token));
+  }
+  // The same, with `args` as this worker's arguments instead of Settings::args (Node:
+  // child_process.fork(modulePath, args); cluster.fork() has no such parameter):
+  //   auto special = co_await master.fork({}, std::vector<std::string>{"special"});
+  template <class CompletionToken = asio::use_awaitable_t<>>
+  auto fork(Env env, std::vector<std::string> args, CompletionToken&& token = {}) {
+    return fork_with(std::move(env), std::make_shared<const std::vector<std::string>>(std::move(args)),
+                     std::forward<CompletionToken>(token));
   }
 
   // Node: cluster.workers. A worker leaves after both its disconnect and its exit (before
@@ -196,14 +195,29 @@ class Master {
  private:
   static constexpr const char* self_exe = "/proc/self/exe";
 
+  template <class CompletionToken>
+  auto fork_with(Env env, std::shared_ptr<const std::vector<std::string>> args, CompletionToken&& token) {
+    auto shared_env = std::make_shared<Env>(std::move(env));
+    return detail::async_operation<void(std::error_code, std::shared_ptr<Worker>)>(
+        std::forward<CompletionToken>(token),
+        [this, shared_env, args]() -> std::optional<detail::op_result<std::shared_ptr<Worker>>> {
+          std::optional<std::system_error> failure;
+          auto w = start_worker(*shared_env, args.get(), failure);
+          if (failure) return detail::op_result<std::shared_ptr<Worker>>{failure->code(), {nullptr}, failure->what()};
+          return detail::op_result<std::shared_ptr<Worker>>{{}, {std::move(w)}, {}};
+        },
+        initiate_fork{this, shared_env, args});
+  }
+
   struct initiate_fork {
     Master* self;
     std::shared_ptr<Env> env;
+    std::shared_ptr<const std::vector<std::string>> args;  // null: Settings::args
     template <class Handler>
     void operator()(Handler&& handler) const {
       detail::pending_handler<std::shared_ptr<Worker>> h(std::forward<Handler>(handler), self->state_->ex);
       std::optional<std::system_error> failure;
-      auto w = self->start_worker(*env, failure);
+      auto w = self->start_worker(*env, args.get(), failure);
       h.complete(failure ? failure->code() : std::error_code(), std::move(w));
     }
   };
@@ -248,7 +262,8 @@ class Master {
     }
   }
 
-  std::shared_ptr<Worker> start_worker(const Env& env, std::optional<std::system_error>& failure) {
+  std::shared_ptr<Worker> start_worker(const Env& env, const std::vector<std::string>* args,
+                                       std::optional<std::system_error>& failure) {
     run_setup();
     const int id = ++last_id_;
     try {
@@ -267,7 +282,8 @@ class Master {
       r.exec = settings_.exec;
       // This executable again: argv[0] is the master's own (what `ps` shows), as for a fork.
       r.argv.push_back(r.exec == self_exe && !command_line_.empty() ? command_line_.front() : r.exec);
-      r.argv.insert(r.argv.end(), settings_.args->begin(), settings_.args->end());
+      if (!args) args = &*settings_.args;
+      r.argv.insert(r.argv.end(), args->begin(), args->end());
       r.env = detail::worker_environment(settings_.env, env, id);
       r.cwd = settings_.cwd;
       r.uid = settings_.uid;

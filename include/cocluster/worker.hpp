@@ -305,7 +305,9 @@ class Worker : public std::enable_shared_from_this<Worker> {
             if (listeners) listeners->accepted(*link_, m);
           } else if constexpr (std::is_same_v<T, p::Close>) {
             if (listeners) listeners->close(*link_, m.server);
-          } else {  // Disconnect, QueryReply, NewConn: the master's messages
+          } else if constexpr (std::is_same_v<T, p::OpenConnections>) {
+            link_->reported_open_connections(m.count);
+          } else {  // Disconnect, QueryReply, NewConn, CountConnections: the master's messages
             return protocol_error("unexpected internal message from the worker");
           }
           return true;

@@ -63,8 +63,17 @@ struct Close {  // worker -> master: my server `server` is closed
   std::uint32_t server = 0;
 };
 
-using InternalMessage =
-    std::variant<Online, Disconnect, ExitedAfterDisconnect, QueryServer, QueryReply, Listening, NewConn, Accepted, Close>;
+// master -> worker: report how many connections you have open (LeastConnections asks once).
+struct CountConnections {};
+
+// worker -> master: my open connections, after CountConnections. Coalesced: at most one per
+// turn of the worker's event loop, and only when the count changed since the last one.
+struct OpenConnections {
+  std::uint32_t count = 0;
+};
+
+using InternalMessage = std::variant<Online, Disconnect, ExitedAfterDisconnect, QueryServer, QueryReply, Listening,
+                                     NewConn, Accepted, Close, CountConnections, OpenConnections>;
 
 // The tag of each message is its index in InternalMessage plus one.
 template <class T>
@@ -148,6 +157,8 @@ template <class Stream> void fields(Stream& s, Listening& m) { s& m.server; }
 template <class Stream> void fields(Stream& s, NewConn& m) { s& m.server& m.seq& m.remote; }
 template <class Stream> void fields(Stream& s, Accepted& m) { s& m.server& m.seq& m.ok; }
 template <class Stream> void fields(Stream& s, Close& m) { s& m.server; }
+template <class Stream> void fields(Stream&, CountConnections&) {}
+template <class Stream> void fields(Stream& s, OpenConnections& m) { s& m.count; }
 
 // `s & field` writes or reads, so one list of fields serves both.
 struct encoding {

@@ -8,6 +8,8 @@
 //       return 0;
 //     }
 //   };
+// A policy that routes by the client's address also overrides choose_for(const Remote&),
+// asked once the connection is accepted (Dispatch and Sticky do).
 // The master accepts (accept4; raw fds, never read, never registered with Asio) only while
 // choose() names a worker, so connections otherwise wait in the kernel's backlog. It keeps its
 // copy of each connection until the worker's `accepted`: a connection handed to a worker that
@@ -29,6 +31,7 @@
 #include "cocluster/detail/log.hpp"
 #include "cocluster/detail/master/sockets.hpp"
 #include "cocluster/policy/policy.hpp"
+#include "cocluster/policy/remote.hpp"
 
 namespace cocluster {
 
@@ -36,6 +39,10 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
  public:
   // How long accepting pauses after EMFILE, ENFILE, ENOBUFS or ENOMEM.
   static constexpr std::chrono::milliseconds accept_retry_delay{100};
+  // Accepted connections the master holds while the workers chosen for them cannot take them
+  // (Dispatch, Sticky: their worker's window is full, or it is not there); past it, accepting
+  // waits and the rest stay in the kernel's backlog.
+  static constexpr std::size_t max_waiting = 256;
 
   // A worker holding this listener, as choose() sees it.
   struct Member {
@@ -43,6 +50,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     pid_t pid = 0;
     std::size_t in_flight = 0;  // handed to it and not yet acknowledged
   };
+  using Members = std::map<int, Member>;  // by worker id
 
   explicit HandoffListener(ListenerArgs args)
       : id_(args.id),
@@ -116,6 +124,11 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   // accepting waits until a worker joins or acknowledges. Called before each accept and each
   // hand-off; it must not change what it would answer (the hooks below are for that).
   virtual int choose() = 0;
+  // The worker that takes this accepted connection from `remote`: by default choose()'s
+  // answer. 0 (or a worker that is no member) keeps it waiting, in order, until a worker
+  // joins, leaves or acknowledges. Called per connection on the hand-off path: no blocking,
+  // and better no allocation. Same rule as choose(): the hooks change the state.
+  virtual int choose_for(const Remote& /*remote*/) { return choose(); }
 
   // After the bookkeeping of each event, for a policy's own state.
   virtual void on_joined(const Member&) {}
@@ -123,7 +136,17 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   virtual void on_handed(const Member&) {}        // in_flight counts the new hand-off
   virtual void on_acknowledged(const Member&) {}  // in_flight no longer counts it
 
-  const std::map<int, Member>& members() const noexcept { return members_; }
+  const Members& members() const noexcept { return members_; }
+  // Asks member `id` to report its open connections (once per worker, whatever the listener);
+  // open_connections(id) is then its last report: every connection it has open, on any server,
+  // including the ones it was handed and has not accepted yet (0 before its first report).
+  void count_connections(int id) {
+    if (auto it = links_.find(id); it != links_.end()) it->second->count_connections();
+  }
+  std::uint32_t open_connections(int id) const noexcept {
+    auto it = links_.find(id);
+    return it == links_.end() ? 0 : it->second->open_connections();
+  }
   const Address& address() const noexcept { return address_; }
   std::uint32_t id() const noexcept { return id_; }
 
@@ -141,46 +164,58 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     const int id = choose();
     return id != 0 && members_.count(id) ? id : 0;
   }
+  int pick_for(const connection& c) {
+    const int id = choose_for(Remote(c.remote));
+    return id != 0 && members_.count(id) ? id : 0;
+  }
 
-  // Waiting connections first, to chosen workers in turn; then accept more while one is chosen.
+  // Waiting connections first, in order, each to the worker chosen for it (one waiting for a
+  // worker that cannot take it now does not hold up the others); then accept more.
   void distribute() {
-    while (!backlog_.empty()) {
-      const int id = pick();
-      if (id == 0) return;
-      connection c = std::move(backlog_.front());
-      backlog_.pop_front();
-      hand_off(id, std::move(c));
+    for (std::size_t i = 0; i < backlog_.size() && pick() != 0;) {
+      const int id = pick_for(backlog_[i]);
+      if (id == 0) {
+        ++i;
+        continue;
+      }
+      connection c = std::move(backlog_[i]);
+      backlog_.erase(backlog_.begin() + static_cast<std::ptrdiff_t>(i));
+      if (!hand_off(id, c)) backlog_.insert(backlog_.begin() + static_cast<std::ptrdiff_t>(i), std::move(c));
     }
     accept_now();
   }
 
-  void hand_off(int id, connection c) {
+  // False if `id`'s channel is ending (then `c` is still the caller's): left() follows and
+  // gives back what it holds; until then it takes nothing.
+  bool hand_off(int id, connection& c) {
     const std::uint32_t seq = ++last_seq_;
     // The channel shares our fd until the frame is written; we keep it until `accepted`.
     if (!links_.at(id)->send(ipc::protocol::NewConn{id_, seq, c.remote}, tag_, c.fd)) {
-      backlog_.push_front(std::move(c));  // its channel is ending: left() follows and
-      members_.erase(id);                 // gives back what it holds; until then it takes nothing
+      members_.erase(id);
       on_left(id);
-      return;
+      return false;
     }
     unacked_.emplace(seq, handed{id, std::move(c)});
     Member& m = members_.at(id);
     ++m.in_flight;
     on_handed(m);
+    return true;
   }
 
-  // Accepts while a worker is chosen; waits for readiness only when nothing is pending.
+  // Accepts while a worker is chosen and fewer than max_waiting wait here; waits for
+  // readiness only when the kernel has nothing more.
   void accept_now() {
     if (waiting_ || paused_ || !socket_.is_open()) return;
-    while (backlog_.empty()) {
-      const int id = pick();
-      if (id == 0) return;
+    while (backlog_.size() < max_waiting && pick() != 0) {
       std::string remote;
       std::error_code ec;
       detail::unique_fd fd = detail::accept_connection(socket_.native_handle(), remote, ec);
       if (fd) {
-        hand_off(id, {std::make_shared<const detail::unique_fd>(std::move(fd)), std::move(remote)});
-        if (!backlog_.empty()) return distribute();  // that worker is going: give it to another
+        connection c{std::make_shared<const detail::unique_fd>(std::move(fd)), std::move(remote)};
+        const int to = pick_for(c);
+        if (to != 0 && hand_off(to, c)) continue;
+        backlog_.push_back(std::move(c));  // for a worker that cannot take it now, or is going
+        if (to != 0) return distribute();  // going: another worker may take it
         continue;
       }
       if (!ec) return wait_readable();
@@ -214,9 +249,9 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   asio::posix::stream_descriptor socket_;
   asio::steady_timer retry_;
   detail::handle_tag tag_;                   // what a connection travels as (TCP or Unix socket)
-  std::map<int, Member> members_;            // workers holding this listener, by id
+  Members members_;            // workers holding this listener, by id
   std::map<int, std::shared_ptr<WorkerLink>> links_;
-  std::deque<connection> backlog_;           // accepted, waiting for a chosen worker
+  std::deque<connection> backlog_;           // accepted, waiting for a chosen worker, in order
   std::map<std::uint32_t, handed> unacked_;  // handed off, not yet acknowledged, by seq
   std::uint32_t last_seq_ = 0;
   bool waiting_ = false;

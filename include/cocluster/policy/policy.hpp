@@ -8,8 +8,8 @@
 //
 // The master calls make_listener when the first worker listens on a key (Node's key:
 // address:port:type:fd:index) and keeps the Listener until no worker holds it. The Listener
-// owns the listening socket and what happens on the four events below. RoundRobin and
-// SharedSocket are written this way (policy/round_robin.hpp, policy/shared_socket.hpp);
+// owns the listening socket and what happens on the four events below. RoundRobin,
+// SharedSocket, LeastConnections, Sticky and Dispatch<F> are written this way (policy/*.hpp);
 // HandoffListener (policy/handoff_listener.hpp) does the hand-off bookkeeping for policies
 // where the master accepts and chooses a worker per connection, so such a policy only says
 // which worker takes the next one. UDP listeners are always shared, whatever the policy.

@@ -1,6 +1,7 @@
-// RuntimePolicy: RoundRobin or SharedSocket, chosen when the program runs (Node:
-// cluster.schedulingPolicy from NODE_CLUSTER_SCHED_POLICY).
-//   cocluster::Master<cocluster::RuntimePolicy> master(ex);   // COCLUSTER_SCHED_POLICY=rr|none
+// RuntimePolicy: a policy chosen by name when the program runs (Node:
+// cluster.schedulingPolicy from NODE_CLUSTER_SCHED_POLICY). Node's rr and none, and ours
+// beyond Node: sticky, leastconn.
+//   cocluster::Master<cocluster::RuntimePolicy> master(ex);   // COCLUSTER_SCHED_POLICY=rr|none|sticky|leastconn
 //   cocluster::Master<cocluster::RuntimePolicy> master(ex, {}, {cocluster::Scheduling::shared});
 #pragma once
 
@@ -12,18 +13,25 @@
 #include <string>
 #include <string_view>
 
+#include "cocluster/policy/least_connections.hpp"
 #include "cocluster/policy/round_robin.hpp"
 #include "cocluster/policy/shared_socket.hpp"
+#include "cocluster/policy/sticky.hpp"
 
 namespace cocluster {
 
-// Node: cluster.SCHED_RR / cluster.SCHED_NONE.
-enum class Scheduling { round_robin, shared };
+// Node: cluster.SCHED_RR / cluster.SCHED_NONE; then the policies Node does not have.
+enum class Scheduling { round_robin, shared, sticky, least_connections };
 
-// "rr" or "none" (Node's spellings); nullopt for anything else.
+// The names COCLUSTER_SCHED_POLICY takes, for messages.
+inline constexpr const char* scheduling_names = "rr or none, or beyond Node: sticky or leastconn";
+
+// "rr" or "none" (Node's spellings), "sticky", "leastconn"; nullopt for anything else.
 inline std::optional<Scheduling> parse_scheduling(std::string_view name) {
   if (name == "rr") return Scheduling::round_robin;
   if (name == "none") return Scheduling::shared;
+  if (name == "sticky") return Scheduling::sticky;
+  if (name == "leastconn") return Scheduling::least_connections;
   return std::nullopt;
 }
 
@@ -35,11 +43,16 @@ struct RuntimePolicy {
       : choice_(s ? *s : from_environment()), window_(window) {}
 
   Scheduling resolve() const noexcept { return choice_; }
-  std::size_t window() const noexcept { return window_; }  // as RoundRobin::window
+  std::size_t window() const noexcept { return window_; }  // as RoundRobin::window (and the others')
 
   std::shared_ptr<Listener> make_listener(ListenerArgs args) const {
-    if (choice_ == Scheduling::round_robin) return RoundRobin{window_}.make_listener(std::move(args));
-    return SharedSocket{}.make_listener(std::move(args));
+    switch (choice_) {
+      case Scheduling::round_robin: return RoundRobin{window_}.make_listener(std::move(args));
+      case Scheduling::shared: return SharedSocket{}.make_listener(std::move(args));
+      case Scheduling::sticky: return Sticky{window_}.make_listener(std::move(args));
+      case Scheduling::least_connections: return LeastConnections{window_}.make_listener(std::move(args));
+    }
+    return nullptr;  // not reached: every Scheduling is above
   }
 
  private:
@@ -48,7 +61,7 @@ struct RuntimePolicy {
       const char* value = std::getenv(name);
       if (!value || !*value) continue;
       if (auto s = parse_scheduling(value)) return *s;
-      throw std::invalid_argument(std::string(name) + "=" + value + ": expected rr or none");
+      throw std::invalid_argument(std::string(name) + "=" + value + ": expected " + scheduling_names);
     }
     return Scheduling::round_robin;
   }

@@ -310,6 +310,8 @@ class runtime {
       }
       if (d == delivery::refused)  // the master gives it to another worker; its fd is closed
         send_internal(p::Accepted{conn->server, conn->seq, false});
+    } else if (std::holds_alternative<p::CountConnections>(*m)) {
+      link_.report_connections();
     } else if (std::holds_alternative<p::Disconnect>(*m)) {
       debug("Worker {} disconnect requested by the master", id_);
       leave(intent::disconnect);

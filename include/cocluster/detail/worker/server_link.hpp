@@ -9,6 +9,7 @@
 #include <asio/async_result.hpp>
 #include <asio/post.hpp>
 
+#include <algorithm>
 #include <cstdint>
 #include <list>
 #include <map>
@@ -53,6 +54,7 @@ class server_link {
   // disconnect can wait until every connection is gone (Node: server.close() waits for them).
   asio::any_io_executor connection_executor() {
     ++live_connections_;
+    count_changed();
     return tracked_executor(channel_.get_executor(), std::make_shared<connection_token>(this));
   }
 
@@ -88,6 +90,13 @@ class server_link {
   }
 
   std::size_t live_connections() const noexcept { return live_connections_; }
+
+  // The master asked for our count of open connections (CountConnections): from now on it
+  // gets an OpenConnections after each turn of the event loop in which the count changed.
+  void report_connections() {
+    reporting_ = true;
+    count_changed();
+  }
 
   // Completes once no connection is alive (at once if none is), or with
   // error::channel_closed once stop() was called.
@@ -132,7 +141,21 @@ class server_link {
   };
 
   void connection_ended() {
+    count_changed();
     if (--live_connections_ == 0) release_idle_waiters({});
+  }
+
+  // Coalesces the reports: one post per turn, one message only if the count moved.
+  void count_changed() {
+    if (!reporting_ || report_posted_) return;
+    report_posted_ = true;
+    asio::post(channel_.get_executor(), [this] {
+      report_posted_ = false;
+      const auto now = static_cast<std::uint32_t>(std::min<std::size_t>(live_connections_, UINT32_MAX));
+      if (now == reported_) return;
+      reported_ = now;
+      channel_.send_internal(ipc::protocol::encode(ipc::protocol::OpenConnections{now}));
+    });
   }
 
   void release_idle_waiters(std::error_code ec) {
@@ -145,6 +168,9 @@ class server_link {
   std::map<std::uint32_t, std::weak_ptr<server_base>> servers_;  // by the master's id
   std::map<std::string, index_set> indexes_;
   std::size_t live_connections_ = 0;
+  bool reporting_ = false;      // the master asked for OpenConnections
+  bool report_posted_ = false;
+  std::uint32_t reported_ = UINT32_MAX;  // what the master was told last (none yet: any count differs)
   std::list<pending_handler<>> idle_waiters_;
   bool stopped_ = false;
 };

@@ -1,0 +1,270 @@
+// Node's child_process example "sending a socket object", in C++: two workers started with the
+// arguments `normal` and `special` (as child_process.fork(module, ['normal'])), and a master
+// that routes each connection by the client's address. Each worker answers
+// "handled by <priority> priority" and closes.
+//   priority_routing --port P [--host H] [--special ADDR] [--mode send|dispatch]
+// --mode send (the default) is the reference's: the master owns the server and never reads a
+// connection (as pauseOnConnect), and sends it with worker->send({"socket", socket}) to the
+// special worker when the client's address is ADDR (default 74.125.127.100, the reference's),
+// else to the normal one. --mode dispatch is the same routing as a policy, Dispatch<F>: the
+// workers listen() and the master hands each connection to the worker F names.
+// Prints `listening on HOST:PORT` once both workers are ready (--port 0: the real port); stops
+// on SIGTERM or SIGINT (workers disconnected, each finishing what it holds). Bad arguments: a
+// message and exit 2. A socket closed in transit is reported by its worker, which carries on.
+#include "cocluster/cocluster.hpp"
+
+#include <asio.hpp>
+#include <asio/experimental/awaitable_operators.hpp>
+#include <fmt/core.h>
+
+#include <charconv>
+#include <csignal>
+#include <cstdlib>
+#include <string>
+
+using asio::awaitable;
+using asio::use_awaitable;
+using asio::ip::tcp;
+using cocluster::as_tuple;
+
+namespace {
+
+struct options {
+  std::string host = "127.0.0.1";
+  int port = -1;
+  asio::ip::address special = asio::ip::make_address("74.125.127.100");
+  bool dispatch = false;
+};
+
+options parse(int argc, char** argv) {
+  options o;
+  for (int i = 1; i < argc; ++i) {
+    const std::string_view a = argv[i];
+    if (a != "--port" && a != "--host" && a != "--special" && a != "--mode")
+      throw std::invalid_argument(fmt::format("unknown argument {}", a));
+    if (i + 1 >= argc) throw std::invalid_argument(fmt::format("{} needs a value", a));
+    const std::string_view v = argv[++i];
+    std::error_code ec;
+    if (a == "--port") {
+      auto [p, err] = std::from_chars(v.data(), v.data() + v.size(), o.port);
+      if (err != std::errc() || p != v.data() + v.size()) throw std::invalid_argument(fmt::format("--port {}: not a number", v));
+      if (o.port < 0 || o.port > 65535) throw std::invalid_argument(fmt::format("--port {}: out of range 0..65535", v));
+    } else if (a == "--host") {
+      o.host = v;
+      asio::ip::make_address(o.host, ec);
+      if (ec) throw std::invalid_argument(fmt::format("--host {}: not an IP address", v));
+    } else if (a == "--special") {
+      o.special = asio::ip::make_address(std::string(v), ec);
+      if (ec) throw std::invalid_argument(fmt::format("--special {}: not an IP address", v));
+    } else {  // --mode
+      if (v != "send" && v != "dispatch") throw std::invalid_argument(fmt::format("--mode {}: expected send or dispatch", v));
+      o.dispatch = v == "dispatch";
+    }
+  }
+  if (o.port < 0) throw std::invalid_argument("--port is required");
+  return o;
+}
+
+// An IPv4 client of a dual-stack listener arrives as ::ffff:a.b.c.d.
+bool same_address(asio::ip::address a, asio::ip::address b) {
+  auto plain = [](asio::ip::address x) -> asio::ip::address {
+    if (x.is_v6() && x.to_v6().is_v4_mapped()) return asio::ip::make_address_v4(asio::ip::v4_mapped, x.to_v6());
+    return x;
+  };
+  return plain(a) == plain(b);
+}
+
+// ---- worker: `priority_routing normal` or `priority_routing special` ----
+
+// Node: `if (socket) socket.end(...)`: the connection may have been closed in transit; then
+// this says so and the worker carries on (sends never raise SIGPIPE: Asio uses MSG_NOSIGNAL).
+awaitable<void> answer(tcp::socket socket, std::string priority) {
+  std::error_code ec;
+  socket.remote_endpoint(ec);  // ENOTCONN once the peer has reset it
+  const std::string reply = fmt::format("handled by {} priority\n", priority);
+  if (!ec) std::tie(ec, std::ignore) = co_await asio::async_write(socket, asio::buffer(reply), as_tuple(use_awaitable));
+  if (ec) fmt::print(stderr, "priority_routing: {} worker: a connection closed in transit: {}\n", priority, ec.message());
+  socket.shutdown(tcp::socket::shutdown_send, ec);
+  socket.close(ec);
+}
+
+awaitable<void> worker_main(std::string priority) {
+  auto ex = co_await asio::this_coro::executor;
+  if (const char* where = std::getenv("PRIORITY_ROUTING_LISTEN")) {  // --mode dispatch
+    const std::string spec = where;
+    const auto colon = spec.rfind(':');
+    const tcp::endpoint ep(asio::ip::make_address(spec.substr(0, colon)),
+                           static_cast<unsigned short>(std::stoi(spec.substr(colon + 1))));
+    auto [ec, server] = co_await cocluster::this_worker.listen(ep, {}, as_tuple(use_awaitable));
+    if (ec) {
+      fmt::print(stderr, "priority_routing: {} worker: cannot listen on {}: {}\n", priority, spec, ec.message());
+      std::exit(1);
+    }
+    for (;;) {
+      auto [aec, socket] = co_await server.accept(as_tuple(use_awaitable));
+      if (aec) co_return;  // closed: the master disconnected us
+      asio::co_spawn(ex, answer(std::move(socket), priority), asio::detached);
+    }
+  }
+  for (;;) {  // --mode send: process.on('message', (m, socket) => ...)
+    auto [ec, m] = co_await cocluster::this_worker.receive(as_tuple(use_awaitable));
+    if (ec) co_return;
+    if (m.data != "socket" || !m.handle.is<tcp::socket>()) continue;
+    std::error_code aec;
+    tcp::socket socket = m.handle.adopt<tcp::socket>(ex, aec);
+    if (aec) continue;
+    asio::co_spawn(ex, answer(std::move(socket), priority), asio::detached);
+  }
+}
+
+// ---- master ----
+
+// --mode dispatch's routing function: the special worker for the special address, else the
+// normal one (their ids are set once both are forked; 0 until then: connections wait).
+struct route_by_address {
+  struct ids {
+    int normal = 0;
+    int special = 0;
+  };
+  std::shared_ptr<ids> workers = std::make_shared<ids>();
+  asio::ip::address special;
+
+  int operator()(const cocluster::Remote& remote, const cocluster::HandoffListener::Members&) const {
+    return same_address(remote.address(), special) ? workers->special : workers->normal;
+  }
+};
+
+// Waits for SIGTERM/SIGINT or a worker's death, then disconnects both workers (killing one
+// still connected after 5 s). The exit code: 0, or 1 if a worker died.
+template <class Master>
+awaitable<int> serve_until_stopped(Master& master, std::vector<std::shared_ptr<cocluster::Worker>> workers) {
+  auto ex = co_await asio::this_coro::executor;
+  int code = 0;
+  asio::signal_set signals(ex, SIGINT, SIGTERM);
+  auto& events = master.events();
+  for (bool stop = false; !stop;) {
+    using namespace asio::experimental::awaitable_operators;
+    auto which = co_await (signals.async_wait(use_awaitable) || events.next(use_awaitable));
+    if (which.index() == 0) break;
+    const cocluster::Event& e = std::get<1>(which);
+    if (e.type == cocluster::EventType::exit) {
+      fmt::print(stderr, "priority_routing: worker {} died ({}); stopping\n", e.worker->id(),
+                 e.exit.signal ? e.exit.signal_name() : "code " + std::to_string(e.exit.code));
+      code = 1;
+      stop = true;
+    }
+  }
+  for (auto& w : workers) w->disconnect();
+  asio::steady_timer timeout(ex, std::chrono::seconds(5));
+  for (auto& w : workers) {
+    using namespace asio::experimental::awaitable_operators;
+    auto which = co_await (w->disconnected(use_awaitable) || timeout.async_wait(use_awaitable));
+    if (which.index() == 1) w->kill();
+  }
+  for (auto& w : workers) co_await w->exited();
+  co_return code;
+}
+
+// The reference's master: accept (never read), then send the socket to the chosen worker.
+awaitable<void> send_connections(std::shared_ptr<tcp::acceptor> acceptor, std::shared_ptr<cocluster::Worker> normal,
+                                 std::shared_ptr<cocluster::Worker> special, asio::ip::address special_address) {
+  asio::steady_timer pause(acceptor->get_executor());
+  for (;;) {
+    tcp::endpoint peer;  // from accept itself: the connection may be reset already
+    auto [ec, socket] = co_await acceptor->async_accept(peer, as_tuple(use_awaitable));
+    if (ec == asio::error::operation_aborted || !acceptor->is_open()) co_return;
+    if (ec) {  // EMFILE and the like: wait a moment rather than spin
+      fmt::print(stderr, "priority_routing: accept: {}\n", ec.message());
+      pause.expires_after(std::chrono::milliseconds(100));
+      co_await pause.async_wait(as_tuple(use_awaitable));
+      continue;
+    }
+    auto& to = same_address(peer.address(), special_address) ? special : normal;
+    cocluster::Message m("socket", std::move(socket));
+    auto [sec] = co_await to->send(std::move(m), as_tuple(use_awaitable));
+    if (sec) fmt::print(stderr, "priority_routing: send to worker {}: {}\n", to->id(), sec.message());
+  }
+}
+
+awaitable<int> master_send(options o) {
+  auto ex = co_await asio::this_coro::executor;
+  auto acceptor =
+      std::make_shared<tcp::acceptor>(ex, tcp::endpoint(asio::ip::make_address(o.host), static_cast<unsigned short>(o.port)));
+  cocluster::Master<> master(ex);
+  // child_process.fork('subprocess.js', ['normal']) (a variable first: GCC 12 mishandles a
+  // braced list inside co_await).
+  const std::vector<std::string> as_normal{"normal"}, as_special{"special"};
+  auto normal = co_await master.fork(cocluster::Env(), as_normal);
+  auto special = co_await master.fork(cocluster::Env(), as_special);
+  co_await normal->online();
+  co_await special->online();
+  fmt::print("listening on {}:{}\n", o.host, acceptor->local_endpoint().port());
+  std::fflush(stdout);
+  asio::co_spawn(ex, send_connections(acceptor, normal, special, o.special), asio::detached);
+  std::vector<std::shared_ptr<cocluster::Worker>> both{normal, special};
+  const int code = co_await serve_until_stopped(master, std::move(both));
+  acceptor->close();
+  co_return code;
+}
+
+awaitable<int> master_dispatch(options o) {
+  auto ex = co_await asio::this_coro::executor;
+  route_by_address route;
+  route.special = o.special;
+  cocluster::Master<cocluster::Dispatch<route_by_address>> master(ex, {}, cocluster::Dispatch(route));
+  const cocluster::Env env{{"PRIORITY_ROUTING_LISTEN", fmt::format("{}:{}", o.host, o.port)}};
+  const std::vector<std::string> as_normal{"normal"}, as_special{"special"};
+  auto normal = co_await master.fork(env, as_normal);
+  auto special = co_await master.fork(env, as_special);
+  route.workers->normal = normal->id();
+  route.workers->special = special->id();
+  std::vector<std::shared_ptr<cocluster::Worker>> both{normal, special};
+  cocluster::Address where;
+  for (auto& w : both) {
+    auto [ec, a] = co_await w->listening(as_tuple(use_awaitable));
+    if (ec) {
+      fmt::print(stderr, "priority_routing: worker {} did not listen: {}\n", w->id(), ec.message());
+      co_await master.disconnect();
+      co_return 1;
+    }
+    where = a;
+  }
+  fmt::print("listening on {}:{}\n", o.host, where.port);
+  std::fflush(stdout);
+  co_return co_await serve_until_stopped(master, std::move(both));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  asio::io_context io;
+  if (cocluster::is_worker()) {
+    std::signal(SIGINT, SIG_IGN);  // Ctrl-C reaches the whole process group: the master decides
+    const std::string priority = argc > 1 ? argv[1] : "normal";
+    cocluster::this_worker.start(io.get_executor());
+    asio::co_spawn(io, worker_main(priority), asio::detached);
+    io.run();
+    return 0;
+  }
+  options o;
+  try {
+    o = parse(argc, argv);
+  } catch (const std::invalid_argument& e) {
+    fmt::print(stderr, "priority_routing: {}\nusage: priority_routing --port P [--host H] [--special ADDR] [--mode send|dispatch]\n",
+               e.what());
+    return 2;
+  }
+  int code = 1;
+  asio::co_spawn(io, o.dispatch ? master_dispatch(o) : master_send(o), [&](std::exception_ptr e, int c) {
+    code = c;
+    if (!e) return;
+    try {
+      std::rethrow_exception(e);
+    } catch (const std::exception& x) {
+      fmt::print(stderr, "priority_routing: {}\n", x.what());
+      code = 1;
+    }
+  });
+  io.run();
+  return code;
+}

@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# Checks examples/priority_routing as a client would, in both modes: clients bound to 127.0.0.2
+# are handled by the special worker, clients from 127.0.0.1 by the normal one; connections reset
+# by their client before the worker answers do not end a worker; SIGTERM stops it with 0; bad
+# arguments give a message and exit 2. Loopback only; every wait is bounded. Needs bash and
+# python3 (for clients bound to a source address).
+#   priority_routing_test.sh path/to/priority_routing
+set -uo pipefail
+exe=$1
+[ -x "$exe" ] || { echo "priority_routing: not built here, skipped"; exit 77; }
+command -v python3 >/dev/null || { echo "priority_routing: no python3, skipped"; exit 77; }
+passed=0
+failed=0
+check() {  # check NAME CONDITION...
+  local name=$1
+  shift
+  if "$@"; then passed=$((passed + 1)); else failed=$((failed + 1)); echo "FAILED: $name"; fi
+}
+
+# ---- bad input: a clear message and exit 2 ----
+bad_input() {  # bad_input EXPECTED_WORDS ARGS...
+  local words=$1
+  shift
+  local out rc
+  out=$(timeout 10 "$exe" "$@" 2>&1 >/dev/null)
+  rc=$?
+  [ "$rc" -eq 2 ] && grep -q -- "$words" <<<"$out" || { echo "rc=$rc: $out"; return 1; }
+}
+check "no --port" bad_input "--port is required"
+check "port out of range" bad_input "out of range" --port 70000
+check "port not a number" bad_input "not a number" --port 80x
+check "unknown argument" bad_input "unknown argument" --port 0 --bogus
+check "missing value" bad_input "needs a value" --port
+check "bad host" bad_input "not an IP address" --port 0 --host nowhere
+check "bad special" bad_input "not an IP address" --port 0 --special nowhere
+check "bad mode" bad_input "expected send or dispatch" --port 0 --mode fork
+
+# client SOURCE [reset]: connects from SOURCE to 127.0.0.1:$port and prints the answer; with
+# `reset`, closes at once with a RST instead (a connection closed in transit).
+client() {
+  timeout 10 python3 - "$1" "$port" "${2:-}" <<'PY'
+import socket, struct, sys
+src, port, how = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+s = socket.socket()
+s.bind((src, 0))
+s.connect(("127.0.0.1", port))
+if how == "reset":
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+    sys.exit(0)
+data = b""
+while True:
+    chunk = s.recv(4096)
+    if not chunk:
+        break
+    data += chunk
+sys.stdout.write(data.decode())
+PY
+}
+
+run_mode() {
+  local mode=$1 out err server port i reply
+  out=$(mktemp)
+  err=$(mktemp)
+  "$exe" --port 0 --special 127.0.0.2 --mode "$mode" >"$out" 2>"$err" &
+  server=$!
+  for _ in $(seq 300); do
+    grep -q '^listening on ' "$out" && break
+    kill -0 "$server" 2>/dev/null || break
+    sleep 0.05
+  done
+  port=$(sed -n 's/^listening on 127\.0\.0\.1:\([0-9]*\)$/\1/p' "$out")
+  if [ -z "$port" ] || [ "$port" = 0 ]; then
+    echo "priority_routing --mode $mode did not start: $(cat "$out" "$err")"
+    kill -KILL "$server" 2>/dev/null
+    failed=$((failed + 1))
+    return
+  fi
+  local normal=0 special=0 wrong=0
+  for i in 1 2 3 4 5; do
+    reply=$(client 127.0.0.1)
+    [ "$reply" = "handled by normal priority" ] && normal=$((normal + 1)) || { wrong=$((wrong + 1)); echo "127.0.0.1 got: $reply"; }
+    reply=$(client 127.0.0.2)
+    [ "$reply" = "handled by special priority" ] && special=$((special + 1)) || { wrong=$((wrong + 1)); echo "127.0.0.2 got: $reply"; }
+  done
+  check "$mode: 127.0.0.1 is handled with normal priority" [ "$normal" -eq 5 ]
+  check "$mode: 127.0.0.2 is handled with special priority" [ "$special" -eq 5 ]
+  check "$mode: no other answer" [ "$wrong" -eq 0 ]
+  # Connections closed in transit, to both workers; then both still answer.
+  for i in $(seq 20); do
+    client 127.0.0.1 reset
+    client 127.0.0.2 reset
+  done
+  check "$mode: after resets in transit the normal worker answers" [ "$(client 127.0.0.1)" = "handled by normal priority" ]
+  check "$mode: after resets in transit the special worker answers" [ "$(client 127.0.0.2)" = "handled by special priority" ]
+  check "$mode: no worker died" bash -c "! grep -q 'died' '$err'"
+  echo "$mode: $(grep -c 'closed in transit' "$err") of 40 resets reached a worker closed"
+  kill -TERM "$server"
+  timeout 20 tail --pid="$server" -f /dev/null
+  wait "$server"
+  check "$mode: SIGTERM stops it with 0" [ "$?" -eq 0 ]
+  if [ "$failed" -ne 0 ]; then echo "--- stderr of --mode $mode:"; cat "$err"; fi
+  rm -f "$out" "$err"
+}
+
+run_mode send
+run_mode dispatch
+
+echo "priority_routing: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]

@@ -1,0 +1,73 @@
+// Dispatch<F>: the user's function picks the worker of each connection from the client's
+// address and the live workers (the child_process reference's routing by remoteAddress, as a
+// policy; Node's cluster has no such hook). The master accepts and hands off as RoundRobin does.
+//   auto route = [&](const cocluster::Remote& r, const cocluster::HandoffListener::Members& live) {
+//     return r.address() == special ? special_id : normal_id;   // a worker id; 0: wait
+//   };
+//   cocluster::Master<cocluster::Dispatch<decltype(route)>> master(ex, {}, cocluster::Dispatch(route));
+// F is called on the master's executor once per connection and must not block. It returns a
+// worker id from `live`; 0 or an id not in `live` keeps the connection waiting, in order,
+// until a worker joins, leaves or takes a connection (then F is asked again).
+#pragma once
+
+#include "cocluster/detail/config.hpp"
+
+#include <algorithm>
+#include <concepts>
+#include <cstddef>
+#include <memory>
+#include <type_traits>
+#include <utility>
+
+#include "cocluster/policy/handoff_listener.hpp"
+#include "cocluster/policy/policy.hpp"
+#include "cocluster/policy/remote.hpp"
+
+namespace cocluster {
+
+namespace detail {
+
+template <class F>
+class dispatch_listener final : public HandoffListener {
+ public:
+  dispatch_listener(ListenerArgs args, const F& f, std::size_t window)
+      : HandoffListener(std::move(args)), f_(f), window_(window) {}
+
+ private:
+  // Accept while some worker has room; which one is F's to say.
+  int choose() override {
+    for (auto& [id, m] : members())
+      if (m.in_flight < window_) return id;
+    return 0;
+  }
+  int choose_for(const Remote& remote) override {
+    const int id = static_cast<int>(f_(remote, members()));
+    auto it = members().find(id);
+    return it != members().end() && it->second.in_flight < window_ ? id : 0;
+  }
+
+  F f_;
+  std::size_t window_;
+};
+
+}  // namespace detail
+
+template <class F>
+  requires std::copy_constructible<F> &&
+           std::convertible_to<std::invoke_result_t<const F&, const Remote&, const HandoffListener::Members&>, int>
+class Dispatch {
+ public:
+  // `window`: connections a worker may have been handed and not yet accepted (as RoundRobin's;
+  // a full worker's connections wait for it, in order).
+  explicit Dispatch(F f, std::size_t window = 8) : f_(std::move(f)), window_(std::max<std::size_t>(window, 1)) {}
+
+  std::shared_ptr<Listener> make_listener(ListenerArgs args) const {
+    return std::make_shared<detail::dispatch_listener<F>>(std::move(args), f_, window_);
+  }
+
+ private:
+  F f_;
+  std::size_t window_;
+};
+
+}  // namespace cocluster

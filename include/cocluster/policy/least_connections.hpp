@@ -1,0 +1,65 @@
+// LeastConnections (HAProxy's leastconn): the master hands each connection to the worker with
+// the fewest connections open, so a worker holding long-lived connections gets fewer new ones.
+//   cocluster::Master<cocluster::LeastConnections> master(ex);   // COCLUSTER_SCHED_POLICY=leastconn
+// Each worker reports its count of open connections (OpenConnections, coalesced: at most one
+// message per turn of its event loop, and only when the count changed); the master adds what
+// it has handed to the worker and not yet had acknowledged. Equal loads take turns.
+// The master accepts and hands off as RoundRobin does.
+#pragma once
+
+#include "cocluster/detail/config.hpp"
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+#include "cocluster/policy/handoff_listener.hpp"
+#include "cocluster/policy/policy.hpp"
+
+namespace cocluster {
+
+namespace detail {
+
+class least_connections_listener final : public HandoffListener {
+ public:
+  least_connections_listener(ListenerArgs args, std::size_t window)
+      : HandoffListener(std::move(args)), window_(window) {}
+
+ private:
+  // Looks at the members in turn from the one after the last chosen, so that equal loads
+  // rotate (HAProxy's leastconn does round robin among equals too).
+  int choose() override {
+    const auto& all = members();
+    if (all.empty()) return 0;
+    int best = 0;
+    std::size_t best_load = 0;
+    auto it = all.upper_bound(last_);
+    for (std::size_t n = 0; n < all.size(); ++n, ++it) {
+      if (it == all.end()) it = all.begin();
+      const Member& m = it->second;
+      if (m.in_flight >= window_) continue;
+      const std::size_t load = open_connections(m.id) + m.in_flight;
+      if (best == 0 || load < best_load) best = m.id, best_load = load;
+    }
+    return best;
+  }
+  void on_joined(const Member& m) override { count_connections(m.id); }
+  void on_handed(const Member& m) override { last_ = m.id; }
+
+  std::size_t window_;
+  int last_ = 0;  // the member handed the last connection
+};
+
+}  // namespace detail
+
+struct LeastConnections {
+  // Connections a worker may have been handed and not yet accepted, as RoundRobin's.
+  std::size_t window = 8;
+
+  std::shared_ptr<Listener> make_listener(ListenerArgs args) const {
+    return std::make_shared<detail::least_connections_listener>(std::move(args), std::max<std::size_t>(window, 1));
+  }
+};
+
+}  // namespace cocluster

@@ -1,0 +1,322 @@
+// The dispatch policies beyond Node: a user's Dispatch<F>, Sticky (IPv4 and IPv6) and
+// LeastConnections. Real workers (the `serve` scenario of test_listen.cpp: "port N", then
+// "worker <id>\n" per connection, or `hold` below) and clients bound to 127.0.0.x addresses.
+#include "cocluster/policy/dispatch.hpp"
+
+#include <arpa/inet.h>
+#include <doctest/doctest.h>
+#include <netinet/in.h>
+
+#include <map>
+#include <set>
+
+#include "cocluster/cocluster.hpp"
+#include "support.hpp"
+#include "worker_scenario.hpp"
+
+using namespace cocluster;
+using namespace test;
+using asio::ip::tcp;
+using as_tuple_t = cocluster::detail::as_tuple_t<asio::use_awaitable_t<>>;
+
+namespace {
+
+Env serve_on_port_zero() {
+  Env env = scenario_env("serve");
+  env["TEST_LISTEN"] = "tcp4:127.0.0.1:0";
+  return env;
+}
+
+asio::ip::address_v4 loopback(int last_octet) {
+  return asio::ip::address_v4((127u << 24) | static_cast<unsigned>(last_octet));
+}
+
+// One request from source address `from`: the id of the worker that answered (0: none).
+awaitable<int> ask_from(asio::ip::address_v4 from, tcp::endpoint where) {
+  tcp::socket s(co_await asio::this_coro::executor);
+  s.open(tcp::v4());
+  s.bind(tcp::endpoint(from, 0));
+  co_await s.async_connect(where, use_awaitable);
+  co_await asio::async_write(s, asio::buffer("hi\n", 3), use_awaitable);
+  std::string reply;
+  co_await asio::async_read(s, asio::dynamic_buffer(reply), as_tuple_t{});  // to EOF
+  if (reply.rfind("worker ", 0) != 0) co_return 0;
+  co_return std::stoi(reply.substr(7));
+}
+
+// `per_source` requests from each of 127.0.0.1 .. 127.0.0.<sources>, `concurrency` at a time:
+// for each source's last octet, the worker ids that answered it and how often.
+awaitable<std::map<int, std::map<int, int>>> ask_from_sources(tcp::endpoint where, int sources, int per_source,
+                                                              int concurrency) {
+  std::map<int, std::map<int, int>> served;
+  const int total = sources * per_source;
+  int next = 0, done = 0;
+  std::exception_ptr failure;
+  auto ex = co_await asio::this_coro::executor;
+  auto one_client = [&]() -> awaitable<void> {
+    while (next < total) {
+      const int octet = 1 + next++ % sources;
+      ++served[octet][co_await ask_from(loopback(octet), where)];
+    }
+  };
+  for (int i = 0; i < concurrency; ++i)
+    asio::co_spawn(ex, one_client(), [&](std::exception_ptr e) {
+      if (e) failure = e;
+      ++done;
+    });
+  asio::steady_timer poll(ex);
+  while (done < concurrency) {  // a wait for the clients, not a timing assumption
+    poll.expires_after(5ms);
+    co_await poll.async_wait(use_awaitable);
+  }
+  if (failure) std::rethrow_exception(failure);
+  co_return served;
+}
+
+template <class Policy>
+awaitable<std::pair<std::vector<std::shared_ptr<Worker>>, tcp::endpoint>> start_serving(Master<Policy>& master, int n) {
+  std::vector<std::shared_ptr<Worker>> workers;
+  for (int i = 0; i < n; ++i) workers.push_back(co_await master.fork(serve_on_port_zero()));
+  unsigned short port = 0;
+  for (auto& w : workers) {
+    Message m = co_await w->receive();
+    REQUIRE_MESSAGE(m.data.rfind("port ", 0) == 0, m.data);
+    port = static_cast<unsigned short>(std::stoi(m.data.substr(5)));
+    co_await w->listening();
+  }
+  co_return std::pair{std::move(workers), tcp::endpoint(loopback(1), port)};
+}
+
+// A user's routing function: the client 127.0.0.N goes to worker N (if it is live).
+struct by_last_octet {
+  int operator()(const Remote& remote, const HandoffListener::Members& live) const {
+    if (!remote.address().is_v4() || remote.port() == 0) return 0;
+    const int id = remote.address().to_v4().to_bytes()[3];
+    return live.count(id) ? id : 0;
+  }
+};
+
+static_assert(cocluster::Policy<Dispatch<by_last_octet>> && cocluster::Policy<Sticky> &&
+              cocluster::Policy<LeastConnections>);
+
+// Answers "worker <id>\n" to each line "hi" (then closes) or "hold" (then keeps the connection
+// open); after the TEST_HOLD-th held connection, tells the master "holding N".
+awaitable<void> hold_worker() {
+  auto ex = co_await asio::this_coro::executor;
+  auto server = co_await this_worker.listen(tcp::endpoint(asio::ip::address_v4::loopback(), 0));
+  co_await this_worker.send(Message("port " + std::to_string(server.local_endpoint().port())));
+  const std::size_t hold = std::stoul(std::getenv("TEST_HOLD"));
+  auto held = std::make_shared<std::vector<tcp::socket>>();
+  for (;;) {
+    auto [ec, socket] = co_await server.accept(as_tuple_t{});
+    if (ec) co_return;
+    asio::co_spawn(ex, [s = std::move(socket), held, hold]() mutable -> awaitable<void> {
+      std::string line;
+      auto [rec, n] = co_await asio::async_read_until(s, asio::dynamic_buffer(line), '\n', as_tuple_t{});
+      if (rec) co_return;
+      const std::string reply = "worker " + std::to_string(this_worker.id()) + "\n";
+      co_await asio::async_write(s, asio::buffer(reply), as_tuple_t{});
+      if (line != "hold\n") co_return;
+      held->push_back(std::move(s));
+      if (held->size() == hold) co_await this_worker.send(Message("holding " + std::to_string(hold)));
+    }, asio::detached);
+  }
+}
+
+}  // namespace
+
+WORKER_SCENARIO(hold) {
+  asio::io_context io;
+  this_worker.start(io.get_executor());
+  asio::co_spawn(io, hold_worker(), asio::detached);
+  io.run();
+  return 0;
+}
+
+TEST_CASE("a user-written Dispatch function routes each connection by the client's address") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<Dispatch<by_last_octet>> master(io.get_executor(), {}, Dispatch(by_last_octet{}));
+    auto [workers, where] = co_await start_serving(master, 3);
+    auto served = co_await ask_from_sources(where, 3, 20, 6);
+    CHECK(served == std::map<int, std::map<int, int>>{{1, {{1, 20}}}, {2, {{2, 20}}}, {3, {{3, 20}}}});
+    co_await master.disconnect();
+  });
+}
+
+TEST_CASE("Dispatch with a lambda: a connection for a worker that is not live waits until one is") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    // Clients from 127.0.0.2 belong to worker 2, which does not exist until forked below.
+    auto route = [](const Remote& r, const HandoffListener::Members&) { return r.address().to_v4().to_bytes()[3] == 2 ? 2 : 1; };
+    Master<Dispatch<decltype(route)>> master(io.get_executor(), {}, Dispatch(route));
+    auto [workers, where] = co_await start_serving(master, 1);
+    int answered_by = -1;
+    asio::co_spawn(io, ask_from(loopback(2), where), [&](std::exception_ptr e, int id) { answered_by = e ? -2 : id; });
+    auto first = co_await ask_from_sources(where, 1, 5, 1);  // 127.0.0.1 is served meanwhile
+    CHECK(first == std::map<int, std::map<int, int>>{{1, {{1, 5}}}});
+    CHECK(answered_by == -1);  // still waiting: worker 2 is not there
+    auto second = co_await master.fork(serve_on_port_zero());
+    (void)co_await second->receive();
+    asio::steady_timer poll(io);
+    while (answered_by == -1) {
+      poll.expires_after(5ms);
+      co_await poll.async_wait(use_awaitable);
+    }
+    CHECK(answered_by == 2);
+    co_await master.disconnect();
+  });
+}
+
+TEST_CASE("Sticky: 1,000 connections from 10 addresses each stay on one worker; a SIGKILLed worker moves only its own clients") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<Sticky> master(io.get_executor());
+    auto [workers, where] = co_await start_serving(master, 4);
+    auto before = co_await ask_from_sources(where, 10, 100, 16);
+    std::map<int, int> owner;  // source octet -> worker id
+    std::set<int> used;
+    for (auto& entry : before) {  // (no structured bindings: clang before 16 cannot use them in CHECK_MESSAGE)
+      const int octet = entry.first;
+      const auto& by_worker = entry.second;
+      CHECK_MESSAGE(by_worker.size() == 1, "127.0.0.", octet, " reached ", by_worker.size(), " workers");
+      owner[octet] = by_worker.begin()->first;
+      CHECK(by_worker.begin()->first != 0);
+      CHECK(by_worker.begin()->second == 100);
+      used.insert(owner[octet]);
+    }
+    REQUIRE(owner.size() == 10);
+    CHECK(used.size() >= 2);  // the hash spreads clients (fixed ids and addresses: deterministic)
+
+    const int victim = owner[1];
+    workers[static_cast<std::size_t>(victim - 1)]->signal(SIGKILL);
+    ExitStatus status = co_await workers[static_cast<std::size_t>(victim - 1)]->exited();
+    CHECK(status.signal == SIGKILL);
+
+    auto after = co_await ask_from_sources(where, 10, 100, 16);
+    for (auto& entry : after) {
+      const int octet = entry.first;
+      const auto& by_worker = entry.second;
+      CHECK_MESSAGE(by_worker.size() == 1, "127.0.0.", octet, " reached ", by_worker.size(), " workers after the kill");
+      const int now = by_worker.begin()->first;
+      CHECK(now != 0);
+      CHECK(now != victim);
+      if (owner[octet] != victim) CHECK_MESSAGE(now == owner[octet], "127.0.0.", octet, " moved from worker ", owner[octet], " to ", now);
+    }
+    co_await master.disconnect();
+  });
+}
+
+TEST_CASE("RuntimePolicy knows sticky by name") {
+  ::setenv("COCLUSTER_SCHED_POLICY", "sticky", 1);
+  CHECK(RuntimePolicy().resolve() == Scheduling::sticky);
+  ::unsetenv("COCLUSTER_SCHED_POLICY");
+  CHECK(parse_scheduling("sticky") == Scheduling::sticky);
+  CHECK_FALSE(parse_scheduling("Sticky"));
+}
+
+TEST_CASE("LeastConnections: with one worker holding 50 idle connections, the next 50 go to the others") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<LeastConnections> master(io.get_executor());
+    Env env = scenario_env("hold");
+    env["TEST_HOLD"] = "50";
+    auto first = co_await master.fork(env);
+    const std::string report = (co_await first->receive()).data;
+    REQUIRE(report.rfind("port ", 0) == 0);
+    const tcp::endpoint where(loopback(1), static_cast<unsigned short>(std::stoi(report.substr(5))));
+    std::vector<tcp::socket> held;
+    for (int i = 0; i < 50; ++i) {  // the only worker takes them all, and keeps them
+      tcp::socket s(io);
+      co_await s.async_connect(where, use_awaitable);
+      co_await asio::async_write(s, asio::buffer("hold\n", 5), use_awaitable);
+      std::string line;
+      co_await asio::async_read_until(s, asio::dynamic_buffer(line), '\n', use_awaitable);
+      REQUIRE(line == "worker 1\n");
+      held.push_back(std::move(s));
+    }
+    // Sent after its count of 50 (the channel is in order): the master knows it now.
+    CHECK((co_await first->receive()).data == "holding 50");
+    std::vector<std::shared_ptr<Worker>> others;
+    for (int i = 0; i < 2; ++i) {
+      others.push_back(co_await master.fork(env));
+      CHECK((co_await others.back()->receive()).data == report);
+      co_await others.back()->listening();
+    }
+    auto served = co_await ask_from_sources(where, 1, 50, 8);
+    CHECK(served[1][1] == 0);
+    CHECK(served[1][2] + served[1][3] == 50);
+    CHECK(served[1][0] == 0);
+    // Worker 1 keeps its held connections (a disconnect would wait for them): end them all.
+    for (auto& [id, w] : master.workers()) w->kill();
+    co_await first->exited();
+    for (auto& w : others) co_await w->exited();
+  });
+}
+
+TEST_CASE("RuntimePolicy knows leastconn by name") {
+  ::setenv("COCLUSTER_SCHED_POLICY", "leastconn", 1);
+  CHECK(RuntimePolicy().resolve() == Scheduling::least_connections);
+  ::unsetenv("COCLUSTER_SCHED_POLICY");
+}
+
+TEST_CASE("Remote reads IPv4 and IPv6 peers; Sticky's hash is the address's, not the port's") {
+  sockaddr_in6 a6{};
+  a6.sin6_family = AF_INET6;
+  a6.sin6_port = htons(1000);
+  ::inet_pton(AF_INET6, "2001:db8::7", &a6.sin6_addr);
+  sockaddr_in6 b6 = a6;
+  b6.sin6_port = htons(2000);
+  const std::string bytes_a(reinterpret_cast<const char*>(&a6), sizeof a6), bytes_b(reinterpret_cast<const char*>(&b6), sizeof b6);
+  const Remote ra(bytes_a), rb(bytes_b);
+  CHECK(ra.family() == AF_INET6);
+  CHECK(ra.address() == asio::ip::make_address("2001:db8::7"));
+  CHECK(ra.port() == 1000);
+  CHECK(ra.address_bytes().size() == 16);
+  CHECK(ra.address_bytes() == rb.address_bytes());
+  CHECK(cocluster::detail::hash_address(ra.address_bytes()) == cocluster::detail::hash_address(rb.address_bytes()));
+
+  sockaddr_in a4{};
+  a4.sin_family = AF_INET;
+  a4.sin_port = htons(80);
+  ::inet_pton(AF_INET, "192.0.2.9", &a4.sin_addr);
+  const std::string bytes4(reinterpret_cast<const char*>(&a4), sizeof a4);
+  const Remote r4(bytes4);
+  CHECK(r4.family() == AF_INET);
+  CHECK(r4.address() == asio::ip::make_address("192.0.2.9"));
+  CHECK(r4.port() == 80);
+  CHECK(r4.address_bytes().size() == 4);
+  CHECK(Remote().family() == AF_UNSPEC);
+  CHECK(Remote().address_bytes().empty());
+}
+
+TEST_CASE("Sticky over IPv6: every connection from ::1 reaches one worker") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<Sticky> master(io.get_executor());
+    Env env = scenario_env("serve");
+    env["TEST_LISTEN"] = "tcp6:::1:0";
+    std::vector<std::shared_ptr<Worker>> workers;
+    for (int i = 0; i < 3; ++i) workers.push_back(co_await master.fork(env));
+    unsigned short port = 0;
+    for (auto& w : workers) {
+      Message m = co_await w->receive();
+      if (m.data.rfind("error", 0) == 0) {  // no IPv6 loopback on this machine
+        MESSAGE("skipped: ", m.data);
+        co_await master.disconnect();
+        co_return;
+      }
+      REQUIRE_MESSAGE(m.data.rfind("port ", 0) == 0, m.data);
+      port = static_cast<unsigned short>(std::stoi(m.data.substr(5)));
+      co_await w->listening();
+    }
+    const tcp::endpoint where(asio::ip::address_v6::loopback(), port);
+    std::set<int> answered_by;
+    for (int i = 0; i < 30; ++i) {
+      tcp::socket s(io);
+      co_await s.async_connect(where, use_awaitable);
+      co_await asio::async_write(s, asio::buffer("hi\n", 3), use_awaitable);
+      std::string reply;
+      co_await asio::async_read(s, asio::dynamic_buffer(reply), as_tuple_t{});
+      REQUIRE(reply.rfind("worker ", 0) == 0);
+      answered_by.insert(std::stoi(reply.substr(7)));
+    }
+    CHECK(answered_by.size() == 1);
+    co_await master.disconnect();
+  });
+}
