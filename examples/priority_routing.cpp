@@ -165,9 +165,21 @@ awaitable<int> serve_until_stopped(Master& master, std::vector<std::shared_ptr<c
   co_return code;
 }
 
+// A worker and the sockets sent to it that its channel has not taken yet.
+struct destination {
+  std::shared_ptr<cocluster::Worker> worker;
+  std::size_t sending = 0;
+};
+// Sockets queued for one worker at most; one more is closed, so that a stalled worker holds
+// neither the master's fds nor the other worker's clients.
+constexpr std::size_t max_sending = 1024;
+
 // The reference's master: accept (never read), then send the socket to the chosen worker.
-awaitable<void> send_connections(std::shared_ptr<tcp::acceptor> acceptor, std::shared_ptr<cocluster::Worker> normal,
-                                 std::shared_ptr<cocluster::Worker> special, asio::ip::address special_address) {
+// Sends are not awaited here: a worker whose channel is full delays only its own clients.
+awaitable<void> send_connections(std::shared_ptr<tcp::acceptor> acceptor, std::shared_ptr<cocluster::Worker> normal_worker,
+                                 std::shared_ptr<cocluster::Worker> special_worker, asio::ip::address special_address) {
+  auto normal = std::make_shared<destination>(destination{std::move(normal_worker)});
+  auto special = std::make_shared<destination>(destination{std::move(special_worker)});
   asio::steady_timer pause(acceptor->get_executor());
   for (;;) {
     tcp::endpoint peer;  // from accept itself: the connection may be reset already
@@ -179,10 +191,17 @@ awaitable<void> send_connections(std::shared_ptr<tcp::acceptor> acceptor, std::s
       co_await pause.async_wait(as_tuple(use_awaitable));
       continue;
     }
-    auto& to = same_address(peer.address(), special_address) ? special : normal;
-    cocluster::Message m("socket", std::move(socket));
-    auto [sec] = co_await to->send(std::move(m), as_tuple(use_awaitable));
-    if (sec) fmt::print(stderr, "priority_routing: send to worker {}: {}\n", to->id(), sec.message());
+    std::shared_ptr<destination> to = same_address(peer.address(), special_address) ? special : normal;
+    if (to->sending >= max_sending) {
+      fmt::print(stderr, "priority_routing: worker {} has {} sockets not taken; closing a connection\n",
+                 to->worker->id(), to->sending);
+      continue;  // ~socket closes it
+    }
+    ++to->sending;
+    to->worker->send(cocluster::Message("socket", std::move(socket)), [to](std::error_code sec) {
+      --to->sending;
+      if (sec) fmt::print(stderr, "priority_routing: send to worker {}: {}\n", to->worker->id(), sec.message());
+    });
   }
 }
 

@@ -95,6 +95,22 @@ run_mode() {
   check "$mode: after resets in transit the special worker answers" [ "$(client 127.0.0.2)" = "handled by special priority" ]
   check "$mode: no worker died" bash -c "! grep -q 'died' '$err'"
   echo "$mode: $(grep -c 'closed in transit' "$err") of 40 resets reached a worker closed"
+  # The same, deterministically: while the special worker is stopped, its clients reset their
+  # connections; once it runs again, it finds them closed, says so and carries on.
+  special_pid=$(pgrep -P "$server" -f ' special$' | head -n 1)
+  check "$mode: the special worker is a child named by its argument" [ -n "$special_pid" ]
+  if [ -n "$special_pid" ]; then
+    : >"$err.before"
+    grep -c "special worker: a connection closed in transit" "$err" >"$err.before" || true
+    kill -STOP "$special_pid"
+    for i in $(seq 5); do client 127.0.0.2 reset; done
+    kill -CONT "$special_pid"
+    check "$mode: the special worker answers after the resets it found" [ "$(client 127.0.0.2)" = "handled by special priority" ]
+    reported() { [ "$(grep -c "special worker: a connection closed in transit" "$err")" -gt "$(cat "$err.before")" ]; }
+    for i in $(seq 200); do reported && break; sleep 0.05; done  # a bounded wait for its report
+    check "$mode: a connection reset while its worker was stopped is reported closed in transit" reported
+    rm -f "$err.before"
+  fi
   kill -TERM "$server"
   timeout 20 tail --pid="$server" -f /dev/null
   wait "$server"

@@ -166,6 +166,68 @@ TEST_CASE("Dispatch with a lambda: a connection for a worker that is not live wa
   });
 }
 
+TEST_CASE("Dispatch: connections waiting for an absent worker are bounded and do not stop the others") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<Dispatch<by_last_octet>> master(io.get_executor(), {}, Dispatch(by_last_octet{}));
+    auto [workers, where] = co_await start_serving(master, 1);
+    // 300 clients of worker 9, which never comes: 256 wait in the master, the rest are closed.
+    constexpr int absent_clients = 300;
+    const int over = absent_clients - static_cast<int>(HandoffListener::max_waiting_per_worker);
+    std::vector<std::shared_ptr<tcp::socket>> clients;
+    int closed = 0;
+    for (int i = 0; i < absent_clients; ++i) {
+      auto s = std::make_shared<tcp::socket>(io);
+      s->open(tcp::v4());
+      s->bind(tcp::endpoint(loopback(9), 0));
+      co_await s->async_connect(where, use_awaitable);
+      co_await asio::async_write(*s, asio::buffer("hi\n", 3), as_tuple_t{});  // fails if closed already
+      auto buf = std::make_shared<std::string>();
+      // Closed unanswered: EOF, or a reset when the master closed it with "hi" unread.
+      asio::async_read(*s, asio::dynamic_buffer(*buf), [&closed, s, buf](std::error_code ec, std::size_t) {
+        if (ec && buf->empty()) ++closed;
+      });
+      clients.push_back(s);
+    }
+    // Connected after all of them, so accepted after them: worker 1's client is still served.
+    CHECK(co_await ask_from(loopback(1), where) == 1);
+    asio::steady_timer poll(io);
+    while (closed < over) {  // a wait for the closes, not a timing assumption
+      poll.expires_after(5ms);
+      co_await poll.async_wait(use_awaitable);
+    }
+    CHECK(closed == over);
+    co_await master.disconnect();  // the last worker leaves: the waiting ones are closed too
+    while (closed < absent_clients) {
+      poll.expires_after(5ms);
+      co_await poll.async_wait(use_awaitable);
+    }
+  });
+}
+
+TEST_CASE("Dispatch: a routing function that throws has its connection closed, and the master carries on") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    auto route = [](const Remote& r, const HandoffListener::Members&) {
+      if (r.address() == asio::ip::make_address("127.0.0.3")) throw std::runtime_error("no route for 127.0.0.3");
+      return 1;
+    };
+    Master<Dispatch<decltype(route)>> master(io.get_executor(), {}, Dispatch(route));
+    auto [workers, where] = co_await start_serving(master, 1);
+    {  // closed unanswered (EOF, or a reset if "hi" was unread when the master closed it)
+      tcp::socket s(io);
+      s.open(tcp::v4());
+      s.bind(tcp::endpoint(loopback(3), 0));
+      co_await s.async_connect(where, use_awaitable);
+      co_await asio::async_write(s, asio::buffer("hi\n", 3), as_tuple_t{});
+      std::string reply;
+      auto [ec, n] = co_await asio::async_read(s, asio::dynamic_buffer(reply), as_tuple_t{});
+      CHECK(ec);
+      CHECK(reply.empty());
+    }
+    CHECK(co_await ask_from(loopback(1), where) == 1);
+    co_await master.disconnect();
+  });
+}
+
 TEST_CASE("Sticky: 1,000 connections from 10 addresses each stay on one worker; a SIGKILLed worker moves only its own clients") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<Sticky> master(io.get_executor());

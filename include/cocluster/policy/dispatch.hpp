@@ -5,15 +5,20 @@
 //     return r.address() == special ? special_id : normal_id;   // a worker id; 0: wait
 //   };
 //   cocluster::Master<cocluster::Dispatch<decltype(route)>> master(ex, {}, cocluster::Dispatch(route));
-// F is called on the master's executor once per connection and must not block. It returns a
-// worker id from `live`; 0 or an id not in `live` keeps the connection waiting, in order,
-// until a worker joins, leaves or takes a connection (then F is asked again).
+// F is called on the master's executor when a connection is accepted, and again for one that
+// waits whenever a worker joins, leaves or takes a connection; it must not block. It returns a
+// worker id from `live`. A worker whose window is full, 0 or an id not (yet) in `live` keeps
+// the connection waiting in the master, in order, at most HandoffListener::max_waiting_per_worker
+// per id: one more is closed, with a log line (F sees each worker's in_flight and can route
+// around a full one). HandoffListener::refuse closes it at once. If F throws, the connection
+// is closed and the exception's what() logged; the master carries on.
 #pragma once
 
 #include "cocluster/detail/config.hpp"
 
 #include <algorithm>
 #include <concepts>
+#include <exception>
 #include <cstddef>
 #include <memory>
 #include <type_traits>
@@ -41,10 +46,16 @@ class dispatch_listener final : public HandoffListener {
     return 0;
   }
   int choose_for(const Remote& remote) override {
-    const int id = static_cast<int>(f_(remote, members()));
-    auto it = members().find(id);
-    return it != members().end() && it->second.in_flight < window_ ? id : 0;
+    try {
+      return static_cast<int>(f_(remote, members()));
+    } catch (const std::exception& e) {
+      detail::log_error("Dispatch: the routing function threw: {}", e.what());
+    } catch (...) {
+      detail::log_error("Dispatch: the routing function threw");
+    }
+    return refuse;
   }
+  bool can_take(const Member& m) const override { return m.in_flight < window_; }
 
   F f_;
   std::size_t window_;

@@ -11,7 +11,9 @@
 // A policy that routes by the client's address also overrides choose_for(const Remote&),
 // asked once the connection is accepted (Dispatch and Sticky do).
 // The master accepts (accept4; raw fds, never read, never registered with Asio) only while
-// choose() names a worker, so connections otherwise wait in the kernel's backlog. It keeps its
+// choose() names a worker, so connections otherwise wait in the kernel's backlog. A connection
+// whose chosen worker cannot take it yet waits in the master, at most max_waiting_per_worker
+// per worker (and max_waiting in all), so that one stalled worker never stops the others. It keeps its
 // copy of each connection until the worker's `accepted`: a connection handed to a worker that
 // closes its server, disconnects or dies goes back to the front and to another worker. With
 // no worker left the listener is closed with what it holds (Node does the same).
@@ -39,10 +41,15 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
  public:
   // How long accepting pauses after EMFILE, ENFILE, ENOBUFS or ENOMEM.
   static constexpr std::chrono::milliseconds accept_retry_delay{100};
-  // Accepted connections the master holds while the workers chosen for them cannot take them
-  // (Dispatch, Sticky: their worker's window is full, or it is not there); past it, accepting
-  // waits and the rest stay in the kernel's backlog.
-  static constexpr std::size_t max_waiting = 256;
+  // Accepted connections the master holds for one worker that cannot take them yet (Dispatch,
+  // Sticky: its window is full, or it is not there yet). One more for it is closed (a log line
+  // says so), unless choose_for() names another worker: Sticky does, Dispatch leaves it to F.
+  static constexpr std::size_t max_waiting_per_worker = 256;
+  // All connections the master holds; past it, accepting waits (the kernel's backlog holds the
+  // rest), as when no worker has room.
+  static constexpr std::size_t max_waiting = 4096;
+  // What choose_for() returns to have the master close a connection it cannot place.
+  static constexpr int refuse = -1;
 
   // A worker holding this listener, as choose() sees it.
   struct Member {
@@ -92,7 +99,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     }
     if (!back.empty())
       detail::debug("Worker {}: {} connection(s) handed to it go to other workers", worker.pid(), back.size());
-    backlog_.insert(backlog_.begin(), std::make_move_iterator(back.begin()), std::make_move_iterator(back.end()));
+    give_back(std::move(back));
     if (!members_.empty()) distribute();  // else the master closes us, and what waits with us
   }
 
@@ -105,7 +112,11 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
       --m->second.in_flight;
       on_acknowledged(m->second);
     }
-    if (!ok) backlog_.push_front(std::move(conn));  // refused: another worker gets it
+    if (!ok) {  // refused: another worker gets it
+      std::deque<connection> back;
+      back.push_back(std::move(conn));
+      give_back(std::move(back));
+    }
     distribute();  // ok: our copy of the fd closes here
   }
 
@@ -114,6 +125,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     socket_.close(ignored);
     retry_.cancel();
     backlog_.clear();
+    waiting_for_.clear();
     unacked_.clear();
     members_.clear();
     links_.clear();
@@ -125,10 +137,19 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   // hand-off; it must not change what it would answer (the hooks below are for that).
   virtual int choose() = 0;
   // The worker that takes this accepted connection from `remote`: by default choose()'s
-  // answer. 0 (or a worker that is no member) keeps it waiting, in order, until a worker
-  // joins, leaves or acknowledges. Called per connection on the hand-off path: no blocking,
-  // and better no allocation. Same rule as choose(): the hooks change the state.
+  // answer. A member that cannot take it now (can_take), a worker that is no member (yet) or 0
+  // keeps it waiting, in order, until a worker joins, leaves or acknowledges (then it is asked
+  // again); `refuse` closes it. Called per connection on the hand-off path: no blocking, and
+  // better no allocation. Same rule as choose(): the hooks change the state.
   virtual int choose_for(const Remote& /*remote*/) { return choose(); }
+  // Whether `m` takes a connection chosen for it now (a policy with a window says no when it
+  // is full); choose() names only members that do.
+  virtual bool can_take(const Member& /*m*/) const { return true; }
+  // Connections waiting in the master for worker `id` (see max_waiting_per_worker).
+  std::size_t waiting_for(int id) const noexcept {
+    auto it = waiting_for_.find(id);
+    return it == waiting_for_.end() ? 0 : it->second;
+  }
 
   // After the bookkeeping of each event, for a policy's own state.
   virtual void on_joined(const Member&) {}
@@ -154,6 +175,8 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   struct connection {
     std::shared_ptr<const detail::unique_fd> fd;  // shared with a channel while a newconn carrying it is queued
     std::string remote;                           // sockaddr from accept4
+    int waits_for = 0;                            // while in backlog_: the worker chosen for it
+    bool given_back = false;                      // taken back from a worker: never closed for want of room
   };
   struct handed {
     int worker;
@@ -164,25 +187,49 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     const int id = choose();
     return id != 0 && members_.count(id) ? id : 0;
   }
-  int pick_for(const connection& c) {
+  // Places `c`: handed to the worker chosen for it, else waiting for that worker at `at` in the
+  // backlog (counted in waiting_for_), else, past max_waiting_per_worker or refused, closed.
+  // False when it waits.
+  bool place(connection&& c, std::size_t at) {
     const int id = choose_for(Remote(c.remote));
-    return id != 0 && members_.count(id) ? id : 0;
+    if (auto m = members_.find(id); m != members_.end() && can_take(m->second) && hand_off(id, c)) return true;
+    if (id == refuse || (!c.given_back && waiting_for(id) >= max_waiting_per_worker)) {
+      detail::log_error("listener {}:{}: closing a connection: {}", address_.address, address_.port,
+                        id == refuse ? "the policy refused it"
+                                     : fmt::format("{} already wait for worker {}", max_waiting_per_worker, id));
+      return true;  // ~connection closes our copy
+    }
+    c.waits_for = id;
+    ++waiting_for_[id];
+    backlog_.insert(backlog_.begin() + static_cast<std::ptrdiff_t>(at), std::move(c));
+    return false;
+  }
+
+  // Takes backlog_[i] out (it is to be placed again).
+  connection take_waiting(std::size_t i) {
+    connection c = std::move(backlog_[i]);
+    backlog_.erase(backlog_.begin() + static_cast<std::ptrdiff_t>(i));
+    if (auto it = waiting_for_.find(c.waits_for); it != waiting_for_.end() && --it->second == 0) waiting_for_.erase(it);
+    return c;
   }
 
   // Waiting connections first, in order, each to the worker chosen for it (one waiting for a
   // worker that cannot take it now does not hold up the others); then accept more.
   void distribute() {
-    for (std::size_t i = 0; i < backlog_.size() && pick() != 0;) {
-      const int id = pick_for(backlog_[i]);
-      if (id == 0) {
-        ++i;
-        continue;
-      }
-      connection c = std::move(backlog_[i]);
-      backlog_.erase(backlog_.begin() + static_cast<std::ptrdiff_t>(i));
-      if (!hand_off(id, c)) backlog_.insert(backlog_.begin() + static_cast<std::ptrdiff_t>(i), std::move(c));
-    }
+    for (std::size_t i = 0; i < backlog_.size() && pick() != 0;)
+      if (!place(take_waiting(i), i)) ++i;
     accept_now();
+  }
+
+  // Everything taken back from a worker, to the front of the backlog in order, waiting for
+  // nobody in particular until distribute() asks again.
+  void give_back(std::deque<connection> back) {
+    for (auto& c : back) {
+      c.waits_for = 0;
+      c.given_back = true;
+      ++waiting_for_[0];
+    }
+    backlog_.insert(backlog_.begin(), std::make_move_iterator(back.begin()), std::make_move_iterator(back.end()));
   }
 
   // False if `id`'s channel is ending (then `c` is still the caller's): left() follows and
@@ -211,11 +258,9 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
       std::error_code ec;
       detail::unique_fd fd = detail::accept_connection(socket_.native_handle(), remote, ec);
       if (fd) {
-        connection c{std::make_shared<const detail::unique_fd>(std::move(fd)), std::move(remote)};
-        const int to = pick_for(c);
-        if (to != 0 && hand_off(to, c)) continue;
-        backlog_.push_back(std::move(c));  // for a worker that cannot take it now, or is going
-        if (to != 0) return distribute();  // going: another worker may take it
+        const std::size_t members = members_.size();
+        place(connection{std::make_shared<const detail::unique_fd>(std::move(fd)), std::move(remote)}, backlog_.size());
+        if (members_.size() != members) return distribute();  // a hand-off found its worker going
         continue;
       }
       if (!ec) return wait_readable();
@@ -252,6 +297,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   Members members_;            // workers holding this listener, by id
   std::map<int, std::shared_ptr<WorkerLink>> links_;
   std::deque<connection> backlog_;           // accepted, waiting for a chosen worker, in order
+  std::map<int, std::size_t> waiting_for_;   // how many of backlog_ wait for each worker
   std::map<std::uint32_t, handed> unacked_;  // handed off, not yet acknowledged, by seq
   std::uint32_t last_seq_ = 0;
   bool waiting_ = false;

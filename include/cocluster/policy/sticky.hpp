@@ -4,8 +4,10 @@
 // highest, so a worker that leaves moves only its own clients, and one that joins takes only
 // the clients it now wins. IPv4 and IPv6 alike; the port is not part of it.
 //   cocluster::Master<cocluster::Sticky> master(ex);   // COCLUSTER_SCHED_POLICY=sticky
-// A replacement worker has a new id: the dead worker's clients are spread over the live ones
-// (and some move to the replacement). Peers of a Unix socket have no address: all share one
+// A replacement worker has a new id: the dead worker's clients are spread over the live ones,
+// and the replacement then takes about 1/N of every worker's clients. A stalled worker's
+// clients wait for it, up to HandoffListener::max_waiting_per_worker; past that they go to
+// their next worker in the ranking. Peers of a Unix socket have no address: all share one
 // worker. The master accepts and hands off as RoundRobin does.
 #pragma once
 
@@ -56,17 +58,24 @@ class sticky_listener final : public HandoffListener {
       if (m.in_flight < window_) return id;
     return 0;
   }
-  // The client's worker, or 0 while it is full (its clients wait for it, in order).
+  // The client's worker (while it is full, its clients wait for it, in order). Once
+  // max_waiting_per_worker wait for it (it has stalled), the next worker in the client's
+  // ranking that has room takes the connection instead: the others keep being served.
   int choose_for(const Remote& remote) override {
     const std::uint64_t client = hash_address(remote.address_bytes());
     const Member* best = nullptr;
-    std::uint64_t best_weight = 0;
+    const Member* open = nullptr;  // the best with room, among the workers not stalled
+    std::uint64_t best_weight = 0, open_weight = 0;
     for (auto& [id, m] : members()) {
       const std::uint64_t w = rendezvous_weight(client, id);
       if (!best || w > best_weight) best = &m, best_weight = w;
+      if (can_take(m) && waiting_for(id) < max_waiting_per_worker && (!open || w > open_weight)) open = &m, open_weight = w;
     }
-    return best && best->in_flight < window_ ? best->id : 0;
+    if (!best) return 0;
+    if (waiting_for(best->id) < max_waiting_per_worker || !open) return best->id;
+    return open->id;
   }
+  bool can_take(const Member& m) const override { return m.in_flight < window_; }
 
   std::size_t window_;
 };
