@@ -8,6 +8,7 @@
 #include <asio/post.hpp>
 #include <asio/use_awaitable.hpp>
 
+#include <algorithm>
 #include <exception>
 
 #include "cocluster/detail/as_tuple.hpp"
@@ -30,10 +31,23 @@ inline void rethrow_from_run(const asio::any_io_executor& ex, std::exception_ptr
   asio::post(ex, [e] { std::rethrow_exception(e); });
 }
 
+// What an unread message weighs against the inbox's byte bound: its bytes.
+inline std::size_t message_bytes(const Message& m) noexcept { return m.data.size(); }
+
+// The bounds on what a process holds unread from its peer (Settings::max_unread_messages and
+// max_unread_bytes in the master, this_worker.start()'s in a worker).
+inline void bound_inbox(async_queue<Message>& inbox, std::size_t max_messages, std::size_t max_bytes) {
+  inbox.set_capacity(std::max<std::size_t>(max_messages, 1));
+  inbox.set_weight_limit(std::max<std::size_t>(max_bytes, 1), &message_bytes);
+}
+
 // Runs until the channel ends; returns why (eof, protocol_error, ...).
 //   on_internal(ipc::Envelope&) -> bool: false ends the channel as a protocol error (it may
 //   take the envelope's handle).
 //   on_user(): a user message was queued.  on_pause(): the inbox is full, reading waits.
+// The inbox's bounds are checked before each message is read: once it is full (its message
+// count or its bytes) nothing more is taken from the socket, so the peer's sends wait in the
+// kernel and this process holds at most the bound plus the one message that crossed it.
 template <class OnInternal, class OnUser, class OnPause>
 asio::awaitable<std::error_code> read_channel(ipc::Channel& channel, async_queue<Message>& inbox,
                                               OnInternal on_internal, OnUser on_user, OnPause on_pause) {
@@ -43,6 +57,12 @@ asio::awaitable<std::error_code> read_channel(ipc::Channel& channel, async_queue
     if (budget == 0) {
       co_await asio::post(channel.get_executor(), asio::use_awaitable);
       budget = read_budget;
+    }
+    if (inbox.full()) {
+      on_pause();
+      auto [closed] = co_await inbox.async_wait_room(tuple);
+      if (closed) co_return closed;
+      continue;
     }
     ipc::Envelope envelope;
     std::error_code end;
@@ -68,16 +88,10 @@ asio::awaitable<std::error_code> read_channel(ipc::Channel& channel, async_queue
       auto [closed] = co_await inbox.async_wait_below(max_unread_handles, tuple);
       if (closed) co_return closed;
     }
-    bool queued = true;
     try {
-      queued = inbox.try_push(envelope.message);
+      inbox.push(std::move(envelope.message));  // room was checked before reading it
     } catch (...) {  // from the consumer it ran: the message was delivered
       rethrow_from_run(channel.get_executor(), std::current_exception());
-    }
-    if (!queued) {
-      on_pause();
-      auto [closed] = co_await inbox.async_push(std::move(envelope.message), tuple);
-      if (closed) co_return closed;
     }
     on_user();
   }
