@@ -187,3 +187,176 @@ TEST_CASE("a master sending 2 GiB a worker does not read: the worker holds at mo
     CHECK((co_await w->exited()) == ExitStatus{0, 0});
   }, 120s);
 }
+
+// ---- hostile workers ----
+
+namespace {
+
+// Writes one packet into the channel as a hostile worker would (no runtime), with `fds`.
+bool write_packet(const std::string& packet, const std::vector<int>& fds) {
+  const int channel = std::stoi(std::getenv("COCLUSTER_CHANNEL_FD"));
+  iovec iov{const_cast<char*>(packet.data()), packet.size()};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  std::vector<char> control(CMSG_SPACE(sizeof(int) * std::max<std::size_t>(fds.size(), 1)));
+  if (!fds.empty()) {
+    msg.msg_control = control.data();
+    msg.msg_controllen = CMSG_SPACE(sizeof(int) * fds.size());
+    cmsghdr* c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
+    std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
+  }
+  return ::sendmsg(channel, &msg, MSG_NOSIGNAL) >= 0;
+}
+
+std::string frame(std::uint8_t flags, std::uint8_t handle_kind, const std::string& payload) {
+  ipc::frame_header h;
+  h.flags = flags;
+  h.handle_kind = handle_kind;
+  h.total_size = static_cast<std::uint32_t>(payload.size());
+  return std::string(reinterpret_cast<const char*>(&h), sizeof h) + payload;
+}
+
+std::vector<int> tcp_sockets(int n) {
+  std::vector<int> fds;
+  for (int i = 0; i < n; ++i) fds.push_back(::socket(AF_INET, SOCK_STREAM, 0));
+  return fds;
+}
+
+// Sends `how` (after a well-formed `online`), then waits for the master to close the channel.
+int send_unwanted_fds(std::string_view how) {
+  constexpr auto whole = ipc::frame_header::first | ipc::frame_header::last;
+  write_packet(frame(whole | ipc::frame_header::internal, 0, ipc::protocol::encode(ipc::protocol::Online{})), {});
+  bool sent = false;
+  if (how == "internal") {  // a handle on an internal message that carries none
+    sent = write_packet(frame(whole | ipc::frame_header::internal, 1,
+                              ipc::protocol::encode(ipc::protocol::Listening{1})), tcp_sockets(1));
+  } else if (how == "too_many") {  // more fds than a packet may carry
+    sent = write_packet(frame(whole, 1, "twenty"), tcp_sockets(20));
+  } else {  // fds attached to what is not a frame at all
+    sent = write_packet("not a cocluster frame", tcp_sockets(3));
+  }
+  if (!sent) return 2;
+  const int channel = std::stoi(std::getenv("COCLUSTER_CHANNEL_FD"));
+  char c;
+  while (::recv(channel, &c, 1, 0) > 0) {
+  }
+  return 0;
+}
+
+}  // namespace
+
+WORKER_SCENARIO(fd_on_internal) { return send_unwanted_fds("internal"); }
+WORKER_SCENARIO(twenty_fds) { return send_unwanted_fds("too_many"); }
+WORKER_SCENARIO(fds_on_garbage) { return send_unwanted_fds("garbage"); }
+
+TEST_CASE("a worker sending fds it should not (on an internal message, 20 in a packet, on garbage) is disconnected; no fd stays, the others are served") {
+  for (auto bad : {"fd_on_internal", "twenty_fds", "fds_on_garbage"}) {
+    SUBCASE(bad) {
+      set_log_sink([](LogLevel, std::string_view) {});  // the error line is expected
+      run_bounded([bad](asio::io_context& io) -> awaitable<void> {
+        Master<> master(io.get_executor());
+        auto good = co_await master.fork();
+        co_await good->online();
+        const std::string fds_before = open_fds();
+        auto& events = master.events();
+        auto hostile = co_await master.fork(scenario_env(bad));
+        co_await hostile->disconnected();
+        CHECK((co_await hostile->exited()) == ExitStatus{0, 0});  // it left on the EOF we gave it
+        bool saw_error = false;
+        while (events.pending()) {
+          const Event e = co_await events.next();
+          if (e.type == EventType::error && e.worker == hostile) saw_error = e.error == error::protocol_error;
+        }
+        CHECK(saw_error);
+        co_await good->send({"still served"});
+        CHECK((co_await good->receive()).data == "still served");
+        CHECK(open_fds() == fds_before);
+        co_await master.disconnect();
+      });
+      set_log_sink({});
+    }
+  }
+}
+
+TEST_CASE("a worker flooding messages the master does not read keeps it bounded and does not keep it from serving the others") {
+  const std::string fds_before = open_fds();
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    using asio::ip::tcp;
+    Master<> master(io.get_executor());
+    auto good = co_await master.fork();
+    co_await good->online();
+    const std::size_t base = status_bytes("VmRSS");
+    reset_peak_rss();
+    auto hostile = co_await master.fork(scenario_env("flood_bytes"));
+    co_await wait_until([&] { return hostile->unread_bytes() >= flood_bound; });
+    for (int i = 0; i < 100; ++i) {  // round trips with the other worker while the flood waits
+      co_await good->send({"ping " + std::to_string(i)});
+      REQUIRE((co_await good->receive()).data == "ping " + std::to_string(i));
+    }
+    // A passed connection, served by the other worker (it reads 8 bytes from it).
+    tcp::acceptor acceptor(io, {asio::ip::address_v4::loopback(), 0});
+    tcp::socket client(io);
+    client.connect(acceptor.local_endpoint());
+    co_await asio::async_write(client, asio::buffer("12345678", 8), use_awaitable);
+    co_await good->send({"conn", acceptor.accept()});
+    CHECK((co_await good->receive()).data == "conn|12345678");
+    const std::size_t peak = status_bytes("VmHWM");
+    CHECK(peak - std::min(base, peak) <= flood_bound + rss_slack);
+    hostile->kill(SIGKILL);
+    co_await hostile->exited();
+    good->disconnect();
+    co_await good->exited();
+  }, 60s);
+  CHECK(open_fds() == fds_before);
+}
+
+// Starts the runtime's channel by hand: announces `online`, then never reads.
+WORKER_SCENARIO(never_reads) {
+  constexpr auto whole = ipc::frame_header::first | ipc::frame_header::last | ipc::frame_header::internal;
+  write_packet(frame(whole, 0, ipc::protocol::encode(ipc::protocol::Online{})), {});
+  ::pause();
+  return 0;
+}
+
+TEST_CASE("a worker that never reads its channel: the master's sends wait at the send queue's bound and the others are served") {
+  const std::string fds_before = open_fds();
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    auto good = co_await master.fork();
+    co_await good->online();
+    auto hostile = co_await master.fork(scenario_env("never_reads"));
+    co_await hostile->online();
+    const std::size_t base = status_bytes("VmRSS");
+    reset_peak_rss();
+    // Sends 1 MiB messages until one waits: it is parked when it stays pending while every
+    // other ready handler runs many times over.
+    std::size_t sent = 0;
+    std::optional<std::error_code> last;
+    for (;;) {
+      last.reset();
+      hostile->send({flood_message(sent)}, [&](std::error_code ec) { last = ec; });
+      co_await let_others_run(200);
+      if (!last) break;
+      REQUIRE(!*last);
+      REQUIRE(++sent < 1024);  // 1 GiB queued: there is no bound
+    }
+    const std::size_t peak = status_bytes("VmHWM");
+    MESSAGE("the master queued ", sent, " MiB for a worker that does not read; its RSS grew by ",
+            (peak - std::min(base, peak)) / mib, " MiB");
+    CHECK(sent * mib <= ipc::ChannelOptions{}.send_queue_bytes + 8 * mib);  // + what the kernel holds
+    CHECK(peak - std::min(base, peak) <= ipc::ChannelOptions{}.send_queue_bytes + rss_slack);
+    co_await good->send({"still served"});
+    CHECK((co_await good->receive()).data == "still served");
+    hostile->kill(SIGKILL);
+    co_await hostile->exited();
+    co_await let_others_run(10);
+    CHECK(last == std::error_code(error::channel_closed));  // the waiting send was failed
+    good->disconnect();
+    co_await good->exited();
+  }, 60s);
+  CHECK(open_fds() == fds_before);
+}

@@ -13,6 +13,7 @@
 
 #include "cocluster/detail/as_tuple.hpp"
 #include "cocluster/detail/async_queue.hpp"
+#include "cocluster/detail/log.hpp"
 #include "cocluster/ipc/channel.hpp"
 
 namespace cocluster::detail {
@@ -23,6 +24,11 @@ inline constexpr int read_budget = 64;
 // Unread messages that carry a handle: beyond it reading pauses, so a flood of passed sockets
 // stays in the kernel's queue instead of using up this process's fds.
 inline constexpr std::size_t max_unread_handles = 128;
+// Internal messages (answers to the peer's queries, hand-offs, acknowledgements) are queued
+// for sending whatever the send queue's capacity. Past this many beyond it the peer is not
+// reading what it asks for, and it is not read from until it has taken some: a peer that
+// floods requests and never reads the answers costs this process a bounded queue.
+inline constexpr std::size_t max_internal_backlog = 1024;
 
 // An exception from code this loop runs inline (a consumer resumed by the inbox, a handler of
 // an internal message) must not end the loop silently: it leaves io_context::run() instead,
@@ -57,6 +63,12 @@ asio::awaitable<std::error_code> read_channel(ipc::Channel& channel, async_queue
     if (budget == 0) {
       co_await asio::post(channel.get_executor(), asio::use_awaitable);
       budget = read_budget;
+    }
+    if (const std::size_t cap = channel.options().send_queue_capacity;
+        channel.queued() > cap && channel.queued() - cap >= max_internal_backlog) {
+      debug("{} messages queued for a peer that does not read them; reading from it paused", channel.queued());
+      co_await channel.async_wait_writable(tuple);  // the channel's own writer drains it meanwhile
+      continue;
     }
     if (inbox.full()) {
       on_pause();
