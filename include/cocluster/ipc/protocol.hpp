@@ -128,6 +128,8 @@ class reader {
   }
   // Every field read and nothing left over.
   bool complete() const noexcept { return ok_ && in_.empty(); }
+  // A field read whole but not valid (a bool that is neither 0 nor 1).
+  void fail() noexcept { ok_ = false; }
 
  private:
   std::string_view in_;
@@ -165,6 +167,7 @@ struct decoding {
     if constexpr (std::is_same_v<T, bool>) {
       std::uint8_t b = 2;
       r >> b;
+      if (b > 1) r.fail();  // only our encoding is accepted (found by tests/fuzz/protocol_fuzz.cpp)
       v = b == 1;
     } else {
       r >> v;
