@@ -145,6 +145,7 @@ class runtime {
     q.fd = t.fd;
     q.index = p.index;
     q.backlog = static_cast<std::uint32_t>(std::max(options.backlog, 1));
+    if (options.unix_mode) q.unix_mode = static_cast<std::int32_t>(*options.unix_mode & 07777);
     if (phase_ == phase::closed || intent_ != intent::none || !channel_.send_internal(ipc::protocol::encode(q))) {
       link_.release_index(p.index_key, p.index);
       return p.handler.complete(error::worker_not_connected, nullptr);
