@@ -6,7 +6,11 @@
 
 #include <fcntl.h>
 #include <sys/socket.h>
+#include <sys/ptrace.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
+#include <sys/wait.h>
+#include <time.h>
 
 #include <cstring>
 #include <fstream>
@@ -359,4 +363,129 @@ TEST_CASE("a worker that never reads its channel: the master's sends wait at the
     co_await good->exited();
   }, 60s);
   CHECK(open_fds() == fds_before);
+}
+
+// ---- a worker whose exit a tracer holds ----
+
+TEST_CASE("a worker whose exit a tracer holds (ptrace) does not make the master spin; its exit comes once the tracer lets go") {
+  // The pidfd of a traced process that has died is readable, but its parent cannot reap it
+  // until the tracer has waited for it. Waiting on the pidfd again would complete at once,
+  // for ever: the master must look again later instead.
+  if (::geteuid() != 0) {
+    MESSAGE("not root: skipped (tracing a process that is not our child needs CAP_SYS_PTRACE)");
+    return;
+  }
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    auto w = co_await master.fork();
+    co_await w->online();
+    auto [report_read, report_write] = cocluster::detail::make_pipe();
+    auto [release_read, release_write] = cocluster::detail::make_pipe();
+    const pid_t worker = w->pid();
+    const pid_t tracer = ::fork();
+    REQUIRE(tracer >= 0);
+    if (tracer == 0) {  // seize the worker; say when it is dead; hold its exit until released
+      char c = ::ptrace(PTRACE_SEIZE, worker, nullptr, nullptr) == 0 ? 'S' : 'E';
+      (void)!::write(report_write.get(), &c, 1);
+      siginfo_t info{};
+      if (::waitid(P_PID, static_cast<id_t>(worker), &info, WEXITED | WNOWAIT) != 0) ::_exit(1);
+      c = 'D';
+      (void)!::write(report_write.get(), &c, 1);
+      (void)!::read(release_read.get(), &c, 1);
+      ::waitid(P_PID, static_cast<id_t>(worker), &info, WEXITED);
+      ::_exit(0);
+    }
+    report_write.reset();
+    release_read.reset();
+    asio::posix::stream_descriptor report(io, report_read.release());
+    char c = 0;
+    co_await asio::async_read(report, asio::buffer(&c, 1), use_awaitable);
+    REQUIRE(c == 'S');
+    w->signal(SIGKILL);
+    co_await asio::async_read(report, asio::buffer(&c, 1), use_awaitable);
+    REQUIRE(c == 'D');  // dead, its exit held by the tracer: the master's pidfd is readable
+    timespec before{}, after{};
+    ::clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &before);
+    asio::steady_timer window(io, 300ms);  // the loop runs meanwhile: a spinning reaper shows here
+    co_await window.async_wait(use_awaitable);
+    ::clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &after);
+    const double cpu_ms = (after.tv_sec - before.tv_sec) * 1e3 + (after.tv_nsec - before.tv_nsec) / 1e6;
+    MESSAGE("the master used ", cpu_ms, " ms of CPU in 300 ms while the exit was held");
+    CHECK(cpu_ms < 100);
+    CHECK_FALSE(w->is_dead());
+    (void)!::write(release_write.get(), "x", 1);
+    CHECK((co_await w->exited()) == ExitStatus{0, SIGKILL});
+    int status = 0;
+    ::waitpid(tracer, &status, 0);
+    CHECK(WIFEXITED(status));
+  });
+}
+
+// ---- privilege ----
+
+// Listens on TEST_UNIX_PATH with the mode TEST_UNIX_MODE (octal), then echoes.
+WORKER_SCENARIO(listen_unix_mode) {
+  return run_echo_worker([](asio::io_context& io) {
+    asio::co_spawn(io, []() -> awaitable<void> {
+      ListenOptions options;
+      options.unix_mode = static_cast<unsigned>(std::stoul(std::getenv("TEST_UNIX_MODE"), nullptr, 8));
+      auto server = co_await this_worker.listen(asio::local::stream_protocol::endpoint(std::getenv("TEST_UNIX_PATH")),
+                                                std::move(options));
+      auto s = co_await server.accept();  // keeps the server open until the test connects
+    }, asio::detached);
+  });
+}
+
+TEST_CASE("a Unix listener's path is created with the mode the worker asked for (ListenOptions::unix_mode)") {
+  for (unsigned mode : {0600u, 0666u, 0640u}) {
+    const std::string path = "/tmp/cocluster-mode-" + std::to_string(::getpid()) + "-" + std::to_string(mode);
+    run_bounded([&](asio::io_context& io) -> awaitable<void> {
+      Master<> master(io.get_executor());
+      Env env = scenario_env("listen_unix_mode");
+      env["TEST_UNIX_PATH"] = path;
+      char octal[8];
+      std::snprintf(octal, sizeof octal, "%o", mode);
+      env["TEST_UNIX_MODE"] = octal;
+      auto w = co_await master.fork(env);
+      const Address a = co_await w->listening();
+      CHECK(a.address == path);
+      struct stat st{};
+      REQUIRE(::stat(path.c_str(), &st) == 0);
+      CHECK(S_ISSOCK(st.st_mode));
+      CHECK_MESSAGE((st.st_mode & 07777) == mode, "mode ", std::oct, (st.st_mode & 07777), " for ", mode);
+      asio::local::stream_protocol::socket client(io);
+      co_await client.async_connect(path, use_awaitable);  // it listens
+      w->disconnect();
+      co_await w->exited();
+    });
+    CHECK(::access(path.c_str(), F_OK) != 0);  // removed with the listener
+  }
+}
+
+// getuid, geteuid, getgid, getegid and the supplementary groups, as "u eu g eg n".
+WORKER_SCENARIO(report_ids) {
+  return run_echo_worker([](asio::io_context&) {
+    const std::string ids = std::to_string(::getuid()) + " " + std::to_string(::geteuid()) + " " +
+                            std::to_string(::getgid()) + " " + std::to_string(::getegid()) + " " +
+                            std::to_string(::getgroups(0, nullptr));
+    this_worker.send({ids}, [](std::error_code) {});
+  });
+}
+
+TEST_CASE("a worker started as root with uid and gid of nobody runs as nobody: real and effective ids, no supplementary group") {
+  if (::geteuid() != 0) {
+    MESSAGE("not root: skipped (only root can start a worker as another user)");
+    return;
+  }
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Settings settings;
+    settings.uid = 65534;
+    settings.gid = 65534;
+    Master<> master(io.get_executor(), settings);
+    auto w = co_await master.fork(scenario_env("report_ids"));
+    CHECK((co_await w->receive()).data == "65534 65534 65534 65534 0");
+    w->disconnect();
+    CHECK((co_await w->exited()) == ExitStatus{0, 0});
+  });
+  CHECK(::geteuid() == 0);  // the master's own ids are unchanged
 }
