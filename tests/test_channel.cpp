@@ -486,7 +486,9 @@ TEST_CASE("read_channel stops reading a peer that floods requests and never read
   // an internal message, which the send queue takes whatever its capacity. A worker that
   // never reads would grow that queue without end; read_channel stops reading it instead.
   run_bounded([](asio::io_context& io) -> awaitable<void> {
-    auto [reader, peer] = channel_and_raw_peer(io);
+    auto ends = channel_and_raw_peer(io);  // not a structured binding: the lambdas capture it
+    Channel& reader = ends.first;
+    cocluster::detail::unique_fd& peer = ends.second;
     ::fcntl(peer.get(), F_SETFL, O_NONBLOCK);
     cocluster::detail::async_queue<Message> inbox(io.get_executor());
     std::size_t answered = 0;

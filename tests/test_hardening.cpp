@@ -387,6 +387,7 @@ TEST_CASE("a worker whose exit a tracer holds (ptrace) does not make the master 
     if (tracer == 0) {  // seize the worker; say when it is dead; hold its exit until released
       char c = ::ptrace(PTRACE_SEIZE, worker, nullptr, nullptr) == 0 ? 'S' : 'E';
       (void)!::write(report_write.get(), &c, 1);
+      if (c == 'E') ::_exit(0);
       siginfo_t info{};
       if (::waitid(P_PID, static_cast<id_t>(worker), &info, WEXITED | WNOWAIT) != 0) ::_exit(1);
       c = 'D';
@@ -400,6 +401,13 @@ TEST_CASE("a worker whose exit a tracer holds (ptrace) does not make the master 
     asio::posix::stream_descriptor report(io, report_read.release());
     char c = 0;
     co_await asio::async_read(report, asio::buffer(&c, 1), use_awaitable);
+    if (c == 'E') {  // a container without CAP_SYS_PTRACE, or a seccomp filter
+      MESSAGE("skipped: ptrace(PTRACE_SEIZE) is not permitted here");
+      ::waitpid(tracer, nullptr, 0);
+      w->kill();
+      co_await w->exited();
+      co_return;
+    }
     REQUIRE(c == 'S');
     w->signal(SIGKILL);
     co_await asio::async_read(report, asio::buffer(&c, 1), use_awaitable);
