@@ -5,6 +5,7 @@
 #include <fcntl.h>
 
 #include "cocluster/detail/as_tuple.hpp"
+#include "cocluster/detail/read_channel.hpp"
 
 #include <cstring>
 
@@ -478,4 +479,62 @@ TEST_CASE("a Handle takes the fd out of an Asio socket, and release() gives it u
   std::error_code ec;
   auto none = closed.adopt<asio::ip::tcp::socket>(io, ec);
   CHECK(ec == asio::error::bad_descriptor);
+}
+
+TEST_CASE("read_channel stops reading a peer that floods requests and never reads the answers, and answers all once it does") {
+  // The master answers each internal message of a worker (query_server -> query_reply) with
+  // an internal message, which the send queue takes whatever its capacity. A worker that
+  // never reads would grow that queue without end; read_channel stops reading it instead.
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    auto ends = channel_and_raw_peer(io);  // not a structured binding: the lambdas capture it
+    Channel& reader = ends.first;
+    cocluster::detail::unique_fd& peer = ends.second;
+    ::fcntl(peer.get(), F_SETFL, O_NONBLOCK);
+    cocluster::detail::async_queue<Message> inbox(io.get_executor());
+    std::size_t answered = 0;
+    bool ended = false;
+    asio::co_spawn(io, [&]() -> awaitable<void> {
+      co_await cocluster::detail::read_channel(
+          reader, inbox,
+          [&](Envelope&) {
+            ++answered;
+            return reader.send_internal(std::string(100, 'a'));
+          },
+          [] {}, [] {});
+      ended = true;
+    }, asio::detached);
+    // Writes requests until the socket is full, lets the reader run, again, until a round in
+    // which the reader took nothing: it has stopped reading.
+    ipc::frame_header h = header(whole | ipc::frame_header::internal, 1);
+    std::string request(reinterpret_cast<const char*>(&h), sizeof h);
+    request += 'q';
+    std::size_t sent = 0;
+    for (int round = 0;; ++round) {
+      REQUIRE(round < 10000);
+      std::size_t this_round = 0;
+      while (::send(peer.get(), request.data(), request.size(), MSG_NOSIGNAL) > 0) ++this_round;
+      sent += this_round;
+      for (int i = 0; i < 200; ++i) co_await asio::post(io, use_awaitable);
+      if (this_round == 0 && round > 0) break;
+    }
+    const std::size_t bound = ipc::ChannelOptions{}.send_queue_capacity + cocluster::detail::max_internal_backlog;
+    MESSAGE(sent, " requests sent, ", answered, " answered, ", reader.queued(), " answers queued when reading stopped");
+    CHECK(reader.queued() >= bound);
+    CHECK(reader.queued() < bound + 1000);  // one socket's worth of requests beyond it at most
+    // The peer reads every answer: the reader takes the rest of the requests and answers them.
+    std::size_t received = 0;
+    char buffer[256];
+    while (received < sent) {
+      const ssize_t n = ::recv(peer.get(), buffer, sizeof buffer, 0);
+      if (n > 0) {
+        ++received;
+        continue;
+      }
+      REQUIRE(errno == EAGAIN);
+      co_await asio::post(io, use_awaitable);
+    }
+    CHECK(answered == sent);
+    reader.close();
+    while (!ended) co_await asio::post(io, use_awaitable);
+  });
 }

@@ -241,3 +241,11 @@ TEST_CASE("every fd of a refused frame is closed: the one the parser took, and t
   CHECK(r.what == status::failed);
   CHECK(left[0]);  // not taken: the caller's storage (the channel's) closes it
 }
+
+TEST_CASE("fuzz regression: feeding an empty packet whose data() is null is the end of input") {
+  // tests/fuzz/frame_parser_fuzz.cpp found feed() copying from a null pointer (undefined
+  // behaviour even for 0 bytes) when given std::string_view().
+  frame_parser parser(1024);
+  CHECK(parser.feed(std::string_view()).what == status::end_of_input);
+  CHECK_FALSE(parser.in_message());
+}

@@ -293,7 +293,8 @@ class Master {
       try {
         ipc::Channel channel(state_->ex, std::move(ours), settings_.channel);
         w = detail::master_access::make(id, std::move(process), std::move(channel), state_,
-                                        settings_.max_unread_messages, std::move(pipes));
+                                        settings_.max_unread_messages, settings_.max_unread_bytes,
+                                        std::move(pipes));
       } catch (...) {  // the process runs: end it, so that a failed fork leaves nothing behind
         process.terminate_and_reap(std::chrono::milliseconds(0));
         throw;

@@ -15,6 +15,7 @@
 #include <asio/use_awaitable.hpp>
 
 #include <memory>
+#include <optional>
 #include <type_traits>
 
 #include "cocluster/detail/worker/datagram_server.hpp"
@@ -25,6 +26,11 @@ namespace cocluster {
 // Node: the options of server.listen() that reach the master.
 struct ListenOptions {
   int backlog = 511;  // Node's default
+  // A Unix path's permission bits (0600, 0666, ...), set by the master right after it binds
+  // the path and before it listens; unset: what the master's umask gives. Node has
+  // readableAll/writableAll, which add read or write for everyone. The first worker to listen
+  // on a path decides (the others share that listener).
+  std::optional<unsigned> unix_mode{};
 };
 
 namespace detail::worker {

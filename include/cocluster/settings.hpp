@@ -19,6 +19,11 @@
 
 namespace cocluster {
 
+// The default bounds on what one process holds unread from the other end of a channel (in
+// the master: per worker, Settings; in a worker: this_worker.start()).
+inline constexpr std::size_t default_max_unread_messages = 65536;
+inline constexpr std::size_t default_max_unread_bytes = std::size_t{32} << 20;
+
 // Variables added to a worker's environment (Node: the env of cluster.fork(env)).
 using Env = std::map<std::string, std::string>;
 
@@ -74,9 +79,13 @@ struct Settings {
   // (Every field has an initializer so that `Settings{.args = ...}` is clean under -Wextra.)
   // Framing limits and send-queue size of every master-worker channel.
   ipc::ChannelOptions channel{};
-  // Unread user messages held per worker; beyond it the master stops reading that worker's
-  // channel (its sends then wait) until worker.receive() catches up. Nothing is dropped.
-  std::size_t max_unread_messages = 65536;
+  // Unread user messages held per worker, by count and by bytes; once either is reached the
+  // master stops reading that worker's channel (its sends then wait) until worker.receive()
+  // catches up. Nothing is dropped. The byte bound is checked before each message is read, so
+  // the master holds at most max_unread_bytes plus one message (a single message larger than
+  // the bound is still delivered; ChannelOptions::max_message_size bounds that).
+  std::size_t max_unread_messages = default_max_unread_messages;
+  std::size_t max_unread_bytes = default_max_unread_bytes;
 };
 
 // Node: the object given to cluster.setupMaster(settings), which changes only the keys it
@@ -94,6 +103,7 @@ struct SettingsPatch {
   std::optional<gid_t> gid{};
   std::optional<ipc::ChannelOptions> channel{};
   std::optional<std::size_t> max_unread_messages{};
+  std::optional<std::size_t> max_unread_bytes{};
 
   void apply_to(Settings& s) const {
     if (exec) s.exec = *exec;
@@ -106,6 +116,7 @@ struct SettingsPatch {
     if (gid) s.gid = *gid;
     if (channel) s.channel = *channel;
     if (max_unread_messages) s.max_unread_messages = *max_unread_messages;
+    if (max_unread_bytes) s.max_unread_bytes = *max_unread_bytes;
   }
 };
 

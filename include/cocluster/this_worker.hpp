@@ -34,6 +34,7 @@
 #include "cocluster/detail/worker/runtime.hpp"
 #include "cocluster/detail/worker_identity.hpp"
 #include "cocluster/server.hpp"
+#include "cocluster/settings.hpp"
 #include "cocluster/worker_state.hpp"
 
 namespace cocluster {
@@ -48,26 +49,30 @@ inline bool is_master() noexcept { return is_primary(); }
 // The worker's API as one object, so code reads like Node's: this_worker.send(...).
 struct this_worker_t {
   // Attaches to the channel the master gave this process and announces `online`.
-  // Throws std::system_error(error::not_a_worker) in the master. Beyond `max_unread_messages`
-  // unread messages the worker stops reading its channel (the master's sends then wait), so a
-  // flood of messages or passed sockets cannot exhaust its memory or fds... up to that count:
-  // a worker that receives handles and reads slowly wants a limit below its RLIMIT_NOFILE.
+  // Throws std::system_error(error::not_a_worker) in the master. Once `max_unread_messages`
+  // unread messages, or `max_unread_bytes` of them, are held, the worker stops reading its
+  // channel (the master's sends then wait; nothing is dropped), so a flood of messages or
+  // passed sockets cannot exhaust its memory or fds... up to those bounds: a worker that
+  // receives handles and reads slowly wants a count below its RLIMIT_NOFILE. The byte bound is
+  // checked before each message is read: a single larger message is still delivered.
   void start(asio::any_io_executor ex, ipc::ChannelOptions options = {},
-             std::size_t max_unread_messages = 65536) const {
-    detail::worker::runtime::start(std::move(ex), options, max_unread_messages);
+             std::size_t max_unread_messages = default_max_unread_messages,
+             std::size_t max_unread_bytes = default_max_unread_bytes) const {
+    detail::worker::runtime::start(std::move(ex), options, max_unread_messages, max_unread_bytes);
   }
   // The same, reporting instead of throwing: error::not_a_worker in the master,
   // asio::error::already_started on a second call, error::protocol_error when fd 3 is not a
   // cocluster channel, a system error from fcntl.
   void start(asio::any_io_executor ex, std::error_code& ec, ipc::ChannelOptions options = {},
-             std::size_t max_unread_messages = 65536) const {
+             std::size_t max_unread_messages = default_max_unread_messages,
+             std::size_t max_unread_bytes = default_max_unread_bytes) const {
     ec.clear();
     if (detail::worker::runtime::find()) {
       ec = asio::error::already_started;
       return;
     }
     try {
-      detail::worker::runtime::start(std::move(ex), options, max_unread_messages);
+      detail::worker::runtime::start(std::move(ex), options, max_unread_messages, max_unread_bytes);
     } catch (const std::system_error& e) {
       ec = e.code();
     }

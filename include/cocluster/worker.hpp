@@ -66,7 +66,8 @@ class Worker : public std::enable_shared_from_this<Worker> {
  public:
   // Made by Master::fork only.
   Worker(passkey, int id, detail::Process process, ipc::Channel channel,
-         std::weak_ptr<detail::master_state> master, std::size_t max_unread, detail::stdio_pipes stdio = {})
+         std::weak_ptr<detail::master_state> master, std::size_t max_unread, std::size_t max_unread_bytes,
+         detail::stdio_pipes stdio = {})
       : stdin_(std::move(stdio[0])),
         stdout_(std::move(stdio[1])),
         stderr_(std::move(stdio[2])),
@@ -75,11 +76,13 @@ class Worker : public std::enable_shared_from_this<Worker> {
         link_(std::make_shared<detail::worker_link>(id, process_.pid(), std::move(channel))),
         channel_(link_->channel()),
         master_(std::move(master)),
-        messages_(channel_.get_executor(), std::max<std::size_t>(max_unread, 1), /*inline_delivery=*/true),
+        messages_(channel_.get_executor(), detail::async_queue<Message>::unbounded, /*inline_delivery=*/true),
         listening_(channel_.get_executor()),
         online_(channel_.get_executor()),
         disconnected_(channel_.get_executor()),
-        exited_(channel_.get_executor()) {}
+        exited_(channel_.get_executor()) {
+    detail::bound_inbox(messages_, max_unread, max_unread_bytes);
+  }
 
   using executor_type = asio::any_io_executor;
   // The master's executor: every operation completes on it unless its handler has another.
@@ -151,6 +154,12 @@ class Worker : public std::enable_shared_from_this<Worker> {
     return asio::async_initiate<CompletionToken, void(std::error_code)>(
         initiate_send{this}, token, ipc::Envelope(ipc::message_kind::user, std::move(message)));
   }
+
+  // What the master holds unread from this worker (receive() takes it): messages, and their
+  // bytes. Once either reaches its Settings bound (max_unread_messages, max_unread_bytes) the
+  // master reads no more from the worker until receive() makes room. Node has no such bound.
+  std::size_t unread_messages() const noexcept { return messages_.size(); }
+  std::size_t unread_bytes() const noexcept { return messages_.weight(); }
 
   // Node: worker.on('message'). The next user message from the worker, in order. Messages
   // that arrived before the disconnect can still be read; then error::worker_not_connected.
@@ -269,8 +278,8 @@ class Worker : public std::enable_shared_from_this<Worker> {
         self->channel_, self->messages_, [&](const ipc::Envelope& e) { return self->on_internal(e); },
         [&] { self->emit(EventType::message); },
         [&] {
-          detail::debug("Worker {}: {} unread messages; reading paused until the master receives", self->pid(),
-                        self->messages_.size());
+          detail::debug("Worker {}: {} unread messages ({} bytes); reading paused until the master receives",
+                        self->pid(), self->messages_.size(), self->messages_.weight());
         });
     self->on_channel_end(end);
   }
@@ -356,7 +365,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
     if (self->connected_) {
       // Everything the dead process sent is already in our socket: read it all (lifting the
       // unread-message bound), so 'disconnect' always comes before 'exit'.
-      self->messages_.set_capacity(decltype(self->messages_)::unbounded);
+      self->messages_.lift_bounds();
       self->channel_.mark_peer_gone();
       co_await self->disconnected_.async_wait(as_tuple_t{});
     }
@@ -414,9 +423,9 @@ namespace detail {
 // The parts of Worker that only Master uses.
 struct master_access {
   static std::shared_ptr<Worker> make(int id, Process p, ipc::Channel c, std::weak_ptr<master_state> m,
-                                      std::size_t max_unread, stdio_pipes stdio = {}) {
+                                      std::size_t max_unread, std::size_t max_unread_bytes, stdio_pipes stdio = {}) {
     return std::make_shared<Worker>(Worker::passkey{}, id, std::move(p), std::move(c), std::move(m), max_unread,
-                                    std::move(stdio));
+                                    max_unread_bytes, std::move(stdio));
   }
   // Starts reading the channel and watching the process; after the `fork` event is posted,
   // since the read loop may process `online` before this returns.

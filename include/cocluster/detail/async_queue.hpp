@@ -1,5 +1,7 @@
 // A FIFO of values with awaitable pop and, when given a capacity, awaitable push
 // (backpressure). close(ec) lets the consumers drain what is queued, then fails them with ec.
+// Besides its count, a queue can bound the total weight of what it holds (set_weight_limit:
+// the bytes of unread messages): it is full once either bound is reached.
 //   detail::async_queue<Message> q(ex, 64);  co_await q.async_push(m, use_awaitable);  auto m = co_await q.async_pop(use_awaitable);
 // Both waits honour per-operation cancellation. Single-threaded: use from one executor.
 // With inline_delivery, push()/try_push() hand a value to a waiting consumer by running it at
@@ -26,6 +28,8 @@ template <class T>
 class async_queue {
  public:
   static constexpr std::size_t unbounded = std::numeric_limits<std::size_t>::max();
+  // What one value weighs against the weight limit (a message: its bytes).
+  using weigh_fn = std::size_t (*)(const T&) noexcept;
 
   explicit async_queue(asio::any_io_executor ex, std::size_t capacity = unbounded, bool inline_delivery = false)
       : ex_(std::move(ex)), capacity_(capacity), inline_delivery_(inline_delivery) {}
@@ -38,6 +42,10 @@ class async_queue {
 
   std::size_t size() const noexcept { return items_.size(); }
   bool empty() const noexcept { return items_.empty(); }
+  // The total weight of what is queued (0 without a weight limit).
+  std::size_t weight() const noexcept { return weight_; }
+  // Either bound reached: a push would wait. Never while a consumer waits (nothing is queued).
+  bool full() const noexcept { return items_.size() >= capacity_ || weight_ >= weight_limit_; }
 
   // unbounded also lifts every async_wait_below limit (now and later).
   void set_capacity(std::size_t capacity) {
@@ -45,9 +53,23 @@ class async_queue {
     admit_pushers();
   }
 
+  // Full once what is queued weighs `limit` or more; a single value heavier than the limit
+  // still goes in when the queue is below it. Call before anything is queued.
+  void set_weight_limit(std::size_t limit, weigh_fn weigh) {
+    weight_limit_ = limit;
+    weigh_ = weigh;
+    admit_pushers();
+  }
+
+  // Lifts every bound (count, weight, async_wait_below), now and later.
+  void lift_bounds() {
+    weight_limit_ = unbounded;
+    set_capacity(unbounded);
+  }
+
   // Adds at once if there is room (or a consumer waits); false when full or closed.
   bool try_push(T& value) {
-    if (closed_ || (poppers_.empty() && items_.size() >= capacity_)) return false;
+    if (closed_ || (poppers_.empty() && full())) return false;
     deliver(std::move(value), inline_delivery_);
     return true;
   }
@@ -63,7 +85,7 @@ class async_queue {
         [this](auto handler, T v) {
           pending_handler<> h(std::move(handler), ex_);
           if (closed_) return h.complete(*closed_);
-          if (!poppers_.empty() || items_.size() < capacity_) {
+          if (!poppers_.empty() || !full()) {
             deliver(std::move(v), false);  // inside an initiation: never run the consumer here
             return h.complete({});
           }
@@ -81,15 +103,30 @@ class async_queue {
           pending_handler<> h(std::move(handler), ex_);
           if (closed_) return h.complete(*closed_);
           if (items_.size() < n || capacity_ == unbounded) return h.complete({});
-          park(room_waiters_, room_waiter{std::move(h), n});
+          park(room_waiters_, room_waiter{std::move(h), n, false});
         },
         token, limit);
+  }
+
+  // Completes once the queue is not full (at once if it is not): for a producer that must not
+  // take the next value before there is room for it (a reader that stops reading its socket).
+  template <class Token>
+  auto async_wait_room(Token&& token) {
+    return asio::async_initiate<Token, void(std::error_code)>(
+        [this](auto handler) {
+          pending_handler<> h(std::move(handler), ex_);
+          if (closed_) return h.complete(*closed_);
+          if (!full()) return h.complete({});
+          park(room_waiters_, room_waiter{std::move(h), unbounded, true});
+        },
+        token);
   }
 
   std::optional<T> try_pop() {
     if (items_.empty()) return std::nullopt;
     T v = std::move(items_.front());
     items_.pop_front();
+    if (weigh_) weight_ -= weigh_(v);
     admit_pushers();
     return v;
   }
@@ -117,7 +154,8 @@ class async_queue {
  private:
   struct room_waiter {
     pending_handler<> handler;
-    std::size_t limit;
+    std::size_t limit;  // fewer than this many queued
+    bool until_room;    // and not full()
     asio::cancellation_slot cancellation_slot() const noexcept { return handler.cancellation_slot(); }
     void complete(std::error_code ec) { handler.complete(ec); }
   };
@@ -151,19 +189,23 @@ class async_queue {
       if (run_consumer_now) h.complete_inline({}, std::move(value));
       else h.complete({}, std::move(value));
     } else {
+      if (weigh_) weight_ += weigh_(value);
       items_.push_back(std::move(value));
     }
   }
 
   void admit_pushers() {
-    while (!pushers_.empty() && (items_.size() < capacity_ || !poppers_.empty())) {
+    while (!pushers_.empty() && (!full() || !poppers_.empty())) {
       auto p = std::move(pushers_.front());
       pushers_.pop_front();
       deliver(std::move(p.value), false);
       p.complete({});
     }
     for (auto it = room_waiters_.begin(); it != room_waiters_.end();) {
-      if (items_.size() >= it->limit && capacity_ != unbounded) {
+      const bool admitted = capacity_ == unbounded
+                                ? !it->until_room || !full()
+                                : items_.size() < it->limit && (!it->until_room || !full());
+      if (!admitted) {
         ++it;
         continue;
       }
@@ -191,6 +233,9 @@ class async_queue {
 
   asio::any_io_executor ex_;
   std::size_t capacity_;
+  std::size_t weight_limit_ = unbounded;
+  weigh_fn weigh_ = nullptr;
+  std::size_t weight_ = 0;
   bool inline_delivery_;
   std::deque<T> items_;
   std::list<pending_handler<T>> poppers_;

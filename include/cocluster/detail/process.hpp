@@ -8,7 +8,9 @@
 #include <poll.h>
 
 #include <asio/posix/stream_descriptor.hpp>
+#include <asio/steady_timer.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <memory>
 
@@ -63,7 +65,7 @@ class Process {
 
  private:
   struct state : std::enable_shared_from_this<state> {
-    state(asio::any_io_executor ex, pid_t p, unique_fd fd) : pid(p), pidfd(ex), exited(ex) {
+    state(asio::any_io_executor ex, pid_t p, unique_fd fd) : pid(p), pidfd(ex), retry(ex), exited(ex) {
       pidfd.assign(fd.get());  // may throw: the fd stays owned until it succeeded
       (void)fd.release();
     }
@@ -71,7 +73,19 @@ class Process {
     void watch() {
       pidfd.async_wait(asio::posix::descriptor_base::wait_read, [self = shared_from_this()](std::error_code ec) {
         if (ec || !self->pidfd.is_open()) return;
-        if (!self->try_reap()) self->watch();  // readable but not yet reapable: look again
+        if (!self->try_reap()) self->look_again(std::chrono::milliseconds(1));
+      });
+    }
+
+    // The pidfd is readable (the process has ended) but waitid finds nothing to reap: a tracer
+    // (ptrace) that is not us holds the exit until it has waited for it. The pidfd stays
+    // readable meanwhile, so waiting on it again would spin: look again after a delay that
+    // doubles up to 100 ms.
+    void look_again(std::chrono::milliseconds delay) {
+      retry.expires_after(delay);
+      retry.async_wait([self = shared_from_this(), delay](std::error_code ec) {
+        if (ec || !self->pidfd.is_open()) return;
+        if (!self->try_reap()) self->look_again(std::min(delay * 2, std::chrono::milliseconds(100)));
       });
     }
 
@@ -91,11 +105,13 @@ class Process {
     void finish(ExitStatus status) {
       std::error_code ignored;
       pidfd.close(ignored);
+      retry.cancel();
       exited.set(status);
     }
 
     pid_t pid;
     asio::posix::stream_descriptor pidfd;
+    asio::steady_timer retry;  // look_again()
     async_latch<ExitStatus> exited;
   };
 

@@ -8,10 +8,12 @@
 #include <asio/post.hpp>
 #include <asio/use_awaitable.hpp>
 
+#include <algorithm>
 #include <exception>
 
 #include "cocluster/detail/as_tuple.hpp"
 #include "cocluster/detail/async_queue.hpp"
+#include "cocluster/detail/log.hpp"
 #include "cocluster/ipc/channel.hpp"
 
 namespace cocluster::detail {
@@ -22,6 +24,11 @@ inline constexpr int read_budget = 64;
 // Unread messages that carry a handle: beyond it reading pauses, so a flood of passed sockets
 // stays in the kernel's queue instead of using up this process's fds.
 inline constexpr std::size_t max_unread_handles = 128;
+// Internal messages (answers to the peer's queries, hand-offs, acknowledgements) are queued
+// for sending whatever the send queue's capacity. Past this many beyond it the peer is not
+// reading what it asks for, and it is not read from until it has taken some: a peer that
+// floods requests and never reads the answers costs this process a bounded queue.
+inline constexpr std::size_t max_internal_backlog = 1024;
 
 // An exception from code this loop runs inline (a consumer resumed by the inbox, a handler of
 // an internal message) must not end the loop silently: it leaves io_context::run() instead,
@@ -30,10 +37,23 @@ inline void rethrow_from_run(const asio::any_io_executor& ex, std::exception_ptr
   asio::post(ex, [e] { std::rethrow_exception(e); });
 }
 
+// What an unread message weighs against the inbox's byte bound: its bytes.
+inline std::size_t message_bytes(const Message& m) noexcept { return m.data.size(); }
+
+// The bounds on what a process holds unread from its peer (Settings::max_unread_messages and
+// max_unread_bytes in the master, this_worker.start()'s in a worker).
+inline void bound_inbox(async_queue<Message>& inbox, std::size_t max_messages, std::size_t max_bytes) {
+  inbox.set_capacity(std::max<std::size_t>(max_messages, 1));
+  inbox.set_weight_limit(std::max<std::size_t>(max_bytes, 1), &message_bytes);
+}
+
 // Runs until the channel ends; returns why (eof, protocol_error, ...).
 //   on_internal(ipc::Envelope&) -> bool: false ends the channel as a protocol error (it may
 //   take the envelope's handle).
 //   on_user(): a user message was queued.  on_pause(): the inbox is full, reading waits.
+// The inbox's bounds are checked before each message is read: once it is full (its message
+// count or its bytes) nothing more is taken from the socket, so the peer's sends wait in the
+// kernel and this process holds at most the bound plus the one message that crossed it.
 template <class OnInternal, class OnUser, class OnPause>
 asio::awaitable<std::error_code> read_channel(ipc::Channel& channel, async_queue<Message>& inbox,
                                               OnInternal on_internal, OnUser on_user, OnPause on_pause) {
@@ -43,6 +63,18 @@ asio::awaitable<std::error_code> read_channel(ipc::Channel& channel, async_queue
     if (budget == 0) {
       co_await asio::post(channel.get_executor(), asio::use_awaitable);
       budget = read_budget;
+    }
+    if (const std::size_t cap = channel.options().send_queue_capacity;
+        channel.queued() > cap && channel.queued() - cap >= max_internal_backlog) {
+      debug("{} messages queued for a peer that does not read them; reading from it paused", channel.queued());
+      co_await channel.async_wait_writable(tuple);  // the channel's own writer drains it meanwhile
+      continue;
+    }
+    if (inbox.full()) {
+      on_pause();
+      auto [closed] = co_await inbox.async_wait_room(tuple);
+      if (closed) co_return closed;
+      continue;
     }
     ipc::Envelope envelope;
     std::error_code end;
@@ -68,16 +100,10 @@ asio::awaitable<std::error_code> read_channel(ipc::Channel& channel, async_queue
       auto [closed] = co_await inbox.async_wait_below(max_unread_handles, tuple);
       if (closed) co_return closed;
     }
-    bool queued = true;
     try {
-      queued = inbox.try_push(envelope.message);
+      inbox.push(std::move(envelope.message));  // room was checked before reading it
     } catch (...) {  // from the consumer it ran: the message was delivered
       rethrow_from_run(channel.get_executor(), std::current_exception());
-    }
-    if (!queued) {
-      on_pause();
-      auto [closed] = co_await inbox.async_push(std::move(envelope.message), tuple);
-      if (closed) co_return closed;
     }
     on_user();
   }

@@ -36,7 +36,10 @@ class Channel {
 
   const asio::any_io_executor& get_executor() const noexcept { return s_->ex; }
   bool is_open() const noexcept { return s_->sock.is_open(); }
+  const ChannelOptions& options() const noexcept { return s_->options; }
   std::size_t queued() const noexcept { return s_->queue.size(); }
+  // Bytes queued for sending and not yet written.
+  std::size_t queued_bytes() const noexcept { return s_->queue.bytes(); }
   // Why the channel failed, for logs ("frame carries 10 fds", ...); empty while it has not.
   const std::string& error_detail() const noexcept { return s_->failure_detail; }
 
@@ -76,6 +79,13 @@ class Channel {
   template <class Token>
   auto async_wait_readable(Token&& token) {
     return s_->sock.async_wait(asio::posix::descriptor_base::wait_read, std::forward<Token>(token));
+  }
+
+  // Completes when the socket is writable (or closed): for a reader that waits for the peer to
+  // take what is queued for it before reading more from it.
+  template <class Token>
+  auto async_wait_writable(Token&& token) {
+    return s_->sock.async_wait(asio::posix::descriptor_base::wait_write, std::forward<Token>(token));
   }
 
   // One receive at a time. Completes with asio::error::eof once the peer has closed (also in

@@ -16,6 +16,9 @@ struct ChannelOptions {
   std::size_t max_message_size = std::size_t{64} << 20;
   // Messages queued for sending before async_send waits for room (backpressure).
   std::size_t send_queue_capacity = 256;
+  // Bytes queued for sending before async_send waits for room: a peer that does not read
+  // costs the sender at most this (plus the one message that crossed it) whatever the sizes.
+  std::size_t send_queue_bytes = std::size_t{32} << 20;
 };
 
 struct Envelope {  // not an aggregate: see Message

@@ -112,7 +112,7 @@ class frame_parser {
   // part of the header, a long one is cut and flagged MSG_TRUNC. For tests and fuzzing.
   result feed(std::string_view packet, std::span<detail::unique_fd> fds = {}, int msg_flags = 0) {
     frame_header h;
-    std::memcpy(&h, packet.data(), std::min(packet.size(), sizeof h));
+    if (!packet.empty()) std::memcpy(&h, packet.data(), std::min(packet.size(), sizeof h));  // data() may be null
     std::size_t size = std::min(packet.size(), sizeof h);
     if (packet.size() > sizeof h) {
       auto buffer = payload_buffer();

@@ -30,6 +30,7 @@ struct QueryServer {
   std::int32_t fd = -1;   // listen({fd}): an fd of the master's, or -1
   std::uint32_t index = 0;
   std::uint32_t backlog = 0;
+  std::int32_t unix_mode = -1;  // a Unix path's permission bits, or -1 (ListenOptions::unix_mode)
 };
 
 // master -> worker: the answer to QueryServer `seq`. A shared listener comes as the handle.
@@ -137,6 +138,8 @@ class reader {
   }
   // Every field read and nothing left over.
   bool complete() const noexcept { return ok_ && in_.empty(); }
+  // A field read whole but not valid (a bool that is neither 0 nor 1).
+  void fail() noexcept { ok_ = false; }
 
  private:
   std::string_view in_;
@@ -148,7 +151,7 @@ template <class Stream> void fields(Stream&, Online&) {}
 template <class Stream> void fields(Stream&, Disconnect&) {}
 template <class Stream> void fields(Stream&, ExitedAfterDisconnect&) {}
 template <class Stream> void fields(Stream& s, QueryServer& m) {
-  s& m.seq& m.type& m.address& m.port& m.fd& m.index& m.backlog;
+  s& m.seq& m.type& m.address& m.port& m.fd& m.index& m.backlog& m.unix_mode;
 }
 template <class Stream> void fields(Stream& s, QueryReply& m) {
   s& m.seq& m.errno_value& m.server& m.shared& m.address& m.port;
@@ -176,6 +179,7 @@ struct decoding {
     if constexpr (std::is_same_v<T, bool>) {
       std::uint8_t b = 2;
       r >> b;
+      if (b > 1) r.fail();  // only our encoding is accepted (found by tests/fuzz/protocol_fuzz.cpp)
       v = b == 1;
     } else {
       r >> v;

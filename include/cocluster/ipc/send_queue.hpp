@@ -5,6 +5,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdint>
 #include <deque>
 #include <list>
 #include <memory>
@@ -52,14 +53,22 @@ inline frame next_frame(const outgoing& o) {
 
 class send_queue {
  public:
-  explicit send_queue(std::size_t capacity) : capacity_(std::max<std::size_t>(capacity, 1)) {}
+  // At most `capacity` messages and `max_bytes` bytes queued (a single larger message is
+  // queued when the queue is below the bound) before senders wait.
+  explicit send_queue(std::size_t capacity, std::size_t max_bytes = SIZE_MAX)
+      : capacity_(std::max<std::size_t>(capacity, 1)), max_bytes_(std::max<std::size_t>(max_bytes, 1)) {}
 
   std::size_t size() const noexcept { return queue_.size(); }
-  bool has_room() const noexcept { return queue_.size() < capacity_; }
+  // Payload bytes queued and not yet written.
+  std::size_t bytes() const noexcept { return bytes_; }
+  bool has_room() const noexcept { return queue_.size() < capacity_ && bytes_ < max_bytes_; }
   outgoing* front() noexcept { return queue_.empty() ? nullptr : &queue_.front(); }
 
   // Internal messages go in whatever the capacity (the protocol bounds how many there are).
-  void push(outgoing o) { queue_.push_back(std::move(o)); }
+  void push(outgoing o) {
+    bytes_ += o.payload.size() - o.offset;
+    queue_.push_back(std::move(o));
+  }
 
   // A sender beyond the capacity waits here; its cancellation removes it (and closes its fd).
   template <class Self>
@@ -85,12 +94,13 @@ class send_queue {
       o.shared_fd.reset();
     }
     o.offset += f.payload.size();
+    bytes_ -= f.payload.size();
     if (o.offset < o.payload.size()) return;
     queue_.pop_front();
     while (!blocked_.empty() && has_room()) {  // room for a parked sender
       auto b = std::move(blocked_.front());
       blocked_.pop_front();
-      queue_.push_back(std::move(b.item));
+      push(std::move(b.item));
       b.handler.complete({});
     }
   }
@@ -98,6 +108,7 @@ class send_queue {
   // Drops every queued message (closing its fd) and fails every parked sender with `ec`.
   void clear(std::error_code ec) {
     queue_.clear();
+    bytes_ = 0;
     auto senders = std::move(blocked_);
     blocked_.clear();
     for (auto& b : senders) b.handler.complete(ec);
@@ -110,6 +121,8 @@ class send_queue {
   };
 
   std::size_t capacity_;
+  std::size_t max_bytes_;
+  std::size_t bytes_ = 0;
   std::deque<outgoing> queue_;
   std::list<blocked_sender> blocked_;
 };

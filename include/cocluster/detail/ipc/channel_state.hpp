@@ -26,7 +26,7 @@ namespace cocluster::detail {
 
 struct channel_state : std::enable_shared_from_this<channel_state> {
   channel_state(asio::any_io_executor e, unique_fd fd, ipc::ChannelOptions o)
-      : ex(std::move(e)), sock(ex), options(clamped(o)), queue(options.send_queue_capacity),
+      : ex(std::move(e)), sock(ex), options(clamped(o)), queue(options.send_queue_capacity, options.send_queue_bytes),
         parser(options.max_message_size) {
     sock.assign(fd.get());
     (void)fd.release();

@@ -149,6 +149,7 @@ class listener_table {
     r.port = q.port;
     r.fd = q.fd;
     if (q.backlog > 0) r.backlog = static_cast<int>(std::min<std::uint32_t>(q.backlog, INT32_MAX));
+    r.unix_mode = q.unix_mode;
     std::string bound_path;
     unique_fd fd = open_listener(r, bound_path, ec);
     if (ec) return nullptr;

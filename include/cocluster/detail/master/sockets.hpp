@@ -8,6 +8,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -32,6 +33,7 @@ struct listen_request {
   std::uint16_t port = 0;
   int fd = -1;          // listen({fd}): an fd of the master's
   int backlog = 511;    // Node's default
+  int unix_mode = -1;   // a Unix path's permission bits after bind, or -1: the umask's
 };
 
 inline bool is_datagram(AddressType t) noexcept { return t == AddressType::udp4 || t == AddressType::udp6; }
@@ -161,7 +163,10 @@ inline unique_fd open_listener(const listen_request& r, std::string& bound_path,
     bound_path.clear();  // not ours: someone else's socket file, or none
     return {};
   }
-  if (!datagram && ::listen(fd.get(), r.backlog) != 0) {
+  // The mode asked for, before anyone can connect (the umask is process-wide: not touched).
+  const bool mode_failed = !bound_path.empty() && r.unix_mode >= 0 &&
+                           ::chmod(bound_path.c_str(), static_cast<mode_t>(r.unix_mode & 07777)) != 0;
+  if (mode_failed || (!datagram && ::listen(fd.get(), r.backlog) != 0)) {
     ec = last_error();
     if (!bound_path.empty()) ::unlink(bound_path.c_str());
     bound_path.clear();

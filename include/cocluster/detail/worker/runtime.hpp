@@ -1,7 +1,7 @@
 // The worker process's runtime (Node has the same singleton in its worker): the channel to
 // the master, the inbox of its messages, the servers listening through it, and the worker's
 // lifecycle from start() to the channel's end. this_worker (this_worker.hpp) is its face.
-//   runtime::start(ex, options, max_unread);   runtime& r = runtime::get();
+//   runtime::start(ex, options, max_unread, max_unread_bytes);   runtime& r = runtime::get();
 #pragma once
 
 #include <fcntl.h>
@@ -69,7 +69,8 @@ class runtime {
     return *current();
   }
 
-  static void start(asio::any_io_executor ex, ipc::ChannelOptions options, std::size_t max_unread) {
+  static void start(asio::any_io_executor ex, ipc::ChannelOptions options, std::size_t max_unread,
+                    std::size_t max_unread_bytes) {
     if (!identity().is_worker) throw std::system_error(error::not_a_worker, "this_worker.start() in the master process");
     if (current()) throw std::logic_error("cocluster: this_worker.start() called twice");
     const int id = identity().id;
@@ -87,7 +88,7 @@ class runtime {
     if (!parent_death::arm()) debug("Worker {}: parent-death backstop unavailable; SIGTERM stays", id);
     std::atexit([] { exiting() = true; });
     // Never destroyed: the runtime lives as long as the process, like Node's.
-    current() = new runtime(std::move(ex), id, unique_fd(fd), options, max_unread);
+    current() = new runtime(std::move(ex), id, unique_fd(fd), options, max_unread, max_unread_bytes);
     current()->run();
   }
 
@@ -144,6 +145,7 @@ class runtime {
     q.fd = t.fd;
     q.index = p.index;
     q.backlog = static_cast<std::uint32_t>(std::max(options.backlog, 1));
+    if (options.unix_mode) q.unix_mode = static_cast<std::int32_t>(*options.unix_mode & 07777);
     if (phase_ == phase::closed || intent_ != intent::none || !channel_.send_internal(ipc::protocol::encode(q))) {
       link_.release_index(p.index_key, p.index);
       return p.handler.complete(error::worker_not_connected, nullptr);
@@ -210,12 +212,15 @@ class runtime {
     return r;
   }
 
-  runtime(asio::any_io_executor ex, int id, unique_fd fd, ipc::ChannelOptions options, std::size_t max_unread)
+  runtime(asio::any_io_executor ex, int id, unique_fd fd, ipc::ChannelOptions options, std::size_t max_unread,
+          std::size_t max_unread_bytes)
       : id_(id),
         channel_(ex, std::move(fd), options),
-        messages_(ex, std::max<std::size_t>(max_unread, 1), /*inline_delivery=*/true),
+        messages_(ex, async_queue<Message>::unbounded, /*inline_delivery=*/true),
         disconnected_(ex),
-        link_(channel_) {}
+        link_(channel_) {
+    bound_inbox(messages_, max_unread, max_unread_bytes);
+  }
 
   void run() {
     state_ = WorkerState::online;
@@ -352,7 +357,9 @@ class runtime {
   asio::awaitable<void> read_loop() {
     const std::error_code end = co_await read_channel(
         channel_, messages_, [this](ipc::Envelope& e) { return on_internal(e); }, [] {},
-        [this] { debug("Worker {}: {} unread messages; reading paused", id_, messages_.size()); });
+        [this] {
+          debug("Worker {}: {} unread messages ({} bytes); reading paused", id_, messages_.size(), messages_.weight());
+        });
     parent_death::stand_down();  // whatever the master did, the orderly path runs from here
     if (end != asio::error::eof && end != error::channel_closed)
       log_error("worker {}: channel to the master failed: {} ({})", id_, end.message(), channel_.error_detail());
