@@ -96,6 +96,7 @@ class Master {
         settings_(std::move(settings)),
         policy_(std::move(policy)),
         command_line_(detail::own_command_line()) {
+    (void)detail::heartbeat_interval(settings_);  // throws std::invalid_argument for a bad pair
     state_->listeners = std::make_unique<detail::listener_table>(
         state_->ex, [policy = policy_](ListenerArgs args) { return policy.make_listener(std::move(args)); });
   }
@@ -168,14 +169,20 @@ class Master {
   // Replaces the settings for later forks (running workers keep theirs), fills in the
   // defaults and posts a `setup` event with a snapshot. Unlike Node's setupMaster(), fields
   // not given are reset to their defaults: setup_merge() is Node's.
+  // Throws std::invalid_argument (settings unchanged) for a heartbeat_interval not below
+  // heartbeat_timeout.
   void setup(Settings settings) {
+    (void)detail::heartbeat_interval(settings);
     settings_ = std::move(settings);
     run_setup();
   }
   // Node: cluster.setupMaster(settings). Changes only the fields `patch` sets, for later
   // forks; then as setup(): defaults filled in, a `setup` event with a snapshot.
   void setup_merge(const SettingsPatch& patch) {
-    patch.apply_to(settings_);
+    Settings merged = settings_;
+    patch.apply_to(merged);
+    (void)detail::heartbeat_interval(merged);
+    settings_ = std::move(merged);
     run_setup();
   }
   // Node: cluster.settings. What the Master was constructed with until the first setup() or
@@ -282,6 +289,8 @@ class Master {
         process.terminate_and_reap(std::chrono::milliseconds(0));
         throw;
       }
+      if (const auto beat = detail::heartbeat_interval(settings_); beat.count() > 0)
+        detail::master_access::watch_heartbeat(*w, beat, settings_.heartbeat_timeout);
       state_->workers.emplace(id, w);
       state_->unreaped.emplace(id, w);
       detail::debug("Worker {} fork (id {})", w->pid(), id);

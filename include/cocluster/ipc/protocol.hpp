@@ -63,8 +63,19 @@ struct Close {  // worker -> master: my server `server` is closed
   std::uint32_t server = 0;
 };
 
-using InternalMessage =
-    std::variant<Online, Disconnect, ExitedAfterDisconnect, QueryServer, QueryReply, Listening, NewConn, Accepted, Close>;
+// master -> worker (no Node equivalent): send a Heartbeat every `interval_ms` from your event
+// loop. Sent once, before `online`, when Settings::heartbeat_timeout is set.
+struct HeartbeatRequest {
+  std::uint32_t interval_ms = 0;
+};
+
+// worker -> master: my event loop turns (one per interval, from a timer on that loop). The
+// worker starts the beat, not the master: a ping would sit unread behind user messages while
+// the worker's reading is paused on a full inbox, and a worker that is fine would be killed.
+struct Heartbeat {};
+
+using InternalMessage = std::variant<Online, Disconnect, ExitedAfterDisconnect, QueryServer, QueryReply, Listening,
+                                     NewConn, Accepted, Close, HeartbeatRequest, Heartbeat>;
 
 // The tag of each message is its index in InternalMessage plus one.
 template <class T>
@@ -148,6 +159,8 @@ template <class Stream> void fields(Stream& s, Listening& m) { s& m.server; }
 template <class Stream> void fields(Stream& s, NewConn& m) { s& m.server& m.seq& m.remote; }
 template <class Stream> void fields(Stream& s, Accepted& m) { s& m.server& m.seq& m.ok; }
 template <class Stream> void fields(Stream& s, Close& m) { s& m.server; }
+template <class Stream> void fields(Stream& s, HeartbeatRequest& m) { s& m.interval_ms; }
+template <class Stream> void fields(Stream&, Heartbeat&) {}
 
 // `s & field` writes or reads, so one list of fields serves both.
 struct encoding {
