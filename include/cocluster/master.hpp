@@ -37,6 +37,7 @@
 #include "cocluster/policy/runtime.hpp"
 #include "cocluster/policy/shared_socket.hpp"
 #include "cocluster/settings.hpp"
+#include "cocluster/systemd.hpp"
 #include "cocluster/worker.hpp"
 
 extern char** environ;
@@ -71,6 +72,7 @@ inline std::vector<std::string> worker_environment(const Env& settings, const En
     merged.emplace(std::string(entry.substr(0, eq)), std::string(entry.substr(eq + 1)));
   }
   merged.erase("NODE_UNIQUE_ID");
+  for (const char* v : systemd::master_only_variables) merged.erase(v);  // systemd speaks to the master only
   for (auto& [k, v] : settings) merged[k] = v;
   for (auto& [k, v] : extra) merged[k] = v;
   merged[worker_id_variable] = std::to_string(id);
@@ -97,6 +99,7 @@ class Master {
         policy_(std::move(policy)),
         command_line_(detail::own_command_line()) {
     (void)detail::heartbeat_interval(settings_);  // throws std::invalid_argument for a bad pair
+    (void)detail::activated_listeners();  // socket activation: take systemd's fds before anything else runs
     state_->listeners = std::make_unique<detail::listener_table>(
         state_->ex, [policy = policy_](ListenerArgs args) { return policy.make_listener(std::move(args)); });
   }
