@@ -126,14 +126,19 @@ class Master {
   const executor_type& get_executor() const noexcept { return state_->ex; }
 
   // Node: cluster.fork([env]). Starts a worker with the current settings and `env` added to
-  // its environment; completes with it once the process runs (exec succeeded), before it is
-  // online. It is in workers() at once. Like Node's fork(), which runs setupMaster() first,
-  // it posts a `setup` event (the settings, defaults filled in) and then a `fork` event.
+  // its environment; completes with it once the process is forked, before its exec and before
+  // it is online, so that forks in a row start their workers in parallel. It is in workers()
+  // at once. Like Node's fork(), which runs setupMaster() first, it posts a `setup` event (the
+  // settings, defaults filled in) and then a `fork` event.
   // Signature: void(std::error_code, std::shared_ptr<Worker>). Fails with the errno of the
-  // step that failed (fork: EAGAIN; setuid: EPERM; execve: ENOENT, EACCES, ...) and posts an
-  // `error` event; the master carries on. With use_awaitable the std::system_error's what()
-  // names the step (the event's detail does for every token). The process is started when the
-  // operation is initiated; no cancellation (it completes at once).
+  // step that failed, checked before forking (fork: EAGAIN; a uid/gid without permission:
+  // EPERM; the executable: ENOENT, EACCES; cwd: ENOENT, ...) and posts an `error` event; the
+  // master carries on. With use_awaitable the std::system_error's what() names the step (the
+  // event's detail does for every token). A failure only the child can meet (execve of a
+  // script whose interpreter is missing, ...) comes later as that worker's `error` event
+  // (same errno and detail, logged) followed by its `exit` with code 127; its online() fails.
+  // The process is started when the operation is initiated; no cancellation (it completes at
+  // once).
   template <class CompletionToken = asio::use_awaitable_t<>>
   auto fork(Env env = {}, CompletionToken&& token = {}) {
     auto shared_env = std::make_shared<Env>(std::move(env));
@@ -142,7 +147,14 @@ class Master {
         [this, shared_env]() -> std::optional<detail::op_result<std::shared_ptr<Worker>>> {
           std::optional<std::system_error> failure;
           auto w = start_worker(*shared_env, failure);
-          if (failure) return detail::op_result<std::shared_ptr<Worker>>{failure->code(), {nullptr}, failure->what()};
+          if (failure) {
+            // The step's description without the message that system_error appends again.
+            std::string what = failure->what();
+            const std::string message = ": " + failure->code().message();
+            if (what.size() >= message.size() && what.compare(what.size() - message.size(), message.size(), message) == 0)
+              what.resize(what.size() - message.size());
+            return detail::op_result<std::shared_ptr<Worker>>{failure->code(), {nullptr}, std::move(what)};
+          }
           return detail::op_result<std::shared_ptr<Worker>>{{}, {std::move(w)}, {}};
         },
         initiate_fork{this, shared_env});
@@ -282,7 +294,12 @@ class Master {
       r.cwd = settings_.cwd;
       r.uid = settings_.uid;
       r.gid = settings_.gid;
-      detail::Process process(state_->ex, detail::spawn(r, std::move(theirs), std::move(stdio.child)));
+      // What can be checked before the fork is (the executable, cwd, ids): fork() fails at
+      // once for those. Then no wait for the exec, so that forks in a row run in parallel; a
+      // failure the child meets later is the worker's `error` event, then its `exit` (127).
+      detail::check_spawnable(r);
+      auto started = detail::spawn_start(r, std::move(theirs), std::move(stdio.child));
+      detail::Process process(state_->ex, std::move(started.process));
       std::shared_ptr<Worker> w;
       try {
         ipc::Channel channel(state_->ex, std::move(ours), settings_.channel);
@@ -292,6 +309,12 @@ class Master {
         process.terminate_and_reap(std::chrono::milliseconds(0));
         throw;
       }
+      detail::spawn_request described;  // what a late failure's description needs, not argv and env
+      described.exec = std::move(r.exec);
+      described.cwd = std::move(r.cwd);
+      described.uid = r.uid;
+      described.gid = r.gid;
+      detail::master_access::watch_exec(*w, std::move(started.exec_report), std::move(described));
       if (const auto beat = detail::heartbeat_interval(settings_); beat.count() > 0)
         detail::master_access::watch_heartbeat(*w, beat, settings_.heartbeat_timeout);
       state_->workers.emplace(id, w);

@@ -33,6 +33,7 @@
 #include "cocluster/detail/master/worker_link.hpp"
 #include "cocluster/detail/process.hpp"
 #include "cocluster/detail/read_channel.hpp"
+#include "cocluster/detail/spawn.hpp"
 #include "cocluster/events.hpp"
 #include "cocluster/ipc/channel.hpp"
 #include "cocluster/ipc/protocol.hpp"
@@ -328,6 +329,37 @@ class Worker : public std::enable_shared_from_this<Worker> {
         *message);
   }
 
+  // Master::fork() does not wait for the exec: the child's report pipe says how it went
+  // (EOF: exec succeeded; a record: the step that failed). Read when it is readable, or at
+  // the latest when the process has exited, so that the error comes before the exit.
+  void watch_exec(detail::unique_fd report, detail::spawn_request described) {
+    exec_report_.emplace(get_executor(), report.release());
+    exec_described_ = std::make_unique<detail::spawn_request>(std::move(described));
+    exec_report_->async_wait(asio::posix::stream_descriptor::wait_read,
+                             [weak = weak_from_this()](std::error_code ec) {
+                               if (auto self = weak.lock(); self && !ec) self->read_exec_report();
+                             });
+  }
+
+  void read_exec_report() {
+    if (!exec_report_) return;
+    detail::spawn_detail::child_failure failure{};
+    const int fd = exec_report_->native_handle();
+    const ssize_t n = detail::retry_on_eintr([&] { return ::read(fd, &failure, sizeof failure); });
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) && !dead_) {  // woken for nothing
+      return exec_report_->async_wait(asio::posix::stream_descriptor::wait_read,
+                                      [weak = weak_from_this()](std::error_code ec) {
+                                        if (auto self = weak.lock(); self && !ec) self->read_exec_report();
+                                      });
+    }
+    auto error = detail::exec_report_result(*exec_described_, n < 0 ? ssize_t(-1) : n, failure);
+    exec_report_.reset();  // closes it (a pending wait completes with operation_aborted)
+    exec_described_.reset();
+    if (!error) return;
+    detail::log_error("cannot start worker {} (pid {}): {}", id_, pid(), error->what());
+    emit(EventType::error, error->code(), error->what());
+  }
+
   // Settings::heartbeat_timeout: ask the worker to beat every `interval` (before it is online:
   // the request waits in the channel); the clock starts at `online`.
   void watch_heartbeat(std::chrono::milliseconds interval, std::chrono::milliseconds timeout) {
@@ -410,6 +442,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
   static asio::awaitable<void> watch_exit(std::shared_ptr<Worker> self) {
     auto [ec, status] = co_await self->process_.async_wait(as_tuple_t{});
     if (ec) co_return;  // the master is being torn down
+    self->read_exec_report();  // a failed exec is reported before the exit, whatever woke first
     if (self->connected_) {
       // Everything the dead process sent is already in our socket: read it all (lifting the
       // unread-message bound), so 'disconnect' always comes before 'exit'.
@@ -470,6 +503,9 @@ class Worker : public std::enable_shared_from_this<Worker> {
   std::chrono::steady_clock::time_point last_heartbeat_{};
   std::optional<asio::steady_timer> heartbeat_timer_;
   bool reading_paused_ = false;  // read_channel waits for room in messages_
+  // Until the exec is known to have succeeded or failed (watch_exec).
+  std::optional<asio::posix::stream_descriptor> exec_report_;
+  std::unique_ptr<detail::spawn_request> exec_described_;
   bool unresponsive_ = false;
 };
 
@@ -484,6 +520,9 @@ struct master_access {
   // Starts reading the channel and watching the process; after the `fork` event is posted,
   // since the read loop may process `online` before this returns.
   static void start(Worker& w) { w.start(); }
+  static void watch_exec(Worker& w, unique_fd report, spawn_request described) {
+    w.watch_exec(std::move(report), std::move(described));
+  }
   static void watch_heartbeat(Worker& w, std::chrono::milliseconds interval, std::chrono::milliseconds timeout) {
     w.watch_heartbeat(interval, timeout);
   }
