@@ -18,6 +18,7 @@
 #include <asio/write.hpp>
 
 #include <cstdlib>
+#include <exception>
 #include <cstring>
 #include <sstream>
 #include <string>
@@ -272,23 +273,33 @@ TEST_CASE("socket activation: a worker's listen() on the passed listener's addre
   std::istringstream pids(line);
   pid_t worker = -1;
   pids >> worker;
-  REQUIRE(worker > 0);
   std::error_code ec;
-  auto worker_pidfd = cocluster::detail::pidfd_open(worker, ec);
-  REQUIRE_FALSE(ec);
+  cocluster::detail::unique_fd worker_pidfd;
+  if (worker > 0) worker_pidfd = cocluster::detail::pidfd_open(worker, ec);
+  if (worker <= 0 || ec) {  // the master did not start its worker: end it before failing
+    ::kill(master, SIGKILL);
+    ::waitpid(master, nullptr, 0);
+    ::prctl(PR_SET_CHILD_SUBREAPER, 0);
+    FAIL("the activated master did not report an online worker: '" << line << "'");
+  }
 
-  run_bounded([port](asio::io_context& io) -> awaitable<void> {
-    for (int i = 0; i < 3; ++i) {
-      tcp::socket client(io);
-      co_await client.async_connect(tcp::endpoint(asio::ip::make_address("127.0.0.1"), port), use_awaitable);
-      std::string reply;
-      auto [rec, n] = co_await asio::async_read_until(client, asio::dynamic_buffer(reply), '\n', as_tuple_t{});
-      CHECK_FALSE(rec);
-      // Served by the worker (not by anyone binding the port: it is taken), which sees no
-      // LISTEN_* (nor anything else of systemd's).
-      CHECK(reply == "served by 1; \n");
-    }
-  });
+  std::exception_ptr failed;  // the master and its worker are ended and reaped whatever happens
+  try {
+    run_bounded([port](asio::io_context& io) -> awaitable<void> {
+      for (int i = 0; i < 3; ++i) {
+        tcp::socket client(io);
+        co_await client.async_connect(tcp::endpoint(asio::ip::make_address("127.0.0.1"), port), use_awaitable);
+        std::string reply;
+        auto [rec, n] = co_await asio::async_read_until(client, asio::dynamic_buffer(reply), '\n', as_tuple_t{});
+        CHECK_FALSE(rec);
+        // Served by the worker (not by anyone binding the port: it is taken), which sees no
+        // LISTEN_* (nor anything else of systemd's).
+        CHECK(reply == "served by 1; \n");
+      }
+    });
+  } catch (...) {
+    failed = std::current_exception();
+  }
 
   ::kill(master, SIGKILL);  // its worker exits on the channel's EOF
   int status = 0;
@@ -296,4 +307,5 @@ TEST_CASE("socket activation: a worker's listen() on the passed listener's addre
   siginfo_t info;
   CHECK(reap_within(worker_pidfd, 10000ms, info));
   ::prctl(PR_SET_CHILD_SUBREAPER, 0);
+  if (failed) std::rethrow_exception(failed);
 }
