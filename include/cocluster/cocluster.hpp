@@ -23,6 +23,7 @@
 #include "cocluster/policy/sticky.hpp"
 #include "cocluster/server.hpp"
 #include "cocluster/settings.hpp"
+#include "cocluster/systemd.hpp"
 #include "cocluster/this_worker.hpp"
 #include "cocluster/worker.hpp"
 #include "cocluster/worker_state.hpp"

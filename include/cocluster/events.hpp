@@ -45,6 +45,7 @@ struct WorkerSnapshot {
   std::optional<bool> exited_after_disconnect;  // Node: worker.exitedAfterDisconnect
   bool is_connected = false;                    // Node: worker.isConnected()
   bool is_dead = false;                         // Node: worker.isDead()
+  bool unresponsive = false;                    // worker.unresponsive(): killed for its heartbeat
   friend bool operator==(const WorkerSnapshot&, const WorkerSnapshot&) = default;
 };
 

@@ -37,6 +37,7 @@
 #include "cocluster/policy/runtime.hpp"
 #include "cocluster/policy/shared_socket.hpp"
 #include "cocluster/settings.hpp"
+#include "cocluster/systemd.hpp"
 #include "cocluster/worker.hpp"
 
 extern char** environ;
@@ -71,6 +72,7 @@ inline std::vector<std::string> worker_environment(const Env& settings, const En
     merged.emplace(std::string(entry.substr(0, eq)), std::string(entry.substr(eq + 1)));
   }
   merged.erase("NODE_UNIQUE_ID");
+  for (const char* v : systemd::master_only_variables) merged.erase(v);  // systemd speaks to the master only
   for (auto& [k, v] : settings) merged[k] = v;
   for (auto& [k, v] : extra) merged[k] = v;
   merged[worker_id_variable] = std::to_string(id);
@@ -96,6 +98,8 @@ class Master {
         settings_(std::move(settings)),
         policy_(std::move(policy)),
         command_line_(detail::own_command_line()) {
+    (void)detail::heartbeat_interval(settings_);  // throws std::invalid_argument for a bad pair
+    (void)detail::activated_listeners();  // socket activation: take systemd's fds before anything else runs
     state_->listeners = std::make_unique<detail::listener_table>(
         state_->ex, [policy = policy_](ListenerArgs args) { return policy.make_listener(std::move(args)); });
   }
@@ -122,14 +126,19 @@ class Master {
   const executor_type& get_executor() const noexcept { return state_->ex; }
 
   // Node: cluster.fork([env]). Starts a worker with the current settings and `env` added to
-  // its environment; completes with it once the process runs (exec succeeded), before it is
-  // online. It is in workers() at once. Like Node's fork(), which runs setupMaster() first,
-  // it posts a `setup` event (the settings, defaults filled in) and then a `fork` event.
+  // its environment; completes with it once the process is forked, before its exec and before
+  // it is online, so that forks in a row start their workers in parallel. It is in workers()
+  // at once. Like Node's fork(), which runs setupMaster() first, it posts a `setup` event (the
+  // settings, defaults filled in) and then a `fork` event.
   // Signature: void(std::error_code, std::shared_ptr<Worker>). Fails with the errno of the
-  // step that failed (fork: EAGAIN; setuid: EPERM; execve: ENOENT, EACCES, ...) and posts an
-  // `error` event; the master carries on. With use_awaitable the std::system_error's what()
-  // names the step (the event's detail does for every token). The process is started when the
-  // operation is initiated; no cancellation (it completes at once).
+  // step that failed, checked before forking (fork: EAGAIN; a uid/gid without permission:
+  // EPERM; the executable: ENOENT, EACCES; cwd: ENOENT, ...) and posts an `error` event; the
+  // master carries on. With use_awaitable the std::system_error's what() names the step (the
+  // event's detail does for every token). A failure only the child can meet (execve of a
+  // script whose interpreter is missing, ...) comes later as that worker's `error` event
+  // (same errno and detail, logged) followed by its `exit` with code 127; its online() fails.
+  // The process is started when the operation is initiated; no cancellation (it completes at
+  // once).
   template <class CompletionToken = asio::use_awaitable_t<>>
   auto fork(Env env = {}, CompletionToken&& token = {}) {
     return fork_with(std::move(env), nullptr, std::forward<CompletionToken>(token));
@@ -167,14 +176,20 @@ class Master {
   // Replaces the settings for later forks (running workers keep theirs), fills in the
   // defaults and posts a `setup` event with a snapshot. Unlike Node's setupMaster(), fields
   // not given are reset to their defaults: setup_merge() is Node's.
+  // Throws std::invalid_argument (settings unchanged) for a heartbeat_interval not below
+  // heartbeat_timeout.
   void setup(Settings settings) {
+    (void)detail::heartbeat_interval(settings);
     settings_ = std::move(settings);
     run_setup();
   }
   // Node: cluster.setupMaster(settings). Changes only the fields `patch` sets, for later
   // forks; then as setup(): defaults filled in, a `setup` event with a snapshot.
   void setup_merge(const SettingsPatch& patch) {
-    patch.apply_to(settings_);
+    Settings merged = settings_;
+    patch.apply_to(merged);
+    (void)detail::heartbeat_interval(merged);
+    settings_ = std::move(merged);
     run_setup();
   }
   // Node: cluster.settings. What the Master was constructed with until the first setup() or
@@ -203,7 +218,14 @@ class Master {
         [this, shared_env, args]() -> std::optional<detail::op_result<std::shared_ptr<Worker>>> {
           std::optional<std::system_error> failure;
           auto w = start_worker(*shared_env, args.get(), failure);
-          if (failure) return detail::op_result<std::shared_ptr<Worker>>{failure->code(), {nullptr}, failure->what()};
+          if (failure) {
+            // The step's description without the message that system_error appends again.
+            std::string what = failure->what();
+            const std::string message = ": " + failure->code().message();
+            if (what.size() >= message.size() && what.compare(what.size() - message.size(), message.size(), message) == 0)
+              what.resize(what.size() - message.size());
+            return detail::op_result<std::shared_ptr<Worker>>{failure->code(), {nullptr}, std::move(what)};
+          }
           return detail::op_result<std::shared_ptr<Worker>>{{}, {std::move(w)}, {}};
         },
         initiate_fork{this, shared_env, args});
@@ -288,7 +310,12 @@ class Master {
       r.cwd = settings_.cwd;
       r.uid = settings_.uid;
       r.gid = settings_.gid;
-      detail::Process process(state_->ex, detail::spawn(r, std::move(theirs), std::move(stdio.child)));
+      // What can be checked before the fork is (the executable, cwd, ids): fork() fails at
+      // once for those. Then no wait for the exec, so that forks in a row run in parallel; a
+      // failure the child meets later is the worker's `error` event, then its `exit` (127).
+      detail::check_spawnable(r);
+      auto started = detail::spawn_start(r, std::move(theirs), std::move(stdio.child));
+      detail::Process process(state_->ex, std::move(started.process));
       std::shared_ptr<Worker> w;
       try {
         ipc::Channel channel(state_->ex, std::move(ours), settings_.channel);
@@ -299,6 +326,14 @@ class Master {
         process.terminate_and_reap(std::chrono::milliseconds(0));
         throw;
       }
+      detail::spawn_request described;  // what a late failure's description needs, not argv and env
+      described.exec = std::move(r.exec);
+      described.cwd = std::move(r.cwd);
+      described.uid = r.uid;
+      described.gid = r.gid;
+      detail::master_access::watch_exec(*w, std::move(started.exec_report), std::move(described));
+      if (const auto beat = detail::heartbeat_interval(settings_); beat.count() > 0)
+        detail::master_access::watch_heartbeat(*w, beat, settings_.heartbeat_timeout);
       state_->workers.emplace(id, w);
       state_->unreaped.emplace(id, w);
       detail::debug("Worker {} fork (id {})", w->pid(), id);

@@ -8,10 +8,14 @@
 
 #include <sys/types.h>
 
+#include <algorithm>
 #include <array>
+#include <chrono>
 #include <cstddef>
+#include <cstdint>
 #include <map>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -86,7 +90,38 @@ struct Settings {
   // the bound is still delivered; ChannelOptions::max_message_size bounds that).
   std::size_t max_unread_messages = default_max_unread_messages;
   std::size_t max_unread_bytes = default_max_unread_bytes;
+  // Hung workers (gunicorn: timeout; Node has none). Each worker's runtime sends the master a
+  // small heartbeat every heartbeat_interval from a timer on its own event loop; a worker not
+  // heard from for heartbeat_timeout (its loop blocked: a handler that never returns, a
+  // deadlock) is killed with SIGKILL, logged, reported as an `error` event (std::errc::timed_out)
+  // and then as its `exit`, and worker->unresponsive() becomes true (exited_after_disconnect
+  // stays false: a supervisor replaces it). The clock starts when the worker is online; while
+  // the master itself has paused reading that worker (unread messages), it does not run.
+  // 0 (the default): off, as in Node. gunicorn's default is 30 s.
+  std::chrono::milliseconds heartbeat_timeout{0};
+  // How often a worker sends its heartbeat; 0 (the default): heartbeat_timeout / 4. Must be
+  // below heartbeat_timeout (setup() throws std::invalid_argument otherwise).
+  std::chrono::milliseconds heartbeat_interval{0};
 };
+
+namespace detail {
+// The interval a worker is asked to beat at, 0 when the heartbeat is off; throws
+// std::invalid_argument for settings that cannot work.
+inline std::chrono::milliseconds heartbeat_interval(const Settings& s) {
+  using std::chrono::milliseconds;
+  if (s.heartbeat_timeout < milliseconds(0) || s.heartbeat_interval < milliseconds(0))
+    throw std::invalid_argument("cocluster: heartbeat_timeout and heartbeat_interval cannot be negative");
+  if (s.heartbeat_timeout == milliseconds(0)) return milliseconds(0);
+  if (s.heartbeat_interval == milliseconds(0)) return std::max(s.heartbeat_timeout / 4, milliseconds(1));
+  if (s.heartbeat_interval >= s.heartbeat_timeout)
+    throw std::invalid_argument("cocluster: heartbeat_interval (" + std::to_string(s.heartbeat_interval.count()) +
+                                " ms) must be below heartbeat_timeout (" +
+                                std::to_string(s.heartbeat_timeout.count()) + " ms)");
+  if (s.heartbeat_interval > milliseconds(UINT32_MAX))
+    throw std::invalid_argument("cocluster: heartbeat_interval too long");
+  return s.heartbeat_interval;
+}
+}  // namespace detail
 
 // Node: the object given to cluster.setupMaster(settings), which changes only the keys it
 // has. Each field set here replaces that field of the Settings; the others stay.
@@ -104,6 +139,8 @@ struct SettingsPatch {
   std::optional<ipc::ChannelOptions> channel{};
   std::optional<std::size_t> max_unread_messages{};
   std::optional<std::size_t> max_unread_bytes{};
+  std::optional<std::chrono::milliseconds> heartbeat_timeout{};
+  std::optional<std::chrono::milliseconds> heartbeat_interval{};
 
   void apply_to(Settings& s) const {
     if (exec) s.exec = *exec;
@@ -117,6 +154,8 @@ struct SettingsPatch {
     if (channel) s.channel = *channel;
     if (max_unread_messages) s.max_unread_messages = *max_unread_messages;
     if (max_unread_bytes) s.max_unread_bytes = *max_unread_bytes;
+    if (heartbeat_timeout) s.heartbeat_timeout = *heartbeat_timeout;
+    if (heartbeat_interval) s.heartbeat_interval = *heartbeat_interval;
   }
 };
 

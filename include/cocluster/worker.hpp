@@ -14,9 +14,11 @@
 #include <asio/detached.hpp>
 #include "cocluster/detail/as_tuple.hpp"
 #include <asio/posix/stream_descriptor.hpp>
+#include <asio/steady_timer.hpp>
 #include <asio/use_awaitable.hpp>
 
 #include <array>
+#include <chrono>
 #include <map>
 #include <memory>
 #include <optional>
@@ -31,6 +33,7 @@
 #include "cocluster/detail/master/worker_link.hpp"
 #include "cocluster/detail/process.hpp"
 #include "cocluster/detail/read_channel.hpp"
+#include "cocluster/detail/spawn.hpp"
 #include "cocluster/events.hpp"
 #include "cocluster/ipc/channel.hpp"
 #include "cocluster/ipc/protocol.hpp"
@@ -101,8 +104,13 @@ class Worker : public std::enable_shared_from_this<Worker> {
   // Node: worker.exitedAfterDisconnect — unset until disconnect(), kill() or the first of
   // the disconnect/exit events, then whether the worker left on purpose.
   std::optional<bool> exited_after_disconnect() const noexcept { return exited_after_disconnect_; }
-  // All four of the above at once: what each event on master.events() carries.
-  WorkerSnapshot snapshot() const noexcept { return {state_, exited_after_disconnect_, is_connected(), dead_}; }
+  // True once the master has killed this worker (SIGKILL) because its event loop sent no
+  // heartbeat for Settings::heartbeat_timeout (no Node equivalent; gunicorn's timeout).
+  bool unresponsive() const noexcept { return unresponsive_; }
+  // All of the above at once: what each event on master.events() carries.
+  WorkerSnapshot snapshot() const noexcept {
+    return {state_, exited_after_disconnect_, is_connected(), dead_, unresponsive_};
+  }
 
   // Completes when the worker runtime has announced itself (Node's 'online'). Fails with
   // error::worker_exited once the process has exited without coming online. Signature:
@@ -275,9 +283,17 @@ class Worker : public std::enable_shared_from_this<Worker> {
 
   static asio::awaitable<void> read_loop(std::shared_ptr<Worker> self) {
     const std::error_code end = co_await detail::read_channel(
-        self->channel_, self->messages_, [&](const ipc::Envelope& e) { return self->on_internal(e); },
-        [&] { self->emit(EventType::message); },
+        self->channel_, self->messages_,
+        [&](const ipc::Envelope& e) {
+          self->reading_paused_ = false;  // reading again (the inbox had room for this read)
+          return self->on_internal(e);
+        },
         [&] {
+          self->reading_paused_ = false;
+          self->emit(EventType::message);
+        },
+        [&] {
+          self->reading_paused_ = true;
           detail::debug("Worker {}: {} unread messages ({} bytes); reading paused until the master receives",
                         self->pid(), self->messages_.size(), self->messages_.weight());
         });
@@ -301,6 +317,10 @@ class Worker : public std::enable_shared_from_this<Worker> {
             state_ = WorkerState::online;
             online_.set();
             emit(EventType::online);
+            start_heartbeat_clock();
+          } else if constexpr (std::is_same_v<T, p::Heartbeat>) {
+            if (heartbeat_timeout_.count() == 0) return protocol_error("a heartbeat the master did not ask for");
+            last_heartbeat_ = std::chrono::steady_clock::now();
           } else if constexpr (std::is_same_v<T, p::ExitedAfterDisconnect>) {
             exited_after_disconnect_ = true;  // sent before the worker's EOF, so it is seen first
           } else if constexpr (std::is_same_v<T, p::QueryServer>) {
@@ -324,6 +344,80 @@ class Worker : public std::enable_shared_from_this<Worker> {
         *message);
   }
 
+  // Master::fork() does not wait for the exec: the child's report pipe says how it went
+  // (EOF: exec succeeded; a record: the step that failed). Read when it is readable, or at
+  // the latest when the process has exited, so that the error comes before the exit.
+  void watch_exec(detail::unique_fd report, detail::spawn_request described) {
+    exec_report_.emplace(get_executor(), report.release());
+    exec_described_ = std::make_unique<detail::spawn_request>(std::move(described));
+    exec_report_->async_wait(asio::posix::stream_descriptor::wait_read,
+                             [weak = weak_from_this()](std::error_code ec) {
+                               if (auto self = weak.lock(); self && !ec) self->read_exec_report();
+                             });
+  }
+
+  void read_exec_report() {
+    if (!exec_report_) return;
+    detail::spawn_detail::child_failure failure{};
+    const int fd = exec_report_->native_handle();
+    const ssize_t n = detail::retry_on_eintr([&] { return ::read(fd, &failure, sizeof failure); });
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) && !dead_) {  // woken for nothing
+      return exec_report_->async_wait(asio::posix::stream_descriptor::wait_read,
+                                      [weak = weak_from_this()](std::error_code ec) {
+                                        if (auto self = weak.lock(); self && !ec) self->read_exec_report();
+                                      });
+    }
+    auto error = detail::exec_report_result(*exec_described_, n < 0 ? ssize_t(-1) : n, failure);
+    exec_report_.reset();  // closes it (a pending wait completes with operation_aborted)
+    exec_described_.reset();
+    if (!error) return;
+    detail::log_error("cannot start worker {} (pid {}): {}", id_, pid(), error->what());
+    emit(EventType::error, error->code(), error->what());
+  }
+
+  // Settings::heartbeat_timeout: ask the worker to beat every `interval` (before it is online:
+  // the request waits in the channel); the clock starts at `online`.
+  void watch_heartbeat(std::chrono::milliseconds interval, std::chrono::milliseconds timeout) {
+    heartbeat_timeout_ = timeout;
+    link_->send(ipc::protocol::HeartbeatRequest{static_cast<std::uint32_t>(interval.count())});
+  }
+
+  // One timer per worker, re-armed at the deadline rather than at each beat: a beat costs a
+  // clock read. At the deadline: killed if nothing came since last_heartbeat_ + timeout.
+  void start_heartbeat_clock() {
+    if (heartbeat_timeout_.count() == 0 || heartbeat_timer_) return;
+    last_heartbeat_ = std::chrono::steady_clock::now();
+    heartbeat_timer_.emplace(get_executor());
+    arm_heartbeat_timer();
+  }
+
+  void arm_heartbeat_timer() {
+    heartbeat_timer_->expires_at(last_heartbeat_ + heartbeat_timeout_);
+    heartbeat_timer_->async_wait([weak = weak_from_this()](std::error_code ec) {
+      auto self = weak.lock();
+      if (ec || !self || self->dead_ || !self->connected_) return;
+      const auto now = std::chrono::steady_clock::now();
+      // The master is not reading this worker (its inbox is full): the beats wait in the
+      // socket through no fault of the worker's.
+      if (self->reading_paused_) self->last_heartbeat_ = now;
+      if (now - self->last_heartbeat_ < self->heartbeat_timeout_) return self->arm_heartbeat_timer();
+      self->kill_unresponsive(std::chrono::duration_cast<std::chrono::milliseconds>(now - self->last_heartbeat_));
+    });
+  }
+
+  void kill_unresponsive(std::chrono::milliseconds silent) {
+    unresponsive_ = true;
+    const std::string why = fmt::format(
+        "unresponsive: no heartbeat for {} ms (heartbeat_timeout {} ms); its event loop is blocked, killed with SIGKILL",
+        silent.count(), heartbeat_timeout_.count());
+    detail::log_error("worker {} (pid {}): {}", id_, pid(), why);
+    emit(EventType::error, std::make_error_code(std::errc::timed_out), why);
+    // Not kill(): exited_after_disconnect stays false, so that the exit reads as a failure
+    // (a supervisor replaces the worker). The channel then ends and the exit follows.
+    if (auto ec = process_.signal(SIGKILL); ec && ec != std::errc::no_such_process)
+      detail::log_error("worker {} (pid {}): SIGKILL failed: {}", id_, pid(), ec.message());
+  }
+
   // The worker's server listens at `a`: Node's 'listening', on the worker then the cluster.
   void announce_listening(Address a) {
     detail::debug("Worker {} listening on {}:{} ({})", pid(), a.address, a.port, to_string(a.type));
@@ -340,6 +434,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
 
   void on_channel_end(std::error_code ec) {
     connected_ = false;
+    if (heartbeat_timer_) heartbeat_timer_->cancel();
     link_->mark_disconnected();
     const bool clean = ec == asio::error::eof || ec == error::channel_closed || ec == asio::error::operation_aborted;
     if (!clean) {
@@ -362,6 +457,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
   static asio::awaitable<void> watch_exit(std::shared_ptr<Worker> self) {
     auto [ec, status] = co_await self->process_.async_wait(as_tuple_t{});
     if (ec) co_return;  // the master is being torn down
+    self->read_exec_report();  // a failed exec is reported before the exit, whatever woke first
     if (self->connected_) {
       // Everything the dead process sent is already in our socket: read it all (lifting the
       // unread-message bound), so 'disconnect' always comes before 'exit'.
@@ -417,6 +513,15 @@ class Worker : public std::enable_shared_from_this<Worker> {
   bool channel_closing_ = false;  // close_channel(): our side is being shut down
   std::optional<bool> exited_after_disconnect_;
   std::string protocol_detail_;
+  // Settings::heartbeat_timeout (0: not watched), the last beat, and the deadline's timer.
+  std::chrono::milliseconds heartbeat_timeout_{0};
+  std::chrono::steady_clock::time_point last_heartbeat_{};
+  std::optional<asio::steady_timer> heartbeat_timer_;
+  bool reading_paused_ = false;  // read_channel waits for room in messages_
+  // Until the exec is known to have succeeded or failed (watch_exec).
+  std::optional<asio::posix::stream_descriptor> exec_report_;
+  std::unique_ptr<detail::spawn_request> exec_described_;
+  bool unresponsive_ = false;
 };
 
 namespace detail {
@@ -430,6 +535,12 @@ struct master_access {
   // Starts reading the channel and watching the process; after the `fork` event is posted,
   // since the read loop may process `online` before this returns.
   static void start(Worker& w) { w.start(); }
+  static void watch_exec(Worker& w, unique_fd report, spawn_request described) {
+    w.watch_exec(std::move(report), std::move(described));
+  }
+  static void watch_heartbeat(Worker& w, std::chrono::milliseconds interval, std::chrono::milliseconds timeout) {
+    w.watch_heartbeat(interval, timeout);
+  }
   static void close_channel(Worker& w) { w.channel_.close(); }
   static Process& process(Worker& w) { return w.process_; }
 };

@@ -1,22 +1,30 @@
 // Starting a worker process: fork + exec of an executable, with exactly stdio and the channel
 // inherited (as fd 3), the environment given, and the parent's death as a backstop signal.
-//   auto child = detail::spawn(request, std::move(channel_end), std::move(stdio_fds));
+//   auto child = detail::spawn(request, std::move(channel_end), std::move(stdio_fds));  // waits for exec
+//   detail::check_spawnable(request);  auto started = detail::spawn_start(request, ...);  // does not
 // Throws std::system_error naming the step that failed (fork, chdir, setuid, execve, ...).
 // A failure in the child is reported through a close-on-exec pipe; nothing between fork and
-// exec allocates or throws, and the child leaves with _exit.
+// exec allocates or throws, and the child leaves with _exit. Master::fork() checks up front
+// and then does not wait for the exec, so that many workers start in parallel.
 #pragma once
 
 #include "cocluster/detail/config.hpp"
 
+#include <fcntl.h>
 #include <grp.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <array>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <iterator>
 #include <optional>
 #include <string>
@@ -138,11 +146,73 @@ inline std::string describe_failure(const spawn_request& r, const child_failure&
   }
 }
 
+// Whether this process has capability `bit` in its effective set (/proc/self/status CapEff).
+inline constexpr int CAP_SETGID_BIT = 6;
+inline constexpr int CAP_SETUID_BIT = 7;
+inline bool has_capability(int bit) {
+  std::FILE* f = std::fopen("/proc/self/status", "re");
+  if (!f) return true;  // unknown: let the child be the judge
+  char line[256];
+  bool has = true;
+  while (std::fgets(line, sizeof line, f))
+    if (std::strncmp(line, "CapEff:", 7) == 0) {
+      has = (std::strtoull(line + 7, nullptr, 16) >> bit) & 1ULL;
+      break;
+    }
+  std::fclose(f);
+  return has;
+}
+
 }  // namespace spawn_detail
 
-// `stdio[i]`, when open, becomes the child's fd i (the parent's fd i otherwise). The fds
-// given are the parent's to close: spawn closes them once the child has its copies.
-inline spawned_process spawn(const spawn_request& r, unique_fd channel_end, std::array<unique_fd, 3> stdio = {}) {
+// What spawn_start() leaves to check: the child's failure pipe, whose EOF means execve
+// succeeded (it is close-on-exec), and a child_failure record that it did not.
+struct started_process {
+  spawned_process process;
+  unique_fd exec_report;  // read end; non-blocking
+};
+
+// Before forking, the failures a child would meet that can be seen from here, with the
+// description the child's report would have: a working directory that cannot be entered, an
+// executable that is missing or not executable, a uid or gid this process may not take.
+// Throws std::system_error. What passes can still fail in the child (a script's missing
+// interpreter, a race): spawn_start() leaves that to its caller.
+inline void check_spawnable(const spawn_request& r) {
+  using namespace spawn_detail;
+  auto fail = [&](int error, step s) {
+    throw std::system_error(error, std::system_category(), describe_failure(r, {static_cast<std::int32_t>(s), error}));
+  };
+  struct stat st {};
+  if (!r.cwd.empty()) {
+    if (::stat(r.cwd.c_str(), &st) != 0) fail(errno, step::chdir);
+    if (!S_ISDIR(st.st_mode)) fail(ENOTDIR, step::chdir);
+  }
+  const std::string path = r.exec.empty() || r.exec[0] == '/' || r.cwd.empty() ? r.exec : r.cwd + "/" + r.exec;
+  if (::stat(path.c_str(), &st) != 0) fail(errno, step::execve);
+  if (!S_ISREG(st.st_mode)) fail(EACCES, step::execve);
+  if (!r.uid && !r.gid && ::access(path.c_str(), X_OK) != 0) fail(errno, step::execve);  // as the worker will be
+  if (::geteuid() == 0) return;
+  // Without privilege (CAP_SETGID/CAP_SETUID aside: then the child is the judge), an id can
+  // only be one this process has already.
+  if (r.gid && !has_capability(CAP_SETGID_BIT)) {
+    gid_t real, effective, saved;
+    if (::getresgid(&real, &effective, &saved) == 0 && *r.gid != real && *r.gid != effective && *r.gid != saved)
+      fail(EPERM, step::setgid);
+  }
+  if (r.uid && !has_capability(CAP_SETUID_BIT)) {
+    uid_t real, effective, saved;
+    if (::getresuid(&real, &effective, &saved) == 0 && *r.uid != real && *r.uid != effective && *r.uid != saved)
+      fail(EPERM, step::setuid);
+  }
+}
+
+// Forks the child and returns at once, without waiting for its execve: several workers can
+// be started in a row as quickly as fork(2) allows. `stdio[i]`, when open, becomes the child's
+// fd i (the parent's fd i otherwise). The fds given are the parent's to close: they are
+// closed here once the child has its copies. Throws std::system_error when fork(2) fails;
+// a failure in the child arrives on exec_report (read_exec_report()), and the child exits
+// with 127.
+inline started_process spawn_start(const spawn_request& r, unique_fd channel_end, std::array<unique_fd, 3> stdio = {}) {
   using namespace spawn_detail;
   channel_end = above_four(std::move(channel_end));
   for (auto& fd : stdio)
@@ -176,14 +246,6 @@ inline spawned_process spawn(const spawn_request& r, unique_fd channel_end, std:
   report_write.reset();
   channel_end.reset();
   for (auto& fd : stdio) fd.reset();
-  child_failure failure{};
-  const int report_fd = report_read.get();  // clang before 16 cannot capture a structured binding
-  const ssize_t n = retry_on_eintr([&] { return ::read(report_fd, &failure, sizeof failure); });
-  if (n != 0) {  // the child reported a failure (or the pipe broke): it exits with 127
-    retry_on_eintr([&] { return ::waitpid(pid, nullptr, 0); });
-    if (n != static_cast<ssize_t>(sizeof failure)) failure = {-1, EIO};
-    throw std::system_error(failure.error, std::system_category(), describe_failure(r, failure));
-  }
   std::error_code ec;
   unique_fd pidfd = pidfd_open(pid, ec);
   if (ec) {
@@ -191,7 +253,36 @@ inline spawned_process spawn(const spawn_request& r, unique_fd channel_end, std:
     retry_on_eintr([&] { return ::waitpid(pid, nullptr, 0); });
     throw std::system_error(ec, "pidfd_open");
   }
-  return {pid, std::move(pidfd)};
+  const int flags = ::fcntl(report_read.get(), F_GETFL);
+  if (flags >= 0) ::fcntl(report_read.get(), F_SETFL, flags | O_NONBLOCK);
+  return {{pid, std::move(pidfd)}, std::move(report_read)};
+}
+
+// What the child said through exec_report once it is readable: nullopt when execve succeeded
+// (EOF), else the error and the description of the step that failed ("execve /path", ...).
+// `n` is what read(2) returned for a child_failure read into `f`.
+inline std::optional<std::system_error> exec_report_result(const spawn_request& r, ssize_t n,
+                                                           spawn_detail::child_failure f) {
+  if (n == 0) return std::nullopt;
+  if (n != static_cast<ssize_t>(sizeof f)) f = {-1, EIO};
+  return std::system_error(f.error, std::system_category(), spawn_detail::describe_failure(r, f));
+}
+
+// fork + exec, waiting for the exec: returns once the child runs the executable. Throws
+// std::system_error naming the step that failed (the child is reaped then).
+inline spawned_process spawn(const spawn_request& r, unique_fd channel_end, std::array<unique_fd, 3> stdio = {}) {
+  started_process started = spawn_start(r, std::move(channel_end), std::move(stdio));
+  pollfd p{started.exec_report.get(), POLLIN, 0};
+  retry_on_eintr([&] { return ::poll(&p, 1, -1); });
+  spawn_detail::child_failure failure{};
+  const int report_fd = started.exec_report.get();  // clang before 16 cannot capture a structured binding
+  const ssize_t n = retry_on_eintr([&] { return ::read(report_fd, &failure, sizeof failure); });
+  if (auto error = exec_report_result(r, n, failure)) {  // it exits with 127
+    started.process.pidfd.reset();
+    retry_on_eintr([&] { return ::waitpid(started.process.pid, nullptr, 0); });
+    throw *error;
+  }
+  return std::move(started.process);
 }
 
 }  // namespace cocluster::detail

@@ -73,8 +73,20 @@ struct OpenConnections {
   std::uint32_t count = 0;
 };
 
+// master -> worker (no Node equivalent): send a Heartbeat every `interval_ms` from your event
+// loop. Sent once, before `online`, when Settings::heartbeat_timeout is set.
+struct HeartbeatRequest {
+  std::uint32_t interval_ms = 0;
+};
+
+// worker -> master: my event loop turns (one per interval, from a timer on that loop). The
+// worker starts the beat, not the master: a ping would sit unread behind user messages while
+// the worker's reading is paused on a full inbox, and a worker that is fine would be killed.
+struct Heartbeat {};
+
 using InternalMessage = std::variant<Online, Disconnect, ExitedAfterDisconnect, QueryServer, QueryReply, Listening,
-                                     NewConn, Accepted, Close, CountConnections, OpenConnections>;
+                                     NewConn, Accepted, Close, CountConnections, OpenConnections, HeartbeatRequest,
+                                     Heartbeat>;
 
 // The tag of each message is its index in InternalMessage plus one.
 template <class T>
@@ -162,6 +174,8 @@ template <class Stream> void fields(Stream& s, Accepted& m) { s& m.server& m.seq
 template <class Stream> void fields(Stream& s, Close& m) { s& m.server; }
 template <class Stream> void fields(Stream&, CountConnections&) {}
 template <class Stream> void fields(Stream& s, OpenConnections& m) { s& m.count; }
+template <class Stream> void fields(Stream& s, HeartbeatRequest& m) { s& m.interval_ms; }
+template <class Stream> void fields(Stream&, Heartbeat&) {}
 
 // `s & field` writes or reads, so one list of fields serves both.
 struct encoding {

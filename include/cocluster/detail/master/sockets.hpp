@@ -20,6 +20,7 @@
 #include <system_error>
 
 #include "cocluster/address.hpp"
+#include "cocluster/detail/master/socket_activation.hpp"
 #include "cocluster/detail/syscalls.hpp"
 #include "cocluster/detail/unix_path.hpp"
 #include "cocluster/message.hpp"
@@ -126,6 +127,8 @@ inline unique_fd open_listener(const listen_request& r, std::string& bound_path,
   ec.clear();
   bound_path.clear();
   if (r.fd >= 0) return adopt_master_fd(r, ec);
+  // A listener systemd passed for this address (socket activation) instead of a bind.
+  if (unique_fd passed = take_activated_listener(r.type, r.address, r.port, ec); passed || ec) return passed;
   sockaddr_storage ss{};
   socklen_t len = 0;
   int domain = AF_UNIX;

@@ -12,11 +12,14 @@
 #include <asio/bind_executor.hpp>
 #include <asio/co_spawn.hpp>
 #include <asio/detached.hpp>
+#include <asio/steady_timer.hpp>
 
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <functional>
 #include <map>
+#include <optional>
 #include <stdexcept>
 
 #include <fmt/core.h>
@@ -262,6 +265,7 @@ class runtime {
         });
         break;
       case phase::shutting_down:
+        if (heartbeat_timer_) heartbeat_timer_->cancel();
         channel_.async_shutdown([this](std::error_code) {
           if (phase_ == phase::shutting_down) enter(phase::shut_down);
         });
@@ -271,6 +275,7 @@ class runtime {
         break;
       case phase::closed:
         state_ = WorkerState::disconnected;
+        if (heartbeat_timer_) heartbeat_timer_->cancel();
         channel_.close();
         link_.close_servers();  // nothing more will be handed over; the master is gone or let us go
         link_.stop();
@@ -285,6 +290,26 @@ class runtime {
         else exit_process(0);
         break;
     }
+  }
+
+  // Settings::heartbeat_timeout in the master: a Heartbeat every `interval` from a timer on
+  // this worker's event loop, so that it stops when the loop stops turning. It stops once our
+  // side of the channel shuts down (a pending timer would keep the io_context from running
+  // dry, which a disconnected worker waits for).
+  void start_heartbeat(std::chrono::milliseconds interval) {
+    if (interval.count() == 0) return;
+    heartbeat_interval_ = interval;
+    if (!heartbeat_timer_) heartbeat_timer_.emplace(executor());
+    beat();
+  }
+
+  void beat() {
+    heartbeat_timer_->expires_after(heartbeat_interval_);
+    heartbeat_timer_->async_wait([this](std::error_code ec) {
+      if (ec || phase_ >= phase::shutting_down) return;
+      send_internal(ipc::protocol::Heartbeat{});
+      beat();
+    });
   }
 
   void fail_queries() {
@@ -317,6 +342,8 @@ class runtime {
         send_internal(p::Accepted{conn->server, conn->seq, false});
     } else if (std::holds_alternative<p::CountConnections>(*m)) {
       link_.report_connections();
+    } else if (auto* beat = std::get_if<p::HeartbeatRequest>(&*m)) {
+      start_heartbeat(std::chrono::milliseconds(beat->interval_ms));
     } else if (std::holds_alternative<p::Disconnect>(*m)) {
       debug("Worker {} disconnect requested by the master", id_);
       leave(intent::disconnect);
@@ -378,6 +405,8 @@ class runtime {
   std::function<void()> on_unexpected_disconnect_;
   std::uint32_t last_query_ = 0;
   std::map<std::uint32_t, pending_query> queries_;  // by seq
+  std::optional<asio::steady_timer> heartbeat_timer_;  // while the master asks for a heartbeat
+  std::chrono::milliseconds heartbeat_interval_{0};
 };
 
 }  // namespace cocluster::detail::worker

@@ -1,0 +1,143 @@
+// Hung workers (Settings::heartbeat_timeout): a worker whose event loop stops turning is killed
+// by the master and its exit reported; one whose loop keeps turning, however busy, is not.
+#include <chrono>
+#include <stdexcept>
+#include <thread>
+
+#include <asio/post.hpp>
+
+#include <doctest/doctest.h>
+
+#include "cocluster/cocluster.hpp"
+#include "support.hpp"
+#include "worker_scenario.hpp"
+
+using namespace cocluster;
+using namespace test;
+
+// ---- the workers ----
+
+// At the first message, blocks its event loop for good (only SIGKILL ends it).
+WORKER_SCENARIO(block_loop_on_message) {
+  asio::io_context io;
+  this_worker.start(io.get_executor());
+  asio::co_spawn(io, []() -> awaitable<void> {
+    (void)co_await this_worker.receive();
+    for (;;) std::this_thread::sleep_for(std::chrono::hours(1));
+  }, asio::detached);
+  io.run();
+  return 0;
+}
+
+// At a message "N", runs N short tasks one after the other on its loop (2 ms each, always
+// busy), then answers "done N" and echoes from then on.
+WORKER_SCENARIO(busy_short_tasks) {
+  asio::io_context io;
+  this_worker.start(io.get_executor());
+  asio::co_spawn(io, []() -> awaitable<void> {
+    const Message m = co_await this_worker.receive();
+    const int tasks = std::stoi(m.data);
+    for (int i = 0; i < tasks; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));  // the loop is blocked for 2 ms ...
+      co_await asio::post(co_await asio::this_coro::executor, use_awaitable);  // ... then turns
+    }
+    co_await this_worker.send({"done " + m.data});
+    for (;;) {
+      auto [ec, echo] = co_await this_worker.receive(cocluster::as_tuple(use_awaitable));
+      if (ec) co_return;
+      co_await this_worker.send(std::move(echo));
+    }
+  }, asio::detached);
+  io.run();
+  return 0;
+}
+
+// ---- the master side ----
+
+TEST_CASE("heartbeat: a worker whose event loop is blocked is killed with SIGKILL and its exit reported") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Settings s;
+    s.heartbeat_interval = std::chrono::milliseconds(50);
+    s.heartbeat_timeout = std::chrono::milliseconds(500);
+    Master<> master(io.get_executor(), s);
+    auto events = master.subscribe();
+    auto w = co_await master.fork(scenario_env("block_loop_on_message"));
+    co_await w->online();
+    CHECK_FALSE(w->unresponsive());
+    co_await w->send({"block"});
+    const ExitStatus status = co_await w->exited();  // the worker would never exit by itself
+    CHECK(status.signal == SIGKILL);
+    CHECK(w->unresponsive());
+    CHECK(w->exited_after_disconnect() == false);  // not on purpose: a supervisor replaces it
+    bool error_seen = false, exit_seen = false;
+    while (!exit_seen) {
+      const Event e = co_await events.next();
+      if (e.type == EventType::error && e.worker == w) {
+        error_seen = true;
+        CHECK(e.error == std::errc::timed_out);
+        CHECK(e.detail.find("unresponsive") != std::string::npos);
+        CHECK(e.snapshot.unresponsive);
+      }
+      if (e.type == EventType::exit && e.worker == w) {
+        exit_seen = true;
+        CHECK(error_seen);  // the error comes before the exit
+        CHECK(e.exit.signal == SIGKILL);
+        CHECK(e.snapshot.unresponsive);
+        CHECK(e.snapshot.exited_after_disconnect == false);
+      }
+    }
+  });
+}
+
+TEST_CASE("heartbeat: a busy worker whose loop keeps turning outlives several timeouts") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Settings s;
+    s.heartbeat_interval = std::chrono::milliseconds(50);
+    s.heartbeat_timeout = std::chrono::milliseconds(1000);
+    Master<> master(io.get_executor(), s);
+    auto w = co_await master.fork(scenario_env("busy_short_tasks"));
+    co_await w->online();
+    // 1500 tasks of 2 ms: at least 3 s of work, 3 timeouts, the loop never idle for long.
+    co_await w->send({"1500"});
+    CHECK((co_await w->receive()).data == "done 1500");
+    co_await w->send({"still here"});
+    CHECK((co_await w->receive()).data == "still here");
+    CHECK_FALSE(w->unresponsive());
+    w->disconnect();
+    CHECK(co_await w->exited() == ExitStatus{0, 0});  // the beat's timer does not keep it alive
+    CHECK_FALSE(w->unresponsive());
+  });
+}
+
+TEST_CASE("heartbeat: an idle worker with the heartbeat on disconnects and exits with 0") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor(), Settings{.heartbeat_timeout = std::chrono::milliseconds(400)});
+    auto w = co_await master.fork();
+    co_await w->online();
+    co_await w->send({"ping"});
+    CHECK((co_await w->receive()).data == "ping");
+    w->disconnect();
+    CHECK(co_await w->exited() == ExitStatus{0, 0});
+    CHECK_FALSE(w->unresponsive());
+  });
+}
+
+TEST_CASE("heartbeat: an interval not below the timeout is refused with a clear message") {
+  asio::io_context io;
+  Settings bad;
+  bad.heartbeat_timeout = std::chrono::milliseconds(100);
+  bad.heartbeat_interval = std::chrono::milliseconds(100);
+  CHECK_THROWS_WITH_AS(Master<>(io.get_executor(), bad),
+                       "cocluster: heartbeat_interval (100 ms) must be below heartbeat_timeout (100 ms)",
+                       std::invalid_argument);
+  Master<> master(io.get_executor());
+  CHECK_THROWS_AS(master.setup(bad), std::invalid_argument);
+  CHECK(master.settings().heartbeat_timeout.count() == 0);  // unchanged
+  SettingsPatch patch;
+  patch.heartbeat_timeout = std::chrono::milliseconds(10);
+  patch.heartbeat_interval = std::chrono::milliseconds(20);
+  CHECK_THROWS_AS(master.setup_merge(patch), std::invalid_argument);
+  patch.heartbeat_interval = std::chrono::milliseconds(5);
+  master.setup_merge(patch);
+  CHECK(master.settings().heartbeat_interval.count() == 5);
+}
