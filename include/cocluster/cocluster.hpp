@@ -19,6 +19,7 @@
 #include "cocluster/policy/shared_socket.hpp"
 #include "cocluster/server.hpp"
 #include "cocluster/settings.hpp"
+#include "cocluster/supervisor.hpp"
 #include "cocluster/this_worker.hpp"
 #include "cocluster/worker.hpp"
 #include "cocluster/worker_state.hpp"

@@ -51,6 +51,15 @@ class Stdio {
   int fd_;
 };
 
+// When a worker counts as ready (worker->ready(), master.ready(), the `ready` event), for a
+// supervisor that waits for a replacement before retiring the worker it replaces. Ours: Node
+// has no readiness (PM2: wait_ready / listen_timeout).
+enum class ReadyOn {
+  listening,       // its first server listens (the `listening` event), or it calls this_worker.ready()
+  explicit_ready,  // only this_worker.ready(): for a worker that warms up after listen() (PM2: wait_ready)
+  online,          // the worker runtime has started (the `online` event), or this_worker.ready()
+};
+
 struct Settings {
   // Executable each worker runs. Default: this executable (/proc/self/exe).
   std::string exec{};
@@ -77,6 +86,8 @@ struct Settings {
   // Unread user messages held per worker; beyond it the master stops reading that worker's
   // channel (its sends then wait) until worker.receive() catches up. Nothing is dropped.
   std::size_t max_unread_messages = 65536;
+  // When a worker forked with these settings is ready (see ReadyOn).
+  ReadyOn ready_on = ReadyOn::listening;
 };
 
 // Node: the object given to cluster.setupMaster(settings), which changes only the keys it
@@ -94,6 +105,7 @@ struct SettingsPatch {
   std::optional<gid_t> gid{};
   std::optional<ipc::ChannelOptions> channel{};
   std::optional<std::size_t> max_unread_messages{};
+  std::optional<ReadyOn> ready_on{};
 
   void apply_to(Settings& s) const {
     if (exec) s.exec = *exec;
@@ -106,6 +118,7 @@ struct SettingsPatch {
     if (gid) s.gid = *gid;
     if (channel) s.channel = *channel;
     if (max_unread_messages) s.max_unread_messages = *max_unread_messages;
+    if (ready_on) s.ready_on = *ready_on;
   }
 };
 

@@ -63,8 +63,13 @@ struct Close {  // worker -> master: my server `server` is closed
   std::uint32_t server = 0;
 };
 
+// worker -> master: this_worker.ready() was called: the worker has warmed up and serves
+// (Settings::ready_on decides whether the master also counts a first `listening` as ready).
+struct Ready {};
+
 using InternalMessage =
-    std::variant<Online, Disconnect, ExitedAfterDisconnect, QueryServer, QueryReply, Listening, NewConn, Accepted, Close>;
+    std::variant<Online, Disconnect, ExitedAfterDisconnect, QueryServer, QueryReply, Listening, NewConn, Accepted, Close,
+                 Ready>;
 
 // The tag of each message is its index in InternalMessage plus one.
 template <class T>
@@ -148,6 +153,7 @@ template <class Stream> void fields(Stream& s, Listening& m) { s& m.server; }
 template <class Stream> void fields(Stream& s, NewConn& m) { s& m.server& m.seq& m.remote; }
 template <class Stream> void fields(Stream& s, Accepted& m) { s& m.server& m.seq& m.ok; }
 template <class Stream> void fields(Stream& s, Close& m) { s& m.server; }
+template <class Stream> void fields(Stream&, Ready&) {}
 
 // `s & field` writes or reads, so one list of fields serves both.
 struct encoding {
