@@ -82,6 +82,10 @@ struct SupervisorSettings {
   std::chrono::milliseconds hard_stop_timeout{5000};
   // Workers a reload replaces at a time (k).
   std::size_t reload_batch = 1;
+  // Awaited before a worker is disconnected (reload, stop, scale down), within the drain
+  // timer: Node's documented pattern of a 'shutdown' message that lets the worker end its
+  // long-lived connections (and report) before worker.disconnect(). Exceptions are ignored.
+  std::function<asio::awaitable<void>(std::shared_ptr<Worker>)> before_disconnect{};
 };
 
 template <Policy P = RoundRobin>
@@ -311,21 +315,35 @@ class Supervisor {
     static asio::awaitable<void> retire(std::shared_ptr<core> self, std::shared_ptr<Worker> w) {
       using namespace asio::experimental::awaitable_operators;
       if (auto it = self->managed.find(w->id()); it != self->managed.end()) it->second.retiring = true;
+      const auto drain_end = clock::now() + self->settings.drain_timeout;
+      if (self->settings.before_disconnect) {
+        auto hook = [](std::shared_ptr<core> self, std::shared_ptr<Worker> w) -> asio::awaitable<void> {
+          try {
+            co_await self->settings.before_disconnect(w);
+          } catch (const std::exception& e) {
+            detail::debug("Supervisor: before_disconnect of worker {}: {}", w->id(), e.what());
+          }
+        };
+        asio::steady_timer timer(self->ex, drain_end);
+        auto wait_hook = hook(self, w);
+        auto wait_timer = timer.async_wait(as_tuple(asio::use_awaitable));
+        co_await (std::move(wait_hook) || std::move(wait_timer));
+      }
       w->disconnect();
-      auto exited_within = [&](std::chrono::milliseconds limit) -> asio::awaitable<bool> {
-        asio::steady_timer timer(self->ex, limit);
+      auto exited_by = [&](clock::time_point deadline) -> asio::awaitable<bool> {
+        asio::steady_timer timer(self->ex, deadline);
         auto wait_exit = w->exited(as_tuple(asio::use_awaitable));
         auto wait_timer = timer.async_wait(as_tuple(asio::use_awaitable));
         co_await (std::move(wait_exit) || std::move(wait_timer));
         co_return w->is_dead();
       };
-      if (!co_await exited_within(self->settings.drain_timeout)) {
+      if (!co_await exited_by(drain_end)) {
         self->killed_any = true;
         detail::log_error("worker {} (pid {}) still running {} ms after its disconnect; SIGTERM", w->id(), w->pid(),
                           self->settings.drain_timeout.count());
         std::error_code ignored;
         w->kill(SIGTERM, ignored);
-        if (!co_await exited_within(self->settings.hard_stop_timeout)) {
+        if (!co_await exited_by(clock::now() + self->settings.hard_stop_timeout)) {
           detail::log_error("worker {} (pid {}) still running {} ms after SIGTERM; SIGKILL", w->id(), w->pid(),
                             self->settings.hard_stop_timeout.count());
           w->signal(SIGKILL, ignored);
