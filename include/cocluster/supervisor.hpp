@@ -100,7 +100,8 @@ class Supervisor {
   }
   Supervisor(const Supervisor&) = delete;
   Supervisor& operator=(const Supervisor&) = delete;
-  // Stops listening for signals and waiting on timers; the workers are the Master's to end.
+  // Stops listening for signals and waiting on timers (a run() still waiting completes with
+  // operation_aborted); the workers are the Master's to end.
   ~Supervisor() { core_->close(); }
 
   const executor_type& get_executor() const noexcept { return core_->ex; }
@@ -195,6 +196,7 @@ class Supervisor {
 
     void close() {
       closed = true;
+      if (run_handler) run_handler.complete(asio::error::operation_aborted);
       if (signals) signals->cancel();
       for (auto* t : sleeping) t->cancel();
     }
@@ -209,6 +211,7 @@ class Supervisor {
     // Forks one worker and watches its exit; null if the fork failed (logged by the Master).
     asio::awaitable<std::shared_ptr<Worker>> start_worker(bool watch_boot) {
       auto self = this->shared_from_this();
+      if (closed) co_return nullptr;
       Env env;
       if (signals) env[detail::master_signals_variable] = "1";
       auto [ec, w] = co_await master->fork(std::move(env), as_tuple(asio::use_awaitable));
@@ -219,6 +222,7 @@ class Supervisor {
       managed.emplace(w->id(), std::move(e));
       asio::co_spawn(ex, watch_exit(self, w), asio::detached);
       if (watch_boot) asio::co_spawn(ex, watch_boot_timer(self, w), asio::detached);
+      if (stopping) asio::co_spawn(ex, retire(self, w), asio::detached);  // stop() came during the fork
       co_return w;
     }
 
