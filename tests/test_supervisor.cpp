@@ -49,12 +49,14 @@ awaitable<void> serve(tcp::socket socket, bool& draining, asio::steady_timer& dr
 }  // namespace
 
 // A TCP server on 127.0.0.1:0 (every worker's first listen(0) shares a port). TEST_EXIT=1: exits
-// with 3 right after start(). TEST_NEVER_LISTEN=1: never listens (never ready by default).
+// with 3 right after start(); TEST_EXIT_CLEAN=1: with 0. The message "grow" makes it hold
+// 64 MiB more. TEST_NEVER_LISTEN=1: never listens (never ready by default).
 // TEST_READY_ON_GO=1: calls this_worker.ready() when the master sends "go".
 WORKER_SCENARIO(sv_http) {
   asio::io_context io;
   this_worker.start(io.get_executor());
   if (env_set("TEST_EXIT")) return 3;
+  if (env_set("TEST_EXIT_CLEAN")) return 0;
   bool draining = false;
   asio::steady_timer drain_signal(io, asio::steady_timer::time_point::max());
   asio::co_spawn(io, [&]() -> awaitable<void> {
@@ -62,6 +64,11 @@ WORKER_SCENARIO(sv_http) {
       auto [ec, m] = co_await this_worker.receive(cocluster::as_tuple(use_awaitable));
       if (ec) co_return;
       if (m.data == "go") this_worker.ready();
+      if (m.data == "grow") {  // 64 MiB more resident memory
+        static std::vector<char> ballast;
+        ballast.assign(64u << 20, 'x');
+        co_await this_worker.send({"grown"});
+      }
     }
   }, asio::detached);
   if (!env_set("TEST_NEVER_LISTEN"))
@@ -256,6 +263,105 @@ TEST_CASE("supervisor: a worker that dies is replaced and the replacement is rea
     co_await until(io, ran);
     CHECK(result == std::error_code());
     for (auto& w : after) CHECK(w->exited_after_disconnect() == true);
+  });
+}
+
+TEST_CASE("supervisor: Restart::on_failure lets a clean exit go, and run() completes once no worker is left") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor(), Settings{.env = http_env({{"TEST_EXIT_CLEAN", "1"}})});
+    auto& events = master.events();
+    Supervisor<> supervisor(master, {.workers = 2, .restart = Restart::on_failure, .restart_delay = 1ms});
+    auto [ec] = co_await supervisor.run(cocluster::as_tuple(use_awaitable));
+    CHECK(ec == std::error_code());
+    CHECK(supervisor.restarts() == 0);
+    std::size_t forks = 0, clean_exits = 0;
+    while (events.pending() > 0) {
+      Event e = co_await events.next();
+      forks += e.type == EventType::fork;
+      clean_exits += e.type == EventType::exit && e.exit == ExitStatus{0, 0};
+    }
+    CHECK(forks == 2);
+    CHECK(clean_exits == 2);
+  });
+}
+
+TEST_CASE("supervisor: add_worker() starts one more, remove_worker() retires the newest; neither is a restart") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor(), Settings{.env = http_env()});
+    Supervisor<> supervisor(master, {.workers = 1});
+    bool ran = false;
+    std::error_code result = asio::error::would_block;
+    asio::co_spawn(io, supervisor.run(cocluster::as_tuple(use_awaitable)), [&](std::exception_ptr, std::tuple<std::error_code> r) {
+      result = std::get<0>(r);
+      ran = true;
+    });
+    asio::steady_timer t(io);
+    auto wait_count = [&](std::size_t n) -> awaitable<void> {
+      while (supervisor.workers().size() != n) {
+        t.expires_after(1ms);
+        co_await t.async_wait(use_awaitable);
+      }
+    };
+    co_await wait_count(1);
+    const auto first = supervisor.workers().front();
+    supervisor.add_worker();
+    co_await wait_count(2);
+    co_await master.ready();
+    const auto added = supervisor.workers().back();
+    CHECK(added != first);
+    supervisor.remove_worker();
+    co_await wait_count(1);
+    CHECK(supervisor.workers().front() == first);
+    CHECK((co_await added->exited()) == ExitStatus{0, 0});  // drained by its disconnect
+    CHECK(added->exited_after_disconnect() == true);
+    supervisor.remove_worker();  // never below one
+    CHECK(supervisor.workers().size() == 1);
+    CHECK(supervisor.restarts() == 0);
+    supervisor.stop();
+    co_await until(io, ran);
+    CHECK(result == std::error_code());
+  });
+}
+
+TEST_CASE("supervisor: a worker above max_memory is recycled: its replacement is ready before it leaves") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor(), Settings{.env = http_env()});
+    auto& events = master.events();
+    Supervisor<> supervisor(master, {.workers = 2, .max_memory = std::size_t{48} << 20,
+                                     .recycle_check_interval = std::chrono::milliseconds(20)});
+    bool ran = false;
+    asio::co_spawn(io, supervisor.run(cocluster::as_tuple(use_awaitable)), [&](std::exception_ptr, std::tuple<std::error_code>) { ran = true; });
+    asio::steady_timer t(io);
+    while (supervisor.workers().size() < 2) {
+      t.expires_after(1ms);
+      co_await t.async_wait(use_awaitable);
+    }
+    co_await master.ready();
+    const auto big = supervisor.workers().front();
+    const auto other = supervisor.workers().back();
+    co_await big->send({"grow"});
+    CHECK((co_await big->receive()).data == "grown");
+    CHECK((co_await big->exited()) == ExitStatus{0, 0});  // retired by a disconnect
+    while (supervisor.recycles() == 0) {  // counted once the supervisor has seen that exit too
+      t.expires_after(1ms);
+      co_await t.async_wait(use_awaitable);
+    }
+    const auto now = supervisor.workers();
+    REQUIRE(now.size() == 2);
+    CHECK(now.front() == other);
+    CHECK(now.back()->is_ready());
+    CHECK(supervisor.recycles() == 1);
+    CHECK(supervisor.restarts() == 0);
+    // The replacement's `ready` came before the old worker's `exit`.
+    bool replacement_ready = false, ready_first = false;
+    while (events.pending() > 0) {
+      Event e = co_await events.next();
+      if (e.type == EventType::ready && e.worker == now.back()) replacement_ready = true;
+      if (e.type == EventType::exit && e.worker == big) ready_first = replacement_ready;
+    }
+    CHECK(ready_first);
+    supervisor.stop();
+    co_await until(io, ran);
   });
 }
 

@@ -263,8 +263,8 @@ class Master {
             if (w->is_ready() || !w->is_connected()) continue;  // a worker going away is not waited for
             all = false;
             if (!watched.insert(id).second) continue;
-            w->ready([self, id](std::error_code) {
-              self->watched.erase(id);
+            w->ready([self, worker_id = id](std::error_code) {
+              self->watched.erase(worker_id);
               self->check(self);
             });
           }

@@ -34,6 +34,7 @@
 
 #include "cocluster/detail/as_tuple.hpp"
 #include "cocluster/detail/log.hpp"
+#include "cocluster/detail/master/resident_memory.hpp"
 #include "cocluster/detail/master/restart_budget.hpp"
 #include "cocluster/detail/pending_handler.hpp"
 #include "cocluster/detail/worker_identity.hpp"
@@ -82,6 +83,13 @@ struct SupervisorSettings {
   std::chrono::milliseconds hard_stop_timeout{5000};
   // Workers a reload replaces at a time (k).
   std::size_t reload_batch = 1;
+  // Recycling (PM2: max_memory_restart): a ready worker whose resident memory is above
+  // `max_memory` bytes (0: off), looked at every `recycle_check_interval`, is replaced as a
+  // reload replaces it (the replacement ready first, then the old one retired), one worker at a
+  // time, never during a reload. A replacement not ready in time is retired and the worker
+  // stays until the next look.
+  std::size_t max_memory = 0;
+  std::chrono::milliseconds recycle_check_interval{1000};
   // Awaited before a worker is disconnected (reload, stop, scale down), within the drain
   // timer: Node's documented pattern of a 'shutdown' message that lets the worker end its
   // long-lived connections (and report) before worker.disconnect(). Exceptions are ignored.
@@ -126,7 +134,7 @@ class Supervisor {
   // batch back: the replacements are killed, the old workers stay, and the reload ends there
   // (batches before it stay replaced). Signature: void(std::error_code, std::size_t replaced).
   // Errors: error::reload_rolled_back, asio::error::already_started while another reload
-  // runs, error::supervisor_stopped once stopping (or before run()). No cancellation.
+  // (or a recycling) runs, error::supervisor_stopped once stopping (or before run()). No cancellation.
   template <class CompletionToken = asio::use_awaitable_t<>>
   auto reload(CompletionToken&& token = {}) {
     return asio::async_initiate<CompletionToken, void(std::error_code, std::size_t)>(initiate_reload{core_}, token);
@@ -156,6 +164,8 @@ class Supervisor {
   // Replacements of crashed workers started so far (a restart still in its backoff when the
   // supervisor stops is not one).
   std::size_t restarts() const noexcept { return core_->restarts; }
+  // Workers replaced for their memory (max_memory) so far.
+  std::size_t recycles() const noexcept { return core_->recycles; }
 
  private:
   // The one place SupervisorSettings::heartbeat reaches the Master: the Master on this branch
@@ -188,6 +198,7 @@ class Supervisor {
     std::set<asio::steady_timer*> sleeping;  // backoff waits, cancelled by stop()
     std::size_t pending_restarts = 0;        // replacements waiting out their backoff or forking
     std::size_t restarts = 0;
+    std::size_t recycles = 0;
     bool started = false, stopping = false, closed = false, reloading = false, killed_any = false;
     std::error_code failure;
     detail::pending_handler<> run_handler;
@@ -408,39 +419,78 @@ class Supervisor {
     }
 
     asio::awaitable<std::pair<std::error_code, std::size_t>> reload_batches() {
-      auto self = this->shared_from_this();
       std::vector<int> old;
       for (auto& [id, e] : managed)
         if (!e.retiring) old.push_back(id);
       std::size_t replaced = 0;
       const std::size_t k = std::max<std::size_t>(settings.reload_batch, 1);
       for (std::size_t at = 0; at < old.size(); at += k) {
-        std::vector<std::shared_ptr<Worker>> batch, fresh;
+        std::vector<std::shared_ptr<Worker>> batch;
         for (std::size_t i = at; i < std::min(at + k, old.size()); ++i)
           if (auto it = managed.find(old[i]); it != managed.end() && !it->second.retiring) batch.push_back(it->second.worker);
         if (batch.empty()) continue;  // those workers left meanwhile (their replacements are new)
-        bool ok = true;
-        for (std::size_t i = 0; i < batch.size() && ok; ++i) {
-          auto w = co_await start_worker(false);
-          if (w) fresh.push_back(std::move(w));
-          else ok = false;
+        const std::error_code ec = co_await replace(batch);
+        if (ec) {
+          if (ec == error::reload_rolled_back)
+            detail::log_error("reload: a replacement was not ready within {} ms; rolled back, {} workers replaced",
+                              settings.boot_timeout.count(), replaced);
+          co_return std::pair{ec, replaced};
         }
-        for (auto& w : fresh)
-          if (ok && co_await ready_in_time(w) != boot::ready) ok = false;
-        if (!ok || stopping || closed) {
-          // Retired like any worker (it may serve a connection already): disconnect, drain, kill.
-          for (auto& w : fresh) asio::co_spawn(ex, retire(self, w), asio::detached);
-          for (auto& w : fresh) co_await w->exited(as_tuple(asio::use_awaitable));
-          if (stopping || closed) co_return std::pair{std::error_code(error::supervisor_stopped), replaced};
-          detail::log_error("reload: a replacement was not ready within {} ms; rolled back, {} workers replaced",
-                            settings.boot_timeout.count(), replaced);
-          co_return std::pair{std::error_code(error::reload_rolled_back), replaced};
-        }
-        for (auto& w : batch) asio::co_spawn(ex, retire(self, w), asio::detached);
-        for (auto& w : batch) co_await w->exited(as_tuple(asio::use_awaitable));
         replaced += batch.size();
       }
       co_return std::pair{std::error_code(), replaced};
+    }
+
+    // Replaces `batch`: forks as many, awaits their readiness (boot timer), then retires the
+    // old ones and awaits their exits. error::reload_rolled_back when a replacement was not
+    // ready (the replacements are retired, `batch` stays), supervisor_stopped when stopping.
+    asio::awaitable<std::error_code> replace(std::vector<std::shared_ptr<Worker>> batch) {
+      auto self = this->shared_from_this();
+      std::vector<std::shared_ptr<Worker>> fresh;
+      bool ok = true;
+      for (std::size_t i = 0; i < batch.size() && ok; ++i) {
+        auto w = co_await start_worker(false);
+        if (w) fresh.push_back(std::move(w));
+        else ok = false;
+      }
+      for (auto& w : fresh)
+        if (ok && co_await ready_in_time(w) != boot::ready) ok = false;
+      if (!ok || stopping || closed) {
+        // Retired like any worker (it may serve a connection already): disconnect, drain, kill.
+        for (auto& w : fresh) asio::co_spawn(ex, retire(self, w), asio::detached);
+        for (auto& w : fresh) co_await w->exited(as_tuple(asio::use_awaitable));
+        co_return (stopping || closed) ? std::error_code(error::supervisor_stopped)
+                                       : std::error_code(error::reload_rolled_back);
+      }
+      for (auto& w : batch) asio::co_spawn(ex, retire(self, w), asio::detached);
+      for (auto& w : batch) co_await w->exited(as_tuple(asio::use_awaitable));
+      co_return std::error_code();
+    }
+
+    // max_memory: one look at every ready worker per interval; at most one replaced at a time.
+    static asio::awaitable<void> recycle_loop(std::shared_ptr<core> self) {
+      asio::steady_timer timer(self->ex);
+      self->sleeping.insert(&timer);
+      while (!self->stopping && !self->closed) {
+        timer.expires_after(self->settings.recycle_check_interval);
+        co_await timer.async_wait(as_tuple(asio::use_awaitable));
+        if (self->stopping || self->closed || self->reloading) continue;
+        for (auto& w : self->live()) {
+          const auto rss = w->is_ready() ? detail::resident_bytes(w->pid()) : std::nullopt;
+          if (!rss || *rss <= self->settings.max_memory) continue;
+          detail::log_error("worker {} (pid {}) holds {} MiB, above max_memory ({} MiB); replacing it", w->id(),
+                            w->pid(), *rss >> 20, self->settings.max_memory >> 20);
+          self->reloading = true;
+          std::vector<std::shared_ptr<Worker>> one{w};
+          const std::error_code ec = co_await self->replace(std::move(one));
+          self->reloading = false;
+          if (!ec) ++self->recycles;
+          else detail::log_error("recycling worker {}: {}", w->id(), ec.message());
+          self->check_done();
+          break;  // the next one at the next look: two never recycle at once
+        }
+      }
+      self->sleeping.erase(&timer);
     }
 
     void handle_signals(std::function<void(std::error_code, std::size_t)> reloaded) {
@@ -493,6 +543,7 @@ class Supervisor {
       c->run_handler = std::move(h);
       if (c->stopping) return c->check_done();
       asio::co_spawn(c->ex, core::start_all(c), asio::detached);
+      if (c->settings.max_memory > 0) asio::co_spawn(c->ex, core::recycle_loop(c), asio::detached);
     }
   };
 
