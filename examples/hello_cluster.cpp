@@ -1,11 +1,15 @@
 // An HTTP/1.1 hello-world server on N worker processes sharing one port, the program Node's
 // cluster documentation opens with.
 //   hello_cluster --workers 2 --port 8000 [--host 127.0.0.1] [--policy rr|none] [--window N]
-// Prints `listening on HOST:PORT` once every worker listens, and replaces a worker that dies.
-// On SIGTERM or SIGINT the master tells each worker to stop (it closes its idle keep-alive
-// connections and reports), then disconnects it: the worker stops accepting and leaves once
-// the requests in hand are answered. A worker still connected after 5 s is killed (Node's
-// disconnect-with-timeout pattern). Then one JSON line with the connections each served.
+//                 [--drain-timeout S]
+// A cocluster::Supervisor keeps the workers: prints `listening on HOST:PORT` once every worker
+// is ready (listens), and replaces a worker that dies. SIGHUP reloads them one at a time (a
+// new one ready before the old one leaves), then prints `reloaded N workers`. SIGTERM or
+// SIGINT, to the master or to its whole process group, stops gracefully: each worker is
+// disconnected, stops accepting, closes its idle keep-alive connections, answers the requests
+// in hand, reports, and leaves; one still running after the drain timeout (5 s) is killed.
+// Then one JSON line with the connections each worker served; exit 0 (3: workers had to be
+// killed, 1: a crash loop hit the restart limit).
 // Without --policy, COCLUSTER_SCHED_POLICY decides (rr). Bad arguments: a message and exit 2.
 // Requests are framed by Content-Length (a body is read and ignored); Transfer-Encoding gets
 // 501, a malformed request 400, headers over 8 KiB 431, a body over 1 MiB 413, each followed
@@ -22,6 +26,7 @@
 #include <csignal>
 #include <cstdlib>
 #include <list>
+#include <map>
 #include <string>
 
 using asio::awaitable;
@@ -36,6 +41,7 @@ struct options {
   unsigned short port = 8000;
   std::optional<cocluster::Scheduling> policy;
   int window = 1;  // round robin: connections handed to a worker and not yet accepted (Node: 1)
+  int drain_timeout = 5;  // seconds from a worker's disconnect to its kill
 };
 
 options parse(int argc, char** argv) {
@@ -66,6 +72,7 @@ options parse(int argc, char** argv) {
       asio::ip::make_address(o.host, ec);
       if (ec) throw std::invalid_argument(fmt::format("--host {}: not an IP address", o.host));
     } else if (a == "--window") o.window = in_range(value(), "--window", 1, 1 << 20);
+    else if (a == "--drain-timeout") o.drain_timeout = in_range(value(), "--drain-timeout", 0, 86400);
     else if (a == "--policy") {
       auto name = value();
       o.policy = cocluster::parse_scheduling(name);
@@ -259,9 +266,9 @@ awaitable<void> worker_main(options o, worker_state& st) {
       asio::co_spawn(ex, session(std::move(socket), st), asio::detached);
     }
   }, asio::detached);
-  // Node's example: the master's 'shutdown' message lets the worker end its long-lived
-  // connections (here: idle keep-alive ones; requests in hand are answered with
-  // Connection: close). The master's disconnect then closes the server and waits for them.
+  // Node's example: the master's 'shutdown' message (the supervisor's before_disconnect) lets
+  // the worker end its long-lived connections (here: idle keep-alive ones; requests in hand
+  // are answered with Connection: close). The disconnect then closes the server and waits.
   for (;;) {
     auto [ec, m] = co_await this_worker.receive(cocluster::as_tuple(use_awaitable));
     if (ec) co_return;  // disconnected
@@ -279,62 +286,47 @@ awaitable<void> worker_main(options o, worker_state& st) {
 
 // ---- master ----
 
-awaitable<void> master_main(options o, cocluster::Master<cocluster::RuntimePolicy>& master) {
+// Prints `listening on HOST:PORT` once the first `workers` workers are ready.
+awaitable<void> announce(cocluster::Master<cocluster::RuntimePolicy>& master, int workers) {
   using namespace cocluster;
-  auto ex = co_await asio::this_coro::executor;
-  std::vector<std::shared_ptr<Worker>> workers;
-  for (int i = 0; i < o.workers; ++i) workers.push_back(co_await master.fork());
+  auto& events = master.events();
   Address where;
-  for (auto& w : workers) where = co_await w->listening();
+  for (int ready = 0; ready < workers;) {
+    auto [ec, e] = co_await events.next(as_tuple(use_awaitable));
+    if (ec) co_return;  // the master is gone
+    if (e.type == EventType::listening) where = e.address;
+    if (e.type == EventType::ready) ++ready;
+  }
   fmt::print("listening on {}:{}\n", where.address, where.port);
   std::fflush(stdout);
+}
 
-  // Node's documentation: cluster.on('exit', () => cluster.fork()). A worker that dies is
-  // replaced; connections handed to it and not yet accepted have gone to the others already.
-  bool stopping = false;
-  asio::co_spawn(ex, [&]() -> awaitable<void> {
-    auto& events = master.events();
-    for (;;) {
-      Event e = co_await events.next();
-      if (stopping) co_return;
-      if (e.type != EventType::exit || e.worker->exited_after_disconnect().value_or(false)) continue;
-      fmt::print(stderr, "hello_cluster: worker {} died ({}); starting another\n", e.worker->id(),
-                 e.exit.signal ? e.exit.signal_name() : "code " + std::to_string(e.exit.code));
-      auto fresh = co_await master.fork();
-      std::replace(workers.begin(), workers.end(), e.worker, fresh);
-    }
-  }, asio::detached);
-
-  asio::signal_set signals(ex, SIGINT, SIGTERM);
-  co_await signals.async_wait(use_awaitable);
-  stopping = true;
+awaitable<int> master_main(options o, cocluster::Master<cocluster::RuntimePolicy>& master) {
+  using namespace cocluster;
+  std::map<int, std::size_t> served;  // connections each worker served, reported as it leaves
+  SupervisorSettings settings;
+  settings.workers = static_cast<std::size_t>(o.workers);
+  settings.drain_timeout = std::chrono::seconds(o.drain_timeout);
+  settings.before_disconnect = [&](std::shared_ptr<Worker> w) -> awaitable<void> {
+    co_await w->send("stop");
+    Message m = co_await w->receive();
+    served[w->id()] = std::strtoul(m.data.c_str(), nullptr, 10);
+  };
+  Supervisor<RuntimePolicy> supervisor(master, settings);
+  supervisor.handle_signals([](std::error_code ec, std::size_t n) {
+    if (ec) fmt::print(stderr, "hello_cluster: reload: {} ({} workers replaced)\n", ec.message(), n);
+    else fmt::print("reloaded {} workers\n", n);
+    std::fflush(stdout);
+  });
+  master.events();  // subscribed before the first fork
+  asio::co_spawn(co_await asio::this_coro::executor, announce(master, o.workers), asio::detached);
+  auto [ec] = co_await supervisor.run(as_tuple(use_awaitable));
   std::string json = "{\"workers\":[";
-  for (auto& w : workers) {
-    std::size_t served = 0;
-    try {
-      co_await w->send("stop");
-      Message m = co_await w->receive();
-      served = std::stoul(m.data);
-    } catch (const std::exception& e) {
-      fmt::print(stderr, "worker {}: {}\n", w->id(), e.what());
-    }
-    json += fmt::format("{}{{\"id\":{},\"connections\":{}}}", &w == &workers.front() ? "" : ",", w->id(), served);
-  }
+  for (auto& [id, n] : served) json += fmt::format("{}{{\"id\":{},\"connections\":{}}}", json.back() == '[' ? "" : ",", id, n);
   json += "]}";
-  // Node's documentation: disconnect, and kill a worker that has not disconnected in time
-  // (a client that keeps its connection open would otherwise keep the worker forever).
-  for (auto& w : workers) w->disconnect();
-  asio::steady_timer timeout(ex, std::chrono::seconds(5));
-  for (auto& w : workers) {
-    using namespace asio::experimental::awaitable_operators;
-    auto which = co_await (w->disconnected() || timeout.async_wait(use_awaitable));
-    if (which.index() == 1 && w->is_connected()) {
-      fmt::print(stderr, "hello_cluster: worker {} still has connections after 5 s; killing it\n", w->id());
-      w->kill();
-    }
-  }
-  for (auto& w : workers) co_await w->exited();
   fmt::print("{}\n", json);
+  if (ec) fmt::print(stderr, "hello_cluster: {}\n", ec.message());
+  co_return ec == error::restart_limit_reached ? 1 : ec ? 3 : 0;
 }
 
 }  // namespace
@@ -344,7 +336,7 @@ int main(int argc, char** argv) {
   try {
     o = parse(argc, argv);
   } catch (const std::exception& e) {
-    fmt::print(stderr, "hello_cluster: {}\nusage: hello_cluster [--workers N] [--port P] [--host H] [--policy rr|none] [--window N]\n",
+    fmt::print(stderr, "hello_cluster: {}\nusage: hello_cluster [--workers N] [--port P] [--host H] [--policy rr|none] [--window N] [--drain-timeout S]\n",
                e.what());
     return 2;
   }
@@ -360,7 +352,6 @@ int main(int argc, char** argv) {
   };
   if (cocluster::is_worker()) {
     worker_state st;
-    std::signal(SIGINT, SIG_IGN);  // Ctrl-C reaches the whole process group: the master decides
     cocluster::this_worker.start(io.get_executor());
     asio::co_spawn(io, worker_main(o, st), report);
     io.run();
@@ -374,10 +365,12 @@ int main(int argc, char** argv) {
     return 2;
   }
   cocluster::Master<cocluster::RuntimePolicy> master(io.get_executor(), {}, *policy);
-  asio::co_spawn(io, master_main(o, master), [&](std::exception_ptr e) {
+  int rc = 1;
+  asio::co_spawn(io, master_main(o, master), [&](std::exception_ptr e, int code) {
     report(e);
+    rc = code;
     io.stop();
   });
   io.run();
-  return 0;
+  return rc;
 }

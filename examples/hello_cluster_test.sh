@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Checks examples/hello_cluster as a client would: HTTP framing (Content-Length, no request
-# smuggled in a body, 501 for chunked, 400 for garbage), bad arguments (a message, exit 2), and
-# a request in progress at SIGTERM answered. Loopback only; every wait is bounded. Needs bash
-# and ss (iproute2).
+# smuggled in a body, 501 for chunked, 400 for garbage), bad arguments (a message, exit 2), a
+# dead worker replaced, SIGHUP's rolling reload, and a request in progress at SIGTERM (to the
+# master, then to the whole process group) or SIGINT (to the group) answered. Loopback only; every wait is bounded. Needs bash
+# ss (iproute2), pgrep (procps) and setsid (util-linux).
 #   hello_cluster_test.sh path/to/hello_cluster
 set -uo pipefail
 exe=$1
@@ -78,36 +79,84 @@ check "a field name that is not a token: 400" grep -q '^HTTP/1.1 400 ' <<<"$repl
 reply=$(ask "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
 check "a plain GET: 200" grep -q '^HTTP/1.1 200 ' <<<"$reply"
 
-# A request in progress at SIGTERM: the first request on the connection is answered (so a
-# worker holds it), the second is half sent, then SIGTERM, then the rest: it is answered.
-exec 3<>"/dev/tcp/127.0.0.1/$port"
-printf 'GET / HTTP/1.1\r\nHost: x\r\n\r\n' >&3
-first=""
-while IFS= read -r -t 10 line <&3; do
-  first+="$line"$'\n'
-  [[ "$line" == hello* ]] && break
-done
-printf 'GET /second HTTP/1.1\r\nHost: x\r\n' >&3
-# Wait until the server's kernel has those bytes (our Send-Q is empty: they are acknowledged),
-# so that the request is in progress when SIGTERM comes, not still on its way.
-for _ in $(seq 500); do
-  sendq=$(ss -Htn state established "( dport = :$port )" | awk '{print $2}' | head -n 1)
-  [ "$sendq" = "0" ] && break
-  sleep 0.01
-done
-kill -TERM "$server"
-printf '\r\n' >&3
-second=$(timeout 10 cat <&3)
-second_rc=$?  # 0: the server closed the connection after answering (124: it did not)
-exec 3>&-
-check "keep-alive first request: 200" grep -q '^HTTP/1.1 200 ' <<<"$first"
-check "a request in progress at SIGTERM is answered" grep -q '^HTTP/1.1 200 ' <<<"$second"
-check "...and the connection is closed after it" [ "$second_rc" -eq 0 ]
-timeout 20 tail --pid="$server" -f /dev/null
-wait "$server"
-rc=$?
-check "the master exits 0 after SIGTERM" [ "$rc" -eq 0 ]
-check "the JSON report is printed" grep -q '^{"workers":' "$out"
+# ---- supervision: a worker that dies is replaced; SIGHUP reloads every worker ----
+workers_of() { pgrep -P "$1" | sort | tr '\n' ' '; }
+wait_for() {  # wait_for SECONDS CONDITION...: polls the condition every 50 ms
+  local tries=$(($1 * 20))
+  shift
+  for _ in $(seq "$tries"); do "$@" && return 0; sleep 0.05; done
+  return 1
+}
+two_workers() { [ "$(pgrep -P "$server" | wc -l)" -eq 2 ]; }
+before=$(workers_of "$server")
+victim=${before%% *}
+kill -KILL "$victim"
+replaced() { two_workers && ! grep -qw "$victim" <<<"$(workers_of "$server")"; }
+check "a worker that dies is replaced" wait_for 20 replaced
+ok_get() { grep -q '^HTTP/1.1 200 ' <<<"$(ask "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")"; }
+check "...and the server answers" wait_for 10 ok_get
+before=$(workers_of "$server")
+kill -HUP "$server"
+reloaded() { grep -q '^reloaded 2 workers$' "$out"; }
+check "SIGHUP: reloaded 2 workers is printed" wait_for 30 reloaded
+after=$(workers_of "$server")
+none_kept() { for p in $before; do grep -qw "$p" <<<"$after" && return 1; done; [ "$(wc -w <<<"$after")" -eq 2 ]; }
+check "...and every worker pid changed" none_kept
+check "...and the server answers" ok_get
+
+# stop_during_request SIGNAL TARGET: a keep-alive request answered (a worker holds the
+# connection), a second one half sent, then the signal to TARGET (a pid, or -PGID for the
+# whole process group), then the rest: it is answered and the connection closed.
+stop_during_request() {
+  exec 3<>"/dev/tcp/127.0.0.1/$port"
+  printf 'GET / HTTP/1.1\r\nHost: x\r\n\r\n' >&3
+  first=""
+  while IFS= read -r -t 10 line <&3; do
+    first+="$line"$'\n'
+    [[ "$line" == hello* ]] && break
+  done
+  printf 'GET /second HTTP/1.1\r\nHost: x\r\n' >&3
+  # Wait until the server's kernel has those bytes (our Send-Q is empty: they are acknowledged),
+  # so that the request is in progress when the signal comes, not still on its way.
+  for _ in $(seq 500); do
+    sendq=$(ss -Htn state established "( dport = :$port )" | awk '{print $2}' | head -n 1)
+    [ "$sendq" = "0" ] && break
+    sleep 0.01
+  done
+  kill "-$1" -- "$2"
+  printf '\r\n' >&3
+  second=$(timeout 10 cat <&3)
+  second_rc=$?  # 0: the server closed the connection after answering (124: it did not)
+  exec 3>&-
+  check "$1 to $3: keep-alive first request: 200" grep -q '^HTTP/1.1 200 ' <<<"$first"
+  check "$1 to $3: a request in progress is answered" grep -q '^HTTP/1.1 200 ' <<<"$second"
+  check "$1 to $3: ...and the connection is closed after it" [ "$second_rc" -eq 0 ]
+  timeout 20 tail --pid="$server" -f /dev/null
+  wait "$server"
+  rc=$?
+  check "$1 to $3: the master exits 0" [ "$rc" -eq 0 ]
+  check "$1 to $3: the JSON report is printed" grep -q '^{"workers":' "$out"
+  gone() { [ -z "$(pgrep -g "$server")" ]; }
+  [ "$3" = "the process group" ] && check "$1 to $3: no process of the group is left" wait_for 5 gone
+}
+stop_during_request TERM "$server" "the master"
+
+# start_server: hello_cluster in its own process group (setsid: not a group leader here, so
+# it does not fork and $! is the master, whose pid is the group's id), as a terminal or
+# systemd would signal it.
+start_server() {
+  : >"$out"
+  setsid "$exe" --workers 2 --port 0 --drain-timeout 10 >"$out" &
+  server=$!
+  started() { grep -q '^listening on ' "$out"; }
+  wait_for 15 started || { echo "hello_cluster did not start: $(cat "$out")"; exit 1; }
+  port=$(sed -n 's/^listening on .*:\([0-9]*\)$/\1/p' "$out")
+}
+start_server
+stop_during_request TERM "-$server" "the process group"
+start_server
+stop_during_request INT "-$server" "the process group"
+check "bad --drain-timeout" bad_input "not a number" --drain-timeout soon
 
 echo "hello_cluster: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -864,6 +864,7 @@ TEST_CASE("every cluster event carries the worker's state when it was emitted: f
         {EventType::fork, {WorkerState::none, std::nullopt, true, false}},
         {EventType::online, {WorkerState::online, std::nullopt, true, false}},
         {EventType::listening, {WorkerState::listening, std::nullopt, true, false}},
+        {EventType::ready, {WorkerState::listening, std::nullopt, true, false}},  // ours: ready on listening
         {EventType::disconnect, {WorkerState::disconnected, true, false, false}},
         {EventType::exit, {WorkerState::dead, true, false, true}},
     };

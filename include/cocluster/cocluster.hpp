@@ -24,6 +24,7 @@
 #include "cocluster/server.hpp"
 #include "cocluster/settings.hpp"
 #include "cocluster/systemd.hpp"
+#include "cocluster/supervisor.hpp"
 #include "cocluster/this_worker.hpp"
 #include "cocluster/worker.hpp"
 #include "cocluster/worker_state.hpp"

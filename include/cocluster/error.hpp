@@ -17,6 +17,12 @@ enum class error {
   worker_not_connected,   // send/disconnect on a worker whose channel is gone
   worker_exited,          // the worker process ended before the awaited event
   not_a_worker,           // a worker-side call in the master
+  // Supervisor (supervisor.hpp):
+  restart_limit_reached,  // more crashes than SupervisorSettings::max_restarts in restart_window
+  boot_timeout,           // a worker was not ready within SupervisorSettings::boot_timeout
+  reload_rolled_back,     // a reload's replacement did not become ready: the old workers stay
+  workers_killed,         // a stop had to kill workers that did not drain in time
+  supervisor_stopped,     // the supervisor is stopping or stopped
   // exec failures are the system errno (ENOENT, EACCES, ...) with the path in what()
 };
 
@@ -32,6 +38,11 @@ class error_category final : public std::error_category {
       case error::worker_not_connected: return "worker not connected";
       case error::worker_exited: return "worker exited";
       case error::not_a_worker: return "not a worker process";
+      case error::restart_limit_reached: return "too many worker restarts in the restart window";
+      case error::boot_timeout: return "a worker was not ready within the boot timeout";
+      case error::reload_rolled_back: return "reload rolled back: a replacement was not ready in time";
+      case error::workers_killed: return "workers were killed after the drain timeout";
+      case error::supervisor_stopped: return "the supervisor is stopping";
     }
     return "unknown cocluster error";
   }

@@ -28,12 +28,13 @@ namespace cocluster {
 
 class Worker;
 
-// lagged is ours (Node's listeners cannot fall behind): see EventStream.
-enum class EventType { fork, online, listening, message, disconnect, exit, error, setup, lagged };
+// lagged is ours (Node's listeners cannot fall behind): see EventStream. ready is ours too
+// (Node has no readiness): the worker serves, by Settings::ready_on (worker->ready()).
+enum class EventType { fork, online, listening, message, disconnect, exit, error, setup, lagged, ready };
 
 inline std::string_view to_string(EventType t) {
   constexpr std::string_view names[] = {"fork",       "online", "listening", "message", "disconnect",
-                                        "exit",       "error",  "setup",     "lagged"};
+                                        "exit",       "error",  "setup",     "lagged",  "ready"};
   return names[static_cast<int>(t)];
 }
 

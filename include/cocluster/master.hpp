@@ -21,6 +21,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <system_error>
 #include <vector>
@@ -207,6 +208,17 @@ class Master {
     return asio::async_initiate<CompletionToken, void(std::error_code)>(initiate_disconnect{this}, token);
   }
 
+  // Ours (Node has no readiness): completes when every worker in workers() is ready
+  // (worker->ready(), by Settings::ready_on), looking again each time one settles, so a
+  // worker forked meanwhile is waited for too and one that leaves workers() (it disconnected
+  // or exited) is not. Completes at once, posted, when all are (or there are none).
+  // Signature: void(std::error_code), no error today. Cancellation (per-operation, terminal):
+  // stops the waiting.
+  template <class CompletionToken = asio::use_awaitable_t<>>
+  auto ready(CompletionToken&& token = {}) {
+    return asio::async_initiate<CompletionToken, void(std::error_code)>(initiate_ready{state_}, token);
+  }
+
  private:
   static constexpr const char* self_exe = "/proc/self/exe";
 
@@ -270,6 +282,41 @@ class Master {
     }
   };
 
+  struct initiate_ready {
+    std::shared_ptr<detail::master_state> state;
+    template <class Handler>
+    void operator()(Handler&& handler) const {
+      struct waiting {
+        detail::pending_handler<> handler;
+        std::weak_ptr<detail::master_state> master;
+        std::set<int> watched;  // ids whose ready() we wait on
+        void check(const std::shared_ptr<waiting>& self) {
+          auto m = master.lock();
+          if (!handler) return;
+          if (!m) return handler.complete(asio::error::operation_aborted);
+          bool all = true;
+          for (auto& [id, w] : m->workers) {
+            if (w->is_ready() || !w->is_connected()) continue;  // a worker going away is not waited for
+            all = false;
+            if (!watched.insert(id).second) continue;
+            w->ready([self, worker_id = id](std::error_code) {
+              self->watched.erase(worker_id);
+              self->check(self);
+            });
+          }
+          if (all) handler.complete({});
+        }
+      };
+      auto c = std::make_shared<waiting>(waiting{{std::forward<Handler>(handler), state->ex}, state, {}});
+      auto slot = c->handler.cancellation_slot();
+      if (slot.is_connected())
+        slot.assign([weak = std::weak_ptr<waiting>(c)](asio::cancellation_type) {
+          if (auto c = weak.lock(); c && c->handler) c->handler.complete(asio::error::operation_aborted);
+        });
+      c->check(c);
+    }
+  };
+
   // Node's setupMaster(): the defaults fill what is unset, then a `setup` event with a
   // snapshot (made only when someone subscribed: every fork() comes through here).
   void run_setup() {
@@ -321,7 +368,7 @@ class Master {
         ipc::Channel channel(state_->ex, std::move(ours), settings_.channel);
         w = detail::master_access::make(id, std::move(process), std::move(channel), state_,
                                         settings_.max_unread_messages, settings_.max_unread_bytes,
-                                        std::move(pipes));
+                                        std::move(pipes), settings_.ready_on);
       } catch (...) {  // the process runs: end it, so that a failed fork leaves nothing behind
         process.terminate_and_reap(std::chrono::milliseconds(0));
         throw;

@@ -60,6 +60,15 @@ class Stdio {
   int fd_;
 };
 
+// When a worker counts as ready (worker->ready(), master.ready(), the `ready` event), for a
+// supervisor that waits for a replacement before retiring the worker it replaces. Ours: Node
+// has no readiness (PM2: wait_ready / listen_timeout).
+enum class ReadyOn {
+  listening,       // its first server listens (the `listening` event), or it calls this_worker.ready()
+  explicit_ready,  // only this_worker.ready(): for a worker that warms up after listen() (PM2: wait_ready)
+  online,          // the worker runtime has started (the `online` event), or this_worker.ready()
+};
+
 struct Settings {
   // Executable each worker runs. Default: this executable (/proc/self/exe).
   std::string exec{};
@@ -102,6 +111,8 @@ struct Settings {
   // How often a worker sends its heartbeat; 0 (the default): heartbeat_timeout / 4. Must be
   // below heartbeat_timeout (setup() throws std::invalid_argument otherwise).
   std::chrono::milliseconds heartbeat_interval{0};
+  // When a worker forked with these settings is ready (see ReadyOn).
+  ReadyOn ready_on = ReadyOn::listening;
 };
 
 namespace detail {
@@ -141,6 +152,7 @@ struct SettingsPatch {
   std::optional<std::size_t> max_unread_bytes{};
   std::optional<std::chrono::milliseconds> heartbeat_timeout{};
   std::optional<std::chrono::milliseconds> heartbeat_interval{};
+  std::optional<ReadyOn> ready_on{};
 
   void apply_to(Settings& s) const {
     if (exec) s.exec = *exec;
@@ -156,6 +168,7 @@ struct SettingsPatch {
     if (max_unread_bytes) s.max_unread_bytes = *max_unread_bytes;
     if (heartbeat_timeout) s.heartbeat_timeout = *heartbeat_timeout;
     if (heartbeat_interval) s.heartbeat_interval = *heartbeat_interval;
+    if (ready_on) s.ready_on = *ready_on;
   }
 };
 

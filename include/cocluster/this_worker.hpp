@@ -170,6 +170,20 @@ struct this_worker_t {
     return Server<asio::ip::udp>(std::make_shared<detail::worker::datagram_server>(nullptr, std::move(socket)));
   }
 
+  // Ours (Node has no readiness; PM2: process.send('ready') with wait_ready): tells the master
+  // this worker serves. With the master's Settings::ready_on = ReadyOn::explicit_ready, only
+  // this makes it ready (worker->ready(), master.ready(), the `ready` event, a Supervisor's
+  // boot timer and reload); with the default (listening) its first listen already did, and
+  // this is harmless. Once; later calls do nothing. Throws std::system_error
+  // (error::worker_not_connected) once the channel is gone or the worker is leaving; the
+  // error_code form reports it instead.
+  void ready() const {
+    std::error_code ec;
+    ready(ec);
+    if (ec) throw std::system_error(ec, "this_worker.ready()");
+  }
+  void ready(std::error_code& ec) const { runtime().ready(ec); }
+
   // Node: cluster.worker.disconnect() in a worker: closes every server listening through the
   // master, waits until the connections they accepted have ended (each socket and every
   // operation on it destroyed), then closes the channel; the process ends when its io_context

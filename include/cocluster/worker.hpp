@@ -70,7 +70,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
   // Made by Master::fork only.
   Worker(passkey, int id, detail::Process process, ipc::Channel channel,
          std::weak_ptr<detail::master_state> master, std::size_t max_unread, std::size_t max_unread_bytes,
-         detail::stdio_pipes stdio = {})
+         detail::stdio_pipes stdio = {}, ReadyOn ready_on = ReadyOn::listening)
       : stdin_(std::move(stdio[0])),
         stdout_(std::move(stdio[1])),
         stderr_(std::move(stdio[2])),
@@ -82,8 +82,10 @@ class Worker : public std::enable_shared_from_this<Worker> {
         messages_(channel_.get_executor(), detail::async_queue<Message>::unbounded, /*inline_delivery=*/true),
         listening_(channel_.get_executor()),
         online_(channel_.get_executor()),
+        ready_(channel_.get_executor()),
         disconnected_(channel_.get_executor()),
-        exited_(channel_.get_executor()) {
+        exited_(channel_.get_executor()),
+        ready_on_(ready_on) {
     detail::bound_inbox(messages_, max_unread, max_unread_bytes);
   }
 
@@ -119,6 +121,18 @@ class Worker : public std::enable_shared_from_this<Worker> {
   template <class CompletionToken = asio::use_awaitable_t<>>
   auto online(CompletionToken&& token = {}) {
     return online_.async_wait(std::forward<CompletionToken>(token));
+  }
+
+  // Ours (Node has no readiness): true once the worker counts as ready by the Settings::ready_on
+  // it was forked with: its first server listens, or it called this_worker.ready().
+  bool is_ready() const noexcept { return ready_.is_set() && !ready_failed_; }
+  // Completes when the worker is ready (see is_ready(); the `ready` event follows). Fails with
+  // error::worker_not_connected if its channel ends first (it will not serve), and
+  // error::worker_exited if it exits first. Signature: void(std::error_code); at once if
+  // settled. Cancellation (per-operation): stops this wait only.
+  template <class CompletionToken = asio::use_awaitable_t<>>
+  auto ready(CompletionToken&& token = {}) {
+    return ready_.async_wait(std::forward<CompletionToken>(token));
   }
 
   // Node: the worker's 'listening' event. The address of the next server the worker listens
@@ -318,6 +332,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
             online_.set();
             emit(EventType::online);
             start_heartbeat_clock();
+            if (ready_on_ == ReadyOn::online) mark_ready();
           } else if constexpr (std::is_same_v<T, p::Heartbeat>) {
             if (heartbeat_timeout_.count() == 0) return protocol_error("a heartbeat the master did not ask for");
             last_heartbeat_ = std::chrono::steady_clock::now();
@@ -336,7 +351,9 @@ class Worker : public std::enable_shared_from_this<Worker> {
             if (listeners) listeners->close(*link_, m.server);
           } else if constexpr (std::is_same_v<T, p::OpenConnections>) {
             link_->reported_open_connections(m.count);
-          } else {  // Disconnect, QueryReply, NewConn, CountConnections: the master's messages
+          } else if constexpr (std::is_same_v<T, p::Ready>) {
+            mark_ready();  // this_worker.ready(): ready whatever ready_on says
+          } else {  // Disconnect, QueryReply, NewConn, CountConnections, HeartbeatRequest: the master's messages
             return protocol_error("unexpected internal message from the worker");
           }
           return true;
@@ -424,6 +441,15 @@ class Worker : public std::enable_shared_from_this<Worker> {
     if (state_ == WorkerState::online) state_ = WorkerState::listening;
     listening_.push(a);
     emit(EventType::listening, {}, {}, {}, std::move(a));
+    if (ready_on_ == ReadyOn::listening) mark_ready();
+  }
+
+  // Once: ready() completes, then the `ready` event (after the event that made it ready).
+  void mark_ready() {
+    if (ready_.is_set()) return;
+    detail::debug("Worker {} ready", pid());
+    ready_.set();
+    emit(EventType::ready);
   }
 
   bool protocol_error(std::string why) {
@@ -448,6 +474,8 @@ class Worker : public std::enable_shared_from_this<Worker> {
     if (!exited_after_disconnect_) exited_after_disconnect_ = false;
     messages_.close(error::worker_not_connected);
     listening_.close(error::worker_not_connected);
+    if (!ready_.is_set()) ready_failed_ = true;
+    ready_.fail(error::worker_not_connected);  // a worker that will not serve is never ready
     state_ = WorkerState::disconnected;
     detail::debug("Worker {} disconnect", pid());
     disconnected_.set();
@@ -469,6 +497,8 @@ class Worker : public std::enable_shared_from_this<Worker> {
     self->dead_ = true;
     if (!self->exited_after_disconnect_) self->exited_after_disconnect_ = false;
     self->online_.fail(error::worker_exited);
+    if (!self->ready_.is_set()) self->ready_failed_ = true;
+    self->ready_.fail(error::worker_exited);
     self->leave_workers();
     if (auto m = self->master_.lock()) m->unreaped.erase(self->id_);
     detail::debug("Worker {} exit ({})", self->pid(),
@@ -504,8 +534,11 @@ class Worker : public std::enable_shared_from_this<Worker> {
   detail::async_queue<Message> messages_;
   detail::async_queue<Address> listening_;  // one entry per server announced; bounded by them
   detail::async_latch<> online_;
+  detail::async_latch<> ready_;
   detail::async_latch<> disconnected_;
   detail::async_latch<ExitStatus> exited_;
+  ReadyOn ready_on_;
+  bool ready_failed_ = false;  // ready_ was settled by a failure (is_set() is then true too)
   WorkerState state_ = WorkerState::none;
   bool connected_ = true;
   bool dead_ = false;
@@ -528,9 +561,10 @@ namespace detail {
 // The parts of Worker that only Master uses.
 struct master_access {
   static std::shared_ptr<Worker> make(int id, Process p, ipc::Channel c, std::weak_ptr<master_state> m,
-                                      std::size_t max_unread, std::size_t max_unread_bytes, stdio_pipes stdio = {}) {
+                                      std::size_t max_unread, std::size_t max_unread_bytes, stdio_pipes stdio = {},
+                                      ReadyOn ready_on = ReadyOn::listening) {
     return std::make_shared<Worker>(Worker::passkey{}, id, std::move(p), std::move(c), std::move(m), max_unread,
-                                    max_unread_bytes, std::move(stdio));
+                                    max_unread_bytes, std::move(stdio), ready_on);
   }
   // Starts reading the channel and watching the process; after the `fork` event is posted,
   // since the read loop may process `online` before this returns.

@@ -15,6 +15,8 @@ namespace cocluster::detail {
 // The names the master sets in a worker's environment (and nowhere else).
 inline constexpr const char* worker_id_variable = "COCLUSTER_WORKER_ID";
 inline constexpr const char* channel_fd_variable = "COCLUSTER_CHANNEL_FD";
+// Set to 1 by a Supervisor that handles signals: see detail/worker/master_signals.hpp.
+inline constexpr const char* master_signals_variable = "COCLUSTER_MASTER_SIGNALS";
 
 struct worker_identity {
   bool is_worker = false;  // the id variable is set, whatever its value

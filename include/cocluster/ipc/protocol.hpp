@@ -84,9 +84,13 @@ struct HeartbeatRequest {
 // the worker's reading is paused on a full inbox, and a worker that is fine would be killed.
 struct Heartbeat {};
 
+// worker -> master: this_worker.ready() was called: the worker has warmed up and serves
+// (Settings::ready_on decides whether the master also counts a first `listening` as ready).
+struct Ready {};
+
 using InternalMessage = std::variant<Online, Disconnect, ExitedAfterDisconnect, QueryServer, QueryReply, Listening,
                                      NewConn, Accepted, Close, CountConnections, OpenConnections, HeartbeatRequest,
-                                     Heartbeat>;
+                                     Heartbeat, Ready>;
 
 // The tag of each message is its index in InternalMessage plus one.
 template <class T>
@@ -176,6 +180,7 @@ template <class Stream> void fields(Stream&, CountConnections&) {}
 template <class Stream> void fields(Stream& s, OpenConnections& m) { s& m.count; }
 template <class Stream> void fields(Stream& s, HeartbeatRequest& m) { s& m.interval_ms; }
 template <class Stream> void fields(Stream&, Heartbeat&) {}
+template <class Stream> void fields(Stream&, Ready&) {}
 
 // `s & field` writes or reads, so one list of fields serves both.
 struct encoding {

@@ -31,6 +31,7 @@
 #include "cocluster/detail/read_channel.hpp"
 #include "cocluster/detail/worker/listen_target.hpp"
 #include "cocluster/detail/worker/make_server.hpp"
+#include "cocluster/detail/worker/master_signals.hpp"
 #include "cocluster/detail/worker/server_link.hpp"
 #include "cocluster/detail/worker_identity.hpp"
 #include "cocluster/ipc/channel.hpp"
@@ -86,6 +87,7 @@ class runtime {
     if (::fcntl(fd, F_SETFD, FD_CLOEXEC) != 0)
       throw std::system_error(errno, std::system_category(), "this_worker.start(): fcntl(FD_CLOEXEC) on the channel");
     forget_identity_in_environment();
+    if (master_signals::adopt()) debug("Worker {}: SIGTERM/SIGINT from others than the master are left to it", id);
     // The master's death ends this worker through the channel's EOF (on_disconnect); the
     // kernel's parent-death signal becomes a backstop that waits for that path.
     if (!parent_death::arm()) debug("Worker {}: parent-death backstop unavailable; SIGTERM stays", id);
@@ -170,6 +172,20 @@ class runtime {
     if (phase_ == phase::closed || intent_ != intent::none) return;
     send_internal(ipc::protocol::ExitedAfterDisconnect{});
     leave(intent::disconnect);
+  }
+
+  // Ours: this worker has warmed up and serves (the master's Settings::ready_on decides
+  // whether its first listening server already counted). Once; later calls do nothing.
+  // error::worker_not_connected once the channel is gone or the worker is leaving.
+  void ready(std::error_code& ec) {
+    ec.clear();
+    if (phase_ != phase::connected || intent_ != intent::none) {
+      ec = error::worker_not_connected;
+      return;
+    }
+    if (ready_sent_) return;
+    ready_sent_ = true;
+    send_internal(ipc::protocol::Ready{});
   }
 
   // Node: cluster.worker.kill() / destroy() in the worker: tell the master we leave on
@@ -404,6 +420,7 @@ class runtime {
   WorkerState state_ = WorkerState::none;
   std::function<void()> on_unexpected_disconnect_;
   std::uint32_t last_query_ = 0;
+  bool ready_sent_ = false;
   std::map<std::uint32_t, pending_query> queries_;  // by seq
   std::optional<asio::steady_timer> heartbeat_timer_;  // while the master asks for a heartbeat
   std::chrono::milliseconds heartbeat_interval_{0};

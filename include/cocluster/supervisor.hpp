@@ -1,0 +1,567 @@
+// Keeps a Master's workers running, as PM2, gunicorn or an Erlang/OTP supervisor does (Node
+// leaves this to the user): replaces a worker that dies, with a backoff and a restart limit;
+// reloads every worker without dropping a request; stops gracefully; optionally on signals.
+// Built from Master's own operations (fork, ready, disconnect, kill), not a second framework:
+// the Master stays usable beside it (events(), workers(), send/receive).
+//   cocluster::Master<> master(io.get_executor());
+//   cocluster::Supervisor<> supervisor(master, {.workers = 4, .drain_timeout = 10s});
+//   supervisor.handle_signals();   // SIGTERM/SIGINT stop, SIGHUP reload, SIGTTIN/SIGTTOU +1/-1
+//   co_spawn(io, [&]() -> awaitable<void> { co_await supervisor.run(); }, detached);
+// run() completes once every worker is gone: after stop() (or SIGTERM), or with
+// error::restart_limit_reached after a crash loop (the workers left are stopped first).
+// Everything runs on the Master's executor; the Supervisor must outlive its run().
+#pragma once
+
+#include "cocluster/detail/config.hpp"
+
+#include <asio/co_spawn.hpp>
+#include <asio/detached.hpp>
+#include <asio/experimental/awaitable_operators.hpp>
+#include <asio/signal_set.hpp>
+#include <asio/steady_timer.hpp>
+#include <asio/use_awaitable.hpp>
+
+#include <chrono>
+#include <csignal>
+#include <cstddef>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <set>
+#include <system_error>
+#include <vector>
+
+#include "cocluster/detail/as_tuple.hpp"
+#include "cocluster/detail/log.hpp"
+#include "cocluster/detail/master/resident_memory.hpp"
+#include "cocluster/detail/master/restart_budget.hpp"
+#include "cocluster/detail/pending_handler.hpp"
+#include "cocluster/detail/worker_identity.hpp"
+#include "cocluster/error.hpp"
+#include "cocluster/master.hpp"
+
+namespace cocluster {
+
+// Which exits of a supervised worker are replaced (systemd's Restart=, OTP's restart type).
+// An exit the supervisor caused (reload, stop, scale down, a rolled-back replacement) never is.
+enum class Restart {
+  always,      // every other exit, also a clean one or the worker's own disconnect (PM2 autorestart)
+  on_failure,  // an exit without exited_after_disconnect, with a code other than 0 or a signal
+  never,       // none: run() completes once the last worker is gone
+};
+
+struct SupervisorSettings {
+  // Workers run() starts and keeps (gunicorn: workers; PM2: instances).
+  std::size_t workers = 1;
+  Restart restart = Restart::always;
+  // Backoff between a crash and its replacement (PM2: exp_backoff_restart_delay): the first
+  // wait, then `backoff_factor` times the previous up to `max_restart_delay`, from the first
+  // again once a worker ran `backoff_reset_after` (PM2: x1.5, 15 s, 30 s).
+  std::chrono::milliseconds restart_delay{100};
+  double backoff_factor = 1.5;
+  std::chrono::milliseconds max_restart_delay{15000};
+  std::chrono::milliseconds backoff_reset_after{30000};
+  // Restart intensity: more than `max_restarts` replacements within `restart_window` (every
+  // crash counts, whatever its uptime) and run() stops the rest and fails with
+  // error::restart_limit_reached (OTP: intensity/period; systemd: StartLimitBurst/IntervalSec).
+  std::size_t max_restarts = 10;
+  std::chrono::milliseconds restart_window{60000};
+  // Timers, by name:
+  // boot: fork to ready (Settings::ready_on); a worker not ready by then is killed and counts
+  // as a crash (PM2: listen_timeout).
+  std::chrono::milliseconds boot_timeout{30000};
+  // heartbeat: how long a worker's event loop may stay blocked before it is killed and
+  // replaced (gunicorn: timeout); 0: off (the Master's Settings::heartbeat_timeout stays).
+  // The Master kills the hung worker, so its exit comes here as an ordinary crash;
+  // Supervisor's constructor sets it as the Master's heartbeat_timeout (setup_merge).
+  std::chrono::milliseconds heartbeat{0};
+  // drain: disconnect to forced kill (SIGTERM) of a worker being retired (gunicorn:
+  // graceful_timeout; PM2: kill_timeout).
+  std::chrono::milliseconds drain_timeout{30000};
+  // hard stop: that SIGTERM to SIGKILL, for a worker that handles or ignores SIGTERM.
+  std::chrono::milliseconds hard_stop_timeout{5000};
+  // Workers a reload replaces at a time (k).
+  std::size_t reload_batch = 1;
+  // Recycling (PM2: max_memory_restart): a ready worker whose resident memory is above
+  // `max_memory` bytes (0: off), looked at every `recycle_check_interval`, is replaced as a
+  // reload replaces it (the replacement ready first, then the old one retired), one worker at a
+  // time, never during a reload. A replacement not ready in time is retired and the worker
+  // stays until the next look.
+  std::size_t max_memory = 0;
+  std::chrono::milliseconds recycle_check_interval{1000};
+  // Awaited before a worker is disconnected (reload, stop, scale down), within the drain
+  // timer: Node's documented pattern of a 'shutdown' message that lets the worker end its
+  // long-lived connections (and report) before worker.disconnect(). Exceptions are ignored.
+  std::function<asio::awaitable<void>(std::shared_ptr<Worker>)> before_disconnect{};
+};
+
+template <Policy P = RoundRobin>
+class Supervisor {
+ public:
+  using executor_type = asio::any_io_executor;
+  using clock = std::chrono::steady_clock;
+
+  explicit Supervisor(Master<P>& master, SupervisorSettings settings = {})
+      : core_(std::make_shared<core>(master, std::move(settings))) {
+    forward_heartbeat();
+  }
+  Supervisor(const Supervisor&) = delete;
+  Supervisor& operator=(const Supervisor&) = delete;
+  // Stops listening for signals and waiting on timers (a run() still waiting completes with
+  // operation_aborted); the workers are the Master's to end.
+  ~Supervisor() { core_->close(); }
+
+  const executor_type& get_executor() const noexcept { return core_->ex; }
+  const SupervisorSettings& settings() const noexcept { return core_->settings; }
+
+  // Starts settings().workers workers and keeps them: a worker that exits is replaced by the
+  // Restart rule, after the backoff. A fork that fails, or a worker not ready within the
+  // boot timer, counts as a crash and is retried; it never ends the supervision by itself.
+  // Completes once no supervised worker is left: after stop() (or SIGTERM/SIGINT with
+  // handle_signals()), when Restart lets the last one go, or past the restart limit.
+  // Signature: void(std::error_code). Errors: error::restart_limit_reached (the workers left
+  // were stopped first), error::workers_killed (a stop had to kill workers that did not drain
+  // in time), asio::error::already_started for a second run(). No cancellation: stop() ends it.
+  template <class CompletionToken = asio::use_awaitable_t<>>
+  auto run(CompletionToken&& token = {}) {
+    return asio::async_initiate<CompletionToken, void(std::error_code)>(initiate_run{core_}, token);
+  }
+
+  // Rolling reload, `reload_batch` workers at a time: forks the replacements, awaits their
+  // readiness (boot timer), then retires the old ones (disconnect, drain timer, SIGTERM, hard
+  // stop timer, SIGKILL) and awaits their exits. A replacement not ready in time rolls the
+  // batch back: the replacements are killed, the old workers stay, and the reload ends there
+  // (batches before it stay replaced). Signature: void(std::error_code, std::size_t replaced).
+  // Errors: error::reload_rolled_back, asio::error::already_started while another reload
+  // (or a recycling) runs, error::supervisor_stopped once stopping (or before run()). No cancellation.
+  template <class CompletionToken = asio::use_awaitable_t<>>
+  auto reload(CompletionToken&& token = {}) {
+    return asio::async_initiate<CompletionToken, void(std::error_code, std::size_t)>(initiate_reload{core_}, token);
+  }
+
+  // Graceful stop: every supervised worker is retired (disconnect, drain timer, SIGTERM, hard
+  // stop timer, SIGKILL) and none is replaced; run() completes when all have exited. Also
+  // before run(): run() then starts nothing and completes at once.
+  void stop() { core_->stop({}); }
+
+  // One worker more (gunicorn: SIGTTIN) or fewer (SIGTTOU; never below one: the newest is
+  // retired). Both are ignored while stopping.
+  void add_worker() { core_->add_worker(); }
+  void remove_worker() { core_->remove_worker(); }
+
+  // Opt-in signal handling, before run(): SIGTERM or SIGINT stops gracefully (a second one
+  // kills the workers at once), SIGHUP reloads (then `reloaded` is called with the reload's
+  // result), SIGTTIN / SIGTTOU add or remove a worker. Workers forked from then on ignore
+  // SIGTERM and SIGINT from anyone but their master (COCLUSTER_MASTER_SIGNALS), so a signal
+  // sent to the whole process group drains them instead of ending them mid-request.
+  void handle_signals(std::function<void(std::error_code, std::size_t)> reloaded = {}) {
+    core_->handle_signals(std::move(reloaded));
+  }
+
+  // The supervised workers (not those being retired), by id.
+  std::vector<std::shared_ptr<Worker>> workers() const { return core_->live(); }
+  // Replacements of crashed workers started so far (a restart still in its backoff when the
+  // supervisor stops is not one).
+  std::size_t restarts() const noexcept { return core_->restarts; }
+  // Workers replaced for their memory (max_memory) so far.
+  std::size_t recycles() const noexcept { return core_->recycles; }
+
+ private:
+  // The one place SupervisorSettings::heartbeat reaches the Master: its heartbeat_timeout (the
+  // interval stays the Master's: a quarter of it by default), for every worker forked from now
+  // on. 0 leaves the Master's own setting alone.
+  void forward_heartbeat() {
+    if (core_->settings.heartbeat.count() > 0)
+      core_->master->setup_merge(SettingsPatch{.heartbeat_timeout = core_->settings.heartbeat});
+  }
+
+  struct core : std::enable_shared_from_this<core> {
+    struct entry {
+      std::shared_ptr<Worker> worker;
+      clock::time_point started;
+      bool retiring = false;     // the supervisor ends it: its exit is not replaced
+      bool boot_failed = false;  // not ready within the boot timer: killed, and a crash
+    };
+
+    core(Master<P>& m, SupervisorSettings s)
+        : master(&m),
+          ex(m.get_executor()),
+          settings(std::move(s)),
+          budget({settings.max_restarts, settings.restart_window, settings.restart_delay, settings.backoff_factor,
+                  settings.max_restart_delay, settings.backoff_reset_after}) {}
+
+    Master<P>* master;
+    asio::any_io_executor ex;
+    SupervisorSettings settings;
+    detail::restart_budget budget;
+    std::map<int, entry> managed;  // every supervised worker not yet exited, by id
+    std::set<asio::steady_timer*> sleeping;  // backoff waits, cancelled by stop()
+    std::size_t pending_restarts = 0;        // replacements waiting out their backoff or forking
+    std::size_t restarts = 0;
+    std::size_t recycles = 0;
+    bool started = false, stopping = false, closed = false, reloading = false, killed_any = false;
+    std::error_code failure;
+    detail::pending_handler<> run_handler;
+    std::optional<asio::signal_set> signals;
+    std::function<void(std::error_code, std::size_t)> on_reloaded;
+
+    void close() {
+      closed = true;
+      if (run_handler) run_handler.complete(asio::error::operation_aborted);
+      if (signals) signals->cancel();
+      for (auto* t : sleeping) t->cancel();
+    }
+
+    std::vector<std::shared_ptr<Worker>> live() const {
+      std::vector<std::shared_ptr<Worker>> out;
+      for (auto& [id, e] : managed)
+        if (!e.retiring) out.push_back(e.worker);
+      return out;
+    }
+
+    // Forks one worker and watches its exit; null if the fork failed (logged by the Master).
+    asio::awaitable<std::shared_ptr<Worker>> start_worker(bool watch_boot) {
+      auto self = this->shared_from_this();
+      if (closed) co_return nullptr;
+      Env env;
+      if (signals) env[detail::master_signals_variable] = "1";
+      auto [ec, w] = co_await master->fork(std::move(env), as_tuple(asio::use_awaitable));
+      if (ec || closed) co_return nullptr;
+      entry e;
+      e.worker = w;
+      e.started = clock::now();
+      managed.emplace(w->id(), std::move(e));
+      asio::co_spawn(ex, watch_exit(self, w), asio::detached);
+      if (watch_boot) asio::co_spawn(ex, watch_boot_timer(self, w), asio::detached);
+      if (stopping) asio::co_spawn(ex, retire(self, w), asio::detached);  // stop() came during the fork
+      co_return w;
+    }
+
+    enum class boot { ready, gone, timed_out };
+    // Whether `w` became ready within the boot timer, left first (its channel ended), or neither.
+    asio::awaitable<boot> ready_in_time(std::shared_ptr<Worker> w) {
+      using namespace asio::experimental::awaitable_operators;
+      asio::steady_timer timer(ex, settings.boot_timeout);
+      auto wait_ready = w->ready(as_tuple(asio::use_awaitable));
+      auto wait_timer = timer.async_wait(as_tuple(asio::use_awaitable));
+      const auto which = co_await (std::move(wait_ready) || std::move(wait_timer));
+      if (w->is_ready()) co_return boot::ready;
+      co_return which.index() == 0 ? boot::gone : boot::timed_out;
+    }
+
+    static asio::awaitable<void> watch_boot_timer(std::shared_ptr<core> self, std::shared_ptr<Worker> w) {
+      if (co_await self->ready_in_time(w) != boot::timed_out) co_return;  // a worker that left: its exit says
+      auto it = self->managed.find(w->id());
+      if (self->closed || it == self->managed.end() || it->second.retiring || w->is_dead()) co_return;
+      detail::log_error("worker {} (pid {}) not ready within the boot timeout ({} ms); killing it", w->id(), w->pid(),
+                        self->settings.boot_timeout.count());
+      it->second.boot_failed = true;
+      std::error_code ignored;
+      w->kill(SIGKILL, ignored);
+    }
+
+    static asio::awaitable<void> watch_exit(std::shared_ptr<core> self, std::shared_ptr<Worker> w) {
+      auto [ec, status] = co_await w->exited(as_tuple(asio::use_awaitable));
+      if (ec || self->closed) co_return;  // the Master is gone
+      self->on_exit(w, status);
+    }
+
+    void on_exit(const std::shared_ptr<Worker>& w, ExitStatus status) {
+      auto it = managed.find(w->id());
+      if (it == managed.end()) return;
+      entry e = std::move(it->second);
+      managed.erase(it);
+      if (!e.retiring && !stopping) {
+        const bool on_purpose = w->exited_after_disconnect().value_or(false) && !e.boot_failed;
+        const bool failed = e.boot_failed || (!on_purpose && (status.code != 0 || status.killed_by_signal()));
+        const bool replace = settings.restart == Restart::always       ? true
+                             : settings.restart == Restart::on_failure ? failed
+                                                                       : false;
+        const std::string how = status.killed_by_signal() ? status.signal_name() : "code " + std::to_string(status.code);
+        if (replace) {
+          detail::log_error("worker {} (pid {}) exited ({}{}); replacing it", w->id(), w->pid(), how,
+                            e.boot_failed ? ", never ready" : "");
+          schedule_restart(clock::now() - e.started);
+        } else {
+          detail::debug("Supervisor: worker {} exited ({}); not replaced", w->id(), how);
+        }
+      }
+      check_done();
+    }
+
+    // A crash to replace: charged to the budget, then a fork after the backoff.
+    void schedule_restart(clock::duration uptime) {
+      if (stopping || closed) return;
+      if (!budget.charge(clock::now())) {
+        detail::log_error("more than {} worker restarts within {} ms; stopping", settings.max_restarts,
+                          settings.restart_window.count());
+        return stop(error::restart_limit_reached);
+      }
+      ++pending_restarts;
+      asio::co_spawn(ex, restart_after(this->shared_from_this(), budget.next_delay(uptime)), asio::detached);
+    }
+
+    static asio::awaitable<void> restart_after(std::shared_ptr<core> self, clock::duration delay) {
+      asio::steady_timer timer(self->ex, delay);
+      self->sleeping.insert(&timer);
+      co_await timer.async_wait(as_tuple(asio::use_awaitable));
+      self->sleeping.erase(&timer);
+      std::shared_ptr<Worker> w;
+      if (!self->stopping && !self->closed) w = co_await self->start_worker(true);
+      --self->pending_restarts;
+      if (w) ++self->restarts;
+      if (!w && !self->stopping && !self->closed) self->schedule_restart(clock::duration::zero());  // fork failed: a crash
+      self->check_done();
+    }
+
+    // run(): the first workers; a fork that fails is retried as a crash.
+    static asio::awaitable<void> start_all(std::shared_ptr<core> self) {
+      self->pending_restarts += self->settings.workers;
+      for (std::size_t i = 0; i < self->settings.workers; ++i) {
+        std::shared_ptr<Worker> w;
+        if (!self->stopping && !self->closed) w = co_await self->start_worker(true);
+        --self->pending_restarts;
+        if (!w && !self->stopping && !self->closed) self->schedule_restart(clock::duration::zero());
+      }
+      self->check_done();
+    }
+
+    // Disconnect, drain timer, SIGTERM, hard stop timer, SIGKILL; completes at the exit.
+    static asio::awaitable<void> retire(std::shared_ptr<core> self, std::shared_ptr<Worker> w) {
+      using namespace asio::experimental::awaitable_operators;
+      if (auto it = self->managed.find(w->id()); it != self->managed.end()) it->second.retiring = true;
+      const auto drain_end = clock::now() + self->settings.drain_timeout;
+      if (self->settings.before_disconnect) {
+        auto hook = [](std::shared_ptr<core> self, std::shared_ptr<Worker> w) -> asio::awaitable<void> {
+          try {
+            co_await self->settings.before_disconnect(w);
+          } catch (const std::exception& e) {
+            detail::debug("Supervisor: before_disconnect of worker {}: {}", w->id(), e.what());
+          }
+        };
+        asio::steady_timer timer(self->ex, drain_end);
+        auto wait_hook = hook(self, w);
+        auto wait_timer = timer.async_wait(as_tuple(asio::use_awaitable));
+        co_await (std::move(wait_hook) || std::move(wait_timer));
+      }
+      w->disconnect();
+      auto exited_by = [&](clock::time_point deadline) -> asio::awaitable<bool> {
+        asio::steady_timer timer(self->ex, deadline);
+        auto wait_exit = w->exited(as_tuple(asio::use_awaitable));
+        auto wait_timer = timer.async_wait(as_tuple(asio::use_awaitable));
+        co_await (std::move(wait_exit) || std::move(wait_timer));
+        co_return w->is_dead();
+      };
+      if (!co_await exited_by(drain_end)) {
+        self->killed_any = true;
+        detail::log_error("worker {} (pid {}) still running {} ms after its disconnect; SIGTERM", w->id(), w->pid(),
+                          self->settings.drain_timeout.count());
+        std::error_code ignored;
+        w->kill(SIGTERM, ignored);
+        if (!co_await exited_by(clock::now() + self->settings.hard_stop_timeout)) {
+          detail::log_error("worker {} (pid {}) still running {} ms after SIGTERM; SIGKILL", w->id(), w->pid(),
+                            self->settings.hard_stop_timeout.count());
+          w->signal(SIGKILL, ignored);
+        }
+      }
+      co_await w->exited(as_tuple(asio::use_awaitable));
+    }
+
+    void stop(std::error_code why) {
+      if (why && !failure) failure = why;
+      if (stopping) return;
+      stopping = true;
+      for (auto* t : sleeping) t->cancel();
+      for (auto& [id, e] : managed)
+        if (!e.retiring) asio::co_spawn(ex, retire(this->shared_from_this(), e.worker), asio::detached);
+      check_done();
+    }
+
+    // run() completes once nothing is left to supervise.
+    void check_done() {
+      if (!run_handler || !managed.empty() || pending_restarts > 0 || reloading) return;
+      if (!stopping) {
+        if (settings.restart == Restart::always) return;  // (only when there is nothing to keep)
+        detail::debug("Supervisor: no worker left to supervise");
+      }
+      if (signals) signals->cancel();
+      std::error_code ec = failure ? failure : killed_any ? std::error_code(error::workers_killed) : std::error_code();
+      run_handler.complete(ec);
+    }
+
+    void add_worker() {
+      if (stopping || closed || !started) return;
+      ++pending_restarts;
+      asio::co_spawn(ex, [](std::shared_ptr<core> self) -> asio::awaitable<void> {
+        auto w = co_await self->start_worker(true);
+        --self->pending_restarts;
+        if (!w && !self->stopping && !self->closed) self->schedule_restart(clock::duration::zero());
+        self->check_done();
+      }(this->shared_from_this()), asio::detached);
+    }
+
+    void remove_worker() {
+      if (stopping || closed) return;
+      auto all = live();
+      if (all.size() <= 1) return;
+      asio::co_spawn(ex, retire(this->shared_from_this(), all.back()), asio::detached);
+    }
+
+    static asio::awaitable<std::pair<std::error_code, std::size_t>> reload(std::shared_ptr<core> self) {
+      if (self->stopping || self->closed || !self->started)
+        co_return std::pair{std::error_code(error::supervisor_stopped), std::size_t{0}};
+      if (self->reloading) co_return std::pair{std::error_code(asio::error::already_started), std::size_t{0}};
+      self->reloading = true;
+      auto result = co_await self->reload_batches();
+      self->reloading = false;
+      self->check_done();
+      co_return result;
+    }
+
+    asio::awaitable<std::pair<std::error_code, std::size_t>> reload_batches() {
+      std::vector<int> old;
+      for (auto& [id, e] : managed)
+        if (!e.retiring) old.push_back(id);
+      std::size_t replaced = 0;
+      const std::size_t k = std::max<std::size_t>(settings.reload_batch, 1);
+      for (std::size_t at = 0; at < old.size(); at += k) {
+        std::vector<std::shared_ptr<Worker>> batch;
+        for (std::size_t i = at; i < std::min(at + k, old.size()); ++i)
+          if (auto it = managed.find(old[i]); it != managed.end() && !it->second.retiring) batch.push_back(it->second.worker);
+        if (batch.empty()) continue;  // those workers left meanwhile (their replacements are new)
+        const std::error_code ec = co_await replace(batch);
+        if (ec) {
+          if (ec == error::reload_rolled_back)
+            detail::log_error("reload: a replacement was not ready within {} ms; rolled back, {} workers replaced",
+                              settings.boot_timeout.count(), replaced);
+          co_return std::pair{ec, replaced};
+        }
+        replaced += batch.size();
+      }
+      co_return std::pair{std::error_code(), replaced};
+    }
+
+    // Replaces `batch`: forks as many, awaits their readiness (boot timer), then retires the
+    // old ones and awaits their exits. error::reload_rolled_back when a replacement was not
+    // ready (the replacements are retired, `batch` stays), supervisor_stopped when stopping.
+    asio::awaitable<std::error_code> replace(std::vector<std::shared_ptr<Worker>> batch) {
+      auto self = this->shared_from_this();
+      std::vector<std::shared_ptr<Worker>> fresh;
+      bool ok = true;
+      for (std::size_t i = 0; i < batch.size() && ok; ++i) {
+        auto w = co_await start_worker(false);
+        if (w) fresh.push_back(std::move(w));
+        else ok = false;
+      }
+      for (auto& w : fresh)
+        if (ok && co_await ready_in_time(w) != boot::ready) ok = false;
+      if (!ok || stopping || closed) {
+        // Retired like any worker (it may serve a connection already): disconnect, drain, kill.
+        for (auto& w : fresh) asio::co_spawn(ex, retire(self, w), asio::detached);
+        for (auto& w : fresh) co_await w->exited(as_tuple(asio::use_awaitable));
+        co_return (stopping || closed) ? std::error_code(error::supervisor_stopped)
+                                       : std::error_code(error::reload_rolled_back);
+      }
+      for (auto& w : batch) asio::co_spawn(ex, retire(self, w), asio::detached);
+      for (auto& w : batch) co_await w->exited(as_tuple(asio::use_awaitable));
+      co_return std::error_code();
+    }
+
+    // max_memory: one look at every ready worker per interval; at most one replaced at a time.
+    static asio::awaitable<void> recycle_loop(std::shared_ptr<core> self) {
+      asio::steady_timer timer(self->ex);
+      self->sleeping.insert(&timer);
+      while (!self->stopping && !self->closed) {
+        timer.expires_after(self->settings.recycle_check_interval);
+        co_await timer.async_wait(as_tuple(asio::use_awaitable));
+        if (self->stopping || self->closed || self->reloading) continue;
+        for (auto& w : self->live()) {
+          const auto rss = w->is_ready() ? detail::resident_bytes(w->pid()) : std::nullopt;
+          if (!rss || *rss <= self->settings.max_memory) continue;
+          detail::log_error("worker {} (pid {}) holds {} MiB, above max_memory ({} MiB); replacing it", w->id(),
+                            w->pid(), *rss >> 20, self->settings.max_memory >> 20);
+          self->reloading = true;
+          std::vector<std::shared_ptr<Worker>> one{w};
+          const std::error_code ec = co_await self->replace(std::move(one));
+          self->reloading = false;
+          if (!ec) ++self->recycles;
+          else detail::log_error("recycling worker {}: {}", w->id(), ec.message());
+          self->check_done();
+          break;  // the next one at the next look: two never recycle at once
+        }
+      }
+      self->sleeping.erase(&timer);
+    }
+
+    void handle_signals(std::function<void(std::error_code, std::size_t)> reloaded) {
+      if (signals || closed) return;
+      on_reloaded = std::move(reloaded);
+      signals.emplace(ex, SIGTERM, SIGINT, SIGHUP);
+      signals->add(SIGTTIN);
+      signals->add(SIGTTOU);
+      asio::co_spawn(ex, signal_loop(this->shared_from_this()), asio::detached);
+    }
+
+    static asio::awaitable<void> signal_loop(std::shared_ptr<core> self) {
+      for (;;) {
+        auto [ec, sig] = co_await self->signals->async_wait(as_tuple(asio::use_awaitable));
+        if (ec || self->closed) co_return;
+        if (sig == SIGTERM || sig == SIGINT) {
+          if (!self->stopping) {
+            detail::debug("Supervisor: {}: stopping gracefully", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+            self->stop({});
+          } else {  // a second one: no more waiting
+            detail::log_error("second {} while stopping: killing the workers", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+            self->killed_any = true;
+            for (auto& [id, e] : self->managed) {
+              std::error_code ignored;
+              e.worker->signal(SIGKILL, ignored);
+            }
+          }
+        } else if (sig == SIGHUP) {
+          if (self->reloading || self->stopping) continue;
+          asio::co_spawn(self->ex, [](std::shared_ptr<core> self) -> asio::awaitable<void> {
+            auto [rec, n] = co_await reload(self);
+            if (self->on_reloaded && !self->closed) self->on_reloaded(rec, n);
+          }(self), asio::detached);
+        } else if (sig == SIGTTIN) {
+          self->add_worker();
+        } else if (sig == SIGTTOU) {
+          self->remove_worker();
+        }
+      }
+    }
+  };
+
+  struct initiate_run {
+    std::shared_ptr<core> c;
+    template <class Handler>
+    void operator()(Handler&& handler) const {
+      detail::pending_handler<> h(std::forward<Handler>(handler), c->ex);
+      if (c->started || c->closed) return h.complete(asio::error::already_started);
+      c->started = true;
+      c->run_handler = std::move(h);
+      if (c->stopping) return c->check_done();
+      asio::co_spawn(c->ex, core::start_all(c), asio::detached);
+      if (c->settings.max_memory > 0) asio::co_spawn(c->ex, core::recycle_loop(c), asio::detached);
+    }
+  };
+
+  struct initiate_reload {
+    std::shared_ptr<core> c;
+    template <class Handler>
+    void operator()(Handler&& handler) const {
+      detail::pending_handler<std::size_t> h(std::forward<Handler>(handler), c->ex);
+      asio::co_spawn(c->ex, core::reload(c),
+                     [h = std::move(h)](std::exception_ptr e, std::pair<std::error_code, std::size_t> r) mutable {
+                       if (e) r.first = asio::error::operation_aborted;  // the io_context is being destroyed
+                       h.complete(r.first, r.second);
+                     });
+    }
+  };
+
+  std::shared_ptr<core> core_;
+};
+
+}  // namespace cocluster

@@ -1,0 +1,548 @@
+// Readiness (worker->ready(), this_worker.ready(), master.ready()) and the Supervisor: restarts
+// and the restart limit, the boot timer, rolling reload and its rollback under a client's load,
+// and a graceful stop on SIGTERM to a supervising master alone or to its whole process group.
+#include "cocluster/cocluster.hpp"
+
+#include <poll.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <asio.hpp>
+#include <doctest/doctest.h>
+
+#include <cstdlib>
+#include <set>
+#include <sstream>
+
+#include "support.hpp"
+#include "worker_scenario.hpp"
+
+using namespace cocluster;
+using namespace test;
+using asio::ip::tcp;
+
+namespace {
+
+bool env_set(const char* name) { return std::getenv(name) && std::string_view(std::getenv(name)) == "1"; }
+
+// One connection of sv_http: a line in; "ping" is answered with this worker's pid, "slow" with
+// "started", then "draining" once the worker's server has closed (its master disconnects it),
+// then, after the client's "finish", "done". Then the connection closes.
+awaitable<void> serve(tcp::socket socket, bool& draining, asio::steady_timer& drain_signal) {
+  asio::streambuf in;
+  auto [ec, n] = co_await asio::async_read_until(socket, in, '\n', cocluster::as_tuple(use_awaitable));
+  if (ec) co_return;
+  std::string line;
+  std::getline(std::istream(&in) >> std::ws, line);
+  std::string reply = std::to_string(::getpid()) + "\n";
+  if (line == "slow") {
+    co_await asio::async_write(socket, asio::buffer(std::string("started\n")), cocluster::as_tuple(use_awaitable));
+    if (!draining) co_await drain_signal.async_wait(cocluster::as_tuple(use_awaitable));
+    co_await asio::async_write(socket, asio::buffer(std::string("draining\n")), cocluster::as_tuple(use_awaitable));
+    auto [fec, fn] = co_await asio::async_read_until(socket, in, '\n', cocluster::as_tuple(use_awaitable));
+    if (fec) co_return;
+    reply = "done\n";
+  }
+  co_await asio::async_write(socket, asio::buffer(reply), cocluster::as_tuple(use_awaitable));
+}
+
+}  // namespace
+
+// A TCP server on 127.0.0.1:0 (every worker's first listen(0) shares a port). TEST_EXIT=1: exits
+// with 3 right after start(); TEST_EXIT_CLEAN=1: with 0. The message "grow" makes it hold
+// 64 MiB more. TEST_NEVER_LISTEN=1: never listens (never ready by default).
+// TEST_READY_ON_GO=1: calls this_worker.ready() when the master sends "go".
+WORKER_SCENARIO(sv_http) {
+  asio::io_context io;
+  this_worker.start(io.get_executor());
+  if (env_set("TEST_EXIT")) return 3;
+  if (env_set("TEST_EXIT_CLEAN")) return 0;
+  bool draining = false;
+  asio::steady_timer drain_signal(io, asio::steady_timer::time_point::max());
+  asio::co_spawn(io, [&]() -> awaitable<void> {
+    for (;;) {
+      auto [ec, m] = co_await this_worker.receive(cocluster::as_tuple(use_awaitable));
+      if (ec) co_return;
+      if (m.data == "go") this_worker.ready();
+      if (m.data == "grow") {  // 64 MiB more resident memory
+        static std::vector<char> ballast;
+        ballast.assign(64u << 20, 'x');
+        co_await this_worker.send({"grown"});
+      }
+    }
+  }, asio::detached);
+  if (!env_set("TEST_NEVER_LISTEN"))
+    asio::co_spawn(io, [&]() -> awaitable<void> {
+      auto server = co_await this_worker.listen(tcp::endpoint(asio::ip::make_address("127.0.0.1"), 0));
+      for (;;) {
+        auto [ec, socket] = co_await server.accept(cocluster::as_tuple(use_awaitable));
+        if (ec) break;
+        asio::co_spawn(io, serve(std::move(socket), draining, drain_signal), asio::detached);
+      }
+      draining = true;  // the server closed: the master is disconnecting this worker
+      drain_signal.cancel();
+    }, asio::detached);
+  io.run();
+  return 0;
+}
+
+namespace {
+
+Env http_env(Env extra = {}) {
+  Env env = scenario_env("sv_http");
+  env.merge(extra);
+  return env;
+}
+
+// One request to the sv_http servers at `port`: the pid that answered, or 0 if it failed.
+awaitable<pid_t> ping(unsigned short port) {
+  auto ex = co_await asio::this_coro::executor;
+  tcp::socket s(ex);
+  auto [cec] = co_await s.async_connect(tcp::endpoint(asio::ip::make_address("127.0.0.1"), port),
+                                        cocluster::as_tuple(use_awaitable));
+  if (cec) co_return 0;
+  auto [wec, wn] = co_await asio::async_write(s, asio::buffer(std::string("ping\n")), cocluster::as_tuple(use_awaitable));
+  if (wec) co_return 0;
+  std::string reply;
+  auto [rec, rn] = co_await asio::async_read(s, asio::dynamic_buffer(reply), cocluster::as_tuple(use_awaitable));
+  if (rec != asio::error::eof) co_return 0;
+  co_return static_cast<pid_t>(std::atoi(reply.c_str()));
+}
+
+struct load {
+  std::size_t ok = 0, failed = 0;
+  std::set<pid_t> pids;
+  bool stop = false, done = false;
+};
+
+// Requests one after another until `l.stop`; then l.done.
+awaitable<void> keep_asking(unsigned short port, load& l) {
+  while (!l.stop) {
+    const pid_t pid = co_await ping(port);
+    if (pid > 0) {
+      ++l.ok;
+      l.pids.insert(pid);
+    } else {
+      ++l.failed;
+    }
+  }
+  l.done = true;
+}
+
+awaitable<void> until(asio::io_context& io, const bool& flag) {
+  asio::steady_timer t(io);
+  while (!flag) {
+    t.expires_after(1ms);
+    co_await t.async_wait(use_awaitable);
+  }
+}
+
+std::set<pid_t> pids_of(const std::vector<std::shared_ptr<Worker>>& ws) {
+  std::set<pid_t> out;
+  for (auto& w : ws) out.insert(w->pid());
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("readiness: a worker is ready when it listens; master.ready() when all are; a ready event follows") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    auto& events = master.events();
+    auto a = co_await master.fork(http_env());
+    auto b = co_await master.fork(http_env());
+    co_await master.ready();
+    CHECK(a->is_ready());
+    CHECK(b->is_ready());
+    bool saw_listening = false, saw_ready_after = false;
+    while (!saw_ready_after) {
+      Event e = co_await events.next();
+      if (e.worker != a) continue;
+      if (e.type == EventType::listening) saw_listening = true;
+      if (e.type == EventType::ready) saw_ready_after = saw_listening;
+    }
+    CHECK(saw_ready_after);
+    co_await master.disconnect();
+  });
+}
+
+TEST_CASE("readiness: with ReadyOn::explicit_ready only this_worker.ready() makes a listening worker ready") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor(), Settings{.ready_on = ReadyOn::explicit_ready});
+    auto a = co_await master.fork(http_env());
+    auto b = co_await master.fork(http_env());
+    co_await a->listening();
+    co_await b->listening();
+    bool all_ready = false;
+    asio::co_spawn(io, [&]() -> awaitable<void> {
+      co_await master.ready();
+      all_ready = true;
+    }, asio::detached);
+    co_await a->send({"go"});
+    co_await a->ready();
+    // b cannot be ready: it is told only now, so master.ready() is still waiting.
+    CHECK(a->is_ready());
+    CHECK_FALSE(b->is_ready());
+    CHECK_FALSE(all_ready);
+    co_await b->send({"go"});
+    co_await until(io, all_ready);
+    CHECK(b->is_ready());
+    co_await master.disconnect();
+  });
+}
+
+TEST_CASE("readiness: a worker that exits before it is ready fails ready() with worker_exited or not_connected") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    Env exits = http_env({{"TEST_EXIT", "1"}});
+    auto w = co_await master.fork(exits);
+    auto [ec] = co_await w->ready(cocluster::as_tuple(use_awaitable));
+    CHECK((ec == error::worker_exited || ec == error::worker_not_connected));
+    CHECK_FALSE(w->is_ready());
+    co_await master.ready();  // nobody left to wait for
+  });
+}
+
+TEST_CASE("supervisor: a crash loop stops after max_restarts with restart_limit_reached and no process left") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor(), Settings{.env = http_env({{"TEST_EXIT", "1"}})});
+    auto& events = master.events();
+    Supervisor<> supervisor(master, {.workers = 2, .restart_delay = 1ms, .max_restarts = 3,
+                                     .restart_window = std::chrono::milliseconds(60000)});
+    auto [ec] = co_await supervisor.run(cocluster::as_tuple(use_awaitable));
+    CHECK(ec == error::restart_limit_reached);
+    CHECK(ec.message().find("restarts") != std::string::npos);
+    CHECK(master.workers().empty());
+    std::size_t forks = 0, exits = 0;
+    while (events.pending() > 0) {
+      Event e = co_await events.next();
+      forks += e.type == EventType::fork;
+      exits += e.type == EventType::exit;
+    }
+    // 2, then the restarts started before the 4th crash (one too many) stopped it (a restart
+    // still in its backoff then is not started). Every one of them has exited.
+    CHECK(supervisor.restarts() >= 2);
+    CHECK(supervisor.restarts() <= 3);
+    CHECK(forks == 2 + supervisor.restarts());
+    CHECK(exits == forks);
+  });
+}
+
+TEST_CASE("supervisor: a worker that dies is replaced and the replacement is ready; stop() drains and run() succeeds") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor(), Settings{.env = http_env()});
+    Supervisor<> supervisor(master, {.workers = 2, .restart_delay = 1ms});
+    std::error_code result = asio::error::would_block;
+    bool ran = false;
+    asio::co_spawn(io, supervisor.run(cocluster::as_tuple(use_awaitable)), [&](std::exception_ptr, std::tuple<std::error_code> r) {
+      result = std::get<0>(r);
+      ran = true;
+    });
+    asio::steady_timer t(io);
+    while (supervisor.workers().size() < 2) {
+      t.expires_after(1ms);
+      co_await t.async_wait(use_awaitable);
+    }
+    co_await master.ready();
+    auto before = supervisor.workers();
+    REQUIRE(before.size() == 2);
+    before[0]->signal(SIGKILL);
+    co_await before[0]->exited();
+    // The replacement: a new worker, ready.
+    while (supervisor.workers().size() < 2 || supervisor.workers().back() == before[1]) {
+      t.expires_after(1ms);
+      co_await t.async_wait(use_awaitable);
+    }
+    co_await master.ready();
+    auto after = supervisor.workers();
+    CHECK(after.size() == 2);
+    CHECK(supervisor.restarts() == 1);
+    CHECK(pids_of(after).count(before[0]->pid()) == 0);
+    CHECK(pids_of(after).count(before[1]->pid()) == 1);
+    supervisor.stop();
+    co_await until(io, ran);
+    CHECK(result == std::error_code());
+    for (auto& w : after) CHECK(w->exited_after_disconnect() == true);
+  });
+}
+
+TEST_CASE("supervisor: Restart::on_failure lets a clean exit go, and run() completes once no worker is left") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor(), Settings{.env = http_env({{"TEST_EXIT_CLEAN", "1"}})});
+    auto& events = master.events();
+    Supervisor<> supervisor(master, {.workers = 2, .restart = Restart::on_failure, .restart_delay = 1ms});
+    auto [ec] = co_await supervisor.run(cocluster::as_tuple(use_awaitable));
+    CHECK(ec == std::error_code());
+    CHECK(supervisor.restarts() == 0);
+    std::size_t forks = 0, clean_exits = 0;
+    while (events.pending() > 0) {
+      Event e = co_await events.next();
+      forks += e.type == EventType::fork;
+      clean_exits += e.type == EventType::exit && e.exit == ExitStatus{0, 0};
+    }
+    CHECK(forks == 2);
+    CHECK(clean_exits == 2);
+  });
+}
+
+TEST_CASE("supervisor: add_worker() starts one more, remove_worker() retires the newest; neither is a restart") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor(), Settings{.env = http_env()});
+    Supervisor<> supervisor(master, {.workers = 1});
+    bool ran = false;
+    std::error_code result = asio::error::would_block;
+    asio::co_spawn(io, supervisor.run(cocluster::as_tuple(use_awaitable)), [&](std::exception_ptr, std::tuple<std::error_code> r) {
+      result = std::get<0>(r);
+      ran = true;
+    });
+    asio::steady_timer t(io);
+    auto wait_count = [&](std::size_t n) -> awaitable<void> {
+      while (supervisor.workers().size() != n) {
+        t.expires_after(1ms);
+        co_await t.async_wait(use_awaitable);
+      }
+    };
+    co_await wait_count(1);
+    const auto first = supervisor.workers().front();
+    supervisor.add_worker();
+    co_await wait_count(2);
+    co_await master.ready();
+    const auto added = supervisor.workers().back();
+    CHECK(added != first);
+    supervisor.remove_worker();
+    co_await wait_count(1);
+    CHECK(supervisor.workers().front() == first);
+    CHECK((co_await added->exited()) == ExitStatus{0, 0});  // drained by its disconnect
+    CHECK(added->exited_after_disconnect() == true);
+    supervisor.remove_worker();  // never below one
+    CHECK(supervisor.workers().size() == 1);
+    CHECK(supervisor.restarts() == 0);
+    supervisor.stop();
+    co_await until(io, ran);
+    CHECK(result == std::error_code());
+  });
+}
+
+TEST_CASE("supervisor: a worker above max_memory is recycled: its replacement is ready before it leaves") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor(), Settings{.env = http_env()});
+    auto& events = master.events();
+    Supervisor<> supervisor(master, {.workers = 2, .max_memory = std::size_t{48} << 20,
+                                     .recycle_check_interval = std::chrono::milliseconds(20)});
+    bool ran = false;
+    asio::co_spawn(io, supervisor.run(cocluster::as_tuple(use_awaitable)), [&](std::exception_ptr, std::tuple<std::error_code>) { ran = true; });
+    asio::steady_timer t(io);
+    while (supervisor.workers().size() < 2) {
+      t.expires_after(1ms);
+      co_await t.async_wait(use_awaitable);
+    }
+    co_await master.ready();
+    const auto big = supervisor.workers().front();
+    const auto other = supervisor.workers().back();
+    co_await big->send({"grow"});
+    CHECK((co_await big->receive()).data == "grown");
+    CHECK((co_await big->exited()) == ExitStatus{0, 0});  // retired by a disconnect
+    while (supervisor.recycles() == 0) {  // counted once the supervisor has seen that exit too
+      t.expires_after(1ms);
+      co_await t.async_wait(use_awaitable);
+    }
+    const auto now = supervisor.workers();
+    REQUIRE(now.size() == 2);
+    CHECK(now.front() == other);
+    CHECK(now.back()->is_ready());
+    CHECK(supervisor.recycles() == 1);
+    CHECK(supervisor.restarts() == 0);
+    // The replacement's `ready` came before the old worker's `exit`.
+    bool replacement_ready = false, ready_first = false;
+    while (events.pending() > 0) {
+      Event e = co_await events.next();
+      if (e.type == EventType::ready && e.worker == now.back()) replacement_ready = true;
+      if (e.type == EventType::exit && e.worker == big) ready_first = replacement_ready;
+    }
+    CHECK(ready_first);
+    supervisor.stop();
+    co_await until(io, ran);
+  });
+}
+
+TEST_CASE("supervisor: a worker not ready within the boot timer is killed and counts as a crash") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor(), Settings{.env = http_env({{"TEST_NEVER_LISTEN", "1"}})});
+    auto& events = master.events();
+    Supervisor<> supervisor(master, {.workers = 1, .restart_delay = 1ms, .max_restarts = 1,
+                                     .boot_timeout = std::chrono::milliseconds(200)});
+    auto [ec] = co_await supervisor.run(cocluster::as_tuple(use_awaitable));
+    CHECK(ec == error::restart_limit_reached);
+    std::size_t killed = 0;
+    while (events.pending() > 0) {
+      Event e = co_await events.next();
+      if (e.type == EventType::exit && e.exit.signal == SIGKILL) ++killed;
+    }
+    CHECK(killed == 2);  // the first and its one replacement
+  });
+}
+
+TEST_CASE("supervisor: a rolling reload under load fails no request and changes every worker's pid") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor(), Settings{.env = http_env()});
+    Supervisor<> supervisor(master, {.workers = 3});
+    bool ran = false;
+    asio::co_spawn(io, supervisor.run(cocluster::as_tuple(use_awaitable)), [&](std::exception_ptr, std::tuple<std::error_code>) { ran = true; });
+    asio::steady_timer t(io);
+    while (supervisor.workers().size() < 3) {
+      t.expires_after(1ms);
+      co_await t.async_wait(use_awaitable);
+    }
+    co_await master.ready();
+    const Address where = co_await supervisor.workers().front()->listening();
+    const auto before = pids_of(supervisor.workers());
+    load l;
+    asio::co_spawn(io, keep_asking(where.port, l), asio::detached);
+    while (l.ok < 20) {  // the load is flowing before the reload starts
+      t.expires_after(1ms);
+      co_await t.async_wait(use_awaitable);
+    }
+    auto [ec, replaced] = co_await supervisor.reload(cocluster::as_tuple(use_awaitable));
+    const std::size_t during = l.ok;
+    while (l.ok < during + 20) {  // and after it ends
+      t.expires_after(1ms);
+      co_await t.async_wait(use_awaitable);
+    }
+    l.stop = true;
+    co_await until(io, l.done);
+    CHECK(ec == std::error_code());
+    CHECK(replaced == 3);
+    CHECK(l.failed == 0);
+    const auto after = pids_of(supervisor.workers());
+    CHECK(after.size() == 3);
+    for (pid_t p : before) CHECK(after.count(p) == 0);
+    CHECK(supervisor.restarts() == 0);
+    MESSAGE(l.ok << " requests during the reload, answered by " << l.pids.size() << " pids");
+    supervisor.stop();
+    co_await until(io, ran);
+  });
+}
+
+TEST_CASE("supervisor: a reload whose replacement never becomes ready rolls back; no request fails, old pids stay") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor(), Settings{.env = http_env()});
+    Supervisor<> supervisor(master, {.workers = 2, .boot_timeout = std::chrono::milliseconds(300)});
+    bool ran = false;
+    asio::co_spawn(io, supervisor.run(cocluster::as_tuple(use_awaitable)), [&](std::exception_ptr, std::tuple<std::error_code>) { ran = true; });
+    asio::steady_timer t(io);
+    while (supervisor.workers().size() < 2) {
+      t.expires_after(1ms);
+      co_await t.async_wait(use_awaitable);
+    }
+    co_await master.ready();
+    const Address where = co_await supervisor.workers().front()->listening();
+    const auto before = pids_of(supervisor.workers());
+    // Replacements from now on never listen, so never become ready.
+    master.setup_merge({.env = http_env({{"TEST_NEVER_LISTEN", "1"}})});
+    load l;
+    asio::co_spawn(io, keep_asking(where.port, l), asio::detached);
+    while (l.ok < 20) {
+      t.expires_after(1ms);
+      co_await t.async_wait(use_awaitable);
+    }
+    auto [ec, replaced] = co_await supervisor.reload(cocluster::as_tuple(use_awaitable));
+    const std::size_t during = l.ok;
+    while (l.ok < during + 20) {
+      t.expires_after(1ms);
+      co_await t.async_wait(use_awaitable);
+    }
+    l.stop = true;
+    co_await until(io, l.done);
+    CHECK(ec == error::reload_rolled_back);
+    CHECK(replaced == 0);
+    CHECK(l.failed == 0);
+    CHECK(pids_of(supervisor.workers()) == before);
+    CHECK(l.pids == before);
+    CHECK(master.workers().size() == 2);  // the replacement is gone
+    supervisor.stop();
+    co_await until(io, ran);
+  });
+}
+
+// A supervising master in its own process group, run as a worker of the test's master: it
+// forks two sv_http workers under a Supervisor that handles signals, then sends
+// "PORT PID1 PID2" to the test and exits with 0 if run() succeeded (1 otherwise).
+WORKER_SCENARIO(sv_signal_master) {
+  ::setpgid(0, 0);
+  asio::io_context io;
+  this_worker.start(io.get_executor());
+  Master<> master(io.get_executor(), Settings{.env = http_env()});
+  Supervisor<> supervisor(master, {.workers = 2, .drain_timeout = std::chrono::milliseconds(20000)});
+  supervisor.handle_signals();
+  int rc = 2;
+  asio::co_spawn(io, [&]() -> awaitable<void> {
+    auto [ec] = co_await supervisor.run(cocluster::as_tuple(use_awaitable));
+    rc = ec ? 1 : 0;
+    io.stop();
+  }, asio::detached);
+  asio::co_spawn(io, [&]() -> awaitable<void> {
+    asio::steady_timer t(io);
+    while (supervisor.workers().size() < 2) {
+      t.expires_after(1ms);
+      co_await t.async_wait(use_awaitable);
+    }
+    co_await master.ready();
+    const Address where = co_await supervisor.workers().front()->listening();
+    std::string report = std::to_string(where.port);
+    for (auto& w : supervisor.workers()) report += " " + std::to_string(w->pid());
+    co_await this_worker.send({report});
+  }, asio::detached);
+  io.run();
+  return rc;
+}
+
+namespace {
+
+// The slow request, SIGTERM (to the master or its group) while it is in flight, the drain
+// seen by the client, then the answer; every process exits and the master with 0.
+awaitable<void> stop_with_slow_request(asio::io_context& io, bool to_group) {
+  Master<> master(io.get_executor());
+  auto m = co_await master.fork(scenario_env("sv_signal_master"));
+  std::istringstream report((co_await m->receive()).data);
+  unsigned short port = 0;
+  report >> port;
+  std::vector<detail::unique_fd> workers;
+  for (pid_t p; report >> p;) {
+    std::error_code ec;
+    workers.push_back(detail::pidfd_open(p, ec));
+    REQUIRE_FALSE(ec);
+  }
+  REQUIRE(workers.size() == 2);
+  tcp::socket s(io);
+  co_await s.async_connect(tcp::endpoint(asio::ip::make_address("127.0.0.1"), port), use_awaitable);
+  co_await asio::async_write(s, asio::buffer(std::string("slow\n")), use_awaitable);
+  asio::streambuf in;
+  co_await asio::async_read_until(s, in, "started\n", use_awaitable);
+  if (to_group) ::kill(-m->pid(), SIGTERM);
+  else m->signal(SIGTERM);
+  // The worker survives the signal and learns of the drain from its master's disconnect.
+  auto [dec, dn] = co_await asio::async_read_until(s, in, "draining\n", cocluster::as_tuple(use_awaitable));
+  const std::error_code drained = dec;  // (a structured binding cannot be captured before C++20 in clang)
+  CHECK_MESSAGE(!drained, "the worker did not report draining: " << drained.message());
+  co_await asio::async_write(s, asio::buffer(std::string("finish\n")), use_awaitable);
+  auto [rec, rn] = co_await asio::async_read(s, in, cocluster::as_tuple(use_awaitable));
+  std::string all(asio::buffers_begin(in.data()), asio::buffers_end(in.data()));
+  CHECK(rec == asio::error::eof);
+  CHECK(all.find("done\n") != std::string::npos);
+  const ExitStatus status = co_await m->exited();
+  CHECK(status == ExitStatus{0, 0});
+  for (auto& fd : workers) {
+    pollfd pfd{fd.get(), POLLIN, 0};
+    CHECK(::poll(&pfd, 1, 5000) == 1);  // ended (reaped by their master)
+  }
+}
+
+}  // namespace
+
+TEST_CASE("supervisor signals: SIGTERM to the master lets a slow request complete, then all exit with 0") {
+  run_bounded([](asio::io_context& io) { return stop_with_slow_request(io, false); });
+}
+
+TEST_CASE("supervisor signals: SIGTERM to the whole process group drains too: the slow request completes, exit 0") {
+  run_bounded([](asio::io_context& io) { return stop_with_slow_request(io, true); });
+}
