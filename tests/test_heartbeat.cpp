@@ -130,13 +130,13 @@ TEST_CASE("heartbeat: a worker the master has stopped reading (its inbox is full
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Settings s;
     s.heartbeat_interval = std::chrono::milliseconds(50);
-    s.heartbeat_timeout = std::chrono::milliseconds(300);
+    s.heartbeat_timeout = std::chrono::milliseconds(1000);
     s.max_unread_messages = 1;  // the master stops reading this worker after one unread message
     Master<> master(io.get_executor(), s);
     auto w = co_await master.fork(scenario_env("flood_200"));
     co_await w->online();
-    // Five timeouts without reading: the beats wait in the socket behind the messages.
-    asio::steady_timer not_reading(io, std::chrono::milliseconds(1500));
+    // Three timeouts without reading: the beats wait in the socket behind the messages.
+    asio::steady_timer not_reading(io, std::chrono::milliseconds(3000));
     co_await not_reading.async_wait(use_awaitable);
     CHECK_FALSE(w->unresponsive());
     for (int i = 0; i < 200; ++i) CHECK((co_await w->receive()).data == std::to_string(i));
