@@ -5,6 +5,7 @@
 #include <thread>
 
 #include <asio/post.hpp>
+#include <asio/steady_timer.hpp>
 
 #include <doctest/doctest.h>
 
@@ -42,6 +43,22 @@ WORKER_SCENARIO(busy_short_tasks) {
       co_await asio::post(co_await asio::this_coro::executor, use_awaitable);  // ... then turns
     }
     co_await this_worker.send({"done " + m.data});
+    for (;;) {
+      auto [ec, echo] = co_await this_worker.receive(cocluster::as_tuple(use_awaitable));
+      if (ec) co_return;
+      co_await this_worker.send(std::move(echo));
+    }
+  }, asio::detached);
+  io.run();
+  return 0;
+}
+
+// Sends "0" .. "199" at once (its sends wait while the master does not read), then echoes.
+WORKER_SCENARIO(flood_200) {
+  asio::io_context io;
+  this_worker.start(io.get_executor());
+  asio::co_spawn(io, []() -> awaitable<void> {
+    for (int i = 0; i < 200; ++i) co_await this_worker.send({std::to_string(i)});
     for (;;) {
       auto [ec, echo] = co_await this_worker.receive(cocluster::as_tuple(use_awaitable));
       if (ec) co_return;
@@ -106,6 +123,28 @@ TEST_CASE("heartbeat: a busy worker whose loop keeps turning outlives several ti
     w->disconnect();
     CHECK(co_await w->exited() == ExitStatus{0, 0});  // the beat's timer does not keep it alive
     CHECK_FALSE(w->unresponsive());
+  });
+}
+
+TEST_CASE("heartbeat: a worker the master has stopped reading (its inbox is full) is not killed") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Settings s;
+    s.heartbeat_interval = std::chrono::milliseconds(50);
+    s.heartbeat_timeout = std::chrono::milliseconds(1000);
+    s.max_unread_messages = 1;  // the master stops reading this worker after one unread message
+    Master<> master(io.get_executor(), s);
+    auto w = co_await master.fork(scenario_env("flood_200"));
+    co_await w->online();
+    // Three timeouts without reading: the beats wait in the socket behind the messages.
+    asio::steady_timer not_reading(io, std::chrono::milliseconds(3000));
+    co_await not_reading.async_wait(use_awaitable);
+    CHECK_FALSE(w->unresponsive());
+    for (int i = 0; i < 200; ++i) CHECK((co_await w->receive()).data == std::to_string(i));
+    co_await w->send({"after"});
+    CHECK((co_await w->receive()).data == "after");
+    CHECK_FALSE(w->unresponsive());
+    w->disconnect();
+    CHECK(co_await w->exited() == ExitStatus{0, 0});
   });
 }
 

@@ -303,7 +303,10 @@ class Worker : public std::enable_shared_from_this<Worker> {
           return self->on_internal(e);
         },
         [&] {
-          self->reading_paused_ = false;
+          if (self->reading_paused_) {  // resumed: the beats behind the backlog get a whole timeout
+            self->reading_paused_ = false;
+            if (self->heartbeat_timer_) self->last_heartbeat_ = std::chrono::steady_clock::now();
+          }
           self->emit(EventType::message);
         },
         [&] {
@@ -415,7 +418,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
       if (ec || !self || self->dead_ || !self->connected_) return;
       const auto now = std::chrono::steady_clock::now();
       // The master is not reading this worker (its inbox is full): the beats wait in the
-      // socket through no fault of the worker's.
+      // socket through no fault of the worker's. (When reading resumes, the clock restarts.)
       if (self->reading_paused_) self->last_heartbeat_ = now;
       if (now - self->last_heartbeat_ < self->heartbeat_timeout_) return self->arm_heartbeat_timer();
       self->kill_unresponsive(std::chrono::duration_cast<std::chrono::milliseconds>(now - self->last_heartbeat_));
