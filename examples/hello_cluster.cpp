@@ -1,7 +1,9 @@
 // An HTTP/1.1 hello-world server on N worker processes sharing one port, the program Node's
 // cluster documentation opens with.
-//   hello_cluster --workers 2 --port 8000 [--host 127.0.0.1] [--policy rr|none] [--window N]
-//                 [--drain-timeout S]
+//   hello_cluster --workers 2 --port 8000 [--host 127.0.0.1] [--policy NAME] [--window N]
+//                 [--drain-timeout S] [--stall-ms MS [--stall-every N]]
+// --policy: rr, none (Node's), sticky, leastconn (RuntimePolicy's names). --stall-ms: worker 1
+// blocks its loop MS ms on every Nth request it serves (10), for policy_bench --stalled.
 // A cocluster::Supervisor keeps the workers: prints `listening on HOST:PORT` once every worker
 // is ready (listens), and replaces a worker that dies. SIGHUP reloads them one at a time (a
 // new one ready before the old one leaves), then prints `reloaded N workers`. SIGTERM or
@@ -28,6 +30,7 @@
 #include <list>
 #include <map>
 #include <string>
+#include <thread>
 
 using asio::awaitable;
 using asio::use_awaitable;
@@ -42,6 +45,10 @@ struct options {
   std::optional<cocluster::Scheduling> policy;
   int window = 1;  // round robin: connections handed to a worker and not yet accepted (Node: 1)
   int drain_timeout = 5;  // seconds from a worker's disconnect to its kill
+  // For benchmarks/policy_bench --stalled: worker 1 blocks its event loop stall_ms on every
+  // stall_every-th request it serves (a slow handler, as a real server has now and then).
+  int stall_ms = 0;
+  int stall_every = 10;
 };
 
 options parse(int argc, char** argv) {
@@ -73,10 +80,12 @@ options parse(int argc, char** argv) {
       if (ec) throw std::invalid_argument(fmt::format("--host {}: not an IP address", o.host));
     } else if (a == "--window") o.window = in_range(value(), "--window", 1, 1 << 20);
     else if (a == "--drain-timeout") o.drain_timeout = in_range(value(), "--drain-timeout", 0, 86400);
+    else if (a == "--stall-ms") o.stall_ms = in_range(value(), "--stall-ms", 0, 60000);
+    else if (a == "--stall-every") o.stall_every = in_range(value(), "--stall-every", 1, 1 << 20);
     else if (a == "--policy") {
       auto name = value();
       o.policy = cocluster::parse_scheduling(name);
-      if (!o.policy) throw std::invalid_argument(fmt::format("--policy {}: expected rr or none", name));
+      if (!o.policy) throw std::invalid_argument(fmt::format("--policy {}: expected {}", name, cocluster::scheduling_names));
     } else {
       throw std::invalid_argument(fmt::format("unknown argument {}", a));
     }
@@ -180,6 +189,8 @@ const char* reason(int status) {
 }
 
 struct worker_state {
+  int stall_ms = 0, stall_every = 10;  // see options
+  std::size_t requests = 0;
   std::size_t connections = 0;
   bool stopping = false;
   std::list<tcp::socket*> idle;  // sessions between requests, nothing read: closed on stop
@@ -243,6 +254,8 @@ awaitable<void> session(tcp::socket socket, worker_state& st) {
         left -= n;
       }
     }
+    if (st.stall_ms > 0 && cocluster::this_worker.id() == 1 && ++st.requests % st.stall_every == 0)
+      std::this_thread::sleep_for(std::chrono::milliseconds(st.stall_ms));  // blocks the loop: on purpose
     const bool close = r.close || st.stopping;
     const std::string& text = r.status == 200 ? body : std::string(reason(r.status)) + "\n";
     std::string response = fmt::format("HTTP/1.1 {} {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{}",
@@ -336,7 +349,8 @@ int main(int argc, char** argv) {
   try {
     o = parse(argc, argv);
   } catch (const std::exception& e) {
-    fmt::print(stderr, "hello_cluster: {}\nusage: hello_cluster [--workers N] [--port P] [--host H] [--policy rr|none] [--window N] [--drain-timeout S]\n",
+    fmt::print(stderr, "hello_cluster: {}\nusage: hello_cluster [--workers N] [--port P] [--host H] [--policy NAME] [--window N] [--drain-timeout S]\n"
+               "                     [--stall-ms MS [--stall-every N]]\n",
                e.what());
     return 2;
   }
@@ -352,6 +366,8 @@ int main(int argc, char** argv) {
   };
   if (cocluster::is_worker()) {
     worker_state st;
+    st.stall_ms = o.stall_ms;
+    st.stall_every = o.stall_every;
     cocluster::this_worker.start(io.get_executor());
     asio::co_spawn(io, worker_main(o, st), report);
     io.run();

@@ -140,7 +140,9 @@ awaitable<void> node_worker_loop() {
     } else if (m.data == "start_again") {
       std::error_code ec;
       this_worker.start(co_await asio::this_coro::executor, ec);
-      co_await this_worker.send({ec == asio::error::already_started ? "already_started" : "start: " + ec.message()});
+      // (Named first: GCC 12 destroys a conditional's temporary twice inside a co_await's braced list.)
+      Message reply(ec == asio::error::already_started ? std::string("already_started") : "start: " + ec.message());
+      co_await this_worker.send(std::move(reply));
     } else if (m.data == "close_channel") {
       this_worker.close_channel();
     } else if (m.data == "is_dead") {

@@ -11,8 +11,10 @@
 #include <doctest/doctest.h>
 
 #include <cstdlib>
+#include <optional>
 #include <set>
 #include <sstream>
+#include <thread>
 
 #include "support.hpp"
 #include "worker_scenario.hpp"
@@ -51,7 +53,8 @@ awaitable<void> serve(tcp::socket socket, bool& draining, asio::steady_timer& dr
 // A TCP server on 127.0.0.1:0 (every worker's first listen(0) shares a port). TEST_EXIT=1: exits
 // with 3 right after start(); TEST_EXIT_CLEAN=1: with 0. The message "grow" makes it hold
 // 64 MiB more. TEST_NEVER_LISTEN=1: never listens (never ready by default).
-// TEST_READY_ON_GO=1: calls this_worker.ready() when the master sends "go".
+// TEST_READY_ON_GO=1: calls this_worker.ready() when the master sends "go". The message
+// "block" blocks its event loop for good.
 WORKER_SCENARIO(sv_http) {
   asio::io_context io;
   this_worker.start(io.get_executor());
@@ -64,6 +67,8 @@ WORKER_SCENARIO(sv_http) {
       auto [ec, m] = co_await this_worker.receive(cocluster::as_tuple(use_awaitable));
       if (ec) co_return;
       if (m.data == "go") this_worker.ready();
+      if (m.data == "block")  // its event loop stops turning for good: only SIGKILL ends it
+        for (;;) std::this_thread::sleep_for(std::chrono::hours(1));
       if (m.data == "grow") {  // 64 MiB more resident memory
         static std::vector<char> ballast;
         ballast.assign(64u << 20, 'x');
@@ -266,6 +271,38 @@ TEST_CASE("supervisor: a worker that dies is replaced and the replacement is rea
   });
 }
 
+TEST_CASE("supervisor: a worker whose loop is blocked is killed after the heartbeat timer and replaced") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor(), Settings{.env = http_env()});
+    Supervisor<> supervisor(master, {.workers = 1, .restart_delay = 1ms, .heartbeat = 400ms});
+    CHECK(master.settings().heartbeat_timeout == 400ms);  // the supervisor's timer is the Master's
+    bool ran = false;
+    asio::co_spawn(io, supervisor.run(cocluster::as_tuple(use_awaitable)), [&](std::exception_ptr, std::tuple<std::error_code>) {
+      ran = true;
+    });
+    asio::steady_timer t(io);
+    while (supervisor.workers().empty()) {
+      t.expires_after(1ms);
+      co_await t.async_wait(use_awaitable);
+    }
+    co_await master.ready();
+    auto hung = supervisor.workers().front();
+    co_await hung->send({"block"});
+    const ExitStatus status = co_await hung->exited();
+    CHECK(status.signal == SIGKILL);
+    CHECK(hung->unresponsive());
+    while (supervisor.workers().empty() || supervisor.workers().front() == hung) {
+      t.expires_after(1ms);
+      co_await t.async_wait(use_awaitable);
+    }
+    co_await master.ready();
+    CHECK(supervisor.restarts() == 1);
+    CHECK(supervisor.workers().front()->pid() != hung->pid());
+    supervisor.stop();
+    co_await until(io, ran);
+  });
+}
+
 TEST_CASE("supervisor: Restart::on_failure lets a clean exit go, and run() completes once no worker is left") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<> master(io.get_executor(), Settings{.env = http_env({{"TEST_EXIT_CLEAN", "1"}})});
@@ -380,6 +417,41 @@ TEST_CASE("supervisor: a worker not ready within the boot timer is killed and co
     }
     CHECK(killed == 2);  // the first and its one replacement
   });
+}
+
+TEST_CASE("supervisor: under systemd it sends READY=1 when ready, RELOADING=1 and READY=1 around a reload, STOPPING=1") {
+  // The fake systemd end: a datagram socket, named by NOTIFY_SOCKET for this test only.
+  const std::string path = "/tmp/cocluster-test-sv-notify-" + std::to_string(::getpid()) + ".sock";
+  ::unlink(path.c_str());
+  const char* old = std::getenv("NOTIFY_SOCKET");
+  const std::optional<std::string> saved = old ? std::optional<std::string>(old) : std::nullopt;
+  ::setenv("NOTIFY_SOCKET", path.c_str(), 1);
+  run_bounded([&](asio::io_context& io) -> awaitable<void> {
+    asio::local::datagram_protocol::socket systemd_end(io, asio::local::datagram_protocol::endpoint(path));
+    auto next = [&]() -> awaitable<std::string> {
+      char buf[512];
+      const std::size_t n = co_await systemd_end.async_receive(asio::buffer(buf), use_awaitable);
+      co_return std::string(buf, n);
+    };
+    Master<> master(io.get_executor(), Settings{.env = http_env()});
+    Supervisor<> supervisor(master, {.workers = 1, .restart_delay = 1ms});
+    bool ran = false;
+    asio::co_spawn(io, supervisor.run(cocluster::as_tuple(use_awaitable)), [&](std::exception_ptr, std::tuple<std::error_code>) {
+      ran = true;
+    });
+    CHECK(co_await next() == "READY=1\nSTATUS=1 workers ready");
+    auto [ec, replaced] = co_await supervisor.reload(cocluster::as_tuple(use_awaitable));
+    CHECK(!ec);
+    CHECK(replaced == 1);
+    const std::string reloading = co_await next();
+    CHECK_MESSAGE(reloading.rfind("RELOADING=1\nMONOTONIC_USEC=", 0) == 0, reloading);
+    CHECK(co_await next() == "READY=1\nSTATUS=1 workers ready");
+    supervisor.stop();
+    CHECK(co_await next() == "STOPPING=1");
+    co_await until(io, ran);
+  });
+  saved ? ::setenv("NOTIFY_SOCKET", saved->c_str(), 1) : ::unsetenv("NOTIFY_SOCKET");
+  ::unlink(path.c_str());
 }
 
 TEST_CASE("supervisor: a rolling reload under load fails no request and changes every worker's pid") {

@@ -9,6 +9,9 @@
 //   co_spawn(io, [&]() -> awaitable<void> { co_await supervisor.run(); }, detached);
 // run() completes once every worker is gone: after stop() (or SIGTERM), or with
 // error::restart_limit_reached after a crash loop (the workers left are stopped first).
+// Under systemd (NOTIFY_SOCKET set; see docs/deploy.md) it speaks the notify protocol: READY=1
+// once the first workers are ready and after each reload, RELOADING=1 before a reload,
+// STOPPING=1, and WATCHDOG=1 while run() runs when WatchdogSec= asks for it.
 // Everything runs on the Master's executor; the Supervisor must outlive its run().
 #pragma once
 
@@ -20,6 +23,7 @@
 #include <asio/signal_set.hpp>
 #include <asio/steady_timer.hpp>
 #include <asio/use_awaitable.hpp>
+#include <fmt/core.h>
 
 #include <chrono>
 #include <csignal>
@@ -29,6 +33,8 @@
 #include <memory>
 #include <optional>
 #include <set>
+#include <string>
+#include <string_view>
 #include <system_error>
 #include <vector>
 
@@ -40,6 +46,7 @@
 #include "cocluster/detail/worker_identity.hpp"
 #include "cocluster/error.hpp"
 #include "cocluster/master.hpp"
+#include "cocluster/systemd.hpp"
 
 namespace cocluster {
 
@@ -205,9 +212,19 @@ class Supervisor {
     detail::pending_handler<> run_handler;
     std::optional<asio::signal_set> signals;
     std::function<void(std::error_code, std::size_t)> on_reloaded;
+    std::optional<systemd::Watchdog> watchdog;  // while run() runs: WATCHDOG=1 when systemd asks
+
+    // systemd's notify protocol (does nothing unless NOTIFY_SOCKET is set): READY=1 once the
+    // first workers are ready and after each reload, RELOADING=1 before it, STOPPING=1.
+    static void tell_systemd(std::string_view state) {
+      std::error_code ec;
+      systemd::notify(state, ec);
+      if (ec) detail::debug("Supervisor: sd_notify {}: {}", state.substr(0, state.find('\n')), ec.message());
+    }
 
     void close() {
       closed = true;
+      watchdog.reset();
       if (run_handler) run_handler.complete(asio::error::operation_aborted);
       if (signals) signals->cancel();
       for (auto* t : sleeping) t->cancel();
@@ -325,6 +342,10 @@ class Supervisor {
         if (!w && !self->stopping && !self->closed) self->schedule_restart(clock::duration::zero());
       }
       self->check_done();
+      // READY=1 for systemd (Type=notify) once the workers started here are ready.
+      auto [ec] = co_await self->master->ready(as_tuple(asio::use_awaitable));
+      if (!ec && !self->stopping && !self->closed)
+        tell_systemd(fmt::format("READY=1\nSTATUS={} workers ready", self->live().size()));
     }
 
     // Disconnect, drain timer, SIGTERM, hard stop timer, SIGKILL; completes at the exit.
@@ -372,6 +393,7 @@ class Supervisor {
       if (why && !failure) failure = why;
       if (stopping) return;
       stopping = true;
+      tell_systemd("STOPPING=1");
       for (auto* t : sleeping) t->cancel();
       for (auto& [id, e] : managed)
         if (!e.retiring) asio::co_spawn(ex, retire(this->shared_from_this(), e.worker), asio::detached);
@@ -386,6 +408,7 @@ class Supervisor {
         detail::debug("Supervisor: no worker left to supervise");
       }
       if (signals) signals->cancel();
+      watchdog.reset();  // its timer would keep the io_context running
       std::error_code ec = failure ? failure : killed_any ? std::error_code(error::workers_killed) : std::error_code();
       run_handler.complete(ec);
     }
@@ -413,8 +436,12 @@ class Supervisor {
         co_return std::pair{std::error_code(error::supervisor_stopped), std::size_t{0}};
       if (self->reloading) co_return std::pair{std::error_code(asio::error::already_started), std::size_t{0}};
       self->reloading = true;
+      tell_systemd(systemd::notify_detail::reloading_state());
       auto result = co_await self->reload_batches();
       self->reloading = false;
+      if (!self->stopping && !self->closed)
+        tell_systemd(fmt::format("READY=1\nSTATUS={} workers ready{}", self->live().size(),
+                                 result.first ? " (reload failed: " + result.first.message() + ")" : std::string()));
       self->check_done();
       co_return result;
     }
@@ -542,6 +569,7 @@ class Supervisor {
       if (c->started || c->closed) return h.complete(asio::error::already_started);
       c->started = true;
       c->run_handler = std::move(h);
+      if (systemd::watchdog_timeout()) c->watchdog.emplace(c->ex);
       if (c->stopping) return c->check_done();
       asio::co_spawn(c->ex, core::start_all(c), asio::detached);
       if (c->settings.max_memory > 0) asio::co_spawn(c->ex, core::recycle_loop(c), asio::detached);
