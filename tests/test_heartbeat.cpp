@@ -69,6 +69,23 @@ WORKER_SCENARIO(flood_200) {
   return 0;
 }
 
+// Starts the runtime, then sets up for 3 heartbeat timeouts (1.5 s) before its loop first
+// runs (blocking, as a program loading its data would), then echoes.
+WORKER_SCENARIO(slow_warm_up) {
+  asio::io_context io;
+  this_worker.start(io.get_executor());
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  asio::co_spawn(io, []() -> awaitable<void> {
+    for (;;) {
+      auto [ec, echo] = co_await this_worker.receive(cocluster::as_tuple(use_awaitable));
+      if (ec) co_return;
+      co_await this_worker.send(std::move(echo));
+    }
+  }, asio::detached);
+  io.run();
+  return 0;
+}
+
 // ---- the master side ----
 
 TEST_CASE("heartbeat: a worker whose event loop is blocked is killed with SIGKILL and its exit reported") {
@@ -145,6 +162,24 @@ TEST_CASE("heartbeat: a worker the master has stopped reading (its inbox is full
     CHECK_FALSE(w->unresponsive());
     w->disconnect();
     CHECK(co_await w->exited() == ExitStatus{0, 0});
+  });
+}
+
+TEST_CASE("heartbeat: a worker setting up before its event loop runs is not killed: the clock starts at its first beat") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Settings s;
+    s.heartbeat_interval = std::chrono::milliseconds(50);
+    s.heartbeat_timeout = std::chrono::milliseconds(500);
+    Master<> master(io.get_executor(), s);
+    auto w = co_await master.fork(scenario_env("slow_warm_up"));
+    co_await w->online();  // sent by start(), before the 1.5 s of setting up
+    co_await w->send({"after warm-up"});
+    auto [ec, echo] = co_await w->receive(cocluster::as_tuple(use_awaitable));
+    CHECK(!ec);
+    CHECK(echo.data == "after warm-up");
+    CHECK_FALSE(w->unresponsive());
+    co_await master.disconnect();
+    CHECK((co_await w->exited()).code == 0);
   });
 }
 

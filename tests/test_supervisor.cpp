@@ -454,6 +454,55 @@ TEST_CASE("supervisor: under systemd it sends READY=1 when ready, RELOADING=1 an
   ::unlink(path.c_str());
 }
 
+TEST_CASE("supervisor: a worker that crashes while its replacement boots is replaced once, by the reload") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor(), Settings{.env = http_env({{"TEST_READY_ON_GO", "1"}}),
+                                                .ready_on = ReadyOn::explicit_ready});
+    Supervisor<> supervisor(master, {.workers = 1, .restart_delay = 1ms});
+    bool ran = false;
+    asio::co_spawn(io, supervisor.run(cocluster::as_tuple(use_awaitable)), [&](std::exception_ptr, std::tuple<std::error_code>) {
+      ran = true;
+    });
+    asio::steady_timer t(io);
+    while (supervisor.workers().empty()) {
+      t.expires_after(1ms);
+      co_await t.async_wait(use_awaitable);
+    }
+    auto old = supervisor.workers().front();
+    co_await old->send({"go"});
+    co_await old->ready();
+    std::error_code reload_ec = asio::error::would_block;
+    std::size_t replaced = 0;
+    asio::co_spawn(io, supervisor.reload(cocluster::as_tuple(use_awaitable)),
+                   [&](std::exception_ptr, std::tuple<std::error_code, std::size_t> r) {
+                     std::tie(reload_ec, replaced) = r;
+                   });
+    // The replacement is forked and waits for "go"; meanwhile the old worker crashes.
+    std::shared_ptr<Worker> fresh;
+    while (!fresh) {
+      for (auto& [id, w] : master.workers())
+        if (w != old) fresh = w;
+      t.expires_after(1ms);
+      co_await t.async_wait(use_awaitable);
+    }
+    old->signal(SIGKILL);
+    co_await old->exited();
+    co_await fresh->send({"go"});
+    while (reload_ec == asio::error::would_block) {
+      t.expires_after(1ms);
+      co_await t.async_wait(use_awaitable);
+    }
+    CHECK(!reload_ec);
+    CHECK(replaced == 1);
+    CHECK(supervisor.restarts() == 0);  // the reload's replacement took its place, nothing else
+    REQUIRE(supervisor.workers().size() == 1);
+    CHECK(supervisor.workers().front() == fresh);
+    CHECK(master.workers().size() == 1);
+    supervisor.stop();
+    co_await until(io, ran);
+  });
+}
+
 TEST_CASE("supervisor: a rolling reload under load fails no request and changes every worker's pid") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<> master(io.get_executor(), Settings{.env = http_env()});

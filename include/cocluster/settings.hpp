@@ -104,8 +104,10 @@ struct Settings {
   // heard from for heartbeat_timeout (its loop blocked: a handler that never returns, a
   // deadlock) is killed with SIGKILL, logged, reported as an `error` event (std::errc::timed_out)
   // and then as its `exit`, and worker->unresponsive() becomes true (exited_after_disconnect
-  // stays false: a supervisor replaces it). The clock starts when the worker is online; while
-  // the master itself has paused reading that worker (unread messages), it does not run.
+  // stays false: a supervisor replaces it). The clock starts at the worker's first heartbeat
+  // (its event loop's first turns: setting up before io.run() is not a hang; a Supervisor's
+  // boot timer covers a worker that never gets there); while the master itself has paused
+  // reading that worker (unread messages), it does not run.
   // 0 (the default): off, as in Node. gunicorn's default is 30 s.
   std::chrono::milliseconds heartbeat_timeout{0};
   // How often a worker sends its heartbeat; 0 (the default): heartbeat_timeout / 4. Must be

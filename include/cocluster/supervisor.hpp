@@ -189,6 +189,10 @@ class Supervisor {
       clock::time_point started;
       bool retiring = false;     // the supervisor ends it: its exit is not replaced
       bool boot_failed = false;  // not ready within the boot timer: killed, and a crash
+      // In a reload (or recycling) batch: its exit is not replaced now; the reload's
+      // replacement takes its place, or, if the batch rolls back, replace() restarts it.
+      bool being_replaced = false;
+      bool trial = false;  // a replacement not ready yet: the reload owns its fate, never a restart
     };
 
     core(Master<P>& m, SupervisorSettings s)
@@ -289,7 +293,7 @@ class Supervisor {
       if (it == managed.end()) return;
       entry e = std::move(it->second);
       managed.erase(it);
-      if (!e.retiring && !stopping) {
+      if (!e.retiring && !e.being_replaced && !e.trial && !stopping) {
         const bool on_purpose = w->exited_after_disconnect().value_or(false) && !e.boot_failed;
         const bool failed = e.boot_failed || (!on_purpose && (status.code != 0 || status.killed_by_signal()));
         const bool replace = settings.restart == Restart::always       ? true
@@ -351,7 +355,13 @@ class Supervisor {
     // Disconnect, drain timer, SIGTERM, hard stop timer, SIGKILL; completes at the exit.
     static asio::awaitable<void> retire(std::shared_ptr<core> self, std::shared_ptr<Worker> w) {
       using namespace asio::experimental::awaitable_operators;
-      if (auto it = self->managed.find(w->id()); it != self->managed.end()) it->second.retiring = true;
+      if (auto it = self->managed.find(w->id()); it != self->managed.end()) {
+        if (it->second.retiring) {  // retired already (stop() during a reload): once is enough
+          co_await w->exited(as_tuple(asio::use_awaitable));
+          co_return;
+        }
+        it->second.retiring = true;
+      }
       const auto drain_end = clock::now() + self->settings.drain_timeout;
       if (self->settings.before_disconnect) {
         auto hook = [](std::shared_ptr<core> self, std::shared_ptr<Worker> w) -> asio::awaitable<void> {
@@ -393,6 +403,7 @@ class Supervisor {
       if (why && !failure) failure = why;
       if (stopping) return;
       stopping = true;
+      killed_any = false;  // what run() reports is about this stop, not an earlier reload's retire
       tell_systemd("STOPPING=1");
       for (auto* t : sleeping) t->cancel();
       for (auto& [id, e] : managed)
@@ -407,7 +418,11 @@ class Supervisor {
         if (settings.restart == Restart::always) return;  // (only when there is nothing to keep)
         detail::debug("Supervisor: no worker left to supervise");
       }
-      if (signals) signals->cancel();
+      if (signals) {  // the signals go back to their default actions once nothing is supervised
+        std::error_code ignored;
+        signals->clear(ignored);
+        signals->cancel(ignored);
+      }
       watchdog.reset();  // its timer would keep the io_context running
       std::error_code ec = failure ? failure : killed_any ? std::error_code(error::workers_killed) : std::error_code();
       run_handler.complete(ec);
@@ -426,6 +441,10 @@ class Supervisor {
 
     void remove_worker() {
       if (stopping || closed) return;
+      if (reloading) {  // the newest may be a replacement the reload waits for
+        detail::debug("Supervisor: one worker fewer ignored during a reload");
+        return;
+      }
       auto all = live();
       if (all.size() <= 1) return;
       asio::co_spawn(ex, retire(this->shared_from_this(), all.back()), asio::detached);
@@ -460,8 +479,7 @@ class Supervisor {
         const std::error_code ec = co_await replace(batch);
         if (ec) {
           if (ec == error::reload_rolled_back)
-            detail::log_error("reload: a replacement was not ready within {} ms; rolled back, {} workers replaced",
-                              settings.boot_timeout.count(), replaced);
+            detail::log_error("reload: rolled back after {} workers replaced", replaced);
           co_return std::pair{ec, replaced};
         }
         replaced += batch.size();
@@ -475,21 +493,45 @@ class Supervisor {
     asio::awaitable<std::error_code> replace(std::vector<std::shared_ptr<Worker>> batch) {
       auto self = this->shared_from_this();
       std::vector<std::shared_ptr<Worker>> fresh;
+      auto mark = [&](const std::shared_ptr<Worker>& w, bool entry::*flag, bool on) {
+        if (auto it = managed.find(w->id()); it != managed.end()) it->second.*flag = on;
+      };
+      for (auto& w : batch) mark(w, &entry::being_replaced, true);
       bool ok = true;
+      std::string why;
       for (std::size_t i = 0; i < batch.size() && ok; ++i) {
         auto w = co_await start_worker(false);
-        if (w) fresh.push_back(std::move(w));
-        else ok = false;
+        if (w) {
+          mark(w, &entry::trial, true);
+          fresh.push_back(std::move(w));
+        } else {
+          ok = false;
+          why = "a replacement could not be forked";
+        }
       }
-      for (auto& w : fresh)
-        if (ok && co_await ready_in_time(w) != boot::ready) ok = false;
+      for (auto& w : fresh) {
+        if (!ok) break;
+        switch (co_await ready_in_time(w)) {
+          case boot::ready: break;
+          case boot::gone: ok = false, why = "a replacement exited before it was ready"; break;
+          case boot::timed_out:
+            ok = false, why = fmt::format("a replacement was not ready within {} ms", settings.boot_timeout.count());
+            break;
+        }
+      }
       if (!ok || stopping || closed) {
         // Retired like any worker (it may serve a connection already): disconnect, drain, kill.
         for (auto& w : fresh) asio::co_spawn(ex, retire(self, w), asio::detached);
+        for (auto& w : batch) mark(w, &entry::being_replaced, false);
+        // A worker of the batch that exited meanwhile has no replacement now: restart it.
+        for (auto& w : batch)
+          if (!managed.count(w->id()) && !stopping && !closed) schedule_restart(clock::duration::zero());
         for (auto& w : fresh) co_await w->exited(as_tuple(asio::use_awaitable));
+        if (!stopping && !closed) detail::log_error("reload: {}; rolled back", why);
         co_return (stopping || closed) ? std::error_code(error::supervisor_stopped)
                                        : std::error_code(error::reload_rolled_back);
       }
+      for (auto& w : fresh) mark(w, &entry::trial, false);
       for (auto& w : batch) asio::co_spawn(ex, retire(self, w), asio::detached);
       for (auto& w : batch) co_await w->exited(as_tuple(asio::use_awaitable));
       co_return std::error_code();

@@ -299,14 +299,11 @@ class Worker : public std::enable_shared_from_this<Worker> {
     const std::error_code end = co_await detail::read_channel(
         self->channel_, self->messages_,
         [&](const ipc::Envelope& e) {
-          self->reading_paused_ = false;  // reading again (the inbox had room for this read)
+          self->reading_resumed();
           return self->on_internal(e);
         },
         [&] {
-          if (self->reading_paused_) {  // resumed: the beats behind the backlog get a whole timeout
-            self->reading_paused_ = false;
-            if (self->heartbeat_timer_) self->last_heartbeat_ = std::chrono::steady_clock::now();
-          }
+          self->reading_resumed();
           self->emit(EventType::message);
         },
         [&] {
@@ -334,11 +331,11 @@ class Worker : public std::enable_shared_from_this<Worker> {
             state_ = WorkerState::online;
             online_.set();
             emit(EventType::online);
-            start_heartbeat_clock();
             if (ready_on_ == ReadyOn::online) mark_ready();
           } else if constexpr (std::is_same_v<T, p::Heartbeat>) {
             if (heartbeat_timeout_.count() == 0) return protocol_error("a heartbeat the master did not ask for");
             last_heartbeat_ = std::chrono::steady_clock::now();
+            start_heartbeat_clock();  // at the first beat: the loop turns (warming up before it is not a hang)
           } else if constexpr (std::is_same_v<T, p::ExitedAfterDisconnect>) {
             exited_after_disconnect_ = true;  // sent before the worker's EOF, so it is seen first
           } else if constexpr (std::is_same_v<T, p::QueryServer>) {
@@ -404,6 +401,14 @@ class Worker : public std::enable_shared_from_this<Worker> {
 
   // One timer per worker, re-armed at the deadline rather than at each beat: a beat costs a
   // clock read. At the deadline: killed if nothing came since last_heartbeat_ + timeout.
+  // The read loop read again after a pause (it read a message): the beats that waited behind
+  // the backlog get a whole timeout.
+  void reading_resumed() {
+    if (!reading_paused_) return;
+    reading_paused_ = false;
+    if (heartbeat_timer_) last_heartbeat_ = std::chrono::steady_clock::now();
+  }
+
   void start_heartbeat_clock() {
     if (heartbeat_timeout_.count() == 0 || heartbeat_timer_) return;
     last_heartbeat_ = std::chrono::steady_clock::now();

@@ -67,6 +67,7 @@ asio::awaitable<std::error_code> read_channel(ipc::Channel& channel, async_queue
     if (const std::size_t cap = channel.options().send_queue_capacity;
         channel.queued() > cap && channel.queued() - cap >= max_internal_backlog) {
       debug("{} messages queued for a peer that does not read them; reading from it paused", channel.queued());
+      on_pause();
       co_await channel.async_wait_writable(tuple);  // the channel's own writer drains it meanwhile
       continue;
     }

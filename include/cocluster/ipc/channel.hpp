@@ -40,6 +40,10 @@ class Channel {
   std::size_t queued() const noexcept { return s_->queue.size(); }
   // Bytes queued for sending and not yet written.
   std::size_t queued_bytes() const noexcept { return s_->queue.bytes(); }
+  // Messages queued since the channel opened, and of those the ones written (or dropped): a
+  // message queued when queued_total() was N has left once written_total() reaches N.
+  std::uint64_t queued_total() const noexcept { return s_->queue.pushed(); }
+  std::uint64_t written_total() const noexcept { return s_->queue.written(); }
   // Why the channel failed, for logs ("frame carries 10 fds", ...); empty while it has not.
   const std::string& error_detail() const noexcept { return s_->failure_detail; }
 

@@ -59,6 +59,10 @@ class send_queue {
       : capacity_(std::max<std::size_t>(capacity, 1)), max_bytes_(std::max<std::size_t>(max_bytes, 1)) {}
 
   std::size_t size() const noexcept { return queue_.size(); }
+  // Messages queued since the start, and of those the ones written (or dropped by clear()):
+  // a message queued when pushed() was N has been written once written() reaches N.
+  std::uint64_t pushed() const noexcept { return pushed_; }
+  std::uint64_t written() const noexcept { return written_; }
   // Payload bytes queued and not yet written.
   std::size_t bytes() const noexcept { return bytes_; }
   bool has_room() const noexcept { return queue_.size() < capacity_ && bytes_ < max_bytes_; }
@@ -68,6 +72,7 @@ class send_queue {
   void push(outgoing o) {
     bytes_ += o.payload.size() - o.offset;
     queue_.push_back(std::move(o));
+    ++pushed_;
   }
 
   // A sender beyond the capacity waits here; its cancellation removes it (and closes its fd).
@@ -97,6 +102,7 @@ class send_queue {
     bytes_ -= f.payload.size();
     if (o.offset < o.payload.size()) return;
     queue_.pop_front();
+    ++written_;
     while (!blocked_.empty() && has_room()) {  // room for a parked sender
       auto b = std::move(blocked_.front());
       blocked_.pop_front();
@@ -109,6 +115,7 @@ class send_queue {
   void clear(std::error_code ec) {
     queue_.clear();
     bytes_ = 0;
+    written_ = pushed_;
     auto senders = std::move(blocked_);
     blocked_.clear();
     for (auto& b : senders) b.handler.complete(ec);
@@ -123,6 +130,7 @@ class send_queue {
   std::size_t capacity_;
   std::size_t max_bytes_;
   std::size_t bytes_ = 0;
+  std::uint64_t pushed_ = 0, written_ = 0;
   std::deque<outgoing> queue_;
   std::list<blocked_sender> blocked_;
 };

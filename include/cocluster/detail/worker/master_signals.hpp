@@ -1,6 +1,7 @@
 // (Worker process.) A worker whose master stops it gracefully: with COCLUSTER_MASTER_SIGNALS
-// set in its environment (a Supervisor that handles signals sets it), SIGTERM and SIGINT sent
-// by anyone but the master are ignored, so a signal to the whole process group (systemd's
+// set in its environment (a Supervisor that handles signals sets it), SIGTERM, SIGINT, SIGHUP,
+// SIGTTIN and SIGTTOU (the signals the Supervisor acts on) sent by anyone but the master are
+// ignored, so a signal to the whole process group (systemd's
 // KillMode=control-group, Ctrl-C in a terminal, `kill -TERM -PGID`) reaches the master, which
 // drains this worker with a disconnect, instead of ending the worker mid-request. The master's
 // own signal (worker->kill(), its drain timer) still ends the worker as the signal's default
@@ -35,7 +36,11 @@ struct master_signals {
     action.sa_sigaction = &on_signal;
     action.sa_flags = SA_SIGINFO | SA_RESTART;
     ::sigemptyset(&action.sa_mask);
-    return ::sigaction(SIGTERM, &action, nullptr) == 0 && ::sigaction(SIGINT, &action, nullptr) == 0;
+    // Every signal the Supervisor handles: a group SIGHUP (a terminal hang-up, `kill -HUP -PGID`)
+    // must reload, not end every worker; SIGTTIN/SIGTTOU would stop them.
+    for (int sig : {SIGTERM, SIGINT, SIGHUP, SIGTTIN, SIGTTOU})
+      if (::sigaction(sig, &action, nullptr) != 0) return false;
+    return true;
   }
 
  private:

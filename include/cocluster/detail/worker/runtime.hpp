@@ -316,6 +316,7 @@ class runtime {
     if (interval.count() == 0) return;
     heartbeat_interval_ = interval;
     if (!heartbeat_timer_) heartbeat_timer_.emplace(executor());
+    send_beat();  // the first at once: the master's clock starts when our loop turns
     beat();
   }
 
@@ -323,9 +324,17 @@ class runtime {
     heartbeat_timer_->expires_after(heartbeat_interval_);
     heartbeat_timer_->async_wait([this](std::error_code ec) {
       if (ec || phase_ >= phase::shutting_down) return;
-      send_internal(ipc::protocol::Heartbeat{});
+      send_beat();
       beat();
     });
+  }
+
+  // One beat waiting to be written is enough: while the master does not read us, more would
+  // pile up in the send queue (and past its backlog bound we would stop reading the master).
+  void send_beat() {
+    if (channel_.written_total() < last_beat_) return;
+    send_internal(ipc::protocol::Heartbeat{});
+    last_beat_ = channel_.queued_total();
   }
 
   void fail_queries() {
@@ -424,6 +433,7 @@ class runtime {
   std::map<std::uint32_t, pending_query> queries_;  // by seq
   std::optional<asio::steady_timer> heartbeat_timer_;  // while the master asks for a heartbeat
   std::chrono::milliseconds heartbeat_interval_{0};
+  std::uint64_t last_beat_ = 0;  // channel_.queued_total() after the last beat was queued
 };
 
 }  // namespace cocluster::detail::worker
