@@ -97,7 +97,8 @@ class Master {
         policy_(std::move(policy)),
         command_line_(detail::own_command_line()) {
     state_->listeners = std::make_unique<detail::listener_table>(
-        state_->ex, [policy = policy_](ListenerArgs args) { return policy.make_listener(std::move(args)); });
+        state_->ex, [policy = policy_](ListenerArgs args) { return policy.make_listener(std::move(args)); },
+        detail::policy_reuses_port(policy_));
   }
   Master(const Master&) = delete;
   Master& operator=(const Master&) = delete;
