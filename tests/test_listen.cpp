@@ -565,7 +565,7 @@ TEST_CASE("RuntimePolicy reads COCLUSTER_SCHED_POLICY, then NODE_CLUSTER_SCHED_P
   CHECK(RuntimePolicy().resolve() == Scheduling::round_robin);
   CHECK(RuntimePolicy(Scheduling::shared).resolve() == Scheduling::shared);  // an explicit choice wins
   ::setenv("COCLUSTER_SCHED_POLICY", "roundrobin", 1);
-  CHECK_THROWS_WITH_AS(RuntimePolicy().resolve(), "COCLUSTER_SCHED_POLICY=roundrobin: expected rr or none, or beyond Node: sticky or leastconn",
+  CHECK_THROWS_WITH_AS(RuntimePolicy().resolve(), "COCLUSTER_SCHED_POLICY=roundrobin: expected rr or none, or beyond Node: sticky, leastconn or reuseport",
                        std::invalid_argument);
   asio::io_context io;
   CHECK_THROWS_AS(Master<RuntimePolicy>(io.get_executor()), std::invalid_argument);  // frozen, and checked, here

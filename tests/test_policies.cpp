@@ -1,5 +1,5 @@
-// The dispatch policies beyond Node: a user's Dispatch<F>, Sticky (IPv4 and IPv6) and
-// LeastConnections. Real workers (the `serve` scenario of test_listen.cpp: "port N", then
+// The dispatch policies beyond Node: a user's Dispatch<F>, Sticky (IPv4 and IPv6),
+// LeastConnections and ReusePort. Real workers (the `serve` scenario of test_listen.cpp: "port N", then
 // "worker <id>\n" per connection, or `hold` below) and clients bound to 127.0.0.x addresses.
 #include "cocluster/policy/dispatch.hpp"
 
@@ -7,6 +7,7 @@
 #include <doctest/doctest.h>
 #include <netinet/in.h>
 
+#include <algorithm>
 #include <map>
 #include <set>
 
@@ -97,7 +98,7 @@ struct by_last_octet {
 };
 
 static_assert(cocluster::Policy<Dispatch<by_last_octet>> && cocluster::Policy<Sticky> &&
-              cocluster::Policy<LeastConnections>);
+              cocluster::Policy<LeastConnections> && cocluster::Policy<ReusePort>);
 
 // Answers "worker <id>\n" to each line "hi" (then closes) or "hold" (then keeps the connection
 // open); after the TEST_HOLD-th held connection, tells the master "holding N".
@@ -379,6 +380,118 @@ TEST_CASE("Sticky over IPv6: every connection from ::1 reaches one worker") {
       answered_by.insert(std::stoi(reply.substr(7)));
     }
     CHECK(answered_by.size() == 1);
+    co_await master.disconnect();
+  });
+}
+
+TEST_CASE("ReusePort: 4 workers share the one port listen(0) gave, each on its own socket") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<ReusePort> master(io.get_executor());
+    std::set<std::string> reports;
+    std::vector<std::shared_ptr<Worker>> workers;
+    for (int i = 0; i < 4; ++i) workers.push_back(co_await master.fork(serve_on_port_zero()));
+    for (auto& w : workers) {
+      reports.insert((co_await w->receive()).data);
+      co_await w->listening();
+    }
+    REQUIRE(reports.size() == 1);  // one port for all four
+    REQUIRE(reports.begin()->rfind("port ", 0) == 0);
+    const tcp::endpoint where(loopback(1), static_cast<unsigned short>(std::stoi(reports.begin()->substr(5))));
+    auto served = co_await ask_from_sources(where, 1, 80, 8);
+    CHECK(served[1].count(0) == 0);   // every connection answered
+    CHECK(served[1].size() >= 2);     // the kernel spread them (all 80 on one of 4 sockets: 4^-79)
+    co_await master.disconnect();
+  });
+}
+
+TEST_CASE("RuntimePolicy knows reuseport by name") {
+  ::setenv("COCLUSTER_SCHED_POLICY", "reuseport", 1);
+  CHECK(RuntimePolicy().resolve() == Scheduling::reuse_port);
+  CHECK(RuntimePolicy().reuse_port());
+  ::unsetenv("COCLUSTER_SCHED_POLICY");
+  CHECK_FALSE(RuntimePolicy(Scheduling::shared).reuse_port());
+}
+
+namespace {
+
+// A client that has sent "hi" and reads the answer to EOF.
+struct pending_request {
+  tcp::socket socket;
+  std::string reply;
+  std::error_code ec;
+  bool done = false;
+};
+
+awaitable<void> await_answer(std::shared_ptr<pending_request> r) {
+  auto [ec, n] = co_await asio::async_read(r->socket, asio::dynamic_buffer(r->reply), as_tuple_t{});
+  r->ec = ec == asio::error::eof ? std::error_code() : ec;
+  r->done = true;
+}
+
+int answered_by(const pending_request& r) { return r.reply.rfind("worker ", 0) == 0 ? std::stoi(r.reply.substr(7)) : 0; }
+
+}  // namespace
+
+TEST_CASE("ReusePort: connections queued in a SIGKILLed worker's backlog are answered by its replacement, not reset") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<ReusePort> master(io.get_executor());
+    auto [workers, where] = co_await start_serving(master, 4);
+    auto& victim = workers[1];
+    victim->signal(SIGSTOP);  // it accepts nothing now: what the kernel gives its socket waits there
+
+    // Open connections in rounds until some stay unanswered: the three others answer theirs,
+    // so those are in the stopped worker's backlog. (The bound only sorts them: one a live
+    // worker answers late is still answered, by that worker, and checked below.)
+    std::vector<std::shared_ptr<pending_request>> all;
+    std::set<pending_request*> unanswered;
+    asio::steady_timer poll(io);
+    for (int round = 0; round < 8 && unanswered.empty(); ++round) {
+      std::vector<std::shared_ptr<pending_request>> batch;
+      for (int i = 0; i < 16; ++i) {
+        auto r = std::make_shared<pending_request>(pending_request{tcp::socket(io), {}, {}, false});
+        co_await r->socket.async_connect(where, use_awaitable);  // queued in one socket's backlog
+        co_await asio::async_write(r->socket, asio::buffer("hi\n", 3), use_awaitable);
+        asio::co_spawn(io, await_answer(r), asio::detached);
+        batch.push_back(r);
+      }
+      const auto bound = std::chrono::steady_clock::now() + 1s;
+      auto answered = [&] { return std::all_of(batch.begin(), batch.end(), [](auto& r) { return r->done; }); };
+      while (!answered() && std::chrono::steady_clock::now() < bound) {
+        poll.expires_after(5ms);
+        co_await poll.async_wait(use_awaitable);
+      }
+      for (auto& r : batch) {
+        if (!r->done) unanswered.insert(r.get());
+        all.push_back(r);
+      }
+    }
+    REQUIRE_MESSAGE(!unanswered.empty(), "no connection reached the stopped worker in ", all.size());
+
+    victim->signal(SIGKILL);
+    ExitStatus status = co_await victim->exited();
+    CHECK(status.signal == SIGKILL);
+    auto replacement = co_await master.fork(serve_on_port_zero());
+    CHECK((co_await replacement->receive()).data == "port " + std::to_string(where.port()));
+    co_await replacement->listening();
+
+    while (!std::all_of(all.begin(), all.end(), [](auto& r) { return r->done; })) {  // bounded by run_bounded
+      poll.expires_after(5ms);
+      co_await poll.async_wait(use_awaitable);
+    }
+    std::size_t by_replacement = 0;
+    for (auto& r : all) {
+      CHECK_MESSAGE(!r->ec, "a connection failed: ", r->ec.message());  // none reset
+      const int id = answered_by(*r);
+      CHECK(id != 0);
+      CHECK(id != victim->id());
+      if (id == replacement->id()) {
+        ++by_replacement;
+        CHECK(unanswered.count(r.get()) == 1);  // it waited in the dead worker's backlog
+      }
+    }
+    CHECK(by_replacement >= 1);
+    MESSAGE(unanswered.size(), " of ", all.size(), " connections waited in the stopped worker's backlog; ",
+            by_replacement, " were answered by its replacement");
     co_await master.disconnect();
   });
 }

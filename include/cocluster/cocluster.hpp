@@ -17,6 +17,7 @@
 #include "cocluster/policy/least_connections.hpp"
 #include "cocluster/policy/policy.hpp"
 #include "cocluster/policy/remote.hpp"
+#include "cocluster/policy/reuse_port.hpp"
 #include "cocluster/policy/round_robin.hpp"
 #include "cocluster/policy/runtime.hpp"
 #include "cocluster/policy/shared_socket.hpp"

@@ -102,7 +102,8 @@ class Master {
     (void)detail::heartbeat_interval(settings_);  // throws std::invalid_argument for a bad pair
     (void)detail::activated_listeners();  // socket activation: take systemd's fds before anything else runs
     state_->listeners = std::make_unique<detail::listener_table>(
-        state_->ex, [policy = policy_](ListenerArgs args) { return policy.make_listener(std::move(args)); });
+        state_->ex, [policy = policy_](ListenerArgs args) { return policy.make_listener(std::move(args)); },
+        detail::policy_reuses_port(policy_));
   }
   Master(const Master&) = delete;
   Master& operator=(const Master&) = delete;

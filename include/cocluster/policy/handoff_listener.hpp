@@ -70,7 +70,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   }
 
   bool shares_socket() const noexcept final { return false; }
-  detail::unique_fd socket_copy(std::error_code& ec) final {
+  detail::unique_fd socket_copy(const WorkerLink&, std::error_code& ec) final {
     ec = std::make_error_code(std::errc::operation_not_supported);
     return {};
   }

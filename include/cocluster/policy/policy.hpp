@@ -4,12 +4,13 @@
 //
 //   struct P {
 //     std::shared_ptr<Listener> make_listener(ListenerArgs args) const;
-//   };
+//     bool reuse_port() const noexcept;   // optional: true to have IP stream listeners bound
+//   };                                     // with SO_REUSEPORT (ReusePort's per-worker sockets)
 //
 // The master calls make_listener when the first worker listens on a key (Node's key:
 // address:port:type:fd:index) and keeps the Listener until no worker holds it. The Listener
 // owns the listening socket and what happens on the four events below. RoundRobin,
-// SharedSocket, LeastConnections, Sticky and Dispatch<F> are written this way (policy/*.hpp);
+// SharedSocket, ReusePort, LeastConnections, Sticky and Dispatch<F> are written this way (policy/*.hpp);
 // HandoffListener (policy/handoff_listener.hpp) does the hand-off bookkeeping for policies
 // where the master accepts and chooses a worker per connection, so such a policy only says
 // which worker takes the next one. UDP listeners are always shared, whatever the policy.
@@ -46,6 +47,7 @@ struct ListenerArgs {
   std::string key;                 // Node's address:port:type:fd:index, for logs
   Address address;                 // where it listens (the real port after listen(0))
   detail::unique_fd socket;        // listening (stream) or bound (UDP), non-blocking, close-on-exec
+  int backlog = 511;               // the listen() backlog `socket` was given
 };
 
 // The master-side listener of one key.
@@ -56,10 +58,11 @@ class Listener {
   Listener& operator=(const Listener&) = delete;
   virtual ~Listener() = default;
 
-  // True if each worker accepts on its own copy of the socket (socket_copy() gives one, sent
-  // with the worker's listen() answer); false if the master accepts and hands connections over.
+  // True if each worker accepts on its own copy of a socket (socket_copy() gives the one for
+  // `worker`, sent with its listen() answer, and joined() follows at once); false if the master
+  // accepts and hands connections over.
   virtual bool shares_socket() const noexcept = 0;
-  virtual detail::unique_fd socket_copy(std::error_code& ec) = 0;
+  virtual detail::unique_fd socket_copy(const WorkerLink& worker, std::error_code& ec) = 0;
 
   // `worker` holds this listener from now on (its listen() answer is on its way, so a
   // connection sent now arrives after it).
@@ -78,5 +81,18 @@ template <class P>
 concept Policy = std::copy_constructible<P> && requires(const P& p, ListenerArgs args) {
   { p.make_listener(std::move(args)) } -> std::convertible_to<std::shared_ptr<Listener>>;
 };
+
+namespace detail {
+
+// P::reuse_port() if P has it, else false.
+template <class P>
+bool policy_reuses_port(const P& p) noexcept {
+  if constexpr (requires { { p.reuse_port() } -> std::convertible_to<bool>; })
+    return p.reuse_port();
+  else
+    return false;
+}
+
+}  // namespace detail
 
 }  // namespace cocluster

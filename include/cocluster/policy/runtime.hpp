@@ -1,7 +1,7 @@
 // RuntimePolicy: a policy chosen by name when the program runs (Node:
 // cluster.schedulingPolicy from NODE_CLUSTER_SCHED_POLICY). Node's rr and none, and ours
-// beyond Node: sticky, leastconn.
-//   cocluster::Master<cocluster::RuntimePolicy> master(ex);   // COCLUSTER_SCHED_POLICY=rr|none|sticky|leastconn
+// beyond Node: sticky, leastconn, reuseport.
+//   cocluster::Master<cocluster::RuntimePolicy> master(ex);   // COCLUSTER_SCHED_POLICY=rr|none|sticky|leastconn|reuseport
 //   cocluster::Master<cocluster::RuntimePolicy> master(ex, {}, {cocluster::Scheduling::shared});
 #pragma once
 
@@ -14,6 +14,7 @@
 #include <string_view>
 
 #include "cocluster/policy/least_connections.hpp"
+#include "cocluster/policy/reuse_port.hpp"
 #include "cocluster/policy/round_robin.hpp"
 #include "cocluster/policy/shared_socket.hpp"
 #include "cocluster/policy/sticky.hpp"
@@ -21,17 +22,18 @@
 namespace cocluster {
 
 // Node: cluster.SCHED_RR / cluster.SCHED_NONE; then the policies Node does not have.
-enum class Scheduling { round_robin, shared, sticky, least_connections };
+enum class Scheduling { round_robin, shared, sticky, least_connections, reuse_port };
 
 // The names COCLUSTER_SCHED_POLICY takes, for messages.
-inline constexpr const char* scheduling_names = "rr or none, or beyond Node: sticky or leastconn";
+inline constexpr const char* scheduling_names = "rr or none, or beyond Node: sticky, leastconn or reuseport";
 
-// "rr" or "none" (Node's spellings), "sticky", "leastconn"; nullopt for anything else.
+// "rr" or "none" (Node's spellings), "sticky", "leastconn", "reuseport"; nullopt for anything else.
 inline std::optional<Scheduling> parse_scheduling(std::string_view name) {
   if (name == "rr") return Scheduling::round_robin;
   if (name == "none") return Scheduling::shared;
   if (name == "sticky") return Scheduling::sticky;
   if (name == "leastconn") return Scheduling::least_connections;
+  if (name == "reuseport") return Scheduling::reuse_port;
   return std::nullopt;
 }
 
@@ -44,6 +46,7 @@ struct RuntimePolicy {
 
   Scheduling resolve() const noexcept { return choice_; }
   std::size_t window() const noexcept { return window_; }  // as RoundRobin::window (and the others')
+  bool reuse_port() const noexcept { return choice_ == Scheduling::reuse_port; }  // as ReusePort's
 
   std::shared_ptr<Listener> make_listener(ListenerArgs args) const {
     switch (choice_) {
@@ -51,6 +54,7 @@ struct RuntimePolicy {
       case Scheduling::shared: return SharedSocket{}.make_listener(std::move(args));
       case Scheduling::sticky: return Sticky{window_}.make_listener(std::move(args));
       case Scheduling::least_connections: return LeastConnections{window_}.make_listener(std::move(args));
+      case Scheduling::reuse_port: return ReusePort{}.make_listener(std::move(args));
     }
     return nullptr;  // not reached: every Scheduling is above
   }

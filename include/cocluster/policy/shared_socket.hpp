@@ -22,7 +22,7 @@ class shared_listener final : public Listener {
   explicit shared_listener(ListenerArgs args) : socket_(std::move(args.socket)) {}
 
   bool shares_socket() const noexcept override { return true; }
-  unique_fd socket_copy(std::error_code& ec) override { return dup_cloexec(socket_.get(), ec); }
+  unique_fd socket_copy(const WorkerLink&, std::error_code& ec) override { return dup_cloexec(socket_.get(), ec); }
   void joined(std::shared_ptr<WorkerLink>) override {}
   void left(WorkerLink&) override {}
   void acknowledged(WorkerLink&, std::uint32_t, bool) override {}

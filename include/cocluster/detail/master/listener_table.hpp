@@ -32,7 +32,9 @@ class listener_table {
   // EMFILE from listen() instead of using up the master's fds.
   static constexpr std::size_t max_servers_per_worker = 1024;
 
-  listener_table(asio::any_io_executor ex, factory make) : ex_(std::move(ex)), make_(std::move(make)) {}
+  // reuse_port: the policy wants IP stream listeners bound with SO_REUSEPORT (ReusePort).
+  listener_table(asio::any_io_executor ex, factory make, bool reuse_port = false)
+      : ex_(std::move(ex)), make_(std::move(make)), reuse_port_(reuse_port) {}
   listener_table(const listener_table&) = delete;
   listener_table& operator=(const listener_table&) = delete;
   ~listener_table() { close_all(); }
@@ -72,7 +74,7 @@ class listener_table {
     unique_fd copy;
     if (reply.shared) {
       std::error_code ec;
-      copy = e->listener->socket_copy(ec);
+      copy = e->listener->socket_copy(*worker, ec);
       if (ec) {
         refuse(ec.value());
         if (members_of(e->id) == 0) discard(e->id);
@@ -150,13 +152,14 @@ class listener_table {
     r.fd = q.fd;
     if (q.backlog > 0) r.backlog = static_cast<int>(std::min<std::uint32_t>(q.backlog, INT32_MAX));
     r.unix_mode = q.unix_mode;
+    r.reuse_port = reuse_port_ && (type == AddressType::v4 || type == AddressType::v6);
     std::string bound_path;
     unique_fd fd = open_listener(r, bound_path, ec);
     if (ec) return nullptr;
     Address address = socket_address(fd.get(), type);
     if (type == AddressType::unix_path && q.fd < 0) address.address = q.address;  // as the worker named it
     const std::uint32_t id = ++last_id_;
-    ListenerArgs args{ex_, id, key, address, std::move(fd)};
+    ListenerArgs args{ex_, id, key, address, std::move(fd), r.backlog};
     std::shared_ptr<Listener> listener;
     try {
       listener = is_datagram(type) ? SharedSocket{}.make_listener(std::move(args)) : make_(std::move(args));
@@ -206,6 +209,7 @@ class listener_table {
 
   asio::any_io_executor ex_;
   factory make_;
+  bool reuse_port_ = false;
   std::map<std::string, std::uint32_t> by_key_;
   std::map<std::uint32_t, entry> by_id_;
   std::map<int, std::map<std::uint32_t, bool>> held_;  // worker id -> servers it holds -> announced?

@@ -35,6 +35,7 @@ struct listen_request {
   int fd = -1;          // listen({fd}): an fd of the master's
   int backlog = 511;    // Node's default
   int unix_mode = -1;   // a Unix path's permission bits after bind, or -1: the umask's
+  bool reuse_port = false;  // SO_REUSEPORT before bind (IP stream sockets only): see reuse_port_twin
 };
 
 inline bool is_datagram(AddressType t) noexcept { return t == AddressType::udp4 || t == AddressType::udp6; }
@@ -161,6 +162,11 @@ inline unique_fd open_listener(const listen_request& r, std::string& bound_path,
     ec = last_error();
     return {};
   }
+  if (r.reuse_port && domain != AF_UNIX && !datagram &&
+      ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0) {
+    ec = last_error();
+    return {};
+  }
   if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&ss), len) != 0) {
     ec = last_error();
     bound_path.clear();  // not ours: someone else's socket file, or none
@@ -173,6 +179,36 @@ inline unique_fd open_listener(const listen_request& r, std::string& bound_path,
     ec = last_error();
     if (!bound_path.empty()) ::unlink(bound_path.c_str());
     bound_path.clear();
+    return {};
+  }
+  return fd;
+}
+
+// Another listening socket in the SO_REUSEPORT group of `listener` (an IP stream listener that
+// was bound with SO_REUSEPORT): same address and port, same IPV6_V6ONLY, non-blocking and
+// close-on-exec. The kernel spreads new connections over the group's sockets.
+inline unique_fd reuse_port_twin(int listener, int backlog, std::error_code& ec) {
+  ec.clear();
+  sockaddr_storage ss{};
+  socklen_t len = sizeof ss;
+  if (::getsockname(listener, reinterpret_cast<sockaddr*>(&ss), &len) != 0) {
+    ec = last_error();
+    return {};
+  }
+  unique_fd fd(::socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+  if (!fd) {
+    ec = last_error();
+    return {};
+  }
+  const int one = 1;
+  int v6only = 0;
+  socklen_t v6len = sizeof v6only;
+  if (::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0 ||
+      ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0 ||
+      (ss.ss_family == AF_INET6 && (::getsockopt(listener, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, &v6len) != 0 ||
+                                    ::setsockopt(fd.get(), IPPROTO_IPV6, IPV6_V6ONLY, &v6only, sizeof v6only) != 0)) ||
+      ::bind(fd.get(), reinterpret_cast<sockaddr*>(&ss), len) != 0 || ::listen(fd.get(), backlog) != 0) {
+    ec = last_error();
     return {};
   }
   return fd;

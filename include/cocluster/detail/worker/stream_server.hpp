@@ -9,7 +9,14 @@
 #include <asio/bind_cancellation_slot.hpp>
 #include <asio/bind_executor.hpp>
 #include <asio/error.hpp>
+#include <asio/steady_timer.hpp>
 
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <memory>
 #include <optional>
@@ -50,7 +57,11 @@ class stream_server final : public server_base, public std::enable_shared_from_t
         // deliver() runs in the runtime's read loop, a completion handler: a waiting accept()
         // may run at once (as a waiting receive() does for messages).
         handed_(std::move(ex), async_queue<incoming>::unbounded, /*inline_delivery=*/true),
-        local_(std::move(local)) {}
+        local_(std::move(local)),
+        defer_(ex_),
+        // Shared with the other workers (SharedSocket): not an adopted one, and not a
+        // ReusePort socket of our own (the kernel already hashed the connection to us).
+        gated_(link_ && acceptor_ && !reuse_port(acceptor_->native_handle())) {}
 
   ~stream_server() override { close(); }
 
@@ -74,6 +85,7 @@ class stream_server final : public server_base, public std::enable_shared_from_t
     open_ = false;
     std::error_code ignored;
     if (acceptor_) acceptor_->close(ignored);
+    defer_.cancel();
     handed_.close(asio::error::operation_aborted);
     while (handed_.try_pop()) {  // the master gives them to other workers when it reads close
     }
@@ -87,9 +99,22 @@ class stream_server final : public server_base, public std::enable_shared_from_t
       auto ex = self->ex_;
       run_on(ex, std::forward<Handler>(handler), [self = std::move(self), peer](auto h) mutable {
         if (self->acceptor_) {  // shared listener: Asio's accept, onto a tracked executor
-          auto connection_ex = self->connection_executor();
-          if (peer) self->acceptor_->async_accept(connection_ex, *peer, std::move(h));
-          else self->acceptor_->async_accept(connection_ex, std::move(h));
+          const auto delay = self->accept_delay();
+          if (delay.count() == 0) return self->start_accept(peer, std::move(h));
+          // Busier than a worker should be: let an idle one win the next connection.
+          auto slot = asio::get_associated_cancellation_slot(h);
+          auto handler_ex = asio::get_associated_executor(h, self->ex_);
+          self->deferring_ = true;
+          self->defer_.expires_after(delay);
+          auto& timer = self->defer_;
+          timer.async_wait(asio::bind_cancellation_slot(
+              slot, asio::bind_executor(handler_ex, [self = std::move(self), peer, h = std::move(h)](
+                                                        std::error_code ec) mutable {
+                self->deferring_ = false;
+                if (!ec && !self->open_) ec = asio::error::operation_aborted;
+                if (ec) return std::move(h)(ec, socket_type(self->ex_));
+                self->start_accept(peer, std::move(h));
+              })));
           return;
         }
         if (auto in = self->handed_.try_pop()) {  // a connection is waiting: no trip through the scheduler
@@ -126,6 +151,48 @@ class stream_server final : public server_base, public std::enable_shared_from_t
     return std::move(*in.socket);
   }
 
+  // Load-aware accepting on a shared socket (Puma: wait_for_less_busy_worker). Every worker
+  // is woken for a new connection and the one already running, i.e. the busiest, most often
+  // wins: Asio tries accept at once when an accept starts. Left alone, one of 8 workers took
+  // half the connections (Jain 0.36). A worker with more than `busy_threshold` connections open
+  // waits `defer_per_connection` per connection over it (at most `max_defer`) before it accepts
+  // again, so an idle peer takes the next one; not when more than `queue_limit` connections
+  // wait in the accept queue (nobody keeps up: there is no idle peer to wait for). One accept
+  // waits at a time; another one started meanwhile accepts at once.
+  static constexpr std::size_t busy_threshold = 4;
+  static constexpr std::chrono::microseconds defer_per_connection{5};
+  static constexpr std::chrono::microseconds max_defer{1000};
+  static constexpr std::size_t queue_limit = 16;
+
+  std::chrono::microseconds accept_delay() {
+    if (!gated_ || deferring_) return {};
+    const std::size_t open = link_->live_connections();
+    if (open <= busy_threshold || waiting_connections() > queue_limit) return {};
+    return std::min<std::chrono::microseconds>(max_defer, defer_per_connection * static_cast<long>(open - busy_threshold));
+  }
+
+  // Connections in the listening socket's accept queue (TCP_INFO of a listener: tcpi_unacked);
+  // 0 for a Unix socket.
+  std::size_t waiting_connections() {
+    tcp_info info{};
+    socklen_t len = sizeof info;
+    if (::getsockopt(acceptor_->native_handle(), IPPROTO_TCP, TCP_INFO, &info, &len) != 0) return 0;
+    return info.tcpi_unacked;
+  }
+
+  static bool reuse_port(int fd) {
+    int on = 0;
+    socklen_t len = sizeof on;
+    return ::getsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &on, &len) == 0 && on != 0;
+  }
+
+  template <class Handler>
+  void start_accept(endpoint_type* peer, Handler&& h) {
+    auto connection_ex = connection_executor();
+    if (peer) acceptor_->async_accept(connection_ex, *peer, std::forward<Handler>(h));
+    else acceptor_->async_accept(connection_ex, std::forward<Handler>(h));
+  }
+
   // Adopted servers make plain sockets: the master never knew them.
   asio::any_io_executor connection_executor() const { return link_ ? link_->connection_executor() : ex_; }
 
@@ -134,6 +201,9 @@ class stream_server final : public server_base, public std::enable_shared_from_t
   std::optional<acceptor_type> acceptor_;
   async_queue<incoming> handed_;  // round robin: bounded by the master's window
   endpoint_type local_;
+  asio::steady_timer defer_;  // a busy worker's pause before its next accept
+  bool gated_;             // accepting on a socket shared with other workers
+  bool deferring_ = false;  // an accept waits on defer_
   bool open_ = true;
 };
 
