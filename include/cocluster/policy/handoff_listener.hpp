@@ -196,7 +196,8 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     if (id == refuse || (!c.given_back && waiting_for(id) >= max_waiting_per_worker)) {
       detail::log_error("listener {}:{}: closing a connection: {}", address_.address, address_.port,
                         id == refuse ? "the policy refused it"
-                                     : fmt::format("{} already wait for worker {}", max_waiting_per_worker, id));
+                                     : id == 0 ? fmt::format("{} already wait for the policy to name a worker", max_waiting_per_worker)
+                                               : fmt::format("{} already wait for worker {}", max_waiting_per_worker, id));
       return true;  // ~connection closes our copy
     }
     c.waits_for = id;
