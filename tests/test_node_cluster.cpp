@@ -174,11 +174,11 @@ awaitable<void> node_worker_loop() {
 }  // namespace
 
 WORKER_SCENARIO(node) {
+  asio::io_context io;  // first: the worker's server and sockets go before it (Asio's rule)
   node_worker w;
   self = &w;
   w.state_before_start = std::string(to_string(this_worker.state()));
   if (std::getenv("TEST_ATEXIT")) std::atexit([] { ::_exit(this_worker.is_dead() ? 40 : 41); });
-  asio::io_context io;
   this_worker.start(io.get_executor());
   if (std::getenv("TEST_ON_DISCONNECT"))
     this_worker.on_disconnect([] {

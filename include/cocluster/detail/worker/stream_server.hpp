@@ -58,7 +58,6 @@ class stream_server final : public server_base, public std::enable_shared_from_t
         // may run at once (as a waiting receive() does for messages).
         handed_(std::move(ex), async_queue<incoming>::unbounded, /*inline_delivery=*/true),
         local_(std::move(local)),
-        defer_(ex_),
         // Shared with the other workers (SharedSocket): not an adopted one, and not a
         // ReusePort socket of our own (the kernel already hashed the connection to us).
         gated_(link_ && acceptor_ && !reuse_port(acceptor_->native_handle())) {}
@@ -85,7 +84,7 @@ class stream_server final : public server_base, public std::enable_shared_from_t
     open_ = false;
     std::error_code ignored;
     if (acceptor_) acceptor_->close(ignored);
-    defer_.cancel();
+    if (defer_) defer_->cancel();
     handed_.close(asio::error::operation_aborted);
     while (handed_.try_pop()) {  // the master gives them to other workers when it reads close
     }
@@ -105,8 +104,9 @@ class stream_server final : public server_base, public std::enable_shared_from_t
           auto slot = asio::get_associated_cancellation_slot(h);
           auto handler_ex = asio::get_associated_executor(h, self->ex_);
           self->deferring_ = true;
-          self->defer_.expires_after(delay);
-          auto& timer = self->defer_;
+          if (!self->defer_) self->defer_.emplace(self->ex_);  // made when first needed
+          self->defer_->expires_after(delay);
+          auto& timer = *self->defer_;
           timer.async_wait(asio::bind_cancellation_slot(
               slot, asio::bind_executor(handler_ex, [self = std::move(self), peer, h = std::move(h)](
                                                         std::error_code ec) mutable {
@@ -201,7 +201,7 @@ class stream_server final : public server_base, public std::enable_shared_from_t
   std::optional<acceptor_type> acceptor_;
   async_queue<incoming> handed_;  // round robin: bounded by the master's window
   endpoint_type local_;
-  asio::steady_timer defer_;  // a busy worker's pause before its next accept
+  std::optional<asio::steady_timer> defer_;  // a busy worker's pause before its next accept (made at the first)
   bool gated_;             // accepting on a socket shared with other workers
   bool deferring_ = false;  // an accept waits on defer_
   bool open_ = true;
