@@ -39,12 +39,7 @@ class dispatch_listener final : public HandoffListener {
       : HandoffListener(std::move(args)), f_(f), window_(window) {}
 
  private:
-  // Accept while some worker has room; which one is F's to say.
-  int choose() override {
-    for (auto& [id, m] : members())
-      if (m.in_flight < window_) return id;
-    return 0;
-  }
+  // choose() (HandoffListener's): accept while some worker has room; which one is F's to say.
   int choose_for(const Remote& remote) override {
     try {
       return static_cast<int>(f_(remote, members()));

@@ -135,7 +135,13 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   // The worker (a Member's id) that takes the next connection now, or 0 for nobody: then
   // accepting waits until a worker joins or acknowledges. Called before each accept and each
   // hand-off; it must not change what it would answer (the hooks below are for that).
-  virtual int choose() = 0;
+  // By default: the first member that can_take() one (the gate of a policy that picks per
+  // connection with choose_for(); RoundRobin and LeastConnections pick here).
+  virtual int choose() {
+    for (auto& [id, m] : members_)
+      if (can_take(m)) return id;
+    return 0;
+  }
   // The worker that takes this accepted connection from `remote`: by default choose()'s
   // answer. A member that cannot take it now (can_take), a worker that is no member (yet) or 0
   // keeps it waiting, in order, until a worker joins, leaves or acknowledges (then it is asked

@@ -53,11 +53,6 @@ class sticky_listener final : public HandoffListener {
   sticky_listener(ListenerArgs args, std::size_t window) : HandoffListener(std::move(args)), window_(window) {}
 
  private:
-  int choose() override {
-    for (auto& [id, m] : members())
-      if (m.in_flight < window_) return id;
-    return 0;
-  }
   // The client's worker (while it is full, its clients wait for it, in order). Once
   // max_waiting_per_worker wait for it (it has stalled), the next worker in the client's
   // ranking that has room takes the connection instead: the others keep being served.
