@@ -2,7 +2,7 @@
 // cocluster's listening policies beside Node's cluster, nginx and a raw baseline, in one run.
 //   ninja -C build benchmarks/policy_bench benchmarks/raw_rr_server && build/benchmarks/policy_bench [--quick]
 //   [--concurrency C] [--duration S] [--workers N] [--client-threads T] [--only=NAME,NAME]
-//   [--sources N] [--stalled] [--svg FILE]
+//   [--sources N] [--stalled] [--runs N] [--svg FILE]
 // Servers (NAME; a prefix such as `node` selects both of its rows):
 //   cocluster-POLICY              examples/hello_cluster --policy POLICY, for each policy
 //                                 RuntimePolicy knows: rr, none, reuseport, leastconn, sticky
@@ -17,13 +17,20 @@
 // Each server is loaded by a client built in here (Asio, in this process): "close" runs C loops
 // of connect, GET with `Connection: close`, read to EOF (connections/s, latency of the whole
 // connection); "keep-alive" runs C connections sending requests one after another (requests/s,
-// latency per request). Then by `wrk` in both modes when it is installed.
-// The built-in client connects from 127.0.0.1 .. 127.0.0.N in turn (--sources, 16; Sticky
-// routes by the client's address). --stalled: only our policies, each with worker 1 blocking its
-// loop 50 ms on every 10th request (hello_cluster --stall-ms 50 --stall-every 10); compare the
-// latency table's p99 and max. --svg FILE: connections/s and each worker's share as a chart.
+// latency per request). Then by `wrk` in both modes when it is installed, on a fresh start of
+// the server: the shares (Jain's index) are the built-in client's, wrk's are counted apart.
+// The built-in client connects from N client addresses in turn, 127.0.0.1 and the N-1 after it
+// (--sources, 1024; all of 127.0.0.0/8 is local on Linux: no setup). Sticky routes by the
+// client's address, and hashing few keys to workers is uneven by nature (16 addresses over 8
+// workers: Jain 0.909 in one run, about 0.7 expected), where a real server sees thousands of
+// clients: 1024 keeps every other figure unchanged and Sticky's index near 1.
+// --stalled: only our policies, each with worker 1 blocking its loop 50 ms on every 10th
+// request (hello_cluster --stall-ms 50 --stall-every 10); compare the latency table's p99 and
+// max. --svg FILE: connections/s and each worker's share as a chart.
 // 3 s per mode after 0.5 s of warm-up (--quick: 0.5 s after 0.1 s; wrk runs whole seconds).
-// Prints tables, then one JSON object as its last line.
+// Prints tables, the issue's targets (met or not, never an exit code), then one JSON object as
+// its last line. --runs N: the whole comparison N times; the tables and the chart show the
+// first run, then each ratio as "first run (min-max over the N runs)"; the JSON has every run.
 // Every server runs in its own session (setsid) and its process group is SIGKILLed on every
 // way out: normal end, error, timeout, SIGINT/SIGTERM/SIGHUP, and, through a guard process
 // (spawn_guard), our own death by SIGKILL.
@@ -48,6 +55,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <optional>
 #include <string>
@@ -76,7 +84,8 @@ using Figures = std::map<std::string, double>;  // "close_conn_per_s" -> 12345; 
 struct Options {
   int workers = 2, concurrency = 64, client_threads = 1;
   double duration = 3.0, warmup = 0.5;  // seconds per mode; the warm-up is not counted
-  int sources = 16;                     // client source addresses 127.0.0.1 .. 127.0.0.N
+  int runs = 1;                         // --runs N: the whole comparison N times
+  int sources = 1024;                   // client source addresses: 127.0.0.1 and the N-1 after it
   bool stalled = false;                 // --stalled: worker 1 blocks 50 ms on 1 request in 10
   std::string only;                     // empty: every server
   std::string svg;                      // --svg FILE: the chart
@@ -467,9 +476,16 @@ void probe(int port) {
 
 struct Load {
   tcp::endpoint endpoint;
-  std::vector<asio::ip::address_v4> sources;  // loop i connects from sources[i % size]; empty: any
+  std::vector<asio::ip::address_v4> sources;  // empty: the kernel's choice (127.0.0.1)
+  std::size_t loops = 1;                      // concurrent loops, numbered 0 .. loops-1
   std::string request;
   Clock::time_point measure_from, stop_at;  // counted: completed in [measure_from, stop_at)
+
+  // The address loop `loop` connects from for its `k`th connection: the loops take the
+  // addresses in turn, so every address is used even when there are more than loops.
+  asio::ip::address_v4 source(std::size_t loop, std::size_t k) const {
+    return sources.empty() ? asio::ip::address_v4{} : sources[(loop + k * loops) % sources.size()];
+  }
 };
 
 struct Tally {
@@ -541,14 +557,14 @@ awaitable<void> pause_after_error() {
 }
 
 // One loop of: connect, GET with `Connection: close`, the response, EOF, close.
-awaitable<void> close_loop(const Load& load, asio::ip::address_v4 source, Tally& tally) {
+awaitable<void> close_loop(const Load& load, std::size_t loop, Tally& tally) {
   const auto ex = co_await asio::this_coro::executor;
   std::string buf;
-  while (Clock::now() < load.stop_at) {
+  for (std::size_t k = 0; Clock::now() < load.stop_at; ++k) {
     const auto t0 = Clock::now();
     tcp::socket s(ex);
     asio::error_code ec;
-    co_await connect_from(s, load, source, ec);
+    co_await connect_from(s, load, load.source(loop, k), ec);
     if (!ec) co_await asio::async_write(s, asio::buffer(load.request), asio::redirect_error(use_awaitable, ec));
     buf.clear();
     if (!ec) ec = co_await read_response(s, buf);
@@ -564,20 +580,23 @@ awaitable<void> close_loop(const Load& load, asio::ip::address_v4 source, Tally&
 }
 
 // One connection sending requests one after another; reconnects if the server closes it.
-awaitable<void> keepalive_loop(const Load& load, asio::ip::address_v4 source, Tally& tally) {
+// A connection's first request is not counted unless it fails: it also waits for the
+// connection to reach a worker (the master's hand-off, or the accept), which the close mode
+// measures; keep-alive latency is that of one request on a connection a worker holds.
+awaitable<void> keepalive_loop(const Load& load, std::size_t loop, Tally& tally) {
   const auto ex = co_await asio::this_coro::executor;
-  while (Clock::now() < load.stop_at) {
+  for (std::size_t k = 0; Clock::now() < load.stop_at; ++k) {
     tcp::socket s(ex);
     asio::error_code ec;
     const auto connect_start = Clock::now();
-    co_await connect_from(s, load, source, ec);
+    co_await connect_from(s, load, load.source(loop, k), ec);
     if (ec) tally.record(load, connect_start, ec);
     std::string buf;
-    while (!ec && Clock::now() < load.stop_at) {
+    for (bool first = true; !ec && Clock::now() < load.stop_at; first = false) {
       const auto t0 = Clock::now();
       co_await asio::async_write(s, asio::buffer(load.request), asio::redirect_error(use_awaitable, ec));
       if (!ec) ec = co_await read_response(s, buf);
-      tally.record(load, t0, ec);
+      if (!first || ec) tally.record(load, t0, ec);
     }
     if (ec) co_await pause_after_error();
   }
@@ -592,8 +611,9 @@ struct ModeResult {
 ModeResult run_load(int port, bool close, const Options& opt) {
   Load load;
   load.endpoint = {asio::ip::address_v4::loopback(), static_cast<unsigned short>(port)};
-  for (int i = 1; opt.sources > 1 && i <= opt.sources; ++i)
-    load.sources.push_back(asio::ip::address_v4((127u << 24) | static_cast<unsigned>(i)));
+  for (int i = 1; opt.sources > 1 && i <= opt.sources; ++i)  // 127.0.0.1, ..., 127.0.0.255, 127.0.1.0, ...
+    load.sources.push_back(asio::ip::address_v4((127u << 24) + static_cast<unsigned>(i)));
+  load.loops = static_cast<std::size_t>(opt.concurrency);
   load.request = fmt::format("GET / HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n{}\r\n", port, close ? "Connection: close\r\n" : "");
   load.measure_from = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(opt.warmup));
   load.stop_at = load.measure_from + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(opt.duration));
@@ -606,10 +626,8 @@ ModeResult run_load(int port, bool close, const Options& opt) {
     int loops = opt.concurrency / threads + (t < opt.concurrency % threads ? 1 : 0);
     long running = loops;
     for (int i = 0; i < loops; ++i) {
-      const std::size_t n = load.sources.size();
-      const asio::ip::address_v4 source = n ? load.sources[(static_cast<std::size_t>(t) + static_cast<std::size_t>(i) * threads) % n]
-                                            : asio::ip::address_v4{};
-      asio::co_spawn(io, close ? close_loop(load, source, tallies[t]) : keepalive_loop(load, source, tallies[t]),
+      const auto loop = static_cast<std::size_t>(t) + static_cast<std::size_t>(i) * threads;
+      asio::co_spawn(io, close ? close_loop(load, loop, tallies[t]) : keepalive_loop(load, loop, tallies[t]),
                      [&](std::exception_ptr e) {
                        --running;
                        if (e) std::rethrow_exception(e);
@@ -785,18 +803,32 @@ Result run_server(const Config& config, const Options& opt, const std::optional<
   }
   const double wrk_seconds = std::max(1.0, std::round(opt.duration));
   g_phase = config.name.c_str();
-  ::alarm(static_cast<unsigned>(60 + 2 * (opt.warmup + opt.duration + 5) + (wrk ? 2 * (wrk_seconds + 30) : 0)));
+  ::alarm(static_cast<unsigned>(60 + 2 * (opt.warmup + opt.duration + 5) + (wrk ? 40 + 2 * (wrk_seconds + 30) : 0)));
+  // Each worker's share: `counts` from the server's JSON line as it stops.
+  auto shares = [&](Server& server, const char* jain_key) {
+    auto json = server.stop();
+    if (config.nginx) return std::vector<WorkerCount>{};
+    std::vector<WorkerCount> counts;
+    if (json) counts = parse_worker_counts(*json);
+    if (counts.empty()) r.notes.push_back("no per-worker counts: " + json.value_or("no JSON line after SIGTERM"));
+    if (auto j = jain(counts)) r.f[jain_key] = *j;
+    return counts;
+  };
   try {
-    Server server(config, opt);
-    r.command = server.command();
-    probe(server.port());
-    const ModeResult close = run_load(server.port(), true, opt);
-    const ModeResult keep = run_load(server.port(), false, opt);
-    put(r.f, "close_", close, "conn_per_s");
-    put(r.f, "ka_", keep, "req_per_s");
-    note_errors(r, "close", close);
-    note_errors(r, "keep-alive", keep);
-    if (wrk) {
+    {
+      Server server(config, opt);
+      r.command = server.command();
+      probe(server.port());
+      const ModeResult close = run_load(server.port(), true, opt);
+      const ModeResult keep = run_load(server.port(), false, opt);
+      put(r.f, "close_", close, "conn_per_s");
+      put(r.f, "ka_", keep, "req_per_s");
+      note_errors(r, "close", close);
+      note_errors(r, "keep-alive", keep);
+      r.workers = shares(server, "jain");  // the built-in client's connections only
+    }
+    if (wrk) {  // a server of its own: wrk connects from 127.0.0.1 only, which Sticky sends to one worker
+      Server server(config, opt);
       if (auto m = run_wrk(*wrk, server.port(), true, opt)) {
         put(r.f, "wrk_close_", *m, "req_per_s");
         note_errors(r, "wrk close", *m);
@@ -805,12 +837,7 @@ Result run_server(const Config& config, const Options& opt, const std::optional<
         put(r.f, "wrk_ka_", *m, "req_per_s");
         note_errors(r, "wrk keep-alive", *m);
       }
-    }
-    auto json = server.stop();
-    if (!config.nginx) {
-      if (json) r.workers = parse_worker_counts(*json);
-      if (r.workers.empty()) r.notes.push_back("no per-worker counts: " + json.value_or("no JSON line after SIGTERM"));
-      if (auto j = jain(r.workers)) r.f["jain"] = *j;
+      shares(server, "wrk_jain");
     }
   } catch (const std::exception& e) {
     r.status = std::string("failed: ") + e.what();
@@ -903,7 +930,190 @@ void print_table(const char* title, const char* rate_label, const std::string& p
   }
 }
 
-void report(const Options& opt, const std::vector<Result>& results, bool have_wrk, const std::string& command) {
+// One server's figures as a JSON object's members (without braces).
+std::string server_json(const std::vector<Result>& results, const Result& r) {
+  std::string json = fmt::format("\"status\":{}", json_string(r.status));
+  if (r.status != "ok") return json;
+  const Result* nginx = find(results, "nginx");
+  for (const auto& [key, value] : r.f) json += fmt::format(",\"{}\":{}", key, json_number(value));
+  for (const char* key : {"close_conn_per_s", "ka_req_per_s", "wrk_close_req_per_s", "wrk_ka_req_per_s"}) {
+    const std::string stem = std::string(key).substr(0, std::string(key).find("_per_s"));
+    json += fmt::format(",\"{}_x_nginx\":{},\"{}_x_raw\":{}", stem, json_number(ratio(r.f, nginx ? &nginx->f : nullptr, key)),
+                        stem, json_number(ratio(r.f, raw_for(results, r), key)));
+  }
+  if (!r.config.nginx) {
+    double sum = 0;
+    for (const auto& w : r.workers) sum += w.connections;
+    json += ",\"workers\":[";
+    for (std::size_t i = 0; i < r.workers.size(); ++i)
+      json += fmt::format("{}{{\"id\":{},\"connections\":{:.0f},\"share\":{}}}", i ? "," : "", r.workers[i].id,
+                          r.workers[i].connections,
+                          json_number(sum > 0 ? std::optional<double>(r.workers[i].connections / sum) : std::nullopt));
+    json += "]";
+  }
+  return json;
+}
+
+std::string servers_json(const std::vector<Result>& results) {
+  std::string json = "{";
+  for (const auto& r : results)
+    json += fmt::format("{}{}:{{{}}}", json.size() > 1 ? "," : "", json_string(r.config.name), server_json(results, r));
+  return json + "}";
+}
+
+// ---- several runs: ratios as "first run (min-max)"; the issue's targets ----
+
+// A figure of one server in one run (a ratio to another server of the same run, or its own).
+struct Metric {
+  std::string label;
+  std::function<std::optional<double>(const std::vector<Result>&, const Result&)> of;
+  int precision = 2;  // decimals; -1: by magnitude (milliseconds)
+};
+
+std::optional<double> ratio_to(const std::vector<Result>& run, const Result& r, std::string_view base_name,
+                               const std::string& key, const std::string& base_key = "") {
+  const Result* base = find(run, base_name);
+  if (!base) return std::nullopt;
+  auto v = get(r.f, key), b = get(base->f, base_key.empty() ? key : base_key);
+  if (!v || !b || *b <= 0) return std::nullopt;
+  return *v / *b;
+}
+
+std::vector<Metric> summary_metrics() {
+  std::vector<Metric> m;
+  for (const char* client : {"", "wrk_"}) {
+    const std::string who = *client ? "wrk " : "";
+    for (const auto& [mode, key] : {std::pair{"close", "close_"}, std::pair{"k-a", "ka_"}}) {
+      const std::string rate = std::string(client) + key + (*client || mode[0] == 'k' ? "req_per_s" : "conn_per_s");
+      m.push_back({who + mode + " x nginx", [rate](const auto& run, const Result& r) { return ratio_to(run, r, "nginx", rate); }});
+      m.push_back({who + mode + " x raw", [rate](const auto& run, const Result& r) {
+                     auto raw = raw_for(run, r);
+                     return ratio(r.f, raw, rate);
+                   }});
+    }
+  }
+  m.push_back({"close x node-rr", [](const auto& run, const Result& r) { return ratio_to(run, r, "node-rr", "close_conn_per_s"); }});
+  m.push_back({"Jain", [](const auto&, const Result& r) { return get(r.f, "jain"); }, 3});
+  for (const auto& [mode, key] : {std::pair{"close", "close_p99_ms"}, std::pair{"k-a", "ka_p99_ms"}}) {
+    const std::string k = key;
+    m.push_back({std::string(mode) + " p99 ms", [k](const auto&, const Result& r) { return get(r.f, k); }, -1});
+    m.push_back({std::string(mode) + " p99 x nginx", [k](const auto& run, const Result& r) { return ratio_to(run, r, "nginx", k); }});
+  }
+  return m;
+}
+
+struct Spread {
+  std::optional<double> first;  // the first run's value
+  double low = 0, high = 0;
+  int n = 0;  // runs with a value
+};
+
+Spread spread(const std::vector<std::vector<Result>>& runs, const std::string& name, const Metric& metric) {
+  Spread s;
+  for (std::size_t i = 0; i < runs.size(); ++i) {
+    const Result* r = find(runs[i], name);
+    auto v = r ? metric.of(runs[i], *r) : std::nullopt;
+    if (!v) continue;
+    if (i == 0) s.first = v;
+    s.low = s.n ? std::min(s.low, *v) : *v;
+    s.high = s.n ? std::max(s.high, *v) : *v;
+    ++s.n;
+  }
+  return s;
+}
+
+// "0.91 (0.88-0.95)": the first run's value and the range over the runs that have one.
+std::string spread_cell(const Spread& s, std::size_t runs, int precision) {
+  if (!s.n) return "-";
+  const int p = precision >= 0 ? precision : s.high >= 100 ? 0 : s.high >= 10 ? 1 : 2;
+  const std::string first = s.first ? fmt::format("{:.{}f}", *s.first, p) : "-";
+  if (runs < 2) return first;
+  return fmt::format("{} ({:.{}f}-{:.{}f}{})", first, s.low, p, s.high, p, s.n < static_cast<int>(runs) ? "*" : "");
+}
+
+void print_summary(const std::vector<std::vector<Result>>& runs) {
+  const auto metrics = summary_metrics();
+  std::vector<std::string> names;
+  for (const auto& r : runs.front())
+    if (r.status == "ok") names.push_back(r.config.name);
+  std::vector<const Metric*> shown;  // those with a figure for some server
+  for (const auto& m : metrics)
+    for (const auto& name : names)
+      if (spread(runs, name, m).n) {
+        shown.push_back(&m);
+        break;
+      }
+  fmt::print("\nsummary over {} runs: first run (min-max over the runs; * a run without this figure)\n", runs.size());
+  constexpr std::size_t per_table = 4;
+  for (std::size_t from = 0; from < shown.size(); from += per_table) {
+    const std::size_t to = std::min(shown.size(), from + per_table);
+    fmt::print("\n{:<20}", "");
+    for (std::size_t i = from; i < to; ++i) fmt::print("{:>22}", shown[i]->label);
+    fmt::print("\n");
+    for (const auto& name : names) {
+      fmt::print("{:<20}", name);
+      for (std::size_t i = from; i < to; ++i) fmt::print("{:>22}", spread_cell(spread(runs, name, *shown[i]), runs.size(), shown[i]->precision));
+      fmt::print("\n");
+    }
+  }
+}
+
+// The issue's targets (issue 14, "Measure"), for the figures this run has: printed, never an
+// exit code (one run on a loaded machine proves neither way).
+void print_targets(const Options& opt, const std::vector<std::vector<Result>>& runs) {
+  struct Row {
+    std::string what;
+    Spread s;
+    int precision;
+    bool met;
+  };
+  std::vector<Row> rows;
+  auto check = [&](std::string what, const std::string& name, const Metric& m, auto ok) {
+    const Spread s = spread(runs, name, m);
+    if (s.first) rows.push_back({std::move(what), s, m.precision, ok(*s.first)});
+  };
+  auto at_least = [](double goal) { return [goal](double v) { return v >= goal; }; };
+  for (const char* client : {"", "wrk_"}) {
+    const std::string who = *client ? "wrk" : "built-in client";
+    const std::string rate = std::string(client) + (*client ? "close_req_per_s" : "close_conn_per_s");
+    const Metric x_nginx{"", [rate](const auto& run, const Result& r) { return ratio_to(run, r, "nginx", rate); }};
+    const Metric x_raw_rr{"", [rate](const auto& run, const Result& r) { return ratio_to(run, r, "raw-rr", rate); }};
+    const Metric x_node{"", [rate](const auto& run, const Result& r) { return ratio_to(run, r, "node-rr", rate); }};
+    check(fmt::format("ReusePort conn/s >= 1.00 x nginx ({})", who), "cocluster-reuseport", x_nginx, at_least(1.0));
+    check(fmt::format("RoundRobin conn/s >= 0.95 x raw-rr ({})", who), "cocluster-rr", x_raw_rr, at_least(0.95));
+    check(fmt::format("RoundRobin conn/s >= 3 x Node SCHED_RR ({})", who), "cocluster-rr", x_node, at_least(3.0));
+  }
+  if (opt.stalled) {  // LeastConnections' close-mode p99 below SharedSocket's and ReusePort's
+    for (const char* other : {"cocluster-none", "cocluster-reuseport"}) {
+      const std::string base = other;
+      const Metric m{"", [base](const auto& run, const Result& r) { return ratio_to(run, r, base, "close_p99_ms"); }};
+      check(fmt::format("stalled: LeastConnections close p99 < {}'s (ratio < 1)", base), "cocluster-leastconn", m,
+            [](double v) { return v < 1.0; });
+    }
+  }
+  const bool large = opt.workers >= 8 && opt.concurrency >= 512;
+  if (large) {
+    const Metric jain{"", [](const auto&, const Result& r) { return get(r.f, "jain"); }, 3};
+    const Metric p99{"", [](const auto& run, const Result& r) { return ratio_to(run, r, "nginx", "ka_p99_ms"); }};
+    for (const auto& r : runs.front()) {
+      if (!r.config.name.starts_with("cocluster-")) continue;
+      check(fmt::format("{}: Jain >= 0.95", r.config.name), r.config.name, jain, at_least(0.95));
+      check(fmt::format("{}: keep-alive p99 <= 2 x nginx's", r.config.name), r.config.name, p99,
+            [](double v) { return v <= 2.0; });
+    }
+  }
+  fmt::print("\ntargets (issue 14), the first run's figure{}:\n", runs.size() > 1 ? " (min-max over the runs)" : "");
+  for (const auto& row : rows)
+    fmt::print("  {:<58}{:>20}  {}\n", row.what, spread_cell(row.s, runs.size(), row.precision), row.met ? "met" : "NOT MET");
+  if (rows.empty()) fmt::print("  (none of the figures the targets need is in this run)\n");
+  if (!large) fmt::print("  (Jain >= 0.95 and keep-alive p99 within 2 x nginx's: --workers 8 --concurrency 512)\n");
+  if (!opt.stalled) fmt::print("  (LeastConnections' p99 under a stalled worker: --stalled)\n");
+}
+
+// Prints the first run's tables, then (several runs) each ratio's range, the targets, and
+// one JSON line with every run's figures.
+void report(const Options& opt, const std::vector<std::vector<Result>>& runs, bool have_wrk, const std::string& command) {
+  const std::vector<Result>& results = runs.front();
   const long nproc = ::sysconf(_SC_NPROCESSORS_ONLN);
   const std::string cpu = cpu_model();
   fmt::print("policy_bench: HTTP GET / on 127.0.0.1, {} workers per server, {} concurrent connections, "
@@ -912,10 +1122,14 @@ void report(const Options& opt, const std::vector<Result>& results, bool have_wr
   fmt::print("machine: {} CPUs ({}). The load client ({} thread{} in this process, then wrk -t2) runs on the same CPUs "
              "as the servers and takes a share of them: read the ratios, not the absolute rates.\n",
              nproc, cpu, opt.client_threads, opt.client_threads == 1 ? "" : "s");
+  if (runs.size() > 1)
+    fmt::print("{} runs: the tables show the first run; its ratios and their range over the runs follow them\n",
+               runs.size());
   if (opt.stalled)
     fmt::print("stalled: worker 1 of each server blocks its loop 50 ms on every 10th request it serves\n");
   if (opt.sources > 1)
-    fmt::print("built-in client: connections from 127.0.0.1 to 127.0.0.{} in turn (wrk: 127.0.0.1 only)\n", opt.sources);
+    fmt::print("built-in client: connections from {} source addresses, 127.0.0.1 to {}, in turn (wrk: 127.0.0.1 only)\n",
+               opt.sources, asio::ip::address_v4((127u << 24) + static_cast<unsigned>(opt.sources)).to_string());
   print_table("built-in client", "close conn/s", "", "conn_per_s", results);
   fmt::print("\n{:<20}{:>10}{:>10}{:>10}{:>12}{:>10}{:>10}\n", "latency (ms)", "close p50", "p99", "max", "k-a p50",
              "p99", "max");
@@ -928,7 +1142,8 @@ void report(const Options& opt, const std::vector<Result>& results, bool have_wr
   if (have_wrk) print_table("wrk", "close req/s", "wrk_", "req_per_s", results);
   else fmt::print("\n(wrk not installed: no wrk figures; apt-get install wrk)\n");
 
-  fmt::print("\n{:<20}{}\n", "fairness", "connections per worker over the whole run (share), Jain's index");
+  fmt::print("\n{:<20}{}\n", "fairness",
+             "connections per worker from the built-in client (share), Jain's index (wrk's, on a server of its own)");
   for (const auto& r : results) {
     if (r.status != "ok") continue;
     if (r.config.nginx) {
@@ -941,48 +1156,35 @@ void report(const Options& opt, const std::vector<Result>& results, bool have_wr
     for (const auto& w : r.workers)
       counts += fmt::format("{}#{}: {} ({:.1f}%)", counts.empty() ? "" : "  ", w.id, grouped(w.connections),
                             sum > 0 ? 100 * w.connections / sum : 0.0);
-    fmt::print("{:<20}{}  Jain {}\n", r.config.name, counts.empty() ? "-" : counts, cell(get(r.f, "jain"), 3));
+    fmt::print("{:<20}{}  Jain {}{}\n", r.config.name, counts.empty() ? "-" : counts, cell(get(r.f, "jain"), 3),
+               get(r.f, "wrk_jain") ? fmt::format(" (wrk: {:.3f})", *get(r.f, "wrk_jain")) : "");
   }
   fmt::print("\nc/k: close / keep-alive rates. x nginx: rate / nginx's rate. x raw: rate / the raw server's rate with "
              "the same policy (nginx: raw-none). Latency: close = connect to EOF, keep-alive = one request.\n");
-  for (const auto& r : results)
-    for (const auto& n : r.notes) fmt::print("note: {}: {}\n", r.config.name, n);
+  for (std::size_t i = 0; i < runs.size(); ++i) {
+    const std::string run = runs.size() > 1 ? fmt::format("run {}: ", i + 1) : "";
+    for (const auto& r : runs[i]) {
+      for (const auto& n : r.notes) fmt::print("note: {}{}: {}\n", run, r.config.name, n);
+      if (i > 0 && r.status != "ok") fmt::print("note: {}{}: {}\n", run, r.config.name, r.status);
+    }
+  }
   for (const auto& r : results)
     if (!r.command.empty()) fmt::print("command: {}: {}\n", r.config.name, r.command);
 
+  if (runs.size() > 1) print_summary(runs);
+  print_targets(opt, runs);
+
   std::string json = fmt::format(
       "{{\"machine\":{{\"nproc\":{},\"cpu\":{}}},\"command\":{},\"workers\":{},\"concurrency\":{},\"duration_s\":{},"
-      "\"warmup_s\":{},\"client_threads\":{},\"sources\":{},\"stalled\":{},\"wrk\":{},\"servers\":{{",
+      "\"warmup_s\":{},\"client_threads\":{},\"sources\":{},\"stalled\":{},\"wrk\":{},\"servers\":{}",
       nproc, json_string(cpu), json_string(command), opt.workers, opt.concurrency, opt.duration, opt.warmup,
-      opt.client_threads, opt.sources, opt.stalled, have_wrk);
-  const Result* nginx = find(results, "nginx");
-  bool first = true;
-  for (const auto& r : results) {
-    json += fmt::format("{}{}:{{\"status\":{}", first ? "" : ",", json_string(r.config.name), json_string(r.status));
-    first = false;
-    if (r.status != "ok") {
-      json += "}";
-      continue;
-    }
-    for (const auto& [key, value] : r.f) json += fmt::format(",\"{}\":{}", key, json_number(value));
-    for (const char* key : {"close_conn_per_s", "ka_req_per_s", "wrk_close_req_per_s", "wrk_ka_req_per_s"}) {
-      const std::string stem = std::string(key).substr(0, std::string(key).find("_per_s"));
-      json += fmt::format(",\"{}_x_nginx\":{},\"{}_x_raw\":{}", stem, json_number(ratio(r.f, nginx ? &nginx->f : nullptr, key)),
-                          stem, json_number(ratio(r.f, raw_for(results, r), key)));
-    }
-    if (!r.config.nginx) {
-      double sum = 0;
-      for (const auto& w : r.workers) sum += w.connections;
-      json += ",\"workers\":[";
-      for (std::size_t i = 0; i < r.workers.size(); ++i)
-        json += fmt::format("{}{{\"id\":{},\"connections\":{:.0f},\"share\":{}}}", i ? "," : "", r.workers[i].id,
-                            r.workers[i].connections,
-                            json_number(sum > 0 ? std::optional<double>(r.workers[i].connections / sum) : std::nullopt));
-      json += "]";
-    }
-    json += "}";
+      opt.client_threads, opt.sources, opt.stalled, have_wrk, servers_json(results));
+  if (runs.size() > 1) {  // "servers" is the first run; "runs" has every run, the first included
+    json += ",\"runs\":[";
+    for (std::size_t i = 0; i < runs.size(); ++i) json += (i ? "," : "") + servers_json(runs[i]);
+    json += "]";
   }
-  fmt::print("{}}}}}\n", json);
+  fmt::print("{}}}\n", json);
 }
 
 // ---- the chart ----
@@ -1061,9 +1263,10 @@ void write_svg(const Options& opt, const std::vector<Result>& results) {
     if (auto j = get(r.f, "jain"))
       svg += fmt::format("<text x=\"{}\" y=\"{}\" font-size=\"10\">Jain {:.3f}</text>\n", x0 + share_w + 4, y + 19, *j);
   }
-  svg += fmt::format("<text x=\"10\" y=\"{}\" font-size=\"10\" fill=\"#555\">{} CPUs ({}); one run; "
+  svg += fmt::format("<text x=\"10\" y=\"{}\" font-size=\"10\" fill=\"#555\">{} CPUs ({}); {}; "
                      "the client shares the CPUs</text>\n</svg>\n",
-                     height - 12, ::sysconf(_SC_NPROCESSORS_ONLN), xml_escape(cpu_model()));
+                     height - 12, ::sysconf(_SC_NPROCESSORS_ONLN), xml_escape(cpu_model()),
+                     opt.runs > 1 ? fmt::format("the first of {} runs", opt.runs) : "one run");
   std::ofstream out(opt.svg);
   out << svg;
   if (!out) fmt::print(stderr, "policy_bench: could not write {}\n", opt.svg);
@@ -1136,9 +1339,14 @@ bool wanted(const std::string& only, const std::string& name) {
 
 int usage(const char* argv0) {
   fmt::print(stderr,
-             "usage: {} [--quick] [--concurrency C] [--duration S] [--workers N] [--client-threads T]\n"
+             "usage: {} [--quick] [--concurrency C] [--duration S] [--warmup S] [--workers N] [--client-threads T]\n"
              "       [--only=cocluster,node,nginx,raw or full names like raw-rr] [--sources N] [--stalled]\n"
-             "       [--svg FILE] [--hello-cluster=PATH] [--node-script=PATH] [--raw-server=PATH]\n",
+             "       [--runs N] [--svg FILE] [--hello-cluster=PATH] [--node-script=PATH] [--raw-server=PATH]\n"
+             "  --sources N  the built-in client connects from 127.0.0.1 and the N-1 addresses after it, in turn\n"
+             "               (1024; no setup: 127.0.0.0/8 is local). Sticky hashes the client's address, and a\n"
+             "               real server sees thousands: with 16, 8 workers get shares from 0 to 4 sixteenths.\n"
+             "  --runs N     the whole comparison N times (1): the tables and --svg show the first run, then\n"
+             "               each ratio as `first run (min-max over the runs)`; the JSON line has every run.\n",
              argv0);
   return 64;
 }
@@ -1172,10 +1380,12 @@ int main(int argc, char** argv) {
     if (arg == "--quick") opt.duration = 0.5, opt.warmup = 0.1;
     else if (takes("--concurrency")) opt.concurrency = std::atoi(value.c_str());
     else if (takes("--duration")) opt.duration = std::atof(value.c_str());
+    else if (takes("--warmup")) opt.warmup = std::atof(value.c_str());
     else if (takes("--workers")) opt.workers = std::atoi(value.c_str());
     else if (takes("--client-threads")) opt.client_threads = std::atoi(value.c_str());
     else if (takes("--only")) opt.only = value;
     else if (takes("--sources")) opt.sources = std::atoi(value.c_str());
+    else if (takes("--runs")) opt.runs = std::atoi(value.c_str());
     else if (takes("--svg")) opt.svg = value;
     else if (arg == "--stalled") opt.stalled = true;
     else if (takes("--hello-cluster")) opt.hello_cluster = value;
@@ -1184,18 +1394,21 @@ int main(int argc, char** argv) {
     else return usage(argv[0]);
   }
   if (opt.concurrency < 1 || opt.duration <= 0 || opt.workers < 1 || opt.client_threads < 1 || opt.sources < 1 ||
-      opt.sources > 254)
+      opt.sources > 65535 || opt.runs < 1 || opt.warmup < 0)
     return usage(argv[0]);
 
   install_cleanup();
   // wrk connects from one address and cannot stall: the built-in client only for these runs.
   const auto wrk = opt.stalled ? std::nullopt : find_program("wrk");
-  std::vector<Result> results;
-  for (const Config& config : configs(opt)) {
-    if (!wanted(opt.only, config.name)) continue;
-    fmt::print(stderr, "policy_bench: {}...\n", config.name);
-    results.push_back(run_server(config, opt, wrk));
+  std::vector<std::vector<Result>> runs(static_cast<std::size_t>(opt.runs));
+  for (int i = 0; i < opt.runs; ++i) {
+    for (const Config& config : configs(opt)) {
+      if (!wanted(opt.only, config.name)) continue;
+      if (opt.runs > 1) fmt::print(stderr, "policy_bench: run {} of {}: {}...\n", i + 1, opt.runs, config.name);
+      else fmt::print(stderr, "policy_bench: {}...\n", config.name);
+      runs[i].push_back(run_server(config, opt, wrk));
+    }
   }
-  report(opt, results, wrk.has_value(), command);
-  if (!opt.svg.empty()) write_svg(opt, results);
+  report(opt, runs, wrk.has_value(), command);
+  if (!opt.svg.empty()) write_svg(opt, runs.front());  // the run whose tables are printed
 }
