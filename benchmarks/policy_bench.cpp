@@ -1332,18 +1332,18 @@ bool wanted(const std::string& only, const std::string& name) {
   return false;
 }
 
-int usage(const char* argv0) {
-  fmt::print(stderr,
+int usage(const char* argv0, bool asked = false) {
+  fmt::print(asked ? stdout : stderr,
              "usage: {} [--quick] [--concurrency C] [--duration S] [--warmup S] [--workers N] [--client-threads T]\n"
              "       [--only=cocluster,node,nginx,raw or full names like raw-rr] [--sources N] [--stalled]\n"
              "       [--runs N] [--svg FILE] [--hello-cluster=PATH] [--node-script=PATH] [--raw-server=PATH]\n"
              "  --sources N  the built-in client connects from 127.0.0.1 and the N-1 addresses after it, in turn\n"
              "               (1024; no setup: 127.0.0.0/8 is local). Sticky hashes the client's address, and a\n"
-             "               real server sees thousands: with 16, 8 workers get shares from 0 to 4 sixteenths.\n"
+             "               real server sees thousands; 16 over 8 workers left two workers without a client.\n"
              "  --runs N     the whole comparison N times (1): the tables and --svg show the first run, then\n"
              "               each ratio as `first run (min-max over the runs)`; the JSON line has every run.\n",
              argv0);
-  return 64;
+  return asked ? 0 : 64;
 }
 
 }  // namespace
@@ -1372,7 +1372,8 @@ int main(int argc, char** argv) {
       }
       return false;
     };
-    if (arg == "--quick") opt.duration = 0.5, opt.warmup = 0.1;
+    if (arg == "--help" || arg == "-h") return usage(argv[0], true);
+    else if (arg == "--quick") opt.duration = 0.5, opt.warmup = 0.1;
     else if (takes("--concurrency")) opt.concurrency = std::atoi(value.c_str());
     else if (takes("--duration")) opt.duration = std::atof(value.c_str());
     else if (takes("--warmup")) opt.warmup = std::atof(value.c_str());
