@@ -22,7 +22,7 @@
 // The built-in client connects from N client addresses in turn, 127.0.0.1 and the N-1 after it
 // (--sources, 1024; all of 127.0.0.0/8 is local on Linux: no setup). Sticky routes by the
 // client's address, and hashing few keys to workers is uneven by nature (16 addresses over 8
-// workers: Jain 0.909 in one run, about 0.7 expected), where a real server sees thousands of
+// workers: Jain about 0.7 expected, 0.563 in one run), where a real server sees thousands of
 // clients: with 1024, Sticky's index is near 1 (about 0.993 expected) and the other policies,
 // which do not look at the address, measured the same as with 16 and 256.
 // --stalled: only our policies, each with worker 1 blocking its loop 50 ms on every 10th
