@@ -114,6 +114,18 @@ class Worker : public std::enable_shared_from_this<Worker> {
     return {state_, exited_after_disconnect_, is_connected(), dead_, unresponsive_};
   }
 
+  // Ours (Node has none; gunicorn counts requests for max_requests): the connections this
+  // worker has open now (on a shared socket, an accept waiting for a connection counts as
+  // one), and every connection it has taken since it started (handed over by
+  // the master, or accepted on a SharedSocket or ReusePort listener; not those of an adopted
+  // acceptor), as it last reported them. It reports only once count_connections() asked it
+  // (LeastConnections asks when the worker joins its listener, a Supervisor with
+  // max_connections when it forks the worker), then after each turn of its event loop in
+  // which either changed; so both are 0 until then, and can be one loop turn old.
+  void count_connections() { link_->count_connections(); }
+  std::uint32_t open_connections() const noexcept { return link_->open_connections(); }
+  std::uint64_t connections_served() const noexcept { return link_->connections_served(); }
+
   // Completes when the worker runtime has announced itself (Node's 'online'). Fails with
   // error::worker_exited once the process has exited without coming online. Signature:
   // void(std::error_code); at once if it has happened. Cancellation (per-operation): stops
@@ -350,7 +362,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
           } else if constexpr (std::is_same_v<T, p::Close>) {
             if (listeners) listeners->close(*link_, m.server);
           } else if constexpr (std::is_same_v<T, p::OpenConnections>) {
-            link_->reported_open_connections(m.count);
+            link_->reported_connections(m);
           } else if constexpr (std::is_same_v<T, p::Ready>) {
             mark_ready();  // this_worker.ready(): ready whatever ready_on says
           } else {  // Disconnect, QueryReply, NewConn, CountConnections, HeartbeatRequest: the master's messages
