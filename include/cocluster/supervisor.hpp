@@ -240,6 +240,8 @@ class Supervisor {
     bool started = false, stopping = false, closed = false, reloading = false, recycling = false, killed_any = false;
     std::mt19937_64 random{std::random_device{}()};  // each worker's max_connections_jitter
     asio::steady_timer recycle_ended;  // never expires: cancelled to wake a reload waiting for a recycling
+    asio::steady_timer* recycle_timer = nullptr;  // the recycle loop's, while it runs
+    bool recycle_idle = false;                    // it waits for a plain look: a worker due may wake it
     std::error_code failure;
     detail::pending_handler<> run_handler;
     std::optional<asio::signal_set> signals;
@@ -285,6 +287,10 @@ class Supervisor {
         e.connection_limit = settings.max_connections +
                              std::uniform_int_distribution<std::uint64_t>(0, settings.max_connections_jitter)(random);
         w->count_connections();
+        // A worker reaching its limit wakes the recycle loop, rather than waiting for its next look.
+        detail::supervisor_access::on_connections_reported(*w, [weak = this->weak_from_this(), id = w->id()] {
+          if (auto self = weak.lock()) self->connections_reported(id);
+        });
       }
       managed.emplace(w->id(), std::move(e));
       asio::co_spawn(ex, watch_exit(self, w), asio::detached);
@@ -574,6 +580,12 @@ class Supervisor {
       co_return std::error_code();
     }
 
+    void connections_reported(int id) {
+      auto it = managed.find(id);
+      if (it == managed.end() || !recycle_idle || !recycle_timer) return;
+      if (it->second.worker->connections_served() >= it->second.connection_limit) recycle_timer->cancel();
+    }
+
     // A worker due for recycling, oldest first, and why; none if none is.
     std::pair<std::shared_ptr<Worker>, std::string> recycle_candidate() const {
       for (auto& [id, e] : managed) {
@@ -589,16 +601,22 @@ class Supervisor {
       return {nullptr, std::string()};
     }
 
-    // Recycling (max_connections, max_memory): one look per interval, then at most one worker
-    // replaced, and the next look an interval after it ended: two never recycle at once.
+    // Recycling (max_connections, max_memory): one look per interval, or as soon as a worker
+    // reports it reached its connection limit; then at most one worker replaced, and the next
+    // look a whole interval after it ended (no early wake then): two never recycle at once.
     static asio::awaitable<void> recycle_loop(std::shared_ptr<core> self) {
       asio::steady_timer timer(self->ex);
       self->sleeping.insert(&timer);
+      self->recycle_timer = &timer;
       clock::duration wait = self->settings.recycle_check_interval;
+      bool idle = true;  // the wait is a plain look's, not the gap after a recycling
       while (!self->stopping && !self->closed) {
         timer.expires_after(wait);
         wait = self->settings.recycle_check_interval;
+        self->recycle_idle = idle;
         co_await timer.async_wait(as_tuple(asio::use_awaitable));
+        self->recycle_idle = false;
+        idle = !self->reloading;  // (during a reload, a worker due would only wake it in vain)
         if (self->stopping || self->closed || self->reloading) continue;
         auto [w, why] = self->recycle_candidate();
         if (!w) continue;
@@ -608,6 +626,7 @@ class Supervisor {
         const std::error_code ec = co_await self->replace(std::move(one), fmt::format("recycling worker {}", w->id()));
         self->reloading = self->recycling = false;
         self->recycle_ended.cancel();  // a reload waiting for it goes on
+        idle = false;
         if (!ec) {
           ++self->recycles;
         } else if (ec == error::reload_rolled_back) {  // the worker stays; a failed boot is a crash
@@ -622,6 +641,7 @@ class Supervisor {
         self->check_done();
       }
       self->sleeping.erase(&timer);
+      self->recycle_timer = nullptr;
     }
 
     void handle_signals(std::function<void(std::error_code, std::size_t)> reloaded) {

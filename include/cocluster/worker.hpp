@@ -43,6 +43,7 @@ namespace cocluster {
 
 namespace detail {
 struct master_access;
+struct supervisor_access;
 // The master's ends of a worker's piped stdin, stdout, stderr (empty: not piped).
 using stdio_pipes = std::array<std::optional<asio::posix::stream_descriptor>, 3>;
 
@@ -267,6 +268,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
 
  private:
   friend struct detail::master_access;
+  friend struct detail::supervisor_access;
 
   using as_tuple_t = cocluster::detail::as_tuple_t<asio::use_awaitable_t<>>;
 
@@ -597,6 +599,13 @@ struct master_access {
   }
   static void close_channel(Worker& w) { w.channel_.close(); }
   static Process& process(Worker& w) { return w.process_; }
+};
+
+// What a Supervisor watches of a Worker beyond its public operations.
+struct supervisor_access {
+  // `f` runs on the master's executor after each report of the worker's connections
+  // (connections_served() has its new value); one at a time: a second replaces the first.
+  static void on_connections_reported(Worker& w, std::function<void()> f) { w.link_->on_reported(std::move(f)); }
 };
 }  // namespace detail
 

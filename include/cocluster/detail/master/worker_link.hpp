@@ -9,6 +9,8 @@
 
 #include <sys/types.h>
 
+#include <cstdint>
+#include <functional>
 #include <memory>
 #include <utility>
 
@@ -35,10 +37,13 @@ class worker_link {
   }
   std::uint32_t open_connections() const noexcept { return open_connections_; }
   std::uint64_t connections_served() const noexcept { return connections_served_; }
-  void reported_connections(const ipc::protocol::OpenConnections& m) noexcept {
+  void reported_connections(const ipc::protocol::OpenConnections& m) {
     open_connections_ = m.count;
     connections_served_ = m.total;
+    if (on_reported_) on_reported_();
   }
+  // Called after each report, on the master's executor (a Supervisor's max_connections watch).
+  void on_reported(std::function<void()> f) { on_reported_ = std::move(f); }
   ipc::Channel& channel() noexcept { return channel_; }
   // False once the Worker has seen its channel end (or closed it).
   bool is_connected() const noexcept { return connected_ && channel_.is_open(); }
@@ -63,6 +68,7 @@ class worker_link {
   bool counting_ = false;
   std::uint32_t open_connections_ = 0;
   std::uint64_t connections_served_ = 0;
+  std::function<void()> on_reported_;
 };
 
 }  // namespace cocluster::detail
