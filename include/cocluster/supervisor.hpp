@@ -1,6 +1,7 @@
 // Keeps a Master's workers running, as PM2, gunicorn or an Erlang/OTP supervisor does (Node
 // leaves this to the user): replaces a worker that dies, with a backoff and a restart limit;
-// reloads every worker without dropping a request; stops gracefully; optionally on signals.
+// reloads every worker without dropping a request; recycles a worker after its share of
+// connections or above a memory limit, one at a time; stops gracefully; optionally on signals.
 // Built from Master's own operations (fork, ready, disconnect, kill), not a second framework:
 // the Master stays usable beside it (events(), workers(), send/receive).
 //   cocluster::Master<> master(io.get_executor());
