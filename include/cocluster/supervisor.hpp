@@ -26,6 +26,7 @@
 #include <asio/use_awaitable.hpp>
 #include <fmt/core.h>
 
+#include <algorithm>
 #include <chrono>
 #include <csignal>
 #include <cstddef>
@@ -285,8 +286,8 @@ class Supervisor {
       e.worker = w;
       e.started = clock::now();
       if (settings.max_connections > 0) {  // the worker reports what it takes from now on
-        e.connection_limit = settings.max_connections +
-                             std::uniform_int_distribution<std::uint64_t>(0, settings.max_connections_jitter)(random);
+        const std::uint64_t jitter = std::min(settings.max_connections_jitter, UINT64_MAX - settings.max_connections);
+        e.connection_limit = settings.max_connections + std::uniform_int_distribution<std::uint64_t>(0, jitter)(random);
         w->count_connections();
         // A worker reaching its limit wakes the recycle loop, rather than waiting for its next look.
         detail::supervisor_access::on_connections_reported(*w, [weak = this->weak_from_this(), id = w->id()] {
@@ -581,10 +582,15 @@ class Supervisor {
       co_return std::error_code();
     }
 
+    // Whether `e` has taken its connection limit and may be recycled now.
+    static bool connections_due(const entry& e) {
+      return e.connection_limit > 0 && !e.retiring && !e.being_replaced && !e.trial && e.worker->is_ready() &&
+             e.worker->connections_served() >= e.connection_limit;
+    }
+
     void connections_reported(int id) {
-      auto it = managed.find(id);
-      if (it == managed.end() || !recycle_idle || !recycle_timer) return;
-      if (it->second.worker->connections_served() >= it->second.connection_limit) recycle_timer->cancel();
+      if (!recycle_idle || !recycle_timer) return;
+      if (auto it = managed.find(id); it != managed.end() && connections_due(it->second)) recycle_timer->cancel();
     }
 
     // A worker due for recycling, oldest first, and why; none if none is.
@@ -592,7 +598,7 @@ class Supervisor {
       for (auto& [id, e] : managed) {
         const auto& w = e.worker;
         if (e.retiring || e.being_replaced || e.trial || !w->is_ready()) continue;
-        if (e.connection_limit > 0 && w->connections_served() >= e.connection_limit)
+        if (connections_due(e))
           return {w, fmt::format("served {} connections, at or above max_connections {} (its limit with jitter: {})",
                                  w->connections_served(), settings.max_connections, e.connection_limit)};
         if (settings.max_memory == 0) continue;
