@@ -459,6 +459,29 @@ awaitable<recycle_order> read_recycle_order(EventStream& events, long initial) {
 
 }  // namespace
 
+namespace {
+
+// One worker, five connections one after another: it reports each one it took, once.
+template <class P>
+awaitable<void> five_served(asio::io_context& io) {
+  Master<P> master(io.get_executor(), Settings{.env = http_env()});
+  auto w = co_await master.fork();
+  w->count_connections();
+  const Address where = co_await w->listening();
+  for (int i = 0; i < 5; ++i) CHECK((co_await ping(where.port)) == w->pid());
+  co_await until_true(io, [&] { return w->connections_served() >= 5; });
+  CHECK(w->connections_served() == 5);
+  co_await master.disconnect();
+}
+
+}  // namespace
+
+TEST_CASE("connections_served() counts every connection a worker took: handed over, or accepted on a shared or SO_REUSEPORT socket") {
+  run_bounded([](asio::io_context& io) { return five_served<RoundRobin>(io); });
+  run_bounded([](asio::io_context& io) { return five_served<SharedSocket>(io); });
+  run_bounded([](asio::io_context& io) { return five_served<ReusePort>(io); });
+}
+
 TEST_CASE("supervisor: workers that served max_connections are recycled one at a time, each replacement ready first; no request fails") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<> master(io.get_executor(), Settings{.env = http_env()});
