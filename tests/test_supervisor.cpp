@@ -10,7 +10,9 @@
 #include <asio.hpp>
 #include <doctest/doctest.h>
 
+#include <cstdint>
 #include <cstdlib>
+#include <functional>
 #include <optional>
 #include <set>
 #include <sstream>
@@ -53,20 +55,26 @@ awaitable<void> serve(tcp::socket socket, bool& draining, asio::steady_timer& dr
 // A TCP server on 127.0.0.1:0 (every worker's first listen(0) shares a port). TEST_EXIT=1: exits
 // with 3 right after start(); TEST_EXIT_CLEAN=1: with 0. The message "grow" makes it hold
 // 64 MiB more. TEST_NEVER_LISTEN=1: never listens (never ready by default).
-// TEST_READY_ON_GO=1: calls this_worker.ready() when the master sends "go". The message
-// "block" blocks its event loop for good.
+// TEST_READY_ON_GO=1: calls this_worker.ready() when the master sends "go". TEST_LISTEN_ON_GO=1:
+// listens only once the master sends "go" (and is ready by listening). The message "block"
+// blocks its event loop for good.
 WORKER_SCENARIO(sv_http) {
   asio::io_context io;
   this_worker.start(io.get_executor());
   if (env_set("TEST_EXIT")) return 3;
   if (env_set("TEST_EXIT_CLEAN")) return 0;
-  bool draining = false;
+  bool draining = false, went = false;
   asio::steady_timer drain_signal(io, asio::steady_timer::time_point::max());
+  asio::steady_timer go_signal(io, asio::steady_timer::time_point::max());
   asio::co_spawn(io, [&]() -> awaitable<void> {
     for (;;) {
       auto [ec, m] = co_await this_worker.receive(cocluster::as_tuple(use_awaitable));
       if (ec) co_return;
-      if (m.data == "go") this_worker.ready();
+      if (m.data == "go") {
+        went = true;
+        go_signal.cancel();
+        if (!env_set("TEST_LISTEN_ON_GO")) this_worker.ready();  // (with it: ready once listening)
+      }
       if (m.data == "block")  // its event loop stops turning for good: only SIGKILL ends it
         for (;;) std::this_thread::sleep_for(std::chrono::hours(1));
       if (m.data == "grow") {  // 64 MiB more resident memory
@@ -78,6 +86,7 @@ WORKER_SCENARIO(sv_http) {
   }, asio::detached);
   if (!env_set("TEST_NEVER_LISTEN"))
     asio::co_spawn(io, [&]() -> awaitable<void> {
+      if (env_set("TEST_LISTEN_ON_GO") && !went) co_await go_signal.async_wait(cocluster::as_tuple(use_awaitable));
       auto server = co_await this_worker.listen(tcp::endpoint(asio::ip::make_address("127.0.0.1"), 0));
       for (;;) {
         auto [ec, socket] = co_await server.accept(cocluster::as_tuple(use_awaitable));
@@ -399,6 +408,250 @@ TEST_CASE("supervisor: a worker above max_memory is recycled: its replacement is
     CHECK(ready_first);
     supervisor.stop();
     co_await until(io, ran);
+  });
+}
+
+namespace {
+
+awaitable<void> until_true(asio::io_context& io, std::function<bool()> done) {
+  asio::steady_timer t(io);
+  while (!done()) {
+    t.expires_after(1ms);
+    co_await t.async_wait(use_awaitable);
+  }
+}
+
+// What the events emitted so far say of the recycling: every fork after the first `initial`
+// is a replacement, in flight until the exit of the worker it replaces (no worker crashes in
+// these tests), so at most one may be in flight; and an old worker's disconnect comes after
+// its replacement's ready.
+struct recycle_order {
+  long max_in_flight = 0;
+  std::size_t disconnects_before_ready = 0;
+  std::vector<std::pair<EventType, std::shared_ptr<Worker>>> log;  // fork, ready, disconnect, exit
+};
+
+awaitable<recycle_order> read_recycle_order(EventStream& events, long initial) {
+  recycle_order r;
+  long forks = 0, exits = 0;
+  std::shared_ptr<Worker> replacement;
+  bool replacement_ready = true;
+  while (events.pending() > 0) {
+    Event e = co_await events.next();
+    switch (e.type) {
+      case EventType::fork:
+        if (++forks > initial) replacement = e.worker, replacement_ready = false;
+        break;
+      case EventType::ready:
+        if (e.worker == replacement) replacement_ready = true;
+        break;
+      case EventType::disconnect:
+        if (e.worker != replacement && !replacement_ready) ++r.disconnects_before_ready;
+        break;
+      case EventType::exit: ++exits; break;
+      default: continue;
+    }
+    r.log.emplace_back(e.type, e.worker);
+    r.max_in_flight = std::max(r.max_in_flight, forks - initial - exits);
+  }
+  co_return r;
+}
+
+}  // namespace
+
+namespace {
+
+// One worker, five connections one after another: it reports each one it took, once.
+template <class P>
+awaitable<void> five_served(asio::io_context& io) {
+  Master<P> master(io.get_executor(), Settings{.env = http_env()});
+  auto w = co_await master.fork();
+  w->count_connections();
+  const Address where = co_await w->listening();
+  for (int i = 0; i < 5; ++i) CHECK((co_await ping(where.port)) == w->pid());
+  co_await until_true(io, [&] { return w->connections_served() >= 5; });
+  CHECK(w->connections_served() == 5);
+  co_await master.disconnect();
+}
+
+}  // namespace
+
+TEST_CASE("connections_served() counts every connection a worker took: handed over, or accepted on a shared or SO_REUSEPORT socket") {
+  run_bounded([](asio::io_context& io) { return five_served<RoundRobin>(io); });
+  run_bounded([](asio::io_context& io) { return five_served<SharedSocket>(io); });
+  run_bounded([](asio::io_context& io) { return five_served<ReusePort>(io); });
+}
+
+TEST_CASE("supervisor: workers that served max_connections are recycled one at a time, each replacement ready first; no request fails") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor(), Settings{.env = http_env()});
+    auto& events = master.events();
+    Supervisor<>* sup = nullptr;
+    // Seen by each retirement as it begins (before the disconnect): the workers retired before
+    // it have all exited, and the supervised ones (the replacement among them) are all ready.
+    std::vector<std::shared_ptr<Worker>> retired;
+    std::size_t overlapping = 0, not_ready = 0;
+    bool stopping = false;
+    SupervisorSettings settings{.workers = 2, .max_connections = 20, .recycle_check_interval = 5ms};
+    settings.before_disconnect = [&](std::shared_ptr<Worker> w) -> awaitable<void> {
+      if (stopping) co_return;
+      for (auto& r : retired) overlapping += !r->is_dead();
+      const auto now = sup->workers();
+      not_ready += now.size() != 2;
+      for (auto& o : now) not_ready += !o->is_ready();
+      retired.push_back(w);
+    };
+    Supervisor<> supervisor(master, settings);
+    sup = &supervisor;
+    bool ran = false;
+    asio::co_spawn(io, supervisor.run(cocluster::as_tuple(use_awaitable)), [&](std::exception_ptr, std::tuple<std::error_code>) { ran = true; });
+    co_await until_true(io, [&] { return supervisor.workers().size() == 2; });
+    co_await master.ready();
+    const auto first = supervisor.workers();
+    for (auto& w : first) CHECK(supervisor.connection_limit(*w) == 20);  // no jitter
+    const Address where = co_await first.front()->listening();
+    // 100 connections, one after another, and more until both first workers have reported 20.
+    std::size_t failed = 0, asked = 0;
+    while (asked < 100 || first[0]->connections_served() < 20 || first[1]->connections_served() < 20) {
+      failed += (co_await ping(where.port)) == 0;
+      ++asked;
+    }
+    // Both are due: both are recycled (perhaps after the load).
+    co_await until_true(io, [&] { return first[0]->is_dead() && first[1]->is_dead(); });
+    CHECK(failed == 0);
+    CHECK(overlapping == 0);
+    CHECK(not_ready == 0);
+    CHECK(supervisor.recycles() >= 2);
+    CHECK(supervisor.recycles() <= retired.size());  // (a replacement may be being recycled in turn)
+    CHECK(supervisor.restarts() == 0);
+    for (auto& w : first) {
+      CHECK(w->connections_served() >= 20);
+      CHECK(w->exited_after_disconnect() == true);
+      CHECK((co_await w->exited()) == ExitStatus{0, 0});
+    }
+    const recycle_order order = co_await read_recycle_order(events, 2);
+    CHECK(order.max_in_flight == 1);
+    CHECK(order.disconnects_before_ready == 0);
+    MESSAGE(asked << " connections; " << supervisor.recycles() << " workers recycled");
+    stopping = true;
+    supervisor.stop();
+    co_await until(io, ran);
+  });
+}
+
+TEST_CASE("supervisor: each worker's connection limit is max_connections plus its own jitter") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor(), Settings{.env = http_env()});
+    Supervisor<> supervisor(master, {.workers = 8, .max_connections = 1000, .max_connections_jitter = 1000000});
+    bool ran = false;
+    asio::co_spawn(io, supervisor.run(cocluster::as_tuple(use_awaitable)), [&](std::exception_ptr, std::tuple<std::error_code>) { ran = true; });
+    co_await until_true(io, [&] { return supervisor.workers().size() == 8; });
+    co_await master.ready();
+    std::set<std::uint64_t> limits;
+    for (auto& w : supervisor.workers()) {
+      const std::uint64_t limit = supervisor.connection_limit(*w);
+      CHECK(limit >= 1000);
+      CHECK(limit <= 1001000);
+      limits.insert(limit);
+    }
+    // Eight draws from a million and one values: all equal has a chance of 1e-42.
+    CHECK(limits.size() > 1);
+    const auto one = supervisor.workers().front();
+    supervisor.stop();
+    co_await until(io, ran);
+    CHECK(supervisor.connection_limit(*one) == 0);  // no longer supervised
+  });
+}
+
+TEST_CASE("supervisor: recycling for memory and for connections never overlaps: one waits for the other") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    // Workers listen only when told "go": a replacement takes no connection (and is not ready)
+    // until the test lets it, so both first workers reach their limits while the first
+    // recycling waits.
+    Master<> master(io.get_executor(), Settings{.env = http_env({{"TEST_LISTEN_ON_GO", "1"}})});
+    auto& events = master.events();
+    Supervisor<> supervisor(master, {.workers = 2, .max_connections = 20, .max_memory = std::size_t{48} << 20,
+                                     .recycle_check_interval = 5ms});
+    bool ran = false;
+    asio::co_spawn(io, supervisor.run(cocluster::as_tuple(use_awaitable)), [&](std::exception_ptr, std::tuple<std::error_code>) { ran = true; });
+    co_await until_true(io, [&] { return supervisor.workers().size() == 2; });
+    const auto first = supervisor.workers();
+    for (auto& w : first) co_await w->send({"go"});
+    co_await master.ready();
+    const Address where = co_await first.front()->listening();
+    co_await first[0]->send({"grow"});  // above max_memory: its recycling starts at the next look
+    CHECK((co_await first[0]->receive()).data == "grown");
+    co_await until_true(io, [&] { return master.workers().size() == 3; });  // its replacement, waiting for "go"
+    // Now both reach max_connections while the memory recycling is in flight.
+    std::size_t failed = 0;
+    while (first[0]->connections_served() < 20 || first[1]->connections_served() < 20)
+      failed += (co_await ping(where.port)) == 0;
+    CHECK(failed == 0);
+    // Each replacement in turn: let it listen; its predecessor leaves; then the next one.
+    for (int i = 0; i < 2; ++i) {
+      co_await until_true(io, [&] {
+        for (auto& [id, w] : master.workers())
+          if (!w->is_ready()) return true;
+        return false;
+      });
+      std::size_t booting = 0;
+      for (auto& [id, w] : master.workers())
+        if (!w->is_ready()) {
+          ++booting;
+          co_await w->send({"go"});
+        }
+      CHECK(booting == 1);
+      co_await until_true(io, [&] { return supervisor.recycles() == std::size_t(i + 1); });
+    }
+    CHECK(first[0]->is_dead());
+    CHECK(first[1]->is_dead());
+    CHECK(supervisor.restarts() == 0);
+    const recycle_order order = co_await read_recycle_order(events, 2);
+    CHECK(order.max_in_flight == 1);
+    CHECK(order.disconnects_before_ready == 0);
+    // fork, fork, ready, ready (the first two); then fork R1, ready R1, disconnect, exit, and
+    // the same for R2: nothing interleaved.
+    std::vector<EventType> types;
+    for (auto& [t, w] : order.log) types.push_back(t);
+    const std::vector<EventType> expected{EventType::fork,       EventType::fork,  EventType::ready,
+                                          EventType::ready,      EventType::fork,  EventType::ready,
+                                          EventType::disconnect, EventType::exit,  EventType::fork,
+                                          EventType::ready,      EventType::disconnect, EventType::exit};
+    CHECK(types == expected);
+    supervisor.stop();
+    co_await until(io, ran);
+  });
+}
+
+TEST_CASE("supervisor: a recycling whose replacement is never ready leaves the worker serving and counts as a crash") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor(), Settings{.env = http_env()});
+    auto& events = master.events();
+    Supervisor<> supervisor(master, {.workers = 1, .restart_delay = 1ms, .max_restarts = 1,
+                                     .boot_timeout = std::chrono::milliseconds(200), .max_connections = 2,
+                                     .recycle_check_interval = 5ms});
+    std::error_code result = asio::error::would_block;
+    bool ran = false;
+    asio::co_spawn(io, supervisor.run(cocluster::as_tuple(use_awaitable)), [&](std::exception_ptr, std::tuple<std::error_code> r) {
+      result = std::get<0>(r);
+      ran = true;
+    });
+    co_await until_true(io, [&] { return supervisor.workers().size() == 1; });
+    co_await master.ready();
+    const auto old = supervisor.workers().front();
+    const Address where = co_await old->listening();
+    master.setup_merge({.env = http_env({{"TEST_NEVER_LISTEN", "1"}})});  // replacements never ready
+    for (int i = 0; i < 2; ++i) CHECK((co_await ping(where.port)) == old->pid());
+    // Two replacements fail: the first is within max_restarts (1), the second is past it.
+    co_await until(io, ran);
+    CHECK(result == error::restart_limit_reached);
+    CHECK(supervisor.recycles() == 0);
+    CHECK(supervisor.restarts() == 0);
+    CHECK(old->exited_after_disconnect() == true);  // it served until the stop retired it
+    std::size_t forks = 0;
+    while (events.pending() > 0) forks += (co_await events.next()).type == EventType::fork;
+    CHECK(forks == 3);
+    CHECK(master.workers().empty());
   });
 }
 

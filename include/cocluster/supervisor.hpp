@@ -1,6 +1,7 @@
 // Keeps a Master's workers running, as PM2, gunicorn or an Erlang/OTP supervisor does (Node
 // leaves this to the user): replaces a worker that dies, with a backoff and a restart limit;
-// reloads every worker without dropping a request; stops gracefully; optionally on signals.
+// reloads every worker without dropping a request; recycles a worker after its share of
+// connections or above a memory limit, one at a time; stops gracefully; optionally on signals.
 // Built from Master's own operations (fork, ready, disconnect, kill), not a second framework:
 // the Master stays usable beside it (events(), workers(), send/receive).
 //   cocluster::Master<> master(io.get_executor());
@@ -25,13 +26,16 @@
 #include <asio/use_awaitable.hpp>
 #include <fmt/core.h>
 
+#include <algorithm>
 #include <chrono>
 #include <csignal>
 #include <cstddef>
+#include <cstdint>
 #include <functional>
 #include <map>
 #include <memory>
 #include <optional>
+#include <random>
 #include <set>
 #include <string>
 #include <string_view>
@@ -90,11 +94,24 @@ struct SupervisorSettings {
   std::chrono::milliseconds hard_stop_timeout{5000};
   // Workers a reload replaces at a time (k).
   std::size_t reload_batch = 1;
-  // Recycling (PM2: max_memory_restart): a ready worker whose resident memory is above
-  // `max_memory` bytes (0: off), looked at every `recycle_check_interval`, is replaced as a
-  // reload replaces it (the replacement ready first, then the old one retired), one worker at a
-  // time, never during a reload. A replacement not ready in time is retired and the worker
-  // stays until the next look.
+  // Recycling: a ready worker is replaced as a reload replaces it (the replacement ready
+  // first, then the old one retired) when
+  // - it has taken its limit of connections (gunicorn: max_requests + max_requests_jitter;
+  //   PM2 and Puma have none): `max_connections` (0: off) plus a random value in
+  //   [0, max_connections_jitter] drawn for each worker when it is forked, so that workers
+  //   started together do not reach their limits together (connection_limit() tells it). The
+  //   worker counts every connection it takes (Worker::connections_served()); the limit starts
+  //   the recycling, it is no cap: the worker serves on until its replacement is ready.
+  // - its resident memory is above `max_memory` bytes (0: off; PM2: max_memory_restart).
+  // Both are looked at every `recycle_check_interval`. Strictly one recycling at a time, for
+  // either reason (when several workers are due, the oldest goes first; the next look is a
+  // recycle_check_interval after the previous recycling ended), never during a reload or a
+  // stop (a reload asked for meanwhile waits for it to end). A replacement not ready within
+  // the boot timer is retired, the worker stays, and the failure counts as a crash toward
+  // max_restarts (past it, run() fails with restart_limit_reached); it is tried again at a
+  // later look, no sooner than the restart backoff.
+  std::uint64_t max_connections = 0;
+  std::uint64_t max_connections_jitter = 0;
   std::size_t max_memory = 0;
   std::chrono::milliseconds recycle_check_interval{1000};
   // Awaited before a worker is disconnected (reload, stop, scale down), within the drain
@@ -140,8 +157,9 @@ class Supervisor {
   // stop timer, SIGKILL) and awaits their exits. A replacement not ready in time rolls the
   // batch back: the replacements are killed, the old workers stay, and the reload ends there
   // (batches before it stay replaced). Signature: void(std::error_code, std::size_t replaced).
-  // Errors: error::reload_rolled_back, asio::error::already_started while another reload
-  // (or a recycling) runs, error::supervisor_stopped once stopping (or before run()). No cancellation.
+  // A recycling in progress is awaited first. Errors: error::reload_rolled_back,
+  // asio::error::already_started while another reload runs, error::supervisor_stopped once
+  // stopping (or before run()). No cancellation.
   template <class CompletionToken = asio::use_awaitable_t<>>
   auto reload(CompletionToken&& token = {}) {
     return asio::async_initiate<CompletionToken, void(std::error_code, std::size_t)>(initiate_reload{core_}, token);
@@ -171,8 +189,15 @@ class Supervisor {
   // Replacements of crashed workers started so far (a restart still in its backoff when the
   // supervisor stops is not one).
   std::size_t restarts() const noexcept { return core_->restarts; }
-  // Workers replaced for their memory (max_memory) so far.
+  // Workers recycled so far, for their connections (max_connections) or their memory
+  // (max_memory); a recycling rolled back is not one.
   std::size_t recycles() const noexcept { return core_->recycles; }
+  // The connections after which `w` is recycled: max_connections plus the jitter drawn when
+  // it was forked; 0 when max_connections is off or `w` is not (or no longer) supervised.
+  std::uint64_t connection_limit(const Worker& w) const noexcept {
+    auto it = core_->managed.find(w.id());
+    return it == core_->managed.end() || it->second.worker.get() != &w ? 0 : it->second.connection_limit;
+  }
 
  private:
   // The one place SupervisorSettings::heartbeat reaches the Master: its heartbeat_timeout (the
@@ -193,6 +218,7 @@ class Supervisor {
       // replacement takes its place, or, if the batch rolls back, replace() restarts it.
       bool being_replaced = false;
       bool trial = false;  // a replacement not ready yet: the reload owns its fate, never a restart
+      std::uint64_t connection_limit = 0;  // max_connections + this worker's jitter (0: off)
     };
 
     core(Master<P>& m, SupervisorSettings s)
@@ -200,7 +226,8 @@ class Supervisor {
           ex(m.get_executor()),
           settings(std::move(s)),
           budget({settings.max_restarts, settings.restart_window, settings.restart_delay, settings.backoff_factor,
-                  settings.max_restart_delay, settings.backoff_reset_after}) {}
+                  settings.max_restart_delay, settings.backoff_reset_after}),
+          recycle_ended(ex, asio::steady_timer::time_point::max()) {}
 
     Master<P>* master;
     asio::any_io_executor ex;
@@ -211,7 +238,12 @@ class Supervisor {
     std::size_t pending_restarts = 0;        // replacements waiting out their backoff or forking
     std::size_t restarts = 0;
     std::size_t recycles = 0;
-    bool started = false, stopping = false, closed = false, reloading = false, killed_any = false;
+    // reloading: a reload or a recycling replaces workers (recycling: it is a recycling).
+    bool started = false, stopping = false, closed = false, reloading = false, recycling = false, killed_any = false;
+    std::mt19937_64 random{std::random_device{}()};  // each worker's max_connections_jitter
+    asio::steady_timer recycle_ended;  // never expires: cancelled to wake a reload waiting for a recycling
+    asio::steady_timer* recycle_timer = nullptr;  // the recycle loop's, while it runs
+    bool recycle_idle = false;                    // it waits for a plain look: a worker due may wake it
     std::error_code failure;
     detail::pending_handler<> run_handler;
     std::optional<asio::signal_set> signals;
@@ -232,6 +264,7 @@ class Supervisor {
       if (run_handler) run_handler.complete(asio::error::operation_aborted);
       if (signals) signals->cancel();
       for (auto* t : sleeping) t->cancel();
+      recycle_ended.cancel();
     }
 
     std::vector<std::shared_ptr<Worker>> live() const {
@@ -252,6 +285,15 @@ class Supervisor {
       entry e;
       e.worker = w;
       e.started = clock::now();
+      if (settings.max_connections > 0) {  // the worker reports what it takes from now on
+        const std::uint64_t jitter = std::min(settings.max_connections_jitter, UINT64_MAX - settings.max_connections);
+        e.connection_limit = settings.max_connections + std::uniform_int_distribution<std::uint64_t>(0, jitter)(random);
+        w->count_connections();
+        // A worker reaching its limit wakes the recycle loop, rather than waiting for its next look.
+        detail::supervisor_access::on_connections_reported(*w, [weak = this->weak_from_this(), id = w->id()] {
+          if (auto self = weak.lock()) self->connections_reported(id);
+        });
+      }
       managed.emplace(w->id(), std::move(e));
       asio::co_spawn(ex, watch_exit(self, w), asio::detached);
       if (watch_boot) asio::co_spawn(ex, watch_boot_timer(self, w), asio::detached);
@@ -406,6 +448,7 @@ class Supervisor {
       killed_any = false;  // what run() reports is about this stop, not an earlier reload's retire
       tell_systemd("STOPPING=1");
       for (auto* t : sleeping) t->cancel();
+      recycle_ended.cancel();
       for (auto& [id, e] : managed)
         if (!e.retiring) asio::co_spawn(ex, retire(this->shared_from_this(), e.worker), asio::detached);
       check_done();
@@ -451,6 +494,8 @@ class Supervisor {
     }
 
     static asio::awaitable<std::pair<std::error_code, std::size_t>> reload(std::shared_ptr<core> self) {
+      while (self->recycling && !self->stopping && !self->closed)  // one recycling ends first
+        co_await self->recycle_ended.async_wait(as_tuple(asio::use_awaitable));
       if (self->stopping || self->closed || !self->started)
         co_return std::pair{std::error_code(error::supervisor_stopped), std::size_t{0}};
       if (self->reloading) co_return std::pair{std::error_code(asio::error::already_started), std::size_t{0}};
@@ -476,7 +521,7 @@ class Supervisor {
         for (std::size_t i = at; i < std::min(at + k, old.size()); ++i)
           if (auto it = managed.find(old[i]); it != managed.end() && !it->second.retiring) batch.push_back(it->second.worker);
         if (batch.empty()) continue;  // those workers left meanwhile (their replacements are new)
-        const std::error_code ec = co_await replace(batch);
+        const std::error_code ec = co_await replace(batch, "reload");
         if (ec) {
           if (ec == error::reload_rolled_back)
             detail::log_error("reload: rolled back after {} workers replaced", replaced);
@@ -490,7 +535,7 @@ class Supervisor {
     // Replaces `batch`: forks as many, awaits their readiness (boot timer), then retires the
     // old ones and awaits their exits. error::reload_rolled_back when a replacement was not
     // ready (the replacements are retired, `batch` stays), supervisor_stopped when stopping.
-    asio::awaitable<std::error_code> replace(std::vector<std::shared_ptr<Worker>> batch) {
+    asio::awaitable<std::error_code> replace(std::vector<std::shared_ptr<Worker>> batch, std::string what) {
       auto self = this->shared_from_this();
       std::vector<std::shared_ptr<Worker>> fresh;
       auto mark = [&](const std::shared_ptr<Worker>& w, bool entry::*flag, bool on) {
@@ -527,7 +572,7 @@ class Supervisor {
         for (auto& w : batch)
           if (!managed.count(w->id()) && !stopping && !closed) schedule_restart(clock::duration::zero());
         for (auto& w : fresh) co_await w->exited(as_tuple(asio::use_awaitable));
-        if (!stopping && !closed) detail::log_error("reload: {}; rolled back", why);
+        if (!stopping && !closed) detail::log_error("{}: {}; rolled back", what, why);
         co_return (stopping || closed) ? std::error_code(error::supervisor_stopped)
                                        : std::error_code(error::reload_rolled_back);
       }
@@ -537,30 +582,73 @@ class Supervisor {
       co_return std::error_code();
     }
 
-    // max_memory: one look at every ready worker per interval; at most one replaced at a time.
+    // Whether `e` has taken its connection limit and may be recycled now.
+    static bool connections_due(const entry& e) {
+      return e.connection_limit > 0 && !e.retiring && !e.being_replaced && !e.trial && e.worker->is_ready() &&
+             e.worker->connections_served() >= e.connection_limit;
+    }
+
+    void connections_reported(int id) {
+      if (!recycle_idle || !recycle_timer) return;
+      if (auto it = managed.find(id); it != managed.end() && connections_due(it->second)) recycle_timer->cancel();
+    }
+
+    // A worker due for recycling, oldest first, and why; none if none is.
+    std::pair<std::shared_ptr<Worker>, std::string> recycle_candidate() const {
+      for (auto& [id, e] : managed) {
+        const auto& w = e.worker;
+        if (e.retiring || e.being_replaced || e.trial || !w->is_ready()) continue;
+        if (connections_due(e))
+          return {w, fmt::format("served {} connections, at or above max_connections {} (its limit with jitter: {})",
+                                 w->connections_served(), settings.max_connections, e.connection_limit)};
+        if (settings.max_memory == 0) continue;
+        if (auto rss = detail::resident_bytes(w->pid()); rss && *rss > settings.max_memory)
+          return {w, fmt::format("holds {} MiB, above max_memory ({} MiB)", *rss >> 20, settings.max_memory >> 20)};
+      }
+      return {nullptr, std::string()};
+    }
+
+    // Recycling (max_connections, max_memory): one look per interval, or as soon as a worker
+    // reports it reached its connection limit; then at most one worker replaced, and the next
+    // look a whole interval after it ended (no early wake then): two never recycle at once.
     static asio::awaitable<void> recycle_loop(std::shared_ptr<core> self) {
       asio::steady_timer timer(self->ex);
       self->sleeping.insert(&timer);
+      self->recycle_timer = &timer;
+      clock::duration wait = self->settings.recycle_check_interval;
+      bool idle = true;  // the wait is a plain look's, not the gap after a recycling
       while (!self->stopping && !self->closed) {
-        timer.expires_after(self->settings.recycle_check_interval);
+        timer.expires_after(wait);
+        wait = self->settings.recycle_check_interval;
+        self->recycle_idle = idle;
         co_await timer.async_wait(as_tuple(asio::use_awaitable));
+        self->recycle_idle = false;
+        idle = !self->reloading;  // (during a reload, a worker due would only wake it in vain)
         if (self->stopping || self->closed || self->reloading) continue;
-        for (auto& w : self->live()) {
-          const auto rss = w->is_ready() ? detail::resident_bytes(w->pid()) : std::nullopt;
-          if (!rss || *rss <= self->settings.max_memory) continue;
-          detail::log_error("worker {} (pid {}) holds {} MiB, above max_memory ({} MiB); replacing it", w->id(),
-                            w->pid(), *rss >> 20, self->settings.max_memory >> 20);
-          self->reloading = true;
-          std::vector<std::shared_ptr<Worker>> one{w};
-          const std::error_code ec = co_await self->replace(std::move(one));
-          self->reloading = false;
-          if (!ec) ++self->recycles;
-          else detail::log_error("recycling worker {}: {}", w->id(), ec.message());
-          self->check_done();
-          break;  // the next one at the next look: two never recycle at once
+        auto [w, why] = self->recycle_candidate();
+        if (!w) continue;
+        detail::log_error("worker {} (pid {}) {}; recycling it", w->id(), w->pid(), why);
+        self->reloading = self->recycling = true;
+        std::vector<std::shared_ptr<Worker>> one{w};
+        const std::error_code ec = co_await self->replace(std::move(one), fmt::format("recycling worker {}", w->id()));
+        self->reloading = self->recycling = false;
+        self->recycle_ended.cancel();  // a reload waiting for it goes on
+        idle = false;
+        if (!ec) {
+          ++self->recycles;
+        } else if (ec == error::reload_rolled_back) {  // the worker stays; a failed boot is a crash
+          if (!self->budget.charge(clock::now())) {
+            detail::log_error("more than {} worker restarts within {} ms (the last: a recycling's replacement); stopping",
+                              self->settings.max_restarts, self->settings.restart_window.count());
+            self->stop(error::restart_limit_reached);
+          } else {
+            wait = std::max(wait, self->budget.next_delay(clock::duration::zero()));
+          }
         }
+        self->check_done();
       }
       self->sleeping.erase(&timer);
+      self->recycle_timer = nullptr;
     }
 
     void handle_signals(std::function<void(std::error_code, std::size_t)> reloaded) {
@@ -589,7 +677,7 @@ class Supervisor {
             }
           }
         } else if (sig == SIGHUP) {
-          if (self->reloading || self->stopping) continue;
+          if ((self->reloading && !self->recycling) || self->stopping) continue;  // (a recycling: awaited)
           asio::co_spawn(self->ex, [](std::shared_ptr<core> self) -> asio::awaitable<void> {
             auto [rec, n] = co_await reload(self);
             if (self->on_reloaded && !self->closed) self->on_reloaded(rec, n);
@@ -614,7 +702,8 @@ class Supervisor {
       if (systemd::watchdog_timeout()) c->watchdog.emplace(c->ex);
       if (c->stopping) return c->check_done();
       asio::co_spawn(c->ex, core::start_all(c), asio::detached);
-      if (c->settings.max_memory > 0) asio::co_spawn(c->ex, core::recycle_loop(c), asio::detached);
+      if (c->settings.max_memory > 0 || c->settings.max_connections > 0)
+        asio::co_spawn(c->ex, core::recycle_loop(c), asio::detached);
     }
   };
 

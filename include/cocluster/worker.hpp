@@ -43,6 +43,7 @@ namespace cocluster {
 
 namespace detail {
 struct master_access;
+struct supervisor_access;
 // The master's ends of a worker's piped stdin, stdout, stderr (empty: not piped).
 using stdio_pipes = std::array<std::optional<asio::posix::stream_descriptor>, 3>;
 
@@ -113,6 +114,18 @@ class Worker : public std::enable_shared_from_this<Worker> {
   WorkerSnapshot snapshot() const noexcept {
     return {state_, exited_after_disconnect_, is_connected(), dead_, unresponsive_};
   }
+
+  // Ours (Node has none; gunicorn counts requests for max_requests): the connections this
+  // worker has open now (on a shared socket, an accept waiting for a connection counts as
+  // one), and every connection it has taken since it started (handed over by
+  // the master, or accepted on a SharedSocket or ReusePort listener; not those of an adopted
+  // acceptor), as it last reported them. It reports only once count_connections() asked it
+  // (LeastConnections asks when the worker joins its listener, a Supervisor with
+  // max_connections when it forks the worker), then after each turn of its event loop in
+  // which either changed; so both are 0 until then, and can be one loop turn old.
+  void count_connections() { link_->count_connections(); }
+  std::uint32_t open_connections() const noexcept { return link_->open_connections(); }
+  std::uint64_t connections_served() const noexcept { return link_->connections_served(); }
 
   // Completes when the worker runtime has announced itself (Node's 'online'). Fails with
   // error::worker_exited once the process has exited without coming online. Signature:
@@ -255,6 +268,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
 
  private:
   friend struct detail::master_access;
+  friend struct detail::supervisor_access;
 
   using as_tuple_t = cocluster::detail::as_tuple_t<asio::use_awaitable_t<>>;
 
@@ -350,7 +364,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
           } else if constexpr (std::is_same_v<T, p::Close>) {
             if (listeners) listeners->close(*link_, m.server);
           } else if constexpr (std::is_same_v<T, p::OpenConnections>) {
-            link_->reported_open_connections(m.count);
+            link_->reported_connections(m);
           } else if constexpr (std::is_same_v<T, p::Ready>) {
             mark_ready();  // this_worker.ready(): ready whatever ready_on says
           } else {  // Disconnect, QueryReply, NewConn, CountConnections, HeartbeatRequest: the master's messages
@@ -585,6 +599,13 @@ struct master_access {
   }
   static void close_channel(Worker& w) { w.channel_.close(); }
   static Process& process(Worker& w) { return w.process_; }
+};
+
+// What a Supervisor watches of a Worker beyond its public operations.
+struct supervisor_access {
+  // `f` runs on the master's executor after each report of the worker's connections
+  // (connections_served() has its new value); one at a time: a second replaces the first.
+  static void on_connections_reported(Worker& w, std::function<void()> f) { w.link_->on_reported(std::move(f)); }
 };
 }  // namespace detail
 

@@ -67,10 +67,13 @@ struct Close {  // worker -> master: my server `server` is closed
 // master -> worker: report how many connections you have open (LeastConnections asks once).
 struct CountConnections {};
 
-// worker -> master: my open connections, after CountConnections. Coalesced: at most one per
-// turn of the worker's event loop, and only when the count changed since the last one.
+// worker -> master: my open connections, and every connection I have taken since I started
+// (handed over by the master or accepted on a shared socket), after CountConnections.
+// Coalesced: at most one per turn of the worker's event loop, and only when either changed
+// since the last one.
 struct OpenConnections {
   std::uint32_t count = 0;
+  std::uint64_t total = 0;
 };
 
 // master -> worker (no Node equivalent): send a Heartbeat every `interval_ms` from your event
@@ -177,7 +180,7 @@ template <class Stream> void fields(Stream& s, NewConn& m) { s& m.server& m.seq&
 template <class Stream> void fields(Stream& s, Accepted& m) { s& m.server& m.seq& m.ok; }
 template <class Stream> void fields(Stream& s, Close& m) { s& m.server; }
 template <class Stream> void fields(Stream&, CountConnections&) {}
-template <class Stream> void fields(Stream& s, OpenConnections& m) { s& m.count; }
+template <class Stream> void fields(Stream& s, OpenConnections& m) { s& m.count& m.total; }
 template <class Stream> void fields(Stream& s, HeartbeatRequest& m) { s& m.interval_ms; }
 template <class Stream> void fields(Stream&, Heartbeat&) {}
 template <class Stream> void fields(Stream&, Ready&) {}

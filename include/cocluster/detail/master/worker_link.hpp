@@ -9,6 +9,8 @@
 
 #include <sys/types.h>
 
+#include <cstdint>
+#include <functional>
 #include <memory>
 #include <utility>
 
@@ -27,13 +29,21 @@ class worker_link {
   int id() const noexcept { return id_; }
   pid_t pid() const noexcept { return pid_; }
 
-  // The worker's open connections as it last reported them (0 until it does). The first call
-  // of count_connections() asks it to report (CountConnections); later calls do nothing.
+  // The worker's open connections, and the connections it has taken since it started, as it
+  // last reported them (0 until it does). The first call of count_connections() asks it to
+  // report (CountConnections); later calls do nothing.
   void count_connections() {
     if (!counting_) counting_ = send(ipc::protocol::CountConnections{});
   }
   std::uint32_t open_connections() const noexcept { return open_connections_; }
-  void reported_open_connections(std::uint32_t n) noexcept { open_connections_ = n; }
+  std::uint64_t connections_served() const noexcept { return connections_served_; }
+  void reported_connections(const ipc::protocol::OpenConnections& m) {
+    open_connections_ = m.count;
+    connections_served_ = m.total;
+    if (on_reported_) on_reported_();
+  }
+  // Called after each report, on the master's executor (a Supervisor's max_connections watch).
+  void on_reported(std::function<void()> f) { on_reported_ = std::move(f); }
   ipc::Channel& channel() noexcept { return channel_; }
   // False once the Worker has seen its channel end (or closed it).
   bool is_connected() const noexcept { return connected_ && channel_.is_open(); }
@@ -57,6 +67,8 @@ class worker_link {
   bool connected_ = true;
   bool counting_ = false;
   std::uint32_t open_connections_ = 0;
+  std::uint64_t connections_served_ = 0;
+  std::function<void()> on_reported_;
 };
 
 }  // namespace cocluster::detail

@@ -91,8 +91,16 @@ class server_link {
 
   std::size_t live_connections() const noexcept { return live_connections_; }
 
+  // A server gave the user a connection (a hand-off taken by accept(), or one accepted on a
+  // shared socket): counted in the total the master reads (OpenConnections::total).
+  void took_connection() {
+    ++taken_;
+    count_changed();
+  }
+
   // The master asked for our count of open connections (CountConnections): from now on it
-  // gets an OpenConnections after each turn of the event loop in which the count changed.
+  // gets an OpenConnections after each turn of the event loop in which the count or the
+  // total taken changed.
   void report_connections() {
     reporting_ = true;
     count_changed();
@@ -145,16 +153,17 @@ class server_link {
     if (--live_connections_ == 0) release_idle_waiters({});
   }
 
-  // Coalesces the reports: one post per turn, one message only if the count moved.
+  // Coalesces the reports: one post per turn, one message only if the count or the total moved.
   void count_changed() {
     if (!reporting_ || report_posted_) return;
     report_posted_ = true;
     asio::post(channel_.get_executor(), [this] {
       report_posted_ = false;
       const auto now = static_cast<std::uint32_t>(std::min<std::size_t>(live_connections_, UINT32_MAX));
-      if (now == reported_) return;
+      if (now == reported_ && taken_ == reported_taken_) return;
       reported_ = now;
-      channel_.send_internal(ipc::protocol::encode(ipc::protocol::OpenConnections{now}));
+      reported_taken_ = taken_;
+      channel_.send_internal(ipc::protocol::encode(ipc::protocol::OpenConnections{now, taken_}));
     });
   }
 
@@ -171,6 +180,8 @@ class server_link {
   bool reporting_ = false;      // the master asked for OpenConnections
   bool report_posted_ = false;
   std::uint32_t reported_ = UINT32_MAX;  // what the master was told last (none yet: any count differs)
+  std::uint64_t taken_ = 0;           // connections given to the user since the worker started
+  std::uint64_t reported_taken_ = 0;
   std::list<pending_handler<>> idle_waiters_;
   bool stopped_ = false;
 };

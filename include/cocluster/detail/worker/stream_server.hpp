@@ -148,6 +148,7 @@ class stream_server final : public server_base, public std::enable_shared_from_t
   socket_type take(incoming& in, endpoint_type* peer) {
     if (peer) *peer = in.remote;
     if (link_) link_->accepted(id, in.seq);
+    if (link_) link_->took_connection();
     return std::move(*in.socket);
   }
 
@@ -189,8 +190,22 @@ class stream_server final : public server_base, public std::enable_shared_from_t
   template <class Handler>
   void start_accept(endpoint_type* peer, Handler&& h) {
     auto connection_ex = connection_executor();
-    if (peer) acceptor_->async_accept(connection_ex, *peer, std::forward<Handler>(h));
-    else acceptor_->async_accept(connection_ex, std::forward<Handler>(h));
+    if (!link_) {  // adopted: nobody counts its connections
+      if (peer) acceptor_->async_accept(connection_ex, *peer, std::forward<Handler>(h));
+      else acceptor_->async_accept(connection_ex, std::forward<Handler>(h));
+      return;
+    }
+    // A connection accepted is one more taken (server_link::took_connection), as a hand-off is.
+    auto slot = asio::get_associated_cancellation_slot(h);
+    auto handler_ex = asio::get_associated_executor(h, ex_);
+    auto counted = asio::bind_cancellation_slot(
+        slot, asio::bind_executor(handler_ex, [link = link_, h = std::forward<Handler>(h)](std::error_code ec,
+                                                                                           socket_type socket) mutable {
+          if (!ec) link->took_connection();
+          std::move(h)(ec, std::move(socket));
+        }));
+    if (peer) acceptor_->async_accept(connection_ex, *peer, std::move(counted));
+    else acceptor_->async_accept(connection_ex, std::move(counted));
   }
 
   // Adopted servers make plain sockets: the master never knew them.
