@@ -347,13 +347,15 @@ class Worker : public std::enable_shared_from_this<Worker> {
             if (announce) announce_listening(std::move(*announce));
           } else if constexpr (std::is_same_v<T, p::Accepted>) {
             if (listeners) listeners->accepted(*link_, m);
+          } else if constexpr (std::is_same_v<T, p::AcceptedBatch>) {
+            if (listeners) listeners->accepted(*link_, m);
           } else if constexpr (std::is_same_v<T, p::Close>) {
             if (listeners) listeners->close(*link_, m.server);
           } else if constexpr (std::is_same_v<T, p::OpenConnections>) {
             link_->reported_open_connections(m.count);
           } else if constexpr (std::is_same_v<T, p::Ready>) {
             mark_ready();  // this_worker.ready(): ready whatever ready_on says
-          } else {  // Disconnect, QueryReply, NewConn, CountConnections, HeartbeatRequest: the master's messages
+          } else {  // Disconnect, QueryReply, NewConn(Batch), CountConnections, HeartbeatRequest: sent by the master
             return protocol_error("unexpected internal message from the worker");
           }
           return true;
