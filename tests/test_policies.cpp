@@ -296,8 +296,14 @@ TEST_CASE("LeastConnections: with one worker holding 50 idle connections, the ne
       REQUIRE(line == "worker 1\n");
       held.push_back(std::move(s));
     }
-    // Sent after its count of 50 (the channel is in order): the master knows it now.
     CHECK((co_await first->receive()).data == "holding 50");
+    // Its report of 50 open connections comes at the end of a turn of its loop, in no order we
+    // rely on against "holding 50": wait until the master has it (bounded by run_bounded).
+    asio::steady_timer poll(io);
+    while (first->open_connections() != 50) {
+      poll.expires_after(5ms);
+      co_await poll.async_wait(use_awaitable);
+    }
     std::vector<std::shared_ptr<Worker>> others;
     for (int i = 0; i < 2; ++i) {
       others.push_back(co_await master.fork(env));
