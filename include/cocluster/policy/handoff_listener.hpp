@@ -221,10 +221,10 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     const int id = choose();
     return id != 0 && members_.count(id) ? id : 0;
   }
-  // Places `c`: handed to the worker chosen for it, else waiting for that worker at `at` in the
-  // backlog (counted in waiting_for_), else, past max_waiting_per_worker or refused, closed.
-  // False when it waits.
-  bool place(connection&& c, std::size_t at) {
+  // Places `c`: handed to the worker chosen for it, else waiting for that worker at the back
+  // of the backlog (counted in waiting_for_), else, past max_waiting_per_worker or refused,
+  // closed. False when it waits.
+  bool place(connection&& c) {
     const int id = choose_for(Remote(c.remote));
     if (auto m = members_.find(id); m != members_.end() && can_take(m->second) && hand_off(id, c)) return true;
     if (id == refuse || (!c.given_back && waiting_for(id) >= max_waiting_per_worker)) {
@@ -236,16 +236,24 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     }
     c.waits_for = id;
     ++waiting_for_[id];
-    backlog_.insert(backlog_.begin() + static_cast<std::ptrdiff_t>(at), std::move(c));
+    backlog_.push_back(std::move(c));
     return false;
   }
 
-  // Takes backlog_[i] out (it is to be placed again).
-  connection take_waiting(std::size_t i) {
-    connection c = std::move(backlog_[i]);
-    backlog_.erase(backlog_.begin() + static_cast<std::ptrdiff_t>(i));
-    if (auto it = waiting_for_.find(c.waits_for); it != waiting_for_.end() && --it->second == 0) waiting_for_.erase(it);
-    return c;
+  // The waiting connections, in order, each placed again while some worker can take one. One
+  // pass that moves each connection once (no erase from the middle of the backlog per
+  // connection): what still waits goes back in the same order.
+  void place_waiting() {
+    if (backlog_.empty() || pick() == 0) return;
+    std::deque<connection> waiting = std::move(backlog_);
+    backlog_.clear();
+    std::size_t i = 0;
+    for (; i < waiting.size() && pick() != 0; ++i) {
+      connection& c = waiting[i];
+      if (auto it = waiting_for_.find(c.waits_for); it != waiting_for_.end() && --it->second == 0) waiting_for_.erase(it);
+      place(std::move(c));
+    }
+    for (; i < waiting.size(); ++i) backlog_.push_back(std::move(waiting[i]));
   }
 
   // Waiting connections first, in order, each to the worker chosen for it (one waiting for a
@@ -253,8 +261,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   // what each worker was handed, one frame per worker (per max_fds_per_packet connections).
   void distribute() {
     for (;;) {
-      for (std::size_t i = 0; i < backlog_.size() && pick() != 0;)
-        if (!place(take_waiting(i), i)) ++i;
+      place_waiting();
       accept_now();
       if (send_handoffs()) return;  // else a worker's channel is ending: the others may take more
     }
@@ -325,7 +332,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
       std::error_code ec;
       detail::unique_fd fd = detail::accept_connection(socket_.native_handle(), remote, ec);
       if (fd) {
-        place(connection{std::make_shared<const detail::unique_fd>(std::move(fd)), std::move(remote)}, backlog_.size());
+        place(connection{std::make_shared<const detail::unique_fd>(std::move(fd)), std::move(remote)});
         continue;
       }
       if (!ec) return wait_readable();
