@@ -32,8 +32,8 @@
 #include <chrono>
 #include <deque>
 #include <map>
-#include <span>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -193,7 +193,8 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     int worker;
     connection conn;
   };
-  // Hand-offs chosen for one worker during this distribution, sent together at its end.
+  // Hand-offs chosen for one worker during this distribution, sent together at its end (one
+  // entry per member, emptied after each distribution).
   struct outgoing_batch {
     int worker;
     std::vector<std::uint32_t> seqs;
@@ -226,7 +227,10 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   // closed. False when it waits.
   bool place(connection&& c) {
     const int id = choose_for(Remote(c.remote));
-    if (auto m = members_.find(id); m != members_.end() && can_take(m->second) && hand_off(id, c)) return true;
+    if (auto m = members_.find(id); m != members_.end() && can_take(m->second)) {
+      hand_off(id, c);
+      return true;
+    }
     if (id == refuse || (!c.given_back && waiting_for(id) >= max_waiting_per_worker)) {
       detail::log_error("listener {}:{}: closing a connection: {}", address_.address, address_.port,
                         id == refuse ? "the policy refused it"
@@ -279,7 +283,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   }
 
   // Hands `c` to `id`: counted now, sent with the others of this distribution (send_handoffs).
-  bool hand_off(int id, connection& c) {
+  void hand_off(int id, connection& c) {
     const std::uint32_t seq = ++last_seq_;
     auto batch = std::find_if(outbox_.begin(), outbox_.end(), [&](const outgoing_batch& b) { return b.worker == id; });
     if (batch == outbox_.end()) batch = outbox_.insert(outbox_.end(), outgoing_batch{id, {}, {}, {}});
@@ -290,7 +294,6 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     Member& m = members_.at(id);
     ++m.in_flight;
     on_handed(m);
-    return true;
   }
 
   // Sends every worker what it was handed: `newconn` for one connection, else `newconn_batch`
@@ -299,9 +302,8 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   // member from now on, and left() follows and gives back what it holds.
   bool send_handoffs() {
     bool all_sent = true;
-    auto batches = std::move(outbox_);
-    outbox_.clear();
-    for (auto& b : batches) {
+    for (auto& b : outbox_) {  // sending never calls back into the listener
+      if (b.seqs.empty()) continue;
       auto link = links_.find(b.worker);
       bool sent = link != links_.end();
       for (std::size_t at = 0; sent && at < b.seqs.size(); at += ipc::max_fds_per_packet) {
@@ -319,7 +321,11 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
         on_left(b.worker);
         all_sent = false;
       }
+      b.seqs.clear();  // kept, with their capacity, for the worker's next batch
+      b.remotes.clear();
+      b.fds.clear();
     }
+    std::erase_if(outbox_, [&](const outgoing_batch& b) { return !links_.count(b.worker); });
     return all_sent;
   }
 
@@ -371,7 +377,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   std::deque<connection> backlog_;           // accepted, waiting for a chosen worker, in order
   std::map<int, std::size_t> waiting_for_;   // how many of backlog_ wait for each worker
   std::map<std::uint32_t, handed> unacked_;  // handed off, not yet acknowledged, by seq
-  std::vector<outgoing_batch> outbox_;       // handed in this distribution, not yet sent
+  std::vector<outgoing_batch> outbox_;       // handed in this distribution, not yet sent, per worker
   std::uint32_t last_seq_ = 0;
   bool waiting_ = false;
   bool paused_ = false;
