@@ -20,11 +20,13 @@ constexpr std::uint8_t first = frame_header::first;
 constexpr std::uint8_t last = frame_header::last;
 constexpr std::uint8_t whole = first | last;
 
-std::string packet(std::uint8_t flags, std::uint32_t total, std::string_view payload, std::uint8_t kind = 0) {
+std::string packet(std::uint8_t flags, std::uint32_t total, std::string_view payload, std::uint8_t kind = 0,
+                   std::uint8_t extra_handles = 0) {
   frame_header h;
   h.flags = flags;
   h.total_size = total;
   h.handle_kind = kind;
+  h.extra_handles = extra_handles;
   std::string p(reinterpret_cast<const char*>(&h), sizeof h);
   return p += payload;
 }
@@ -132,6 +134,46 @@ TEST_CASE("rule: a frame's fd count must be what its header declares") {
   expect_error(p, packet(whole, 3, "abc", 1), "frame carries 0 fds, declares 1");
   expect_error(p, packet(whole, 3, "abc"), "frame carries 1 fds, declares 0", some_fds(1));
   expect_error(p, packet(whole, 3, "abc", 1), "frame carries 10 fds, declares 1", some_fds(10));
+}
+
+TEST_CASE("an internal frame with N handles comes out as N fds of its kind, in order") {
+  frame_parser p(1024);
+  for (int n : {2, 5, static_cast<int>(ipc::max_fds_per_packet)}) {
+    auto fds = some_fds(n);
+    std::vector<int> numbers;
+    for (auto& fd : fds) numbers.push_back(fd.get());
+    auto r = p.feed(packet(whole | frame_header::internal, 3, "abc", 1, static_cast<std::uint8_t>(n - 1)), fds);
+    REQUIRE(r.what == status::message);
+    CHECK(r.kind == ipc::message_kind::internal);
+    CHECK(r.handle.kind() == handle_kind::tcp_socket);
+    CHECK(r.handle.native_handle() == numbers[0]);
+    REQUIRE(r.extra_fds.size() == static_cast<std::size_t>(n - 1));
+    for (int i = 1; i < n; ++i) CHECK(r.extra_fds[i - 1].get() == numbers[i]);
+  }
+  // And across frames: the fds come with the first, the message with the last.
+  auto fds = some_fds(3);
+  const int third = fds[2].get();
+  CHECK(p.feed(packet(first | frame_header::internal, 6, "abc", 1, 2), fds).what == status::need_more);
+  auto r = p.feed(packet(last | frame_header::internal, 6, "def"));
+  REQUIRE(r.what == status::message);
+  REQUIRE(r.extra_fds.size() == 2);
+  CHECK(r.extra_fds[1].get() == third);
+}
+
+TEST_CASE("rule: a count of handles that does not match the fds is a protocol error, and every fd is closed") {
+  frame_parser p(1024);
+  const auto internal = static_cast<std::uint8_t>(whole | frame_header::internal);
+  auto fds = some_fds(3);
+  const int fd = fds[0].get();
+  expect_error(p, packet(internal, 3, "abc", 1, 3), "frame carries 3 fds, declares 4", std::move(fds));
+  CHECK_FALSE(is_open_fd(fd));
+  expect_error(p, packet(internal, 3, "abc", 1, 1), "frame carries 3 fds, declares 2", some_fds(3));
+  expect_error(p, packet(internal, 3, "abc", 1, 1), "frame carries 1 fds, declares 2", some_fds(1));
+  expect_error(p, packet(internal, 3, "abc", 1, static_cast<std::uint8_t>(ipc::max_fds_per_packet)),
+               "frame declares 17 handles, more than 16", some_fds(16));
+  expect_error(p, packet(internal, 3, "abc", 0, 1), "frame declares extra handles but no handle type");
+  // A user message has one handle at most.
+  expect_error(p, packet(whole, 3, "abc", 1, 1), "user frame declares more than one handle", some_fds(2));
 }
 
 TEST_CASE("rule: a handle on a continuation frame is a protocol error") {

@@ -6,12 +6,14 @@
 #include <arpa/inet.h>
 #include <doctest/doctest.h>
 #include <netinet/in.h>
+#include <signal.h>
 
 #include <algorithm>
 #include <map>
 #include <set>
 
 #include "cocluster/cocluster.hpp"
+#include "cocluster/detail/async_latch.hpp"
 #include "support.hpp"
 #include "worker_scenario.hpp"
 
@@ -294,8 +296,14 @@ TEST_CASE("LeastConnections: with one worker holding 50 idle connections, the ne
       REQUIRE(line == "worker 1\n");
       held.push_back(std::move(s));
     }
-    // Sent after its count of 50 (the channel is in order): the master knows it now.
     CHECK((co_await first->receive()).data == "holding 50");
+    // Its report of 50 open connections comes at the end of a turn of its loop, in no order we
+    // rely on against "holding 50": wait until the master has it (bounded by run_bounded).
+    asio::steady_timer poll(io);
+    while (first->open_connections() != 50) {
+      poll.expires_after(5ms);
+      co_await poll.async_wait(use_awaitable);
+    }
     std::vector<std::shared_ptr<Worker>> others;
     for (int i = 0; i < 2; ++i) {
       others.push_back(co_await master.fork(env));
@@ -311,6 +319,54 @@ TEST_CASE("LeastConnections: with one worker holding 50 idle connections, the ne
     co_await first->exited();
     for (auto& w : others) co_await w->exited();
   });
+}
+
+TEST_CASE("RoundRobin with a window: a worker SIGKILLed holding a batch of unacknowledged connections has every one answered by another") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<RoundRobin> master(io.get_executor(), {}, RoundRobin{.window = 8});
+    Env env = scenario_env("hold");
+    env["TEST_HOLD"] = "1000";  // never reached: every connection is answered and closed
+    auto first = co_await master.fork(env);
+    const std::string report = (co_await first->receive()).data;
+    REQUIRE(report.rfind("port ", 0) == 0);
+    auto second = co_await master.fork(env);
+    CHECK((co_await second->receive()).data == report);
+    co_await first->listening();
+    co_await second->listening();
+    const tcp::endpoint where(loopback(1), static_cast<unsigned short>(std::stoi(report.substr(5))));
+    // Worker 1 stops: what it is handed stays unacknowledged in its channel.
+    REQUIRE(::kill(first->pid(), SIGSTOP) == 0);
+    // 16 clients connect and send while the master does not run (this thread blocks here; the
+    // kernel completes the handshakes): it accepts them in one burst and hands each worker its
+    // window, 8 connections in one frame.
+    constexpr int clients = 16;
+    std::vector<tcp::socket> sockets;
+    for (int i = 0; i < clients; ++i) {
+      tcp::socket& s = sockets.emplace_back(io);
+      s.connect(where);
+      asio::write(s, asio::buffer("hi\n", 3));
+    }
+    std::map<std::string, int> answers;
+    int answered = 0;
+    cocluster::detail::async_latch<> half(io.get_executor()), all(io.get_executor());
+    for (auto& s : sockets)
+      asio::co_spawn(io, [&]() -> awaitable<void> {
+        std::string reply;
+        co_await asio::async_read(s, asio::dynamic_buffer(reply), as_tuple_t{});  // to EOF
+        ++answers[reply];
+        if (++answered == clients / 2) half.set();
+        if (answered == clients) all.set();
+      }, asio::detached);
+    // Worker 2's window is answered: the burst was handed out (worker 1's batch with it).
+    co_await half.async_wait(use_awaitable);
+    CHECK(answers == std::map<std::string, int>{{"worker 2\n", clients / 2}});
+    first->kill(SIGKILL);
+    CHECK((co_await first->exited()).signal == SIGKILL);
+    // Every connection worker 1 held goes to worker 2: none is reset, none lost.
+    co_await all.async_wait(use_awaitable);
+    CHECK(answers == std::map<std::string, int>{{"worker 2\n", clients}});
+    co_await master.disconnect();
+  }, 60s);
 }
 
 TEST_CASE("RuntimePolicy knows leastconn by name") {

@@ -3,6 +3,7 @@
 // tests/fuzz/protocol_fuzz.cpp are kept here.
 #include "cocluster/ipc/protocol.hpp"
 
+#include <cstring>
 #include <string>
 
 #include <doctest/doctest.h>
@@ -29,9 +30,17 @@ TEST_CASE("every internal message decodes to what was encoded") {
   n.server = 3;
   n.seq = 9;
   n.remote = std::string("\x02\x00\x1f\x90\x7f\x00\x00\x01", 8);
+  protocol::NewConnBatch batch;
+  batch.server = 3;
+  batch.seqs = {10, 12, 14};
+  batch.remotes = {n.remote, std::string("\x02\x00\x1f\x91\x7f\x00\x00\x02", 8), ""};
+  protocol::AcceptedBatch acks;
+  acks.server = 3;
+  acks.accepted = {10, 14};
+  acks.refused = {12};
   const protocol::InternalMessage all[] = {protocol::Online{}, protocol::Disconnect{}, protocol::ExitedAfterDisconnect{},
                                            q, r, protocol::Listening{3}, n, protocol::Accepted{3, 9, true},
-                                           protocol::Close{3}};
+                                           protocol::Close{3}, batch, acks, protocol::AcceptedBatch{}};
   for (const auto& m : all) {
     const std::string bytes = protocol::encode(m);
     auto back = protocol::decode(bytes);
@@ -39,6 +48,22 @@ TEST_CASE("every internal message decodes to what was encoded") {
     CHECK(back->index() == m.index());
     CHECK(protocol::encode(*back) == bytes);
   }
+  auto back = protocol::decode(protocol::encode(batch));
+  REQUIRE(back);
+  const auto& b = std::get<protocol::NewConnBatch>(*back);
+  CHECK(b.seqs == batch.seqs);
+  CHECK(b.remotes == batch.remotes);
+}
+
+TEST_CASE("a list whose count claims more elements than its bytes hold is refused, without allocating for the count") {
+  std::string bytes = protocol::encode(protocol::AcceptedBatch{3, {1, 2}, {}});
+  CHECK(protocol::decode(bytes));
+  // The accepted list's count (after the tag and the server) says 4 billion: the decoder stops at
+  // the first element missing.
+  const std::uint32_t huge = 0xFFFFFFFF;
+  std::memcpy(bytes.data() + 1 + 4, &huge, sizeof huge);
+  CHECK_FALSE(protocol::decode(bytes));
+  CHECK_FALSE(protocol::decode(bytes.substr(0, bytes.size() - 1)));
 }
 
 TEST_CASE("a message with bytes missing or left over is refused") {

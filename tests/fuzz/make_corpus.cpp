@@ -18,10 +18,12 @@ using namespace cocluster::ipc;
 
 void write(const std::string& path, const std::string& bytes) { std::ofstream(path, std::ios::binary) << bytes; }
 
-std::string frame(std::uint8_t flags, std::uint32_t total, const std::string& payload, std::uint8_t handle = 0) {
+std::string frame(std::uint8_t flags, std::uint32_t total, const std::string& payload, std::uint8_t handle = 0,
+                  std::uint8_t extra_handles = 0) {
   frame_header h;
   h.flags = flags;
   h.handle_kind = handle;
+  h.extra_handles = extra_handles;
   h.total_size = total;
   return std::string(reinterpret_cast<const char*>(&h), sizeof h) + payload;
 }
@@ -64,12 +66,16 @@ int main() {
   n.server = 1;
   n.seq = 5;
   n.remote = std::string("\x02\x00\x1f\x90\x7f\x00\x00\x01\0\0\0\0\0\0\0\0", 16);
+  p::NewConnBatch batch;
+  batch.server = 1;
+  batch.seqs = {5, 6, 7};
+  batch.remotes = {n.remote, n.remote, n.remote};
   const std::pair<const char*, p::InternalMessage> messages[] = {
       {"online", p::Online{}},      {"disconnect", p::Disconnect{}}, {"exited_after_disconnect", p::ExitedAfterDisconnect{}},
       {"query_server_tcp", q},      {"query_server_unix", qu},      {"query_reply", r},
       {"query_reply_shared", shared}, {"query_reply_errno", failed}, {"listening", p::Listening{1}},
       {"newconn", n},               {"accepted", p::Accepted{1, 5, true}}, {"refused", p::Accepted{1, 5, false}},
-      {"close", p::Close{1}}};
+      {"close", p::Close{1}},       {"newconn_batch", batch},       {"accepted_batch", p::AcceptedBatch{1, {5, 7}, {6}}}};
   for (const auto& [name, m] : messages) write(dir + "protocol/" + name, p::encode(m));
 
   constexpr std::uint8_t whole = frame_header::first | frame_header::last;
@@ -80,6 +86,9 @@ int main() {
   write(dir + "frame_parser/internal_online", packet(frame(whole | frame_header::internal, 1, online)));
   write(dir + "frame_parser/newconn_with_socket",
         packet(frame(whole | frame_header::internal, static_cast<std::uint32_t>(conn.size()), conn, 1), 1));
+  const std::string conns = p::encode(batch);
+  write(dir + "frame_parser/newconn_batch_with_sockets",
+        packet(frame(whole | frame_header::internal, static_cast<std::uint32_t>(conns.size()), conns, 1, 2), 3));
   write(dir + "frame_parser/user_handle", packet(frame(whole, 4, "sock", 4), 1));
   write(dir + "frame_parser/three_frames", packet(frame(frame_header::first, 12, "abcd", 2), 1) +
                                                packet(frame(0, 12, "efgh")) + packet(frame(frame_header::last, 12, "ijkl")));

@@ -16,6 +16,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "cocluster/detail/ipc/channel_state.hpp"
 #include "cocluster/error.hpp"
@@ -71,6 +72,15 @@ class Channel {
   // written (no dup(2) for a sender that needs its own copy, as round robin does).
   bool send_internal(std::string payload, detail::handle_tag tag, std::shared_ptr<const detail::unique_fd> fd) {
     return s_->send_internal(std::move(payload), tag, {}, std::move(fd));
+  }
+  // The same with several fds of one kind in one frame (at most max_fds_per_packet): a batch
+  // of hand-offs. The receiver finds the first in Envelope::internal_fd, the rest in
+  // Envelope::internal_extra_fds, in order.
+  bool send_internal(std::string payload, detail::handle_tag tag, std::vector<std::shared_ptr<const detail::unique_fd>> fds) {
+    if (fds.empty() || fds.size() > max_fds_per_packet) return false;
+    auto first = std::move(fds.front());
+    fds.erase(fds.begin());
+    return s_->send_internal(std::move(payload), tag, {}, std::move(first), std::move(fds));
   }
 
   // Reads one whole message if it is already there, without waiting: true with `e` filled.

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "cocluster/ipc/frame.hpp"
 #include "cocluster/message.hpp"
@@ -32,6 +33,9 @@ struct Envelope {  // not an aggregate: see Message
   // fd) on the executor it chooses (a handed-over connection's socket is made tracked).
   detail::handle_tag internal_tag = detail::no_handle;
   detail::unique_fd internal_fd;
+  // The fds after the first of an internal message that carries several (a batch of
+  // hand-offs), same kind, in order; empty otherwise.
+  std::vector<detail::unique_fd> internal_extra_fds;
 
   bool has_handle() const noexcept { return message.has_handle() || static_cast<bool>(internal_fd); }
 };

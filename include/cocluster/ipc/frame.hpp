@@ -1,6 +1,7 @@
 // The wire format of a channel: each SOCK_SEQPACKET packet is one frame, a fixed header and
 // up to max_fragment payload bytes. A message larger than that is split into several frames;
-// a handle (one fd in SCM_RIGHTS) travels with the first frame of its message.
+// a handle (one fd in SCM_RIGHTS) travels with the first frame of its message. An internal
+// message may carry several (a batch of hand-offs): extra_handles says how many beyond the first.
 // ipc/frame_parser.hpp checks what arrives, ipc/frame_writer.hpp cuts what leaves.
 #pragma once
 
@@ -22,7 +23,9 @@ struct frame_header {
   std::uint8_t magic = magic_value;
   std::uint8_t flags = 0;
   std::uint8_t handle_kind = 0;  // the cocluster::handle_kind of the fd attached to this frame, 0 for none
-  std::uint8_t reserved = 0;
+  // Internal messages only: fds of the same kind beyond the first (up to max_fds_per_packet
+  // in all); 0 on every user frame and on frames with no handle.
+  std::uint8_t extra_handles = 0;
   std::uint32_t total_size = 0;  // payload size of the whole message, repeated in every frame
 };
 static_assert(sizeof(frame_header) == 8);

@@ -36,6 +36,8 @@ class frame_parser {
     message_kind kind = message_kind::user;
     std::string data;
     Handle handle;  // the fd as received, with the kind the frame declares; not checked here
+    // An internal message's fds beyond the first (frame_header::extra_handles), same kind, in order.
+    std::vector<detail::unique_fd> extra_fds;
     std::error_code error;
     std::string detail;  // for Channel::error_detail()
   };
@@ -70,7 +72,14 @@ class frame_parser {
     if (size < sizeof h) return fail("short frame of " + std::to_string(size) + " bytes");
     if (h.magic != frame_header::magic_value) return fail("frame with a bad magic byte");
     if (h.handle_kind >= handle_kind_count) return fail("frame with unknown handle type " + std::to_string(h.handle_kind));
-    const std::size_t expected_fds = h.handle_kind == 0 ? 0 : 1;
+    if (h.extra_handles != 0) {
+      if (!(h.flags & frame_header::internal)) return fail("user frame declares more than one handle");
+      if (h.handle_kind == 0) return fail("frame declares extra handles but no handle type");
+      if (1u + h.extra_handles > max_fds_per_packet)
+        return fail("frame declares " + std::to_string(1u + h.extra_handles) + " handles, more than " +
+                    std::to_string(max_fds_per_packet));
+    }
+    const std::size_t expected_fds = h.handle_kind == 0 ? 0 : 1u + h.extra_handles;
     if (fds.size() != expected_fds)
       return fail("frame carries " + std::to_string(fds.size()) + " fds, declares " + std::to_string(expected_fds));
     const bool first = h.flags & frame_header::first;
@@ -80,7 +89,11 @@ class frame_parser {
     const bool last = h.flags & frame_header::last;
     const auto kind = (h.flags & frame_header::internal) ? message_kind::internal : message_kind::user;
     Handle handle;
-    if (h.handle_kind != 0) handle = Handle(static_cast<handle_kind>(h.handle_kind), std::move(fds.front()));
+    std::vector<detail::unique_fd> extra;
+    if (h.handle_kind != 0) {
+      handle = Handle(static_cast<handle_kind>(h.handle_kind), std::move(fds.front()));
+      for (auto& fd : fds.subspan(1)) extra.push_back(std::move(fd));
+    }
 
     if (!partial_) {
       if (!first) return fail("continuation frame without a first frame");
@@ -89,13 +102,14 @@ class frame_parser {
                     std::to_string(max_message_size_));
       if (len > h.total_size || (last && len != h.total_size) || (!last && len == 0))
         return fail("frame size does not match its message size");
-      if (last) return whole(kind, std::string(scratch_.data(), len), std::move(handle));
+      if (last) return whole(kind, std::string(scratch_.data(), len), std::move(handle), std::move(extra));
       partial_.active = true;
       partial_.kind = kind;
       partial_.payload.resize(h.total_size);  // bounded by max_message_size above
       std::memcpy(partial_.payload.data(), scratch_.data(), len);
       partial_.filled = len;
       partial_.handle = std::move(handle);
+      partial_.extra_fds = std::move(extra);
       return {};
     }
     if (first || kind != partial_.kind || h.total_size != partial_.payload.size())
@@ -105,7 +119,7 @@ class frame_parser {
     if (last != complete || (!last && len == 0)) return fail("frame size does not match its message size");
     if (!last) return {};
     auto done = std::exchange(partial_, {});
-    return whole(done.kind, std::move(done.payload), std::move(done.handle));
+    return whole(done.kind, std::move(done.payload), std::move(done.handle), std::move(done.extra_fds));
   }
 
   // A packet as bytes, received as recvmsg would into payload_buffer(): a short packet fills
@@ -134,12 +148,14 @@ class frame_parser {
     std::string payload;  // sized to the whole message by its first frame
     std::size_t filled = 0;
     Handle handle;
+    std::vector<detail::unique_fd> extra_fds;
     bool active = false;
     explicit operator bool() const noexcept { return active; }
   };
 
-  static result whole(message_kind kind, std::string data, Handle handle) {
+  static result whole(message_kind kind, std::string data, Handle handle, std::vector<detail::unique_fd> extra) {
     result r;
+    r.extra_fds = std::move(extra);
     r.what = status::message;
     r.kind = kind;
     r.data = std::move(data);

@@ -14,6 +14,7 @@
 #include <string_view>
 #include <type_traits>
 #include <variant>
+#include <vector>
 
 namespace cocluster::ipc::protocol {
 
@@ -60,6 +61,24 @@ struct Accepted {  // worker -> master (Node: the ack of newconn)
   bool ok = false;
 };
 
+// master -> worker (no Node equivalent): several connections accepted on `server` for this
+// worker at once, as one frame with one fd per connection (frame_header::extra_handles), in
+// the order of `seqs` and `remotes`; sent when more than one waits for the same worker.
+struct NewConnBatch {
+  std::uint32_t server = 0;
+  std::vector<std::uint32_t> seqs;
+  std::vector<std::string> remotes;
+};
+
+// worker -> master (no Node equivalent): the acks of one turn of the worker's event loop for
+// `server`, each an `accepted` (`accepted`: ok, `refused`: not ok); sent instead of `accepted`
+// when a turn has more than one.
+struct AcceptedBatch {
+  std::uint32_t server = 0;
+  std::vector<std::uint32_t> accepted;
+  std::vector<std::uint32_t> refused;
+};
+
 struct Close {  // worker -> master: my server `server` is closed
   std::uint32_t server = 0;
 };
@@ -93,7 +112,7 @@ struct Ready {};
 
 using InternalMessage = std::variant<Online, Disconnect, ExitedAfterDisconnect, QueryServer, QueryReply, Listening,
                                      NewConn, Accepted, Close, CountConnections, OpenConnections, HeartbeatRequest,
-                                     Heartbeat, Ready>;
+                                     Heartbeat, Ready, NewConnBatch, AcceptedBatch>;
 
 // The tag of each message is its index in InternalMessage plus one.
 template <class T>
@@ -155,6 +174,7 @@ class reader {
     in_.remove_prefix(n);
     return *this;
   }
+  bool ok() const noexcept { return ok_; }
   // Every field read and nothing left over.
   bool complete() const noexcept { return ok_ && in_.empty(); }
   // A field read whole but not valid (a bool that is neither 0 nor 1).
@@ -184,6 +204,11 @@ template <class Stream> void fields(Stream& s, OpenConnections& m) { s& m.count&
 template <class Stream> void fields(Stream& s, HeartbeatRequest& m) { s& m.interval_ms; }
 template <class Stream> void fields(Stream&, Heartbeat&) {}
 template <class Stream> void fields(Stream&, Ready&) {}
+template <class Stream> void fields(Stream& s, NewConnBatch& m) { s& m.server& m.seqs& m.remotes; }
+template <class Stream> void fields(Stream& s, AcceptedBatch& m) { s& m.server& m.accepted& m.refused; }
+
+template <class T> struct is_vector : std::false_type {};
+template <class T> struct is_vector<std::vector<T>> : std::true_type {};
 
 // `s & field` writes or reads, so one list of fields serves both.
 struct encoding {
@@ -191,7 +216,10 @@ struct encoding {
   template <class T> encoding& operator&(T& v) {
     if constexpr (std::is_same_v<T, bool>) w << static_cast<std::uint8_t>(v);
     else if constexpr (std::is_same_v<T, std::string>) w << std::string_view(v);
-    else w << v;
+    else if constexpr (is_vector<T>::value) {  // a u32 count, then the elements
+      w << static_cast<std::uint32_t>(v.size());
+      for (auto& e : v) *this & e;
+    } else w << v;
     return *this;
   }
 };
@@ -203,6 +231,12 @@ struct decoding {
       r >> b;
       if (b > 1) r.fail();  // only our encoding is accepted (found by tests/fuzz/protocol_fuzz.cpp)
       v = b == 1;
+    } else if constexpr (is_vector<T>::value) {
+      // No reserve from the count: a peer's count costs only what its bytes carry, and the
+      // loop ends at the first element missing.
+      std::uint32_t n = 0;
+      r >> n;
+      for (std::uint32_t i = 0; i < n && r.ok(); ++i) *this & v.emplace_back();
     } else {
       r >> v;
     }

@@ -12,6 +12,7 @@
 #include <span>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "cocluster/detail/pending_handler.hpp"
 #include "cocluster/ipc/frame.hpp"
@@ -19,23 +20,27 @@
 
 namespace cocluster::ipc {
 
-// One message to write. Its fd goes with the first frame and is closed once that is written.
+// One message to write. Its fds go with the first frame and are closed once that is written.
 struct outgoing {
   std::string payload;
   std::uint8_t kind_flag = 0;  // frame_header::internal or 0
   handle_kind kind = handle_kind::none;
   detail::unique_fd fd;                                 // ours: closed once written
   std::shared_ptr<const detail::unique_fd> shared_fd;  // the caller's: kept open until written
+  // Internal messages only: more of the caller's fds of the same kind, after the first
+  // (frame_header::extra_handles); at most max_fds_per_packet - 1.
+  std::vector<std::shared_ptr<const detail::unique_fd>> extra_fds;
   std::size_t offset = 0;                               // payload bytes already written
 
   int handle_fd() const noexcept { return fd ? fd.get() : shared_fd ? shared_fd->get() : -1; }
 };
 
-// The next frame of `o`: its header, its piece of the payload, and the fd it carries (-1: none).
+// The next frame of `o`: its header, its piece of the payload, and the fds it carries.
 struct frame {
   frame_header header;
   std::span<const char> payload;
-  int fd = -1;
+  int fds[max_fds_per_packet] = {};
+  std::size_t fd_count = 0;
 };
 
 inline frame next_frame(const outgoing& o) {
@@ -47,7 +52,11 @@ inline frame next_frame(const outgoing& o) {
   f.header.handle_kind = o.offset == 0 ? static_cast<std::uint8_t>(o.kind) : std::uint8_t{0};
   f.header.total_size = static_cast<std::uint32_t>(size);
   f.payload = {o.payload.data() + o.offset, chunk};
-  if (f.header.handle_kind != 0) f.fd = o.handle_fd();
+  if (f.header.handle_kind != 0) {
+    f.fds[f.fd_count++] = o.handle_fd();
+    for (auto& extra : o.extra_fds) f.fds[f.fd_count++] = extra->get();  // bounded by the sender
+    f.header.extra_handles = static_cast<std::uint8_t>(o.extra_fds.size());
+  }
   return f;
 }
 
@@ -97,6 +106,7 @@ class send_queue {
     if (o.offset == 0) {  // the kernel holds its own reference to the fd now
       o.fd.reset();
       o.shared_fd.reset();
+      o.extra_fds.clear();
     }
     o.offset += f.payload.size();
     bytes_ -= f.payload.size();

@@ -17,6 +17,10 @@
 // copy of each connection until the worker's `accepted`: a connection handed to a worker that
 // closes its server, disconnects or dies goes back to the front and to another worker. With
 // no worker left the listener is closed with what it holds (Node does the same).
+// Hand-offs are batched: the connections chosen for one worker while the listener distributes
+// (an accept burst, the room one `accepted_batch` makes) leave as one `newconn_batch` frame
+// carrying up to ipc::max_fds_per_packet fds (one `newconn` when only one waits); the acks of
+// one `accepted_batch` are all counted before the listener distributes again, once.
 #pragma once
 
 #include "cocluster/detail/config.hpp"
@@ -24,11 +28,14 @@
 #include <asio/posix/stream_descriptor.hpp>
 #include <asio/steady_timer.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <deque>
 #include <map>
 #include <memory>
+#include <span>
 #include <string>
+#include <vector>
 
 #include "cocluster/detail/log.hpp"
 #include "cocluster/detail/master/sockets.hpp"
@@ -104,20 +111,17 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   }
 
   void acknowledged(WorkerLink& worker, std::uint32_t seq, bool ok) final {
-    auto it = unacked_.find(seq);
-    if (it == unacked_.end() || it->second.worker != worker.id()) return;  // Node ignores stray acks too
-    connection conn = std::move(it->second.conn);
-    unacked_.erase(it);
-    if (auto m = members_.find(worker.id()); m != members_.end()) {
-      --m->second.in_flight;
-      on_acknowledged(m->second);
-    }
-    if (!ok) {  // refused: another worker gets it
-      std::deque<connection> back;
-      back.push_back(std::move(conn));
-      give_back(std::move(back));
-    }
+    take_ack(worker, seq, ok);
     distribute();  // ok: our copy of the fd closes here
+  }
+
+  // The acks of one turn of the worker's loop: counted first, then one distribution, so the
+  // connections they make room for leave in batches.
+  void acknowledged_batch(WorkerLink& worker, std::span<const std::uint32_t> accepted,
+                          std::span<const std::uint32_t> refused) final {
+    for (std::uint32_t seq : accepted) take_ack(worker, seq, true);
+    for (std::uint32_t seq : refused) take_ack(worker, seq, false);
+    distribute();
   }
 
   void close() override {
@@ -125,6 +129,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     socket_.close(ignored);
     retry_.cancel();
     backlog_.clear();
+    outbox_.clear();
     waiting_for_.clear();
     unacked_.clear();
     members_.clear();
@@ -188,17 +193,44 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     int worker;
     connection conn;
   };
+  // Hand-offs chosen for one worker during this distribution, sent together at its end (one
+  // entry per member, emptied after each distribution).
+  struct outgoing_batch {
+    int worker;
+    std::vector<std::uint32_t> seqs;
+    std::vector<std::string> remotes;
+    std::vector<std::shared_ptr<const detail::unique_fd>> fds;
+  };
+
+  void take_ack(WorkerLink& worker, std::uint32_t seq, bool ok) {
+    auto it = unacked_.find(seq);
+    if (it == unacked_.end() || it->second.worker != worker.id()) return;  // Node ignores stray acks too
+    connection conn = std::move(it->second.conn);
+    unacked_.erase(it);
+    if (auto m = members_.find(worker.id()); m != members_.end()) {
+      --m->second.in_flight;
+      on_acknowledged(m->second);
+    }
+    if (!ok) {  // refused: another worker gets it
+      std::deque<connection> back;
+      back.push_back(std::move(conn));
+      give_back(std::move(back));
+    }
+  }
 
   int pick() {
     const int id = choose();
     return id != 0 && members_.count(id) ? id : 0;
   }
-  // Places `c`: handed to the worker chosen for it, else waiting for that worker at `at` in the
-  // backlog (counted in waiting_for_), else, past max_waiting_per_worker or refused, closed.
-  // False when it waits.
-  bool place(connection&& c, std::size_t at) {
+  // Places `c`: handed to the worker chosen for it, else waiting for that worker at the back
+  // of the backlog (counted in waiting_for_), else, past max_waiting_per_worker or refused,
+  // closed. False when it waits.
+  bool place(connection&& c) {
     const int id = choose_for(Remote(c.remote));
-    if (auto m = members_.find(id); m != members_.end() && can_take(m->second) && hand_off(id, c)) return true;
+    if (auto m = members_.find(id); m != members_.end() && can_take(m->second)) {
+      hand_off(id, c);
+      return true;
+    }
     if (id == refuse || (!c.given_back && waiting_for(id) >= max_waiting_per_worker)) {
       detail::log_error("listener {}:{}: closing a connection: {}", address_.address, address_.port,
                         id == refuse ? "the policy refused it"
@@ -208,24 +240,35 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     }
     c.waits_for = id;
     ++waiting_for_[id];
-    backlog_.insert(backlog_.begin() + static_cast<std::ptrdiff_t>(at), std::move(c));
+    backlog_.push_back(std::move(c));
     return false;
   }
 
-  // Takes backlog_[i] out (it is to be placed again).
-  connection take_waiting(std::size_t i) {
-    connection c = std::move(backlog_[i]);
-    backlog_.erase(backlog_.begin() + static_cast<std::ptrdiff_t>(i));
-    if (auto it = waiting_for_.find(c.waits_for); it != waiting_for_.end() && --it->second == 0) waiting_for_.erase(it);
-    return c;
+  // The waiting connections, in order, each placed again while some worker can take one. One
+  // pass that moves each connection once (no erase from the middle of the backlog per
+  // connection): what still waits goes back in the same order.
+  void place_waiting() {
+    if (backlog_.empty() || pick() == 0) return;
+    std::deque<connection> waiting = std::move(backlog_);
+    backlog_.clear();
+    std::size_t i = 0;
+    for (; i < waiting.size() && pick() != 0; ++i) {
+      connection& c = waiting[i];
+      if (auto it = waiting_for_.find(c.waits_for); it != waiting_for_.end() && --it->second == 0) waiting_for_.erase(it);
+      place(std::move(c));
+    }
+    for (; i < waiting.size(); ++i) backlog_.push_back(std::move(waiting[i]));
   }
 
   // Waiting connections first, in order, each to the worker chosen for it (one waiting for a
-  // worker that cannot take it now does not hold up the others); then accept more.
+  // worker that cannot take it now does not hold up the others); then accept more; then send
+  // what each worker was handed, one frame per worker (per max_fds_per_packet connections).
   void distribute() {
-    for (std::size_t i = 0; i < backlog_.size() && pick() != 0;)
-      if (!place(take_waiting(i), i)) ++i;
-    accept_now();
+    for (;;) {
+      place_waiting();
+      accept_now();
+      if (send_handoffs()) return;  // else a worker's channel is ending: the others may take more
+    }
   }
 
   // Everything taken back from a worker, to the front of the backlog in order, waiting for
@@ -239,21 +282,51 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     backlog_.insert(backlog_.begin(), std::make_move_iterator(back.begin()), std::make_move_iterator(back.end()));
   }
 
-  // False if `id`'s channel is ending (then `c` is still the caller's): left() follows and
-  // gives back what it holds; until then it takes nothing.
-  bool hand_off(int id, connection& c) {
+  // Hands `c` to `id`: counted now, sent with the others of this distribution (send_handoffs).
+  void hand_off(int id, connection& c) {
     const std::uint32_t seq = ++last_seq_;
-    // The channel shares our fd until the frame is written; we keep it until `accepted`.
-    if (!links_.at(id)->send(ipc::protocol::NewConn{id_, seq, c.remote}, tag_, c.fd)) {
-      members_.erase(id);
-      on_left(id);
-      return false;
-    }
+    auto batch = std::find_if(outbox_.begin(), outbox_.end(), [&](const outgoing_batch& b) { return b.worker == id; });
+    if (batch == outbox_.end()) batch = outbox_.insert(outbox_.end(), outgoing_batch{id, {}, {}, {}});
+    batch->seqs.push_back(seq);
+    batch->remotes.push_back(c.remote);
+    batch->fds.push_back(c.fd);
     unacked_.emplace(seq, handed{id, std::move(c)});
     Member& m = members_.at(id);
     ++m.in_flight;
     on_handed(m);
-    return true;
+  }
+
+  // Sends every worker what it was handed: `newconn` for one connection, else `newconn_batch`
+  // frames of up to max_fds_per_packet. The channels share our fds until the frames are
+  // written; we keep them until `accepted`. False if a worker's channel is ending: it is no
+  // member from now on, and left() follows and gives back what it holds.
+  bool send_handoffs() {
+    bool all_sent = true;
+    for (auto& b : outbox_) {  // sending never calls back into the listener
+      if (b.seqs.empty()) continue;
+      auto link = links_.find(b.worker);
+      bool sent = link != links_.end();
+      for (std::size_t at = 0; sent && at < b.seqs.size(); at += ipc::max_fds_per_packet) {
+        const std::size_t n = std::min(ipc::max_fds_per_packet, b.seqs.size() - at);
+        if (n == 1) {
+          sent = link->second->send(ipc::protocol::NewConn{id_, b.seqs[at], std::move(b.remotes[at])}, tag_, b.fds[at]);
+          continue;
+        }
+        ipc::protocol::NewConnBatch m{id_, {b.seqs.begin() + at, b.seqs.begin() + at + n},
+                                      {std::make_move_iterator(b.remotes.begin() + at), std::make_move_iterator(b.remotes.begin() + at + n)}};
+        std::vector<std::shared_ptr<const detail::unique_fd>> fds(b.fds.begin() + at, b.fds.begin() + at + n);
+        sent = link->second->send(m, tag_, std::move(fds));
+      }
+      if (!sent && members_.erase(b.worker) != 0) {
+        on_left(b.worker);
+        all_sent = false;
+      }
+      b.seqs.clear();  // kept, with their capacity, for the worker's next batch
+      b.remotes.clear();
+      b.fds.clear();
+    }
+    std::erase_if(outbox_, [&](const outgoing_batch& b) { return !links_.count(b.worker); });
+    return all_sent;
   }
 
   // Accepts while a worker is chosen and fewer than max_waiting wait here; waits for
@@ -265,9 +338,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
       std::error_code ec;
       detail::unique_fd fd = detail::accept_connection(socket_.native_handle(), remote, ec);
       if (fd) {
-        const std::size_t members = members_.size();
-        place(connection{std::make_shared<const detail::unique_fd>(std::move(fd)), std::move(remote)}, backlog_.size());
-        if (members_.size() != members) return distribute();  // a hand-off found its worker going
+        place(connection{std::make_shared<const detail::unique_fd>(std::move(fd)), std::move(remote)});
         continue;
       }
       if (!ec) return wait_readable();
@@ -282,7 +353,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     waiting_ = true;
     socket_.async_wait(asio::posix::descriptor_base::wait_read, [self = shared_from_this()](std::error_code ec) {
       self->waiting_ = false;
-      if (!ec) self->accept_now();
+      if (!ec) self->distribute();  // accepts, then sends
     });
   }
 
@@ -306,6 +377,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   std::deque<connection> backlog_;           // accepted, waiting for a chosen worker, in order
   std::map<int, std::size_t> waiting_for_;   // how many of backlog_ wait for each worker
   std::map<std::uint32_t, handed> unacked_;  // handed off, not yet acknowledged, by seq
+  std::vector<outgoing_batch> outbox_;       // handed in this distribution, not yet sent, per worker
   std::uint32_t last_seq_ = 0;
   bool waiting_ = false;
   bool paused_ = false;

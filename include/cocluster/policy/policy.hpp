@@ -28,6 +28,7 @@
 #include <concepts>
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
 #include <system_error>
 
@@ -73,6 +74,13 @@ class Listener {
   // `worker` answered hand-off `seq`: ok, it took the connection (the master closes its
   // copy); not ok, it could not (another worker gets it).
   virtual void acknowledged(WorkerLink& worker, std::uint32_t seq, bool ok) = 0;
+  // The acks `worker` sent together (one turn of its event loop): by default each in turn;
+  // a listener that hands connections over counts them all, then hands more out once.
+  virtual void acknowledged_batch(WorkerLink& worker, std::span<const std::uint32_t> accepted,
+                                  std::span<const std::uint32_t> refused) {
+    for (std::uint32_t seq : accepted) acknowledged(worker, seq, true);
+    for (std::uint32_t seq : refused) acknowledged(worker, seq, false);
+  }
   // The last worker left, or the master is going: close the socket and whatever is held.
   virtual void close() = 0;
 };

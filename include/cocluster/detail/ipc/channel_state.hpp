@@ -65,11 +65,12 @@ struct channel_state : std::enable_shared_from_this<channel_state> {
   }
 
   bool send_internal(std::string payload, handle_tag tag, unique_fd fd,
-                     std::shared_ptr<const unique_fd> shared_fd = {}) {
+                     std::shared_ptr<const unique_fd> shared_fd = {},
+                     std::vector<std::shared_ptr<const unique_fd>> extra_fds = {}) {
     if (!sock.is_open() || write_shut) return false;
     const bool has_fd = fd || (shared_fd && *shared_fd);
     queue.push({std::move(payload), ipc::frame_header::internal, has_fd ? handle_kind{tag} : handle_kind::none,
-                std::move(fd), std::move(shared_fd)});
+                std::move(fd), std::move(shared_fd), has_fd ? std::move(extra_fds) : decltype(extra_fds){}});
     if (!waiting_write) flush();
     return !write_error;
   }
@@ -83,7 +84,7 @@ struct channel_state : std::enable_shared_from_this<channel_state> {
       return {};
     }
     return {std::move(e.message.data), e.kind == ipc::message_kind::internal ? ipc::frame_header::internal : std::uint8_t{0},
-            kind, std::move(fd), {}};
+            kind, std::move(fd), {}, {}};
   }
 
   // Writes queued frames until the socket would block; then waits for it to drain.
@@ -94,15 +95,15 @@ struct channel_state : std::enable_shared_from_this<channel_state> {
       msghdr msg{};
       msg.msg_iov = iov;
       msg.msg_iovlen = 2;
-      alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))];
-      if (f.fd >= 0) {
+      alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * ipc::max_fds_per_packet)];
+      if (f.fd_count > 0) {
         msg.msg_control = control;
-        msg.msg_controllen = sizeof control;
+        msg.msg_controllen = CMSG_SPACE(sizeof(int) * f.fd_count);
         cmsghdr* c = CMSG_FIRSTHDR(&msg);
         c->cmsg_level = SOL_SOCKET;
         c->cmsg_type = SCM_RIGHTS;
-        c->cmsg_len = CMSG_LEN(sizeof(int));
-        std::memcpy(CMSG_DATA(c), &f.fd, sizeof f.fd);
+        c->cmsg_len = CMSG_LEN(sizeof(int) * f.fd_count);
+        std::memcpy(CMSG_DATA(c), f.fds, sizeof(int) * f.fd_count);
       }
       const ssize_t n = retry_on_eintr(
           [&] { return ::sendmsg(sock.native_handle(), &msg, MSG_DONTWAIT | MSG_NOSIGNAL); });
@@ -253,11 +254,16 @@ struct channel_state : std::enable_shared_from_this<channel_state> {
     if (r.handle && !is_socket(r.handle.native_handle()))
       return fail(error::protocol_error, "handle declared as type " + std::to_string(static_cast<int>(r.handle.kind())) +
                                              " is not such a socket (not a socket at all)");
+    for (auto& fd : r.extra_fds)
+      if (!is_socket(fd.get()))
+        return fail(error::protocol_error, "handle declared as type " + std::to_string(static_cast<int>(r.handle.kind())) +
+                                               " is not such a socket (not a socket at all)");
     e.kind = r.kind;
     e.message.data = std::move(r.data);
     if (r.kind == ipc::message_kind::internal) {
       e.internal_tag = static_cast<handle_tag>(r.handle.kind());
       e.internal_fd = r.handle.release();
+      e.internal_extra_fds = std::move(r.extra_fds);
     } else {
       e.message.handle = std::move(r.handle);
     }

@@ -110,6 +110,11 @@ class listener_table {
     if (w == held_.end() || !w->second.count(a.server)) return;  // closed already: re-dispatched
     by_id_.at(a.server).listener->acknowledged(worker, a.seq, a.ok);
   }
+  void accepted(worker_link& worker, const ipc::protocol::AcceptedBatch& a) {
+    auto w = held_.find(worker.id());
+    if (w == held_.end() || !w->second.count(a.server)) return;  // closed already: re-dispatched
+    by_id_.at(a.server).listener->acknowledged_batch(worker, a.accepted, a.refused);
+  }
 
   void close(worker_link& worker, std::uint32_t server) {
     auto w = held_.find(worker.id());

@@ -13,6 +13,7 @@
 #include <functional>
 #include <memory>
 #include <utility>
+#include <vector>
 
 #include "cocluster/detail/unique_fd.hpp"
 #include "cocluster/ipc/channel.hpp"
@@ -58,6 +59,11 @@ class worker_link {
   // (no dup(2) for a sender that needs its own copy, as a hand-off does until `accepted`).
   bool send(const ipc::protocol::InternalMessage& m, handle_tag tag, std::shared_ptr<const unique_fd> fd) {
     return connected_ && channel_.send_internal(ipc::protocol::encode(m), tag, std::move(fd));
+  }
+  // The same with several fds in one frame (a batch of hand-offs; at most
+  // ipc::max_fds_per_packet).
+  bool send(const ipc::protocol::InternalMessage& m, handle_tag tag, std::vector<std::shared_ptr<const unique_fd>> fds) {
+    return connected_ && channel_.send_internal(ipc::protocol::encode(m), tag, std::move(fds));
   }
 
  private:

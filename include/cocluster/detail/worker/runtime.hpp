@@ -247,7 +247,11 @@ class runtime {
     asio::co_spawn(channel_.get_executor(), read_loop(), asio::detached);
   }
 
-  void send_internal(ipc::protocol::InternalMessage m) { channel_.send_internal(ipc::protocol::encode(m)); }
+  // The acks of this loop turn go first (server_link::flush_acks).
+  void send_internal(ipc::protocol::InternalMessage m) {
+    link_.flush_acks();
+    channel_.send_internal(ipc::protocol::encode(m));
+  }
 
   // disconnect(), kill() and the master's disconnect: this worker now leaves on purpose.
   void leave(intent why) {
@@ -282,6 +286,7 @@ class runtime {
         break;
       case phase::shutting_down:
         if (heartbeat_timer_) heartbeat_timer_->cancel();
+        link_.flush_acks();  // the master reads them before our end
         channel_.async_shutdown([this](std::error_code) {
           if (phase_ == phase::shutting_down) enter(phase::shut_down);
         });
@@ -347,8 +352,11 @@ class runtime {
   bool on_internal(ipc::Envelope& envelope) {
     namespace p = ipc::protocol;
     auto m = p::decode(envelope.message.data);
-    const bool handle_allowed = m && (std::holds_alternative<p::QueryReply>(*m) || std::holds_alternative<p::NewConn>(*m));
-    if (!m || ((envelope.internal_fd || envelope.message.has_handle()) && !handle_allowed)) {
+    const bool handle_allowed = m && (std::holds_alternative<p::QueryReply>(*m) || std::holds_alternative<p::NewConn>(*m) ||
+                                      std::holds_alternative<p::NewConnBatch>(*m));
+    const bool batch = m && std::holds_alternative<p::NewConnBatch>(*m);
+    if (!m || ((envelope.internal_fd || envelope.message.has_handle()) && !handle_allowed) ||
+        (!envelope.internal_extra_fds.empty() && !batch)) {
       log_error("unexpected internal message from the master; closing the channel");
       return false;
     }
@@ -364,7 +372,25 @@ class runtime {
         return false;
       }
       if (d == delivery::refused)  // the master gives it to another worker; its fd is closed
-        send_internal(p::Accepted{conn->server, conn->seq, false});
+        link_.refused(conn->server, conn->seq);
+    } else if (auto* conns = std::get_if<p::NewConnBatch>(&*m)) {
+      // One fd per connection, in order: a count that does not match is the master's bug.
+      const std::size_t n = conns->seqs.size();
+      if (n < 2 || conns->remotes.size() != n || !envelope.internal_fd || envelope.internal_extra_fds.size() != n - 1) {
+        log_error("a batch of connections from the master does not match its fds; closing the channel");
+        return false;
+      }
+      auto server = link_.find(conns->server);
+      for (std::size_t i = 0; i < n; ++i) {
+        unique_fd fd = i == 0 ? std::move(envelope.internal_fd) : std::move(envelope.internal_extra_fds[i - 1]);
+        const delivery d =
+            server ? server->deliver(std::move(fd), envelope.internal_tag, conns->seqs[i], conns->remotes[i]) : delivery::refused;
+        if (d == delivery::malformed) {
+          log_error("a connection from the master is not of its server's kind; closing the channel");
+          return false;
+        }
+        if (d == delivery::refused) link_.refused(conns->server, conns->seqs[i]);
+      }
     } else if (std::holds_alternative<p::CountConnections>(*m)) {
       link_.report_connections();
     } else if (auto* beat = std::get_if<p::HeartbeatRequest>(&*m)) {

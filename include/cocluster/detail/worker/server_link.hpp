@@ -36,15 +36,36 @@ class server_link {
 
   // ---- what servers call ----
 
-  // accept() took hand-off `seq`: the master may close its copy. (Nothing is sent once our
-  // side of the channel is closing or closed: the channel refuses it.)
-  void accepted(std::uint32_t server, std::uint32_t seq) {
-    channel_.send_internal(ipc::protocol::encode(ipc::protocol::Accepted{server, seq, true}));
+  // accept() took hand-off `seq`: the master may close its copy. Coalesced: the acks of one
+  // turn of the event loop go out together at its end, one message per server (`accepted`
+  // for one, `accepted_batch` for more), and before any other message of ours (flush_acks).
+  // (Nothing is sent once our side of the channel is closing or closed: the channel refuses it.)
+  void accepted(std::uint32_t server, std::uint32_t seq) { ack(server, seq, true); }
+  // Hand-off `seq` is refused (its server is gone, or its fd was not usable): the master gives
+  // it to another worker.
+  void refused(std::uint32_t server, std::uint32_t seq) { ack(server, seq, false); }
+
+  // Sends the acks waiting for the end of this turn now: called before every other message
+  // the worker sends, so the master never reads a `close` (or the channel's end) before the
+  // acks of connections this worker took.
+  void flush_acks() {
+    namespace p = ipc::protocol;
+    auto acks = std::move(acks_);
+    acks_.clear();
+    for (auto& a : acks) {
+      if (a.accepted.size() + a.refused.size() == 1) {
+        const bool ok = !a.accepted.empty();
+        channel_.send_internal(p::encode(p::Accepted{a.server, ok ? a.accepted.front() : a.refused.front(), ok}));
+      } else {
+        channel_.send_internal(p::encode(std::move(a)));
+      }
+    }
   }
 
   // The server is closed (by the user, its destructor, a disconnect or the channel's end).
   void closed(server_base& server) {
     if (server.id == 0) return;  // adopted: the master never knew it
+    flush_acks();
     servers_.erase(server.id);
     release_index(server.index_key, server.index);
     channel_.send_internal(ipc::protocol::encode(ipc::protocol::Close{server.id}));
@@ -167,6 +188,21 @@ class server_link {
     });
   }
 
+  void ack(std::uint32_t server, std::uint32_t seq, bool ok) {
+    auto it = std::find_if(acks_.begin(), acks_.end(), [&](const auto& a) { return a.server == server; });
+    if (it == acks_.end()) {
+      acks_.push_back({server, {}, {}});
+      it = std::prev(acks_.end());
+    }
+    (ok ? it->accepted : it->refused).push_back(seq);
+    if (acks_posted_) return;
+    acks_posted_ = true;
+    asio::post(channel_.get_executor(), [this] {
+      acks_posted_ = false;
+      flush_acks();
+    });
+  }
+
   void release_idle_waiters(std::error_code ec) {
     auto waiters = std::move(idle_waiters_);
     idle_waiters_.clear();
@@ -184,6 +220,8 @@ class server_link {
   std::uint64_t reported_taken_ = 0;
   std::list<pending_handler<>> idle_waiters_;
   bool stopped_ = false;
+  std::vector<ipc::protocol::AcceptedBatch> acks_;  // this turn's, one entry per server (few)
+  bool acks_posted_ = false;
 };
 
 }  // namespace cocluster::detail::worker
