@@ -110,10 +110,6 @@ class Worker : public std::enable_shared_from_this<Worker> {
   // True once the master has killed this worker (SIGKILL) because its event loop sent no
   // heartbeat for Settings::heartbeat_timeout (no Node equivalent; gunicorn's timeout).
   bool unresponsive() const noexcept { return unresponsive_; }
-  // The worker's open connections (every server's, handed-over ones counted from their
-  // arrival) as it last reported them; it reports only once a policy asks (LeastConnections),
-  // at most once per turn of its event loop. 0 before the first report. (No Node equivalent.)
-  std::uint32_t open_connections() const noexcept { return link_->open_connections(); }
   // All of the above at once: what each event on master.events() carries.
   WorkerSnapshot snapshot() const noexcept {
     return {state_, exited_after_disconnect_, is_connected(), dead_, unresponsive_};
