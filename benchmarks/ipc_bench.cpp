@@ -48,6 +48,7 @@ using Figures = std::map<std::string, double>;  // "rtt_p50_us" -> 12.3; absent 
 struct Counts {
   long oneway = 200'000, rtt = 20'000, fd = 50'000, warmup = 1'000;
   int spawn_repeats = 3;  // each spawn figure is the median of this many runs
+  bool spawn_only = false;  // --spawn-only: the fork-to-online figures alone
 };
 constexpr std::size_t k_message_size = 64;
 constexpr int k_spawn_sizes[] = {1, 8, 32};
@@ -189,10 +190,12 @@ void run_cocluster(const Counts& n, Figures& out) {
   asio::io_context io;
   cocluster::Master<> master(io.get_executor());
   auto all = [&]() -> awaitable<void> {
-    co_await cocluster_oneway(master, n, out);
-    co_await cocluster_rtt(master, n, out);
-    co_await cocluster_fd(master, n, out, true);
-    co_await cocluster_fd(master, n, out, false);
+    if (!n.spawn_only) {
+      co_await cocluster_oneway(master, n, out);
+      co_await cocluster_rtt(master, n, out);
+      co_await cocluster_fd(master, n, out, true);
+      co_await cocluster_fd(master, n, out, false);
+    }
     for (int size : k_spawn_sizes) {
       std::vector<double> ms;
       for (int i = 0; i < n.spawn_repeats; ++i) ms.push_back(co_await cocluster_spawn(master, size));
@@ -384,10 +387,12 @@ double raw_spawn(int size) {
 }  // ~RawPeer: close, then reap
 
 void run_raw(const Counts& n, Figures& out) {
-  raw_oneway(n, out);
-  raw_rtt(n, out);
-  raw_fd(n, out);
-  out["fd_pass_fd_per_s"] = out["fd_pass_per_s"];  // raw has no Asio socket: one baseline for both
+  if (!n.spawn_only) {
+    raw_oneway(n, out);
+    raw_rtt(n, out);
+    raw_fd(n, out);
+    out["fd_pass_fd_per_s"] = out["fd_pass_per_s"];  // raw has no Asio socket: one baseline for both
+  }
   for (int size : k_spawn_sizes) {
     std::vector<double> ms;
     for (int i = 0; i < n.spawn_repeats; ++i) ms.push_back(raw_spawn(size));
@@ -521,11 +526,12 @@ int main(int argc, char** argv) {
   std::string node_script = std::getenv("BENCH_NODE_SCRIPT") ? std::getenv("BENCH_NODE_SCRIPT") : BENCH_NODE_SCRIPT;
   for (int i = 1; i < argc; ++i) {
     std::string_view arg = argv[i];
-    if (arg == "--quick") n = {n.oneway / 10, n.rtt / 10, n.fd / 10, n.warmup / 10, 1};
+    if (arg == "--quick") n = {n.oneway / 10, n.rtt / 10, n.fd / 10, n.warmup / 10, 1, n.spawn_only};
     else if (arg.starts_with("--only=")) only = arg.substr(7);
+    else if (arg == "--spawn-only") n.spawn_only = true;
     else if (arg.starts_with("--node-script=")) node_script = arg.substr(14);
     else {
-      fmt::print(stderr, "usage: {} [--quick] [--only=raw,cocluster,node] [--node-script=PATH]\n", argv[0]);
+      fmt::print(stderr, "usage: {} [--quick] [--only=raw,cocluster,node] [--spawn-only] [--node-script=PATH]\n", argv[0]);
       return 64;
     }
   }

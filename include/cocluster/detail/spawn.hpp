@@ -1,22 +1,36 @@
-// Starting a worker process: fork + exec of an executable, with exactly stdio and the channel
-// inherited (as fd 3), the environment given, and the parent's death as a backstop signal.
+// Starting a worker process: a child made with clone(CLONE_VM | CLONE_VFORK | CLONE_PIDFD),
+// then exec of an executable, with exactly stdio and the channel inherited (as fd 3), the
+// environment given, and the parent's death as a backstop signal. This file is the one
+// launcher: every child of cocluster is set up here (run_child), and nowhere else.
 //   auto child = detail::spawn(request, std::move(channel_end), std::move(stdio_fds));  // waits for exec
 //   detail::check_spawnable(request);  auto started = detail::spawn_start(request, ...);  // does not
 // Throws std::system_error naming the step that failed (fork, chdir, setuid, execve, ...).
-// A failure in the child is reported through a close-on-exec pipe; nothing between fork and
-// exec allocates or throws, and the child leaves with _exit. Master::fork() checks up front
-// and then does not wait for the exec, so that many workers start in parallel.
+// A failure in the child is reported through a close-on-exec pipe; nothing between the clone
+// and the exec allocates or throws, and the child leaves with _exit.
+// Why not fork(2): a fork copies the master's page tables, then every page the master writes
+// (until that child has exec'd) faults and is copied, and the child's exec tears the copy down
+// again; all of it grows with the master's memory and with the number of children not yet
+// exec'd. A CLONE_VM child borrows the master's memory instead, on a stack of its own; with
+// CLONE_VFORK the calling thread sleeps meanwhile (other threads run on), and wakes once the
+// child's execve has replaced its memory (or it has exited): tens of microseconds, not the
+// program's start-up, which runs in parallel with the next clone. glibc's posix_spawn(3)
+// works the same way, but cannot set the ids or the parent-death signal, nor say which step
+// failed.
+// Master::fork() checks up front and then does not wait for the report, so that many workers
+// start in parallel.
 #pragma once
 
 #include "cocluster/detail/config.hpp"
 
 #include <fcntl.h>
-#include <grp.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -84,16 +98,33 @@ struct child_plan {
   std::optional<uid_t> uid;
 };
 
-[[noreturn]] inline void fail_in_child(int report_fd, step s) noexcept {
-  child_failure f{static_cast<std::int32_t>(s), errno};
+// The code a child runs before its execve shares the parent's memory (CLONE_VM): it is not
+// instrumented by AddressSanitizer, whose stack poisoning would outlive a frame that never
+// returns and land on the parent's shadow memory.
+#if defined(__clang__) || defined(__GNUC__)
+#define COCLUSTER_CHILD_CODE __attribute__((no_sanitize("address")))
+#else
+#define COCLUSTER_CHILD_CODE
+#endif
+
+[[noreturn]] COCLUSTER_CHILD_CODE inline void fail_in_child(int report_fd, step s) noexcept {
+  const child_failure f{static_cast<std::int32_t>(s), errno};
   (void)!::write(report_fd, &f, sizeof f);
   ::_exit(127);
 }
 
-// Runs in the forked child: only async-signal-safe calls from here to execve.
-// Starts with every signal blocked (the parent blocked them around fork): the parent's
+// The ids through the system calls themselves: glibc's wrappers, in a process it believes has
+// several threads (the parent's, whose memory the child shares), would signal each of them.
+COCLUSTER_CHILD_CODE inline long raw_setgroups_none() noexcept { return ::syscall(SYS_setgroups, 0, nullptr); }
+COCLUSTER_CHILD_CODE inline long raw_setgid(gid_t gid) noexcept { return ::syscall(SYS_setgid, gid); }
+COCLUSTER_CHILD_CODE inline long raw_setuid(uid_t uid) noexcept { return ::syscall(SYS_setuid, uid); }
+
+// Runs in the child, in the parent's memory on a stack of its own, while the parent's thread
+// sleeps (CLONE_VFORK): it only reads the plan and makes async-signal-safe system calls from
+// here to execve; it writes nothing but its own stack and errno.
+// Starts with every signal blocked (the parent blocked them around the clone): the parent's
 // handlers are reset to the default first, so none of them can run in the child.
-[[noreturn]] inline void run_child(const child_plan& p) noexcept {
+[[noreturn]] COCLUSTER_CHILD_CODE inline void run_child(const child_plan& p) noexcept {
   for (int sig = 1; sig < NSIG; ++sig) ::signal(sig, SIG_DFL);
   sigset_t none;
   ::sigemptyset(&none);
@@ -109,15 +140,43 @@ struct child_plan {
   report = 4;
   if (::close_range(5, ~0U, 0) != 0) fail_in_child(report, step::close_range);
   // libuv's order: groups, then gid (needs the privilege the uid change gives up), then uid.
-  if (p.clear_groups && ::setgroups(0, nullptr) != 0) fail_in_child(report, step::setgroups);
-  if (p.gid && ::setgid(*p.gid) != 0) fail_in_child(report, step::setgid);
-  if (p.uid && ::setuid(*p.uid) != 0) fail_in_child(report, step::setuid);
+  if (p.clear_groups && raw_setgroups_none() != 0) fail_in_child(report, step::setgroups);
+  if (p.gid && raw_setgid(*p.gid) != 0) fail_in_child(report, step::setgid);
+  if (p.uid && raw_setuid(*p.uid) != 0) fail_in_child(report, step::setuid);
   // After the ids: changing them clears the parent-death signal.
   if (::prctl(PR_SET_PDEATHSIG, p.death_signal) != 0) fail_in_child(report, step::prctl);
   if (::getppid() != p.parent) ::_exit(0);  // the parent died before prctl took effect
   ::execve(p.exec, p.argv, p.envp);
   fail_in_child(report, step::execve);
 }
+
+// clone(2)'s entry point for the child.
+COCLUSTER_CHILD_CODE inline int child_main(void* plan) noexcept { run_child(*static_cast<const child_plan*>(plan)); }
+
+// The child's stack while it runs in the parent's memory: mapped for one launch, with a guard
+// page below it, unmapped once the child has exec'd or exited (when clone returns).
+class child_stack {
+ public:
+  static constexpr std::size_t size = 64 * 1024;  // run_child needs a few KiB (glibc's lazy binding the most)
+  child_stack() : guard_(static_cast<std::size_t>(::sysconf(_SC_PAGESIZE))) {
+    void* p = ::mmap(nullptr, guard_ + size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    if (p == MAP_FAILED) throw_last_error("mmap (a stack for the child)");
+    base_ = static_cast<char*>(p);
+    if (::mprotect(base_, guard_, PROT_NONE) != 0) {
+      const int error = errno;
+      ::munmap(base_, guard_ + size);
+      throw std::system_error(error, std::system_category(), "mprotect (the child's stack guard)");
+    }
+  }
+  child_stack(const child_stack&) = delete;
+  child_stack& operator=(const child_stack&) = delete;
+  ~child_stack() { ::munmap(base_, guard_ + size); }
+  void* top() const noexcept { return base_ + guard_ + size; }  // stacks grow down; 16-byte aligned
+
+ private:
+  std::size_t guard_;
+  char* base_ = nullptr;
+};
 
 inline std::vector<char*> c_strings(const std::vector<std::string>& v) {
   std::vector<char*> out;
@@ -165,6 +224,8 @@ inline bool has_capability(int bit) {
 
 }  // namespace spawn_detail
 
+#undef COCLUSTER_CHILD_CODE
+
 // What spawn_start() leaves to check: the child's failure pipe, whose EOF means execve
 // succeeded (it is close-on-exec), and a child_failure record that it did not.
 struct started_process {
@@ -206,12 +267,13 @@ inline void check_spawnable(const spawn_request& r) {
   }
 }
 
-// Forks the child and returns at once, without waiting for its execve: several workers can
-// be started in a row as quickly as fork(2) allows. `stdio[i]`, when open, becomes the child's
-// fd i (the parent's fd i otherwise). The fds given are the parent's to close: they are
-// closed here once the child has its copies. Throws std::system_error when fork(2) fails;
-// a failure in the child arrives on exec_report (read_exec_report()), and the child exits
-// with 127.
+// Starts the child and returns once it has begun its execve (or failed before), without
+// waiting for the program to start up: several workers can be started in a row, and their
+// start-ups run in parallel. `stdio[i]`, when open, becomes the child's fd i (the parent's fd
+// i otherwise). The fds given are the parent's to close: they are closed here once the child
+// has its copies. Throws std::system_error when the clone fails ("fork <exec>": EAGAIN under
+// RLIMIT_NPROC, ...); a failure in the child arrives on exec_report (exec_report_result()),
+// and the child exits with 127.
 inline started_process spawn_start(const spawn_request& r, unique_fd channel_end, std::array<unique_fd, 3> stdio = {}) {
   using namespace spawn_detail;
   channel_end = above_four(std::move(channel_end));
@@ -221,41 +283,40 @@ inline started_process spawn_start(const spawn_request& r, unique_fd channel_end
   report_write = above_four(std::move(report_write));
   auto argv = c_strings(r.argv);
   auto envp = c_strings(r.env);
-  child_plan plan{r.exec.c_str(),
-                  argv.data(),
-                  envp.data(),
-                  r.cwd.empty() ? nullptr : r.cwd.c_str(),
-                  {stdio[0].get(), stdio[1].get(), stdio[2].get()},
-                  channel_end.get(),
-                  report_write.get(),
-                  ::getpid(),
-                  r.death_signal,
-                  (r.uid || r.gid) && ::geteuid() == 0,
-                  r.gid,
-                  r.uid};
+  const child_plan plan{r.exec.c_str(),
+                        argv.data(),
+                        envp.data(),
+                        r.cwd.empty() ? nullptr : r.cwd.c_str(),
+                        {stdio[0].get(), stdio[1].get(), stdio[2].get()},
+                        channel_end.get(),
+                        report_write.get(),
+                        ::getpid(),
+                        r.death_signal,
+                        (r.uid || r.gid) && ::geteuid() == 0,
+                        r.gid,
+                        r.uid};
+  child_stack stack;
 
+  // CLONE_VM: the child runs in our memory (nothing copied); CLONE_VFORK: this thread sleeps
+  // until the child's execve has replaced that memory with its own, or the child has exited,
+  // so the plan and the stack outlive their use; CLONE_PIDFD: the pidfd comes with the child
+  // (close-on-exec); SIGCHLD: reaped like a forked child.
   sigset_t all, before;
   ::sigfillset(&all);
   ::pthread_sigmask(SIG_SETMASK, &all, &before);
-  const pid_t pid = ::fork();
-  if (pid == 0) run_child(plan);
-  const int fork_errno = errno;
+  int pidfd = -1;
+  const pid_t pid = ::clone(&child_main, stack.top(), CLONE_VM | CLONE_VFORK | CLONE_PIDFD | SIGCHLD,
+                            const_cast<child_plan*>(&plan), &pidfd);
+  const int clone_errno = errno;
   ::pthread_sigmask(SIG_SETMASK, &before, nullptr);
-  if (pid < 0) throw std::system_error(fork_errno, std::system_category(), "fork " + r.exec);
+  if (pid < 0) throw std::system_error(clone_errno, std::system_category(), "fork " + r.exec);
 
   report_write.reset();
   channel_end.reset();
   for (auto& fd : stdio) fd.reset();
-  std::error_code ec;
-  unique_fd pidfd = pidfd_open(pid, ec);
-  if (ec) {
-    ::kill(pid, SIGKILL);
-    retry_on_eintr([&] { return ::waitpid(pid, nullptr, 0); });
-    throw std::system_error(ec, "pidfd_open");
-  }
   const int flags = ::fcntl(report_read.get(), F_GETFL);
   if (flags >= 0) ::fcntl(report_read.get(), F_SETFL, flags | O_NONBLOCK);
-  return {{pid, std::move(pidfd)}, std::move(report_read)};
+  return {{pid, unique_fd(pidfd)}, std::move(report_read)};
 }
 
 // What the child said through exec_report once it is readable: nullopt when execve succeeded
