@@ -1,12 +1,16 @@
-// Master::fork() does not wait for the exec (so that forks in a row start in parallel): what
-// can be checked before the fork fails fork() at once; what only the child meets arrives as
-// the worker's error event, then its exit.
+// Master::fork() does not wait for its worker to start up (so that forks in a row start in
+// parallel): what can be checked before the fork fails fork() at once; what only the child
+// meets arrives as the worker's error event, then its exit.
+#include <poll.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <fstream>
+#include <set>
 #include <string>
+#include <string_view>
 
+#include <asio/write.hpp>
 #include <doctest/doctest.h>
 
 #include "cocluster/cocluster.hpp"
@@ -108,11 +112,38 @@ TEST_CASE("fork(): what can be checked before forking fails at once: not executa
   });
 }
 
-TEST_CASE("fork(): 16 forks in a row, not waiting for each exec, all come online and answer") {
+// Waits for a byte on stdin before it starts the runtime (so before `online`); gives up after
+// 20 s, a failure bound, and exits with 42 without coming online.
+WORKER_SCENARIO(online_after_stdin) {
+  pollfd p{0, POLLIN, 0};
+  if (::poll(&p, 1, 20'000) != 1) return 42;
+  char byte;
+  if (::read(0, &byte, 1) != 1) return 43;
+  return test::run_echo_worker();
+}
+
+TEST_CASE("fork(): 16 forks in a row each return before their worker starts up; all 16 exist before any is released") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
-    Master<> master(io.get_executor());
+    Settings s;
+    s.stdio = {Stdio::pipe(), Stdio::inherit(), Stdio::inherit()};
+    Master<> master(io.get_executor(), s);
     std::vector<std::shared_ptr<Worker>> workers;
-    for (int i = 0; i < 16; ++i) workers.push_back(co_await master.fork());
+    // No worker can start up before the test writes to its stdin, below: a fork() that waited
+    // for its worker to start (to come online, or to do anything else after its exec) would
+    // not return until that worker gave up (exit 42, never online), and the checks fail.
+    for (int i = 0; i < 16; ++i) workers.push_back(co_await master.fork(scenario_env("online_after_stdin")));
+    std::set<pid_t> pids;
+    for (auto& w : workers) {
+      CHECK(w->state() == WorkerState::none);  // not online: none has been released
+      CHECK_FALSE(w->is_dead());
+      CHECK(::kill(w->pid(), 0) == 0);  // the process exists (it is ours: not reaped yet)
+      pids.insert(w->pid());
+    }
+    CHECK(pids.size() == 16);
+    for (auto& w : workers) {
+      REQUIRE(w->stdin_pipe() != nullptr);
+      co_await asio::async_write(*w->stdin_pipe(), asio::buffer(std::string_view("go")), use_awaitable);
+    }
     for (auto& w : workers) co_await w->online();
     for (auto& w : workers) {
       co_await w->send({"ping " + std::to_string(w->id())});

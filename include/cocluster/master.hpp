@@ -379,7 +379,8 @@ class Master {
       described.cwd = std::move(r.cwd);
       described.uid = r.uid;
       described.gid = r.gid;
-      detail::master_access::watch_exec(*w, std::move(started.exec_report), std::move(described));
+      detail::master_access::watch_exec(*w, std::move(started.exec_report), std::move(described),
+                                        std::move(started.launch));
       if (const auto beat = detail::heartbeat_interval(settings_); beat.count() > 0)
         detail::master_access::watch_heartbeat(*w, beat, settings_.heartbeat_timeout);
       state_->workers.emplace(id, w);

@@ -380,7 +380,8 @@ class Worker : public std::enable_shared_from_this<Worker> {
   // Master::fork() does not wait for the exec: the child's report pipe says how it went
   // (EOF: exec succeeded; a record: the step that failed). Read when it is readable, or at
   // the latest when the process has exited, so that the error comes before the exit.
-  void watch_exec(detail::unique_fd report, detail::spawn_request described) {
+  void watch_exec(detail::unique_fd report, detail::spawn_request described, detail::child_launch launch) {
+    exec_launch_ = std::move(launch);  // first: whatever throws below, the Worker keeps it
     exec_report_.emplace(get_executor(), report.release());
     exec_described_ = std::make_unique<detail::spawn_request>(std::move(described));
     exec_report_->async_wait(asio::posix::stream_descriptor::wait_read,
@@ -403,6 +404,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
     auto error = detail::exec_report_result(*exec_described_, n < 0 ? ssize_t(-1) : n, failure);
     exec_report_.reset();  // closes it (a pending wait completes with operation_aborted)
     exec_described_.reset();
+    exec_launch_.free_if_left();  // kept while a failing child has not exited yet
     if (!error) return;
     detail::log_error("cannot start worker {} (pid {}): {}", id_, pid(), error->what());
     emit(EventType::error, error->code(), error->what());
@@ -510,6 +512,8 @@ class Worker : public std::enable_shared_from_this<Worker> {
     auto [ec, status] = co_await self->process_.async_wait(as_tuple_t{});
     if (ec) co_return;  // the master is being torn down
     self->read_exec_report();  // a failed exec is reported before the exit, whatever woke first
+    self->exec_launch_.child_left();  // reaped: it is gone
+    self->exec_launch_.free_if_left();
     if (self->connected_) {
       // Everything the dead process sent is already in our socket: read it all (lifting the
       // unread-message bound), so 'disconnect' always comes before 'exit'.
@@ -578,6 +582,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
   // Until the exec is known to have succeeded or failed (watch_exec).
   std::optional<asio::posix::stream_descriptor> exec_report_;
   std::unique_ptr<detail::spawn_request> exec_described_;
+  detail::child_launch exec_launch_;  // what the child may read until its execve (spawn.hpp)
   bool unresponsive_ = false;
 };
 
@@ -593,8 +598,8 @@ struct master_access {
   // Starts reading the channel and watching the process; after the `fork` event is posted,
   // since the read loop may process `online` before this returns.
   static void start(Worker& w) { w.start(); }
-  static void watch_exec(Worker& w, unique_fd report, spawn_request described) {
-    w.watch_exec(std::move(report), std::move(described));
+  static void watch_exec(Worker& w, unique_fd report, spawn_request described, child_launch launch) {
+    w.watch_exec(std::move(report), std::move(described), std::move(launch));
   }
   static void watch_heartbeat(Worker& w, std::chrono::milliseconds interval, std::chrono::milliseconds timeout) {
     w.watch_heartbeat(interval, timeout);
