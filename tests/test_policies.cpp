@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <map>
 #include <set>
+#include <thread>
 
 #include "cocluster/cocluster.hpp"
 #include "cocluster/detail/async_latch.hpp"
@@ -550,4 +551,110 @@ TEST_CASE("ReusePort: connections queued in a SIGKILLed worker's backlog are ans
             by_replacement, " were answered by its replacement");
     co_await master.disconnect();
   });
+}
+
+// ---- review rev1: a connection the worker has taken and written to must never reach another
+// worker (Node's child.js sends the ack before server.onconnection runs) ----
+
+// Listens on 127.0.0.1:0 ("port N" to the master), takes one connection, writes "A\n" on it
+// with a plain (synchronous) write, tells the master "served", then its loop stops turning
+// for good (a hung request handler: only SIGKILL, e.g. the heartbeat's, ends it).
+WORKER_SCENARIO(serve_then_hang) {
+  asio::io_context io;
+  this_worker.start(io.get_executor());
+  asio::co_spawn(io, []() -> awaitable<void> {
+    auto server = co_await this_worker.listen(tcp::endpoint(asio::ip::address_v4::loopback(), 0));
+    co_await this_worker.send(Message("port " + std::to_string(server.local_endpoint().port())));
+    tcp::socket s = co_await server.accept();
+    asio::write(s, asio::buffer("A\n", 2));
+    co_await this_worker.send(Message("served"));
+    for (;;) std::this_thread::sleep_for(std::chrono::hours(1));
+  }, asio::detached);
+  io.run();
+  return 0;
+}
+
+TEST_CASE("rev1: a connection a worker took and wrote to is not handed to another worker when the first dies") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<RoundRobin> master(io.get_executor());
+    auto first = co_await master.fork(scenario_env("serve_then_hang"));
+    const std::string report = (co_await first->receive()).data;
+    REQUIRE(report.rfind("port ", 0) == 0);
+    co_await first->listening();
+    const tcp::endpoint where(loopback(1), static_cast<unsigned short>(std::stoi(report.substr(5))));
+    tcp::socket client(io);
+    co_await client.async_connect(where, use_awaitable);
+    co_await asio::async_write(client, asio::buffer("hi\n", 3), use_awaitable);
+    std::string reply;
+    co_await asio::async_read_until(client, asio::dynamic_buffer(reply), '\n', use_awaitable);
+    CHECK(reply == "A\n");  // worker 1 took the connection and answered on it
+    // Sent by worker 1 after it took the connection: the channel is in order, so its ack
+    // (Node: sent before the server sees the connection) has been read by now.
+    CHECK((co_await first->receive()).data == "served");
+    Env env = scenario_env("hold");
+    env["TEST_HOLD"] = "1000";
+    auto second = co_await master.fork(env);
+    CHECK((co_await second->receive()).data == report);
+    co_await second->listening();
+    first->kill(SIGKILL);  // what the heartbeat does to a hung worker
+    CHECK((co_await first->exited()).signal == SIGKILL);
+    reply.clear();
+    co_await asio::async_read(client, asio::dynamic_buffer(reply), as_tuple_t{});  // to EOF
+    CHECK_MESSAGE(reply.empty(), "the connection worker 1 served was handed to worker 2 as well: ", reply);
+    co_await master.disconnect();
+  }, 60s);
+}
+
+// Listens on 127.0.0.1:0 ("port N"), takes one connection, writes "A\n" on it, tells the
+// master "served", then keeps the connection and its loop running.
+WORKER_SCENARIO(serve_then_report) {
+  asio::io_context io;
+  this_worker.start(io.get_executor());
+  asio::co_spawn(io, []() -> awaitable<void> {
+    auto server = co_await this_worker.listen(tcp::endpoint(asio::ip::address_v4::loopback(), 0));
+    co_await this_worker.send(Message("port " + std::to_string(server.local_endpoint().port())));
+    tcp::socket s = co_await server.accept();
+    asio::write(s, asio::buffer("A\n", 2));
+    co_await this_worker.send(Message("served"));
+    (void)co_await this_worker.receive(as_tuple_t{});  // until the channel ends
+  }, asio::detached);
+  io.run();
+  return 0;
+}
+
+TEST_CASE("rev1: the ack of a connection precedes what the worker sends after accept() returned it") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    // 127.0.0.1's connections go to worker 1 while it lives, else to worker 2.
+    auto route = [](const Remote&, const HandoffListener::Members& live) { return live.count(1) ? 1 : 2; };
+    Master<Dispatch<decltype(route)>> master(io.get_executor(), {}, Dispatch(route));
+    auto first = co_await master.fork(scenario_env("serve_then_report"));
+    const std::string report = (co_await first->receive()).data;
+    REQUIRE(report.rfind("port ", 0) == 0);
+    co_await first->listening();
+    Env env = scenario_env("hold");
+    env["TEST_HOLD"] = "1000";
+    auto second = co_await master.fork(env);
+    CHECK((co_await second->receive()).data == report);
+    co_await second->listening();
+    const tcp::endpoint where(loopback(1), static_cast<unsigned short>(std::stoi(report.substr(5))));
+    tcp::socket client(io);
+    std::string reply;
+    cocluster::detail::async_latch<> answered(io.get_executor());
+    asio::co_spawn(io, [&]() -> awaitable<void> {
+      co_await client.async_connect(where, use_awaitable);
+      co_await asio::async_write(client, asio::buffer("hi\n", 3), use_awaitable);
+      co_await asio::async_read_until(client, asio::dynamic_buffer(reply), '\n', use_awaitable);
+      answered.set();
+    }, asio::detached);
+    // Waiting before worker 1 sends it: the master's user code runs as "served" is read.
+    CHECK((co_await first->receive()).data == "served");
+    first->kill(SIGKILL);  // Node would have read worker 1's ack of the connection before this
+    CHECK((co_await first->exited()).signal == SIGKILL);
+    co_await answered.async_wait(use_awaitable);
+    CHECK(reply == "A\n");
+    reply.clear();
+    co_await asio::async_read(client, asio::dynamic_buffer(reply), as_tuple_t{});  // to EOF
+    CHECK_MESSAGE(reply.empty(), "the connection worker 1 served was handed to worker 2 as well: ", reply);
+    co_await master.disconnect();
+  }, 60s);
 }
