@@ -658,3 +658,57 @@ TEST_CASE("rev1: the ack of a connection precedes what the worker sends after ac
     co_await master.disconnect();
   }, 60s);
 }
+
+// Keeps running when its channel ends (on_disconnect does not exit); listens on 127.0.0.1:0
+// ("port N"), takes one connection and writes "A\n" on it, then closes it.
+WORKER_SCENARIO(serve_past_channel_end) {
+  asio::io_context io;
+  this_worker.start(io.get_executor());
+  this_worker.on_disconnect([] {});  // finish what we serve, then end when the loop runs dry
+  asio::co_spawn(io, []() -> awaitable<void> {
+    auto server = co_await this_worker.listen(tcp::endpoint(asio::ip::address_v4::loopback(), 0));
+    co_await this_worker.send(Message("port " + std::to_string(server.local_endpoint().port())));
+    auto [ec, s] = co_await server.accept(as_tuple_t{});
+    if (ec) co_return;
+    co_await asio::async_write(s, asio::buffer("A\n", 2), as_tuple_t{});
+  }, asio::detached);
+  io.run();
+  return 0;
+}
+
+TEST_CASE("rev1: a worker that reads a newconn and its channel's end in one turn still acks the connection it took") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    bool routed = false;
+    auto route = [&routed](const Remote&, const HandoffListener::Members& live) {
+      routed = true;
+      return live.count(1) ? 1 : 2;
+    };
+    Master<Dispatch<decltype(route)>> master(io.get_executor(), {}, Dispatch(route));
+    auto first = co_await master.fork(scenario_env("serve_past_channel_end"));
+    const std::string report = (co_await first->receive()).data;
+    REQUIRE(report.rfind("port ", 0) == 0);
+    co_await first->listening();
+    Env env = scenario_env("hold");
+    env["TEST_HOLD"] = "1000";
+    auto second = co_await master.fork(env);
+    CHECK((co_await second->receive()).data == report);
+    co_await second->listening();
+    const tcp::endpoint where(loopback(1), static_cast<unsigned short>(std::stoi(report.substr(5))));
+    REQUIRE(::kill(first->pid(), SIGSTOP) == 0);  // the newconn and the EOF wait in its socket
+    tcp::socket client(io);
+    co_await client.async_connect(where, use_awaitable);
+    co_await asio::async_write(client, asio::buffer("hi\n", 3), use_awaitable);
+    asio::steady_timer poll(io);
+    while (!routed) {  // the route is asked, and the newconn written, in one distribution
+      poll.expires_after(5ms);
+      co_await poll.async_wait(use_awaitable);
+    }
+    first->close_channel();  // Node: worker.process.disconnect(); the master still reads the worker
+    REQUIRE(::kill(first->pid(), SIGCONT) == 0);
+    CHECK((co_await first->exited()).code == 0);
+    std::string reply;
+    co_await asio::async_read(client, asio::dynamic_buffer(reply), as_tuple_t{});  // to EOF
+    CHECK_MESSAGE(reply == "A\n", "worker 1 took the connection, yet: ", reply);
+    co_await master.disconnect();
+  }, 60s);
+}
