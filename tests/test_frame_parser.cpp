@@ -292,9 +292,9 @@ TEST_CASE("fuzz regression: feeding an empty packet whose data() is null is the 
   CHECK_FALSE(parser.in_message());
 }
 
-// rev1: the kernel installs the fds of a batch one by one and stops at RLIMIT_NOFILE, setting
+// The kernel installs the fds of a batch one by one and stops at RLIMIT_NOFILE, setting
 // MSG_CTRUNC with the ones it did install: that is our limit, not more than 16 fds from the peer.
-TEST_CASE("rev1: a batch cut short by RLIMIT_NOFILE is reported as the fd limit, not as too many fds") {
+TEST_CASE("a batch cut short by RLIMIT_NOFILE is reported as the fd limit, not as too many fds") {
   frame_parser p(1024);
   const auto internal = static_cast<std::uint8_t>(whole | frame_header::internal);
   auto fds = some_fds(10);  // 16 declared, 10 installed before EMFILE

@@ -553,7 +553,7 @@ TEST_CASE("ReusePort: connections queued in a SIGKILLed worker's backlog are ans
   });
 }
 
-// ---- review rev1: a connection the worker has taken and written to must never reach another
+// ---- a connection the worker has taken and written to must never reach another
 // worker (Node's child.js sends the ack before server.onconnection runs) ----
 
 // Listens on 127.0.0.1:0 ("port N" to the master), takes one connection, writes "A\n" on it
@@ -574,7 +574,7 @@ WORKER_SCENARIO(serve_then_hang) {
   return 0;
 }
 
-TEST_CASE("rev1: a connection a worker took and wrote to is not handed to another worker when the first dies") {
+TEST_CASE("a connection a worker took and wrote to is not handed to another worker when the first dies") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<RoundRobin> master(io.get_executor());
     auto first = co_await master.fork(scenario_env("serve_then_hang"));
@@ -622,7 +622,7 @@ WORKER_SCENARIO(serve_then_report) {
   return 0;
 }
 
-TEST_CASE("rev1: the ack of a connection precedes what the worker sends after accept() returned it") {
+TEST_CASE("the ack of a connection precedes what the worker sends after accept() returned it") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     // 127.0.0.1's connections go to worker 1 while it lives, else to worker 2.
     auto route = [](const Remote&, const HandoffListener::Members& live) { return live.count(1) ? 1 : 2; };
@@ -676,7 +676,7 @@ WORKER_SCENARIO(serve_past_channel_end) {
   return 0;
 }
 
-TEST_CASE("rev1: a worker that reads a newconn and its channel's end in one turn still acks the connection it took") {
+TEST_CASE("a worker that reads a newconn and its channel's end in one turn still acks the connection it took") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     bool routed = false;
     auto route = [&routed](const Remote&, const HandoffListener::Members& live) {

@@ -62,8 +62,10 @@ class frame_parser {
     if (size == 0) return end_of_input();
     if (msg_flags & MSG_CTRUNC) {
       // The kernel drops fds it cannot install (RLIMIT_NOFILE) with the same flag as fds
-      // beyond our buffer: a declared handle with no fd at all is the former.
-      if (size >= sizeof h && fds.empty() && h.handle_kind != 0)
+      // beyond our buffer: fewer fds than a frame we would accept declares is the former (it
+      // installs a batch's fds one by one and stops at the limit).
+      const std::size_t declared = h.handle_kind == 0 ? 0 : 1u + h.extra_handles;
+      if (size >= sizeof h && h.handle_kind != 0 && fds.size() < declared && declared <= max_fds_per_packet)
         return fail(std::make_error_code(std::errc::too_many_files_open),
                     "a handle sent to this process was lost: no fd left (RLIMIT_NOFILE)");
       return fail("frame carries more than " + std::to_string(max_fds_per_packet) + " fds");

@@ -70,9 +70,10 @@ struct NewConnBatch {
   std::vector<std::string> remotes;
 };
 
-// worker -> master (no Node equivalent): the acks of one turn of the worker's event loop for
-// `server`, each an `accepted` (`accepted`: ok, `refused`: not ok); sent instead of `accepted`
-// when a turn has more than one.
+// worker -> master (no Node equivalent): the acks for `server` not yet sent, each an
+// `accepted` (`accepted`: ok, `refused`: not ok); sent instead of `accepted` when there are
+// several (refusals wait for the end of the worker's loop turn; an ok ack goes out at once,
+// taking them along).
 struct AcceptedBatch {
   std::uint32_t server = 0;
   std::vector<std::uint32_t> accepted;

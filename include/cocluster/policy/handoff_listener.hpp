@@ -111,7 +111,9 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   }
 
   void acknowledged(WorkerLink& worker, std::uint32_t seq, bool ok) final {
-    take_ack(worker, seq, ok);
+    std::deque<connection> back;
+    take_ack(worker, seq, ok, back);
+    give_back(std::move(back));
     distribute();  // ok: our copy of the fd closes here
   }
 
@@ -119,8 +121,11 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   // connections they make room for leave in batches.
   void acknowledged_batch(WorkerLink& worker, std::span<const std::uint32_t> accepted,
                           std::span<const std::uint32_t> refused) final {
-    for (std::uint32_t seq : accepted) take_ack(worker, seq, true);
-    for (std::uint32_t seq : refused) take_ack(worker, seq, false);
+    std::deque<connection> back;
+    for (std::uint32_t seq : accepted) take_ack(worker, seq, true, back);
+    for (std::uint32_t seq : refused) take_ack(worker, seq, false, back);
+    if (accepted.empty() && back.empty()) return;  // nothing changed (an empty or stray batch)
+    give_back(std::move(back));
     distribute();
   }
 
@@ -202,7 +207,9 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     std::vector<std::shared_ptr<const detail::unique_fd>> fds;
   };
 
-  void take_ack(WorkerLink& worker, std::uint32_t seq, bool ok) {
+  // Counts the ack of hand-off `seq`; a refused connection is appended to `back` (the caller
+  // gives them back together, in the order refused).
+  void take_ack(WorkerLink& worker, std::uint32_t seq, bool ok, std::deque<connection>& back) {
     auto it = unacked_.find(seq);
     if (it == unacked_.end() || it->second.worker != worker.id()) return;  // Node ignores stray acks too
     connection conn = std::move(it->second.conn);
@@ -211,11 +218,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
       --m->second.in_flight;
       on_acknowledged(m->second);
     }
-    if (!ok) {  // refused: another worker gets it
-      std::deque<connection> back;
-      back.push_back(std::move(conn));
-      give_back(std::move(back));
-    }
+    if (!ok) back.push_back(std::move(conn));  // refused: another worker gets it
   }
 
   int pick() {

@@ -46,7 +46,7 @@ class round_robin_listener final : public HandoffListener {
 struct RoundRobin {
   // Connections a worker may have been handed and not yet accepted (Node: 1). A larger window
   // keeps a worker busy while its acknowledgements travel, and lets hand-offs travel in
-  // batches (up to 16 connections in one frame, a worker's acks of one loop turn in one
+  // batches (up to 16 connections in one frame; a worker's refusals of one loop turn in one
   // message), at the price of connections waiting on a worker that is busy when another one
   // is idle. The default stays Node's 1: in policy_bench on a 2-core machine a window of 8
   // gave no clear gain in connections/s (within the noise of the shared machine) and doubled

@@ -297,6 +297,7 @@ class runtime {
       case phase::closed:
         state_ = WorkerState::disconnected;
         if (heartbeat_timer_) heartbeat_timer_->cancel();
+        link_.flush_acks();  // our write side may still be open: the master reads them before our end
         channel_.close();
         link_.close_servers();  // nothing more will be handed over; the master is gone or let us go
         link_.stop();

@@ -36,13 +36,20 @@ class server_link {
 
   // ---- what servers call ----
 
-  // accept() took hand-off `seq`: the master may close its copy. Coalesced: the acks of one
-  // turn of the event loop go out together at its end, one message per server (`accepted`
-  // for one, `accepted_batch` for more), and before any other message of ours (flush_acks).
+  // accept() took hand-off `seq`: the master may close its copy. Written now, with any
+  // refusals still waiting, before accept() gives the socket to the user (Node's order: the
+  // ack before onconnection): whatever the user does with it next (writes to the client,
+  // sends us a message that makes the master kill us, blocks its loop), the master has already
+  // let go of its copy, so no second worker is ever handed a connection this one has served.
   // (Nothing is sent once our side of the channel is closing or closed: the channel refuses it.)
-  void accepted(std::uint32_t server, std::uint32_t seq) { ack(server, seq, true); }
+  void accepted(std::uint32_t server, std::uint32_t seq) {
+    ack(server, seq, true);
+    flush_acks();
+  }
   // Hand-off `seq` is refused (its server is gone, or its fd was not usable): the master gives
-  // it to another worker.
+  // it to another worker. Coalesced: the refusals of one turn of the event loop go out together
+  // at its end (one `accepted_batch` per server), or sooner with the next ack or any other
+  // message of ours (flush_acks).
   void refused(std::uint32_t server, std::uint32_t seq) { ack(server, seq, false); }
 
   // Sends the acks waiting for the end of this turn now: called before every other message
