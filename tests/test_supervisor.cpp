@@ -920,3 +920,127 @@ TEST_CASE("supervisor signals: SIGTERM to the master lets a slow request complet
 TEST_CASE("supervisor signals: SIGTERM to the whole process group drains too: the slow request completes, exit 0") {
   run_bounded([](asio::io_context& io) { return stop_with_slow_request(io, true); });
 }
+
+// ---- review (rev2): recycling paths the tests above do not reach ----
+
+namespace {
+
+// Sends "go" once to every worker not ready yet (TEST_LISTEN_ON_GO), until `done`.
+awaitable<void> let_booting_go(asio::io_context& io, Master<>& master, std::set<int>& went, std::function<bool()> done) {
+  asio::steady_timer t(io);
+  while (!done()) {
+    for (auto& [id, w] : master.workers())
+      if (!w->is_ready() && !w->is_dead() && went.insert(id).second)
+        co_await w->send({"go"}, cocluster::as_tuple(use_awaitable));
+    t.expires_after(1ms);
+    co_await t.async_wait(use_awaitable);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("rev2: a worker reaching max_connections is recycled at once, not at the next look an hour away") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor(), Settings{.env = http_env()});
+    Supervisor<> supervisor(master, {.workers = 1, .max_connections = 3, .recycle_check_interval = std::chrono::hours(1)});
+    bool ran = false;
+    asio::co_spawn(io, supervisor.run(cocluster::as_tuple(use_awaitable)), [&](std::exception_ptr, std::tuple<std::error_code>) { ran = true; });
+    co_await until_true(io, [&] { return supervisor.workers().size() == 1; });
+    co_await master.ready();
+    const auto old = supervisor.workers().front();
+    const Address where = co_await old->listening();
+    for (int i = 0; i < 3; ++i) CHECK((co_await ping(where.port)) == old->pid());
+    co_await until_true(io, [&] { return supervisor.recycles() == 1; });  // only the report's wake-up can do it
+    CHECK(old->is_dead());
+    supervisor.stop();
+    co_await until(io, ran);
+  });
+}
+
+TEST_CASE("rev2: reload() asked during a recycling waits for it, then replaces every worker") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor(), Settings{.env = http_env({{"TEST_LISTEN_ON_GO", "1"}})});
+    Supervisor<> supervisor(master, {.workers = 1, .max_connections = 2, .recycle_check_interval = 5ms});
+    bool ran = false;
+    asio::co_spawn(io, supervisor.run(cocluster::as_tuple(use_awaitable)), [&](std::exception_ptr, std::tuple<std::error_code>) { ran = true; });
+    co_await until_true(io, [&] { return supervisor.workers().size() == 1; });
+    const auto old = supervisor.workers().front();
+    std::set<int> went{old->id()};
+    co_await old->send({"go"});
+    co_await master.ready();
+    const Address where = co_await old->listening();
+    for (int i = 0; i < 2; ++i) CHECK((co_await ping(where.port)) == old->pid());
+    co_await until_true(io, [&] { return master.workers().size() == 2; });  // the replacement, waiting for "go"
+    std::optional<std::pair<std::error_code, std::size_t>> reloaded;
+    asio::co_spawn(io, supervisor.reload(cocluster::as_tuple(use_awaitable)),
+                   [&](std::exception_ptr, std::tuple<std::error_code, std::size_t> r) {
+                     reloaded.emplace(std::get<0>(r), std::get<1>(r));
+                   });
+    co_await let_booting_go(io, master, went, [&] { return reloaded.has_value(); });
+    CHECK(reloaded->first == std::error_code());
+    CHECK(reloaded->second == 1);
+    CHECK(supervisor.recycles() == 1);
+    CHECK(old->is_dead());
+    CHECK(supervisor.workers().size() == 1);
+    supervisor.stop();
+    co_await until(io, ran);
+  });
+}
+
+TEST_CASE("rev2: a worker killed while being recycled: its replacement takes its place, no restart") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor(), Settings{.env = http_env({{"TEST_LISTEN_ON_GO", "1"}})});
+    auto& events = master.events();
+    Supervisor<> supervisor(master, {.workers = 1, .restart_delay = 1ms, .max_connections = 2, .recycle_check_interval = 5ms});
+    bool ran = false;
+    asio::co_spawn(io, supervisor.run(cocluster::as_tuple(use_awaitable)), [&](std::exception_ptr, std::tuple<std::error_code>) { ran = true; });
+    co_await until_true(io, [&] { return supervisor.workers().size() == 1; });
+    const auto old = supervisor.workers().front();
+    std::set<int> went{old->id()};
+    co_await old->send({"go"});
+    co_await master.ready();
+    const Address where = co_await old->listening();
+    for (int i = 0; i < 2; ++i) CHECK((co_await ping(where.port)) == old->pid());
+    co_await until_true(io, [&] { return master.workers().size() == 2; });
+    old->signal(SIGKILL);
+    co_await old->exited(cocluster::as_tuple(use_awaitable));
+    co_await let_booting_go(io, master, went, [&] { return supervisor.recycles() == 1; });
+    CHECK(supervisor.restarts() == 0);
+    CHECK(supervisor.workers().size() == 1);
+    supervisor.stop();
+    co_await until(io, ran);
+    std::size_t forks = 0;
+    while (events.pending() > 0) forks += (co_await events.next()).type == EventType::fork;
+    CHECK(forks == 2);
+  });
+}
+
+TEST_CASE("rev2: stop() during a recycling: the replacement is retired, a waiting reload fails with supervisor_stopped") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor(), Settings{.env = http_env()});
+    Supervisor<> supervisor(master, {.workers = 1, .max_connections = 2, .recycle_check_interval = 5ms});
+    std::error_code result = asio::error::would_block;
+    bool ran = false;
+    asio::co_spawn(io, supervisor.run(cocluster::as_tuple(use_awaitable)), [&](std::exception_ptr, std::tuple<std::error_code> r) {
+      result = std::get<0>(r);
+      ran = true;
+    });
+    co_await until_true(io, [&] { return supervisor.workers().size() == 1; });
+    const auto old = supervisor.workers().front();
+    co_await master.ready();
+    const Address where = co_await old->listening();
+    master.setup_merge({.env = http_env({{"TEST_NEVER_LISTEN", "1"}})});  // the replacement never gets ready
+    for (int i = 0; i < 2; ++i) CHECK((co_await ping(where.port)) == old->pid());
+    co_await until_true(io, [&] { return master.workers().size() == 2; });
+    std::optional<std::error_code> reloaded;
+    asio::co_spawn(io, supervisor.reload(cocluster::as_tuple(use_awaitable)),
+                   [&](std::exception_ptr, std::tuple<std::error_code, std::size_t> r) { reloaded = std::get<0>(r); });
+    supervisor.stop();
+    co_await until(io, ran);
+    co_await until_true(io, [&] { return reloaded.has_value(); });
+    CHECK(*reloaded == error::supervisor_stopped);
+    CHECK(!result);
+    CHECK(supervisor.recycles() == 0);
+    CHECK(master.workers().empty());
+  });
+}
