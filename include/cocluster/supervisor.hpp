@@ -107,13 +107,16 @@ struct SupervisorSettings {
   // either reason (when several workers are due, the oldest goes first; the next look is a
   // recycle_check_interval after the previous recycling ended), never during a reload or a
   // stop (a reload asked for meanwhile waits for it to end). A replacement not ready within
-  // the boot timer is retired, the worker stays, and the failure counts as a crash toward
-  // max_restarts (past it, run() fails with restart_limit_reached); it is tried again at a
-  // later look, no sooner than the restart backoff.
+  // the boot timer is retired and the worker serves on, as a reload rolls back: it is no crash
+  // (a healthy pool is never stopped for a replacement that cannot start, say a broken
+  // deploy); the next look waits twice as long after each failure in a row (up to
+  // max_recycle_delay), and a recycling that works starts from recycle_check_interval again.
+  // UDP servers take no connections: a worker serving only UDP never reaches max_connections.
   std::uint64_t max_connections = 0;
   std::uint64_t max_connections_jitter = 0;
   std::size_t max_memory = 0;
   std::chrono::milliseconds recycle_check_interval{1000};
+  std::chrono::milliseconds max_recycle_delay{300000};
   // Awaited before a worker is disconnected (reload, stop, scale down), within the drain
   // timer: Node's documented pattern of a 'shutdown' message that lets the worker end its
   // long-lived connections (and report) before worker.disconnect(). Exceptions are ignored.
@@ -238,6 +241,8 @@ class Supervisor {
     std::size_t pending_restarts = 0;        // replacements waiting out their backoff or forking
     std::size_t restarts = 0;
     std::size_t recycles = 0;
+    std::size_t failed_recycles = 0;  // rolled back in a row (the next look backs off)
+    bool reload_waiting = false;      // a reload() waits for a recycling to end
     // reloading: a reload or a recycling replaces workers (recycling: it is a recycling).
     bool started = false, stopping = false, closed = false, reloading = false, recycling = false, killed_any = false;
     std::mt19937_64 random{std::random_device{}()};  // each worker's max_connections_jitter
@@ -494,8 +499,12 @@ class Supervisor {
     }
 
     static asio::awaitable<std::pair<std::error_code, std::size_t>> reload(std::shared_ptr<core> self) {
-      while (self->recycling && !self->stopping && !self->closed)  // one recycling ends first
-        co_await self->recycle_ended.async_wait(as_tuple(asio::use_awaitable));
+      if (self->recycling && !self->stopping && !self->closed) {  // one recycling ends first
+        self->reload_waiting = true;
+        while (self->recycling && !self->stopping && !self->closed)
+          co_await self->recycle_ended.async_wait(as_tuple(asio::use_awaitable));
+        self->reload_waiting = false;
+      }
       if (self->stopping || self->closed || !self->started)
         co_return std::pair{std::error_code(error::supervisor_stopped), std::size_t{0}};
       if (self->reloading) co_return std::pair{std::error_code(asio::error::already_started), std::size_t{0}};
@@ -636,14 +645,16 @@ class Supervisor {
         idle = false;
         if (!ec) {
           ++self->recycles;
-        } else if (ec == error::reload_rolled_back) {  // the worker stays; a failed boot is a crash
-          if (!self->budget.charge(clock::now())) {
-            detail::log_error("more than {} worker restarts within {} ms (the last: a recycling's replacement); stopping",
-                              self->settings.max_restarts, self->settings.restart_window.count());
-            self->stop(error::restart_limit_reached);
-          } else {
-            wait = std::max(wait, self->budget.next_delay(clock::duration::zero()));
-          }
+          self->failed_recycles = 0;
+        } else if (ec == error::reload_rolled_back) {  // the worker stays, as after a reload's rollback
+          ++self->failed_recycles;
+          clock::duration next = self->settings.recycle_check_interval;
+          for (std::size_t i = 0; i < self->failed_recycles && next < self->settings.max_recycle_delay; ++i) next *= 2;
+          wait = std::min<clock::duration>(next, self->settings.max_recycle_delay);
+          detail::log_error("recycling worker {}: its replacement was not ready within the boot timer; worker {} "
+                            "serves on; next look in {} ms ({} failed in a row)",
+                            w->id(), w->id(), std::chrono::duration_cast<std::chrono::milliseconds>(wait).count(),
+                            self->failed_recycles);
         }
         self->check_done();
       }
@@ -677,7 +688,8 @@ class Supervisor {
             }
           }
         } else if (sig == SIGHUP) {
-          if ((self->reloading && !self->recycling) || self->stopping) continue;  // (a recycling: awaited)
+          // A reload in progress, or one already waiting for a recycling: this one adds nothing.
+          if ((self->reloading && !self->recycling) || self->reload_waiting || self->stopping) continue;
           asio::co_spawn(self->ex, [](std::shared_ptr<core> self) -> asio::awaitable<void> {
             auto [rec, n] = co_await reload(self);
             if (self->on_reloaded && !self->closed) self->on_reloaded(rec, n);

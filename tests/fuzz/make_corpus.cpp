@@ -75,7 +75,9 @@ int main() {
       {"query_server_tcp", q},      {"query_server_unix", qu},      {"query_reply", r},
       {"query_reply_shared", shared}, {"query_reply_errno", failed}, {"listening", p::Listening{1}},
       {"newconn", n},               {"accepted", p::Accepted{1, 5, true}}, {"refused", p::Accepted{1, 5, false}},
-      {"close", p::Close{1}},       {"newconn_batch", batch},       {"accepted_batch", p::AcceptedBatch{1, {5, 7}, {6}}}};
+      {"close", p::Close{1}},       {"newconn_batch", batch},       {"accepted_batch", p::AcceptedBatch{1, {5, 7}, {6}}},
+      {"count_connections", p::CountConnections{}}, {"open_connections", p::OpenConnections{3, 1ull << 40}},
+      {"heartbeat_request", p::HeartbeatRequest{500}}, {"heartbeat", p::Heartbeat{}}, {"ready", p::Ready{}}};
   for (const auto& [name, m] : messages) write(dir + "protocol/" + name, p::encode(m));
 
   constexpr std::uint8_t whole = frame_header::first | frame_header::last;
