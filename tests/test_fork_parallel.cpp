@@ -114,6 +114,9 @@ TEST_CASE("fork(): what can be checked before forking fails at once: not executa
 
 // Waits for a byte on stdin before it starts the runtime (so before `online`); gives up after
 // 20 s, a failure bound, and exits with 42 without coming online.
+// What the test below guards: fork() returns before its worker is online (it would time out
+// if each fork awaited `online`). It cannot see a fork() that waits for each exec (vfork): no
+// child can be held before its exec without timing; `ipc_bench --spawn-only` shows that one.
 WORKER_SCENARIO(online_after_stdin) {
   pollfd p{0, POLLIN, 0};
   if (::poll(&p, 1, 20'000) != 1) return 42;

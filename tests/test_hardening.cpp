@@ -5,6 +5,7 @@
 #include "cocluster/worker.hpp"
 
 #include <fcntl.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/ptrace.h>
 #include <sys/stat.h>
@@ -497,4 +498,7 @@ TEST_CASE("a worker started as root with uid and gid of nobody runs as nobody: r
     CHECK((co_await w->exited()) == ExitStatus{0, 0});
   });
   CHECK(::geteuid() == 0);  // the master's own ids are unchanged
+  // A child changing its ids in the master's memory (clone(CLONE_VM)) would have reset the
+  // master's dumpable flag (fs.suid_dumpable=0: no core dumps, no same-uid ptrace).
+  CHECK(::prctl(PR_GET_DUMPABLE) == 1);
 }

@@ -108,11 +108,19 @@ struct child_plan {
 // Code the child runs before its execve, in the parent's memory (CLONE_VM) and, on x86-64,
 // beside the parent's thread, on that thread's TLS: it is all inlined into child_main (a call
 // could go through the PLT, whose first use writes the GOT and the thread's TLS), makes no
-// libc call (errno is that thread's), and is not instrumented by AddressSanitizer (its stack
-// poisoning would land on the parent's shadow memory and outlive the frame).
+// libc call (errno is that thread's), and is not instrumented (AddressSanitizer's stack
+// poisoning would land on the parent's shadow memory and outlive the frame; UBSan's handlers,
+// ThreadSanitizer, MemorySanitizer, SafeStack and -finstrument-functions would run code or
+// write state on the parent's thread). Builds with -pg or --coverage still instrument it.
+#if defined(__clang__)
+#define COCLUSTER_CHILD_NO_INSTRUMENT \
+  no_instrument_function, no_sanitize("address", "undefined", "thread", "memory", "safe-stack")
+#elif defined(__GNUC__)
+#define COCLUSTER_CHILD_NO_INSTRUMENT no_instrument_function, no_sanitize("address", "undefined", "thread")
+#endif
 #if defined(__clang__) || defined(__GNUC__)
-#define COCLUSTER_CHILD_CODE __attribute__((always_inline, no_sanitize("address")))
-#define COCLUSTER_CHILD_ENTRY __attribute__((no_sanitize("address")))
+#define COCLUSTER_CHILD_CODE __attribute__((always_inline, COCLUSTER_CHILD_NO_INSTRUMENT))
+#define COCLUSTER_CHILD_ENTRY __attribute__((COCLUSTER_CHILD_NO_INSTRUMENT))
 #else
 #error "cocluster: the spawn code needs GCC or clang attributes"
 #endif
@@ -130,7 +138,8 @@ COCLUSTER_CHILD_CODE inline long child_syscall(long n, long a = 0, long b = 0, l
   return ret;
 }
 #else
-// Elsewhere (or with COCLUSTER_SPAWN_VFORK defined, which tests this path on x86-64): libc's
+// Elsewhere (or with COCLUSTER_SPAWN_VFORK defined, in every translation unit of the program
+// alike, to try this path on x86-64; no CI build does): libc's
 // syscall(), which sets errno, so the parent's thread sleeps until the child's execve
 // (CLONE_VFORK), as posix_spawn(3) does.
 inline constexpr bool child_runs_beside_parent = false;
@@ -304,6 +313,7 @@ inline bool has_capability(int bit) {
 
 #undef COCLUSTER_CHILD_CODE
 #undef COCLUSTER_CHILD_ENTRY
+#undef COCLUSTER_CHILD_NO_INSTRUMENT
 
 // The memory a started child may still be using (spawn_detail::launch_memory), and a way to
 // tell when it no longer is: a duplicate of the report pipe's read end, which hangs up
@@ -437,7 +447,13 @@ inline started_process spawn_start(const spawn_request& r, unique_fd channel_end
   // would copy the page tables and then every page either side writes); CLONE_PIDFD: the
   // pidfd comes with the child (close-on-exec); SIGCHLD: reaped like a forked child. Where
   // the child needs libc (child_syscall), CLONE_VFORK: this thread sleeps until its execve.
-  const int flags = CLONE_VM | CLONE_PIDFD | SIGCHLD | (child_runs_beside_parent ? 0 : CLONE_VFORK);
+  // A child that changes its uid or gid gets a copy of our memory instead (as from fork(2)):
+  // the kernel resets the dumpable flag of the memory whose task changes ids, which would be
+  // ours (no more core dumps or same-uid ptrace of the master), and a child running as
+  // another user must not run inside our memory, where a process of that user could reach it.
+  const bool own_memory = r.uid || r.gid;
+  const int flags = own_memory ? CLONE_PIDFD | SIGCHLD
+                               : CLONE_VM | CLONE_PIDFD | SIGCHLD | (child_runs_beside_parent ? 0 : CLONE_VFORK);
   sigset_t all, before;
   ::sigfillset(&all);
   ::pthread_sigmask(SIG_SETMASK, &all, &before);
@@ -449,7 +465,7 @@ inline started_process spawn_start(const spawn_request& r, unique_fd channel_end
     launch.child_left();  // there is none
     throw std::system_error(clone_errno, std::system_category(), "fork " + r.exec);
   }
-  if (!child_runs_beside_parent) launch.child_left();
+  if (own_memory || !child_runs_beside_parent) launch.child_left();  // it uses none of ours (now)
 
   report_write.reset();
   channel_end.reset();
