@@ -1059,12 +1059,21 @@ void print_targets(const Options& opt, const std::vector<std::vector<Result>>& r
     std::string what;
     Spread s;
     int precision;
-    bool met;
+    bool met;                 // in the first run
+    int met_in = 0, of = 0;   // runs that meet it, of the runs with the figure
   };
   std::vector<Row> rows;
   auto check = [&](std::string what, const std::string& name, const Metric& m, auto ok) {
     const Spread s = spread(runs, name, m);
-    if (s.first) rows.push_back({std::move(what), s, m.precision, ok(*s.first)});
+    if (!s.first) return;
+    Row row{std::move(what), s, m.precision, ok(*s.first)};
+    for (const auto& run : runs)
+      if (const Result* r = find(run, name))
+        if (auto v = m.of(run, *r)) {
+          ++row.of;
+          row.met_in += ok(*v) ? 1 : 0;
+        }
+    rows.push_back(std::move(row));
   };
   auto at_least = [](double goal) { return [goal](double v) { return v >= goal; }; };
   for (const char* client : {"", "wrk_"}) {
@@ -1098,7 +1107,8 @@ void print_targets(const Options& opt, const std::vector<std::vector<Result>>& r
   }
   fmt::print("\ntargets (issue 14), the first run's figure{}:\n", runs.size() > 1 ? " (min-max over the runs)" : "");
   for (const auto& row : rows)
-    fmt::print("  {:<56}{:>20}  {}\n", row.what, spread_cell(row.s, runs.size(), row.precision), row.met ? "met" : "NOT MET");
+    fmt::print("  {:<56}{:>20}  {}{}\n", row.what, spread_cell(row.s, runs.size(), row.precision), row.met ? "met" : "NOT MET",
+               runs.size() > 1 ? fmt::format(" (met in {} of {} runs)", row.met_in, row.of) : std::string());
   if (rows.empty()) fmt::print("  (none of the figures the targets need is in this run)\n");
   if (!large) fmt::print("  (Jain >= 0.95 and keep-alive p99 within 2 x nginx's: --workers 8 --concurrency 512)\n");
   if (!opt.stalled) fmt::print("  (LeastConnections' p99 under a stalled worker: --stalled)\n");
