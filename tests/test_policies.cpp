@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <map>
 #include <set>
+#include <string_view>
 #include <thread>
 
 #include "cocluster/cocluster.hpp"
@@ -33,6 +34,12 @@ Env serve_on_port_zero() {
 
 asio::ip::address_v4 loopback(int last_octet) {
   return asio::ip::address_v4((127u << 24) | static_cast<unsigned>(last_octet));
+}
+
+// The port of a worker's first message, "port N".
+unsigned short reported_port(const std::string& report) {
+  REQUIRE_MESSAGE(report.rfind("port ", 0) == 0, report);
+  return static_cast<unsigned short>(std::stoi(report.substr(5)));
 }
 
 // One request from source address `from`: the id of the worker that answered (0: none).
@@ -84,8 +91,7 @@ awaitable<std::pair<std::vector<std::shared_ptr<Worker>>, tcp::endpoint>> start_
   unsigned short port = 0;
   for (auto& w : workers) {
     Message m = co_await w->receive();
-    REQUIRE_MESSAGE(m.data.rfind("port ", 0) == 0, m.data);
-    port = static_cast<unsigned short>(std::stoi(m.data.substr(5)));
+    port = reported_port(m.data);
     co_await w->listening();
   }
   co_return std::pair{std::move(workers), tcp::endpoint(loopback(1), port)};
@@ -136,6 +142,23 @@ WORKER_SCENARIO(hold) {
   io.run();
   return 0;
 }
+
+namespace {
+
+// A worker on the same port as the one that reported `report` ("port N"), listening, that
+// answers each connection and closes it (hold_worker, never holding).
+template <class Policy>
+awaitable<std::shared_ptr<Worker>> fork_second_on(Master<Policy>& master, const std::string& report) {
+  Env env = scenario_env("hold");
+  env["TEST_HOLD"] = "1000";
+  std::shared_ptr<Worker> second = co_await master.fork(env);
+  const Message first = co_await second->receive();  // (g++ 12: no co_await inside CHECK in a template)
+  CHECK(first.data == report);
+  co_await second->listening();
+  co_return second;
+}
+
+}  // namespace
 
 TEST_CASE("a user-written Dispatch function routes each connection by the client's address") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
@@ -285,8 +308,7 @@ TEST_CASE("LeastConnections: with one worker holding 50 idle connections, the ne
     env["TEST_HOLD"] = "50";
     auto first = co_await master.fork(env);
     const std::string report = (co_await first->receive()).data;
-    REQUIRE(report.rfind("port ", 0) == 0);
-    const tcp::endpoint where(loopback(1), static_cast<unsigned short>(std::stoi(report.substr(5))));
+    const tcp::endpoint where(loopback(1), reported_port(report));
     std::vector<tcp::socket> held;
     for (int i = 0; i < 50; ++i) {  // the only worker takes them all, and keeps them
       tcp::socket s(io);
@@ -329,12 +351,11 @@ TEST_CASE("RoundRobin with a window: a worker SIGKILLed holding a batch of unack
     env["TEST_HOLD"] = "1000";  // never reached: every connection is answered and closed
     auto first = co_await master.fork(env);
     const std::string report = (co_await first->receive()).data;
-    REQUIRE(report.rfind("port ", 0) == 0);
     auto second = co_await master.fork(env);
     CHECK((co_await second->receive()).data == report);
     co_await first->listening();
     co_await second->listening();
-    const tcp::endpoint where(loopback(1), static_cast<unsigned short>(std::stoi(report.substr(5))));
+    const tcp::endpoint where(loopback(1), reported_port(report));
     // Worker 1 stops: what it is handed stays unacknowledged in its channel.
     REQUIRE(::kill(first->pid(), SIGSTOP) == 0);
     // 16 clients connect and send while the master does not run (this thread blocks here; the
@@ -421,8 +442,7 @@ TEST_CASE("Sticky over IPv6: every connection from ::1 reaches one worker") {
         co_await master.disconnect();
         co_return;
       }
-      REQUIRE_MESSAGE(m.data.rfind("port ", 0) == 0, m.data);
-      port = static_cast<unsigned short>(std::stoi(m.data.substr(5)));
+      port = reported_port(m.data);
       co_await w->listening();
     }
     const tcp::endpoint where(asio::ip::address_v6::loopback(), port);
@@ -452,8 +472,7 @@ TEST_CASE("ReusePort: 4 workers share the one port listen(0) gave, each on its o
       co_await w->listening();
     }
     REQUIRE(reports.size() == 1);  // one port for all four
-    REQUIRE(reports.begin()->rfind("port ", 0) == 0);
-    const tcp::endpoint where(loopback(1), static_cast<unsigned short>(std::stoi(reports.begin()->substr(5))));
+    const tcp::endpoint where(loopback(1), reported_port(*reports.begin()));
     auto served = co_await ask_from_sources(where, 1, 80, 8);
     CHECK(served[1].count(0) == 0);   // every connection answered
     CHECK(served[1].size() >= 2);     // the kernel spread them (all 80 on one of 4 sockets: 4^-79)
@@ -557,56 +576,10 @@ TEST_CASE("ReusePort: connections queued in a SIGKILLed worker's backlog are ans
 // worker (Node's child.js sends the ack before server.onconnection runs) ----
 
 // Listens on 127.0.0.1:0 ("port N" to the master), takes one connection, writes "A\n" on it
-// with a plain (synchronous) write, tells the master "served", then its loop stops turning
-// for good (a hung request handler: only SIGKILL, e.g. the heartbeat's, ends it).
-WORKER_SCENARIO(serve_then_hang) {
-  asio::io_context io;
-  this_worker.start(io.get_executor());
-  asio::co_spawn(io, []() -> awaitable<void> {
-    auto server = co_await this_worker.listen(tcp::endpoint(asio::ip::address_v4::loopback(), 0));
-    co_await this_worker.send(Message("port " + std::to_string(server.local_endpoint().port())));
-    tcp::socket s = co_await server.accept();
-    asio::write(s, asio::buffer("A\n", 2));
-    co_await this_worker.send(Message("served"));
-    for (;;) std::this_thread::sleep_for(std::chrono::hours(1));
-  }, asio::detached);
-  io.run();
-  return 0;
-}
-
-TEST_CASE("a connection a worker took and wrote to is not handed to another worker when the first dies") {
-  run_bounded([](asio::io_context& io) -> awaitable<void> {
-    Master<RoundRobin> master(io.get_executor());
-    auto first = co_await master.fork(scenario_env("serve_then_hang"));
-    const std::string report = (co_await first->receive()).data;
-    REQUIRE(report.rfind("port ", 0) == 0);
-    co_await first->listening();
-    const tcp::endpoint where(loopback(1), static_cast<unsigned short>(std::stoi(report.substr(5))));
-    tcp::socket client(io);
-    co_await client.async_connect(where, use_awaitable);
-    co_await asio::async_write(client, asio::buffer("hi\n", 3), use_awaitable);
-    std::string reply;
-    co_await asio::async_read_until(client, asio::dynamic_buffer(reply), '\n', use_awaitable);
-    CHECK(reply == "A\n");  // worker 1 took the connection and answered on it
-    // Sent by worker 1 after it took the connection: the channel is in order, so its ack
-    // (Node: sent before the server sees the connection) has been read by now.
-    CHECK((co_await first->receive()).data == "served");
-    Env env = scenario_env("hold");
-    env["TEST_HOLD"] = "1000";
-    auto second = co_await master.fork(env);
-    CHECK((co_await second->receive()).data == report);
-    co_await second->listening();
-    first->kill(SIGKILL);  // what the heartbeat does to a hung worker
-    CHECK((co_await first->exited()).signal == SIGKILL);
-    reply.clear();
-    co_await asio::async_read(client, asio::dynamic_buffer(reply), as_tuple_t{});  // to EOF
-    CHECK_MESSAGE(reply.empty(), "the connection worker 1 served was handed to worker 2 as well: ", reply);
-    co_await master.disconnect();
-  }, 60s);
-}
-
-// Listens on 127.0.0.1:0 ("port N"), takes one connection, writes "A\n" on it, tells the
-// master "served", then keeps the connection and its loop running.
+// with a plain (synchronous) write, tells the master "served", then, with TEST_AFTER=hang,
+// its loop stops turning for good (a hung request handler: only SIGKILL, e.g. the
+// heartbeat's, ends it), else it keeps the connection and its loop running until the channel
+// ends.
 WORKER_SCENARIO(serve_then_report) {
   asio::io_context io;
   this_worker.start(io.get_executor());
@@ -616,10 +589,40 @@ WORKER_SCENARIO(serve_then_report) {
     tcp::socket s = co_await server.accept();
     asio::write(s, asio::buffer("A\n", 2));
     co_await this_worker.send(Message("served"));
+    if (const char* after = std::getenv("TEST_AFTER"); after && std::string_view(after) == "hang")
+      for (;;) std::this_thread::sleep_for(std::chrono::hours(1));
     (void)co_await this_worker.receive(as_tuple_t{});  // until the channel ends
   }, asio::detached);
   io.run();
   return 0;
+}
+
+TEST_CASE("a connection a worker took and wrote to is not handed to another worker when the first dies") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<RoundRobin> master(io.get_executor());
+    Env hang = scenario_env("serve_then_report");
+    hang["TEST_AFTER"] = "hang";
+    auto first = co_await master.fork(hang);
+    const std::string report = (co_await first->receive()).data;
+    co_await first->listening();
+    const tcp::endpoint where(loopback(1), reported_port(report));
+    tcp::socket client(io);
+    co_await client.async_connect(where, use_awaitable);
+    co_await asio::async_write(client, asio::buffer("hi\n", 3), use_awaitable);
+    std::string reply;
+    co_await asio::async_read_until(client, asio::dynamic_buffer(reply), '\n', use_awaitable);
+    CHECK(reply == "A\n");  // worker 1 took the connection and answered on it
+    // Sent by worker 1 after it took the connection: the channel is in order, so its ack
+    // (Node: sent before the server sees the connection) has been read by now.
+    CHECK((co_await first->receive()).data == "served");
+    auto second = co_await fork_second_on(master, report);
+    first->kill(SIGKILL);  // what the heartbeat does to a hung worker
+    CHECK((co_await first->exited()).signal == SIGKILL);
+    reply.clear();
+    co_await asio::async_read(client, asio::dynamic_buffer(reply), as_tuple_t{});  // to EOF
+    CHECK_MESSAGE(reply.empty(), "the connection worker 1 served was handed to worker 2 as well: ", reply);
+    co_await master.disconnect();
+  }, 60s);
 }
 
 TEST_CASE("the ack of a connection precedes what the worker sends after accept() returned it") {
@@ -629,14 +632,9 @@ TEST_CASE("the ack of a connection precedes what the worker sends after accept()
     Master<Dispatch<decltype(route)>> master(io.get_executor(), {}, Dispatch(route));
     auto first = co_await master.fork(scenario_env("serve_then_report"));
     const std::string report = (co_await first->receive()).data;
-    REQUIRE(report.rfind("port ", 0) == 0);
     co_await first->listening();
-    Env env = scenario_env("hold");
-    env["TEST_HOLD"] = "1000";
-    auto second = co_await master.fork(env);
-    CHECK((co_await second->receive()).data == report);
-    co_await second->listening();
-    const tcp::endpoint where(loopback(1), static_cast<unsigned short>(std::stoi(report.substr(5))));
+    auto second = co_await fork_second_on(master, report);
+    const tcp::endpoint where(loopback(1), reported_port(report));
     tcp::socket client(io);
     std::string reply;
     cocluster::detail::async_latch<> answered(io.get_executor());
@@ -686,14 +684,9 @@ TEST_CASE("a worker that reads a newconn and its channel's end in one turn still
     Master<Dispatch<decltype(route)>> master(io.get_executor(), {}, Dispatch(route));
     auto first = co_await master.fork(scenario_env("serve_past_channel_end"));
     const std::string report = (co_await first->receive()).data;
-    REQUIRE(report.rfind("port ", 0) == 0);
     co_await first->listening();
-    Env env = scenario_env("hold");
-    env["TEST_HOLD"] = "1000";
-    auto second = co_await master.fork(env);
-    CHECK((co_await second->receive()).data == report);
-    co_await second->listening();
-    const tcp::endpoint where(loopback(1), static_cast<unsigned short>(std::stoi(report.substr(5))));
+    auto second = co_await fork_second_on(master, report);
+    const tcp::endpoint where(loopback(1), reported_port(report));
     REQUIRE(::kill(first->pid(), SIGSTOP) == 0);  // the newconn and the EOF wait in its socket
     tcp::socket client(io);
     co_await client.async_connect(where, use_awaitable);
