@@ -143,12 +143,17 @@ awaitable<void> keep_asking(unsigned short port, load& l) {
   l.done = true;
 }
 
-awaitable<void> until(asio::io_context& io, const bool& flag) {
+// Polls `done` every millisecond until it holds (the test's bound ends a wait that never does).
+awaitable<void> until_true(asio::io_context& io, std::function<bool()> done) {
   asio::steady_timer t(io);
-  while (!flag) {
+  while (!done()) {
     t.expires_after(1ms);
     co_await t.async_wait(use_awaitable);
   }
+}
+
+awaitable<void> until(asio::io_context& io, const bool& flag) {
+  co_await until_true(io, [&] { return flag; });
 }
 
 std::set<pid_t> pids_of(const std::vector<std::shared_ptr<Worker>>& ws) {
@@ -252,21 +257,14 @@ TEST_CASE("supervisor: a worker that dies is replaced and the replacement is rea
       result = std::get<0>(r);
       ran = true;
     });
-    asio::steady_timer t(io);
-    while (supervisor.workers().size() < 2) {
-      t.expires_after(1ms);
-      co_await t.async_wait(use_awaitable);
-    }
+    co_await until_true(io, [&] { return supervisor.workers().size() >= 2; });
     co_await master.ready();
     auto before = supervisor.workers();
     REQUIRE(before.size() == 2);
     before[0]->signal(SIGKILL);
     co_await before[0]->exited();
     // The replacement: a new worker, ready.
-    while (supervisor.workers().size() < 2 || supervisor.workers().back() == before[1]) {
-      t.expires_after(1ms);
-      co_await t.async_wait(use_awaitable);
-    }
+    co_await until_true(io, [&] { return supervisor.workers().size() >= 2 && supervisor.workers().back() != before[1]; });
     co_await master.ready();
     auto after = supervisor.workers();
     CHECK(after.size() == 2);
@@ -289,21 +287,14 @@ TEST_CASE("supervisor: a worker whose loop is blocked is killed after the heartb
     asio::co_spawn(io, supervisor.run(cocluster::as_tuple(use_awaitable)), [&](std::exception_ptr, std::tuple<std::error_code>) {
       ran = true;
     });
-    asio::steady_timer t(io);
-    while (supervisor.workers().empty()) {
-      t.expires_after(1ms);
-      co_await t.async_wait(use_awaitable);
-    }
+    co_await until_true(io, [&] { return !supervisor.workers().empty(); });
     co_await master.ready();
     auto hung = supervisor.workers().front();
     co_await hung->send({"block"});
     const ExitStatus status = co_await hung->exited();
     CHECK(status.signal == SIGKILL);
     CHECK(hung->unresponsive());
-    while (supervisor.workers().empty() || supervisor.workers().front() == hung) {
-      t.expires_after(1ms);
-      co_await t.async_wait(use_awaitable);
-    }
+    co_await until_true(io, [&] { return !supervisor.workers().empty() && supervisor.workers().front() != hung; });
     co_await master.ready();
     CHECK(supervisor.restarts() == 1);
     CHECK(supervisor.workers().front()->pid() != hung->pid());
@@ -341,12 +332,8 @@ TEST_CASE("supervisor: add_worker() starts one more, remove_worker() retires the
       result = std::get<0>(r);
       ran = true;
     });
-    asio::steady_timer t(io);
     auto wait_count = [&](std::size_t n) -> awaitable<void> {
-      while (supervisor.workers().size() != n) {
-        t.expires_after(1ms);
-        co_await t.async_wait(use_awaitable);
-      }
+      co_await until_true(io, [&] { return supervisor.workers().size() == n; });
     };
     co_await wait_count(1);
     const auto first = supervisor.workers().front();
@@ -377,21 +364,14 @@ TEST_CASE("supervisor: a worker above max_memory is recycled: its replacement is
                                      .recycle_check_interval = std::chrono::milliseconds(20)});
     bool ran = false;
     asio::co_spawn(io, supervisor.run(cocluster::as_tuple(use_awaitable)), [&](std::exception_ptr, std::tuple<std::error_code>) { ran = true; });
-    asio::steady_timer t(io);
-    while (supervisor.workers().size() < 2) {
-      t.expires_after(1ms);
-      co_await t.async_wait(use_awaitable);
-    }
+    co_await until_true(io, [&] { return supervisor.workers().size() >= 2; });
     co_await master.ready();
     const auto big = supervisor.workers().front();
     const auto other = supervisor.workers().back();
     co_await big->send({"grow"});
     CHECK((co_await big->receive()).data == "grown");
     CHECK((co_await big->exited()) == ExitStatus{0, 0});  // retired by a disconnect
-    while (supervisor.recycles() == 0) {  // counted once the supervisor has seen that exit too
-      t.expires_after(1ms);
-      co_await t.async_wait(use_awaitable);
-    }
+    co_await until_true(io, [&] { return supervisor.recycles() != 0; });  // counted once the supervisor has seen that exit too
     const auto now = supervisor.workers();
     REQUIRE(now.size() == 2);
     CHECK(now.front() == other);
@@ -412,14 +392,6 @@ TEST_CASE("supervisor: a worker above max_memory is recycled: its replacement is
 }
 
 namespace {
-
-awaitable<void> until_true(asio::io_context& io, std::function<bool()> done) {
-  asio::steady_timer t(io);
-  while (!done()) {
-    t.expires_after(1ms);
-    co_await t.async_wait(use_awaitable);
-  }
-}
 
 // What the events emitted so far say of the recycling: every fork after the first `initial`
 // is a replacement, in flight until the exit of the worker it replaces (no worker crashes in
@@ -727,10 +699,7 @@ TEST_CASE("supervisor: a worker that crashes while its replacement boots is repl
       ran = true;
     });
     asio::steady_timer t(io);
-    while (supervisor.workers().empty()) {
-      t.expires_after(1ms);
-      co_await t.async_wait(use_awaitable);
-    }
+    co_await until_true(io, [&] { return !supervisor.workers().empty(); });
     auto old = supervisor.workers().front();
     co_await old->send({"go"});
     co_await old->ready();
@@ -751,10 +720,7 @@ TEST_CASE("supervisor: a worker that crashes while its replacement boots is repl
     old->signal(SIGKILL);
     co_await old->exited();
     co_await fresh->send({"go"});
-    while (reload_ec == asio::error::would_block) {
-      t.expires_after(1ms);
-      co_await t.async_wait(use_awaitable);
-    }
+    co_await until_true(io, [&] { return reload_ec != asio::error::would_block; });
     CHECK(!reload_ec);
     CHECK(replaced == 1);
     CHECK(supervisor.restarts() == 0);  // the reload's replacement took its place, nothing else
@@ -772,26 +738,16 @@ TEST_CASE("supervisor: a rolling reload under load fails no request and changes 
     Supervisor<> supervisor(master, {.workers = 3});
     bool ran = false;
     asio::co_spawn(io, supervisor.run(cocluster::as_tuple(use_awaitable)), [&](std::exception_ptr, std::tuple<std::error_code>) { ran = true; });
-    asio::steady_timer t(io);
-    while (supervisor.workers().size() < 3) {
-      t.expires_after(1ms);
-      co_await t.async_wait(use_awaitable);
-    }
+    co_await until_true(io, [&] { return supervisor.workers().size() >= 3; });
     co_await master.ready();
     const Address where = co_await supervisor.workers().front()->listening();
     const auto before = pids_of(supervisor.workers());
     load l;
     asio::co_spawn(io, keep_asking(where.port, l), asio::detached);
-    while (l.ok < 20) {  // the load is flowing before the reload starts
-      t.expires_after(1ms);
-      co_await t.async_wait(use_awaitable);
-    }
+    co_await until_true(io, [&] { return l.ok >= 20; });  // the load is flowing before the reload starts
     auto [ec, replaced] = co_await supervisor.reload(cocluster::as_tuple(use_awaitable));
     const std::size_t during = l.ok;
-    while (l.ok < during + 20) {  // and after it ends
-      t.expires_after(1ms);
-      co_await t.async_wait(use_awaitable);
-    }
+    co_await until_true(io, [&] { return l.ok >= during + 20; });  // and after it ends
     l.stop = true;
     co_await until(io, l.done);
     CHECK(ec == std::error_code());
@@ -813,11 +769,7 @@ TEST_CASE("supervisor: a reload whose replacement never becomes ready rolls back
     Supervisor<> supervisor(master, {.workers = 2, .boot_timeout = std::chrono::milliseconds(300)});
     bool ran = false;
     asio::co_spawn(io, supervisor.run(cocluster::as_tuple(use_awaitable)), [&](std::exception_ptr, std::tuple<std::error_code>) { ran = true; });
-    asio::steady_timer t(io);
-    while (supervisor.workers().size() < 2) {
-      t.expires_after(1ms);
-      co_await t.async_wait(use_awaitable);
-    }
+    co_await until_true(io, [&] { return supervisor.workers().size() >= 2; });
     co_await master.ready();
     const Address where = co_await supervisor.workers().front()->listening();
     const auto before = pids_of(supervisor.workers());
@@ -825,16 +777,10 @@ TEST_CASE("supervisor: a reload whose replacement never becomes ready rolls back
     master.setup_merge({.env = http_env({{"TEST_NEVER_LISTEN", "1"}})});
     load l;
     asio::co_spawn(io, keep_asking(where.port, l), asio::detached);
-    while (l.ok < 20) {
-      t.expires_after(1ms);
-      co_await t.async_wait(use_awaitable);
-    }
+    co_await until_true(io, [&] { return l.ok >= 20; });
     auto [ec, replaced] = co_await supervisor.reload(cocluster::as_tuple(use_awaitable));
     const std::size_t during = l.ok;
-    while (l.ok < during + 20) {
-      t.expires_after(1ms);
-      co_await t.async_wait(use_awaitable);
-    }
+    co_await until_true(io, [&] { return l.ok >= during + 20; });
     l.stop = true;
     co_await until(io, l.done);
     CHECK(ec == error::reload_rolled_back);
@@ -865,11 +811,7 @@ WORKER_SCENARIO(sv_signal_master) {
     io.stop();
   }, asio::detached);
   asio::co_spawn(io, [&]() -> awaitable<void> {
-    asio::steady_timer t(io);
-    while (supervisor.workers().size() < 2) {
-      t.expires_after(1ms);
-      co_await t.async_wait(use_awaitable);
-    }
+    co_await until_true(io, [&] { return supervisor.workers().size() >= 2; });
     co_await master.ready();
     const Address where = co_await supervisor.workers().front()->listening();
     std::string report = std::to_string(where.port);
