@@ -18,10 +18,8 @@ using namespace cocluster;
 using asio::awaitable;
 using asio::use_awaitable;
 
-namespace {
-
 // Echoes every message back (see run_echo_worker).
-awaitable<void> echo() {
+awaitable<void> test::echo_messages() {
   for (;;) {
     auto [ec, m] = co_await this_worker.receive(cocluster::as_tuple(use_awaitable));
     if (ec) co_return;
@@ -40,13 +38,11 @@ awaitable<void> echo() {
   }
 }
 
-}  // namespace
-
 int test::run_echo_worker(const std::function<void(asio::io_context&)>& before) {
   asio::io_context io;
   this_worker.start(io.get_executor());
   if (before) before(io);
-  asio::co_spawn(io, echo(), asio::detached);
+  asio::co_spawn(io, echo_messages(), asio::detached);
   io.run();
   return 0;
 }

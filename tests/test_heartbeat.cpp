@@ -43,11 +43,7 @@ WORKER_SCENARIO(busy_short_tasks) {
       co_await asio::post(co_await asio::this_coro::executor, use_awaitable);  // ... then turns
     }
     co_await this_worker.send({"done " + m.data});
-    for (;;) {
-      auto [ec, echo] = co_await this_worker.receive(cocluster::as_tuple(use_awaitable));
-      if (ec) co_return;
-      co_await this_worker.send(std::move(echo));
-    }
+    co_await test::echo_messages();
   }, asio::detached);
   io.run();
   return 0;
@@ -59,11 +55,7 @@ WORKER_SCENARIO(flood_200) {
   this_worker.start(io.get_executor());
   asio::co_spawn(io, []() -> awaitable<void> {
     for (int i = 0; i < 200; ++i) co_await this_worker.send({std::to_string(i)});
-    for (;;) {
-      auto [ec, echo] = co_await this_worker.receive(cocluster::as_tuple(use_awaitable));
-      if (ec) co_return;
-      co_await this_worker.send(std::move(echo));
-    }
+    co_await test::echo_messages();
   }, asio::detached);
   io.run();
   return 0;
@@ -72,18 +64,7 @@ WORKER_SCENARIO(flood_200) {
 // Starts the runtime, then sets up for 3 heartbeat timeouts (1.5 s) before its loop first
 // runs (blocking, as a program loading its data would), then echoes.
 WORKER_SCENARIO(slow_warm_up) {
-  asio::io_context io;
-  this_worker.start(io.get_executor());
-  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
-  asio::co_spawn(io, []() -> awaitable<void> {
-    for (;;) {
-      auto [ec, echo] = co_await this_worker.receive(cocluster::as_tuple(use_awaitable));
-      if (ec) co_return;
-      co_await this_worker.send(std::move(echo));
-    }
-  }, asio::detached);
-  io.run();
-  return 0;
+  return test::run_echo_worker([](asio::io_context&) { std::this_thread::sleep_for(std::chrono::milliseconds(1500)); });
 }
 
 // ---- the master side ----

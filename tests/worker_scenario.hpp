@@ -8,6 +8,7 @@
 // and a line on stderr. Scenarios register themselves: the name lives in one place.
 #pragma once
 
+#include <asio/awaitable.hpp>
 #include <asio/io_context.hpp>
 
 #include <functional>
@@ -44,6 +45,9 @@ inline worker_start& at_start() {
 // then echoes every message back; a message with a socket handle is answered with its data,
 // "|", and the 8 bytes its peer wrote on that socket before the hand-off.
 int run_echo_worker(const std::function<void(asio::io_context&)>& before = {});
+// Its loop: answers each message as above until the channel ends (for a worker that does
+// something else first).
+asio::awaitable<void> echo_messages();
 
 }  // namespace test
 
