@@ -33,6 +33,7 @@
 #include <deque>
 #include <map>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -111,9 +112,11 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   }
 
   void acknowledged(WorkerLink& worker, std::uint32_t seq, bool ok) final {
-    std::deque<connection> back;
-    take_ack(worker, seq, ok, back);
-    give_back(std::move(back));
+    if (auto c = take_ack(worker, seq, ok)) {  // refused: another worker gets it
+      std::deque<connection> back;
+      back.push_back(std::move(*c));
+      give_back(std::move(back));
+    }
     distribute();  // ok: our copy of the fd closes here
   }
 
@@ -121,9 +124,10 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   // connections they make room for leave in batches.
   void acknowledged_batch(WorkerLink& worker, std::span<const std::uint32_t> accepted,
                           std::span<const std::uint32_t> refused) final {
-    std::deque<connection> back;
-    for (std::uint32_t seq : accepted) take_ack(worker, seq, true, back);
-    for (std::uint32_t seq : refused) take_ack(worker, seq, false, back);
+    for (std::uint32_t seq : accepted) (void)take_ack(worker, seq, true);
+    std::deque<connection> back;  // the refused ones, given back together in the order refused
+    for (std::uint32_t seq : refused)
+      if (auto c = take_ack(worker, seq, false)) back.push_back(std::move(*c));
     if (accepted.empty() && back.empty()) return;  // nothing changed (an empty or stray batch)
     give_back(std::move(back));
     distribute();
@@ -207,18 +211,19 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     std::vector<std::shared_ptr<const detail::unique_fd>> fds;
   };
 
-  // Counts the ack of hand-off `seq`; a refused connection is appended to `back` (the caller
-  // gives them back together, in the order refused).
-  void take_ack(WorkerLink& worker, std::uint32_t seq, bool ok, std::deque<connection>& back) {
+  // Counts the ack of hand-off `seq`: the connection if it was refused (the caller gives it
+  // back), else nothing (accepted: our copy closes here; or a stray ack).
+  std::optional<connection> take_ack(WorkerLink& worker, std::uint32_t seq, bool ok) {
     auto it = unacked_.find(seq);
-    if (it == unacked_.end() || it->second.worker != worker.id()) return;  // Node ignores stray acks too
+    if (it == unacked_.end() || it->second.worker != worker.id()) return std::nullopt;  // Node ignores stray acks too
     connection conn = std::move(it->second.conn);
     unacked_.erase(it);
     if (auto m = members_.find(worker.id()); m != members_.end()) {
       --m->second.in_flight;
       on_acknowledged(m->second);
     }
-    if (!ok) back.push_back(std::move(conn));  // refused: another worker gets it
+    if (ok) return std::nullopt;
+    return conn;
   }
 
   int pick() {

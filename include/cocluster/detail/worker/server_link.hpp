@@ -43,6 +43,10 @@ class server_link {
   // let go of its copy, so no second worker is ever handed a connection this one has served.
   // (Nothing is sent once our side of the channel is closing or closed: the channel refuses it.)
   void accepted(std::uint32_t server, std::uint32_t seq) {
+    if (acks_.empty()) {  // the usual case: one `accepted`, nothing to gather or post
+      channel_.send_internal(ipc::protocol::encode(ipc::protocol::Accepted{server, seq, true}));
+      return;
+    }
     ack(server, seq, true);
     flush_acks();
   }
