@@ -10,13 +10,16 @@
 #include <asio.hpp>
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <functional>
 #include <optional>
 #include <set>
 #include <sstream>
+#include <string>
 #include <thread>
+#include <vector>
 
 #include "support.hpp"
 #include "worker_scenario.hpp"
@@ -106,6 +109,20 @@ Env http_env(Env extra = {}) {
   Env env = scenario_env("sv_http");
   env.merge(extra);
   return env;
+}
+
+// What a fresh sv_http worker holds: the memory tests set max_memory above it (a worker under
+// ASan holds about 190 MiB as soon as it is ready, one built plainly a few MiB), so that only a
+// worker that was told to "grow" is above the limit.
+awaitable<std::size_t> fresh_worker_rss(asio::io_context& io) {
+  Master<> probe(io.get_executor(), Settings{.env = http_env()});
+  auto w = co_await probe.fork();
+  co_await probe.ready();
+  const std::size_t rss = cocluster::detail::resident_bytes(w->pid()).value_or(0);
+  co_await probe.disconnect();
+  REQUIRE(rss > 0);
+  MESSAGE("a fresh worker holds ", rss >> 20, " MiB");
+  co_return rss;
 }
 
 // One request to the sv_http servers at `port`: the pid that answered, or 0 if it failed.
@@ -358,9 +375,10 @@ TEST_CASE("supervisor: add_worker() starts one more, remove_worker() retires the
 
 TEST_CASE("supervisor: a worker above max_memory is recycled: its replacement is ready before it leaves") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
+    const std::size_t limit = (co_await fresh_worker_rss(io)) + (std::size_t{32} << 20);  // "grow" adds 64 MiB
     Master<> master(io.get_executor(), Settings{.env = http_env()});
     auto& events = master.events();
-    Supervisor<> supervisor(master, {.workers = 2, .max_memory = std::size_t{48} << 20,
+    Supervisor<> supervisor(master, {.workers = 2, .max_memory = limit,
                                      .recycle_check_interval = std::chrono::milliseconds(20)});
     bool ran = false;
     asio::co_spawn(io, supervisor.run(cocluster::as_tuple(use_awaitable)), [&](std::exception_ptr, std::tuple<std::error_code>) { ran = true; });
@@ -540,9 +558,10 @@ TEST_CASE("supervisor: recycling for memory and for connections never overlaps: 
     // Workers listen only when told "go": a replacement takes no connection (and is not ready)
     // until the test lets it, so both first workers reach their limits while the first
     // recycling waits.
+    const std::size_t limit = (co_await fresh_worker_rss(io)) + (std::size_t{32} << 20);  // "grow" adds 64 MiB
     Master<> master(io.get_executor(), Settings{.env = http_env({{"TEST_LISTEN_ON_GO", "1"}})});
     auto& events = master.events();
-    Supervisor<> supervisor(master, {.workers = 2, .max_connections = 20, .max_memory = std::size_t{48} << 20,
+    Supervisor<> supervisor(master, {.workers = 2, .max_connections = 20, .max_memory = limit,
                                      .recycle_check_interval = 5ms});
     bool ran = false;
     asio::co_spawn(io, supervisor.run(cocluster::as_tuple(use_awaitable)), [&](std::exception_ptr, std::tuple<std::error_code>) { ran = true; });
@@ -590,6 +609,39 @@ TEST_CASE("supervisor: recycling for memory and for connections never overlaps: 
                                           EventType::disconnect, EventType::exit,  EventType::fork,
                                           EventType::ready,      EventType::disconnect, EventType::exit};
     CHECK(types == expected);
+    supervisor.stop();
+    co_await until(io, ran);
+  });
+}
+
+TEST_CASE("supervisor: max_memory below what a fresh worker holds: one recycling, then an error line, never a loop") {
+  std::vector<std::string> lines;
+  set_log_sink([&](LogLevel, std::string_view line) { lines.emplace_back(line); });
+  struct restore_stderr {
+    ~restore_stderr() { set_log_sink({}); }
+  } restore;
+  run_bounded([&](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor(), Settings{.env = http_env()});
+    // 1 MiB: every worker is above it. max_connections gives the test a recycling of its own
+    // to wait for: the next one must be for connections, not memory again.
+    Supervisor<> supervisor(master, {.workers = 1, .max_connections = 3, .max_memory = std::size_t{1} << 20,
+                                     .recycle_check_interval = 5ms});
+    bool ran = false;
+    asio::co_spawn(io, supervisor.run(cocluster::as_tuple(use_awaitable)), [&](std::exception_ptr, std::tuple<std::error_code>) { ran = true; });
+    // The first worker is recycled for memory once (nothing says yet that the limit is too low).
+    co_await until_true(io, [&] { return supervisor.recycles() == 1; });
+    auto said = [&](std::string_view what) {
+      return std::count_if(lines.begin(), lines.end(), [&](const std::string& l) { return l.find(what) != l.npos; });
+    };
+    CHECK(said("a fresh worker needs more than max_memory") == 1);
+    const auto fresh = supervisor.workers().front();
+    const Address where = co_await fresh->listening();
+    // Its replacement is left alone for memory: it serves until it took max_connections.
+    for (int i = 0; i < 3; ++i) CHECK((co_await ping(where.port)) == fresh->pid());
+    co_await until_true(io, [&] { return supervisor.recycles() == 2; });
+    CHECK(fresh->is_dead());
+    CHECK(said("above max_memory (1 MiB); recycling it") == 1);  // the first worker only
+    CHECK(said("served 3 connections") == 1);
     supervisor.stop();
     co_await until(io, ran);
   });

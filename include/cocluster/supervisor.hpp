@@ -102,7 +102,10 @@ struct SupervisorSettings {
   //   started together do not reach their limits together (connection_limit() tells it). The
   //   worker counts every connection it takes (Worker::connections_served()); the limit starts
   //   the recycling, it is no cap: the worker serves on until its replacement is ready.
-  // - its resident memory is above `max_memory` bytes (0: off; PM2: max_memory_restart).
+  // - its resident memory is above `max_memory` bytes (0: off; PM2: max_memory_restart). A
+  //   replacement that holds more than that as soon as it is ready is never recycled for
+  //   memory (the limit is below what a fresh worker needs: recycling would loop), and an
+  //   error line says so.
   // Both are looked at every `recycle_check_interval`. Strictly one recycling at a time, for
   // either reason (when several workers are due, the oldest goes first; the next look is a
   // recycle_check_interval after the previous recycling ended), never during a reload or a
@@ -222,6 +225,9 @@ class Supervisor {
       bool being_replaced = false;
       bool trial = false;  // a replacement not ready yet: the reload owns its fate, never a restart
       std::uint64_t connection_limit = 0;  // max_connections + this worker's jitter (0: off)
+      // A replacement already above max_memory when it became ready: a fresh worker needs more
+      // than the limit, so recycling it for memory would only start another as big, in a loop.
+      bool above_memory_when_fresh = false;
     };
 
     core(Master<P>& m, SupervisorSettings s)
@@ -586,9 +592,25 @@ class Supervisor {
                                        : std::error_code(error::reload_rolled_back);
       }
       for (auto& w : fresh) mark(w, &entry::trial, false);
+      if (settings.max_memory > 0) note_fresh_memory(fresh);
       for (auto& w : batch) asio::co_spawn(ex, retire(self, w), asio::detached);
       for (auto& w : batch) co_await w->exited(as_tuple(asio::use_awaitable));
       co_return std::error_code();
+    }
+
+    // Replacements just ready (a reload's or a recycling's) that already hold more than
+    // max_memory are never recycled for memory: the limit is below what a fresh worker needs.
+    // Said once per such worker, as an error: the setting does not do what it was set for.
+    void note_fresh_memory(const std::vector<std::shared_ptr<Worker>>& fresh) {
+      for (auto& w : fresh) {
+        auto it = managed.find(w->id());
+        auto rss = detail::resident_bytes(w->pid());
+        if (it == managed.end() || !rss || *rss <= settings.max_memory) continue;
+        it->second.above_memory_when_fresh = true;
+        detail::log_error("worker {} (pid {}) holds {} MiB as soon as it is ready, above max_memory ({} MiB): a fresh "
+                          "worker needs more than max_memory, so it is not recycled for memory (raise max_memory)",
+                          w->id(), w->pid(), *rss >> 20, settings.max_memory >> 20);
+      }
     }
 
     // Whether `e` has taken its connection limit and may be recycled now.
@@ -610,7 +632,7 @@ class Supervisor {
         if (connections_due(e))
           return {w, fmt::format("served {} connections, at or above max_connections {} (its limit with jitter: {})",
                                  w->connections_served(), settings.max_connections, e.connection_limit)};
-        if (settings.max_memory == 0) continue;
+        if (settings.max_memory == 0 || e.above_memory_when_fresh) continue;
         if (auto rss = detail::resident_bytes(w->pid()); rss && *rss > settings.max_memory)
           return {w, fmt::format("holds {} MiB, above max_memory ({} MiB)", *rss >> 20, settings.max_memory >> 20)};
       }
