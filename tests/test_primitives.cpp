@@ -1,13 +1,20 @@
 // The coroutine primitives under Master and Worker: latch and queue, and the checked syscalls.
 #include "cocluster/detail/async_latch.hpp"
 #include "cocluster/detail/async_queue.hpp"
+#include "cocluster/detail/rate_limited_log.hpp"
 #include "cocluster/detail/spawn.hpp"
 #include "cocluster/detail/syscalls.hpp"
 #include "cocluster/error.hpp"
+#include "cocluster/log.hpp"
 
 #include "cocluster/detail/as_tuple.hpp"
 
 #include <doctest/doctest.h>
+
+#include <chrono>
+#include <string>
+#include <string_view>
+#include <vector>
 
 #include "support.hpp"
 
@@ -175,4 +182,28 @@ TEST_CASE("a waiter completed before the io_context runs is still delivered") {
   latch.set(5);
   io.run();
   CHECK(got == 5);
+}
+
+TEST_CASE("rate_limited_log: one line a second from one place; the next line says how many were left out") {
+  std::vector<std::string> lines;
+  cocluster::set_log_sink([&](cocluster::LogLevel, std::string_view line) { lines.emplace_back(line); });
+  struct restore_stderr {
+    ~restore_stderr() { cocluster::set_log_sink({}); }
+  } restore;
+  using namespace std::chrono_literals;
+  cocluster::detail::rate_limited_log log;
+  const auto t0 = cocluster::detail::rate_limited_log::clock::now();
+  for (int i = 0; i < 1000; ++i) log.error_at(t0 + i * 1ms, "closing connection {}", i);
+  REQUIRE(lines.size() == 1);
+  CHECK(lines[0].find("closing connection 0") != std::string::npos);
+  CHECK(lines[0].find("more like this") == std::string::npos);
+  CHECK(log.left_out() == 999);
+  log.error_at(t0 + 1000ms, "closing connection {}", 1000);
+  REQUIRE(lines.size() == 2);
+  CHECK(lines[1].find("closing connection 1000 (999 more like this since the last such line, 1000 ms before, not logged)") !=
+        std::string::npos);
+  CHECK(log.left_out() == 0);
+  log.error_at(t0 + 5000ms, "closing connection {}", 1001);  // a quiet while: written, nothing left out
+  REQUIRE(lines.size() == 3);
+  CHECK(lines[2].find("more like this") == std::string::npos);
 }

@@ -24,6 +24,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "cocluster/detail/rate_limited_log.hpp"
 #include "cocluster/policy/handoff_listener.hpp"
 #include "cocluster/policy/policy.hpp"
 #include "cocluster/policy/remote.hpp"
@@ -44,9 +45,9 @@ class dispatch_listener final : public HandoffListener {
     try {
       return static_cast<int>(f_(remote, members()));
     } catch (const std::exception& e) {
-      detail::log_error("Dispatch: the routing function threw: {}", e.what());
+      threw_.error("Dispatch: the routing function threw: {}; the connection is closed", e.what());
     } catch (...) {
-      detail::log_error("Dispatch: the routing function threw");
+      threw_.error("Dispatch: the routing function threw; the connection is closed");
     }
     return refuse;
   }
@@ -54,6 +55,7 @@ class dispatch_listener final : public HandoffListener {
 
   F f_;
   std::size_t window_;
+  rate_limited_log threw_;  // a function that throws for every connection must not flood the log
 };
 
 }  // namespace detail
@@ -74,6 +76,7 @@ class Dispatch {
  private:
   F f_;
   std::size_t window_;
+  rate_limited_log threw_;  // a function that throws for every connection must not flood the log
 };
 
 }  // namespace cocluster
