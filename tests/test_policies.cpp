@@ -838,3 +838,79 @@ TEST_CASE("Dispatch: a SIGKILLed worker's full line goes to another worker ahead
     co_await master.disconnect();
   }, 60s);
 }
+
+TEST_CASE("Sticky: a SIGKILLed worker's waiting clients go to their next worker, each source in order; another worker's waiting clients stay") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<Sticky> master(io.get_executor(), {}, Sticky{.window = 1});
+    auto [workers, where] = co_await start_serving(master, 3, scenario_env("serve_numbered"));
+    // Which worker serves 127.0.0.1 .. 127.0.0.20 (fixed: the hash of fixed addresses and ids).
+    std::map<int, std::vector<int>> sources_of;  // worker id -> the last octets of its clients
+    std::map<int, std::size_t> served;           // worker id -> connections it has answered
+    auto ask_one = [&](int octet) -> awaitable<std::string> {
+      std::vector<std::string> reply(1);
+      std::size_t answered = 0;
+      co_await connect_in_order(loopback(octet), where, reply, answered);
+      co_await poll_until([&] { return answered == 1; });
+      co_return reply[0];
+    };
+    for (int octet = 1; octet <= 20; ++octet) {
+      const std::string reply = co_await ask_one(octet);
+      REQUIRE_MESSAGE(reply.rfind("worker ", 0) == 0, reply);
+      const int id = std::stoi(reply.substr(7));
+      sources_of[id].push_back(octet);
+      ++served[id];
+    }
+    REQUIRE(sources_of.size() == 3);
+    REQUIRE(::kill(workers[0]->pid(), SIGSTOP) == 0);
+    REQUIRE(::kill(workers[1]->pid(), SIGSTOP) == 0);
+    // 5 clients from each source of workers 1 and 2, source after source: each worker is
+    // handed one (its window), the others wait in its line.
+    constexpr std::size_t per_source = 5;
+    std::map<int, std::vector<std::string>> replies;  // by source
+    std::size_t answered = 0, clients = 0;
+    for (int w : {1, 2})
+      for (int octet : sources_of[w]) replies[octet].resize(per_source), clients += per_source;
+    for (int w : {1, 2})
+      for (int octet : sources_of[w]) co_await connect_in_order(loopback(octet), where, replies[octet], answered);
+    // Worker 3 answers a client that connected after them all: every one has been accepted.
+    const std::string barrier = co_await ask_one(sources_of[3].front());
+    CHECK(barrier == numbered_reply(3, served[3]++));
+    workers[0]->kill(SIGKILL);
+    CHECK((co_await workers[0]->exited()).signal == SIGKILL);
+    REQUIRE(::kill(workers[1]->pid(), SIGCONT) == 0);
+    co_await poll_until([&] { return answered == clients; });
+    // Each source's clients were answered by one worker, in the order they connected: worker
+    // 2's by worker 2 (none moved), worker 1's by their next worker. On worker 2, worker 1's
+    // clients (given back) came before its own waiting ones.
+    std::size_t last_given_back = 0, first_own = SIZE_MAX;
+    std::map<int, int> moved_to;  // worker id -> worker 1's sources it took
+    for (int w : {1, 2})
+      for (int octet : sources_of[w]) {
+        const std::vector<std::string>& r = replies[octet];
+        REQUIRE_MESSAGE(r.front().rfind("worker ", 0) == 0, "127.0.0.", octet, ": ", r.front());
+        const int by = std::stoi(r.front().substr(7));
+        if (w == 2) {
+          CHECK(by == 2);
+        } else {
+          CHECK(by != 1);
+          ++moved_to[by];
+        }
+        std::size_t previous = 0;
+        for (std::size_t k = 0; k < r.size(); ++k) {
+          REQUIRE_MESSAGE(r[k].rfind("worker " + std::to_string(by) + " ", 0) == 0, "127.0.0.", octet, " #", k, ": ", r[k]);
+          const std::size_t n = std::stoul(r[k].substr(r[k].rfind(' ') + 1));
+          if (k != 0) CHECK(n > previous);
+          previous = n;
+          if (by != 2) continue;
+          if (w == 1) last_given_back = std::max(last_given_back, n);
+          else if (octet != sources_of[2].front() || k != 0) first_own = std::min(first_own, n);  // (not the one it held)
+        }
+      }
+    CHECK(last_given_back < first_own);
+    // (Fixed by the hash: worker 1's sources went to both workers, so the order on worker 2 was checked.)
+    CHECK(moved_to.size() == 2);
+    MESSAGE("sources of workers 1, 2, 3: ", sources_of[1].size(), ", ", sources_of[2].size(), ", ", sources_of[3].size(),
+            "; worker 1's went to 2: ", moved_to[2], ", to 3: ", moved_to[3]);
+    co_await master.disconnect();
+  }, 60s);
+}
