@@ -846,10 +846,11 @@ TEST_CASE("Sticky: a SIGKILLed worker's waiting clients go to their next worker,
     // Which worker serves 127.0.0.1 .. 127.0.0.20 (fixed: the hash of fixed addresses and ids).
     std::map<int, std::vector<int>> sources_of;  // worker id -> the last octets of its clients
     std::map<int, std::size_t> served;           // worker id -> connections it has answered
+    const tcp::endpoint to = where;  // (clang: a lambda cannot capture a structured binding)
     auto ask_one = [&](int octet) -> awaitable<std::string> {
       std::vector<std::string> reply(1);
       std::size_t answered = 0;
-      co_await connect_in_order(loopback(octet), where, reply, answered);
+      co_await connect_in_order(loopback(octet), to, reply, answered);
       co_await poll_until([&] { return answered == 1; });
       co_return reply[0];
     };
