@@ -116,7 +116,8 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     if (!back.empty())
       detail::debug("Worker {}: {} connection(s) handed to it go to other workers", worker.pid(), back.size());
     if (auto line = lines_.find(worker.id()); line != lines_.end()) {
-      detail::debug("Worker {}: {} connection(s) waiting for it go to other workers", worker.pid(), line->second.count);
+      if (line->second.count != 0)
+        detail::debug("Worker {}: {} connection(s) waiting for it go to other workers", worker.pid(), line->second.count);
       held_ -= line->second.count;
       back.insert(back.end(), std::make_move_iterator(line->second.conns.begin()),
                   std::make_move_iterator(line->second.conns.end()));
