@@ -9,6 +9,7 @@
 #include <signal.h>
 
 #include <algorithm>
+#include <functional>
 #include <map>
 #include <set>
 #include <string_view>
@@ -85,9 +86,10 @@ awaitable<std::map<int, std::map<int, int>>> ask_from_sources(tcp::endpoint wher
 }
 
 template <class Policy>
-awaitable<std::pair<std::vector<std::shared_ptr<Worker>>, tcp::endpoint>> start_serving(Master<Policy>& master, int n) {
+awaitable<std::pair<std::vector<std::shared_ptr<Worker>>, tcp::endpoint>> start_serving(Master<Policy>& master, int n,
+                                                                                        Env env = serve_on_port_zero()) {
   std::vector<std::shared_ptr<Worker>> workers;
-  for (int i = 0; i < n; ++i) workers.push_back(co_await master.fork(serve_on_port_zero()));
+  for (int i = 0; i < n; ++i) workers.push_back(co_await master.fork(env));
   unsigned short port = 0;
   for (auto& w : workers) {
     Message m = co_await w->receive();
@@ -702,6 +704,214 @@ TEST_CASE("a worker that reads a newconn and its channel's end in one turn still
     std::string reply;
     co_await asio::async_read(client, asio::dynamic_buffer(reply), as_tuple_t{});  // to EOF
     CHECK_MESSAGE(reply == "A\n", "worker 1 took the connection, yet: ", reply);
+    co_await master.disconnect();
+  }, 60s);
+}
+
+// ---- connections waiting in the master, in per-worker lines ----
+
+// Listens on 127.0.0.1:0 ("port N"), then answers each connection with "worker <id> <n>\n", n
+// counting from 0 in the order accept() returned them (the order the master handed them), and
+// closes it. It reads nothing: its clients send nothing, so the close is a clean FIN.
+WORKER_SCENARIO(serve_numbered) {
+  asio::io_context io;
+  this_worker.start(io.get_executor());
+  asio::co_spawn(io, []() -> awaitable<void> {
+    auto server = co_await this_worker.listen(tcp::endpoint(asio::ip::address_v4::loopback(), 0));
+    co_await this_worker.send(Message("port " + std::to_string(server.local_endpoint().port())));
+    for (int n = 0;; ++n) {
+      auto [ec, s] = co_await server.accept(as_tuple_t{});
+      if (ec) co_return;
+      const std::string reply = "worker " + std::to_string(this_worker.id()) + " " + std::to_string(n) + "\n";
+      co_await asio::async_write(s, asio::buffer(reply), as_tuple_t{});
+    }
+  }, asio::detached);
+  io.run();
+  return 0;
+}
+
+namespace {
+
+// Returns once `done()` holds, looking every 5 ms (a wait for an event, not a timing assumption).
+awaitable<void> poll_until(std::function<bool()> done) {
+  asio::steady_timer poll(co_await asio::this_coro::executor);
+  while (!done()) {
+    poll.expires_after(5ms);
+    co_await poll.async_wait(use_awaitable);
+  }
+}
+
+// `replies.size()` clients from `from`, each connected once the one before is (so the master
+// accepts them in that order); client k's answer, read to EOF, goes to replies[k], and
+// `answered` counts the answers (or ends: an empty reply).
+awaitable<void> connect_in_order(asio::ip::address_v4 from, tcp::endpoint where, std::vector<std::string>& replies,
+                                 std::size_t& answered) {
+  auto ex = co_await asio::this_coro::executor;
+  for (std::string& reply : replies) {
+    auto s = std::make_shared<tcp::socket>(ex);
+    s->open(tcp::v4());
+    s->bind(tcp::endpoint(from, 0));
+    co_await s->async_connect(where, use_awaitable);
+    asio::async_read(*s, asio::dynamic_buffer(reply), [s, &answered](std::error_code, std::size_t) { ++answered; });
+  }
+}
+
+std::string numbered_reply(int worker, std::size_t n) {
+  return "worker " + std::to_string(worker) + " " + std::to_string(n) + "\n";
+}
+
+}  // namespace
+
+TEST_CASE("Dispatch: connections waiting for one worker are not routed again when another worker takes connections") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    // 127.0.0.1's clients go to worker 1, the others to worker 2; `calls` counts the routing.
+    std::size_t calls = 0;
+    auto route = [&calls](const Remote& r, const HandoffListener::Members&) {
+      ++calls;
+      return r.address() == asio::ip::address(loopback(1)) ? 1 : 2;
+    };
+    Master<Dispatch<decltype(route)>> master(io.get_executor(), {}, Dispatch(route, 1));
+    auto [workers, where] = co_await start_serving(master, 2, scenario_env("serve_numbered"));
+    REQUIRE(::kill(workers[0]->pid(), SIGSTOP) == 0);
+    // Worker 1's clients: the first is handed to it (its window of 1), 99 wait for it.
+    std::vector<std::string> first(100);
+    std::size_t first_answered = 0;
+    co_await connect_in_order(loopback(1), where, first, first_answered);
+    co_await poll_until([&] { return calls >= first.size(); });
+    CHECK(calls == first.size());  // each accepted and routed once (none asked again as more came)
+    // Worker 2 takes 50 connections, one after the other, each acknowledged: each is routed
+    // once, and none of the 99 waiting for worker 1 is routed again (before: 99 calls per ack).
+    std::vector<std::string> second(1);
+    for (int i = 0; i < 50; ++i) {
+      std::size_t answered = 0;
+      co_await connect_in_order(loopback(2), where, second, answered);
+      co_await poll_until([&] { return answered == 1; });
+      CHECK(second[0] == numbered_reply(2, i));
+      second[0].clear();
+    }
+    CHECK(calls == first.size() + 50);
+    CHECK(first_answered == 0);
+    // Worker 1 resumes: its clients are answered in the order they connected, each waiting
+    // one routed once more (when worker 1 had room for it).
+    REQUIRE(::kill(workers[0]->pid(), SIGCONT) == 0);
+    co_await poll_until([&] { return first_answered == first.size(); });
+    for (std::size_t k = 0; k < first.size(); ++k) CHECK(first[k] == numbered_reply(1, k));
+    CHECK(calls == first.size() + 50 + (first.size() - 1));
+    co_await master.disconnect();
+  }, 60s);
+}
+
+TEST_CASE("Dispatch: a SIGKILLed worker's full line goes to another worker ahead of its own line, each in order, every connection answered") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    // 127.0.0.1's clients go to worker 1 while it lives, then to worker 2; 127.0.0.2's to
+    // worker 2; 127.0.0.3's to worker 3 (which keeps the master accepting while 1 and 2 stop).
+    std::size_t calls = 0;
+    auto route = [&calls](const Remote& r, const HandoffListener::Members& live) {
+      ++calls;
+      const int octet = r.address().to_v4().to_bytes()[3];
+      return octet == 1 && !live.count(1) ? 2 : octet;
+    };
+    Master<Dispatch<decltype(route)>> master(io.get_executor(), {}, Dispatch(route, 1));
+    auto [workers, where] = co_await start_serving(master, 3, scenario_env("serve_numbered"));
+    REQUIRE(::kill(workers[0]->pid(), SIGSTOP) == 0);
+    REQUIRE(::kill(workers[1]->pid(), SIGSTOP) == 0);
+    // Worker 1: one handed to it, a full line of max_waiting_per_worker waiting for it.
+    // Worker 2: one handed to it, 19 waiting for it.
+    std::vector<std::string> ones(1 + HandoffListener::max_waiting_per_worker), twos(20);
+    std::size_t answered = 0;
+    co_await connect_in_order(loopback(1), where, ones, answered);
+    co_await connect_in_order(loopback(2), where, twos, answered);
+    co_await poll_until([&] { return calls >= ones.size() + twos.size(); });
+    CHECK(calls == ones.size() + twos.size());  // each accepted and routed once
+    workers[0]->kill(SIGKILL);
+    CHECK((co_await workers[0]->exited()).signal == SIGKILL);
+    // Its connections (the one handed to it, then its line, in order) were given back and
+    // routed again, to worker 2, and none was closed for want of room there.
+    CHECK(calls == 2 * ones.size() + twos.size());
+    CHECK(answered == 0);
+    REQUIRE(::kill(workers[1]->pid(), SIGCONT) == 0);
+    co_await poll_until([&] { return answered == ones.size() + twos.size(); });
+    // Worker 2 takes the one it held, then worker 1's connections in order, then its own line.
+    CHECK(twos[0] == numbered_reply(2, 0));
+    for (std::size_t k = 0; k < ones.size(); ++k) CHECK(ones[k] == numbered_reply(2, 1 + k));
+    for (std::size_t k = 1; k < twos.size(); ++k) CHECK(twos[k] == numbered_reply(2, ones.size() + k));
+    co_await master.disconnect();
+  }, 60s);
+}
+
+TEST_CASE("Sticky: a SIGKILLed worker's waiting clients go to their next worker, each source in order; another worker's waiting clients stay") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<Sticky> master(io.get_executor(), {}, Sticky{.window = 1});
+    auto [workers, where] = co_await start_serving(master, 3, scenario_env("serve_numbered"));
+    // Which worker serves 127.0.0.1 .. 127.0.0.20 (fixed: the hash of fixed addresses and ids).
+    std::map<int, std::vector<int>> sources_of;  // worker id -> the last octets of its clients
+    std::map<int, std::size_t> served;           // worker id -> connections it has answered
+    const tcp::endpoint to = where;  // (clang: a lambda cannot capture a structured binding)
+    auto ask_one = [&](int octet) -> awaitable<std::string> {
+      std::vector<std::string> reply(1);
+      std::size_t answered = 0;
+      co_await connect_in_order(loopback(octet), to, reply, answered);
+      co_await poll_until([&] { return answered == 1; });
+      co_return reply[0];
+    };
+    for (int octet = 1; octet <= 20; ++octet) {
+      const std::string reply = co_await ask_one(octet);
+      REQUIRE_MESSAGE(reply.rfind("worker ", 0) == 0, reply);
+      const int id = std::stoi(reply.substr(7));
+      sources_of[id].push_back(octet);
+      ++served[id];
+    }
+    REQUIRE(sources_of.size() == 3);
+    REQUIRE(::kill(workers[0]->pid(), SIGSTOP) == 0);
+    REQUIRE(::kill(workers[1]->pid(), SIGSTOP) == 0);
+    // 5 clients from each source of workers 1 and 2, source after source: each worker is
+    // handed one (its window), the others wait in its line.
+    constexpr std::size_t per_source = 5;
+    std::map<int, std::vector<std::string>> replies;  // by source
+    std::size_t answered = 0, clients = 0;
+    for (int w : {1, 2})
+      for (int octet : sources_of[w]) replies[octet].resize(per_source), clients += per_source;
+    for (int w : {1, 2})
+      for (int octet : sources_of[w]) co_await connect_in_order(loopback(octet), where, replies[octet], answered);
+    // Worker 3 answers a client that connected after them all: every one has been accepted.
+    const std::string barrier = co_await ask_one(sources_of[3].front());
+    CHECK(barrier == numbered_reply(3, served[3]++));
+    workers[0]->kill(SIGKILL);
+    CHECK((co_await workers[0]->exited()).signal == SIGKILL);
+    REQUIRE(::kill(workers[1]->pid(), SIGCONT) == 0);
+    co_await poll_until([&] { return answered == clients; });
+    // Each source's clients were answered by one worker, in the order they connected: worker
+    // 2's by worker 2 (none moved), worker 1's by their next worker. On worker 2, worker 1's
+    // clients (given back) came before its own waiting ones.
+    std::size_t last_given_back = 0, first_own = SIZE_MAX;
+    std::map<int, int> moved_to;  // worker id -> worker 1's sources it took
+    for (int w : {1, 2})
+      for (int octet : sources_of[w]) {
+        const std::vector<std::string>& r = replies[octet];
+        REQUIRE_MESSAGE(r.front().rfind("worker ", 0) == 0, "127.0.0.", octet, ": ", r.front());
+        const int by = std::stoi(r.front().substr(7));
+        if (w == 2) {
+          CHECK(by == 2);
+        } else {
+          CHECK(by != 1);
+          ++moved_to[by];
+        }
+        std::size_t previous = 0;
+        for (std::size_t k = 0; k < r.size(); ++k) {
+          REQUIRE_MESSAGE(r[k].rfind("worker " + std::to_string(by) + " ", 0) == 0, "127.0.0.", octet, " #", k, ": ", r[k]);
+          const std::size_t n = std::stoul(r[k].substr(r[k].rfind(' ') + 1));
+          if (k != 0) CHECK(n > previous);
+          previous = n;
+          if (by != 2) continue;
+          if (w == 1) last_given_back = std::max(last_given_back, n);
+          else if (octet != sources_of[2].front() || k != 0) first_own = std::min(first_own, n);  // (not the one it held)
+        }
+      }
+    CHECK(last_given_back < first_own);
+    // (Fixed by the hash: worker 1's sources went to both workers, so the order on worker 2 was checked.)
+    CHECK(moved_to.size() == 2);
+    MESSAGE("sources of workers 1, 2, 3: ", sources_of[1].size(), ", ", sources_of[2].size(), ", ", sources_of[3].size(),
+            "; worker 1's went to 2: ", moved_to[2], ", to 3: ", moved_to[3]);
     co_await master.disconnect();
   }, 60s);
 }

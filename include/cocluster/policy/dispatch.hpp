@@ -6,7 +6,8 @@
 //   };
 //   cocluster::Master<cocluster::Dispatch<decltype(route)>> master(ex, {}, cocluster::Dispatch(route));
 // F is called on the master's executor when a connection is accepted, and again for one that
-// waits whenever a worker joins, leaves or takes a connection; it must not block. It returns a
+// waits for worker w when w takes a connection or leaves, or any worker joins (for one it gave
+// 0: when any worker takes a connection, leaves or joins); it must not block. It returns a
 // worker id from `live`. A worker whose window is full, 0 or an id not (yet) in `live` keeps
 // the connection waiting in the master, in order, at most HandoffListener::max_waiting_per_worker
 // per id: one more is closed, with a log line (F sees each worker's in_flight and can route

@@ -12,11 +12,14 @@
 // asked once the connection is accepted (Dispatch and Sticky do).
 // The master accepts (accept4; raw fds, never read, never registered with Asio) only while
 // choose() names a worker, so connections otherwise wait in the kernel's backlog. A connection
-// whose chosen worker cannot take it yet waits in the master, at most max_waiting_per_worker
-// per worker (and max_waiting in all), so that one stalled worker never stops the others. It keeps its
-// copy of each connection until the worker's `accepted`: a connection handed to a worker that
-// closes its server, disconnects or dies goes back to the front and to another worker. With
-// no worker left the listener is closed with what it holds (Node does the same).
+// whose chosen worker cannot take it yet waits in the master, in that worker's own line, at
+// most max_waiting_per_worker per worker (and max_waiting in all), so that one stalled worker
+// never stops the others. A worker's line is looked at again when that worker acknowledges or
+// leaves (and all lines when a worker joins), never when another one does: waiting connections
+// cost nothing per hand-off to the other workers. It keeps its copy of each connection until
+// the worker's `accepted`: a connection handed to a worker that closes its server, disconnects
+// or dies goes back to the front and to another worker, and so do the connections waiting for
+// it. With no worker left the listener is closed with what it holds (Node does the same).
 // Hand-offs are batched: the connections chosen for one worker while the listener distributes
 // (an accept burst, the room one `accepted_batch` makes) leave as one `newconn_batch` frame
 // carrying up to ipc::max_fds_per_packet fds (one `newconn` when only one waits); the acks of
@@ -88,6 +91,10 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     auto [it, added] = members_.insert_or_assign(id, Member{id, worker->pid(), 0});
     links_.insert_or_assign(id, std::move(worker));
     on_joined(it->second);
+    // Every waiting connection is asked again (a join is rare, not per connection): the policy
+    // may now name the newcomer (Sticky: the clients it wins; Dispatch: a worker F waited for).
+    place_again(0);
+    for (int waited : waiting_ids()) place_again(waited, true);
     distribute();
   }
 
@@ -95,7 +102,8 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     // It may have left members_ already (a hand-off to it failed); its hand-offs are still ours.
     if (members_.erase(worker.id()) != 0) on_left(worker.id());
     links_.erase(worker.id());
-    // Everything handed to it and not acknowledged goes back to the front, in order.
+    // Everything handed to it and not acknowledged goes back to the front, in order, and then
+    // what waited for it (the policy names their worker again: Sticky moves only its clients).
     std::deque<connection> back;
     for (auto it = unacked_.begin(); it != unacked_.end();) {
       if (it->second.worker != worker.id()) {
@@ -107,6 +115,14 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     }
     if (!back.empty())
       detail::debug("Worker {}: {} connection(s) handed to it go to other workers", worker.pid(), back.size());
+    if (auto line = lines_.find(worker.id()); line != lines_.end()) {
+      if (line->second.count != 0)
+        detail::debug("Worker {}: {} connection(s) waiting for it go to other workers", worker.pid(), line->second.count);
+      held_ -= line->second.count;
+      back.insert(back.end(), std::make_move_iterator(line->second.conns.begin()),
+                  std::make_move_iterator(line->second.conns.end()));
+      lines_.erase(line);
+    }
     give_back(std::move(back));
     if (!members_.empty()) distribute();  // else the master closes us, and what waits with us
   }
@@ -117,7 +133,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
       back.push_back(std::move(*c));
       give_back(std::move(back));
     }
-    distribute();  // ok: our copy of the fd closes here
+    distribute(worker.id());  // ok: our copy of the fd closes here
   }
 
   // The acks of one turn of the worker's loop: counted first, then one distribution, so the
@@ -130,16 +146,17 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
       if (auto c = take_ack(worker, seq, false)) back.push_back(std::move(*c));
     if (accepted.empty() && back.empty()) return;  // nothing changed (an empty or stray batch)
     give_back(std::move(back));
-    distribute();
+    distribute(worker.id());
   }
 
   void close() override {
     std::error_code ignored;
     socket_.close(ignored);
     retry_.cancel();
-    backlog_.clear();
+    any_ = {};
+    lines_.clear();
+    held_ = 0;
     outbox_.clear();
-    waiting_for_.clear();
     unacked_.clear();
     members_.clear();
     links_.clear();
@@ -157,18 +174,21 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     return 0;
   }
   // The worker that takes this accepted connection from `remote`: by default choose()'s
-  // answer. A member that cannot take it now (can_take), a worker that is no member (yet) or 0
-  // keeps it waiting, in order, until a worker joins, leaves or acknowledges (then it is asked
-  // again); `refuse` closes it. Called per connection on the hand-off path: no blocking, and
-  // better no allocation. Same rule as choose(): the hooks change the state.
+  // answer. A member that cannot take it now (can_take) or a worker that is no member (yet)
+  // keeps it waiting in that worker's line, in order, until that worker acknowledges or leaves,
+  // or any worker joins (then it is asked again); 0 keeps it waiting until any of them does;
+  // `refuse` closes it. Called per connection on the hand-off path: no blocking, and better no
+  // allocation. Same rule as choose(): the hooks change the state.
   virtual int choose_for(const Remote& /*remote*/) { return choose(); }
   // Whether `m` takes a connection chosen for it now (a policy with a window says no when it
   // is full); choose() names only members that do.
   virtual bool can_take(const Member& /*m*/) const { return true; }
-  // Connections waiting in the master for worker `id` (see max_waiting_per_worker).
+  // Connections waiting in the master for worker `id` (0: for the policy to name one; see
+  // max_waiting_per_worker).
   std::size_t waiting_for(int id) const noexcept {
-    auto it = waiting_for_.find(id);
-    return it == waiting_for_.end() ? 0 : it->second;
+    if (id == 0) return any_.count;
+    auto it = lines_.find(id);
+    return it == lines_.end() ? 0 : it->second.count;
   }
 
   // After the bookkeeping of each event, for a policy's own state.
@@ -195,8 +215,14 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   struct connection {
     std::shared_ptr<const detail::unique_fd> fd;  // shared with a channel while a newconn carrying it is queued
     std::string remote;                           // sockaddr from accept4
-    int waits_for = 0;                            // while in backlog_: the worker chosen for it
     bool given_back = false;                      // taken back from a worker: never closed for want of room
+  };
+  // The connections waiting for one worker (line 0: for the policy to name one), in order:
+  // those given back ahead of the others, in the order they were given back.
+  struct waiting_line {
+    std::deque<connection> conns;
+    std::size_t given_back = 0;  // how many at the front of conns were given back
+    std::size_t count = 0;       // waiting_for(): conns, and the one of them being placed again
   };
   struct handed {
     int worker;
@@ -230,64 +256,102 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     const int id = choose();
     return id != 0 && members_.count(id) ? id : 0;
   }
-  // Places `c`: handed to the worker chosen for it, else waiting for that worker at the back
-  // of the backlog (counted in waiting_for_), else, past max_waiting_per_worker or refused,
-  // closed. False when it waits.
-  bool place(connection&& c) {
+  // Places `c`: handed to the worker chosen for it, or closed (refused, or past
+  // max_waiting_per_worker): nothing, and `c` is gone. Else the worker it is to wait for (0: the
+  // policy named none), and the caller puts it in that line.
+  std::optional<int> place(connection& c) {
     const int id = choose_for(Remote(c.remote));
     if (auto m = members_.find(id); m != members_.end() && can_take(m->second)) {
       hand_off(id, c);
-      return true;
+      return std::nullopt;
     }
     if (id == refuse || (!c.given_back && waiting_for(id) >= max_waiting_per_worker)) {
       detail::log_error("listener {}:{}: closing a connection: {}", address_.address, address_.port,
                         id == refuse ? "the policy refused it"
                                      : id == 0 ? fmt::format("{} already wait for the policy to name a worker", max_waiting_per_worker)
                                                : fmt::format("{} already wait for worker {}", max_waiting_per_worker, id));
-      return true;  // ~connection closes our copy
+      c = {};  // closes our copy
+      return std::nullopt;
     }
-    c.waits_for = id;
-    ++waiting_for_[id];
-    backlog_.push_back(std::move(c));
-    return false;
+    return id;
   }
 
-  // The waiting connections, in order, each placed again while some worker can take one. One
-  // pass that moves each connection once (no erase from the middle of the backlog per
-  // connection): what still waits goes back in the same order.
-  void place_waiting() {
-    if (backlog_.empty() || pick() == 0) return;
-    std::deque<connection> waiting = std::move(backlog_);
-    backlog_.clear();
-    std::size_t i = 0;
-    for (; i < waiting.size() && pick() != 0; ++i) {
-      connection& c = waiting[i];
-      if (auto it = waiting_for_.find(c.waits_for); it != waiting_for_.end() && --it->second == 0) waiting_for_.erase(it);
-      place(std::move(c));
-    }
-    for (; i < waiting.size(); ++i) backlog_.push_back(std::move(waiting[i]));
+  waiting_line& line(int id) { return id == 0 ? any_ : lines_[id]; }
+
+  // `c` waits for worker `id`: at the back of its line, or, given back, behind the ones given
+  // back before it.
+  void wait_for(int id, connection&& c) {
+    waiting_line& l = line(id);
+    if (c.given_back)
+      l.conns.insert(l.conns.begin() + static_cast<std::ptrdiff_t>(l.given_back++), std::move(c));
+    else
+      l.conns.push_back(std::move(c));
+    ++l.count;
+    ++held_;
   }
 
-  // Waiting connections first, in order, each to the worker chosen for it (one waiting for a
-  // worker that cannot take it now does not hold up the others); then accept more; then send
-  // what each worker was handed, one frame per worker (per max_fds_per_packet connections).
-  void distribute() {
+  // The ids of the workers connections wait for (a copy: placing them again adds lines).
+  std::vector<int> waiting_ids() const {
+    std::vector<int> ids;
+    for (auto& [id, l] : lines_)
+      if (!l.conns.empty()) ids.push_back(id);
+    return ids;
+  }
+
+  // The connections waiting for `id` (0: for the policy), in order, each placed again while
+  // some worker can take one and, for a member's line unless `all` (a worker joined: each one
+  // is asked), while that member can. The policy is asked once per connection looked at; one
+  // it names `id` again keeps its place, in front of the rest. No other line is looked at.
+  void place_again(int id, bool all = false) {
+    auto it = id == 0 ? lines_.end() : lines_.find(id);
+    if (id != 0 && it == lines_.end()) return;
+    waiting_line& l = id == 0 ? any_ : it->second;  // a map's nodes stay put while others are added
+    auto member = members_.find(id);
+    auto room = [&] { return pick() != 0 && (all || member == members_.end() || can_take(member->second)); };
+    std::vector<connection> again;  // (no allocation unless one keeps its place)
+    std::size_t again_given_back = 0;
+    while (!l.conns.empty() && room()) {
+      connection c = std::move(l.conns.front());
+      l.conns.pop_front();
+      if (l.given_back != 0) --l.given_back;
+      --l.count;  // as the policy is asked, it does not count against its own worker (Sticky looks)
+      --held_;
+      const std::optional<int> to = place(c);
+      if (!to) continue;
+      if (*to != id) {
+        wait_for(*to, std::move(c));
+        continue;
+      }
+      again_given_back += c.given_back;
+      again.push_back(std::move(c));
+      ++l.count;
+      ++held_;
+    }
+    l.conns.insert(l.conns.begin(), std::make_move_iterator(again.begin()), std::make_move_iterator(again.end()));
+    l.given_back += again_given_back;
+    if (id != 0 && l.conns.empty() && member == members_.end()) lines_.erase(it);  // a non-member keeps no empty line
+  }
+
+  // The connections waiting for the policy, and then those waiting for worker `w` (an event of
+  // w's: it acknowledged, so it may have room), each to the worker chosen for it; then accept
+  // more; then send what each worker was handed, one frame per worker (per max_fds_per_packet
+  // connections). The lines of the other workers are not looked at: nothing changed for them.
+  void distribute(int w = 0) {
     for (;;) {
-      place_waiting();
+      if (!any_.conns.empty()) place_again(0);
+      if (w != 0 && !lines_.empty()) place_again(w);
       accept_now();
       if (send_handoffs()) return;  // else a worker's channel is ending: the others may take more
     }
   }
 
-  // Everything taken back from a worker, to the front of the backlog in order, waiting for
-  // nobody in particular until distribute() asks again.
+  // Everything taken back from a worker, to the front of the line of the connections waiting
+  // for the policy (behind what was given back before), in order, until distribute() asks again.
   void give_back(std::deque<connection> back) {
     for (auto& c : back) {
-      c.waits_for = 0;
       c.given_back = true;
-      ++waiting_for_[0];
+      wait_for(0, std::move(c));
     }
-    backlog_.insert(backlog_.begin(), std::make_move_iterator(back.begin()), std::make_move_iterator(back.end()));
   }
 
   // Hands `c` to `id`: counted now, sent with the others of this distribution (send_handoffs).
@@ -341,12 +405,13 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   // readiness only when the kernel has nothing more.
   void accept_now() {
     if (waiting_ || paused_ || !socket_.is_open()) return;
-    while (backlog_.size() < max_waiting && pick() != 0) {
+    while (held_ < max_waiting && pick() != 0) {
       std::string remote;
       std::error_code ec;
       detail::unique_fd fd = detail::accept_connection(socket_.native_handle(), remote, ec);
       if (fd) {
-        place(connection{std::make_shared<const detail::unique_fd>(std::move(fd)), std::move(remote)});
+        connection c{std::make_shared<const detail::unique_fd>(std::move(fd)), std::move(remote)};
+        if (auto to = place(c)) wait_for(*to, std::move(c));
         continue;
       }
       if (!ec) return wait_readable();
@@ -382,8 +447,9 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   detail::handle_tag tag_;                   // what a connection travels as (TCP or Unix socket)
   Members members_;            // workers holding this listener, by id
   std::map<int, std::shared_ptr<WorkerLink>> links_;
-  std::deque<connection> backlog_;           // accepted, waiting for a chosen worker, in order
-  std::map<int, std::size_t> waiting_for_;   // how many of backlog_ wait for each worker
+  waiting_line any_;                         // accepted or given back, waiting for the policy to name a worker
+  std::map<int, waiting_line> lines_;        // accepted, waiting for the worker chosen for them, by its id
+  std::size_t held_ = 0;                     // waiting in all (any_ and lines_)
   std::map<std::uint32_t, handed> unacked_;  // handed off, not yet acknowledged, by seq
   std::vector<outgoing_batch> outbox_;       // handed in this distribution, not yet sent, per worker
   std::uint32_t last_seq_ = 0;
