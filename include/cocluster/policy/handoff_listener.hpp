@@ -43,6 +43,7 @@
 
 #include "cocluster/detail/log.hpp"
 #include "cocluster/detail/master/sockets.hpp"
+#include "cocluster/detail/rate_limited_log.hpp"
 #include "cocluster/policy/policy.hpp"
 #include "cocluster/policy/remote.hpp"
 
@@ -266,7 +267,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
       return std::nullopt;
     }
     if (id == refuse || (!c.given_back && waiting_for(id) >= max_waiting_per_worker)) {
-      detail::log_error("listener {}:{}: closing a connection: {}", address_.address, address_.port,
+      closing_log_.error("listener {}:{}: closing a connection: {}", address_.address, address_.port,
                         id == refuse ? "the policy refused it"
                                      : id == 0 ? fmt::format("{} already wait for the policy to name a worker", max_waiting_per_worker)
                                                : fmt::format("{} already wait for worker {}", max_waiting_per_worker, id));
@@ -455,6 +456,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   std::uint32_t last_seq_ = 0;
   bool waiting_ = false;
   bool paused_ = false;
+  detail::rate_limited_log closing_log_;     // "closing a connection": once a second at most under overload
 };
 
 }  // namespace cocluster
