@@ -77,7 +77,6 @@ class Dispatch {
  private:
   F f_;
   std::size_t window_;
-  rate_limited_log threw_;  // a function that throws for every connection must not flood the log
 };
 
 }  // namespace cocluster
