@@ -915,3 +915,36 @@ TEST_CASE("Sticky: a SIGKILLed worker's waiting clients go to their next worker,
     co_await master.disconnect();
   }, 60s);
 }
+
+TEST_CASE("Dispatch: a connection waiting for a worker that has left is routed again at the next event, not only when a worker joins") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    // The user's own table says where 127.0.0.1's clients go, and learns of worker 1's exit
+    // after the listener does (as a session table updated from an exit handler would).
+    int home = 1;
+    std::size_t calls = 0;
+    auto route = [&home, &calls](const Remote& r, const HandoffListener::Members&) {
+      ++calls;
+      return r.address() == asio::ip::address(loopback(1)) ? home : 2;
+    };
+    Master<Dispatch<decltype(route)>> master(io.get_executor(), {}, Dispatch(route));
+    auto [workers, where] = co_await start_serving(master, 2, scenario_env("serve_numbered"));
+    workers[0]->kill(SIGKILL);
+    CHECK((co_await workers[0]->exited()).signal == SIGKILL);  // it has left the listener before
+    // A client of worker 1 while the table still names it: it waits for an id that is no member.
+    std::vector<std::string> stale(1);
+    std::size_t stale_answered = 0;
+    co_await connect_in_order(loopback(1), where, stale, stale_answered);
+    co_await poll_until([&] { return calls >= 1; });
+    home = 2;  // the table learns of the exit; no worker joins from here on
+    // A client of worker 2: its accept is an event, at which the waiting one is asked again
+    // and handed first (before, it waited until some worker joined: here, for ever).
+    std::vector<std::string> fresh(1);
+    std::size_t fresh_answered = 0;
+    co_await connect_in_order(loopback(2), where, fresh, fresh_answered);
+    co_await poll_until([&] { return fresh_answered == 1; });
+    REQUIRE(fresh[0] == numbered_reply(2, 1));  // "worker 2 0": the waiting one was not asked again
+    co_await poll_until([&] { return stale_answered == 1; });
+    CHECK(stale[0] == numbered_reply(2, 0));
+    co_await master.disconnect();
+  }, 30s);
+}
