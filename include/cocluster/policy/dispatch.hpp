@@ -7,7 +7,8 @@
 //   cocluster::Master<cocluster::Dispatch<decltype(route)>> master(ex, {}, cocluster::Dispatch(route));
 // F is called on the master's executor when a connection is accepted, and again for one that
 // waits for worker w when w takes a connection or leaves, or any worker joins (for one it gave
-// 0: when any worker takes a connection, leaves or joins); it must not block. It returns a
+// 0 or an id not in `live`: when any worker takes a connection, leaves or joins, or another
+// connection comes); it must not block. It returns a
 // worker id from `live`. A worker whose window is full, 0 or an id not (yet) in `live` keeps
 // the connection waiting in the master, in order, at most HandoffListener::max_waiting_per_worker
 // per id: one more is closed, with a log line (F sees each worker's in_flight and can route

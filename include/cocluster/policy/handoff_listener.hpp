@@ -16,10 +16,12 @@
 // most max_waiting_per_worker per worker (and max_waiting in all), so that one stalled worker
 // never stops the others. A worker's line is looked at again when that worker acknowledges or
 // leaves (and all lines when a worker joins), never when another one does: waiting connections
-// cost nothing per hand-off to the other workers. It keeps its copy of each connection until
-// the worker's `accepted`: a connection handed to a worker that closes its server, disconnects
-// or dies goes back to the front and to another worker, and so do the connections waiting for
-// it. With no worker left the listener is closed with what it holds (Node does the same).
+// cost nothing per hand-off to the other workers. (The line of an id that is no member, which
+// no event of its own will ever look at, is looked at again at every event, as line 0 is.) It
+// keeps its copy of each connection until the worker's `accepted`: a connection handed to a
+// worker that closes its server, disconnects or dies goes back to the front and to another
+// worker, and so do the connections waiting for it. With no worker left the listener is
+// closed with what it holds (Node does the same).
 // Hand-offs are batched: the connections chosen for one worker while the listener distributes
 // (an accept burst, the room one `accepted_batch` makes) leave as one `newconn_batch` frame
 // carrying up to ipc::max_fds_per_packet fds (one `newconn` when only one waits); the acks of
@@ -175,11 +177,12 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     return 0;
   }
   // The worker that takes this accepted connection from `remote`: by default choose()'s
-  // answer. A member that cannot take it now (can_take) or a worker that is no member (yet)
-  // keeps it waiting in that worker's line, in order, until that worker acknowledges or leaves,
-  // or any worker joins (then it is asked again); 0 keeps it waiting until any of them does;
-  // `refuse` closes it. Called per connection on the hand-off path: no blocking, and better no
-  // allocation. Same rule as choose(): the hooks change the state.
+  // answer. A member that cannot take it now (can_take) keeps it waiting in that worker's
+  // line, in order, until that worker acknowledges or leaves, or any worker joins (then it is
+  // asked again); 0, or a worker that is no member (yet, or any more), keeps it waiting (in
+  // line 0, or that id's line) until any worker acknowledges, leaves or joins, or another
+  // connection comes; `refuse` closes it. Called per connection on the hand-off path: no
+  // blocking, and better no allocation. Same rule as choose(): the hooks change the state.
   virtual int choose_for(const Remote& /*remote*/) { return choose(); }
   // Whether `m` takes a connection chosen for it now (a policy with a window says no when it
   // is full); choose() names only members that do.
@@ -341,9 +344,21 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     for (;;) {
       if (!any_.conns.empty()) place_again(0);
       if (w != 0 && !lines_.empty()) place_again(w);
+      if (!lines_.empty()) place_absent(w);
       accept_now();
       if (send_handoffs()) return;  // else a worker's channel is ending: the others may take more
     }
+  }
+
+  // The lines of ids that are no member (but `w`'s, just looked at), as line 0's: no event of
+  // that id will come (it left, or is not there yet), only the policy can name another worker
+  // (a Dispatch function whose own table named a worker that has left), so they are asked
+  // again at every event. Only a routing function names a non-member: they are rare.
+  void place_absent(int w) {
+    absent_.clear();
+    for (auto& [id, l] : lines_)
+      if (id != w && !l.conns.empty() && !members_.count(id)) absent_.push_back(id);
+    for (int id : absent_) place_again(id);
   }
 
   // Everything taken back from a worker, to the front of the line of the connections waiting
@@ -451,6 +466,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   waiting_line any_;                         // accepted or given back, waiting for the policy to name a worker
   std::map<int, waiting_line> lines_;        // accepted, waiting for the worker chosen for them, by its id
   std::size_t held_ = 0;                     // waiting in all (any_ and lines_)
+  std::vector<int> absent_;                  // place_absent()'s ids (kept for its capacity)
   std::map<std::uint32_t, handed> unacked_;  // handed off, not yet acknowledged, by seq
   std::vector<outgoing_batch> outbox_;       // handed in this distribution, not yet sent, per worker
   std::uint32_t last_seq_ = 0;
