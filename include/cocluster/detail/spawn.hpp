@@ -139,7 +139,7 @@ COCLUSTER_CHILD_CODE inline long child_syscall(long n, long a = 0, long b = 0, l
 }
 #else
 // Elsewhere (or with COCLUSTER_SPAWN_VFORK defined, in every translation unit of the program
-// alike, to try this path on x86-64; no CI build does): libc's
+// alike, to try this path on x86-64, as scripts/test's libc++ build does): libc's
 // syscall(), which sets errno, so the parent's thread sleeps until the child's execve
 // (CLONE_VFORK), as posix_spawn(3) does.
 inline constexpr bool child_runs_beside_parent = false;
