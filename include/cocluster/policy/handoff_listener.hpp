@@ -343,21 +343,23 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   void distribute(int w = 0) {
     for (;;) {
       if (!any_.conns.empty()) place_again(0);
-      if (w != 0 && !lines_.empty()) place_again(w);
-      if (!lines_.empty()) place_absent(w);
+      if (w != 0 && !lines_.empty() && members_.count(w)) place_again(w);  // (else its left() follows)
+      if (!lines_.empty()) place_absent();
       accept_now();
       if (send_handoffs()) return;  // else a worker's channel is ending: the others may take more
     }
   }
 
-  // The lines of ids that are no member (but `w`'s, just looked at), as line 0's: no event of
-  // that id will come (it left, or is not there yet), only the policy can name another worker
-  // (a Dispatch function whose own table named a worker that has left), so they are asked
-  // again at every event. Only a routing function names a non-member: they are rare.
-  void place_absent(int w) {
+  // The lines of ids that no worker holding this listener has, as line 0's: no event of that
+  // id will come (it left, or is not there yet), only the policy can name another worker (a
+  // Dispatch function whose own table named a worker that has left), so they are asked again
+  // at every event. Only a routing function names such an id: they are rare. (A worker whose
+  // hand-off failed is no member but still linked: its left() follows and gives its line back,
+  // behind what was handed to it, in order.)
+  void place_absent() {
     absent_.clear();
     for (auto& [id, l] : lines_)
-      if (id != w && !l.conns.empty() && !members_.count(id)) absent_.push_back(id);
+      if (!l.conns.empty() && !links_.count(id)) absent_.push_back(id);
     for (int id : absent_) place_again(id);
   }
 
