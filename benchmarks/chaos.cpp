@@ -4,8 +4,13 @@
 // was attempted, answered, and failed (reset or closed without an answer; each such
 // connection was in the hands of a worker that was killed), then one JSON line.
 //   ninja -C build benchmarks/chaos && build/benchmarks/chaos [--seconds 10] [--clients 64] [--workers 4]
-// Exits 1 if the master failed, a client hung (no answer and no end within 5 s), or more
-// connections failed than the killed workers could have been serving (kills x clients).
+// Exits 1 if the master failed, a client hung (connected, then no answer and no end within
+// 5 s), or more connections failed than the killed workers could have been serving (kills x
+// clients). A connect that does not complete within the 5 s is counted apart and is no
+// failure: the kernel completes a connect before anyone accepts it (the backlog holds far more
+// than 64), so one that never completes never reached the master (on loopback, 200,000
+// connections in 10 s reuse every client port several times while the server's side of each
+// is in TIME_WAIT, and a SYN the kernel takes for an old duplicate waits for a retransmission).
 #include "cocluster/cocluster.hpp"
 
 #include <asio.hpp>
@@ -61,7 +66,7 @@ int run_worker() {
 // ---- clients (their own thread and io_context) ----
 
 struct tally {
-  std::atomic<long> attempted{0}, answered{0}, failed{0}, hung{0};
+  std::atomic<long> attempted{0}, answered{0}, failed{0}, hung{0}, unconnected{0};
 };
 
 awaitable<void> client(tcp::endpoint where, std::chrono::steady_clock::time_point until, tally& t) {
@@ -78,14 +83,15 @@ awaitable<void> client(tcp::endpoint where, std::chrono::steady_clock::time_poin
       }
     });
     auto [cec] = co_await s.async_connect(where, cocluster::as_tuple(use_awaitable));
+    const bool connected = !cec;
     std::string reply;
-    if (!cec) {
+    if (connected) {
       co_await asio::async_write(s, asio::buffer("hi\n", 3), cocluster::as_tuple(use_awaitable));
       co_await asio::async_read(s, asio::dynamic_buffer(reply), cocluster::as_tuple(use_awaitable));
     }
     bound.cancel();
     if (reply.rfind("worker ", 0) == 0) ++t.answered;
-    else if (timed_out) ++t.hung;
+    else if (timed_out) ++(connected ? t.hung : t.unconnected);
     else ++t.failed;
   }
 }
@@ -173,14 +179,17 @@ int main(int argc, char** argv) {
   });
   io.run();
 
-  const long attempted = t.attempted, answered = t.answered, failed = t.failed, hung = t.hung;
+  const long attempted = t.attempted, answered = t.answered, failed = t.failed, hung = t.hung,
+             unconnected = t.unconnected;
   fmt::print("chaos: {} s, {} workers (round robin), {} clients, a worker SIGKILLed every 200 ms\n", o.seconds,
              o.workers, o.clients);
   fmt::print("  attempted {:>9}\n  answered  {:>9}\n  failed    {:>9}  (reset or closed before an answer)\n"
-             "  hung      {:>9}\n  kills     {:>9}\n",
-             attempted, answered, failed, hung, kills);
-  fmt::print("{{\"attempted\":{},\"answered\":{},\"failed\":{},\"hung\":{},\"kills\":{}}}\n", attempted, answered,
-             failed, hung, kills);
+             "  hung      {:>9}  (connected, no answer and no end within 5 s)\n"
+             "  no connect{:>9}  (the connect itself timed out: the kernel never completed it, the master never saw it)\n"
+             "  kills     {:>9}\n",
+             attempted, answered, failed, hung, unconnected, kills);
+  fmt::print("{{\"attempted\":{},\"answered\":{},\"failed\":{},\"hung\":{},\"connect_timed_out\":{},\"kills\":{}}}\n",
+             attempted, answered, failed, hung, unconnected, kills);
   const bool ok = !master_failed && hung == 0 && failed <= kills * o.clients && answered > 0;
   return ok ? 0 : 1;
 }
