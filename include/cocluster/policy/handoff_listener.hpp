@@ -270,10 +270,16 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
       return std::nullopt;
     }
     if (id == refuse || (!c.given_back && waiting_for(id) >= max_waiting_per_worker)) {
-      closing_log_.error("listener {}:{}: closing a connection: {}", address_.address, address_.port,
-                        id == refuse ? "the policy refused it"
-                                     : id == 0 ? fmt::format("{} already wait for the policy to name a worker", max_waiting_per_worker)
-                                               : fmt::format("{} already wait for worker {}", max_waiting_per_worker, id));
+      // (Formatted only when written: under overload most of these lines are left out.)
+      if (id == refuse)
+        closing_log_.error("listener {}:{}: closing a connection: the policy refused it", address_.address,
+                           address_.port);
+      else if (id == 0)
+        closing_log_.error("listener {}:{}: closing a connection: {} already wait for the policy to name a worker",
+                           address_.address, address_.port, max_waiting_per_worker);
+      else
+        closing_log_.error("listener {}:{}: closing a connection: {} already wait for worker {}", address_.address,
+                           address_.port, max_waiting_per_worker, id);
       c = {};  // closes our copy
       return std::nullopt;
     }
