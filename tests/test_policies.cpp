@@ -43,6 +43,13 @@ unsigned short reported_port(const std::string& report) {
   return static_cast<unsigned short>(std::stoi(report.substr(5)));
 }
 
+// The worker's side of reported_port(): listens on 127.0.0.1:0 and tells the master "port N".
+awaitable<cocluster::Server<tcp>> listen_and_report_port() {
+  auto server = co_await this_worker.listen(tcp::endpoint(asio::ip::address_v4::loopback(), 0));
+  co_await this_worker.send(Message("port " + std::to_string(server.local_endpoint().port())));
+  co_return server;
+}
+
 // One request from source address `from`: the id of the worker that answered (0: none).
 awaitable<int> ask_from(asio::ip::address_v4 from, tcp::endpoint where) {
   tcp::socket s(co_await asio::this_coro::executor);
@@ -115,8 +122,7 @@ static_assert(cocluster::Policy<Dispatch<by_last_octet>> && cocluster::Policy<St
 // open); after the TEST_HOLD-th held connection, tells the master "holding N".
 awaitable<void> hold_worker() {
   auto ex = co_await asio::this_coro::executor;
-  auto server = co_await this_worker.listen(tcp::endpoint(asio::ip::address_v4::loopback(), 0));
-  co_await this_worker.send(Message("port " + std::to_string(server.local_endpoint().port())));
+  auto server = co_await listen_and_report_port();
   const std::size_t hold = std::stoul(std::getenv("TEST_HOLD"));
   auto held = std::make_shared<std::vector<tcp::socket>>();
   for (;;) {
@@ -586,8 +592,7 @@ WORKER_SCENARIO(serve_then_report) {
   asio::io_context io;
   this_worker.start(io.get_executor());
   asio::co_spawn(io, []() -> awaitable<void> {
-    auto server = co_await this_worker.listen(tcp::endpoint(asio::ip::address_v4::loopback(), 0));
-    co_await this_worker.send(Message("port " + std::to_string(server.local_endpoint().port())));
+    auto server = co_await listen_and_report_port();
     tcp::socket s = co_await server.accept();
     asio::write(s, asio::buffer("A\n", 2));
     co_await this_worker.send(Message("served"));
@@ -666,8 +671,7 @@ WORKER_SCENARIO(serve_past_channel_end) {
   this_worker.start(io.get_executor());
   this_worker.on_disconnect([] {});  // finish what we serve, then end when the loop runs dry
   asio::co_spawn(io, []() -> awaitable<void> {
-    auto server = co_await this_worker.listen(tcp::endpoint(asio::ip::address_v4::loopback(), 0));
-    co_await this_worker.send(Message("port " + std::to_string(server.local_endpoint().port())));
+    auto server = co_await listen_and_report_port();
     auto [ec, s] = co_await server.accept(as_tuple_t{});
     if (ec) co_return;
     co_await asio::async_write(s, asio::buffer("A\n", 2), as_tuple_t{});
@@ -717,8 +721,7 @@ WORKER_SCENARIO(serve_numbered) {
   asio::io_context io;
   this_worker.start(io.get_executor());
   asio::co_spawn(io, []() -> awaitable<void> {
-    auto server = co_await this_worker.listen(tcp::endpoint(asio::ip::address_v4::loopback(), 0));
-    co_await this_worker.send(Message("port " + std::to_string(server.local_endpoint().port())));
+    auto server = co_await listen_and_report_port();
     for (int n = 0;; ++n) {
       auto [ec, s] = co_await server.accept(as_tuple_t{});
       if (ec) co_return;
