@@ -198,7 +198,18 @@ struct worker_state {
 
 // Closing with unread input makes the kernel send a reset, which can destroy the response
 // before the client reads it: end our side, then read what the client still sends until it
-// closes too (at most 64 KiB and 2 s), as nginx's lingering close does.
+// closes too (at most 64 KiB and 2 s), as nginx's lingering close does. As nginx's
+// `lingering_close on` (its default), only when the client may still be sending: bytes past
+// the request already read, or input waiting in the kernel. Else the socket simply closes (a
+// FIN, no reset), which spares a shutdown, a read and a wait for the client's FIN per
+// connection.
+bool may_have_unread_input(tcp::socket& socket, const std::string& buffered) {
+  if (!buffered.empty()) return true;
+  std::error_code ec;
+  const std::size_t waiting = socket.available(ec);
+  return ec || waiting != 0;
+}
+
 awaitable<void> linger(tcp::socket& socket) {
   std::error_code ec;
   socket.shutdown(tcp::socket::shutdown_send, ec);
@@ -263,7 +274,10 @@ awaitable<void> session(tcp::socket socket, worker_state& st) {
                                        text);
     auto [wec, wn] = co_await asio::async_write(socket, asio::buffer(response), cocluster::as_tuple(use_awaitable));
     if (wec) co_return;
-    if (close) co_return co_await linger(socket);
+    if (close) {
+      if (may_have_unread_input(socket, buffer)) co_await linger(socket);
+      co_return;
+    }
   }
 }
 
