@@ -200,16 +200,9 @@ struct worker_state {
 // before the client reads it: end our side, then read what the client still sends until it
 // closes too (at most 64 KiB and 2 s), as nginx's lingering close does. As nginx's
 // `lingering_close on` (its default), only when the client may still be sending: bytes past
-// the request already read, or input waiting in the kernel. Else the socket simply closes (a
-// FIN, no reset), which spares a shutdown, a read and a wait for the client's FIN per
-// connection.
-bool may_have_unread_input(tcp::socket& socket, const std::string& buffered) {
-  if (!buffered.empty()) return true;
-  std::error_code ec;
-  const std::size_t waiting = socket.available(ec);
-  return ec || waiting != 0;
-}
-
+// the request already read, or a last read that filled the buffer (a short read of a TCP
+// socket took everything the kernel had). Else the socket simply closes (a FIN: nothing is
+// unread), which spares a shutdown, a read and a wait for the client's FIN per connection.
 awaitable<void> linger(tcp::socket& socket) {
   std::error_code ec;
   socket.shutdown(tcp::socket::shutdown_send, ec);
@@ -237,6 +230,7 @@ awaitable<void> session(tcp::socket socket, worker_state& st) {
   const std::string body = fmt::format("hello from worker {}\n", cocluster::this_worker.id());
   std::string buffer;
   char chunk[4096];
+  bool drained = true;  // the last read was short: the kernel had nothing more (see linger())
   for (bool served = false;; served = true) {
     std::size_t head_end;
     while ((head_end = buffer.find("\r\n\r\n")) == std::string::npos && buffer.size() <= max_head) {
@@ -249,6 +243,7 @@ awaitable<void> session(tcp::socket socket, worker_state& st) {
       if (idle) st.idle.erase(me);
       if (ec) co_return;
       buffer.append(chunk, n);
+      drained = n < sizeof chunk;
     }
     request r = head_end == std::string::npos ? request{431, true, 0} : parse_head(std::string_view(buffer).substr(0, head_end + 4));
     if (r.status == 200) {
@@ -263,6 +258,7 @@ awaitable<void> session(tcp::socket socket, worker_state& st) {
                                                        cocluster::as_tuple(use_awaitable));
         if (ec) co_return;
         left -= n;
+        drained = false;  // it read what it asked for: more may wait
       }
     }
     if (st.stall_ms > 0 && cocluster::this_worker.id() == 1 && ++st.requests % st.stall_every == 0)
@@ -275,7 +271,7 @@ awaitable<void> session(tcp::socket socket, worker_state& st) {
     auto [wec, wn] = co_await asio::async_write(socket, asio::buffer(response), cocluster::as_tuple(use_awaitable));
     if (wec) co_return;
     if (close) {
-      if (may_have_unread_input(socket, buffer)) co_await linger(socket);
+      if (!buffer.empty() || !drained) co_await linger(socket);
       co_return;
     }
   }
