@@ -468,6 +468,50 @@ TEST_CASE("LeastConnections: connections a worker acknowledged count until its r
   });
 }
 
+TEST_CASE("LeastConnections: a worker's report replaces the acknowledged hand-offs counted before it") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<LeastConnections> master(io.get_executor());
+    Env env = scenario_env("hold");
+    env["TEST_HOLD"] = "1000";  // never reached: every connection is answered and closed
+    auto first = co_await master.fork(env);
+    const std::string report = (co_await first->receive()).data;
+    const tcp::endpoint where(loopback(1), reported_port(report));
+    for (int i = 0; i < 10; ++i) CHECK(co_await ask_from(loopback(1), where) == 1);  // served and closed
+    asio::steady_timer poll(io);
+    while (first->connections_served() != 10 || first->open_connections() != 0) {  // its report of them
+      poll.expires_after(5ms);
+      co_await poll.async_wait(use_awaitable);
+    }
+    auto second = co_await master.fork(env);
+    CHECK((co_await second->receive()).data == report);
+    co_await second->listening();
+    // Both hold nothing: a burst of 8 (one accept burst, this thread blocks meanwhile) is shared,
+    // not all given to worker 2 as if worker 1 still held the 10 it acknowledged.
+    constexpr int clients = 8;
+    std::vector<tcp::socket> sockets;
+    for (int i = 0; i < clients; ++i) {
+      tcp::socket& s = sockets.emplace_back(io);
+      s.connect(where);
+      asio::write(s, asio::buffer("hi\n", 3));
+    }
+    std::map<std::string, int> answers;
+    int answered = 0;
+    cocluster::detail::async_latch<> all(io.get_executor());
+    for (auto& s : sockets)
+      asio::co_spawn(io, [&]() -> awaitable<void> {
+        std::string reply;
+        co_await asio::async_read(s, asio::dynamic_buffer(reply), as_tuple_t{});  // to EOF
+        ++answers[reply];
+        if (++answered == clients) all.set();
+      }, asio::detached);
+    co_await all.async_wait(use_awaitable);
+    CHECK(answers["worker 1\n"] >= 3);
+    CHECK(answers["worker 2\n"] >= 3);
+    CHECK(answers["worker 1\n"] + answers["worker 2\n"] == clients);
+    co_await master.disconnect();
+  });
+}
+
 TEST_CASE("RoundRobin with a window: a worker SIGKILLed holding a batch of unacknowledged connections has every one answered by another") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<RoundRobin> master(io.get_executor(), {}, RoundRobin{.window = 8});
