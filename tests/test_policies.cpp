@@ -153,6 +153,53 @@ WORKER_SCENARIO(hold) {
 
 namespace {
 
+// Accepts TEST_BLOCK_AFTER connections, tells the master "accepted N" and blocks its event loop
+// (a synchronous read of the last one) until that connection's client writes a line; then
+// answers "worker <id>\n" to the first line of each later connection and closes it, keeping the
+// first N open. Its accept is always waiting (the "port N" message goes without a wait), so a
+// batch of N hand-offs is accepted inside its delivery, in one turn of the loop: the N acks are
+// written at once, and the report of the N connections, posted for the end of that turn,
+// cannot go until the loop runs again.
+awaitable<void> block_after_accepting_worker() {
+  auto ex = co_await asio::this_coro::executor;
+  auto server = co_await this_worker.listen(tcp::endpoint(asio::ip::address_v4::loopback(), 0));
+  this_worker.send(Message("port " + std::to_string(server.local_endpoint().port())), [](std::error_code) {});
+  const std::size_t n = std::stoul(std::getenv("TEST_BLOCK_AFTER"));
+  std::vector<tcp::socket> first;
+  while (first.size() < n) {
+    auto [ec, socket] = co_await server.accept(as_tuple_t{});
+    if (ec) co_return;
+    first.push_back(std::move(socket));
+  }
+  this_worker.send(Message("accepted " + std::to_string(n)), [](std::error_code) {});  // written now
+  std::string go;
+  std::error_code blocked;
+  asio::read_until(first.back(), asio::dynamic_buffer(go), '\n', blocked);  // the loop stops here
+  for (;;) {
+    auto [ec, socket] = co_await server.accept(as_tuple_t{});
+    if (ec) co_return;
+    asio::co_spawn(ex, [s = std::move(socket)]() mutable -> awaitable<void> {
+      std::string line;
+      auto [rec, n] = co_await asio::async_read_until(s, asio::dynamic_buffer(line), '\n', as_tuple_t{});
+      if (rec) co_return;
+      const std::string reply = "worker " + std::to_string(this_worker.id()) + "\n";
+      co_await asio::async_write(s, asio::buffer(reply), as_tuple_t{});
+    }, asio::detached);
+  }
+}
+
+}  // namespace
+
+WORKER_SCENARIO(block_after_accepting) {
+  asio::io_context io;
+  this_worker.start(io.get_executor());
+  asio::co_spawn(io, block_after_accepting_worker(), asio::detached);
+  io.run();
+  return 0;
+}
+
+namespace {
+
 // A worker on the same port as the one that reported `report` ("port N"), listening, that
 // answers each connection and closes it (hold_worker, never holding).
 template <class Policy>
@@ -349,6 +396,119 @@ TEST_CASE("LeastConnections: with one worker holding 50 idle connections, the ne
     for (auto& [id, w] : master.workers()) w->kill();
     co_await first->exited();
     for (auto& w : others) co_await w->exited();
+  });
+}
+
+TEST_CASE("LeastConnections: connections a worker acknowledged count until its report of them arrives") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<LeastConnections> master(io.get_executor());
+    Env hold = scenario_env("hold");
+    hold["TEST_HOLD"] = "8";
+    auto holder = co_await master.fork(hold);  // worker 1
+    const std::string report = (co_await holder->receive()).data;
+    const tcp::endpoint where(loopback(1), reported_port(report));
+    std::vector<tcp::socket> held;
+    for (int i = 0; i < 8; ++i) {  // the only worker takes them all, and keeps them
+      tcp::socket s(io);
+      co_await s.async_connect(where, use_awaitable);
+      co_await asio::async_write(s, asio::buffer("hold\n", 5), use_awaitable);
+      std::string line;
+      co_await asio::async_read_until(s, asio::dynamic_buffer(line), '\n', use_awaitable);
+      REQUIRE(line == "worker 1\n");
+      held.push_back(std::move(s));
+    }
+    CHECK((co_await holder->receive()).data == "holding 8");
+    asio::steady_timer poll(io);
+    while (holder->open_connections() != 8) {  // its report, in no order against "holding 8"
+      poll.expires_after(5ms);
+      co_await poll.async_wait(use_awaitable);
+    }
+    Env blocking = scenario_env("block_after_accepting");
+    blocking["TEST_BLOCK_AFTER"] = "8";
+    auto blocker = co_await master.fork(blocking);  // worker 2
+    CHECK((co_await blocker->receive()).data == report);
+    co_await blocker->listening();
+    // 8 clients connect while the master does not run (this thread blocks here): it accepts them
+    // in one burst and hands all 8 to worker 2 (none open, against 8), in one batch.
+    std::vector<tcp::socket> taken;
+    for (int i = 0; i < 8; ++i) taken.emplace_back(io).connect(where);
+    // Worker 2 accepted the 8 and blocks its loop: the master has read its 8 acks (written before
+    // this message), and no report of the 8 connections can come until it is unblocked.
+    CHECK((co_await blocker->receive()).data == "accepted 8");
+    // 9 more in one burst: worker 2 holds 8 as worker 1 does, so they share them. (Counting only
+    // its last report, 0, and what it has not acknowledged, the master gave it all it could: 8.)
+    constexpr int clients = 9;
+    std::vector<tcp::socket> sockets;
+    for (int i = 0; i < clients; ++i) {
+      tcp::socket& s = sockets.emplace_back(io);
+      s.connect(where);
+      asio::write(s, asio::buffer("hi\n", 3));
+    }
+    std::map<std::string, int> answers;
+    int answered = 0;
+    cocluster::detail::async_latch<> one(io.get_executor()), all(io.get_executor());
+    for (auto& s : sockets)
+      asio::co_spawn(io, [&]() -> awaitable<void> {
+        std::string reply;
+        co_await asio::async_read(s, asio::dynamic_buffer(reply), as_tuple_t{});  // to EOF
+        ++answers[reply];
+        one.set();
+        if (++answered == clients) all.set();
+      }, asio::detached);
+    // A first answer (worker 1's: worker 2 is blocked) says the burst was handed out, in one go.
+    co_await one.async_wait(use_awaitable);
+    asio::write(taken.back(), asio::buffer("go\n", 3));  // unblocks worker 2
+    co_await all.async_wait(use_awaitable);
+    CHECK(answers["worker 1\n"] >= 4);
+    CHECK(answers["worker 2\n"] >= 4);
+    CHECK(answers["worker 1\n"] + answers["worker 2\n"] == clients);
+    for (auto& [id, w] : master.workers()) w->kill();  // both keep connections open
+    co_await holder->exited();
+    co_await blocker->exited();
+  });
+}
+
+TEST_CASE("LeastConnections: a worker's report replaces the acknowledged hand-offs counted before it") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<LeastConnections> master(io.get_executor());
+    Env env = scenario_env("hold");
+    env["TEST_HOLD"] = "1000";  // never reached: every connection is answered and closed
+    auto first = co_await master.fork(env);
+    const std::string report = (co_await first->receive()).data;
+    const tcp::endpoint where(loopback(1), reported_port(report));
+    for (int i = 0; i < 10; ++i) CHECK(co_await ask_from(loopback(1), where) == 1);  // served and closed
+    asio::steady_timer poll(io);
+    while (first->connections_served() != 10 || first->open_connections() != 0) {  // its report of them
+      poll.expires_after(5ms);
+      co_await poll.async_wait(use_awaitable);
+    }
+    auto second = co_await master.fork(env);
+    CHECK((co_await second->receive()).data == report);
+    co_await second->listening();
+    // Both hold nothing: a burst of 8 (one accept burst, this thread blocks meanwhile) is shared,
+    // not all given to worker 2 as if worker 1 still held the 10 it acknowledged.
+    constexpr int clients = 8;
+    std::vector<tcp::socket> sockets;
+    for (int i = 0; i < clients; ++i) {
+      tcp::socket& s = sockets.emplace_back(io);
+      s.connect(where);
+      asio::write(s, asio::buffer("hi\n", 3));
+    }
+    std::map<std::string, int> answers;
+    int answered = 0;
+    cocluster::detail::async_latch<> all(io.get_executor());
+    for (auto& s : sockets)
+      asio::co_spawn(io, [&]() -> awaitable<void> {
+        std::string reply;
+        co_await asio::async_read(s, asio::dynamic_buffer(reply), as_tuple_t{});  // to EOF
+        ++answers[reply];
+        if (++answered == clients) all.set();
+      }, asio::detached);
+    co_await all.async_wait(use_awaitable);
+    CHECK(answers["worker 1\n"] >= 3);
+    CHECK(answers["worker 2\n"] >= 3);
+    CHECK(answers["worker 1\n"] + answers["worker 2\n"] == clients);
+    co_await master.disconnect();
   });
 }
 

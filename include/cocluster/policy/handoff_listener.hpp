@@ -203,14 +203,15 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
 
   const Members& members() const noexcept { return members_; }
   // Asks member `id` to report its open connections (once per worker, whatever the listener);
-  // open_connections(id) is then its last report: every connection it has open, on any server,
-  // including the ones it was handed and has not accepted yet (0 before its first report).
+  // open_connections(id) is then its last report (every connection it has open, on any server,
+  // including the ones it was handed and has not accepted yet; 0 before its first report) plus
+  // the hand-offs it has acknowledged since, on any listener (worker_link::open_connections_estimate).
   void count_connections(int id) {
     if (auto it = links_.find(id); it != links_.end()) it->second->count_connections();
   }
-  std::uint32_t open_connections(int id) const noexcept {
+  std::uint64_t open_connections(int id) const noexcept {
     auto it = links_.find(id);
-    return it == links_.end() ? 0 : it->second->open_connections();
+    return it == links_.end() ? 0 : it->second->open_connections_estimate();
   }
   const Address& address() const noexcept { return address_; }
   std::uint32_t id() const noexcept { return id_; }
@@ -248,6 +249,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     if (it == unacked_.end() || it->second.worker != worker.id()) return std::nullopt;  // Node ignores stray acks too
     connection conn = std::move(it->second.conn);
     unacked_.erase(it);
+    if (ok) worker.handoff_accepted();  // counted in its load until its report (LeastConnections)
     if (auto m = members_.find(worker.id()); m != members_.end()) {
       --m->second.in_flight;
       on_acknowledged(m->second);

@@ -38,9 +38,22 @@ class worker_link {
   }
   std::uint32_t open_connections() const noexcept { return open_connections_; }
   std::uint64_t connections_served() const noexcept { return connections_served_; }
+  // The worker's load as a policy should see it: its last report, plus the hand-offs it has
+  // acknowledged (on any listener) since that report. The worker writes each `accepted{ok}`
+  // at once and its report at the end of that turn of its loop: a loop that then blocks, or
+  // another message read first, leaves the master with an ack and no report of the
+  // connection. A report read after an ack was written after it and counts that connection
+  // (the worker counts it from its delivery, and counts it as taken before its next report),
+  // so each report starts the tally again. It never counts less than the worker holds; it may
+  // count a connection twice until the next report, which every ack brings (the total taken
+  // changed).
+  std::uint64_t open_connections_estimate() const noexcept { return open_connections_ + accepted_since_report_; }
+  // A listener read the worker's `accepted{ok}` of one of its hand-offs.
+  void handoff_accepted() noexcept { ++accepted_since_report_; }
   void reported_connections(const ipc::protocol::OpenConnections& m) {
     open_connections_ = m.count;
     connections_served_ = m.total;
+    accepted_since_report_ = 0;
     if (on_reported_) on_reported_();
   }
   // Called after each report, on the master's executor (a Supervisor's max_connections watch).
@@ -74,6 +87,7 @@ class worker_link {
   bool counting_ = false;
   std::uint32_t open_connections_ = 0;
   std::uint64_t connections_served_ = 0;
+  std::uint64_t accepted_since_report_ = 0;  // acks read since the last report (none asked: never read)
   std::function<void()> on_reported_;
 };
 

@@ -42,6 +42,9 @@ class server_link {
   // sends us a message that makes the master kill us, blocks its loop), the master has already
   // let go of its copy, so no second worker is ever handed a connection this one has served.
   // (Nothing is sent once our side of the channel is closing or closed: the channel refuses it.)
+  // The master counts the connection in our load from this ack until our next report, which
+  // took_connection() (called next, for the same connection) always brings once we report:
+  // every report written after the ack counts it (live from its delivery, and taken).
   void accepted(std::uint32_t server, std::uint32_t seq) {
     if (acks_.empty()) {  // the usual case: one `accepted`, nothing to gather or post
       channel_.send_internal(ipc::protocol::encode(ipc::protocol::Accepted{server, seq, true}));
