@@ -48,9 +48,11 @@ struct RoundRobin {
   // keeps a worker busy while its acknowledgements travel, and lets hand-offs travel in
   // batches (up to 16 connections in one frame; a worker's refusals of one loop turn in one
   // message), at the price of connections waiting on a worker that is busy when another one
-  // is idle. The default stays Node's 1: in policy_bench on a 2-core machine a window of 8
-  // gave no clear gain in connections/s (within the noise of the shared machine) and doubled
-  // the close p99 with one stalled worker (--stalled: 24 ms -> 55 ms in one run).
+  // is idle. The default stays Node's 1: in policy_bench on a 2-core machine (2026-11-26,
+  // benchmarks/README.md) a window of 8 made 0.99-1.15x the raw round-robin master's
+  // connections/s at 8 workers against window 1's 1.00-1.05x, and 0.80-0.91x at 2 workers
+  // against 1.05-1.13x; under wrk at 8 workers 0.76-0.98x against 0.75-0.89x. No clear gain,
+  // and a stalled worker holds up to 8 connections instead of 1.
   std::size_t window = 1;
 
   std::shared_ptr<Listener> make_listener(ListenerArgs args) const {
