@@ -1,9 +1,11 @@
 // An HTTP/1.1 hello-world server on N worker processes sharing one port, the program Node's
 // cluster documentation opens with.
 //   hello_cluster --workers 2 --port 8000 [--host 127.0.0.1] [--policy NAME] [--window N]
-//                 [--drain-timeout S] [--stall-ms MS [--stall-every N]]
+//                 [--drain-timeout S] [--max-connections N] [--stall-ms MS [--stall-every N]]
 // --policy: rr, none (Node's), sticky, leastconn (RuntimePolicy's names). --stall-ms: worker 1
 // blocks its loop MS ms on every Nth request it serves (10), for policy_bench --stalled.
+// --max-connections: a worker is recycled after serving N connections (the Supervisor's
+// max_connections; 0, the default: never), which also has every worker report its counts.
 // A cocluster::Supervisor keeps the workers: prints `listening on HOST:PORT` once every worker
 // is ready (listens), and replaces a worker that dies. SIGHUP reloads them one at a time (a
 // new one ready before the old one leaves), then prints `reloaded N workers`. SIGTERM or
@@ -45,6 +47,7 @@ struct options {
   std::optional<cocluster::Scheduling> policy;
   int window = 1;  // round robin: connections handed to a worker and not yet accepted (Node: 1)
   int drain_timeout = 5;  // seconds from a worker's disconnect to its kill
+  int max_connections = 0;  // SupervisorSettings::max_connections (0: off)
   // For benchmarks/policy_bench --stalled: worker 1 blocks its event loop stall_ms on every
   // stall_every-th request it serves (a slow handler, as a real server has now and then).
   int stall_ms = 0;
@@ -80,6 +83,7 @@ options parse(int argc, char** argv) {
       if (ec) throw std::invalid_argument(fmt::format("--host {}: not an IP address", o.host));
     } else if (a == "--window") o.window = in_range(value(), "--window", 1, 1 << 20);
     else if (a == "--drain-timeout") o.drain_timeout = in_range(value(), "--drain-timeout", 0, 86400);
+    else if (a == "--max-connections") o.max_connections = in_range(value(), "--max-connections", 0, 2'000'000'000);
     else if (a == "--stall-ms") o.stall_ms = in_range(value(), "--stall-ms", 0, 60000);
     else if (a == "--stall-every") o.stall_every = in_range(value(), "--stall-every", 1, 1 << 20);
     else if (a == "--policy") {
@@ -330,6 +334,7 @@ awaitable<int> master_main(options o, cocluster::Master<cocluster::RuntimePolicy
   SupervisorSettings settings;
   settings.workers = static_cast<std::size_t>(o.workers);
   settings.drain_timeout = std::chrono::seconds(o.drain_timeout);
+  settings.max_connections = static_cast<std::uint64_t>(o.max_connections);
   settings.before_disconnect = [&](std::shared_ptr<Worker> w) -> awaitable<void> {
     co_await w->send("stop");
     Message m = co_await w->receive();
@@ -360,7 +365,7 @@ int main(int argc, char** argv) {
     o = parse(argc, argv);
   } catch (const std::exception& e) {
     fmt::print(stderr, "hello_cluster: {}\nusage: hello_cluster [--workers N] [--port P] [--host H] [--policy NAME] [--window N] [--drain-timeout S]\n"
-               "                     [--stall-ms MS [--stall-every N]]\n",
+               "                     [--max-connections N] [--stall-ms MS [--stall-every N]]\n",
                e.what());
     return 2;
   }
