@@ -204,9 +204,12 @@ struct worker_state {
 // before the client reads it: end our side, then read what the client still sends until it
 // closes too (at most 64 KiB and 2 s), as nginx's lingering close does. As nginx's
 // `lingering_close on` (its default), only when the client may still be sending: bytes past
-// the request already read, or a last read that filled the buffer (a short read of a TCP
-// socket took everything the kernel had). Else the socket simply closes (a FIN: nothing is
-// unread), which spares a shutdown, a read and a wait for the client's FIN per connection.
+// the request already read (or a refused request's own), a last read that filled the buffer,
+// a body read, or a close the client did not ask for (stopping: a keep-alive client may send
+// its next request, pipelined, after our last read). Else the socket simply closes, with a
+// FIN: a short read of a TCP socket took all the kernel held at that moment, and a client
+// that asked to close sends nothing after its request (bytes it sends anyway get a reset).
+// That spares a shutdown, a read and a wait for the client's FIN per connection.
 awaitable<void> linger(tcp::socket& socket) {
   std::error_code ec;
   socket.shutdown(tcp::socket::shutdown_send, ec);
@@ -234,7 +237,7 @@ awaitable<void> session(tcp::socket socket, worker_state& st) {
   const std::string body = fmt::format("hello from worker {}\n", cocluster::this_worker.id());
   std::string buffer;
   char chunk[4096];
-  bool drained = true;  // the last read was short: the kernel had nothing more (see linger())
+  bool drained = true;  // the last read was short: the kernel had nothing more then (see linger())
   for (bool served = false;; served = true) {
     std::size_t head_end;
     while ((head_end = buffer.find("\r\n\r\n")) == std::string::npos && buffer.size() <= max_head) {
@@ -275,7 +278,7 @@ awaitable<void> session(tcp::socket socket, worker_state& st) {
     auto [wec, wn] = co_await asio::async_write(socket, asio::buffer(response), cocluster::as_tuple(use_awaitable));
     if (wec) co_return;
     if (close) {
-      if (!buffer.empty() || !drained) co_await linger(socket);
+      if (!buffer.empty() || !drained || !r.close) co_await linger(socket);
       co_return;
     }
   }
