@@ -2,7 +2,8 @@
 # Checks examples/hello_cluster as a client would: HTTP framing (Content-Length, no request
 # smuggled in a body, 501 for chunked, 400 for garbage), bad arguments (a message, exit 2), a
 # dead worker replaced, SIGHUP's rolling reload, and a request in progress at SIGTERM (to the
-# master, then to the whole process group) or SIGINT (to the group) answered. Loopback only; every wait is bounded. Needs bash
+# master, then to the whole process group) or SIGINT (to the group) answered, and one pipelined
+# behind it at SIGTERM closed with a FIN, not a reset. Loopback only; every wait is bounded. Needs bash
 # ss (iproute2), pgrep (procps) and setsid (util-linux).
 #   hello_cluster_test.sh path/to/hello_cluster
 set -uo pipefail
@@ -157,6 +158,32 @@ stop_during_request TERM "-$server" "the process group"
 start_server
 stop_during_request INT "-$server" "the process group"
 check "bad --drain-timeout" bad_input "not a number" --drain-timeout soon
+
+# A keep-alive client whose request is in progress when the worker is told to stop, and which
+# pipelines its next request while the worker still handles the first (--stall-ms: a slow
+# handler): the answer ends with a FIN, not a reset, because the worker lingers on a close
+# the client did not ask for. (The sleeps only put the pipelined request after the worker's
+# last read, where a plain close would reset; the check passes in any order.)
+: >"$out"
+setsid "$exe" --workers 1 --port 0 --stall-ms 1000 --stall-every 1 >"$out" &
+server=$!
+wait_for 15 started || { echo "hello_cluster did not start: $(cat "$out")"; exit 1; }
+port=$(sed -n 's/^listening on .*:\([0-9]*\)$/\1/p' "$out")
+exec 3<>"/dev/tcp/127.0.0.1/$port"
+printf 'GET / HTTP/1.1\r\nHost: x\r\n' >&3
+sleep 0.3
+kill -TERM "$server"
+sleep 0.3
+printf '\r\n' >&3
+sleep 0.3
+printf 'GET /next HTTP/1.1\r\nHost: x\r\n\r\n' >&3
+reply=$(timeout 10 cat <&3)
+reply_rc=$?  # 0: a FIN ended it (1: a reset)
+exec 3>&-
+check "stopping, a pipelined request: the one in progress is answered" grep -q '^HTTP/1.1 200 ' <<<"$reply"
+check "...and the connection ends with a FIN, not a reset" [ "$reply_rc" -eq 0 ]
+timeout 20 tail --pid="$server" -f /dev/null
+wait "$server"
 
 echo "hello_cluster: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]
