@@ -1088,7 +1088,7 @@ void print_targets(const Options& opt, const std::vector<std::vector<Result>>& r
     // The same two for RoundRobin{.window = 8}: the target is the default's (Node's window of
     // 1); this row shows what the window buys, it does not stand in for it.
     check(fmt::format("  RoundRobin{{.window = 8}} >= 0.95 x raw-rr ({})", who), "cocluster-rr-w8", x_raw_rr, at_least(0.95));
-    check(fmt::format("  RoundRobin{{.window = 8}} >= 3 x Node ({})", who), "cocluster-rr-w8", x_node, at_least(3.0));
+    check(fmt::format("  RoundRobin{{.window = 8}} >= 3 x Node SCHED_RR ({})", who), "cocluster-rr-w8", x_node, at_least(3.0));
   }
   if (opt.stalled) {  // LeastConnections' close-mode p99 below SharedSocket's and ReusePort's
     for (const auto& [other, policy] : {std::pair{"cocluster-none", "SharedSocket"}, std::pair{"cocluster-reuseport", "ReusePort"}}) {
@@ -1111,7 +1111,8 @@ void print_targets(const Options& opt, const std::vector<std::vector<Result>>& r
   }
   fmt::print("\ntargets (issue 14), the first run's figure{}:\n", runs.size() > 1 ? " (min-max over the runs)" : "");
   for (const auto& row : rows)
-    fmt::print("  {:<56}{:>20}  {}{}\n", row.what, spread_cell(row.s, runs.size(), row.precision), row.met ? "met" : "NOT MET",
+    fmt::print("  {:<66}{:>20}  {}{}\n", row.what, spread_cell(row.s, runs.size(), row.precision),
+               !row.what.starts_with(' ') ? (row.met ? "met" : "NOT MET") : (row.met ? "(met)" : "(not met)"),  // indented: shown, not a target
                runs.size() > 1 ? fmt::format(" (met in {} of {} runs)", row.met_in, row.of) : std::string());
   if (rows.empty()) fmt::print("  (none of the figures the targets need is in this run)\n");
   if (!large) fmt::print("  (Jain >= 0.95 and keep-alive p99 within 2 x nginx's: --workers 8 --concurrency 512)\n");

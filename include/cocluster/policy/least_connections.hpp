@@ -2,11 +2,12 @@
 // the fewest connections open, so a worker holding long-lived connections gets fewer new ones.
 //   cocluster::Master<cocluster::LeastConnections> master(ex);   // COCLUSTER_SCHED_POLICY=leastconn
 // A worker's load is its last count of open connections (OpenConnections, coalesced: at most
-// one message per turn of its event loop, and only when the count changed), plus the hand-offs
-// it has acknowledged since that report (each ack is written at once, the report only at the
-// end of the turn: a worker whose loop then blocks would look idle), plus what the master has
-// handed to it and not yet had acknowledged. It never counts less than the worker holds (a
-// connection may count twice until the next report). Equal loads take turns.
+// one message per turn of its event loop or per millisecond, and only when the count
+// changed), plus the hand-offs it has acknowledged since that report (each ack is written at
+// once, the report later: a worker whose loop then blocks would look idle), plus what the
+// master has handed to it and not yet had acknowledged. Of the connections the master handed
+// it, it never counts fewer than the worker holds (one may count twice until the next
+// report). Equal loads take turns.
 // The master accepts and hands off as RoundRobin does.
 #pragma once
 

@@ -44,9 +44,10 @@ class worker_link {
   // another message read first, leaves the master with an ack and no report of the
   // connection. A report read after an ack was written after it and counts that connection
   // (the worker counts it from its delivery, and counts it as taken before its next report),
-  // so each report starts the tally again. It never counts less than the worker holds; it may
-  // count a connection twice until the next report, which every ack brings (the total taken
-  // changed).
+  // so each report starts the tally again. Of the connections the master handed it, it never
+  // counts fewer than the worker holds (an adopted acceptor's are never counted); it may
+  // count one twice until the next report, which every ack brings (the total taken changed),
+  // and the listener adds its unacknowledged hand-offs, which a report may count already.
   std::uint64_t open_connections_estimate() const noexcept { return open_connections_ + accepted_since_report_; }
   // A listener read the worker's `accepted{ok}` of one of its hand-offs.
   void handoff_accepted() noexcept { ++accepted_since_report_; }
