@@ -50,6 +50,16 @@ awaitable<cocluster::Server<tcp>> listen_and_report_port() {
   co_return server;
 }
 
+// Returns once `done()` holds, looking every 5 ms (a wait for an event, not a timing assumption;
+// run_bounded bounds it): for what the master learns from messages the test does not see.
+awaitable<void> poll_until(std::function<bool()> done) {
+  asio::steady_timer poll(co_await asio::this_coro::executor);
+  while (!done()) {
+    poll.expires_after(5ms);
+    co_await poll.async_wait(use_awaitable);
+  }
+}
+
 // One request from source address `from`: the id of the worker that answered (0: none).
 awaitable<int> ask_from(asio::ip::address_v4 from, tcp::endpoint where) {
   tcp::socket s(co_await asio::this_coro::executor);
@@ -83,14 +93,62 @@ awaitable<std::map<int, std::map<int, int>>> ask_from_sources(tcp::endpoint wher
       if (e) failure = e;
       ++done;
     });
-  asio::steady_timer poll(ex);
-  while (done < concurrency) {  // a wait for the clients, not a timing assumption
-    poll.expires_after(5ms);
-    co_await poll.async_wait(use_awaitable);
-  }
+  co_await poll_until([&] { return done == concurrency; });  // a wait for the clients, not a timing assumption
   if (failure) std::rethrow_exception(failure);
   co_return served;
 }
+
+// `n` connections to `where` that say "hold" and are answered by `w` (a "hold" worker, the
+// only one listening), which keeps them open: returned once `w` has said "holding n" and the
+// master has its report of them.
+awaitable<std::vector<tcp::socket>> held_by(Worker& w, tcp::endpoint where, int n) {
+  std::vector<tcp::socket> held;
+  for (int i = 0; i < n; ++i) {
+    tcp::socket s(co_await asio::this_coro::executor);
+    co_await s.async_connect(where, use_awaitable);
+    co_await asio::async_write(s, asio::buffer("hold\n", 5), use_awaitable);
+    std::string line;
+    co_await asio::async_read_until(s, asio::dynamic_buffer(line), '\n', use_awaitable);
+    REQUIRE(line == "worker " + std::to_string(w.id()) + "\n");
+    held.push_back(std::move(s));
+  }
+  const Message holding = co_await w.receive();
+  CHECK(holding.data == "holding " + std::to_string(n));
+  // Its report comes at the end of a turn of its loop, in no order against "holding n".
+  co_await poll_until([&] { return w.open_connections() == static_cast<std::uint32_t>(n); });
+  co_return held;
+}
+
+// `n` clients connect to `where` and send "hi", one after another and synchronously: the master
+// (this thread's loop) does not run meanwhile, so it accepts them in one burst.
+std::vector<tcp::socket> connect_burst(asio::io_context& io, tcp::endpoint where, int n) {
+  std::vector<tcp::socket> sockets;
+  for (int i = 0; i < n; ++i) {
+    tcp::socket& s = sockets.emplace_back(io);
+    s.connect(where);
+    asio::write(s, asio::buffer("hi\n", 3));
+  }
+  return sockets;
+}
+
+// The answers to a burst, each read to EOF as it comes: how many of each reply; `first` is set
+// at the first one, `all` once every socket has answered or ended.
+struct burst_answers {
+  explicit burst_answers(asio::io_context& io, std::vector<tcp::socket>& sockets)
+      : first(io.get_executor()), all(io.get_executor()), expected(sockets.size()) {
+    for (auto& s : sockets)
+      asio::co_spawn(io, [this, &s]() -> awaitable<void> {
+        std::string reply;
+        co_await asio::async_read(s, asio::dynamic_buffer(reply), as_tuple_t{});
+        ++by_reply[reply];
+        first.set();
+        if (++answered == expected) all.set();
+      }, asio::detached);
+  }
+  std::map<std::string, int> by_reply;
+  cocluster::detail::async_latch<> first, all;
+  std::size_t expected, answered = 0;
+};
 
 template <class Policy>
 awaitable<std::pair<std::vector<std::shared_ptr<Worker>>, tcp::endpoint>> start_serving(Master<Policy>& master, int n,
@@ -118,6 +176,16 @@ struct by_last_octet {
 static_assert(cocluster::Policy<Dispatch<by_last_octet>> && cocluster::Policy<Sticky> &&
               cocluster::Policy<LeastConnections> && cocluster::Policy<ReusePort>);
 
+// Reads one line from `s` and answers "worker <id>\n": the line ("" if it could not be read).
+awaitable<std::string> answer_with_id(tcp::socket& s) {
+  std::string line;
+  auto [rec, n] = co_await asio::async_read_until(s, asio::dynamic_buffer(line), '\n', as_tuple_t{});
+  if (rec) co_return std::string();
+  const std::string reply = "worker " + std::to_string(this_worker.id()) + "\n";
+  co_await asio::async_write(s, asio::buffer(reply), as_tuple_t{});
+  co_return line;
+}
+
 // Answers "worker <id>\n" to each line "hi" (then closes) or "hold" (then keeps the connection
 // open); after the TEST_HOLD-th held connection, tells the master "holding N".
 awaitable<void> hold_worker() {
@@ -129,12 +197,7 @@ awaitable<void> hold_worker() {
     auto [ec, socket] = co_await server.accept(as_tuple_t{});
     if (ec) co_return;
     asio::co_spawn(ex, [s = std::move(socket), held, hold]() mutable -> awaitable<void> {
-      std::string line;
-      auto [rec, n] = co_await asio::async_read_until(s, asio::dynamic_buffer(line), '\n', as_tuple_t{});
-      if (rec) co_return;
-      const std::string reply = "worker " + std::to_string(this_worker.id()) + "\n";
-      co_await asio::async_write(s, asio::buffer(reply), as_tuple_t{});
-      if (line != "hold\n") co_return;
+      if (co_await answer_with_id(s) != "hold\n") co_return;
       held->push_back(std::move(s));
       if (held->size() == hold) co_await this_worker.send(Message("holding " + std::to_string(hold)));
     }, asio::detached);
@@ -178,13 +241,8 @@ awaitable<void> block_after_accepting_worker() {
   for (;;) {
     auto [ec, socket] = co_await server.accept(as_tuple_t{});
     if (ec) co_return;
-    asio::co_spawn(ex, [s = std::move(socket)]() mutable -> awaitable<void> {
-      std::string line;
-      auto [rec, n] = co_await asio::async_read_until(s, asio::dynamic_buffer(line), '\n', as_tuple_t{});
-      if (rec) co_return;
-      const std::string reply = "worker " + std::to_string(this_worker.id()) + "\n";
-      co_await asio::async_write(s, asio::buffer(reply), as_tuple_t{});
-    }, asio::detached);
+    asio::co_spawn(ex, [s = std::move(socket)]() mutable -> awaitable<void> { co_await answer_with_id(s); },
+                   asio::detached);
   }
 }
 
@@ -364,24 +422,7 @@ TEST_CASE("LeastConnections: with one worker holding 50 idle connections, the ne
     auto first = co_await master.fork(env);
     const std::string report = (co_await first->receive()).data;
     const tcp::endpoint where(loopback(1), reported_port(report));
-    std::vector<tcp::socket> held;
-    for (int i = 0; i < 50; ++i) {  // the only worker takes them all, and keeps them
-      tcp::socket s(io);
-      co_await s.async_connect(where, use_awaitable);
-      co_await asio::async_write(s, asio::buffer("hold\n", 5), use_awaitable);
-      std::string line;
-      co_await asio::async_read_until(s, asio::dynamic_buffer(line), '\n', use_awaitable);
-      REQUIRE(line == "worker 1\n");
-      held.push_back(std::move(s));
-    }
-    CHECK((co_await first->receive()).data == "holding 50");
-    // Its report of 50 open connections comes at the end of a turn of its loop, in no order we
-    // rely on against "holding 50": wait until the master has it (bounded by run_bounded).
-    asio::steady_timer poll(io);
-    while (first->open_connections() != 50) {
-      poll.expires_after(5ms);
-      co_await poll.async_wait(use_awaitable);
-    }
+    auto held = co_await held_by(*first, where, 50);
     std::vector<std::shared_ptr<Worker>> others;
     for (int i = 0; i < 2; ++i) {
       others.push_back(co_await master.fork(env));
@@ -407,22 +448,7 @@ TEST_CASE("LeastConnections: connections a worker acknowledged count until its r
     auto holder = co_await master.fork(hold);  // worker 1
     const std::string report = (co_await holder->receive()).data;
     const tcp::endpoint where(loopback(1), reported_port(report));
-    std::vector<tcp::socket> held;
-    for (int i = 0; i < 8; ++i) {  // the only worker takes them all, and keeps them
-      tcp::socket s(io);
-      co_await s.async_connect(where, use_awaitable);
-      co_await asio::async_write(s, asio::buffer("hold\n", 5), use_awaitable);
-      std::string line;
-      co_await asio::async_read_until(s, asio::dynamic_buffer(line), '\n', use_awaitable);
-      REQUIRE(line == "worker 1\n");
-      held.push_back(std::move(s));
-    }
-    CHECK((co_await holder->receive()).data == "holding 8");
-    asio::steady_timer poll(io);
-    while (holder->open_connections() != 8) {  // its report, in no order against "holding 8"
-      poll.expires_after(5ms);
-      co_await poll.async_wait(use_awaitable);
-    }
+    auto held = co_await held_by(*holder, where, 8);  // the only worker takes them all
     Env blocking = scenario_env("block_after_accepting");
     blocking["TEST_BLOCK_AFTER"] = "8";
     auto blocker = co_await master.fork(blocking);  // worker 2
@@ -437,31 +463,15 @@ TEST_CASE("LeastConnections: connections a worker acknowledged count until its r
     CHECK((co_await blocker->receive()).data == "accepted 8");
     // 9 more in one burst: worker 2 holds 8 as worker 1 does, so they share them. (Counting only
     // its last report, 0, and what it has not acknowledged, the master gave it all it could: 8.)
-    constexpr int clients = 9;
-    std::vector<tcp::socket> sockets;
-    for (int i = 0; i < clients; ++i) {
-      tcp::socket& s = sockets.emplace_back(io);
-      s.connect(where);
-      asio::write(s, asio::buffer("hi\n", 3));
-    }
-    std::map<std::string, int> answers;
-    int answered = 0;
-    cocluster::detail::async_latch<> one(io.get_executor()), all(io.get_executor());
-    for (auto& s : sockets)
-      asio::co_spawn(io, [&]() -> awaitable<void> {
-        std::string reply;
-        co_await asio::async_read(s, asio::dynamic_buffer(reply), as_tuple_t{});  // to EOF
-        ++answers[reply];
-        one.set();
-        if (++answered == clients) all.set();
-      }, asio::detached);
+    auto sockets = connect_burst(io, where, 9);
+    burst_answers answers(io, sockets);
     // A first answer (worker 1's: worker 2 is blocked) says the burst was handed out, in one go.
-    co_await one.async_wait(use_awaitable);
+    co_await answers.first.async_wait(use_awaitable);
     asio::write(taken.back(), asio::buffer("go\n", 3));  // unblocks worker 2
-    co_await all.async_wait(use_awaitable);
-    CHECK(answers["worker 1\n"] >= 4);
-    CHECK(answers["worker 2\n"] >= 4);
-    CHECK(answers["worker 1\n"] + answers["worker 2\n"] == clients);
+    co_await answers.all.async_wait(use_awaitable);
+    CHECK(answers.by_reply["worker 1\n"] >= 4);
+    CHECK(answers.by_reply["worker 2\n"] >= 4);
+    CHECK(answers.by_reply["worker 1\n"] + answers.by_reply["worker 2\n"] == 9);
     for (auto& [id, w] : master.workers()) w->kill();  // both keep connections open
     co_await holder->exited();
     co_await blocker->exited();
@@ -477,37 +487,16 @@ TEST_CASE("LeastConnections: a worker's report replaces the acknowledged hand-of
     const std::string report = (co_await first->receive()).data;
     const tcp::endpoint where(loopback(1), reported_port(report));
     for (int i = 0; i < 10; ++i) CHECK(co_await ask_from(loopback(1), where) == 1);  // served and closed
-    asio::steady_timer poll(io);
-    while (first->connections_served() != 10 || first->open_connections() != 0) {  // its report of them
-      poll.expires_after(5ms);
-      co_await poll.async_wait(use_awaitable);
-    }
-    auto second = co_await master.fork(env);
-    CHECK((co_await second->receive()).data == report);
-    co_await second->listening();
+    co_await poll_until([&] { return first->connections_served() == 10 && first->open_connections() == 0; });
+    auto second = co_await fork_second_on(master, report);
     // Both hold nothing: a burst of 8 (one accept burst, this thread blocks meanwhile) is shared,
     // not all given to worker 2 as if worker 1 still held the 10 it acknowledged.
-    constexpr int clients = 8;
-    std::vector<tcp::socket> sockets;
-    for (int i = 0; i < clients; ++i) {
-      tcp::socket& s = sockets.emplace_back(io);
-      s.connect(where);
-      asio::write(s, asio::buffer("hi\n", 3));
-    }
-    std::map<std::string, int> answers;
-    int answered = 0;
-    cocluster::detail::async_latch<> all(io.get_executor());
-    for (auto& s : sockets)
-      asio::co_spawn(io, [&]() -> awaitable<void> {
-        std::string reply;
-        co_await asio::async_read(s, asio::dynamic_buffer(reply), as_tuple_t{});  // to EOF
-        ++answers[reply];
-        if (++answered == clients) all.set();
-      }, asio::detached);
-    co_await all.async_wait(use_awaitable);
-    CHECK(answers["worker 1\n"] >= 3);
-    CHECK(answers["worker 2\n"] >= 3);
-    CHECK(answers["worker 1\n"] + answers["worker 2\n"] == clients);
+    auto sockets = connect_burst(io, where, 8);
+    burst_answers answers(io, sockets);
+    co_await answers.all.async_wait(use_awaitable);
+    CHECK(answers.by_reply["worker 1\n"] >= 3);
+    CHECK(answers.by_reply["worker 2\n"] >= 3);
+    CHECK(answers.by_reply["worker 1\n"] + answers.by_reply["worker 2\n"] == 8);
     co_await master.disconnect();
   });
 }
@@ -894,15 +883,6 @@ WORKER_SCENARIO(serve_numbered) {
 }
 
 namespace {
-
-// Returns once `done()` holds, looking every 5 ms (a wait for an event, not a timing assumption).
-awaitable<void> poll_until(std::function<bool()> done) {
-  asio::steady_timer poll(co_await asio::this_coro::executor);
-  while (!done()) {
-    poll.expires_after(5ms);
-    co_await poll.async_wait(use_awaitable);
-  }
-}
 
 // `replies.size()` clients from `from`, each connected once the one before is (so the master
 // accepts them in that order); client k's answer, read to EOF, goes to replies[k], and
