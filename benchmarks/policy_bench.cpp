@@ -6,6 +6,7 @@
 // Servers (NAME; a prefix such as `node` selects both of its rows):
 //   cocluster-POLICY              examples/hello_cluster --policy POLICY, for each policy
 //                                 RuntimePolicy knows: rr, none, reuseport, leastconn, sticky
+//                                 (each at its own default window: rr 1, leastconn and sticky 8)
 //   cocluster-rr-w8               the same, round robin with --window 8 (Node's window is 1)
 //   node-rr, node-none            node/hello_cluster.js: Node's cluster, SCHED_RR / SCHED_NONE
 //   nginx                         2 worker_processes, `listen reuseport`, `return 200` (when installed)

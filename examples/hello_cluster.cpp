@@ -2,7 +2,8 @@
 // cluster documentation opens with.
 //   hello_cluster --workers 2 --port 8000 [--host 127.0.0.1] [--policy NAME] [--window N]
 //                 [--drain-timeout S] [--max-connections N] [--stall-ms MS [--stall-every N]]
-// --policy: rr, none (Node's), sticky, leastconn (RuntimePolicy's names). --stall-ms: worker 1
+// --policy: rr, none (Node's), sticky, leastconn, reuseport (RuntimePolicy's names). --window:
+// the policy's window (without it, its own: rr 1, sticky and leastconn 8). --stall-ms: worker 1
 // blocks its loop MS ms on every Nth request it serves (10), for policy_bench --stalled.
 // --max-connections: a worker is recycled after serving N connections (the Supervisor's
 // max_connections; 0, the default: never), which also has every worker report its counts.
@@ -31,6 +32,7 @@
 #include <cstdlib>
 #include <list>
 #include <map>
+#include <optional>
 #include <string>
 #include <thread>
 
@@ -45,7 +47,9 @@ struct options {
   std::string host = "127.0.0.1";
   unsigned short port = 8000;
   std::optional<cocluster::Scheduling> policy;
-  int window = 1;  // round robin: connections handed to a worker and not yet accepted (Node: 1)
+  // Connections handed to a worker and not yet accepted (RoundRobin, Sticky, LeastConnections);
+  // without --window, the policy's own default (round robin: Node's 1; the others: 8).
+  std::optional<std::size_t> window;
   int drain_timeout = 5;  // seconds from a worker's disconnect to its kill
   int max_connections = 0;  // SupervisorSettings::max_connections (0: off)
   // For benchmarks/policy_bench --stalled: worker 1 blocks its event loop stall_ms on every

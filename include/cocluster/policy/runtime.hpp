@@ -41,25 +41,34 @@ struct RuntimePolicy {
   // The choice is made here, once (Node freezes cluster.schedulingPolicy too): `s` if given,
   // else COCLUSTER_SCHED_POLICY, else NODE_CLUSTER_SCHED_POLICY, else round robin. An unknown
   // value in the environment is an error, not a silent default: throws std::invalid_argument.
-  RuntimePolicy(std::optional<Scheduling> s = std::nullopt, std::size_t window = 1)
+  // `window`: the chosen policy's window (RoundRobin::window, Sticky's, LeastConnections');
+  // without it each policy keeps its own default, as when it is named as a type (RoundRobin:
+  // Node's 1; Sticky and LeastConnections: 8). SharedSocket and ReusePort have none.
+  RuntimePolicy(std::optional<Scheduling> s = std::nullopt, std::optional<std::size_t> window = std::nullopt)
       : choice_(s ? *s : from_environment()), window_(window) {}
 
   Scheduling resolve() const noexcept { return choice_; }
-  std::size_t window() const noexcept { return window_; }  // as RoundRobin::window (and the others')
+  std::optional<std::size_t> window() const noexcept { return window_; }  // as given
   bool reuse_port() const noexcept { return choice_ == Scheduling::reuse_port; }  // as ReusePort's
 
   std::shared_ptr<Listener> make_listener(ListenerArgs args) const {
     switch (choice_) {
-      case Scheduling::round_robin: return RoundRobin{window_}.make_listener(std::move(args));
+      case Scheduling::round_robin: return with_window(RoundRobin{}).make_listener(std::move(args));
       case Scheduling::shared: return SharedSocket{}.make_listener(std::move(args));
-      case Scheduling::sticky: return Sticky{window_}.make_listener(std::move(args));
-      case Scheduling::least_connections: return LeastConnections{window_}.make_listener(std::move(args));
+      case Scheduling::sticky: return with_window(Sticky{}).make_listener(std::move(args));
+      case Scheduling::least_connections: return with_window(LeastConnections{}).make_listener(std::move(args));
       case Scheduling::reuse_port: return ReusePort{}.make_listener(std::move(args));
     }
     return nullptr;  // not reached: every Scheduling is above
   }
 
  private:
+  template <class Policy>
+  Policy with_window(Policy p) const {
+    if (window_) p.window = *window_;
+    return p;
+  }
+
   static Scheduling from_environment() {
     for (const char* name : {"COCLUSTER_SCHED_POLICY", "NODE_CLUSTER_SCHED_POLICY"}) {
       const char* value = std::getenv(name);
@@ -71,7 +80,7 @@ struct RuntimePolicy {
   }
 
   Scheduling choice_;
-  std::size_t window_;
+  std::optional<std::size_t> window_;
 };
 
 }  // namespace cocluster
