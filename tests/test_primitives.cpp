@@ -207,3 +207,42 @@ TEST_CASE("rate_limited_log: one line a second from one place; the next line say
   REQUIRE(lines.size() == 3);
   CHECK(lines[2].find("more like this") == std::string::npos);
 }
+
+TEST_CASE("rate_limited_log: a burst's count is written without a later line: at the end of its second, by flush(), by the destructor") {
+  std::vector<std::string> lines;
+  cocluster::set_log_sink([&](cocluster::LogLevel, std::string_view line) { lines.emplace_back(line); });
+  struct restore_stderr {
+    ~restore_stderr() { cocluster::set_log_sink({}); }
+  } restore;
+  using namespace std::chrono_literals;
+  using clock = cocluster::detail::rate_limited_log::clock;
+  asio::io_context io;
+  cocluster::detail::rate_limited_log log(io.get_executor());
+  const auto t0 = clock::now();
+  for (int i = 0; i < 1000; ++i) log.error_at(t0 + i * 1us, "closing connection {}", i);
+  REQUIRE(lines.size() == 1);
+  io.run();  // until the end of the second after the first line: no other line comes
+  REQUIRE(lines.size() == 2);
+  CHECK(lines[1].find("999 more like this in the ") != std::string::npos);
+  CHECK(lines[1].ends_with(" ms after it, not logged: closing connection 0"));
+  CHECK(log.left_out() == 0);
+  // The count line was a line: the next one within a second is counted; flush() writes it now.
+  log.error("closing connection {}", 1000);
+  CHECK(log.left_out() == 1);
+  log.flush();
+  REQUIRE(lines.size() == 3);
+  CHECK(lines[2].find("1 more like this in the ") != std::string::npos);
+  log.flush();  // nothing left out: nothing written
+  io.restart();
+  io.run();  // the wait armed for that count finds nothing to write
+  CHECK(lines.size() == 3);
+  {
+    cocluster::detail::rate_limited_log scoped;  // no executor
+    scoped.error("refused {}", 1);
+    scoped.error("refused {}", 2);
+    CHECK(lines.size() == 4);
+  }
+  REQUIRE(lines.size() == 5);  // its destructor wrote the count
+  CHECK(lines[4].find("1 more like this in the ") != std::string::npos);
+  CHECK(lines[4].ends_with("not logged: refused 1"));
+}

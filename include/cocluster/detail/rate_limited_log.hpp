@@ -1,16 +1,25 @@
 // An error line that clients or workers can cause once per connection (a connection closed
 // because too many wait, a Dispatch function that throws): at most one such line per second
-// from one place, so that an overload or a bad client cannot flood the log. The next line
-// written from that place says how many were left out before it.
+// from one place, so that an overload or a bad client cannot flood the log. The lines left out
+// are counted; the next line written from that place says how many. Made with an executor, it
+// also writes the count by itself at the end of that second when no line has come to carry it,
+// and flush() (called by the destructor too) writes it at once: a burst's count is never lost
+// for want of a later line.
+//   rate_limited_log log(ex);   log.error("closing a connection: {}", why);   log.flush();
 #pragma once
 
 #include "cocluster/detail/config.hpp"
 
+#include <asio/any_io_executor.hpp>
+#include <asio/steady_timer.hpp>
 #include <fmt/core.h>
 
 #include <chrono>
 #include <cstddef>
+#include <memory>
+#include <optional>
 #include <string>
+#include <system_error>
 #include <utility>
 
 #include "cocluster/detail/log.hpp"
@@ -22,6 +31,12 @@ class rate_limited_log {
   using clock = std::chrono::steady_clock;
   static constexpr clock::duration interval = std::chrono::seconds(1);
 
+  rate_limited_log() = default;  // no executor: the count waits for the next line, or flush()
+  explicit rate_limited_log(const asio::any_io_executor& ex) { state_->timer.emplace(ex); }
+  rate_limited_log(const rate_limited_log&) = delete;
+  rate_limited_log& operator=(const rate_limited_log&) = delete;
+  ~rate_limited_log() { flush(); }  // (the timer goes with state_; its handler holds a weak_ptr)
+
   // log_error(format, args...) unless a line was written from here less than `interval` ago;
   // then only counted. Never throws.
   template <class... Args>
@@ -32,30 +47,63 @@ class rate_limited_log {
   // The same at a given time (the tests' clock).
   template <class... Args>
   void error_at(clock::time_point now, fmt::format_string<Args...> format, Args&&... args) noexcept {
-    if (written_ && now - last_ < interval) {
-      ++left_out_;
+    state& s = *state_;
+    if (s.written && now - s.last < interval) {
+      if (s.left_out++ == 0) s.flush_later(state_);
       return;
     }
     try {
-      std::string line = fmt::format(format, std::forward<Args>(args)...);
-      if (left_out_ > 0)
-        line += fmt::format(" ({} more like this since the last such line, {} ms before, not logged)", left_out_,
-                            std::chrono::duration_cast<std::chrono::milliseconds>(now - last_).count());
+      s.last_line = fmt::format(format, std::forward<Args>(args)...);
+      std::string line = s.last_line;
+      if (s.left_out > 0)
+        line += fmt::format(" ({} more like this since the last such line, {} ms before, not logged)", s.left_out,
+                            std::chrono::duration_cast<std::chrono::milliseconds>(now - s.last).count());
       log_error("{}", line);
     } catch (...) {
     }
-    written_ = true;
-    last_ = now;
-    left_out_ = 0;
+    s.written = true;
+    s.last = now;
+    s.left_out = 0;
   }
 
-  // Lines counted and not written since the last one written.
-  std::size_t left_out() const noexcept { return left_out_; }
+  // Writes how many lines were left out since the last line written, if any, now.
+  void flush() noexcept { state_->flush_at(clock::now()); }
+
+  // Lines counted and not written since the last line written.
+  std::size_t left_out() const noexcept { return state_->left_out; }
 
  private:
-  bool written_ = false;
-  clock::time_point last_{};
-  std::size_t left_out_ = 0;
+  struct state {
+    bool written = false;
+    clock::time_point last{};
+    std::size_t left_out = 0;
+    std::string last_line;                   // the last line written, without its count
+    std::optional<asio::steady_timer> timer;  // with an executor: writes the count at last + interval
+
+    void flush_at(clock::time_point now) noexcept {
+      if (left_out == 0) return;
+      try {
+        log_error("{} more like this in the {} ms after it, not logged: {}", left_out,
+                  std::chrono::duration_cast<std::chrono::milliseconds>(now - last).count(), last_line);
+      } catch (...) {
+      }
+      last = now;  // a line was written: the next one within `interval` is counted again
+      left_out = 0;
+    }
+
+    void flush_later(const std::shared_ptr<state>& self) noexcept {
+      if (!timer) return;
+      try {
+        timer->expires_at(last + interval);
+        timer->async_wait([weak = std::weak_ptr<state>(self)](std::error_code ec) {
+          // (A wait that ended as a line was written is no longer due: the next one is armed.)
+          if (auto s = weak.lock(); s && !ec && clock::now() - s->last >= interval) s->flush_at(clock::now());
+        });
+      } catch (...) {  // (no memory for the wait: the count waits for the next line)
+      }
+    }
+  };
+  std::shared_ptr<state> state_ = std::make_shared<state>();
 };
 
 }  // namespace cocluster::detail

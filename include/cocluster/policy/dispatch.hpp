@@ -39,7 +39,7 @@ template <class F>
 class dispatch_listener final : public HandoffListener {
  public:
   dispatch_listener(ListenerArgs args, const F& f, std::size_t window)
-      : HandoffListener(std::move(args)), f_(f), window_(window) {}
+      : HandoffListener(std::move(args)), f_(f), window_(window), threw_(executor()) {}
 
  private:
   // choose() (HandoffListener's): accept while some worker has room; which one is F's to say.

@@ -78,7 +78,8 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
         address_(std::move(args.address)),
         socket_(args.executor),
         retry_(args.executor),
-        tag_(detail::connection_tag(address_.type)) {
+        tag_(detail::connection_tag(address_.type)),
+        closing_log_(args.executor) {
     socket_.assign(args.socket.get());
     (void)args.socket.release();
   }
@@ -156,6 +157,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     std::error_code ignored;
     socket_.close(ignored);
     retry_.cancel();
+    closing_log_.flush();  // the connections closed since its last line, counted now
     any_ = {};
     lines_.clear();
     held_ = 0;
@@ -215,6 +217,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   }
   const Address& address() const noexcept { return address_; }
   std::uint32_t id() const noexcept { return id_; }
+  asio::any_io_executor executor() { return socket_.get_executor(); }
 
  private:
   struct connection {
