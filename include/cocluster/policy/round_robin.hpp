@@ -49,10 +49,10 @@ struct RoundRobin {
   // batches (up to 16 connections in one frame; a worker's refusals of one loop turn in one
   // message), at the price of connections waiting on a worker that is busy when another one
   // is idle. The default stays Node's 1: in policy_bench on a 2-core machine (2026-11-26,
-  // benchmarks/README.md) a window of 8 made 1.04-1.22x the raw round-robin master's
-  // connections/s at 8 workers against window 1's 0.86-1.06x, but 0.92-0.95x at 2 workers
-  // against 1.03-1.13x, and under wrk at 8 workers 0.72-0.86x against 0.82-0.84x. No clear
-  // gain, and a stalled worker holds up to 8 connections instead of 1.
+  // benchmarks/README.md, three runs) a window of 8 made 0.99-1.09x the raw round-robin
+  // master's connections/s at 8 workers against window 1's 0.86-0.98x, but 0.83-0.95x at 2
+  // workers against 0.87-1.29x, and under wrk at 8 workers 0.78-0.86x against 0.80-1.03x. No
+  // clear gain, and a stalled worker holds up to 8 connections instead of 1.
   std::size_t window = 1;
 
   std::shared_ptr<Listener> make_listener(ListenerArgs args) const {
