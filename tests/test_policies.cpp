@@ -444,8 +444,12 @@ awaitable<void> fifty_idle_held(asio::io_context& io, Policy policy) {
 }
 
 TEST_CASE("LeastConnections: with one worker holding 50 idle connections, the next 50 go to the others") {
-  run_bounded([](asio::io_context& io) { return fifty_idle_held(io, LeastConnections{}); });
-  run_bounded([](asio::io_context& io) { return fifty_idle_held(io, RuntimePolicy(Scheduling::least_connections)); });
+  SUBCASE("as a type") {
+    run_bounded([](asio::io_context& io) { return fifty_idle_held(io, LeastConnections{}); });
+  }
+  SUBCASE("by name (RuntimePolicy)") {
+    run_bounded([](asio::io_context& io) { return fifty_idle_held(io, RuntimePolicy(Scheduling::least_connections)); });
+  }
 }
 
 TEST_CASE("LeastConnections: connections a worker acknowledged count until its report of them arrives") {
@@ -1102,7 +1106,7 @@ TEST_CASE("Dispatch: a connection waiting for a worker that has left is routed a
 
 TEST_CASE("RuntimePolicy: a window given is the chosen policy's; without one the policy keeps its own (round robin: Node's 1)") {
   // Worker 1 is stopped: round robin hands it connections in turn until its window is full, and
-  // worker 2 answers every other one. So worker 1 holds exactly its window of 10 connections.
+  // worker 2 answers all the others. So of the 10 connections worker 1 holds exactly its window.
   for (std::optional<std::size_t> window : {std::optional<std::size_t>{}, std::optional<std::size_t>{4}}) {
     CAPTURE(window.value_or(0));
     run_bounded([window](asio::io_context& io) -> awaitable<void> {

@@ -208,7 +208,7 @@ TEST_CASE("rate_limited_log: one line a second from one place; the next line say
   CHECK(lines[2].find("more like this") == std::string::npos);
 }
 
-TEST_CASE("rate_limited_log: a burst's count is written without a later line: at the end of its second, by flush(), by the destructor") {
+TEST_CASE("rate_limited_log: a burst's count is written once the burst is over; an ongoing one brings a fresh line every second") {
   std::vector<std::string> lines;
   cocluster::set_log_sink([&](cocluster::LogLevel, std::string_view line) { lines.emplace_back(line); });
   struct restore_stderr {
@@ -216,33 +216,54 @@ TEST_CASE("rate_limited_log: a burst's count is written without a later line: at
   } restore;
   using namespace std::chrono_literals;
   using clock = cocluster::detail::rate_limited_log::clock;
-  asio::io_context io;
-  cocluster::detail::rate_limited_log log(io.get_executor());
-  const auto t0 = clock::now();
-  for (int i = 0; i < 1000; ++i) log.error_at(t0 + i * 1us, "closing connection {}", i);
-  REQUIRE(lines.size() == 1);
-  io.run();  // until the end of the second after the first line: no other line comes
-  REQUIRE(lines.size() == 2);
-  CHECK(lines[1].find("999 more like this in the ") != std::string::npos);
-  CHECK(lines[1].ends_with(" ms after it, not logged: closing connection 0"));
-  CHECK(log.left_out() == 0);
-  // The count line was a line: the next one within a second is counted; flush() writes it now.
-  log.error("closing connection {}", 1000);
-  CHECK(log.left_out() == 1);
-  log.flush();
-  REQUIRE(lines.size() == 3);
-  CHECK(lines[2].find("1 more like this in the ") != std::string::npos);
-  log.flush();  // nothing left out: nothing written
-  io.restart();
-  io.run();  // the wait armed for that count finds nothing to write
-  CHECK(lines.size() == 3);
-  {
-    cocluster::detail::rate_limited_log scoped;  // no executor
-    scoped.error("refused {}", 1);
-    scoped.error("refused {}", 2);
-    CHECK(lines.size() == 4);
+  auto has = [&](std::size_t i, std::string_view what) { return lines.at(i).find(what) != std::string::npos; };
+  SUBCASE("what the wait does, on the tests' clock") {
+    cocluster::detail::rate_limited_log log;
+    const auto t0 = clock::now();
+    log.error_at(t0, "closing connection {}", 0);
+    log.error_at(t0 + 10ms, "closing connection {}", 1);
+    log.flush_if_quiet_at(t0 + 1000ms);  // one was left out 990 ms ago: the burst may go on
+    CHECK(lines.size() == 1);
+    log.error_at(t0 + 1000ms, "closing connection {}", 2);  // carries the count, with its own reason
+    REQUIRE(lines.size() == 2);
+    CHECK(has(1, "closing connection 2 (1 more like this since the last such line, 1000 ms before, not logged)"));
+    log.error_at(t0 + 1001ms, "closing connection {}", 3);
+    log.flush_if_quiet_at(t0 + 2000ms);  // 999 ms after the last one left out: not yet
+    CHECK(lines.size() == 2);
+    log.flush_if_quiet_at(t0 + 2001ms);  // a second without one: the burst is over
+    REQUIRE(lines.size() == 3);
+    CHECK(has(2, "1 more like this in the 1001 ms before this line, not logged: closing connection 2"));
+    log.flush_if_quiet_at(t0 + 5000ms);  // nothing left out: nothing written
+    CHECK(lines.size() == 3);
   }
-  REQUIRE(lines.size() == 5);  // its destructor wrote the count
-  CHECK(lines[4].find("1 more like this in the ") != std::string::npos);
-  CHECK(lines[4].ends_with("not logged: refused 1"));
+  SUBCASE("the executor's wait writes it; flush() writes it at once and stops waiting; so does the destructor") {
+    asio::io_context io;
+    cocluster::detail::rate_limited_log log(io.get_executor());
+    const auto t0 = clock::now();
+    for (int i = 0; i < 1000; ++i) log.error_at(t0 + i * 1us, "closing connection {}", i);
+    REQUIRE(lines.size() == 1);
+    io.run();  // until a second after the last one left out: no other line comes
+    REQUIRE(lines.size() == 2);
+    CHECK(has(1, "999 more like this in the "));
+    CHECK(has(1, " ms before this line, not logged: closing connection 0"));
+    CHECK(log.left_out() == 0);
+    log.error("closing connection {}", 1000);  // within a second of the count line: counted
+    CHECK(log.left_out() == 1);
+    log.flush();
+    REQUIRE(lines.size() == 3);
+    CHECK(has(2, "1 more like this in the "));
+    io.restart();
+    io.poll();  // the wait flush() cancelled ends now: nothing is left to wait for
+    CHECK(io.stopped());
+    CHECK(lines.size() == 3);
+    {
+      cocluster::detail::rate_limited_log scoped;  // no executor
+      scoped.error("refused {}", 1);
+      scoped.error("refused {}", 2);
+      CHECK(lines.size() == 4);
+    }
+    REQUIRE(lines.size() == 5);  // its destructor wrote the count
+    CHECK(has(4, "1 more like this in the "));
+    CHECK(has(4, "not logged: refused 1"));
+  }
 }

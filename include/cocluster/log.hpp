@@ -4,7 +4,9 @@
 // them instead:
 //   cocluster::set_log_sink([](cocluster::LogLevel level, std::string_view line) { my_log(level, line); });
 // The sink is process-wide (set it before starting the master or the worker runtime), runs on
-// the thread that logs, and must not throw (what it throws is dropped).
+// the thread that logs, and must not throw (what it throws is dropped). It can be called until
+// the Master is destroyed (a listener closing writes the count of the lines it left out): what
+// it uses must outlive the Master, or set another sink before.
 #pragma once
 
 #include "cocluster/detail/config.hpp"

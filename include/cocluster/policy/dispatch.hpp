@@ -54,6 +54,10 @@ class dispatch_listener final : public HandoffListener {
     return refuse;
   }
   bool can_take(const Member& m) const override { return m.in_flight < window_; }
+  void close() override {
+    threw_.flush();  // the throws counted since its last line
+    HandoffListener::close();
+  }
 
   F f_;
   std::size_t window_;
