@@ -184,12 +184,24 @@ TEST_CASE("a waiter completed before the io_context runs is still delivered") {
   CHECK(got == 5);
 }
 
-TEST_CASE("rate_limited_log: one line a second from one place; the next line says how many were left out") {
+namespace {
+
+// The library's log lines while it lives (then stderr again).
+struct logged_lines {
   std::vector<std::string> lines;
-  cocluster::set_log_sink([&](cocluster::LogLevel, std::string_view line) { lines.emplace_back(line); });
-  struct restore_stderr {
-    ~restore_stderr() { cocluster::set_log_sink({}); }
-  } restore;
+  logged_lines() {
+    cocluster::set_log_sink([this](cocluster::LogLevel, std::string_view line) { lines.emplace_back(line); });
+  }
+  ~logged_lines() { cocluster::set_log_sink({}); }
+  logged_lines(const logged_lines&) = delete;
+  logged_lines& operator=(const logged_lines&) = delete;
+};
+
+}  // namespace
+
+TEST_CASE("rate_limited_log: one line a second from one place; the next line says how many were left out") {
+  logged_lines logged;
+  std::vector<std::string>& lines = logged.lines;
   using namespace std::chrono_literals;
   cocluster::detail::rate_limited_log log;
   const auto t0 = cocluster::detail::rate_limited_log::clock::now();
@@ -209,11 +221,8 @@ TEST_CASE("rate_limited_log: one line a second from one place; the next line say
 }
 
 TEST_CASE("rate_limited_log: a burst's count is written once the burst is over; an ongoing one brings a fresh line every second") {
-  std::vector<std::string> lines;
-  cocluster::set_log_sink([&](cocluster::LogLevel, std::string_view line) { lines.emplace_back(line); });
-  struct restore_stderr {
-    ~restore_stderr() { cocluster::set_log_sink({}); }
-  } restore;
+  logged_lines logged;
+  std::vector<std::string>& lines = logged.lines;
   using namespace std::chrono_literals;
   using clock = cocluster::detail::rate_limited_log::clock;
   auto has = [&](std::size_t i, std::string_view what) { return lines.at(i).find(what) != std::string::npos; };
