@@ -571,6 +571,12 @@ TEST_CASE("RuntimePolicy reads COCLUSTER_SCHED_POLICY, then NODE_CLUSTER_SCHED_P
   CHECK_THROWS_AS(Master<RuntimePolicy>(io.get_executor()), std::invalid_argument);  // frozen, and checked, here
 }
 
+TEST_CASE("RuntimePolicy::has_window: the policies that hand connections off have one, SharedSocket and ReusePort not") {
+  for (auto s : {Scheduling::round_robin, Scheduling::sticky, Scheduling::least_connections})
+    CHECK(RuntimePolicy(s).has_window());
+  for (auto s : {Scheduling::shared, Scheduling::reuse_port}) CHECK_FALSE(RuntimePolicy(s, 4).has_window());
+}
+
 TEST_CASE("a Unix socket path longer than sun_path works through its shorter relative form") {
   // /tmp/<93 characters>/server.sock is 110 characters, over sun_path's 108; relative to /tmp
   // (the master's cwd here) and to the directory itself (the workers' cwd) it fits.

@@ -49,6 +49,11 @@ struct RuntimePolicy {
 
   Scheduling resolve() const noexcept { return choice_; }
   std::optional<std::size_t> window() const noexcept { return window_; }  // as given
+  // Whether the chosen policy has a window to set (it hands connections off: RoundRobin,
+  // Sticky, LeastConnections). A window given for SharedSocket or ReusePort is not used.
+  bool has_window() const noexcept {
+    return choice_ != Scheduling::shared && choice_ != Scheduling::reuse_port;
+  }
   bool reuse_port() const noexcept { return choice_ == Scheduling::reuse_port; }  // as ReusePort's
 
   std::shared_ptr<Listener> make_listener(ListenerArgs args) const {

@@ -1,8 +1,9 @@
 // Turns an fd the master sent with an internal message (a listener in query_reply, a
 // connection in newconn) into its Asio object. The master is this worker's own parent and
-// trusted, so nothing asks the kernel what the fd is (the channel checks user handles, which
-// can come from anywhere, with three getsockopt calls): only the declared type is compared
-// with the one the message needs, which costs nothing.
+// trusted, so nothing asks the kernel more than the channel's one fstat of every fd it
+// receives (is it a socket at all; user handles, which can come from anywhere, are checked
+// with three getsockopt calls when adopted): only the declared type is compared with the one
+// the message needs, which costs nothing.
 //   auto socket = worker::from_master<tcp::socket>(ex, tcp::v4(), envelope.internal_tag, std::move(fd), ec);
 #pragma once
 
