@@ -1117,10 +1117,11 @@ void print_targets(const Options& opt, const std::vector<std::vector<Result>>& r
                runs.size() > 1 ? fmt::format(" (met in {} of {} runs)", row.met_in, row.of) : std::string());
   if (rows.empty()) fmt::print("  (none of the figures the targets need is in this run)\n");
   if (!large) fmt::print("  (Jain >= 0.95 and keep-alive p99 within 2 x nginx's: --workers 8 --concurrency 512)\n");
-  // One client thread driving 512 connections is itself the wait in most runs: different
-  // servers' p99 land on the same figure (benchmarks/README.md, "One client thread or one per CPU").
+  // With one client thread driving 512 connections, different servers' p99 land on the same
+  // plateau, a wait of that thread (benchmarks/README.md, "One client thread or one per CPU").
   if (large && opt.client_threads < 2)
-    fmt::print("  (keep-alive p99 with one client thread is mostly the client's own wait: --client-threads 2)\n");
+    fmt::print("  (keep-alive p99 at 512 connections with one client thread is dominated by the client's wait: "
+               "see --client-threads 2)\n");
   if (!opt.stalled) fmt::print("  (LeastConnections' p99 under a stalled worker: --stalled)\n");
 }
 

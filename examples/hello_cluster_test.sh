@@ -31,8 +31,10 @@ check "port out of range" bad_input "out of range" --port 70000
 check "port not a number" bad_input "not a number" --port 80x
 check "unknown argument" bad_input "unknown argument" --bogus
 check "bad host" bad_input "not an IP address" --host nowhere
-check "window for a policy without one" bad_input "have no window" --policy reuseport --window 4
-BAD_ENV="COCLUSTER_SCHED_POLICY=none" check "window for a policy without one (environment)" bad_input "have no window" --window 4
+check "window for a policy without one" bad_input "policy reuseport (from --policy) hands nothing off" \
+  --policy reuseport --window 4 --port 0
+BAD_ENV="COCLUSTER_SCHED_POLICY=none" check "window for a policy without one (environment)" bad_input \
+  "policy none (from COCLUSTER_SCHED_POLICY) hands nothing off" --window 4 --port 0
 BAD_ENV="COCLUSTER_SCHED_POLICY=roundrobin" check "bad COCLUSTER_SCHED_POLICY" bad_input "expected rr or none" --port 0
 
 # ---- a running server ----

@@ -52,7 +52,14 @@ struct RuntimePolicy {
   // Whether the chosen policy has a window to set (it hands connections off: RoundRobin,
   // Sticky, LeastConnections). A window given for SharedSocket or ReusePort is not used.
   bool has_window() const noexcept {
-    return choice_ != Scheduling::shared && choice_ != Scheduling::reuse_port;
+    switch (choice_) {
+      case Scheduling::round_robin:
+      case Scheduling::sticky:
+      case Scheduling::least_connections: return true;
+      case Scheduling::shared:
+      case Scheduling::reuse_port: return false;
+    }
+    return false;  // not reached: every Scheduling is above
   }
   bool reuse_port() const noexcept { return choice_ == Scheduling::reuse_port; }  // as ReusePort's
 
