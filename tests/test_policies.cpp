@@ -296,11 +296,7 @@ TEST_CASE("Dispatch with a lambda: a connection for a worker that is not live wa
     CHECK(answered_by == -1);  // still waiting: worker 2 is not there
     auto second = co_await master.fork(serve_on_port_zero());
     (void)co_await second->receive();
-    asio::steady_timer poll(io);
-    while (answered_by == -1) {
-      poll.expires_after(5ms);
-      co_await poll.async_wait(use_awaitable);
-    }
+    co_await poll_until([&] { return answered_by != -1; });
     CHECK(answered_by == 2);
     co_await master.disconnect();
   });
@@ -330,17 +326,10 @@ TEST_CASE("Dispatch: connections waiting for an absent worker are bounded and do
     }
     // Connected after all of them, so accepted after them: worker 1's client is still served.
     CHECK(co_await ask_from(loopback(1), where) == 1);
-    asio::steady_timer poll(io);
-    while (closed < over) {  // a wait for the closes, not a timing assumption
-      poll.expires_after(5ms);
-      co_await poll.async_wait(use_awaitable);
-    }
+    co_await poll_until([&] { return closed >= over; });
     CHECK(closed == over);
     co_await master.disconnect();  // the last worker leaves: the waiting ones are closed too
-    while (closed < absent_clients) {
-      poll.expires_after(5ms);
-      co_await poll.async_wait(use_awaitable);
-    }
+    co_await poll_until([&] { return closed >= absent_clients; });
   });
 }
 
@@ -858,11 +847,8 @@ TEST_CASE("a worker that reads a newconn and its channel's end in one turn still
     tcp::socket client(io);
     co_await client.async_connect(where, use_awaitable);
     co_await asio::async_write(client, asio::buffer("hi\n", 3), use_awaitable);
-    asio::steady_timer poll(io);
-    while (!routed) {  // the route is asked, and the newconn written, in one distribution
-      poll.expires_after(5ms);
-      co_await poll.async_wait(use_awaitable);
-    }
+    // The route is asked, and the newconn written, in one distribution.
+    co_await poll_until([&] { return routed; });
     first->close_channel();  // Node: worker.process.disconnect(); the master still reads the worker
     REQUIRE(::kill(first->pid(), SIGCONT) == 0);
     CHECK((co_await first->exited()).code == 0);
