@@ -218,6 +218,7 @@ class server_link {
 
   void send_report() {
     report_posted_ = false;
+    if (stopped_) return;  // posted before stop(): the channel has ended (it would refuse the send)
     const auto now = static_cast<std::uint32_t>(std::min<std::size_t>(live_connections_, UINT32_MAX));
     if (now == reported_ && taken_ == reported_taken_) return;
     reported_ = now;
