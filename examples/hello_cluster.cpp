@@ -4,8 +4,8 @@
 //                 [--drain-timeout S] [--max-connections N] [--stall-ms MS [--stall-every N]]
 // --policy: rr, none (Node's), sticky, leastconn, reuseport (RuntimePolicy's names). --window:
 // the policy's window (without it, its own: rr 1, sticky and leastconn 8); none and reuseport
-// hand nothing off, so --window with them is an error. --stall-ms: worker 1 blocks its loop MS ms on every Nth request it
-// serves (10), for policy_bench --stalled.
+// hand nothing off, so --window with them is an error. --stall-ms: worker 1 blocks its loop
+// MS ms on every Nth request it serves (10), for policy_bench --stalled.
 // --max-connections: a worker is recycled after serving N connections (the Supervisor's
 // max_connections; 0, the default: never), which also has every worker report its counts.
 // A cocluster::Supervisor keeps the workers: prints `listening on HOST:PORT` once every worker
@@ -400,17 +400,11 @@ int main(int argc, char** argv) {
   try {
     policy.emplace(o.policy, o.window);  // without --policy: COCLUSTER_SCHED_POLICY, checked here
     if (o.window && !policy->has_window()) {  // said, not ignored: the user expects it to matter
-      const char* name = policy->resolve() == cocluster::Scheduling::shared ? "none" : "reuseport";
-      std::string from = "--policy";
-      if (!o.policy)  // RuntimePolicy read the first of these that is set
-        for (const char* variable : {"COCLUSTER_SCHED_POLICY", "NODE_CLUSTER_SCHED_POLICY"})
-          if (const char* v = std::getenv(variable); v && *v) {
-            from = variable;
-            break;
-          }
+      const char* from = policy->environment_variable();
       throw std::invalid_argument(fmt::format("--window {}: policy {} (from {}) hands nothing off and has no window; "
                                               "--window is for rr, sticky and leastconn",
-                                              *o.window, name, from));
+                                              *o.window, cocluster::scheduling_name(policy->resolve()),
+                                              from ? from : "--policy"));
     }
   } catch (const std::invalid_argument& e) {
     fmt::print(stderr, "hello_cluster: {}\n", e.what());

@@ -558,17 +558,35 @@ TEST_CASE("RuntimePolicy reads COCLUSTER_SCHED_POLICY, then NODE_CLUSTER_SCHED_P
   } restore;
   ::unsetenv("COCLUSTER_SCHED_POLICY");
   ::unsetenv("NODE_CLUSTER_SCHED_POLICY");
+  auto read_from = [](const RuntimePolicy& p) {
+    const char* v = p.environment_variable();
+    return std::string(v ? v : "-");
+  };
   CHECK(RuntimePolicy().resolve() == Scheduling::round_robin);  // Node's default
+  CHECK(read_from(RuntimePolicy()) == "-");
   ::setenv("NODE_CLUSTER_SCHED_POLICY", "none", 1);
   CHECK(RuntimePolicy().resolve() == Scheduling::shared);
+  CHECK(read_from(RuntimePolicy()) == "NODE_CLUSTER_SCHED_POLICY");
   ::setenv("COCLUSTER_SCHED_POLICY", "rr", 1);  // ours first
   CHECK(RuntimePolicy().resolve() == Scheduling::round_robin);
+  CHECK(read_from(RuntimePolicy()) == "COCLUSTER_SCHED_POLICY");
   CHECK(RuntimePolicy(Scheduling::shared).resolve() == Scheduling::shared);  // an explicit choice wins
+  CHECK(read_from(RuntimePolicy(Scheduling::shared)) == "-");
   ::setenv("COCLUSTER_SCHED_POLICY", "roundrobin", 1);
   CHECK_THROWS_WITH_AS(RuntimePolicy().resolve(), "COCLUSTER_SCHED_POLICY=roundrobin: expected rr or none, or beyond Node: sticky, leastconn or reuseport",
                        std::invalid_argument);
   asio::io_context io;
   CHECK_THROWS_AS(Master<RuntimePolicy>(io.get_executor()), std::invalid_argument);  // frozen, and checked, here
+}
+
+TEST_CASE("scheduling_name and parse_scheduling: one name per Scheduling, each read back") {
+  for (auto s : {Scheduling::round_robin, Scheduling::shared, Scheduling::sticky, Scheduling::least_connections,
+                 Scheduling::reuse_port})
+    CHECK(parse_scheduling(scheduling_name(s)) == s);
+  CHECK(std::string_view(scheduling_name(Scheduling::round_robin)) == "rr");  // Node's spellings
+  CHECK(std::string_view(scheduling_name(Scheduling::shared)) == "none");
+  CHECK_FALSE(parse_scheduling("roundrobin"));
+  CHECK_FALSE(parse_scheduling(""));
 }
 
 TEST_CASE("RuntimePolicy::has_window: the policies that hand connections off have one, SharedSocket and ReusePort not") {

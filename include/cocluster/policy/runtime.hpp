@@ -27,13 +27,23 @@ enum class Scheduling { round_robin, shared, sticky, least_connections, reuse_po
 // The names COCLUSTER_SCHED_POLICY takes, for messages.
 inline constexpr const char* scheduling_names = "rr or none, or beyond Node: sticky, leastconn or reuseport";
 
-// "rr" or "none" (Node's spellings), "sticky", "leastconn", "reuseport"; nullopt for anything else.
+// Each Scheduling's name: "rr" and "none" (Node's spellings), "sticky", "leastconn", "reuseport".
+constexpr const char* scheduling_name(Scheduling s) noexcept {
+  switch (s) {
+    case Scheduling::round_robin: return "rr";
+    case Scheduling::shared: return "none";
+    case Scheduling::sticky: return "sticky";
+    case Scheduling::least_connections: return "leastconn";
+    case Scheduling::reuse_port: return "reuseport";
+  }
+  return "";  // not reached: every Scheduling is above
+}
+
+// The Scheduling named `name` (scheduling_name's); nullopt for anything else.
 inline std::optional<Scheduling> parse_scheduling(std::string_view name) {
-  if (name == "rr") return Scheduling::round_robin;
-  if (name == "none") return Scheduling::shared;
-  if (name == "sticky") return Scheduling::sticky;
-  if (name == "leastconn") return Scheduling::least_connections;
-  if (name == "reuseport") return Scheduling::reuse_port;
+  for (Scheduling s : {Scheduling::round_robin, Scheduling::shared, Scheduling::sticky, Scheduling::least_connections,
+                       Scheduling::reuse_port})
+    if (name == scheduling_name(s)) return s;
   return std::nullopt;
 }
 
@@ -45,9 +55,14 @@ struct RuntimePolicy {
   // without it each policy keeps its own default, as when it is named as a type (RoundRobin:
   // Node's 1; Sticky and LeastConnections: 8). SharedSocket and ReusePort have none.
   RuntimePolicy(std::optional<Scheduling> s = std::nullopt, std::optional<std::size_t> window = std::nullopt)
-      : choice_(s ? *s : from_environment()), window_(window) {}
+      : window_(window) {
+    if (s) choice_ = *s;
+    else read_environment();
+  }
 
   Scheduling resolve() const noexcept { return choice_; }
+  // The environment variable the choice was read from; null when it was given, or is the default.
+  const char* environment_variable() const noexcept { return variable_; }
   std::optional<std::size_t> window() const noexcept { return window_; }  // as given
   // Whether the chosen policy has a window to set (it hands connections off: RoundRobin,
   // Sticky, LeastConnections). A window given for SharedSocket or ReusePort is not used.
@@ -81,17 +96,20 @@ struct RuntimePolicy {
     return p;
   }
 
-  static Scheduling from_environment() {
+  void read_environment() {
     for (const char* name : {"COCLUSTER_SCHED_POLICY", "NODE_CLUSTER_SCHED_POLICY"}) {
       const char* value = std::getenv(name);
       if (!value || !*value) continue;
-      if (auto s = parse_scheduling(value)) return *s;
-      throw std::invalid_argument(std::string(name) + "=" + value + ": expected " + scheduling_names);
+      auto s = parse_scheduling(value);
+      if (!s) throw std::invalid_argument(std::string(name) + "=" + value + ": expected " + scheduling_names);
+      choice_ = *s;
+      variable_ = name;
+      return;
     }
-    return Scheduling::round_robin;
   }
 
-  Scheduling choice_;
+  Scheduling choice_ = Scheduling::round_robin;  // Node's default
+  const char* variable_ = nullptr;
   std::optional<std::size_t> window_;
 };
 
