@@ -219,6 +219,29 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   std::uint32_t id() const noexcept { return id_; }
   asio::any_io_executor executor() { return socket_.get_executor(); }
 
+  // The number of the next hand-off (the worker acknowledges by it): by default the next one
+  // that no unacknowledged hand-off of this listener still has (a worker that never accepts
+  // keeps its number through a wrap of the 32 bits), never 0. A listener that shares its
+  // server id with others (ReusePort's drains) numbers them together.
+  virtual std::uint32_t next_seq() {
+    do ++last_seq_;
+    while (last_seq_ == 0 || unacknowledged(last_seq_));
+    return last_seq_;
+  }
+  bool unacknowledged(std::uint32_t seq) const noexcept { return unacked_.count(seq) != 0; }
+
+  // Accepting stops (no more accept4; what was accepted is still handed off, acknowledged and
+  // given back as before) or starts again. It starts at construction.
+  void stop_accepting() {
+    accepting_ = false;
+    std::error_code ignored;
+    socket_.cancel(ignored);
+  }
+  void resume_accepting() {
+    accepting_ = true;
+    distribute();
+  }
+
  private:
   struct connection {
     std::shared_ptr<const detail::unique_fd> fd;  // shared with a channel while a newconn carrying it is queued
@@ -385,7 +408,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
 
   // Hands `c` to `id`: counted now, sent with the others of this distribution (send_handoffs).
   void hand_off(int id, connection& c) {
-    const std::uint32_t seq = ++last_seq_;
+    const std::uint32_t seq = next_seq();
     auto batch = std::find_if(outbox_.begin(), outbox_.end(), [&](const outgoing_batch& b) { return b.worker == id; });
     if (batch == outbox_.end()) batch = outbox_.insert(outbox_.end(), outgoing_batch{id, {}, {}, {}});
     batch->seqs.push_back(seq);
@@ -433,7 +456,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   // Accepts while a worker is chosen and fewer than max_waiting wait here; waits for
   // readiness only when the kernel has nothing more.
   void accept_now() {
-    if (waiting_ || paused_ || !socket_.is_open()) return;
+    if (!accepting_ || waiting_ || paused_ || !socket_.is_open()) return;
     while (held_ < max_waiting && pick() != 0) {
       std::string remote;
       std::error_code ec;
@@ -455,7 +478,9 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     waiting_ = true;
     socket_.async_wait(asio::posix::descriptor_base::wait_read, [self = shared_from_this()](std::error_code ec) {
       self->waiting_ = false;
-      if (!ec) self->distribute();  // accepts, then sends
+      // (Cancelled by stop_accepting(): a resume_accepting() since found us still waiting.)
+      if (!ec || (ec == asio::error::operation_aborted && self->accepting_ && self->socket_.is_open()))
+        self->distribute();  // accepts, then sends
     });
   }
 
@@ -485,6 +510,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   std::uint32_t last_seq_ = 0;
   bool waiting_ = false;
   bool paused_ = false;
+  bool accepting_ = true;
   detail::rate_limited_log closing_log_;     // "closing a connection": once a second at most under overload
 };
 

@@ -5,35 +5,66 @@
 //   cocluster::Master<cocluster::ReusePort> master(ex);   // COCLUSTER_SCHED_POLICY=reuseport
 // listen(0) still gives one port: the first socket is bound to port 0, the others to the port
 // it got. A worker that dies or closes its server leaves its socket open in the master (closing
-// it would reset the connections queued in its backlog), and the next worker to listen adopts
-// it, so those connections are served by the replacement. Until one does, they wait: the
-// kernel keeps sending that socket its share of new connections. Unix-path listeners and
-// listen({fd}) have no reuseport group: they are shared as SharedSocket does.
+// it would reset the connections queued in its backlog, and the kernel keeps hashing new ones
+// to it): while other workers hold the listener, the master accepts from that socket and hands
+// its connections to them in turn, as RoundRobin does, until a worker adopts it (the next one
+// to listen does), and then leaves it to that worker. So neither what waited in a dead worker's
+// backlog nor what arrives for its socket later is lost while any worker holds the listener;
+// when the last one leaves, the listener closes with what it holds, as under every policy.
+// Unix-path listeners and listen({fd}) have no reuseport group: they are shared as
+// SharedSocket does.
 #pragma once
 
 #include "cocluster/detail/config.hpp"
 
 #include <cstddef>
+#include <map>
 #include <memory>
+#include <span>
+#include <string>
 #include <vector>
 
 #include "cocluster/detail/log.hpp"
 #include "cocluster/detail/master/sockets.hpp"
 #include "cocluster/detail/syscalls.hpp"
 #include "cocluster/policy/policy.hpp"
+#include "cocluster/policy/round_robin.hpp"
 #include "cocluster/policy/shared_socket.hpp"
 
 namespace cocluster {
 
 namespace detail {
 
+class reuse_port_listener;
+
+// The master accepting from a socket nobody holds and handing its connections to the workers
+// that hold the listener's other sockets, in turn (at RoundRobin's batching window of 8). Its
+// hand-offs are numbered with the other drains' of the listener: they share its server id.
+class reuse_port_drain final : public round_robin_listener {
+ public:
+  static constexpr std::size_t window = 8;
+  reuse_port_drain(ListenerArgs args, reuse_port_listener& owner)
+      : round_robin_listener(std::move(args), window), owner_(&owner) {}
+
+  using HandoffListener::resume_accepting;
+  using HandoffListener::stop_accepting;
+  using HandoffListener::unacknowledged;
+  void forget_owner() noexcept { owner_ = nullptr; }
+
+ private:
+  std::uint32_t next_seq() override;
+  reuse_port_listener* owner_;  // null once the owner has closed
+};
+
 // The sockets of one key, one per worker slot: a slot's socket lives as long as the listener,
 // whoever holds it.
 class reuse_port_listener final : public Listener {
  public:
-  explicit reuse_port_listener(ListenerArgs args) : id_(args.id), backlog_(args.backlog) {
-    slots_.push_back(slot{std::move(args.socket), 0});
+  explicit reuse_port_listener(ListenerArgs args)
+      : executor_(args.executor), id_(args.id), key_(args.key), address_(args.address), backlog_(args.backlog) {
+    slots_.push_back(slot{std::move(args.socket), 0, nullptr});
   }
+  ~reuse_port_listener() override { close(); }
 
   bool shares_socket() const noexcept override { return true; }
 
@@ -45,7 +76,7 @@ class reuse_port_listener final : public Listener {
     if (i == slots_.size()) {
       unique_fd twin = reuse_port_twin(slots_.front().socket.get(), backlog_, ec);
       if (ec) return {};
-      slots_.push_back(slot{std::move(twin), 0});
+      slots_.push_back(slot{std::move(twin), 0, nullptr});
     }
     offered_ = offer{worker.id(), i};
     return dup_cloexec(slots_[i].socket.get(), ec);
@@ -53,36 +84,103 @@ class reuse_port_listener final : public Listener {
 
   void joined(std::shared_ptr<WorkerLink> worker) override {
     if (offered_.worker == worker->id() && offered_.slot < slots_.size()) {
-      slots_[offered_.slot].owner = worker->id();
+      slot& s = slots_[offered_.slot];
+      s.owner = worker->id();
+      if (s.drain) s.drain->stop_accepting();  // its own worker accepts on it again
       debug("listener {}: worker {} accepts on socket {} of {}", id_, worker->pid(), offered_.slot + 1, slots_.size());
     }
     offered_ = offer{};
-  }
-
-  // Its socket stays open here, with whatever is queued in its backlog, for the next worker.
-  void left(WorkerLink& worker) override {
     for (auto& s : slots_)
-      if (s.owner == worker.id()) s.owner = 0;
+      if (s.drain) s.drain->joined(worker);  // one more to hand drained connections to
+    holders_.insert_or_assign(worker->id(), std::move(worker));
   }
 
-  void acknowledged(WorkerLink&, std::uint32_t, bool) override {}
-  void close() override { slots_.clear(); }
+  // Its socket stays open here, with whatever is queued in its backlog; while other workers
+  // hold the listener, the master drains it to them until a worker adopts it.
+  void left(WorkerLink& worker) override {
+    holders_.erase(worker.id());
+    for (auto& s : slots_)
+      if (s.drain) s.drain->left(worker);  // what it was handed and had not accepted: to the others
+    for (std::size_t i = 0; i < slots_.size(); ++i) {
+      if (slots_[i].owner != worker.id()) continue;
+      slots_[i].owner = 0;
+      if (!holders_.empty()) drain(i);  // else the master closes the listener
+    }
+  }
+
+  // Only drained connections are acknowledged: the drain that handed it counts it.
+  void acknowledged(WorkerLink& worker, std::uint32_t seq, bool ok) override {
+    for (auto& s : slots_)
+      if (s.drain && s.drain->unacknowledged(seq)) return s.drain->acknowledged(worker, seq, ok);
+  }
+  void acknowledged_batch(WorkerLink& worker, std::span<const std::uint32_t> accepted,
+                          std::span<const std::uint32_t> refused) override {
+    for (auto& s : slots_)
+      if (s.drain) s.drain->acknowledged_batch(worker, accepted, refused);  // each counts its own
+  }
+
+  void close() override {
+    for (auto& s : slots_)
+      if (s.drain) {
+        s.drain->forget_owner();
+        s.drain->close();
+      }
+    slots_.clear();
+    holders_.clear();
+  }
+
+  // The next hand-off number no drain of this listener has outstanding (never 0).
+  std::uint32_t next_seq() {
+    for (;;) {
+      if (++last_seq_ == 0) continue;
+      bool taken = false;
+      for (auto& s : slots_) taken = taken || (s.drain && s.drain->unacknowledged(last_seq_));
+      if (!taken) return last_seq_;
+    }
+  }
 
  private:
   struct slot {
     unique_fd socket;  // the master's; the worker accepts on a duplicate
     int owner = 0;     // the worker id holding it; 0: nobody
+    std::shared_ptr<reuse_port_drain> drain;  // made the first time nobody holds it
   };
   struct offer {
     int worker = 0;
     std::size_t slot = 0;
   };
 
+  // Nobody holds slot i, others hold the listener: the master accepts from its socket.
+  void drain(std::size_t i) {
+    slot& s = slots_[i];
+    if (s.drain) return s.drain->resume_accepting();
+    std::error_code ec;
+    unique_fd copy = dup_cloexec(s.socket.get(), ec);
+    if (ec) {  // it waits for a worker to adopt it, as its connections did before
+      log_error("listener {}: cannot drain the socket of a worker that left: {}", key_, ec.message());
+      return;
+    }
+    debug("listener {}: socket {} of {} has no worker; the master hands its connections to the others", id_, i + 1,
+          slots_.size());
+    s.drain = std::make_shared<reuse_port_drain>(ListenerArgs{executor_, id_, key_, address_, std::move(copy), backlog_},
+                                                 *this);
+    for (auto& [id, link] : holders_) s.drain->joined(link);  // the first starts accepting
+  }
+
+  asio::any_io_executor executor_;
   std::uint32_t id_;
+  std::string key_;
+  Address address_;
   int backlog_;
   std::vector<slot> slots_;
+  std::map<int, std::shared_ptr<WorkerLink>> holders_;  // the workers holding a slot, by id
   offer offered_;  // socket_copy's choice, taken by the joined() that follows it
+  std::uint32_t last_seq_ = 0;
 };
+
+inline std::uint32_t reuse_port_drain::next_seq() {
+  return owner_ ? owner_->next_seq() : round_robin_listener::next_seq();
+}
 
 }  // namespace detail
 

@@ -21,7 +21,7 @@ namespace detail {
 // Node: RoundRobinHandle. `free_` holds the workers with room in their window, in turn order:
 // a worker goes to the back when it is handed a connection and still has room, or when an
 // acknowledgement gives it room again.
-class round_robin_listener final : public HandoffListener {
+class round_robin_listener : public HandoffListener {
  public:
   round_robin_listener(ListenerArgs args, std::size_t window) : HandoffListener(std::move(args)), window_(window) {}
 

@@ -1,6 +1,7 @@
 // The state behind a worker's Server<tcp> or Server<local::stream_protocol>: an acceptor (a
-// copy of the master's listener under SharedSocket, or an adopted one), or a queue of the
-// connections the master hands over (RoundRobin), and the one initiation of accept().
+// copy of the master's listener under SharedSocket or ReusePort, or an adopted one) and a
+// queue of the connections the master hands over (RoundRobin; ReusePort while the master
+// drains the socket of a worker that left), and the one initiation of accept().
 #pragma once
 
 #include <asio/associated_cancellation_slot.hpp>
@@ -70,12 +71,14 @@ class stream_server final : public server_base, public std::enable_shared_from_t
   bool round_robin() const noexcept { return !acceptor_; }
 
   delivery deliver(unique_fd fd, std::uint8_t tag, std::uint32_t seq, const std::string& remote) override {
-    if (!open_ || acceptor_ || !fd) return delivery::refused;  // fd closes here; the master re-dispatches
+    if (!open_ || !fd) return delivery::refused;  // fd closes here; the master re-dispatches
     std::error_code ec;
     // The socket is made on a tracked executor: the runtime counts it until it is gone.
     auto socket = from_master<socket_type>(link_->connection_executor(), local_.protocol(), tag, std::move(fd), ec);
     if (!socket) return ec == error::protocol_error ? delivery::malformed : delivery::refused;
     handed_.push(incoming{std::move(*socket), seq, endpoint_from_sockaddr<endpoint_type>(remote)});
+    // Accepts waiting on our own socket end, and take it (ReusePort: start_accept()).
+    if (acceptor_ && accepts_waiting_ != 0) acceptor_->cancel(ec);
     return delivery::queued;
   }
 
@@ -187,25 +190,51 @@ class stream_server final : public server_base, public std::enable_shared_from_t
     return ::getsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &on, &len) == 0 && on != 0;
   }
 
+  // Accepts on our own socket; a connection the master handed us meanwhile comes first. The
+  // master hands a server with a socket of its own connections only while it drains the
+  // socket of a ReusePort worker that left; deliver() then cancels the waiting accepts, and
+  // each one that the user did not cancel takes a handed connection or starts again. So the
+  // Asio accept gets no cancellation slot of the user's: the user's slot marks the accept
+  // cancelled first, then cancels it.
   template <class Handler>
   void start_accept(endpoint_type* peer, Handler&& h) {
     auto connection_ex = connection_executor();
-    if (!link_) {  // adopted: nobody counts its connections
+    if (!link_) {  // adopted: nobody counts its connections, and the master hands it none
       if (peer) acceptor_->async_accept(connection_ex, *peer, std::forward<Handler>(h));
       else acceptor_->async_accept(connection_ex, std::forward<Handler>(h));
       return;
     }
-    // A connection accepted is one more taken (server_link::took_connection), as a hand-off is.
+    if (auto in = handed_.try_pop()) {
+      socket_type socket = take(*in, peer);
+      return complete_now(std::forward<Handler>(h), ex_, std::error_code{}, std::move(socket));
+    }
     auto slot = asio::get_associated_cancellation_slot(h);
+    std::shared_ptr<bool> cancelled;  // by the user (made only for a handler that can cancel)
+    if (slot.is_connected()) {
+      cancelled = std::make_shared<bool>(false);
+      slot.assign([cancelled, self = this->shared_from_this()](asio::cancellation_type) {
+        *cancelled = true;
+        std::error_code ignored;
+        if (self->acceptor_) self->acceptor_->cancel(ignored);  // the others start again
+      });
+    }
     auto handler_ex = asio::get_associated_executor(h, ex_);
-    auto counted = asio::bind_cancellation_slot(
-        slot, asio::bind_executor(handler_ex, [link = link_, h = std::forward<Handler>(h)](std::error_code ec,
-                                                                                           socket_type socket) mutable {
-          if (!ec) link->took_connection();
+    ++accepts_waiting_;
+    // A connection accepted is one more taken (server_link::took_connection), as a hand-off is.
+    auto done = asio::bind_executor(
+        handler_ex, [self = this->shared_from_this(), peer, cancelled, h = std::forward<Handler>(h)](
+                        std::error_code ec, socket_type socket) mutable {
+          --self->accepts_waiting_;
+          if (ec == asio::error::operation_aborted && self->open_ && !(cancelled && *cancelled)) {
+            if (cancelled) asio::get_associated_cancellation_slot(h).clear();
+            return self->start_accept(peer, std::move(h));  // takes the handed connection, or waits again
+          }
+          if (cancelled) asio::get_associated_cancellation_slot(h).clear();
+          if (!ec) self->link_->took_connection();
           std::move(h)(ec, std::move(socket));
-        }));
-    if (peer) acceptor_->async_accept(connection_ex, *peer, std::move(counted));
-    else acceptor_->async_accept(connection_ex, std::move(counted));
+        });
+    if (peer) acceptor_->async_accept(connection_ex, *peer, std::move(done));
+    else acceptor_->async_accept(connection_ex, std::move(done));
   }
 
   // Adopted servers make plain sockets: the master never knew them.
@@ -214,7 +243,8 @@ class stream_server final : public server_base, public std::enable_shared_from_t
   asio::any_io_executor ex_;
   server_link* link_;
   std::optional<acceptor_type> acceptor_;
-  async_queue<incoming> handed_;  // round robin: bounded by the master's window
+  async_queue<incoming> handed_;  // bounded by the master's window
+  std::size_t accepts_waiting_ = 0;  // Asio accepts pending on acceptor_
   endpoint_type local_;
   std::optional<asio::steady_timer> defer_;  // a busy worker's pause before its next accept (made at the first)
   bool gated_;             // accepting on a socket shared with other workers
