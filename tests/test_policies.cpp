@@ -638,6 +638,25 @@ TEST_CASE("ReusePort: 4 workers share the one port listen(0) gave, each on its o
   });
 }
 
+TEST_CASE("ReusePort: a port another SO_REUSEPORT socket of this user holds is in use, as under the other policies") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    // Another instance of the program, say: its socket would take the new sockets into its group.
+    tcp::acceptor other(io, tcp::v4());
+    other.set_option(asio::socket_base::reuse_address(true));
+    const int one = 1;
+    REQUIRE(::setsockopt(other.native_handle(), SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) == 0);
+    other.bind(tcp::endpoint(loopback(1), 0));
+    other.listen();
+    Master<ReusePort> master(io.get_executor());
+    Env env = scenario_env("serve");
+    env["TEST_LISTEN"] = "tcp4:127.0.0.1:" + std::to_string(other.local_endpoint().port());
+    auto w = co_await master.fork(env);
+    const std::string report = (co_await w->receive()).data;
+    CHECK_MESSAGE(report.rfind("error " + std::to_string(EADDRINUSE) + " ", 0) == 0, report);
+    co_await master.disconnect();
+  });
+}
+
 TEST_CASE("RuntimePolicy knows reuseport by name") {
   ::setenv("COCLUSTER_SCHED_POLICY", "reuseport", 1);
   CHECK(RuntimePolicy().resolve() == Scheduling::reuse_port);

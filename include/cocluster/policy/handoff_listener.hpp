@@ -230,14 +230,19 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   }
   bool unacknowledged(std::uint32_t seq) const noexcept { return unacked_.count(seq) != 0; }
 
-  // Accepting stops (no more accept4; what was accepted is still handed off, acknowledged and
-  // given back as before) or starts again. It starts at construction.
+  // Accepting stops: the listening socket (this listener's copy) is closed, so the master's
+  // loop no longer wakes for it; what was accepted is still handed off, acknowledged and given
+  // back as before. accept_from() starts again on `socket` (another copy of it; throws
+  // std::system_error if the reactor cannot take it). It accepts from construction on.
   void stop_accepting() {
     accepting_ = false;
     std::error_code ignored;
-    socket_.cancel(ignored);
+    socket_.close(ignored);
   }
-  void resume_accepting() {
+  bool accepting() const noexcept { return accepting_; }
+  void accept_from(detail::unique_fd socket) {
+    socket_.assign(socket.get());
+    (void)socket.release();
     accepting_ = true;
     distribute();
   }

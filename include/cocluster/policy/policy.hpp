@@ -60,8 +60,9 @@ class Listener {
   virtual ~Listener() = default;
 
   // True if each worker accepts on its own copy of a socket (socket_copy() gives the one for
-  // `worker`, sent with its listen() answer, and joined() follows at once); false if the master
-  // accepts and hands connections over.
+  // `worker`, sent with its listen() answer, and joined() follows at once, or left() if the
+  // answer cannot be sent: the worker's channel is ending); false if the master accepts and
+  // hands connections over.
   virtual bool shares_socket() const noexcept = 0;
   virtual detail::unique_fd socket_copy(const WorkerLink& worker, std::error_code& ec) = 0;
 

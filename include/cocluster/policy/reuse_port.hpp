@@ -22,6 +22,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <system_error>
 #include <vector>
 
 #include "cocluster/detail/log.hpp"
@@ -46,7 +47,8 @@ class reuse_port_drain final : public round_robin_listener {
   reuse_port_drain(ListenerArgs args, reuse_port_listener& owner)
       : round_robin_listener(std::move(args), window), owner_(&owner) {}
 
-  using HandoffListener::resume_accepting;
+  using HandoffListener::accept_from;
+  using HandoffListener::accepting;
   using HandoffListener::stop_accepting;
   using HandoffListener::unacknowledged;
   void forget_owner() noexcept { owner_ = nullptr; }
@@ -69,17 +71,23 @@ class reuse_port_listener final : public Listener {
   bool shares_socket() const noexcept override { return true; }
 
   // The socket of a slot nobody holds (a dead or departed worker's first: its backlog is
-  // waiting), else a new one in the group. joined() gives the worker that slot.
+  // waiting), else a new one in the group. joined() gives the worker that slot; if the answer
+  // cannot be sent, left() follows instead, and the slot is drained like any other nobody holds.
   unique_fd socket_copy(const WorkerLink& worker, std::error_code& ec) override {
     std::size_t i = 0;
     while (i < slots_.size() && slots_[i].owner != 0) ++i;
     if (i == slots_.size()) {
       unique_fd twin = reuse_port_twin(slots_.front().socket.get(), backlog_, ec);
       if (ec) return {};
-      slots_.push_back(slot{std::move(twin), 0, nullptr});
+      slots_.push_back(slot{std::move(twin), 0, nullptr});  // in the group: the kernel hashes to it
     }
     offered_ = offer{worker.id(), i};
-    return dup_cloexec(slots_[i].socket.get(), ec);
+    unique_fd copy = dup_cloexec(slots_[i].socket.get(), ec);
+    if (ec) {
+      offered_ = offer{};
+      if (!holders_.empty()) drain(i);  // (else the table closes the listener)
+    }
+    return copy;
   }
 
   void joined(std::shared_ptr<WorkerLink> worker) override {
@@ -98,6 +106,12 @@ class reuse_port_listener final : public Listener {
   // Its socket stays open here, with whatever is queued in its backlog; while other workers
   // hold the listener, the master drains it to them until a worker adopts it.
   void left(WorkerLink& worker) override {
+    if (offered_.worker == worker.id()) {  // its answer was not sent: it never held the slot
+      const std::size_t i = offered_.slot;
+      offered_ = offer{};
+      if (i < slots_.size() && slots_[i].owner == 0 && !holders_.empty()) drain(i);
+      return;
+    }
     holders_.erase(worker.id());
     for (auto& s : slots_)
       if (s.drain) s.drain->left(worker);  // what it was handed and had not accepted: to the others
@@ -150,21 +164,30 @@ class reuse_port_listener final : public Listener {
     std::size_t slot = 0;
   };
 
-  // Nobody holds slot i, others hold the listener: the master accepts from its socket.
+  // Nobody holds slot i, others hold the listener: the master accepts from its socket (a copy,
+  // closed again when a worker adopts it, so the master's loop wakes for it only meanwhile).
   void drain(std::size_t i) {
     slot& s = slots_[i];
-    if (s.drain) return s.drain->resume_accepting();
+    if (s.drain && s.drain->accepting()) return;
     std::error_code ec;
-    unique_fd copy = dup_cloexec(s.socket.get(), ec);
-    if (ec) {  // it waits for a worker to adopt it, as its connections did before
-      log_error("listener {}: cannot drain the socket of a worker that left: {}", key_, ec.message());
+    try {
+      unique_fd copy = dup_cloexec(s.socket.get(), ec);
+      if (!ec && s.drain) {
+        s.drain->accept_from(std::move(copy));
+      } else if (!ec) {
+        s.drain = std::make_shared<reuse_port_drain>(
+            ListenerArgs{executor_, id_, key_, address_, std::move(copy), backlog_}, *this);
+        for (auto& [id, link] : holders_) s.drain->joined(link);  // the first starts accepting
+      }
+    } catch (const std::system_error& e) {  // the reactor could not take the copy
+      ec = e.code();
+    }
+    if (ec) {  // its connections wait for a worker to adopt it
+      log_error("listener {}: cannot accept from a socket no worker holds: {}", key_, ec.message());
       return;
     }
     debug("listener {}: socket {} of {} has no worker; the master hands its connections to the others", id_, i + 1,
           slots_.size());
-    s.drain = std::make_shared<reuse_port_drain>(ListenerArgs{executor_, id_, key_, address_, std::move(copy), backlog_},
-                                                 *this);
-    for (auto& [id, link] : holders_) s.drain->joined(link);  // the first starts accepting
   }
 
   asio::any_io_executor executor_;

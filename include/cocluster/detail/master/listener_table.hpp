@@ -83,6 +83,7 @@ class listener_table {
     }
     // The reply goes first: a newconn must not reach the worker before it knows the server.
     if (!worker->send(reply, reply.shared ? listener_tag(type) : no_handle, std::move(copy))) {
+      if (reply.shared) e->listener->left(*worker);  // instead of joined(): what socket_copy() set aside is free
       if (members_of(e->id) == 0) discard(e->id);
       return;
     }

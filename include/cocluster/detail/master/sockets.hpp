@@ -162,10 +162,22 @@ inline unique_fd open_listener(const listen_request& r, std::string& bound_path,
     ec = last_error();
     return {};
   }
-  if (r.reuse_port && domain != AF_UNIX && !datagram &&
-      ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0) {
-    ec = last_error();
-    return {};
+  if (r.reuse_port && domain != AF_UNIX && !datagram) {
+    // SO_REUSEPORT would let this socket join any group its user already has on the port (a
+    // second instance of the program, or another of our keys on it): the connections would be
+    // split between them without a word. A bind without it tells whether the port is taken.
+    if (r.port != 0) {
+      unique_fd probe(::socket(domain, SOCK_STREAM | SOCK_CLOEXEC, 0));
+      if (!probe || ::setsockopt(probe.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0 ||
+          ::bind(probe.get(), reinterpret_cast<sockaddr*>(&ss), len) != 0) {
+        ec = last_error();
+        return {};
+      }
+    }
+    if (::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0) {
+      ec = last_error();
+      return {};
+    }
   }
   if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&ss), len) != 0) {
     ec = last_error();

@@ -208,28 +208,30 @@ class stream_server final : public server_base, public std::enable_shared_from_t
       socket_type socket = take(*in, peer);
       return complete_now(std::forward<Handler>(h), ex_, std::error_code{}, std::move(socket));
     }
-    auto slot = asio::get_associated_cancellation_slot(h);
-    std::shared_ptr<bool> cancelled;  // by the user (made only for a handler that can cancel)
-    if (slot.is_connected()) {
-      cancelled = std::make_shared<bool>(false);
-      slot.assign([cancelled, self = this->shared_from_this()](asio::cancellation_type) {
-        *cancelled = true;
+    // The user's cancellation: in the slot's own storage (no allocation per accept); the accept
+    // holds the server, so `self` outlives it until the slot is cleared at completion.
+    struct user_cancel {
+      stream_server* self;
+      bool cancelled = false;
+      void operator()(asio::cancellation_type) {
+        cancelled = true;
         std::error_code ignored;
         if (self->acceptor_) self->acceptor_->cancel(ignored);  // the others start again
-      });
-    }
+      }
+    };
+    auto slot = asio::get_associated_cancellation_slot(h);
+    user_cancel* cancel = slot.is_connected() ? &slot.template emplace<user_cancel>(user_cancel{this}) : nullptr;
     auto handler_ex = asio::get_associated_executor(h, ex_);
     ++accepts_waiting_;
     // A connection accepted is one more taken (server_link::took_connection), as a hand-off is.
     auto done = asio::bind_executor(
-        handler_ex, [self = this->shared_from_this(), peer, cancelled, h = std::forward<Handler>(h)](
+        handler_ex, [self = this->shared_from_this(), peer, cancel, h = std::forward<Handler>(h)](
                         std::error_code ec, socket_type socket) mutable {
           --self->accepts_waiting_;
-          if (ec == asio::error::operation_aborted && self->open_ && !(cancelled && *cancelled)) {
-            if (cancelled) asio::get_associated_cancellation_slot(h).clear();
+          const bool by_user = cancel && cancel->cancelled;
+          if (cancel) asio::get_associated_cancellation_slot(h).clear();
+          if (ec == asio::error::operation_aborted && self->open_ && !by_user)
             return self->start_accept(peer, std::move(h));  // takes the handed connection, or waits again
-          }
-          if (cancelled) asio::get_associated_cancellation_slot(h).clear();
           if (!ec) self->link_->took_connection();
           std::move(h)(ec, std::move(socket));
         });
