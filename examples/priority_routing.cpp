@@ -20,6 +20,8 @@
 #include <charconv>
 #include <csignal>
 #include <cstdlib>
+#include <functional>
+#include <optional>
 #include <string>
 
 using asio::awaitable;
@@ -96,6 +98,7 @@ awaitable<void> worker_main(std::string priority) {
     const tcp::endpoint ep(asio::ip::make_address(spec.substr(0, colon)),
                            static_cast<unsigned short>(std::stoi(spec.substr(colon + 1))));
     auto [ec, server] = co_await cocluster::this_worker.listen(ep, {}, as_tuple(use_awaitable));
+    if (ec == cocluster::error::worker_not_connected) co_return;  // the master stopped us first
     if (ec) {
       fmt::print(stderr, "priority_routing: {} worker: cannot listen on {}: {}\n", priority, spec, ec.message());
       std::exit(1);
@@ -134,26 +137,27 @@ struct route_by_address {
   }
 };
 
-// Waits for SIGTERM/SIGINT or a worker's death, then disconnects both workers (killing one
-// still connected after 5 s). The exit code: 0, or 1 if a worker died.
-template <class Master>
-awaitable<int> serve_until_stopped(Master& master, std::vector<std::shared_ptr<cocluster::Worker>> workers) {
-  auto ex = co_await asio::this_coro::executor;
-  int code = 0;
-  asio::signal_set signals(ex, SIGINT, SIGTERM);
-  auto& events = master.events();
-  for (bool stop = false; !stop;) {
-    using namespace asio::experimental::awaitable_operators;
-    auto which = co_await (signals.async_wait(use_awaitable) || events.next(use_awaitable));
-    if (which.index() == 0) break;
-    const cocluster::Event& e = std::get<1>(which);
-    if (e.type == cocluster::EventType::exit) {
-      fmt::print(stderr, "priority_routing: worker {} died ({}); stopping\n", e.worker->id(),
-                 e.exit.signal ? e.exit.signal_name() : "code " + std::to_string(e.exit.code));
-      code = 1;
-      stop = true;
-    }
+std::string how(const cocluster::ExitStatus& s) { return s.signal ? s.signal_name() : "code " + std::to_string(s.code); }
+
+// Waits until each of `count` workers has had an `until` event (online, or listening: its
+// address goes to *where), reading the master's events, which are subscribed before the first
+// fork so that none is missed. A worker that exits first ends the wait: its exit event is
+// returned.
+awaitable<std::optional<cocluster::Event>> wait_for_each(cocluster::EventStream& events, cocluster::EventType until,
+                                                         std::size_t count, cocluster::Address* where = nullptr) {
+  for (std::size_t reached = 0; reached < count;) {
+    cocluster::Event e = co_await events.next(use_awaitable);
+    if (e.type == cocluster::EventType::exit) co_return e;
+    if (e.type != until) continue;
+    ++reached;
+    if (where) *where = e.address;
   }
+  co_return std::nullopt;
+}
+
+// Disconnects the workers (killing one still connected after 5 s) and waits for their exits.
+awaitable<void> stop_workers(const std::vector<std::shared_ptr<cocluster::Worker>>& workers) {
+  auto ex = co_await asio::this_coro::executor;
   for (auto& w : workers) w->disconnect();
   asio::steady_timer timeout(ex, std::chrono::seconds(5));
   for (auto& w : workers) {
@@ -162,6 +166,28 @@ awaitable<int> serve_until_stopped(Master& master, std::vector<std::shared_ptr<c
     if (which.index() == 1) w->kill();
   }
   for (auto& w : workers) co_await w->exited();
+}
+
+// Waits for SIGTERM/SIGINT or a worker's death, then calls stop_accepting() and stops the
+// workers. The exit code: 0, or 1 if a worker died (nothing replaces it).
+awaitable<int> serve_until_stopped(cocluster::EventStream& events, const std::vector<std::shared_ptr<cocluster::Worker>>& workers,
+                                   std::function<void()> stop_accepting) {
+  auto ex = co_await asio::this_coro::executor;
+  int code = 0;
+  asio::signal_set signals(ex, SIGINT, SIGTERM);
+  for (bool stop = false; !stop;) {
+    using namespace asio::experimental::awaitable_operators;
+    auto which = co_await (signals.async_wait(use_awaitable) || events.next(use_awaitable));
+    if (which.index() == 0) break;
+    const cocluster::Event& e = std::get<1>(which);
+    if (e.type == cocluster::EventType::exit) {
+      fmt::print(stderr, "priority_routing: worker {} died ({}); stopping\n", e.worker->id(), how(e.exit));
+      code = 1;
+      stop = true;
+    }
+  }
+  stop_accepting();
+  co_await stop_workers(workers);
   co_return code;
 }
 
@@ -210,18 +236,22 @@ awaitable<int> master_send(options o) {
   auto acceptor =
       std::make_shared<tcp::acceptor>(ex, tcp::endpoint(asio::ip::make_address(o.host), static_cast<unsigned short>(o.port)));
   cocluster::Master<> master(ex);
+  auto& events = master.events();  // before the first fork, so that no worker's exit goes unseen
   // child_process.fork('subprocess.js', ['normal']) (a variable first: GCC 12 mishandles a
   // braced list inside co_await).
   const std::vector<std::string> as_normal{"normal"}, as_special{"special"};
   auto normal = co_await master.fork(cocluster::Env(), as_normal);
   auto special = co_await master.fork(cocluster::Env(), as_special);
-  co_await normal->online();
-  co_await special->online();
+  const std::vector<std::shared_ptr<cocluster::Worker>> both{normal, special};
+  if (auto died = co_await wait_for_each(events, cocluster::EventType::online, both.size())) {
+    fmt::print(stderr, "priority_routing: worker {} exited ({}) before coming online; stopping\n", died->worker->id(), how(died->exit));
+    co_await stop_workers(both);
+    co_return 1;
+  }
   fmt::print("listening on {}:{}\n", o.host, acceptor->local_endpoint().port());
   std::fflush(stdout);
   asio::co_spawn(ex, send_connections(acceptor, normal, special, o.special), asio::detached);
-  std::vector<std::shared_ptr<cocluster::Worker>> both{normal, special};
-  const int code = co_await serve_until_stopped(master, std::move(both));
+  const int code = co_await serve_until_stopped(events, both, [] {});
   acceptor->close();
   co_return code;
 }
@@ -231,26 +261,25 @@ awaitable<int> master_dispatch(options o) {
   route_by_address route;
   route.special = o.special;
   cocluster::Master<cocluster::Dispatch<route_by_address>> master(ex, {}, cocluster::Dispatch(route));
+  auto& events = master.events();  // before the first fork, so that no worker's exit goes unseen
   const cocluster::Env env{{"PRIORITY_ROUTING_LISTEN", fmt::format("{}:{}", o.host, o.port)}};
   const std::vector<std::string> as_normal{"normal"}, as_special{"special"};
   auto normal = co_await master.fork(env, as_normal);
   auto special = co_await master.fork(env, as_special);
   route.workers->normal = normal->id();
   route.workers->special = special->id();
-  std::vector<std::shared_ptr<cocluster::Worker>> both{normal, special};
+  const std::vector<std::shared_ptr<cocluster::Worker>> both{normal, special};
   cocluster::Address where;
-  for (auto& w : both) {
-    auto [ec, a] = co_await w->listening(as_tuple(use_awaitable));
-    if (ec) {
-      fmt::print(stderr, "priority_routing: worker {} did not listen: {}\n", w->id(), ec.message());
-      co_await master.disconnect();
-      co_return 1;
-    }
-    where = a;
+  if (auto died = co_await wait_for_each(events, cocluster::EventType::listening, both.size(), &where)) {
+    // A worker that cannot listen says why and exits (its error reaches it, not us).
+    fmt::print(stderr, "priority_routing: worker {} exited ({}) before listening{}; stopping\n", died->worker->id(),
+               how(died->exit), died->exit.signal ? "" : " (see its error above)");
+    co_await stop_workers(both);
+    co_return 1;
   }
   fmt::print("listening on {}:{}\n", o.host, where.port);
   std::fflush(stdout);
-  co_return co_await serve_until_stopped(master, std::move(both));
+  co_return co_await serve_until_stopped(events, both, [] {});  // the workers' disconnect closes the listener
 }
 
 }  // namespace

@@ -111,6 +111,16 @@ run_mode() {
     check "$mode: a connection reset while its worker was stopped is reported closed in transit" reported
     rm -f "$err.before"
   fi
+  # The port in use, in --mode dispatch: a worker says it cannot listen and exits; the master
+  # names that worker's exit (not an error lost with it) and stops with 1.
+  local busy busy_rc
+  busy=$(timeout 20 "$exe" --port "$port" --mode dispatch 2>&1 >/dev/null)
+  busy_rc=$?
+  check "$mode: a second one on its port (dispatch) exits with 1" [ "$busy_rc" -eq 1 ]
+  check "$mode: ... its worker says why" grep -q "cannot listen on 127.0.0.1:$port: Address already in use" <<<"$busy"
+  check "$mode: ... and its master points at that line" grep -q "exited (code 1) before listening (see its error above)" <<<"$busy"
+  check "$mode: ... not at an error lost with the worker" bash -c "! grep -q 'not connected' <<<\"\$1\"" _ "$busy"
+  [ "$failed" -eq 0 ] || echo "--- the second one said: $busy"
   kill -TERM "$server"
   timeout 20 tail --pid="$server" -f /dev/null
   wait "$server"
