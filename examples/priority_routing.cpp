@@ -191,21 +191,27 @@ awaitable<int> serve_until_stopped(cocluster::EventStream& events, const std::ve
   co_return code;
 }
 
-// A worker and the sockets sent to it that its channel has not taken yet.
+// A worker and what the master holds for it.
 struct destination {
   std::shared_ptr<cocluster::Worker> worker;
-  std::size_t sending = 0;
+  std::size_t sending = 0;  // sockets sent to it that its channel has not taken yet
+  std::size_t unsent = 0;   // connections closed because it could no longer take them
 };
 // Sockets queued for one worker at most; one more is closed, so that a stalled worker holds
 // neither the master's fds nor the other worker's clients.
 constexpr std::size_t max_sending = 1024;
 
+// Both destinations, and whether the master is stopping (then a send that fails is expected:
+// the worker was disconnected, and its connection is closed without a word).
+struct senders {
+  destination normal, special;
+  bool stopping = false;
+};
+
 // The reference's master: accept (never read), then send the socket to the chosen worker.
 // Sends are not awaited here: a worker whose channel is full delays only its own clients.
-awaitable<void> send_connections(std::shared_ptr<tcp::acceptor> acceptor, std::shared_ptr<cocluster::Worker> normal_worker,
-                                 std::shared_ptr<cocluster::Worker> special_worker, asio::ip::address special_address) {
-  auto normal = std::make_shared<destination>(destination{std::move(normal_worker)});
-  auto special = std::make_shared<destination>(destination{std::move(special_worker)});
+awaitable<void> send_connections(std::shared_ptr<tcp::acceptor> acceptor, std::shared_ptr<senders> all,
+                                 asio::ip::address special_address) {
   asio::steady_timer pause(acceptor->get_executor());
   for (;;) {
     tcp::endpoint peer;  // from accept itself: the connection may be reset already
@@ -217,16 +223,19 @@ awaitable<void> send_connections(std::shared_ptr<tcp::acceptor> acceptor, std::s
       co_await pause.async_wait(as_tuple(use_awaitable));
       continue;
     }
-    std::shared_ptr<destination> to = same_address(peer.address(), special_address) ? special : normal;
+    std::shared_ptr<destination> to(all, same_address(peer.address(), special_address) ? &all->special : &all->normal);
     if (to->sending >= max_sending) {
       fmt::print(stderr, "priority_routing: worker {} has {} sockets not taken; closing a connection\n",
                  to->worker->id(), to->sending);
       continue;  // ~socket closes it
     }
     ++to->sending;
-    to->worker->send(cocluster::Message("socket", std::move(socket)), [to](std::error_code sec) {
+    to->worker->send(cocluster::Message("socket", std::move(socket)), [all, to](std::error_code sec) {
       --to->sending;
-      if (sec) fmt::print(stderr, "priority_routing: send to worker {}: {}\n", to->worker->id(), sec.message());
+      // The socket is closed with the message. A worker gone before we stop (it died: its exit
+      // stops us soon) fails every send to it: said once, counted after.
+      if (sec && !all->stopping && to->unsent++ == 0)
+        fmt::print(stderr, "priority_routing: send to worker {}: {}; closing its connections\n", to->worker->id(), sec.message());
     });
   }
 }
@@ -250,9 +259,15 @@ awaitable<int> master_send(options o) {
   }
   fmt::print("listening on {}:{}\n", o.host, acceptor->local_endpoint().port());
   std::fflush(stdout);
-  asio::co_spawn(ex, send_connections(acceptor, normal, special, o.special), asio::detached);
-  const int code = co_await serve_until_stopped(events, both, [] {});
-  acceptor->close();
+  auto all = std::make_shared<senders>(senders{{normal}, {special}});
+  asio::co_spawn(ex, send_connections(acceptor, all, o.special), asio::detached);
+  // As Node's server.close() first: no connection is accepted that no worker will take.
+  const int code = co_await serve_until_stopped(events, both, [&] {
+    all->stopping = true;
+    acceptor->close();
+  });
+  for (const destination* d : {&all->normal, &all->special})
+    if (d->unsent > 1) fmt::print(stderr, "priority_routing: {} connections for worker {} closed unsent\n", d->unsent, d->worker->id());
   co_return code;
 }
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Checks examples/priority_routing as a client would, in both modes: clients bound to 127.0.0.2
 # are handled by the special worker, clients from 127.0.0.1 by the normal one; connections reset
-# by their client before the worker answers do not end a worker; SIGTERM stops it with 0; bad
-# arguments give a message and exit 2. Loopback only; every wait is bounded. Needs bash and
-# python3 (for clients bound to a source address).
+# by their client before the worker answers do not end a worker; SIGTERM stops it with 0 and a
+# worker's death with 1, neither flooding the log while clients keep connecting; a second one on
+# a busy port names its worker's error; bad arguments give a message and exit 2. Loopback only;
+# every wait is bounded. Needs bash and python3 (for clients bound to a source address).
 #   priority_routing_test.sh path/to/priority_routing
 set -uo pipefail
 exe=$1
@@ -58,11 +59,39 @@ sys.stdout.write(data.decode())
 PY
 }
 
-run_mode() {
-  local mode=$1 out err server port i reply
+# hammer SOURCE: connects from SOURCE again and again, reading each answer to its end, until a
+# connection is refused (or 20 s); one line per connection: the answer, (closed) or (reset).
+hammer() {
+  timeout 25 python3 - "$1" "$port" <<'PY'
+import socket, sys, time
+src, port = sys.argv[1], int(sys.argv[2])
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline:
+    s = socket.socket()
+    s.bind((src, 0))
+    try:
+        s.connect(("127.0.0.1", port))
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+        line = data.decode().strip() or "(closed)"
+    except ConnectionRefusedError:
+        break
+    except OSError:
+        line = "(reset)"
+    print(line, flush=True)
+    s.close()
+PY
+}
+
+# start MODE [PREFIX...]: starts it (after PREFIX, e.g. a ulimit) on a free port; sets server,
+# port, out, err. Returns 1 (a failure, the server killed) if it does not print its port.
+start() {
+  local mode=$1
+  shift
   out=$(mktemp)
   err=$(mktemp)
-  "$exe" --port 0 --special 127.0.0.2 --mode "$mode" >"$out" 2>"$err" &
+  "$@" "$exe" --port 0 --special 127.0.0.2 --mode "$mode" >"$out" 2>"$err" &
   server=$!
   for _ in $(seq 300); do
     grep -q '^listening on ' "$out" && break
@@ -73,9 +102,35 @@ run_mode() {
   if [ -z "$port" ] || [ "$port" = 0 ]; then
     echo "priority_routing --mode $mode did not start: $(cat "$out" "$err")"
     kill -KILL "$server" 2>/dev/null
+    wait "$server" 2>/dev/null
     failed=$((failed + 1))
-    return
+    rm -f "$out" "$err"
+    return 1
   fi
+}
+
+# finish: waits (20 s at most, then SIGKILL) for the server to exit; sets rc.
+finish() {
+  timeout 20 tail --pid="$server" -f /dev/null
+  if kill -0 "$server" 2>/dev/null; then
+    echo "priority_routing did not exit within 20 s: killed"
+    kill -KILL "$server"
+  fi
+  wait "$server"
+  rc=$?
+}
+
+# until_lines FILE N: waits (10 s at most) until FILE has N lines.
+until_lines() {
+  for _ in $(seq 200); do
+    [ "$(grep -c . "$1")" -ge "$2" ] && return
+    sleep 0.05
+  done
+}
+
+run_mode() {
+  local mode=$1 i reply
+  start "$mode" || return
   local normal=0 special=0 wrong=0
   for i in 1 2 3 4 5; do
     reply=$(client 127.0.0.1)
@@ -121,16 +176,49 @@ run_mode() {
   check "$mode: ... and its master points at that line" grep -q "exited (code 1) before listening (see its error above)" <<<"$busy"
   check "$mode: ... not at an error lost with the worker" bash -c "! grep -q 'not connected' <<<\"\$1\"" _ "$busy"
   [ "$failed" -eq 0 ] || echo "--- the second one said: $busy"
+  # SIGTERM while a client keeps connecting: the master stops accepting first, so no connection
+  # is accepted only to be closed, and none is reported as a send to a worker not connected.
+  hammer 127.0.0.1 >"$err.hammer" &
+  local hammering=$!
+  until_lines "$err.hammer" 20
   kill -TERM "$server"
-  timeout 20 tail --pid="$server" -f /dev/null
-  wait "$server"
-  check "$mode: SIGTERM stops it with 0" [ "$?" -eq 0 ]
-  if [ "$failed" -ne 0 ]; then echo "--- stderr of --mode $mode:"; cat "$err"; fi
+  finish
+  check "$mode: SIGTERM stops it with 0" [ "$rc" -eq 0 ]
+  wait "$hammering"
+  check "$mode: a client connecting through SIGTERM is answered before it" grep -q "handled by normal priority" "$err.hammer"
+  check "$mode: no 'send to worker' line after SIGTERM" bash -c "! grep -q 'send to worker' '$err'"
+  rm -f "$err.hammer"
+  if [ "$failed" -ne 0 ]; then echo "--- stderr of --mode $mode (its end):"; tail -n 40 "$err"; fi
   rm -f "$out" "$err"
+}
+
+# A worker's death ends it with 1 (nothing replaces the worker), while a client keeps
+# connecting to that worker: the master stops accepting at once, and a send to the dead worker
+# is reported once, not once per connection.
+run_death() {
+  local mode=$1 normal_pid special_pid
+  start "$mode" || return
+  normal_pid=$(pgrep -P "$server" -f ' normal$' | head -n 1)
+  special_pid=$(pgrep -P "$server" -f ' special$' | head -n 1)
+  check "$mode: the workers are children named by their arguments" test -n "$normal_pid" -a -n "$special_pid"
+  hammer 127.0.0.1 >"$err.hammer" &
+  local hammering=$!
+  until_lines "$err.hammer" 20
+  [ -n "$normal_pid" ] && kill -KILL "$normal_pid"
+  finish
+  check "$mode: a worker's death ends it with 1" [ "$rc" -eq 1 ]
+  check "$mode: ... and it says which worker died how" grep -q "worker 1 died (SIGKILL); stopping" "$err"
+  check "$mode: ... after stopping the other worker" bash -c "! kill -0 '$special_pid' 2>/dev/null"
+  wait "$hammering"
+  check "$mode: ... with at most one 'send to worker' line" [ "$(grep -c 'send to worker' "$err")" -le 1 ]
+  if [ "$failed" -ne 0 ]; then echo "--- stderr of --mode $mode, a worker killed (its end):"; tail -n 40 "$err"; fi
+  rm -f "$out" "$err" "$err.hammer"
 }
 
 run_mode send
 run_mode dispatch
+run_death send
+run_death dispatch
 
 echo "priority_routing: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]
