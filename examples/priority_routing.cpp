@@ -17,6 +17,9 @@
 #include <asio/experimental/awaitable_operators.hpp>
 #include <fmt/core.h>
 
+#include <sys/resource.h>
+
+#include <algorithm>
 #include <charconv>
 #include <csignal>
 #include <cstdlib>
@@ -195,43 +198,68 @@ awaitable<int> serve_until_stopped(cocluster::EventStream& events, const std::ve
 struct destination {
   std::shared_ptr<cocluster::Worker> worker;
   std::size_t sending = 0;  // sockets sent to it that its channel has not taken yet
+  std::size_t refused = 0;  // connections closed since `sending` reached its bound
   std::size_t unsent = 0;   // connections closed because it could no longer take them
 };
-// Sockets queued for one worker at most; one more is closed, so that a stalled worker holds
-// neither the master's fds nor the other worker's clients.
-constexpr std::size_t max_sending = 1024;
+
+// The fds the master may hold for one worker: the sockets in its channel's send queue and the
+// sends waiting for room there. A quarter of the soft RLIMIT_NOFILE, less a reserve for stdio,
+// the listener, the workers' channels and pidfds, so that a stalled worker holds neither the
+// master's fds nor the other worker's clients: at its bound, its new connections are closed.
+struct fd_bounds {
+  std::size_t queue;    // ChannelOptions::send_queue_capacity: the library's 256, or less
+  std::size_t sending;  // sends waiting for room in that queue
+};
+fd_bounds fd_bounds_per_worker() {
+  constexpr std::size_t reserve = 64;
+  rlimit limit{};
+  std::size_t soft = std::size_t{1} << 16;
+  if (::getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY) soft = std::min<std::size_t>(soft, limit.rlim_cur);
+  const std::size_t per_worker = std::max<std::size_t>(soft > reserve ? (soft - reserve) / 4 : 0, 2);
+  const std::size_t queue = std::min<std::size_t>(cocluster::ipc::ChannelOptions{}.send_queue_capacity, per_worker / 2);
+  return {queue, per_worker - queue};
+}
 
 // Both destinations, and whether the master is stopping (then a send that fails is expected:
 // the worker was disconnected, and its connection is closed without a word).
 struct senders {
   destination normal, special;
+  std::size_t max_sending = 0;
   bool stopping = false;
 };
 
 // The reference's master: accept (never read), then send the socket to the chosen worker.
 // Sends are not awaited here: a worker whose channel is full delays only its own clients.
+// Errors that clients or a stalled worker cause once per connection are logged once a burst.
 awaitable<void> send_connections(std::shared_ptr<tcp::acceptor> acceptor, std::shared_ptr<senders> all,
                                  asio::ip::address special_address) {
   asio::steady_timer pause(acceptor->get_executor());
+  std::size_t accept_errors = 0;
   for (;;) {
     tcp::endpoint peer;  // from accept itself: the connection may be reset already
     auto [ec, socket] = co_await acceptor->async_accept(peer, as_tuple(use_awaitable));
     if (ec == asio::error::operation_aborted || !acceptor->is_open()) co_return;
     if (ec) {  // EMFILE and the like: wait a moment rather than spin
-      fmt::print(stderr, "priority_routing: accept: {}\n", ec.message());
+      if (accept_errors++ == 0) fmt::print(stderr, "priority_routing: accept: {}; retrying every 100 ms\n", ec.message());
       pause.expires_after(std::chrono::milliseconds(100));
       co_await pause.async_wait(as_tuple(use_awaitable));
       continue;
     }
+    if (accept_errors > 0) fmt::print(stderr, "priority_routing: accepting again after {} failed accepts\n", accept_errors);
+    accept_errors = 0;
     std::shared_ptr<destination> to(all, same_address(peer.address(), special_address) ? &all->special : &all->normal);
-    if (to->sending >= max_sending) {
-      fmt::print(stderr, "priority_routing: worker {} has {} sockets not taken; closing a connection\n",
-                 to->worker->id(), to->sending);
+    if (to->sending >= all->max_sending) {
+      if (to->refused++ == 0)
+        fmt::print(stderr, "priority_routing: worker {} has {} connections not taken; closing its new ones until it takes them\n",
+                   to->worker->id(), to->sending);
       continue;  // ~socket closes it
     }
     ++to->sending;
     to->worker->send(cocluster::Message("socket", std::move(socket)), [all, to](std::error_code sec) {
-      --to->sending;
+      if (--to->sending == 0 && to->refused > 0) {
+        fmt::print(stderr, "priority_routing: {} connections for worker {} closed while it took none\n", to->refused, to->worker->id());
+        to->refused = 0;
+      }
       // The socket is closed with the message. A worker gone before we stop (it died: its exit
       // stops us soon) fails every send to it: said once, counted after.
       if (sec && !all->stopping && to->unsent++ == 0)
@@ -244,7 +272,10 @@ awaitable<int> master_send(options o) {
   auto ex = co_await asio::this_coro::executor;
   auto acceptor =
       std::make_shared<tcp::acceptor>(ex, tcp::endpoint(asio::ip::make_address(o.host), static_cast<unsigned short>(o.port)));
-  cocluster::Master<> master(ex);
+  const fd_bounds bounds = fd_bounds_per_worker();
+  cocluster::Settings settings;
+  settings.channel.send_queue_capacity = bounds.queue;
+  cocluster::Master<> master(ex, std::move(settings));
   auto& events = master.events();  // before the first fork, so that no worker's exit goes unseen
   // child_process.fork('subprocess.js', ['normal']) (a variable first: GCC 12 mishandles a
   // braced list inside co_await).
@@ -259,7 +290,7 @@ awaitable<int> master_send(options o) {
   }
   fmt::print("listening on {}:{}\n", o.host, acceptor->local_endpoint().port());
   std::fflush(stdout);
-  auto all = std::make_shared<senders>(senders{{normal}, {special}});
+  auto all = std::make_shared<senders>(senders{{normal}, {special}, bounds.sending});
   asio::co_spawn(ex, send_connections(acceptor, all, o.special), asio::detached);
   // As Node's server.close() first: no connection is accepted that no worker will take.
   const int code = co_await serve_until_stopped(events, both, [&] {

@@ -215,10 +215,89 @@ run_death() {
   rm -f "$out" "$err" "$err.hammer"
 }
 
+# stall N NORMAL_PID: with the normal worker stopped, opens N connections from 127.0.0.1 (all
+# connected before going on), then one from 127.0.0.2 and prints the answer it gets; then
+# continues the normal worker and prints how the N connections ended: "answered closed open".
+stall() {
+  timeout 90 python3 - "$port" "$1" "$2" <<'PY'
+import os, resource, selectors, signal, socket, sys, time
+port, n, normal_pid = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+if soft != resource.RLIM_INFINITY and soft < n + 64:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (n + 64 if hard == resource.RLIM_INFINITY else min(n + 64, hard), hard))
+def ends(socks, wait):  # reads each socket to its end -> answered, closed unanswered, still open, bytes
+    sel, got, done = selectors.DefaultSelector(), {}, set()
+    for s in socks:
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ)
+        got[s] = b""
+    deadline = time.monotonic() + wait
+    while len(done) < len(socks) and time.monotonic() < deadline:
+        for key, _ in sel.select(timeout=0.1):
+            try:
+                chunk = key.fileobj.recv(4096)
+            except OSError:
+                chunk = b""
+            if chunk:
+                got[key.fileobj] += chunk
+            else:
+                done.add(key.fileobj)
+                sel.unregister(key.fileobj)
+    answered = sum(1 for s in done if got[s])
+    return answered, len(done) - answered, len(socks) - len(done), got
+normal, sel = [], selectors.DefaultSelector()
+for _ in range(n):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.setblocking(False)
+    s.connect_ex(("127.0.0.1", port))
+    sel.register(s, selectors.EVENT_WRITE)
+    normal.append(s)
+left, deadline = n, time.monotonic() + 20
+while left and time.monotonic() < deadline:
+    for key, _ in sel.select(timeout=0.1):
+        sel.unregister(key.fileobj)
+        left -= 1
+special = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=("127.0.0.2", 0))
+_, _, _, got = ends([special], 15)
+print("special:", got[special].decode().strip() or "(nothing)", flush=True)
+os.kill(normal_pid, signal.SIGCONT)
+answered, closed, still_open, _ = ends(normal, 30)
+print(answered, closed, still_open, flush=True)
+PY
+}
+
+# Send mode with a stalled worker and more of its clients than the master's fds (lowered to 512
+# here): the master holds a bounded number for it and closes the rest, so the other worker's
+# client is still answered; each closure burst is logged once.
+run_stall() {
+  local normal_pid lines answered closed still_open
+  start send bash -c 'ulimit -n 512 && exec "$@"' _ || return
+  normal_pid=$(pgrep -P "$server" -f ' normal$' | head -n 1)
+  check "stalled: the normal worker is a child named by its argument" test -n "$normal_pid"
+  if [ -n "$normal_pid" ]; then
+    kill -STOP "$normal_pid"
+    lines=$(stall 900 "$normal_pid")
+    kill -CONT "$normal_pid"
+    check "stalled: the special worker answers while the normal one is stopped" grep -qx "special: handled by special priority" <<<"$lines"
+    read -r answered closed still_open < <(tail -n 1 <<<"$lines")
+    check "stalled: each of its 900 clients is answered or closed, once it runs again" test "${still_open:-1}" -eq 0 -a $((${answered:-0} + ${closed:-0})) -eq 900
+    check "stalled: no accept fails for want of fds" bash -c "! grep -q 'Too many open files' '$err'"
+    check "stalled: closing its connections is logged once" test "$(grep -c 'closing its new ones' "$err")" -le 1
+    [ "$failed" -eq 0 ] || echo "stalled: $lines"
+  fi
+  kill -TERM "$server"
+  finish
+  check "stalled: SIGTERM stops it with 0" [ "$rc" -eq 0 ]
+  if [ "$failed" -ne 0 ]; then echo "--- stderr of the stalled run (its end):"; tail -n 40 "$err"; fi
+  rm -f "$out" "$err"
+}
+
 run_mode send
 run_mode dispatch
 run_death send
 run_death dispatch
+run_stall
 
 echo "priority_routing: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]
