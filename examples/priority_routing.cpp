@@ -159,6 +159,7 @@ awaitable<std::optional<cocluster::Event>> wait_for_each(cocluster::EventStream&
 }
 
 // Disconnects the workers (killing one still connected after 5 s) and waits for their exits.
+// SIGKILL, not kill()'s SIGTERM: a stopped worker (SIGSTOP) would keep SIGTERM pending forever.
 awaitable<void> stop_workers(const std::vector<std::shared_ptr<cocluster::Worker>>& workers) {
   auto ex = co_await asio::this_coro::executor;
   for (auto& w : workers) w->disconnect();
@@ -166,7 +167,7 @@ awaitable<void> stop_workers(const std::vector<std::shared_ptr<cocluster::Worker
   for (auto& w : workers) {
     using namespace asio::experimental::awaitable_operators;
     auto which = co_await (w->disconnected(use_awaitable) || timeout.async_wait(use_awaitable));
-    if (which.index() == 1) w->kill();
+    if (which.index() == 1) w->kill(SIGKILL);
   }
   for (auto& w : workers) co_await w->exited();
 }

@@ -293,11 +293,60 @@ run_stall() {
   rm -f "$out" "$err"
 }
 
+# held N: opens N connections from 127.0.0.2, sends SIGTERM to the server, and prints how the
+# connections ended within 25 s: "answered closed open".
+held() {
+  timeout 40 python3 - "$port" "$1" "$server" <<'PY'
+import os, selectors, signal, socket, sys, time
+port, n, server = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+socks = [socket.create_connection(("127.0.0.1", port), timeout=10, source_address=("127.0.0.2", 0)) for _ in range(n)]
+os.kill(server, signal.SIGTERM)
+sel, answered, closed = selectors.DefaultSelector(), 0, 0
+for s in socks:
+    s.setblocking(False)
+    sel.register(s, selectors.EVENT_READ)
+deadline = time.monotonic() + 25
+while answered + closed < n and time.monotonic() < deadline:
+    for key, _ in sel.select(timeout=0.1):
+        try:
+            got = key.fileobj.recv(4096)
+        except OSError:
+            got = b""
+        sel.unregister(key.fileobj)
+        if got:
+            answered += 1
+        else:
+            closed += 1
+print(answered, closed, n - answered - closed)
+PY
+}
+
+# SIGTERM while the special worker is stopped and its clients wait: the master kills it after
+# 5 s (SIGKILL: a stopped process keeps a SIGTERM pending), closes what it held for it, and
+# exits with 0; every such client is closed unanswered (as Node's master does).
+run_stopped() {
+  local mode=$1 special_pid answered closed still_open
+  start "$mode" || return
+  special_pid=$(pgrep -P "$server" -f ' special$' | head -n 1)
+  check "$mode, stopped: the special worker is a child named by its argument" test -n "$special_pid"
+  [ -n "$special_pid" ] && kill -STOP "$special_pid"
+  read -r answered closed still_open < <(held 50)
+  finish
+  check "$mode, stopped: SIGTERM stops it with 0" [ "$rc" -eq 0 ]
+  check "$mode, stopped: the stopped worker is gone" bash -c "! kill -0 '$special_pid' 2>/dev/null"
+  check "$mode, stopped: its 50 waiting clients are closed unanswered" test "${closed:-0}" -eq 50
+  [ "$failed" -eq 0 ] || echo "$mode, stopped: answered=$answered closed=$closed open=$still_open"
+  if [ "$failed" -ne 0 ]; then echo "--- stderr of --mode $mode, stopped (its end):"; tail -n 40 "$err"; fi
+  rm -f "$out" "$err"
+}
+
 run_mode send
 run_mode dispatch
 run_death send
 run_death dispatch
 run_stall
+run_stopped send
+run_stopped dispatch
 
 echo "priority_routing: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]
