@@ -8,9 +8,16 @@
 // special worker when the client's address is ADDR (default 74.125.127.100, the reference's),
 // else to the normal one. --mode dispatch is the same routing as a policy, Dispatch<F>: the
 // workers listen() and the master hands each connection to the worker F names.
-// Prints `listening on HOST:PORT` once both workers are ready (--port 0: the real port); stops
-// on SIGTERM or SIGINT (workers disconnected, each finishing what it holds). Bad arguments: a
-// message and exit 2. A socket closed in transit is reported by its worker, which carries on.
+// Prints `listening on HOST:PORT` once both workers are ready (--port 0: the real port).
+// SIGTERM or SIGINT: the master disconnects both workers, each of which answers the
+// connections it has taken and exits (one still connected after 5 s is killed with SIGKILL, and
+// what it had taken is lost); exit code 0. Connections the master holds are closed unanswered,
+// as in Node: --mode send closes its server first, then the sockets still waiting for room in
+// a worker's channel; --mode dispatch closes the listener, and with it the connections waiting
+// there for a worker (say, for a stalled one), when the last worker leaves it. A worker's death, or its exit
+// before it is ready, also stops the master, with exit code 1: nothing replaces the worker.
+// Bad arguments: a message and exit 2. A socket closed in transit is reported by its worker,
+// which carries on.
 #include "cocluster/cocluster.hpp"
 
 #include <asio.hpp>
