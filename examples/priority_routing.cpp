@@ -14,8 +14,9 @@
 // what it had taken is lost); exit code 0. Connections the master holds are closed unanswered,
 // as in Node: --mode send closes its server first, then the sockets still waiting for room in
 // a worker's channel; --mode dispatch closes the listener, and with it the connections waiting
-// there for a worker (say, for a stalled one), when the last worker leaves it. A worker's death, or its exit
-// before it is ready, also stops the master, with exit code 1: nothing replaces the worker.
+// there for a worker (say, for a stalled one), when the last worker leaves it. A worker's
+// death, or its exit before it is ready, also stops the master, with exit code 1: nothing
+// replaces the worker.
 // Bad arguments: a message and exit 2. A socket closed in transit is reported by its worker,
 // which carries on.
 #include "cocluster/cocluster.hpp"
@@ -222,7 +223,8 @@ fd_bounds fd_bounds_per_worker() {
   constexpr std::size_t reserve = 64;
   rlimit limit{};
   std::size_t soft = std::size_t{1} << 16;
-  if (::getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY) soft = std::min<std::size_t>(soft, limit.rlim_cur);
+  if (::getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY)
+    soft = std::min<std::size_t>(soft, limit.rlim_cur);
   const std::size_t per_worker = std::max<std::size_t>(soft > reserve ? (soft - reserve) / 4 : 0, 2);
   const std::size_t queue = std::min<std::size_t>(cocluster::ipc::ChannelOptions{}.send_queue_capacity, per_worker / 2);
   return {queue, per_worker - queue};
@@ -265,7 +267,8 @@ awaitable<void> send_connections(std::shared_ptr<tcp::acceptor> acceptor, std::s
     ++to->sending;
     to->worker->send(cocluster::Message("socket", std::move(socket)), [all, to](std::error_code sec) {
       if (--to->sending == 0 && to->refused > 0) {
-        fmt::print(stderr, "priority_routing: {} connections for worker {} closed while it took none\n", to->refused, to->worker->id());
+        fmt::print(stderr, "priority_routing: {} connections for worker {} closed while it took none\n", to->refused,
+                   to->worker->id());
         to->refused = 0;
       }
       // The socket is closed with the message. A worker gone before we stop (it died: its exit
@@ -292,7 +295,8 @@ awaitable<int> master_send(options o) {
   auto special = co_await master.fork(cocluster::Env(), as_special);
   const std::vector<std::shared_ptr<cocluster::Worker>> both{normal, special};
   if (auto died = co_await wait_for_each(events, cocluster::EventType::online, both.size())) {
-    fmt::print(stderr, "priority_routing: worker {} exited ({}) before coming online; stopping\n", died->worker->id(), how(died->exit));
+    fmt::print(stderr, "priority_routing: worker {} exited ({}) before coming online; stopping\n", died->worker->id(),
+               how(died->exit));
     co_await stop_workers(both);
     co_return 1;
   }
@@ -306,7 +310,8 @@ awaitable<int> master_send(options o) {
     acceptor->close();
   });
   for (const destination* d : {&all->normal, &all->special})
-    if (d->unsent > 1) fmt::print(stderr, "priority_routing: {} connections for worker {} closed unsent\n", d->unsent, d->worker->id());
+    if (d->unsent > 1)
+      fmt::print(stderr, "priority_routing: {} connections for worker {} closed unsent\n", d->unsent, d->worker->id());
   co_return code;
 }
 

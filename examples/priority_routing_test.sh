@@ -279,9 +279,11 @@ run_stall() {
     kill -STOP "$normal_pid"
     lines=$(stall 900 "$normal_pid")
     kill -CONT "$normal_pid"
-    check "stalled: the special worker answers while the normal one is stopped" grep -qx "special: handled by special priority" <<<"$lines"
+    check "stalled: the special worker answers while the normal one is stopped" \
+      grep -qx "special: handled by special priority" <<<"$lines"
     read -r answered closed still_open < <(tail -n 1 <<<"$lines")
-    check "stalled: each of its 900 clients is answered or closed, once it runs again" test "${still_open:-1}" -eq 0 -a $((${answered:-0} + ${closed:-0})) -eq 900
+    check "stalled: each of its 900 clients is answered or closed, once it runs again" \
+      test "${still_open:-1}" -eq 0 -a $((${answered:-0} + ${closed:-0})) -eq 900
     check "stalled: no accept fails for want of fds" bash -c "! grep -q 'Too many open files' '$err'"
     check "stalled: closing its connections is logged once" test "$(grep -c 'closing its new ones' "$err")" -le 1
     [ "$failed" -eq 0 ] || echo "stalled: $lines"
