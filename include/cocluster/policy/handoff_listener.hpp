@@ -79,7 +79,8 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
         socket_(args.executor),
         retry_(args.executor),
         tag_(detail::connection_tag(address_.type)),
-        closing_log_(args.executor) {
+        closing_log_(args.executor),
+        accept_log_(args.executor) {
     socket_.assign(args.socket.get());
     (void)args.socket.release();
   }
@@ -158,6 +159,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     socket_.close(ignored);
     retry_.cancel();
     closing_log_.flush();  // the connections closed since its last line, counted now
+    accept_log_.flush();
     any_ = {};
     lines_.clear();
     held_ = 0;
@@ -473,10 +475,17 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
       }
       if (!ec) return wait_readable();
       if (detail::is_connection_error(ec)) continue;
-      detail::log_error("accept on {}:{}: {}; retrying in {} ms", address_.address, address_.port, ec.message(),
+      accept_log_.error("accept on {}:{}: {}; retrying every {} ms", address_.address, address_.port, ec.message(),
                         accept_retry_delay.count());
       return pause_accepting();
     }
+    // The kernel's backlog holds the rest until a worker acknowledges, leaves or joins. Not a
+    // stalled worker's doing alone (its line stops at max_waiting_per_worker): many of them, or
+    // a routing function naming workers that are not there.
+    if (held_ >= max_waiting)
+      accept_log_.error("listener {}:{}: {} connections wait in the master for workers that cannot take them or "
+                        "are not there; accepting waits",
+                        address_.address, address_.port, held_);
   }
 
   void wait_readable() {
@@ -517,6 +526,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   bool paused_ = false;
   bool accepting_ = true;
   detail::rate_limited_log closing_log_;     // "closing a connection": once a second at most under overload
+  detail::rate_limited_log accept_log_;      // accept errors, and accepting waiting for room: the same
 };
 
 }  // namespace cocluster
