@@ -64,12 +64,12 @@ int run_worker(int argc, char** argv) {
   return it->second(argc, argv);
 }
 
-// The intermediate master of the master-death tests: forks TEST_WORKERS workers (default 3;
-// they inherit this environment, so its COCLUSTER_TEST_SCENARIO), prints their pids once
-// they are online, then serves until killed.
+// The intermediate master of the master-death and socket-activation tests: forks TEST_WORKERS
+// workers (default 3; they inherit this environment, so its COCLUSTER_TEST_SCENARIO), prints
+// their pids once they are online, then serves until killed.
 int run_intermediate_master() {
   asio::io_context io;
-  Master<> master(io.get_executor());
+  Master<RuntimePolicy> master(io.get_executor());  // round robin unless COCLUSTER_SCHED_POLICY says otherwise
   const char* count = std::getenv("TEST_WORKERS");
   const int workers = count ? std::atoi(count) : 3;
   asio::co_spawn(io, [&]() -> awaitable<void> {

@@ -20,7 +20,10 @@
 #include <cstdlib>
 #include <exception>
 #include <cstring>
+#include <fstream>
+#include <functional>
 #include <sstream>
+#include <vector>
 #include <string>
 
 #include <doctest/doctest.h>
@@ -228,10 +231,15 @@ TEST_CASE("systemd: workers see no NOTIFY_SOCKET, WATCHDOG_* or LISTEN_*, even w
 
 // ---- socket activation ----
 
-TEST_CASE("socket activation: a worker's listen() on the passed listener's address is served through it") {
-  // The listener systemd would pass: bound and listening here, kept open by this process too,
-  // so that a master that bound 127.0.0.1:port itself would fail with EADDRINUSE.
+namespace {
+
+// A listener as systemd would pass it: bound to 127.0.0.1:0 and listening here, kept open by
+// this process too, so that a master that bound 127.0.0.1:port itself would fail with
+// EADDRINUSE. `reuse_port`: with SO_REUSEPORT (systemd's ReusePort=yes).
+cocluster::detail::unique_fd passed_listener(unsigned short& port, bool reuse_port = false) {
   cocluster::detail::unique_fd listener(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  const int one = 1;
+  if (reuse_port) REQUIRE(::setsockopt(listener.get(), SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) == 0);
   sockaddr_in a{};
   a.sin_family = AF_INET;
   a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
@@ -239,23 +247,31 @@ TEST_CASE("socket activation: a worker's listen() on the passed listener's addre
   REQUIRE(::listen(listener.get(), 16) == 0);
   socklen_t len = sizeof a;
   REQUIRE(::getsockname(listener.get(), reinterpret_cast<sockaddr*>(&a), &len) == 0);
-  const unsigned short port = ntohs(a.sin_port);
+  port = ntohs(a.sin_port);
+  return listener;
+}
 
-  // The master, as systemd starts it: the listener at fd 3, LISTEN_PID its own pid (known
-  // only after the fork), one worker serving 127.0.0.1:port.
+// Runs this executable as a master as systemd starts it: `listener` at fd 3, LISTEN_PID its
+// own pid (known only after the fork), `workers` workers serving 127.0.0.1:port
+// (serve_activated_port), `extra` in its environment. Then `clients`; the master and its
+// workers are ended and reaped whatever happens.
+void with_activated_master(const cocluster::detail::unique_fd& listener, unsigned short port, int workers,
+                           std::vector<std::string> extra, std::function<awaitable<void>(asio::io_context&)> clients) {
   auto [out_read, out_write] = cocluster::detail::make_pipe();
-  std::vector<std::string> env = {"COCLUSTER_TEST_ROLE=master",  "TEST_WORKERS=1",
+  std::vector<std::string> env = {"COCLUSTER_TEST_ROLE=master",  "TEST_WORKERS=" + std::to_string(workers),
                                   "COCLUSTER_TEST_SCENARIO=serve_activated_port", "TEST_PORT=" + std::to_string(port),
                                   "LISTEN_FDS=1", "LISTEN_FDNAMES=web", "LISTEN_PID=0000000000"};
+  const std::size_t listen_pid_at = 6;
+  env.insert(env.end(), extra.begin(), extra.end());
   for (char** e = environ; *e; ++e)
     if (std::strncmp(*e, "LISTEN_", 7) != 0) env.emplace_back(*e);
   std::vector<char*> envp;
   for (auto& s : env) envp.push_back(s.data());
   envp.push_back(nullptr);
-  char* listen_pid = env[6].data() + std::strlen("LISTEN_PID=");
+  char* listen_pid = env[listen_pid_at].data() + std::strlen("LISTEN_PID=");
   char self[] = "/proc/self/exe";
   char* argv[] = {self, nullptr};
-  REQUIRE(::prctl(PR_SET_CHILD_SUBREAPER, 1) == 0);  // its worker comes to this process once it ends
+  REQUIRE(::prctl(PR_SET_CHILD_SUBREAPER, 1) == 0);  // its workers come to this process once it ends
   const pid_t master = ::fork();
   REQUIRE(master >= 0);
   if (master == 0) {  // async-signal-safe only: the pid written into the prepared string
@@ -269,43 +285,96 @@ TEST_CASE("socket activation: a worker's listen() on the passed listener's addre
   out_write.reset();
   std::string line;
   char c;
-  while (::read(out_read.get(), &c, 1) == 1 && c != '\n') line += c;  // its worker's pid, once online
+  while (::read(out_read.get(), &c, 1) == 1 && c != '\n') line += c;  // its workers' pids, once online
   std::istringstream pids(line);
+  std::vector<cocluster::detail::unique_fd> worker_pidfds;
   pid_t worker = -1;
-  pids >> worker;
-  std::error_code ec;
-  cocluster::detail::unique_fd worker_pidfd;
-  if (worker > 0) worker_pidfd = cocluster::detail::pidfd_open(worker, ec);
-  if (worker <= 0 || ec) {  // the master did not start its worker: end it before failing
+  while (pids >> worker) {
+    std::error_code ec;
+    auto pidfd = cocluster::detail::pidfd_open(worker, ec);
+    if (!ec) worker_pidfds.push_back(std::move(pidfd));
+  }
+  if (worker_pidfds.size() != static_cast<std::size_t>(workers)) {  // it did not start them: end it before failing
     ::kill(master, SIGKILL);
     ::waitpid(master, nullptr, 0);
+    for (auto& fd : worker_pidfds) {
+      siginfo_t info;
+      (void)reap_within(fd, 10000ms, info);
+    }
     ::prctl(PR_SET_CHILD_SUBREAPER, 0);
-    FAIL("the activated master did not report an online worker: '" << line << "'");
+    FAIL("the activated master did not report its online workers: '" << line << "'");
   }
 
-  std::exception_ptr failed;  // the master and its worker are ended and reaped whatever happens
+  std::exception_ptr failed;  // the master and its workers are ended and reaped whatever happens
   try {
-    run_bounded([port](asio::io_context& io) -> awaitable<void> {
-      for (int i = 0; i < 3; ++i) {
-        tcp::socket client(io);
-        co_await client.async_connect(tcp::endpoint(asio::ip::make_address("127.0.0.1"), port), use_awaitable);
-        std::string reply;
-        auto [rec, n] = co_await asio::async_read_until(client, asio::dynamic_buffer(reply), '\n', as_tuple_t{});
-        CHECK_FALSE(rec);
-        // Served by the worker (not by anyone binding the port: it is taken), which sees no
-        // LISTEN_* (nor anything else of systemd's).
-        CHECK(reply == "served by 1; \n");
-      }
-    });
+    run_bounded(std::move(clients));
   } catch (...) {
     failed = std::current_exception();
   }
 
-  ::kill(master, SIGKILL);  // its worker exits on the channel's EOF
+  ::kill(master, SIGKILL);  // its workers exit on the channel's EOF
   int status = 0;
   CHECK(::waitpid(master, &status, 0) == master);
-  siginfo_t info;
-  CHECK(reap_within(worker_pidfd, 10000ms, info));
+  for (auto& fd : worker_pidfds) {
+    siginfo_t info;
+    CHECK(reap_within(fd, 10000ms, info));
+  }
   ::prctl(PR_SET_CHILD_SUBREAPER, 0);
   if (failed) std::rethrow_exception(failed);
+}
+
+// TCP sockets listening on 127.0.0.1:port, from /proc/net/tcp (one line per socket, however
+// many fds and processes share it).
+int listening_sockets(unsigned short port) {
+  std::ifstream tcp("/proc/net/tcp");
+  std::string line;
+  std::getline(tcp, line);  // the header
+  char want[32];
+  std::snprintf(want, sizeof want, "0100007F:%04X", port);
+  int n = 0;
+  while (std::getline(tcp, line)) {
+    std::istringstream fields(line);
+    std::string slot, local, remote, state;
+    fields >> slot >> local >> remote >> state;
+    n += local == want && state == "0A";  // TCP_LISTEN
+  }
+  return n;
+}
+
+}  // namespace
+
+TEST_CASE("socket activation: a worker's listen() on the passed listener's address is served through it") {
+  unsigned short port = 0;
+  auto listener = passed_listener(port);
+  with_activated_master(listener, port, 1, {}, [port](asio::io_context& io) -> awaitable<void> {
+    for (int i = 0; i < 3; ++i) {
+      tcp::socket client(io);
+      co_await client.async_connect(tcp::endpoint(asio::ip::make_address("127.0.0.1"), port), use_awaitable);
+      std::string reply;
+      auto [rec, n] = co_await asio::async_read_until(client, asio::dynamic_buffer(reply), '\n', as_tuple_t{});
+      CHECK_FALSE(rec);
+      // Served by the worker (not by anyone binding the port: it is taken), which sees no
+      // LISTEN_* (nor anything else of systemd's).
+      CHECK(reply == "served by 1; \n");
+    }
+  });
+}
+
+TEST_CASE("socket activation under ReusePort: the passed listener is shared, even with SO_REUSEPORT") {
+  // systemd's ReusePort=yes. Sockets of the master's own in its group would need the same
+  // owner (a service with User= has another) and would leave systemd's socket to nobody.
+  unsigned short port = 0;
+  auto listener = passed_listener(port, /*reuse_port=*/true);
+  with_activated_master(listener, port, 2, {"COCLUSTER_SCHED_POLICY=reuseport"},
+                        [port](asio::io_context& io) -> awaitable<void> {
+    for (int i = 0; i < 6; ++i) {
+      tcp::socket client(io);
+      co_await client.async_connect(tcp::endpoint(asio::ip::make_address("127.0.0.1"), port), use_awaitable);
+      std::string reply;
+      auto [rec, n] = co_await asio::async_read_until(client, asio::dynamic_buffer(reply), '\n', as_tuple_t{});
+      CHECK_FALSE(rec);
+      CHECK((reply == "served by 1; \n" || reply == "served by 2; \n"));
+    }
+    CHECK(listening_sockets(port) == 1);  // systemd's, shared by both workers
+  });
 }

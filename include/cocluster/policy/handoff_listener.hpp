@@ -492,7 +492,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     waiting_ = true;
     socket_.async_wait(asio::posix::descriptor_base::wait_read, [self = shared_from_this()](std::error_code ec) {
       self->waiting_ = false;
-      // (Cancelled by stop_accepting(): a resume_accepting() since found us still waiting.)
+      // (Cancelled by stop_accepting(): an accept_from() since found us still waiting.)
       if (!ec || (ec == asio::error::operation_aborted && self->accepting_ && self->socket_.is_open()))
         self->distribute();  // accepts, then sends
     });

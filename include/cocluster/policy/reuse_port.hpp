@@ -11,8 +11,8 @@
 // to listen does), and then leaves it to that worker. So neither what waited in a dead worker's
 // backlog nor what arrives for its socket later is lost while any worker holds the listener;
 // when the last one leaves, the listener closes with what it holds, as under every policy.
-// Unix-path listeners and listen({fd}) have no reuseport group: they are shared as
-// SharedSocket does.
+// Unix-path listeners, listen({fd}) and systemd's sockets (socket activation, even with
+// ReusePort=yes) have no reuseport group of ours: they are shared as SharedSocket does.
 #pragma once
 
 #include "cocluster/detail/config.hpp"

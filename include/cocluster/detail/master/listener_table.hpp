@@ -160,7 +160,8 @@ class listener_table {
     r.unix_mode = q.unix_mode;
     r.reuse_port = reuse_port_ && (type == AddressType::v4 || type == AddressType::v6);
     std::string bound_path;
-    unique_fd fd = open_listener(r, bound_path, ec);
+    bool adopted = false;
+    unique_fd fd = open_listener(r, bound_path, ec, &adopted);
     if (ec) return nullptr;
     Address address = socket_address(fd.get(), type);
     if (type == AddressType::unix_path && q.fd < 0) address.address = q.address;  // as the worker named it
@@ -168,7 +169,10 @@ class listener_table {
     ListenerArgs args{ex_, id, key, address, std::move(fd), r.backlog};
     std::shared_ptr<Listener> listener;
     try {
-      listener = is_datagram(type) ? SharedSocket{}.make_listener(std::move(args)) : make_(std::move(args));
+      // A socket this process did not bind (listen({fd}), systemd's) has no reuseport group of
+      // ours, even with SO_REUSEPORT set (systemd's ReusePort=yes): it is shared, as UDP is.
+      listener = is_datagram(type) || (reuse_port_ && adopted) ? SharedSocket{}.make_listener(std::move(args))
+                                                               : make_(std::move(args));
     } catch (const std::system_error& e) {  // e.g. registering the socket with the reactor
       ec = e.code();
     }

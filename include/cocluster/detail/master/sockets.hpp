@@ -123,13 +123,17 @@ inline unique_fd adopt_master_fd(const listen_request& r, std::error_code& ec) {
 }
 
 // Opens a non-blocking, close-on-exec listener for `r` (bound and, for streams, listening).
-// `bound_path` receives the Unix path actually bound (to remove on close).
-inline unique_fd open_listener(const listen_request& r, std::string& bound_path, std::error_code& ec) {
+// `bound_path` receives the Unix path actually bound (to remove on close); `adopted`, if
+// given, whether the socket is one this process did not bind (r.fd, or systemd's).
+inline unique_fd open_listener(const listen_request& r, std::string& bound_path, std::error_code& ec,
+                               bool* adopted = nullptr) {
   ec.clear();
   bound_path.clear();
+  if (adopted) *adopted = true;
   if (r.fd >= 0) return adopt_master_fd(r, ec);
   // A listener systemd passed for this address (socket activation) instead of a bind.
   if (unique_fd passed = take_activated_listener(r.type, r.address, r.port, ec); passed || ec) return passed;
+  if (adopted) *adopted = false;
   sockaddr_storage ss{};
   socklen_t len = 0;
   int domain = AF_UNIX;
