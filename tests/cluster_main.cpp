@@ -66,7 +66,8 @@ int run_worker(int argc, char** argv) {
 
 // The intermediate master of the master-death and socket-activation tests: forks TEST_WORKERS
 // workers (default 3; they inherit this environment, so its COCLUSTER_TEST_SCENARIO), prints
-// their pids once they are online, then serves until killed.
+// their pids once they are online (and listening, with TEST_AWAIT_LISTENING), then serves
+// until killed.
 int run_intermediate_master() {
   asio::io_context io;
   Master<RuntimePolicy> master(io.get_executor());  // round robin unless COCLUSTER_SCHED_POLICY says otherwise
@@ -74,9 +75,11 @@ int run_intermediate_master() {
   const int workers = count ? std::atoi(count) : 3;
   asio::co_spawn(io, [&]() -> awaitable<void> {
     std::string pids;
+    const bool listening = std::getenv("TEST_AWAIT_LISTENING") != nullptr;
     for (int i = 0; i < workers; ++i) {
       auto w = co_await master.fork();
       co_await w->online();
+      if (listening) co_await w->listening();
       pids += std::to_string(w->pid()) + " ";
     }
     std::cout << pids << std::endl;

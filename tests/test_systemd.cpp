@@ -365,8 +365,11 @@ TEST_CASE("socket activation under ReusePort: the passed listener is shared, eve
   // owner (a service with User= has another) and would leave systemd's socket to nobody.
   unsigned short port = 0;
   auto listener = passed_listener(port, /*reuse_port=*/true);
-  with_activated_master(listener, port, 2, {"COCLUSTER_SCHED_POLICY=reuseport"},
+  with_activated_master(listener, port, 2, {"COCLUSTER_SCHED_POLICY=reuseport", "TEST_AWAIT_LISTENING=1"},
                         [port](asio::io_context& io) -> awaitable<void> {
+    // Both workers listen: the master has answered both (another socket of its own would be
+    // there by now).
+    CHECK(listening_sockets(port) == 1);
     for (int i = 0; i < 6; ++i) {
       tcp::socket client(io);
       co_await client.async_connect(tcp::endpoint(asio::ip::make_address("127.0.0.1"), port), use_awaitable);
@@ -375,6 +378,5 @@ TEST_CASE("socket activation under ReusePort: the passed listener is shared, eve
       CHECK_FALSE(rec);
       CHECK((reply == "served by 1; \n" || reply == "served by 2; \n"));
     }
-    CHECK(listening_sockets(port) == 1);  // systemd's, shared by both workers
   });
 }

@@ -80,7 +80,8 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
         retry_(args.executor),
         tag_(detail::connection_tag(address_.type)),
         closing_log_(args.executor),
-        accept_log_(args.executor) {
+        accept_log_(args.executor),
+        full_log_(args.executor) {
     socket_.assign(args.socket.get());
     (void)args.socket.release();
   }
@@ -160,6 +161,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     retry_.cancel();
     closing_log_.flush();  // the connections closed since its last line, counted now
     accept_log_.flush();
+    full_log_.flush();
     any_ = {};
     lines_.clear();
     held_ = 0;
@@ -481,11 +483,13 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     }
     // The kernel's backlog holds the rest until a worker acknowledges, leaves or joins. Not a
     // stalled worker's doing alone (its line stops at max_waiting_per_worker): many of them, or
-    // a routing function naming workers that are not there.
-    if (held_ >= max_waiting)
-      accept_log_.error("listener {}:{}: {} connections wait in the master for workers that cannot take them or "
-                        "are not there; accepting waits",
-                        address_.address, address_.port, held_);
+    // a routing function naming workers that are not there. Said when it starts.
+    const bool full = held_ >= max_waiting;
+    if (full && !full_)
+      full_log_.error("listener {}:{}: {} connections wait in the master for workers that cannot take them or "
+                      "are not there; accepting waits",
+                      address_.address, address_.port, held_);
+    full_ = full;
   }
 
   void wait_readable() {
@@ -526,7 +530,9 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   bool paused_ = false;
   bool accepting_ = true;
   detail::rate_limited_log closing_log_;     // "closing a connection": once a second at most under overload
-  detail::rate_limited_log accept_log_;      // accept errors, and accepting waiting for room: the same
+  detail::rate_limited_log accept_log_;      // accept errors: the same
+  detail::rate_limited_log full_log_;        // accepting waits for room in the master: the same
+  bool full_ = false;                        // max_waiting connections held when accept_now() last looked
 };
 
 }  // namespace cocluster
