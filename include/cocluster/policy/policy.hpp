@@ -49,6 +49,7 @@ struct ListenerArgs {
   Address address;                 // where it listens (the real port after listen(0))
   detail::unique_fd socket;        // listening (stream) or bound (UDP), non-blocking, close-on-exec
   int backlog = 511;               // the listen() backlog `socket` was given
+  bool adopted = false;            // `socket` is not one the master bound: listen({fd}), systemd's
 };
 
 // The master-side listener of one key.

@@ -211,9 +211,10 @@ struct ReusePort {
   bool reuse_port() const noexcept { return true; }
 
   std::shared_ptr<Listener> make_listener(ListenerArgs args) const {
+    // A Unix path has no reuseport group; a socket the master did not bind has none of ours,
+    // even with SO_REUSEPORT (systemd's ReusePort=yes: another owner's group, as a rule).
     const bool ip = args.address.type == AddressType::v4 || args.address.type == AddressType::v6;
-    if (!ip || detail::socket_option(args.socket.get(), SO_REUSEPORT) != 1)  // a Unix path, or listen({fd})
-      return SharedSocket{}.make_listener(std::move(args));
+    if (!ip || args.adopted) return SharedSocket{}.make_listener(std::move(args));
     return std::make_shared<detail::reuse_port_listener>(std::move(args));
   }
 };

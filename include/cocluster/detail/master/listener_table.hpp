@@ -166,13 +166,10 @@ class listener_table {
     Address address = socket_address(fd.get(), type);
     if (type == AddressType::unix_path && q.fd < 0) address.address = q.address;  // as the worker named it
     const std::uint32_t id = ++last_id_;
-    ListenerArgs args{ex_, id, key, address, std::move(fd), r.backlog};
+    ListenerArgs args{ex_, id, key, address, std::move(fd), r.backlog, adopted};
     std::shared_ptr<Listener> listener;
     try {
-      // A socket this process did not bind (listen({fd}), systemd's) has no reuseport group of
-      // ours, even with SO_REUSEPORT set (systemd's ReusePort=yes): it is shared, as UDP is.
-      listener = is_datagram(type) || (reuse_port_ && adopted) ? SharedSocket{}.make_listener(std::move(args))
-                                                               : make_(std::move(args));
+      listener = is_datagram(type) ? SharedSocket{}.make_listener(std::move(args)) : make_(std::move(args));
     } catch (const std::system_error& e) {  // e.g. registering the socket with the reactor
       ec = e.code();
     }
