@@ -136,7 +136,7 @@ stop_during_request() {
   check "$1 to $3: keep-alive first request: 200" grep -q '^HTTP/1.1 200 ' <<<"$first"
   check "$1 to $3: a request in progress is answered" grep -q '^HTTP/1.1 200 ' <<<"$second"
   check "$1 to $3: ...and the connection is closed after it" [ "$second_rc" -eq 0 ]
-  timeout 20 tail --pid="$server" -f /dev/null
+  timeout 20 tail -s 0.05 --pid="$server" -f /dev/null
   wait "$server"
   rc=$?
   check "$1 to $3: the master exits 0" [ "$rc" -eq 0 ]
@@ -186,7 +186,7 @@ reply_rc=$?  # 0: a FIN ended it (1: a reset)
 exec 3>&-
 check "stopping, a pipelined request: the one in progress is answered" grep -q '^HTTP/1.1 200 ' <<<"$reply"
 check "...and the connection ends with a FIN, not a reset" [ "$reply_rc" -eq 0 ]
-timeout 20 tail --pid="$server" -f /dev/null
+timeout 20 tail -s 0.05 --pid="$server" -f /dev/null
 wait "$server"
 
 echo "hello_cluster: $passed passed, $failed failed"

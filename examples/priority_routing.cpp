@@ -2,7 +2,7 @@
 // arguments `normal` and `special` (as child_process.fork(module, ['normal'])), and a master
 // that routes each connection by the client's address. Each worker answers
 // "handled by <priority> priority" and closes.
-//   priority_routing --port P [--host H] [--special ADDR] [--mode send|dispatch]
+//   priority_routing --port P [--host H] [--special ADDR] [--mode send|dispatch] [--grace SECONDS]
 // --mode send (the default) is the reference's: the master owns the server and never reads a
 // connection (as pauseOnConnect), and sends it with worker->send({"socket", socket}) to the
 // special worker when the client's address is ADDR (default 74.125.127.100, the reference's),
@@ -10,8 +10,8 @@
 // workers listen() and the master hands each connection to the worker F names.
 // Prints `listening on HOST:PORT` once both workers are ready (--port 0: the real port).
 // SIGTERM or SIGINT: the master disconnects both workers, each of which answers the
-// connections it has taken and exits (one still connected after 5 s is killed with SIGKILL, and
-// what it had taken is lost); exit code 0. Connections the master holds are closed unanswered,
+// connections it has taken and exits (one still connected after --grace seconds, 5 by default,
+// is killed with SIGKILL, and what it had taken is lost); exit code 0. Connections the master holds are closed unanswered,
 // as in Node: --mode send closes its server first, then the sockets still waiting for room in
 // a worker's channel; --mode dispatch closes the listener, and with it the connections waiting
 // there for a worker (say, for a stalled one), when the last worker leaves it. A worker's
@@ -47,13 +47,14 @@ struct options {
   int port = -1;
   asio::ip::address special = asio::ip::make_address("74.125.127.100");
   bool dispatch = false;
+  std::chrono::seconds grace{5};  // how long a disconnecting worker may take before SIGKILL
 };
 
 options parse(int argc, char** argv) {
   options o;
   for (int i = 1; i < argc; ++i) {
     const std::string_view a = argv[i];
-    if (a != "--port" && a != "--host" && a != "--special" && a != "--mode")
+    if (a != "--port" && a != "--host" && a != "--special" && a != "--mode" && a != "--grace")
       throw std::invalid_argument(fmt::format("unknown argument {}", a));
     if (i + 1 >= argc) throw std::invalid_argument(fmt::format("{} needs a value", a));
     const std::string_view v = argv[++i];
@@ -69,6 +70,12 @@ options parse(int argc, char** argv) {
     } else if (a == "--special") {
       o.special = asio::ip::make_address(std::string(v), ec);
       if (ec) throw std::invalid_argument(fmt::format("--special {}: not an IP address", v));
+    } else if (a == "--grace") {
+      int seconds = -1;
+      auto [p, err] = std::from_chars(v.data(), v.data() + v.size(), seconds);
+      if (err != std::errc() || p != v.data() + v.size() || seconds < 0 || seconds > 3600)
+        throw std::invalid_argument(fmt::format("--grace {}: expected whole seconds, 0..3600", v));
+      o.grace = std::chrono::seconds(seconds);
     } else {  // --mode
       if (v != "send" && v != "dispatch") throw std::invalid_argument(fmt::format("--mode {}: expected send or dispatch", v));
       o.dispatch = v == "dispatch";
@@ -166,12 +173,12 @@ awaitable<std::optional<cocluster::Event>> wait_for_each(cocluster::EventStream&
   co_return std::nullopt;
 }
 
-// Disconnects the workers (killing one still connected after 5 s) and waits for their exits.
+// Disconnects the workers (killing one still connected after `grace`) and waits for their exits.
 // SIGKILL, not kill()'s SIGTERM: a stopped worker (SIGSTOP) would keep SIGTERM pending forever.
-awaitable<void> stop_workers(const std::vector<std::shared_ptr<cocluster::Worker>>& workers) {
+awaitable<void> stop_workers(const std::vector<std::shared_ptr<cocluster::Worker>>& workers, std::chrono::seconds grace) {
   auto ex = co_await asio::this_coro::executor;
   for (auto& w : workers) w->disconnect();
-  asio::steady_timer timeout(ex, std::chrono::seconds(5));
+  asio::steady_timer timeout(ex, grace);
   for (auto& w : workers) {
     using namespace asio::experimental::awaitable_operators;
     auto which = co_await (w->disconnected(use_awaitable) || timeout.async_wait(use_awaitable));
@@ -181,9 +188,9 @@ awaitable<void> stop_workers(const std::vector<std::shared_ptr<cocluster::Worker
 }
 
 // Waits for SIGTERM/SIGINT or a worker's death, then calls stop_accepting() and stops the
-// workers. The exit code: 0, or 1 if a worker died (nothing replaces it).
+// workers (see stop_workers). The exit code: 0, or 1 if a worker died (nothing replaces it).
 awaitable<int> serve_until_stopped(cocluster::EventStream& events, const std::vector<std::shared_ptr<cocluster::Worker>>& workers,
-                                   std::function<void()> stop_accepting) {
+                                   std::function<void()> stop_accepting, std::chrono::seconds grace) {
   auto ex = co_await asio::this_coro::executor;
   int code = 0;
   asio::signal_set signals(ex, SIGINT, SIGTERM);
@@ -199,7 +206,7 @@ awaitable<int> serve_until_stopped(cocluster::EventStream& events, const std::ve
     }
   }
   stop_accepting();
-  co_await stop_workers(workers);
+  co_await stop_workers(workers, grace);
   co_return code;
 }
 
@@ -297,7 +304,7 @@ awaitable<int> master_send(options o) {
   if (auto died = co_await wait_for_each(events, cocluster::EventType::online, both.size())) {
     fmt::print(stderr, "priority_routing: worker {} exited ({}) before coming online; stopping\n", died->worker->id(),
                how(died->exit));
-    co_await stop_workers(both);
+    co_await stop_workers(both, o.grace);
     co_return 1;
   }
   fmt::print("listening on {}:{}\n", o.host, acceptor->local_endpoint().port());
@@ -308,7 +315,7 @@ awaitable<int> master_send(options o) {
   const int code = co_await serve_until_stopped(events, both, [&] {
     all->stopping = true;
     acceptor->close();
-  });
+  }, o.grace);
   for (const destination* d : {&all->normal, &all->special})
     if (d->unsent > 1)
       fmt::print(stderr, "priority_routing: {} connections for worker {} closed unsent\n", d->unsent, d->worker->id());
@@ -333,12 +340,12 @@ awaitable<int> master_dispatch(options o) {
     // A worker that cannot listen says why and exits (its error reaches it, not us).
     fmt::print(stderr, "priority_routing: worker {} exited ({}) before listening{}; stopping\n", died->worker->id(),
                how(died->exit), died->exit.signal ? "" : " (see its error above)");
-    co_await stop_workers(both);
+    co_await stop_workers(both, o.grace);
     co_return 1;
   }
   fmt::print("listening on {}:{}\n", o.host, where.port);
   std::fflush(stdout);
-  co_return co_await serve_until_stopped(events, both, [] {});  // the workers' disconnect closes the listener
+  co_return co_await serve_until_stopped(events, both, [] {}, o.grace);  // the workers' disconnect closes the listener
 }
 
 }  // namespace
@@ -357,7 +364,7 @@ int main(int argc, char** argv) {
   try {
     o = parse(argc, argv);
   } catch (const std::invalid_argument& e) {
-    fmt::print(stderr, "priority_routing: {}\nusage: priority_routing --port P [--host H] [--special ADDR] [--mode send|dispatch]\n",
+    fmt::print(stderr, "priority_routing: {}\nusage: priority_routing --port P [--host H] [--special ADDR] [--mode send|dispatch] [--grace SECONDS]\n",
                e.what());
     return 2;
   }

@@ -35,6 +35,7 @@ check "missing value" bad_input "needs a value" --port
 check "bad host" bad_input "not an IP address" --port 0 --host nowhere
 check "bad special" bad_input "not an IP address" --port 0 --special nowhere
 check "bad mode" bad_input "expected send or dispatch" --port 0 --mode fork
+check "bad grace" bad_input "expected whole seconds" --port 0 --grace -1
 
 # client SOURCE [reset]: connects from SOURCE to 127.0.0.1:$port and prints the answer; with
 # `reset`, closes at once with a RST instead (a connection closed in transit).
@@ -84,14 +85,14 @@ while time.monotonic() < deadline:
 PY
 }
 
-# start MODE [PREFIX...]: starts it (after PREFIX, e.g. a ulimit) on a free port; sets server,
-# port, out, err. Returns 1 (a failure, the server killed) if it does not print its port.
+# start MODE [PREFIX...]: starts it (after PREFIX, e.g. a ulimit) on a free port, with
+# --grace $grace when grace is set; sets server, port, out, err. Returns 1 (a failure, the server killed) if it does not print its port.
 start() {
   local mode=$1
   shift
   out=$(mktemp)
   err=$(mktemp)
-  "$@" "$exe" --port 0 --special 127.0.0.2 --mode "$mode" >"$out" 2>"$err" &
+  "$@" "$exe" --port 0 --special 127.0.0.2 --mode "$mode" ${grace:+--grace "$grace"} >"$out" 2>"$err" &
   server=$!
   for _ in $(seq 300); do
     grep -q '^listening on ' "$out" && break
@@ -111,7 +112,7 @@ start() {
 
 # finish: waits (20 s at most, then SIGKILL) for the server to exit; sets rc.
 finish() {
-  timeout 20 tail --pid="$server" -f /dev/null
+  timeout 20 tail -s 0.05 --pid="$server" -f /dev/null
   if kill -0 "$server" 2>/dev/null; then
     echo "priority_routing did not exit within 20 s: killed"
     kill -KILL "$server"
@@ -324,11 +325,11 @@ PY
 }
 
 # SIGTERM while the special worker is stopped and its clients wait: the master kills it after
-# 5 s (SIGKILL: a stopped process keeps a SIGTERM pending), closes what it held for it, and
+# its grace, 1 s here (SIGKILL: a stopped process keeps a SIGTERM pending), closes what it held for it, and
 # exits with 0; every such client is closed unanswered (as Node's master does).
 run_stopped() {
   local mode=$1 special_pid answered closed still_open
-  start "$mode" || return
+  grace=1 start "$mode" || return
   special_pid=$(pgrep -P "$server" -f ' special$' | head -n 1)
   check "$mode, stopped: the special worker is a child named by its argument" test -n "$special_pid"
   [ -n "$special_pid" ] && kill -STOP "$special_pid"
