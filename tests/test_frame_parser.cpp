@@ -247,6 +247,35 @@ TEST_CASE("rule: a declared handle lost to the fd limit is EMFILE, not a protoco
   CHECK(r.detail == "a handle sent to this process was lost: no fd left (RLIMIT_NOFILE)");
 }
 
+TEST_CASE("rule: a whole internal frame whose fds were lost to the fd limit is read, saying how many were lost") {
+  frame_parser p(1024);
+  const auto internal = static_cast<std::uint8_t>(whole | frame_header::internal);
+  // One hand-off, its fd lost: the message, with no handle.
+  auto r = p.feed(packet(internal, 3, "abc", 1), {}, MSG_CTRUNC);
+  REQUIRE(r.what == status::message);
+  CHECK(r.data == "abc");
+  CHECK_FALSE(r.handle);
+  CHECK(r.fds_lost == 1);
+  // A batch of 4 of which the kernel installed the first 2.
+  auto fds = some_fds(2);
+  const int fd0 = fds[0].get(), fd1 = fds[1].get();
+  r = p.feed(packet(internal, 3, "abc", 1, 3), fds, MSG_CTRUNC);
+  REQUIRE(r.what == status::message);
+  CHECK(r.handle.native_handle() == fd0);
+  REQUIRE(r.extra_fds.size() == 1);
+  CHECK(r.extra_fds[0].get() == fd1);
+  CHECK(r.fds_lost == 2);
+  // Not on a frame of a message in several frames: EMFILE, as for a user's handle.
+  r = p.feed(packet(first | frame_header::internal, 6, "abc", 1), {}, MSG_CTRUNC);
+  CHECK(r.what == status::failed);
+  CHECK(r.error == std::errc::too_many_files_open);
+  // Nothing was lost from a frame received whole.
+  auto one = some_fds(1);
+  r = p.feed(packet(internal, 3, "abc", 1), one);
+  REQUIRE(r.what == status::message);
+  CHECK(r.fds_lost == 0);
+}
+
 TEST_CASE("rule: end of input is EOF, also in the middle of a message, whose handle is closed") {
   frame_parser p(1024);
   CHECK(p.feed("").what == status::end_of_input);
@@ -293,12 +322,18 @@ TEST_CASE("fuzz regression: feeding an empty packet whose data() is null is the 
 }
 
 // The kernel installs the fds of a batch one by one and stops at RLIMIT_NOFILE, setting
-// MSG_CTRUNC with the ones it did install: that is our limit, not more than 16 fds from the peer.
+// MSG_CTRUNC with the ones it did install: that is our limit, not more than 16 fds from the
+// peer. A whole internal frame is read, the lost ones counted; any other ends the channel.
 TEST_CASE("a batch cut short by RLIMIT_NOFILE is reported as the fd limit, not as too many fds") {
   frame_parser p(1024);
   const auto internal = static_cast<std::uint8_t>(whole | frame_header::internal);
   auto fds = some_fds(10);  // 16 declared, 10 installed before EMFILE
   auto r = p.feed(packet(internal, 3, "abc", 1, 15), fds, MSG_CTRUNC);
+  REQUIRE(r.what == status::message);
+  CHECK(r.extra_fds.size() == 9);
+  CHECK(r.fds_lost == 6);
+  auto user_fds = some_fds(0);
+  r = p.feed(packet(whole, 3, "abc", 1), user_fds, MSG_CTRUNC);
   REQUIRE(r.what == status::failed);
   CHECK(r.error == std::errc::too_many_files_open);
   CHECK(r.detail == "a handle sent to this process was lost: no fd left (RLIMIT_NOFILE)");

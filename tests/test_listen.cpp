@@ -3,6 +3,7 @@
 
 #include <doctest/doctest.h>
 #include <netinet/in.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <fcntl.h>
@@ -79,12 +80,15 @@ awaitable<void> udp_loop(Server<udp>& server) {
 }
 
 // Listens on TEST_LISTEN and reports "port N" (or "error <errno>"); serves unless stalling;
-// the master's "close" closes the server ("closed"), "listen" listens again.
+// the master's "close" closes the server ("closed"), "listen" listens again; "exhaust" leaves
+// no fd free (RLIMIT_NOFILE down to the lowest free fd: "exhausted"), "release" restores it
+// ("released").
 awaitable<void> listen_worker(bool stall) {
   const target t = parse_target(std::getenv("TEST_LISTEN"));
   std::optional<Server<tcp>> tcp_server;
   std::optional<Server<local_stream>> unix_server;
   std::optional<Server<udp>> udp_server;
+  rlimit saved{};
   auto listen = [&]() -> awaitable<std::string> {
     try {
       if (t.kind == "tcp4" || t.kind == "tcp6") {
@@ -120,6 +124,16 @@ awaitable<void> listen_worker(bool stall) {
       co_await this_worker.send({"closed"});
     } else if (m.data == "listen") {
       co_await this_worker.send({co_await listen()});
+    } else if (m.data == "exhaust") {
+      const int lowest = ::dup(2);  // every fd below it is in use
+      ::close(lowest);
+      ::getrlimit(RLIMIT_NOFILE, &saved);
+      const rlimit none_left{static_cast<rlim_t>(lowest), saved.rlim_max};
+      ::setrlimit(RLIMIT_NOFILE, &none_left);
+      co_await this_worker.send({"exhausted"});
+    } else if (m.data == "release") {
+      if (saved.rlim_max != 0) ::setrlimit(RLIMIT_NOFILE, &saved);  // (after an "exhaust" only)
+      co_await this_worker.send({"released"});
     }
   }
 }

@@ -502,6 +502,57 @@ TEST_CASE("LeastConnections: a worker's report replaces the acknowledged hand-of
   });
 }
 
+// Worker 1 left with no fd free (RLIMIT_NOFILE): every connection handed to it arrives without
+// its fd, and it refuses them. Each is answered by worker 2, none is lost, worker 1 stays
+// connected (it used to lose its channel to the first such hand-off), and once it has fds again
+// it is handed connections again. Sticky (worker 1's clients) and LeastConnections (worker 1 is
+// the idlest) would name worker 1 again at once: a refused connection went back and forth
+// between it and the master for as long as its fds stayed in use.
+template <class Policy>
+void exhausted_worker_case(Policy policy) {
+  run_bounded([policy](asio::io_context& io) -> awaitable<void> {
+    Master<Policy> master(io.get_executor(), {}, policy);
+    auto [workers, where] = co_await start_serving(master, 2);
+    const std::shared_ptr<Worker> first = workers[0];
+    co_await first->send(Message("exhaust"));
+    const Message exhausted = co_await first->receive();  // (not inside CHECK: a template)
+    CHECK(exhausted.data == "exhausted");
+    auto during = co_await ask_from_sources(where, 10, 4, 4);
+    int answered = 0;
+    for (auto& source : during) {
+      for (auto& by : source.second) {
+        CHECK_MESSAGE(by.first == 2, "127.0.0.", source.first, ": ", by.second, " answered by worker ", by.first);
+        answered += by.second;
+      }
+    }
+    CHECK(answered == 40);
+    CHECK(first->is_connected());
+    co_await first->send(Message("release"));
+    const Message released = co_await first->receive();
+    CHECK(released.data == "released");
+    // Its rest after the last refusal ends by itself: asked until worker 1 answers again (a wait
+    // for that event; run_bounded bounds it).
+    for (bool back = false; !back;) {
+      auto after = co_await ask_from_sources(where, 10, 1, 4);
+      for (auto& source : after) back = back || source.second.count(1) != 0;
+    }
+    CHECK(first->is_connected());
+    co_await master.disconnect();
+  });
+}
+
+TEST_CASE("Sticky: a worker with no fd left refuses its clients' connections; another worker answers them until it has fds again") {
+  exhausted_worker_case(Sticky{});
+}
+
+TEST_CASE("LeastConnections: a worker with no fd left refuses the connections handed to it; another worker answers them") {
+  exhausted_worker_case(LeastConnections{});
+}
+
+TEST_CASE("RoundRobin: a worker with no fd left refuses the connections handed to it; another worker answers them") {
+  exhausted_worker_case(RoundRobin{});
+}
+
 TEST_CASE("RoundRobin with a window: a worker SIGKILLed holding a batch of unacknowledged connections has every one answered by another") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<RoundRobin> master(io.get_executor(), {}, RoundRobin{.window = 8});

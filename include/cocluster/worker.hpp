@@ -333,7 +333,8 @@ class Worker : public std::enable_shared_from_this<Worker> {
   bool on_internal(const ipc::Envelope& envelope) {
     namespace p = ipc::protocol;
     auto message = p::decode(envelope.message.data);
-    if (!message || envelope.has_handle()) return protocol_error("unexpected internal message from the worker");
+    if (!message || envelope.has_handle() || envelope.internal_fds_lost != 0)
+      return protocol_error("unexpected internal message from the worker");
     auto master = master_.lock();
     detail::listener_table* listeners = master ? master->listeners.get() : nullptr;
     return std::visit(

@@ -56,6 +56,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
           require(r.data.size() <= k_max_message);
           require(!r.handle || r.handle.native_handle() >= 0);
           require(static_cast<unsigned>(r.handle.kind()) < cocluster::handle_kind_count);
+          // fds are counted lost only when the kernel said so, and never past the packet's 16
+          require(r.fds_lost == 0 || (flags & MSG_CTRUNC));
+          require((r.handle ? 1u : 0u) + r.extra_fds.size() + r.fds_lost <= cocluster::ipc::max_fds_per_packet);
           break;
         case frame_parser::status::failed: require(r.error && !r.detail.empty()); break;
         case frame_parser::status::end_of_input: require(!parser.in_message()); break;

@@ -75,7 +75,8 @@ class Channel {
   }
   // The same with several fds of one kind in one frame (at most max_fds_per_packet): a batch
   // of hand-offs. The receiver finds the first in Envelope::internal_fd, the rest in
-  // Envelope::internal_extra_fds, in order.
+  // Envelope::internal_extra_fds, in order, and in Envelope::internal_fds_lost how many of the
+  // last ones the kernel could not give it (its RLIMIT_NOFILE).
   bool send_internal(std::string payload, detail::handle_tag tag, std::vector<std::shared_ptr<const detail::unique_fd>> fds) {
     if (fds.empty() || fds.size() > max_fds_per_packet) return false;
     auto first = std::move(fds.front());

@@ -36,6 +36,9 @@ struct Envelope {  // not an aggregate: see Message
   // The fds after the first of an internal message that carries several (a batch of
   // hand-offs), same kind, in order; empty otherwise.
   std::vector<detail::unique_fd> internal_extra_fds;
+  // The fds of this internal message the kernel could not install for want of a free fd
+  // (RLIMIT_NOFILE): the last ones it declares, after internal_fd and internal_extra_fds.
+  std::size_t internal_fds_lost = 0;
 
   bool has_handle() const noexcept { return message.has_handle() || static_cast<bool>(internal_fd); }
 };

@@ -38,6 +38,9 @@ class frame_parser {
     Handle handle;  // the fd as received, with the kind the frame declares; not checked here
     // An internal message's fds beyond the first (frame_header::extra_handles), same kind, in order.
     std::vector<detail::unique_fd> extra_fds;
+    // Of a whole internal frame, the fds the kernel could not install (RLIMIT_NOFILE): the last
+    // ones it declares. handle and extra_fds hold those that came (none: no handle).
+    std::size_t fds_lost = 0;
     std::error_code error;
     std::string detail;  // for Channel::error_detail()
   };
@@ -60,15 +63,22 @@ class frame_parser {
   // storage closes the rest), `msg_flags` recvmsg's msg.msg_flags.
   result on_packet(const frame_header& h, std::size_t size, std::span<detail::unique_fd> fds, int msg_flags) {
     if (size == 0) return end_of_input();
+    std::size_t lost = 0;
     if (msg_flags & MSG_CTRUNC) {
       // The kernel drops fds it cannot install (RLIMIT_NOFILE) with the same flag as fds
       // beyond our buffer: fewer fds than a frame we would accept declares is the former (it
       // installs a batch's fds one by one and stops at the limit).
       const std::size_t declared = h.handle_kind == 0 ? 0 : 1u + h.extra_handles;
-      if (size >= sizeof h && h.handle_kind != 0 && fds.size() < declared && declared <= max_fds_per_packet)
+      if (!(size >= sizeof h && h.handle_kind != 0 && fds.size() < declared && declared <= max_fds_per_packet))
+        return fail("frame carries more than " + std::to_string(max_fds_per_packet) + " fds");
+      // A whole internal frame (a hand-off, a listen's reply) is still read: the protocol
+      // layer refuses what lost its fd, and the channel goes on. A user's handle, or one on a
+      // message in several frames, ends the channel.
+      const std::uint8_t whole_frame = frame_header::first | frame_header::last;
+      if (!(h.flags & frame_header::internal) || (h.flags & whole_frame) != whole_frame || partial_)
         return fail(std::make_error_code(std::errc::too_many_files_open),
                     "a handle sent to this process was lost: no fd left (RLIMIT_NOFILE)");
-      return fail("frame carries more than " + std::to_string(max_fds_per_packet) + " fds");
+      lost = declared - fds.size();
     }
     if (msg_flags & MSG_TRUNC) return fail("frame larger than expected");
     if (size < sizeof h) return fail("short frame of " + std::to_string(size) + " bytes");
@@ -82,7 +92,7 @@ class frame_parser {
                     std::to_string(max_fds_per_packet));
     }
     const std::size_t expected_fds = h.handle_kind == 0 ? 0 : 1u + h.extra_handles;
-    if (fds.size() != expected_fds)
+    if (fds.size() + lost != expected_fds)
       return fail("frame carries " + std::to_string(fds.size()) + " fds, declares " + std::to_string(expected_fds));
     const bool first = h.flags & frame_header::first;
     if (h.handle_kind != 0 && !first) return fail("handle on a continuation frame");
@@ -92,7 +102,7 @@ class frame_parser {
     const auto kind = (h.flags & frame_header::internal) ? message_kind::internal : message_kind::user;
     Handle handle;
     std::vector<detail::unique_fd> extra;
-    if (h.handle_kind != 0) {
+    if (h.handle_kind != 0 && !fds.empty()) {
       handle = Handle(static_cast<handle_kind>(h.handle_kind), std::move(fds.front()));
       for (auto& fd : fds.subspan(1)) extra.push_back(std::move(fd));
     }
@@ -104,7 +114,11 @@ class frame_parser {
                     std::to_string(max_message_size_));
       if (len > h.total_size || (last && len != h.total_size) || (!last && len == 0))
         return fail("frame size does not match its message size");
-      if (last) return whole(kind, std::string(scratch_.data(), len), std::move(handle), std::move(extra));
+      if (last) {
+        result r = whole(kind, std::string(scratch_.data(), len), std::move(handle), std::move(extra));
+        r.fds_lost = lost;
+        return r;
+      }
       partial_.active = true;
       partial_.kind = kind;
       partial_.payload.resize(h.total_size);  // bounded by max_message_size above

@@ -5,6 +5,9 @@
 //     return r.address() == special ? special_id : normal_id;   // a worker id; 0: wait
 //   };
 //   cocluster::Master<cocluster::Dispatch<decltype(route)>> master(ex, {}, cocluster::Dispatch(route));
+// `live` leaves out a worker that has just refused a connection (it had no fd left for it):
+// it rests for HandoffListener::refusal_rest (100 ms), and the refused connection is asked for
+// again without it.
 // F is called on the master's executor when a connection is accepted, and again for one that
 // waits for worker w when w takes a connection or leaves, or any worker joins (for one it gave
 // 0 or an id not in `live`: when any worker takes a connection, leaves or joins, or another

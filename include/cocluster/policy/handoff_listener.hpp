@@ -55,6 +55,9 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
  public:
   // How long accepting pauses after EMFILE, ENFILE, ENOBUFS or ENOMEM.
   static constexpr std::chrono::milliseconds accept_retry_delay{100};
+  // How long a worker that refused a connection (it had no fd left to take it: RLIMIT_NOFILE)
+  // is left out of the members the policy chooses from; then it is asked again.
+  static constexpr std::chrono::milliseconds refusal_rest{100};
   // Accepted connections the master holds for one worker that cannot take them yet (Dispatch,
   // Sticky: its window is full, or it is not there yet). One more for it is closed (a log line
   // says so), unless choose_for() names another worker: Sticky does, Dispatch leaves it to F.
@@ -78,6 +81,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
         address_(std::move(args.address)),
         socket_(args.executor),
         retry_(args.executor),
+        rest_timer_(args.executor),
         tag_(detail::connection_tag(address_.type)),
         closing_log_(args.executor),
         accept_log_(args.executor),
@@ -94,6 +98,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
 
   void joined(std::shared_ptr<WorkerLink> worker) final {
     const int id = worker->id();
+    resting_.erase(id);
     auto [it, added] = members_.insert_or_assign(id, Member{id, worker->pid(), 0});
     links_.insert_or_assign(id, std::move(worker));
     on_joined(it->second);
@@ -105,8 +110,10 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   }
 
   void left(WorkerLink& worker) final {
-    // It may have left members_ already (a hand-off to it failed); its hand-offs are still ours.
+    // It may have left members_ already (a hand-off to it failed, or it rests); its hand-offs
+    // are still ours.
     if (members_.erase(worker.id()) != 0) on_left(worker.id());
+    resting_.erase(worker.id());
     links_.erase(worker.id());
     // Everything handed to it and not acknowledged goes back to the front, in order, and then
     // what waited for it (the policy names their worker again: Sticky moves only its clients).
@@ -130,7 +137,9 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
       lines_.erase(line);
     }
     give_back(std::move(back));
-    if (!members_.empty()) distribute();  // else the master closes us, and what waits with us
+    // With no member left the master closes us, and what waits with us; unless the rest are
+    // resting (rest()), and the rest's end distributes.
+    if (!members_.empty()) distribute();
   }
 
   void acknowledged(WorkerLink& worker, std::uint32_t seq, bool ok) final {
@@ -159,6 +168,8 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     std::error_code ignored;
     socket_.close(ignored);
     retry_.cancel();
+    rest_timer_.cancel();
+    resting_.clear();
     closing_log_.flush();  // the connections closed since its last line, counted now
     accept_log_.flush();
     full_log_.flush();
@@ -201,7 +212,10 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     return it == lines_.end() ? 0 : it->second.count;
   }
 
-  // After the bookkeeping of each event, for a policy's own state.
+  // After the bookkeeping of each event, for a policy's own state. A worker that refused a
+  // connection rests (refusal_rest): on_left() as it starts, on_joined() as it ends, with its
+  // in_flight then (not always 0: acks that came meanwhile are counted, without
+  // on_acknowledged()).
   virtual void on_joined(const Member&) {}
   virtual void on_left(int /*id*/) {}
   virtual void on_handed(const Member&) {}        // in_flight counts the new hand-off
@@ -288,9 +302,50 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     if (auto m = members_.find(worker.id()); m != members_.end()) {
       --m->second.in_flight;
       on_acknowledged(m->second);
+    } else if (auto r = resting_.find(worker.id()); r != resting_.end()) {
+      --r->second.in_flight;  // the policy hears of it when the rest ends (on_joined)
     }
     if (ok) return std::nullopt;
+    rest(worker.id());
     return conn;
+  }
+
+  // A worker refused a connection: it had no fd left for it (RLIMIT_NOFILE), or its server
+  // had just closed (its `close` follows, and left()). Either way the connection goes to
+  // another worker, and the policy chooses without this one for refusal_rest: a policy that
+  // would name it again at once (Sticky for its clients, LeastConnections for the idlest, a
+  // Dispatch function) would otherwise hand the connection back and forth for as long as the
+  // worker's fds stay in use. (Node has no such case: its worker's handle is made before the
+  // ack.) While it rests it is no member: on_left() now, on_joined() when the rest ends, and
+  // its own line waits for it.
+  void rest(int id) {
+    auto node = members_.extract(id);
+    if (node.empty()) return;  // resting already, or gone
+    on_left(id);
+    resting_.insert(std::move(node));
+    if (rest_timer_armed_) return;
+    rest_timer_armed_ = true;
+    rest_timer_.expires_after(refusal_rest);
+    rest_timer_.async_wait([self = shared_from_this()](std::error_code ec) {
+      self->rest_timer_armed_ = false;
+      if (!ec) self->end_rests();
+    });
+  }
+
+  // Every resting worker is a member again (one timer for all: a rest may end early), and
+  // every waiting connection is asked again, as when a worker joins.
+  void end_rests() {
+    if (resting_.empty()) return;
+    std::vector<int> back;
+    while (!resting_.empty()) {
+      auto node = resting_.extract(resting_.begin());
+      back.push_back(node.key());
+      members_.insert(std::move(node));
+    }
+    for (int id : back) on_joined(members_.at(id));
+    place_again(0);
+    for (int waited : waiting_ids()) place_again(waited, true);
+    distribute();
   }
 
   int pick() {
@@ -516,8 +571,10 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   Address address_;
   asio::posix::stream_descriptor socket_;
   asio::steady_timer retry_;
+  asio::steady_timer rest_timer_;            // ends the rests of workers that refused a connection
   detail::handle_tag tag_;                   // what a connection travels as (TCP or Unix socket)
   Members members_;            // workers holding this listener, by id
+  Members resting_;            // holders left out of members_ for a while: they refused a connection
   std::map<int, std::shared_ptr<WorkerLink>> links_;
   waiting_line any_;                         // accepted or given back, waiting for the policy to name a worker
   std::map<int, waiting_line> lines_;        // accepted, waiting for the worker chosen for them, by its id
@@ -528,6 +585,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   std::uint32_t last_seq_ = 0;
   bool waiting_ = false;
   bool paused_ = false;
+  bool rest_timer_armed_ = false;
   bool accepting_ = true;
   detail::rate_limited_log closing_log_;     // "closing a connection": once a second at most under overload
   detail::rate_limited_log accept_log_;      // accept errors: the same

@@ -27,7 +27,9 @@ class round_robin_listener : public HandoffListener {
 
  private:
   int choose() override { return free_.empty() ? 0 : free_.front(); }
-  void on_joined(const Member& m) override { free_.push_back(m.id); }
+  void on_joined(const Member& m) override {  // (back from a rest, it may still be full)
+    if (m.in_flight < window_) free_.push_back(m.id);
+  }
   void on_left(int id) override { free_.erase(std::remove(free_.begin(), free_.end(), id), free_.end()); }
   void on_handed(const Member& m) override {
     free_.pop_front();  // it was the front: choose() named it

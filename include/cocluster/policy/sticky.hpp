@@ -7,8 +7,9 @@
 // A replacement worker has a new id: the dead worker's clients are spread over the live ones,
 // and the replacement then takes about 1/N of every worker's clients. A stalled worker's
 // clients wait for it, up to HandoffListener::max_waiting_per_worker; past that they go to
-// their next worker in the ranking. Peers of a Unix socket have no address: all share one
-// worker. The master accepts and hands off as RoundRobin does.
+// their next worker in the ranking, and so do the clients of a worker that rests after it
+// refused a connection for want of an fd (HandoffListener::refusal_rest, 100 ms). Peers of a
+// Unix socket have no address: all share one worker. The master accepts and hands off as RoundRobin does.
 #pragma once
 
 #include "cocluster/detail/config.hpp"

@@ -264,6 +264,7 @@ struct channel_state : std::enable_shared_from_this<channel_state> {
       e.internal_tag = static_cast<handle_tag>(r.handle.kind());
       e.internal_fd = r.handle.release();
       e.internal_extra_fds = std::move(r.extra_fds);
+      e.internal_fds_lost = r.fds_lost;
     } else {
       e.message.handle = std::move(r.handle);
     }

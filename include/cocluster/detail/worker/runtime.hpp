@@ -28,6 +28,7 @@
 #include "cocluster/detail/async_queue.hpp"
 #include "cocluster/detail/log.hpp"
 #include "cocluster/detail/parent_death.hpp"
+#include "cocluster/detail/rate_limited_log.hpp"
 #include "cocluster/detail/read_channel.hpp"
 #include "cocluster/detail/worker/listen_target.hpp"
 #include "cocluster/detail/worker/make_server.hpp"
@@ -356,13 +357,21 @@ class runtime {
     const bool handle_allowed = m && (std::holds_alternative<p::QueryReply>(*m) || std::holds_alternative<p::NewConn>(*m) ||
                                       std::holds_alternative<p::NewConnBatch>(*m));
     const bool batch = m && std::holds_alternative<p::NewConnBatch>(*m);
-    if (!m || ((envelope.internal_fd || envelope.message.has_handle()) && !handle_allowed) ||
-        (!envelope.internal_extra_fds.empty() && !batch)) {
+    const std::size_t lost = envelope.internal_fds_lost;
+    if (!m || ((envelope.internal_fd || envelope.message.has_handle() || lost != 0) && !handle_allowed) ||
+        ((!envelope.internal_extra_fds.empty() || (envelope.internal_fd ? 1 : 0) + lost > 1) && !batch)) {
       log_error("unexpected internal message from the master; closing the channel");
       return false;
     }
+    // Fds the kernel could not give us (no fd left under RLIMIT_NOFILE): a hand-off that lost
+    // its fd is refused, so that the master gives it to another worker, and a listen's reply
+    // fails that listen with EMFILE; the channel goes on (a worker with all its fds in use
+    // keeps serving what it holds).
+    if (lost != 0) lost_fds_log_.error("{} fd(s) the master sent were lost: no fd left (RLIMIT_NOFILE); {}", lost,
+                                       std::holds_alternative<p::QueryReply>(*m) ? "the listen fails with EMFILE"
+                                                                                : "refused, the master gives the connection(s) to other workers");
     if (auto* reply = std::get_if<p::QueryReply>(&*m)) {
-      on_query_reply(*reply, envelope.internal_tag, std::move(envelope.internal_fd));
+      on_query_reply(*reply, envelope.internal_tag, std::move(envelope.internal_fd), lost != 0);
     } else if (auto* conn = std::get_if<p::NewConn>(&*m)) {
       auto server = link_.find(conn->server);
       const delivery d = server ? server->deliver(std::move(envelope.internal_fd), envelope.internal_tag, conn->seq,
@@ -377,13 +386,16 @@ class runtime {
     } else if (auto* conns = std::get_if<p::NewConnBatch>(&*m)) {
       // One fd per connection, in order: a count that does not match is the master's bug.
       const std::size_t n = conns->seqs.size();
-      if (n < 2 || conns->remotes.size() != n || !envelope.internal_fd || envelope.internal_extra_fds.size() != n - 1) {
+      const std::size_t received = (envelope.internal_fd ? 1 : 0) + envelope.internal_extra_fds.size();
+      if (n < 2 || conns->remotes.size() != n || received + lost != n || (!envelope.internal_fd && received != 0)) {
         log_error("a batch of connections from the master does not match its fds; closing the channel");
         return false;
       }
       auto server = link_.find(conns->server);
       for (std::size_t i = 0; i < n; ++i) {
-        unique_fd fd = i == 0 ? std::move(envelope.internal_fd) : std::move(envelope.internal_extra_fds[i - 1]);
+        unique_fd fd = i >= received ? unique_fd()  // lost: refused below
+                       : i == 0      ? std::move(envelope.internal_fd)
+                                     : std::move(envelope.internal_extra_fds[i - 1]);
         const delivery d =
             server ? server->deliver(std::move(fd), envelope.internal_tag, conns->seqs[i], conns->remotes[i]) : delivery::refused;
         if (d == delivery::malformed) {
@@ -406,7 +418,7 @@ class runtime {
     return true;
   }
 
-  void on_query_reply(const ipc::protocol::QueryReply& r, std::uint8_t tag, unique_fd fd) {
+  void on_query_reply(const ipc::protocol::QueryReply& r, std::uint8_t tag, unique_fd fd, bool fd_lost) {
     auto it = queries_.find(r.seq);
     if (it == queries_.end()) return;  // not ours: ignored, as Node ignores stray replies
     pending_query q = std::move(it->second);
@@ -415,6 +427,7 @@ class runtime {
     std::shared_ptr<server_base> server;
     if (r.errno_value != 0) ec.assign(r.errno_value, std::system_category());
     else if (intent_ != intent::none) ec = error::worker_not_connected;  // its servers are closed already
+    else if (fd_lost) ec = std::make_error_code(std::errc::too_many_files_open);
     else server = q.make(r, tag, std::move(fd), ec);
     if (!server || !q.handler) {  // failed, or the listen() was cancelled meanwhile
       if (r.errno_value == 0) send_internal(ipc::protocol::Close{r.server});
@@ -461,6 +474,9 @@ class runtime {
   std::optional<asio::steady_timer> heartbeat_timer_;  // while the master asks for a heartbeat
   std::chrono::milliseconds heartbeat_interval_{0};
   std::uint64_t last_beat_ = 0;  // channel_.queued_total() after the last beat was queued
+  // Fds lost to RLIMIT_NOFILE: a line a second at most. No executor: its count of lines left
+  // out goes with the next line or at exit, and no timer of it keeps the loop running.
+  rate_limited_log lost_fds_log_;
 };
 
 }  // namespace cocluster::detail::worker
