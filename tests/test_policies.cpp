@@ -553,6 +553,29 @@ TEST_CASE("RoundRobin: a worker with no fd left refuses the connections handed t
   exhausted_worker_case(RoundRobin{});
 }
 
+TEST_CASE("Dispatch: a connection routed to a worker with no fd left waits for it, and is answered by it once it has fds again") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<Dispatch<by_last_octet>> master(io.get_executor(), {}, Dispatch(by_last_octet{}));
+    auto [workers, where] = co_await start_serving(master, 2);
+    co_await workers[0]->send(Message("exhaust"));
+    CHECK((co_await workers[0]->receive()).data == "exhausted");
+    // 127.0.0.1 is worker 1's alone: its connection is refused, waits, and is offered again
+    // at the end of each of worker 1's rests; meanwhile 127.0.0.2's go to worker 2.
+    int waiting_for_1 = -1;
+    asio::co_spawn(io, ask_from(loopback(1), where), [&](std::exception_ptr e, int id) { waiting_for_1 = e ? 0 : id; });
+    std::map<int, int> from_2;
+    for (int i = 0; i < 10; ++i) ++from_2[co_await ask_from(loopback(2), where)];
+    CHECK(from_2 == std::map<int, int>{{2, 10}});
+    CHECK(waiting_for_1 == -1);  // worker 1 can take no connection yet, and nobody else gets it
+    CHECK(workers[0]->is_connected());
+    co_await workers[0]->send(Message("release"));
+    CHECK((co_await workers[0]->receive()).data == "released");
+    co_await poll_until([&] { return waiting_for_1 != -1; });
+    CHECK(waiting_for_1 == 1);
+    co_await master.disconnect();
+  });
+}
+
 TEST_CASE("RoundRobin with a window: a worker SIGKILLed holding a batch of unacknowledged connections has every one answered by another") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<RoundRobin> master(io.get_executor(), {}, RoundRobin{.window = 8});
