@@ -82,7 +82,7 @@ awaitable<void> udp_loop(Server<udp>& server) {
 // Listens on TEST_LISTEN and reports "port N" (or "error <errno>"); serves unless stalling;
 // the master's "close" closes the server ("closed"), "listen" listens again; "exhaust" leaves
 // no fd free (RLIMIT_NOFILE down to the lowest free fd: "exhausted"), "release" restores it
-// ("released").
+// ("released"); "ping" is answered "pong".
 awaitable<void> listen_worker(bool stall) {
   const target t = parse_target(std::getenv("TEST_LISTEN"));
   std::optional<Server<tcp>> tcp_server;
@@ -131,6 +131,8 @@ awaitable<void> listen_worker(bool stall) {
       const rlimit none_left{static_cast<rlim_t>(lowest), saved.rlim_max};
       ::setrlimit(RLIMIT_NOFILE, &none_left);
       co_await this_worker.send({"exhausted"});
+    } else if (m.data == "ping") {
+      co_await this_worker.send({"pong"});
     } else if (m.data == "release") {
       if (saved.rlim_max != 0) ::setrlimit(RLIMIT_NOFILE, &saved);  // (after an "exhaust" only)
       co_await this_worker.send({"released"});

@@ -576,6 +576,47 @@ TEST_CASE("Dispatch: a connection routed to a worker with no fd left waits for i
   });
 }
 
+// SharedSocket and ReusePort: the only worker, accepting on a socket of its own, has no fd
+// left for the next connection. Its accept does not fail (EMFILE is tried again every 100 ms),
+// so it serves the connection once it has fds again. Its accept used to complete with EMFILE,
+// which ends an accept loop written as Node's (the serve scenario's): the port was never served
+// again.
+template <class Policy>
+void exhausted_acceptor_case(Policy policy) {
+  run_bounded([policy](asio::io_context& io) -> awaitable<void> {
+    Master<Policy> master(io.get_executor(), {}, policy);
+    auto [workers, where] = co_await start_serving(master, 1);
+    const std::shared_ptr<Worker> only = workers[0];
+    co_await only->send(Message("exhaust"));
+    const Message exhausted = co_await only->receive();  // (not inside CHECK: a template)
+    CHECK(exhausted.data == "exhausted");
+    tcp::socket client(io);
+    co_await client.async_connect(where, use_awaitable);  // in the backlog: the worker's accept is woken
+    co_await asio::async_write(client, asio::buffer("hi\n", 3), use_awaitable);
+    // The listener became readable before this message was sent: the worker has tried (and
+    // failed) to accept when it answers.
+    co_await only->send(Message("ping"));
+    const Message pong = co_await only->receive();
+    CHECK(pong.data == "pong");
+    co_await only->send(Message("release"));
+    const Message released = co_await only->receive();
+    CHECK(released.data == "released");
+    std::string reply;
+    co_await asio::async_read(client, asio::dynamic_buffer(reply), as_tuple_t{});  // to EOF
+    CHECK(reply == "worker 1\n");
+    CHECK(only->is_connected());
+    co_await master.disconnect();
+  });
+}
+
+TEST_CASE("SharedSocket: an accept that finds no fd left waits and tries again; the connection is served once there are fds") {
+  exhausted_acceptor_case(SharedSocket{});
+}
+
+TEST_CASE("ReusePort: an accept that finds no fd left waits and tries again; the connection is served once there are fds") {
+  exhausted_acceptor_case(ReusePort{});
+}
+
 TEST_CASE("RoundRobin with a window: a worker SIGKILLed holding a batch of unacknowledged connections has every one answered by another") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<RoundRobin> master(io.get_executor(), {}, RoundRobin{.window = 8});

@@ -84,8 +84,10 @@ class Server : public detail::worker::server_handle<detail::worker::stream_serve
   // worker's executor.
   //   Completion signature: void(std::error_code, socket_type).
   //   Errors: asio::error::operation_aborted once the server is closed (and for an accept
-  //   whose connection was taken off the queue as it closed); under SharedSocket, Asio's
-  //   accept errors.
+  //   whose connection was taken off the queue as it closed); on a socket of its own
+  //   (SharedSocket, ReusePort, listen_fd), Asio's accept errors, except running out of fds or
+  //   memory (EMFILE, ENFILE, ENOBUFS, ENOMEM): then the accept logs it (at most once a second)
+  //   and tries again every 100 ms, as the master's accepting does, until it has a connection.
   //   Cancellation: per-operation, terminal: the accept completes with operation_aborted (a
   //   connection the master hands over later waits for the next accept()).
   // A connection already handed over completes a coroutine's accept() without a trip through

@@ -18,6 +18,7 @@
 #include <sys/socket.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cstring>
 #include <memory>
@@ -27,6 +28,7 @@
 
 #include "cocluster/detail/async_queue.hpp"
 #include "cocluster/detail/completion.hpp"
+#include "cocluster/detail/rate_limited_log.hpp"
 #include "cocluster/detail/worker/server_base.hpp"
 #include "cocluster/detail/worker/server_link.hpp"
 #include "cocluster/detail/worker/trusted_fd.hpp"
@@ -94,6 +96,8 @@ class stream_server final : public server_base, public std::enable_shared_from_t
     std::error_code ignored;
     if (acceptor_) acceptor_->close(ignored);
     if (defer_) defer_->cancel();
+    if (retry_) retry_->cancel();
+    accept_log_.flush();
     handed_.close(asio::error::operation_aborted);
     while (handed_.try_pop()) {  // the master gives them to other workers when it reads close
     }
@@ -204,12 +208,7 @@ class stream_server final : public server_base, public std::enable_shared_from_t
   template <class Handler>
   void start_accept(endpoint_type* peer, Handler&& h) {
     auto connection_ex = connection_executor();
-    if (!link_) {  // adopted: nobody counts its connections, and the master hands it none
-      if (peer) acceptor_->async_accept(connection_ex, *peer, std::forward<Handler>(h));
-      else acceptor_->async_accept(connection_ex, std::forward<Handler>(h));
-      return;
-    }
-    if (auto in = handed_.try_pop()) {
+    if (auto in = handed_.try_pop()) {  // (never, for an adopted server: the master hands it none)
       socket_type socket = take(*in, peer);
       return complete_now(std::forward<Handler>(h), ex_, std::error_code{}, std::move(socket));
     }
@@ -237,11 +236,50 @@ class stream_server final : public server_base, public std::enable_shared_from_t
           if (cancel) asio::get_associated_cancellation_slot(h).clear();
           if (ec == asio::error::operation_aborted && self->open_ && !by_user)
             return self->start_accept(peer, std::move(h));  // takes the handed connection, or waits again
-          if (!ec) self->link_->took_connection();
+          if (out_of_resources(ec) && self->open_ && !by_user) return self->retry_accept(ec, peer, std::move(h));
+          if (!ec && self->link_) self->link_->took_connection();
           std::move(h)(ec, std::move(socket));
         });
     if (peer) acceptor_->async_accept(connection_ex, *peer, std::move(done));
     else acceptor_->async_accept(connection_ex, std::move(done));
+  }
+
+  // No fd or no memory for the next connection: transient, and not the caller's to handle.
+  // accept() tries again after accept_retry_delay (the master's own accepting does the same,
+  // as nginx does), saying so at most once a second; the connection waits in the backlog (for
+  // another worker, under SharedSocket). Reported to the caller, it used to end the accept
+  // loop of a server written as Node's ("an error: closed"), leaving the socket unserved.
+  static constexpr std::chrono::milliseconds accept_retry_delay{100};
+  // (Asio's errors are of its own system category, which std::errc does not match.)
+  static bool out_of_resources(const std::error_code& ec) noexcept {
+    if (ec.category() != asio::error::get_system_category() && ec.category() != std::system_category()) return false;
+    const int e = ec.value();
+    return e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM;
+  }
+
+  template <class Handler>
+  void retry_accept(const std::error_code& why, endpoint_type* peer, Handler&& h) {
+    accept_log_.error("accept on {}: {}; trying again every {} ms", describe(local_), why.message(),
+                      accept_retry_delay.count());
+    auto slot = asio::get_associated_cancellation_slot(h);
+    auto handler_ex = asio::get_associated_executor(h, ex_);
+    if (!retry_) retry_.emplace(ex_);  // made when first needed
+    // Every accept that fails meanwhile waits for the same expiry (a new one would cancel
+    // the waits already started).
+    if (retry_waits_++ == 0) retry_->expires_after(accept_retry_delay);
+    retry_->async_wait(asio::bind_cancellation_slot(
+        slot, asio::bind_executor(handler_ex, [self = this->shared_from_this(), peer, h = std::forward<Handler>(h)](
+                                                  std::error_code ec) mutable {
+          --self->retry_waits_;
+          if (!ec && !self->open_) ec = asio::error::operation_aborted;
+          if (ec) return std::move(h)(ec, socket_type(self->ex_));
+          self->start_accept(peer, std::move(h));
+        })));
+  }
+
+  static std::string describe(const endpoint_type& e) {
+    if constexpr (std::is_same_v<Protocol, asio::ip::tcp>) return e.address().to_string() + ":" + std::to_string(e.port());
+    else return e.path();
   }
 
   // Adopted servers make plain sockets: the master never knew them.
@@ -254,6 +292,9 @@ class stream_server final : public server_base, public std::enable_shared_from_t
   std::size_t accepts_waiting_ = 0;  // Asio accepts pending on acceptor_
   endpoint_type local_;
   std::optional<asio::steady_timer> defer_;  // a busy worker's pause before its next accept (made at the first)
+  std::optional<asio::steady_timer> retry_;  // accepts waiting to try again after EMFILE & co (made at the first)
+  std::size_t retry_waits_ = 0;              // accepts waiting on retry_
+  rate_limited_log accept_log_;              // (no executor: no timer of it keeps the loop running)
   bool gated_;             // accepting on a socket shared with other workers
   bool deferring_ = false;  // an accept waits on defer_
   bool open_ = true;
