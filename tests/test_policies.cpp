@@ -7,6 +7,8 @@
 #include <doctest/doctest.h>
 #include <netinet/in.h>
 #include <signal.h>
+#include <sys/resource.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <functional>
@@ -598,6 +600,10 @@ void exhausted_acceptor_case(Policy policy) {
     co_await only->send(Message("ping"));
     const Message pong = co_await only->receive();
     CHECK(pong.data == "pong");
+    // A while for the accept to fail again on its retries (what it shows, not what it needs to
+    // pass: without the retry the client is never answered, however long this is).
+    asio::steady_timer a_while(io, 250ms);
+    co_await a_while.async_wait(use_awaitable);
     co_await only->send(Message("release"));
     const Message released = co_await only->receive();
     CHECK(released.data == "released");
@@ -918,6 +924,65 @@ TEST_CASE("ReusePort and SharedSocket: a user's cancellation ends an accept") {
     CHECK((co_await w->receive()).data == "cancelled: " + aborted);
     co_await master.disconnect();
   });
+}
+
+// The same while the accept waits to try again after EMFILE: listens ("port N"), waits for
+// "go" (a client is then in the backlog), leaves itself no fd free, starts one accept and
+// cancels it 300 ms later (it has failed and waited at least twice by then): "cancelled:
+// <error>". Then, with fds again, accepts the client and answers it "served".
+WORKER_SCENARIO(cancel_accept_out_of_fds) {
+  asio::io_context io;
+  this_worker.start(io.get_executor());
+  asio::co_spawn(io, [&io]() -> awaitable<void> {
+    auto server = co_await listen_and_report_port();
+    (void)co_await this_worker.receive();  // "go"
+    rlimit saved{};
+    ::getrlimit(RLIMIT_NOFILE, &saved);
+    const int lowest = ::dup(2);
+    ::close(lowest);
+    const rlimit none_left{static_cast<rlim_t>(lowest), saved.rlim_max};
+    ::setrlimit(RLIMIT_NOFILE, &none_left);
+    asio::cancellation_signal cancel;
+    cocluster::detail::async_latch<std::error_code> done(io.get_executor());
+    server.accept(asio::bind_cancellation_slot(cancel.slot(), [&](std::error_code ec, tcp::socket) { done.set(ec); }));
+    asio::steady_timer later(io, 300ms);
+    co_await later.async_wait(use_awaitable);
+    cancel.emit(asio::cancellation_type::terminal);
+    const std::error_code ec = co_await done.async_wait(use_awaitable);
+    ::setrlimit(RLIMIT_NOFILE, &saved);
+    co_await this_worker.send(Message("cancelled: " + ec.message()));
+    {  // (destroyed, not only closed: a disconnect waits until the sockets are gone)
+      tcp::socket client = co_await server.accept();
+      co_await asio::async_write(client, asio::buffer("served\n", 7), use_awaitable);
+    }
+    (void)co_await this_worker.receive(as_tuple_t{});  // until the channel ends
+  }, asio::detached);
+  io.run();
+  return 0;
+}
+
+template <class Policy>
+void cancel_while_out_of_fds_case() {
+  const std::string aborted = asio::error::make_error_code(asio::error::operation_aborted).message();
+  run_bounded([&](asio::io_context& io) -> awaitable<void> {
+    Master<Policy> master(io.get_executor());
+    const std::shared_ptr<Worker> w = co_await master.fork(scenario_env("cancel_accept_out_of_fds"));
+    const Message port = co_await w->receive();
+    tcp::socket client(io);
+    co_await client.async_connect(tcp::endpoint(loopback(1), reported_port(port.data)), use_awaitable);
+    co_await w->send(Message("go"));
+    const Message cancelled = co_await w->receive();  // (not inside CHECK: a template)
+    CHECK(cancelled.data == "cancelled: " + aborted);
+    std::string reply;
+    co_await asio::async_read(client, asio::dynamic_buffer(reply), as_tuple_t{});  // to EOF
+    CHECK(reply == "served\n");
+    co_await master.disconnect();
+  });
+}
+
+TEST_CASE("SharedSocket and ReusePort: a user's cancellation ends an accept waiting to try again after EMFILE") {
+  cancel_while_out_of_fds_case<SharedSocket>();
+  cancel_while_out_of_fds_case<ReusePort>();
 }
 
 // ---- a connection the worker has taken and written to must never reach another

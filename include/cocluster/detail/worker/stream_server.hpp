@@ -85,8 +85,10 @@ class stream_server final : public server_base, public std::enable_shared_from_t
     auto socket = from_master<socket_type>(link_->connection_executor(), local_.protocol(), tag, std::move(fd), ec);
     if (!socket) return ec == error::protocol_error ? delivery::malformed : delivery::refused;
     handed_.push(incoming{std::move(*socket), seq, endpoint_from_sockaddr<endpoint_type>(remote)});
-    // Accepts waiting on our own socket end, and take it (ReusePort: start_accept()).
+    // Accepts waiting on our own socket (or to try it again) end, and take it (ReusePort:
+    // start_accept()).
     if (acceptor_ && accepts_waiting_ != 0) acceptor_->cancel(ec);
+    if (retry_) retry_->cancel();
     return delivery::queued;
   }
 
@@ -114,21 +116,11 @@ class stream_server final : public server_base, public std::enable_shared_from_t
           const auto delay = self->accept_delay();
           if (delay.count() == 0) return self->start_accept(peer, std::move(h));
           // Busier than a worker should be: let an idle one win the next connection.
-          auto slot = asio::get_associated_cancellation_slot(h);
-          auto handler_ex = asio::get_associated_executor(h, self->ex_);
           self->deferring_ = true;
           if (!self->defer_) self->defer_.emplace(self->ex_);  // made when first needed
           self->defer_->expires_after(delay);
           auto& timer = *self->defer_;
-          timer.async_wait(asio::bind_cancellation_slot(
-              slot, asio::bind_executor(handler_ex, [self = std::move(self), peer, h = std::move(h)](
-                                                        std::error_code ec) mutable {
-                self->deferring_ = false;
-                if (!ec && !self->open_) ec = asio::error::operation_aborted;
-                if (ec) return std::move(h)(ec, socket_type(self->ex_));
-                self->start_accept(peer, std::move(h));
-              })));
-          return;
+          return self->accept_after(timer, peer, std::move(h));
         }
         if (auto in = self->handed_.try_pop()) {  // a connection is waiting: no trip through the scheduler
           socket_type socket = self->take(*in, peer);
@@ -212,17 +204,6 @@ class stream_server final : public server_base, public std::enable_shared_from_t
       socket_type socket = take(*in, peer);
       return complete_now(std::forward<Handler>(h), ex_, std::error_code{}, std::move(socket));
     }
-    // The user's cancellation: in the slot's own storage (no allocation per accept); the accept
-    // holds the server, so `self` outlives it until the slot is cleared at completion.
-    struct user_cancel {
-      stream_server* self;
-      bool cancelled = false;
-      void operator()(asio::cancellation_type) {
-        cancelled = true;
-        std::error_code ignored;
-        if (self->acceptor_) self->acceptor_->cancel(ignored);  // the others start again
-      }
-    };
     auto slot = asio::get_associated_cancellation_slot(h);
     user_cancel* cancel = slot.is_connected() ? &slot.template emplace<user_cancel>(user_cancel{this}) : nullptr;
     auto handler_ex = asio::get_associated_executor(h, ex_);
@@ -236,12 +217,51 @@ class stream_server final : public server_base, public std::enable_shared_from_t
           if (cancel) asio::get_associated_cancellation_slot(h).clear();
           if (ec == asio::error::operation_aborted && self->open_ && !by_user)
             return self->start_accept(peer, std::move(h));  // takes the handed connection, or waits again
-          if (out_of_resources(ec) && self->open_ && !by_user) return self->retry_accept(ec, peer, std::move(h));
+          if (out_of_resources(ec)) {
+            if (self->open_ && !by_user) return self->retry_accept(ec, peer, std::move(h));
+            ec = asio::error::operation_aborted;  // never reported: cancelled or closed meanwhile
+          }
           if (!ec && self->link_) self->link_->took_connection();
           std::move(h)(ec, std::move(socket));
         });
     if (peer) acceptor_->async_accept(connection_ex, *peer, std::move(done));
     else acceptor_->async_accept(connection_ex, std::move(done));
+  }
+
+  // The user's cancellation of an accept: in the slot's own storage (no allocation per
+  // accept), marked, then the Asio accept or the timer it waits on is cancelled; the other
+  // accepts woken with it start again. Each wait holds the server, so `self` outlives it: the
+  // wait's handler clears the slot first thing (a late cancellation then finds nothing), and
+  // one that comes after the wait has ended but before its handler ran is still seen.
+  struct user_cancel {
+    stream_server* self;
+    bool cancelled = false;
+    void operator()(asio::cancellation_type) {
+      cancelled = true;
+      std::error_code ignored;
+      if (self->acceptor_) self->acceptor_->cancel(ignored);
+      if (self->defer_) self->defer_->cancel();
+      if (self->retry_) self->retry_->cancel();
+    }
+  };
+
+  // Waits on `timer` (the load-aware gate's defer_ or retry_, its expiry set), then accepts.
+  // Woken early (another accept's cancellation, a handed connection, close()) it accepts now,
+  // or completes with operation_aborted if the user cancelled or the server is closed.
+  template <class Handler>
+  void accept_after(asio::steady_timer& timer, endpoint_type* peer, Handler&& h) {
+    auto slot = asio::get_associated_cancellation_slot(h);
+    user_cancel* cancel = slot.is_connected() ? &slot.template emplace<user_cancel>(user_cancel{this}) : nullptr;
+    auto handler_ex = asio::get_associated_executor(h, ex_);
+    const bool gate = &timer == (defer_ ? &*defer_ : nullptr);
+    timer.async_wait(asio::bind_executor(
+        handler_ex, [self = this->shared_from_this(), peer, cancel, gate, h = std::forward<Handler>(h)](std::error_code) mutable {
+          if (gate) self->deferring_ = false;
+          const bool by_user = cancel && cancel->cancelled;
+          if (cancel) asio::get_associated_cancellation_slot(h).clear();
+          if (by_user || !self->open_) return std::move(h)(asio::error::operation_aborted, socket_type(self->ex_));
+          self->start_accept(peer, std::move(h));
+        }));
   }
 
   // No fd or no memory for the next connection: transient, and not the caller's to handle.
@@ -261,25 +281,22 @@ class stream_server final : public server_base, public std::enable_shared_from_t
   void retry_accept(const std::error_code& why, endpoint_type* peer, Handler&& h) {
     accept_log_.error("accept on {}: {}; trying again every {} ms", describe(local_), why.message(),
                       accept_retry_delay.count());
-    auto slot = asio::get_associated_cancellation_slot(h);
-    auto handler_ex = asio::get_associated_executor(h, ex_);
     if (!retry_) retry_.emplace(ex_);  // made when first needed
-    // Every accept that fails meanwhile waits for the same expiry (a new one would cancel
-    // the waits already started).
-    if (retry_waits_++ == 0) retry_->expires_after(accept_retry_delay);
-    retry_->async_wait(asio::bind_cancellation_slot(
-        slot, asio::bind_executor(handler_ex, [self = this->shared_from_this(), peer, h = std::forward<Handler>(h)](
-                                                  std::error_code ec) mutable {
-          --self->retry_waits_;
-          if (!ec && !self->open_) ec = asio::error::operation_aborted;
-          if (ec) return std::move(h)(ec, socket_type(self->ex_));
-          self->start_accept(peer, std::move(h));
-        })));
+    // Accepts that fail while others wait join their wait (setting a new expiry would cancel
+    // the waits already started); one that fails after the expiry, before the earlier waits'
+    // handlers ran, sets the next one.
+    if (retry_->expiry() <= asio::steady_timer::clock_type::now()) retry_->expires_after(accept_retry_delay);
+    accept_after(*retry_, peer, std::forward<Handler>(h));
   }
 
   static std::string describe(const endpoint_type& e) {
-    if constexpr (std::is_same_v<Protocol, asio::ip::tcp>) return e.address().to_string() + ":" + std::to_string(e.port());
-    else return e.path();
+    if constexpr (std::is_same_v<Protocol, asio::ip::tcp>) {
+      return e.address().to_string() + ":" + std::to_string(e.port());
+    } else {
+      std::string path = e.path();
+      if (!path.empty() && path[0] == '\0') path[0] = '@';  // an abstract socket, as ss shows it
+      return path;
+    }
   }
 
   // Adopted servers make plain sockets: the master never knew them.
@@ -293,7 +310,6 @@ class stream_server final : public server_base, public std::enable_shared_from_t
   endpoint_type local_;
   std::optional<asio::steady_timer> defer_;  // a busy worker's pause before its next accept (made at the first)
   std::optional<asio::steady_timer> retry_;  // accepts waiting to try again after EMFILE & co (made at the first)
-  std::size_t retry_waits_ = 0;              // accepts waiting on retry_
   rate_limited_log accept_log_;              // (no executor: no timer of it keeps the loop running)
   bool gated_;             // accepting on a socket shared with other workers
   bool deferring_ = false;  // an accept waits on defer_
