@@ -263,8 +263,12 @@ void with_activated_master(const cocluster::detail::unique_fd& listener, unsigne
                                   "LISTEN_FDS=1", "LISTEN_FDNAMES=web", "LISTEN_PID=0000000000"};
   const std::size_t listen_pid_at = 6;
   env.insert(env.end(), extra.begin(), extra.end());
+  // Not systemd's variables, and no scheduling policy from where the suite runs: the test
+  // master's policy is the one `extra` names (round robin if none).
   for (char** e = environ; *e; ++e)
-    if (std::strncmp(*e, "LISTEN_", 7) != 0) env.emplace_back(*e);
+    if (std::strncmp(*e, "LISTEN_", 7) != 0 && std::strncmp(*e, "COCLUSTER_SCHED_POLICY=", 23) != 0 &&
+        std::strncmp(*e, "NODE_CLUSTER_SCHED_POLICY=", 26) != 0)
+      env.emplace_back(*e);
   std::vector<char*> envp;
   for (auto& s : env) envp.push_back(s.data());
   envp.push_back(nullptr);
