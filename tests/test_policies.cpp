@@ -504,6 +504,14 @@ TEST_CASE("LeastConnections: a worker's report replaces the acknowledged hand-of
   });
 }
 
+// Tells a `serve` worker `what` ("exhaust": no fd left; "release": its fds back; "ping") and
+// checks its answer.
+awaitable<void> tell(Worker& w, const std::string& what, const std::string& answer) {
+  co_await w.send(Message(what));
+  const Message reply = co_await w.receive();
+  CHECK_MESSAGE(reply.data == answer, what, " was answered ", reply.data);
+}
+
 // Worker 1 left with no fd free (RLIMIT_NOFILE): every connection handed to it arrives without
 // its fd, and it refuses them. Each is answered by worker 2, none is lost, worker 1 stays
 // connected (it used to lose its channel to the first such hand-off), and once it has fds again
@@ -516,9 +524,7 @@ void exhausted_worker_case(Policy policy) {
     Master<Policy> master(io.get_executor(), {}, policy);
     auto [workers, where] = co_await start_serving(master, 2);
     const std::shared_ptr<Worker> first = workers[0];
-    co_await first->send(Message("exhaust"));
-    const Message exhausted = co_await first->receive();  // (not inside CHECK: a template)
-    CHECK(exhausted.data == "exhausted");
+    co_await tell(*first, "exhaust", "exhausted");
     auto during = co_await ask_from_sources(where, 10, 4, 4);
     int answered = 0;
     for (auto& source : during) {
@@ -529,9 +535,7 @@ void exhausted_worker_case(Policy policy) {
     }
     CHECK(answered == 40);
     CHECK(first->is_connected());
-    co_await first->send(Message("release"));
-    const Message released = co_await first->receive();
-    CHECK(released.data == "released");
+    co_await tell(*first, "release", "released");
     // Its rest after the last refusal ends by itself: asked until worker 1 answers again (a wait
     // for that event; run_bounded bounds it).
     for (bool back = false; !back;) {
@@ -559,8 +563,7 @@ TEST_CASE("Dispatch: a connection routed to a worker with no fd left waits for i
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<Dispatch<by_last_octet>> master(io.get_executor(), {}, Dispatch(by_last_octet{}));
     auto [workers, where] = co_await start_serving(master, 2);
-    co_await workers[0]->send(Message("exhaust"));
-    CHECK((co_await workers[0]->receive()).data == "exhausted");
+    co_await tell(*workers[0], "exhaust", "exhausted");
     // 127.0.0.1 is worker 1's alone: its connection is refused, waits, and is offered again
     // at the end of each of worker 1's rests; meanwhile 127.0.0.2's go to worker 2.
     int waiting_for_1 = -1;
@@ -570,8 +573,7 @@ TEST_CASE("Dispatch: a connection routed to a worker with no fd left waits for i
     CHECK(from_2 == std::map<int, int>{{2, 10}});
     CHECK(waiting_for_1 == -1);  // worker 1 can take no connection yet, and nobody else gets it
     CHECK(workers[0]->is_connected());
-    co_await workers[0]->send(Message("release"));
-    CHECK((co_await workers[0]->receive()).data == "released");
+    co_await tell(*workers[0], "release", "released");
     co_await poll_until([&] { return waiting_for_1 != -1; });
     CHECK(waiting_for_1 == 1);
     co_await master.disconnect();
@@ -589,24 +591,18 @@ void exhausted_acceptor_case(Policy policy) {
     Master<Policy> master(io.get_executor(), {}, policy);
     auto [workers, where] = co_await start_serving(master, 1);
     const std::shared_ptr<Worker> only = workers[0];
-    co_await only->send(Message("exhaust"));
-    const Message exhausted = co_await only->receive();  // (not inside CHECK: a template)
-    CHECK(exhausted.data == "exhausted");
+    co_await tell(*only, "exhaust", "exhausted");
     tcp::socket client(io);
     co_await client.async_connect(where, use_awaitable);  // in the backlog: the worker's accept is woken
     co_await asio::async_write(client, asio::buffer("hi\n", 3), use_awaitable);
     // The listener became readable before this message was sent: the worker has tried (and
     // failed) to accept when it answers.
-    co_await only->send(Message("ping"));
-    const Message pong = co_await only->receive();
-    CHECK(pong.data == "pong");
+    co_await tell(*only, "ping", "pong");
     // A while for the accept to fail again on its retries (what it shows, not what it needs to
     // pass: without the retry the client is never answered, however long this is).
     asio::steady_timer a_while(io, 250ms);
     co_await a_while.async_wait(use_awaitable);
-    co_await only->send(Message("release"));
-    const Message released = co_await only->receive();
-    CHECK(released.data == "released");
+    co_await tell(*only, "release", "released");
     std::string reply;
     co_await asio::async_read(client, asio::dynamic_buffer(reply), as_tuple_t{});  // to EOF
     CHECK(reply == "worker 1\n");
