@@ -37,19 +37,14 @@ check "bad special" bad_input "not an IP address" --port 0 --special nowhere
 check "bad mode" bad_input "expected send or dispatch" --port 0 --mode fork
 check "bad grace" bad_input "expected whole seconds" --port 0 --grace -1
 
-# client SOURCE [reset]: connects from SOURCE to 127.0.0.1:$port and prints the answer; with
-# `reset`, closes at once with a RST instead (a connection closed in transit).
+# client SOURCE: connects from SOURCE to 127.0.0.1:$port and prints the answer.
 client() {
-  timeout 10 python3 - "$1" "$port" "${2:-}" <<'PY'
-import socket, struct, sys
-src, port, how = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+  timeout 10 python3 - "$1" "$port" <<'PY'
+import socket, sys
+src, port = sys.argv[1], int(sys.argv[2])
 s = socket.socket()
 s.bind((src, 0))
 s.connect(("127.0.0.1", port))
-if how == "reset":
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    s.close()
-    sys.exit(0)
 data = b""
 while True:
     chunk = s.recv(4096)
@@ -57,6 +52,22 @@ while True:
         break
     data += chunk
 sys.stdout.write(data.decode())
+PY
+}
+
+# resets N SOURCE...: N rounds of one connection from each SOURCE to 127.0.0.1:$port, each
+# closed at once with a RST (a connection closed in transit); one Python for all of them.
+resets() {
+  timeout 20 python3 - "$port" "$@" <<'PY'
+import socket, struct, sys
+port, rounds, sources = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+for _ in range(rounds):
+    for src in sources:
+        s = socket.socket()
+        s.bind((src, 0))
+        s.connect(("127.0.0.1", port))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
 PY
 }
 
@@ -143,10 +154,7 @@ run_mode() {
   check "$mode: 127.0.0.2 is handled with special priority" [ "$special" -eq 5 ]
   check "$mode: no other answer" [ "$wrong" -eq 0 ]
   # Connections closed in transit, to both workers; then both still answer.
-  for i in $(seq 20); do
-    client 127.0.0.1 reset
-    client 127.0.0.2 reset
-  done
+  resets 20 127.0.0.1 127.0.0.2
   check "$mode: after resets in transit the normal worker answers" [ "$(client 127.0.0.1)" = "handled by normal priority" ]
   check "$mode: after resets in transit the special worker answers" [ "$(client 127.0.0.2)" = "handled by special priority" ]
   check "$mode: no worker died" bash -c "! grep -q 'died' '$err'"
@@ -159,7 +167,7 @@ run_mode() {
     : >"$err.before"
     grep -c "special worker: a connection closed in transit" "$err" >"$err.before" || true
     kill -STOP "$special_pid"
-    for i in $(seq 5); do client 127.0.0.2 reset; done
+    resets 5 127.0.0.2
     kill -CONT "$special_pid"
     check "$mode: the special worker answers after the resets it found" [ "$(client 127.0.0.2)" = "handled by special priority" ]
     reported() { [ "$(grep -c "special worker: a connection closed in transit" "$err")" -gt "$(cat "$err.before")" ]; }
