@@ -49,13 +49,35 @@ target parse_target(std::string spec) {
   return t;
 }
 
-// Answers each connection with "worker <id>\n" once it has read a line, then closes it.
+// What a connection was when accept() gave it, before any operation: close-on-exec,
+// O_NONBLOCK, and whether Asio knows it is non-blocking ("1 1 1"; Asio's own accept: "0 0 0").
+template <class Socket>
+std::string fd_flags(Socket& socket) {
+  const int fd = socket.native_handle();
+  return std::to_string((::fcntl(fd, F_GETFD) & FD_CLOEXEC) != 0) + " " +
+         std::to_string((::fcntl(fd, F_GETFL) & O_NONBLOCK) != 0) + " " + std::to_string(socket.native_non_blocking());
+}
+
+// Answers each connection with "worker <id>\n" once it has read a line, then closes it. To the
+// line "flags" it answers "worker <id> flags <fd_flags>\n", then reads one byte with a
+// synchronous read (which must wait for it, not fail with EAGAIN) and says "read ok\n".
 template <class Socket>
 awaitable<void> answer(Socket socket) {
+  const std::string flags = fd_flags(socket);
   std::string line;
   auto [ec, n] = co_await asio::async_read_until(socket, asio::dynamic_buffer(line), '\n', as_tuple_t{});
   if (ec) co_return;
-  const std::string reply = "worker " + std::to_string(this_worker.id()) + "\n";
+  std::string reply = "worker " + std::to_string(this_worker.id());
+  if (line == "flags\n") {
+    reply += " flags " + flags + "\n";
+    co_await asio::async_write(socket, asio::buffer(reply), as_tuple_t{});
+    char byte;
+    std::error_code read_ec;
+    socket.read_some(asio::buffer(&byte, 1), read_ec);  // blocks this worker until the client sends it
+    reply = read_ec ? "read " + read_ec.message() + "\n" : "read ok\n";
+  } else {
+    reply += "\n";
+  }
   co_await asio::async_write(socket, asio::buffer(reply), as_tuple_t{});
 }
 
@@ -177,6 +199,21 @@ awaitable<int> ask(Endpoint where) {
   co_await asio::async_read(s, asio::dynamic_buffer(reply), as_tuple_t{});  // to EOF, or an error: both end the answer
   if (reply.rfind("worker ", 0) != 0) co_return 0;
   co_return std::stoi(reply.substr(7));
+}
+
+// A "flags" request (answer()): the worker's reply to EOF, after sending the byte its
+// synchronous read waits for once the first line is in.
+template <class Endpoint>
+awaitable<std::string> ask_flags(Endpoint where) {
+  typename Endpoint::protocol_type::socket s(co_await asio::this_coro::executor);
+  co_await s.async_connect(where, use_awaitable);
+  co_await asio::async_write(s, asio::buffer("flags\n", 6), use_awaitable);
+  std::string reply;
+  auto [ec, n] = co_await asio::async_read_until(s, asio::dynamic_buffer(reply), '\n', as_tuple_t{});
+  if (ec) co_return reply + " (" + ec.message() + ")";
+  co_await asio::async_write(s, asio::buffer("x", 1), use_awaitable);
+  co_await asio::async_read(s, asio::dynamic_buffer(reply), as_tuple_t{});  // to EOF
+  co_return reply;
 }
 
 // Returns once `done()` holds, looking every 5 ms (a wait, not a timing assumption).
@@ -544,9 +581,62 @@ TEST_CASE("adopt() serves on a listener this process already has, without the ma
     tcp::endpoint peer;
     tcp::socket accepted = co_await server.accept(peer);
     CHECK(peer == client.local_endpoint());
+    CHECK(fd_flags(accepted) == "1 1 1");
     server.close();
     auto [ec, none] = co_await server.accept(as_tuple_t{});
     CHECK(ec);
+  });
+}
+
+namespace {
+// Each worker's connections, whether it accepted them or the master handed them over, are
+// close-on-exec (a child the worker starts must not hold them open) and non-blocking, and Asio
+// knows it (no ioctl at the first operation); a synchronous read on one still waits for data.
+template <class Policy>
+awaitable<void> connections_are_cloexec_and_nonblocking(asio::io_context& io, std::string spec) {
+  Master<Policy> master(io.get_executor());
+  auto c = co_await start(master, 2, listen_env("serve", spec));
+  for (auto& w : c.workers) co_await w->listening();
+  for (int i = 0; i < 8; ++i) {
+    std::string reply;
+    if (spec.rfind("unix:", 0) == 0) reply = co_await ask_flags(local_stream::endpoint(spec.substr(5)));
+    else reply = co_await ask_flags(tcp::endpoint(asio::ip::address_v4::loopback(), port_of(c.reports[0])));
+    CHECK_MESSAGE(reply.find(" flags 1 1 1\nread ok\n") != std::string::npos, reply);
+  }
+  co_await master.disconnect();
+}
+}  // namespace
+
+TEST_CASE("a worker's connections are close-on-exec and non-blocking, and a synchronous read on one waits") {
+  const std::string unix_path = "cloexec-test-" + std::to_string(::getpid()) + ".sock";
+  SUBCASE("round robin") {
+    run_bounded([](asio::io_context& io) { return connections_are_cloexec_and_nonblocking<RoundRobin>(io, "tcp4:127.0.0.1:0"); }, 60s);
+  }
+  SUBCASE("shared socket") {
+    run_bounded([](asio::io_context& io) { return connections_are_cloexec_and_nonblocking<SharedSocket>(io, "tcp4:127.0.0.1:0"); }, 60s);
+  }
+  SUBCASE("reuseport") {
+    run_bounded([](asio::io_context& io) { return connections_are_cloexec_and_nonblocking<ReusePort>(io, "tcp4:127.0.0.1:0"); }, 60s);
+  }
+  SUBCASE("shared socket on a Unix socket") {
+    run_bounded([&](asio::io_context& io) { return connections_are_cloexec_and_nonblocking<SharedSocket>(io, "unix:" + unix_path); }, 60s);
+  }
+}
+
+TEST_CASE("adopt(): an accept started before any client waits without blocking the worker's loop") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    tcp::acceptor blocking(io, tcp::endpoint(asio::ip::address_v4::loopback(), 0));  // Asio opens it blocking
+    REQUIRE((::fcntl(blocking.native_handle(), F_GETFL) & O_NONBLOCK) == 0);
+    auto server = this_worker.adopt(std::move(blocking));
+    std::optional<std::string> accepted;
+    asio::co_spawn(io, [&]() -> awaitable<void> {
+      tcp::socket s = co_await server.accept();
+      accepted = fd_flags(s);
+    }, asio::detached);
+    tcp::socket client(io);  // runs only if the accept above did not block the thread
+    co_await client.async_connect(server.local_endpoint(), use_awaitable);
+    co_await wait_until([&] { return accepted.has_value(); });
+    CHECK(*accepted == "1 1 1");
   });
 }
 

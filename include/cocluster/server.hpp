@@ -85,13 +85,17 @@ class Server : public detail::worker::server_handle<detail::worker::stream_serve
   //   Completion signature: void(std::error_code, socket_type).
   //   Errors: asio::error::operation_aborted once the server is closed (and for an accept
   //   whose connection was taken off the queue as it closed); on a socket of its own
-  //   (SharedSocket, ReusePort, listen_fd), Asio's accept errors, except running out of fds or
-  //   memory (EMFILE, ENFILE, ENOBUFS, ENOMEM): then the accept logs it (at most once a second)
-  //   and tries again every 100 ms, as the master's accepting does, until it has a connection.
+  //   (SharedSocket, ReusePort, listen_fd), accept4's errors, except those of one connection
+  //   (ECONNABORTED and the network errors Linux passes through accept: the next one is taken)
+  //   and running out of fds or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM): then the accept logs
+  //   it (at most once a second) and tries again every 100 ms, as the master's accepting does,
+  //   until it has a connection.
   //   Cancellation: per-operation, terminal: the accept completes with operation_aborted (a
   //   connection the master hands over later waits for the next accept()).
-  // A connection already handed over completes a coroutine's accept() without a trip through
-  // the scheduler; other tokens get it posted, as from any Asio operation.
+  // The socket is close-on-exec (programs the worker runs do not hold it open) and
+  // non-blocking. A connection already waiting (handed over, or in the socket's backlog)
+  // completes a coroutine's accept() without a trip through the scheduler; other tokens get it
+  // posted, as from any Asio operation.
   template <class Token = asio::use_awaitable_t<>>
   auto accept(Token&& token = {}) {
     return asio::async_initiate<Token, void(std::error_code, socket_type)>(typename state::initiate_accept{}, token,

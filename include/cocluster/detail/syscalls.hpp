@@ -86,6 +86,30 @@ inline bool pidfd_try_reap(int pidfd, siginfo_t& info, std::error_code& ec, bool
   return info.si_pid != 0;
 }
 
+// One connection from listening socket `listener`, non-blocking and close-on-exec, with its
+// peer's address in `addr` (`*len`: the room there, then the length written). An empty fd with
+// `ec` clear: no connection is waiting.
+inline unique_fd accept_connection(int listener, sockaddr* addr, socklen_t* len, std::error_code& ec) noexcept {
+  const int fd = retry_on_eintr([&] { return ::accept4(listener, addr, len, SOCK_NONBLOCK | SOCK_CLOEXEC); });
+  if (fd < 0) {
+    ec = errno == EAGAIN || errno == EWOULDBLOCK ? std::error_code() : last_error();
+    return {};
+  }
+  ec.clear();
+  return unique_fd(fd);
+}
+
+// accept(2) errors that concern one connection only (Linux passes pending network errors
+// through accept): take the next one.
+inline bool is_connection_error(const std::error_code& ec) noexcept {
+  switch (ec.value()) {
+    case ECONNABORTED: case EPROTO: case ENETDOWN: case ENOPROTOOPT: case EHOSTDOWN: case ENONET:
+    case EHOSTUNREACH: case EOPNOTSUPP: case ENETUNREACH: case EPERM: case ETIMEDOUT:
+      return true;
+  }
+  return false;
+}
+
 inline unique_fd dup_cloexec(int fd, std::error_code& ec) noexcept {
   int d = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
   if (d < 0) {

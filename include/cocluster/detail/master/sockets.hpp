@@ -235,26 +235,9 @@ inline unique_fd reuse_port_twin(int listener, int backlog, std::error_code& ec)
 inline unique_fd accept_connection(int listener, std::string& remote, std::error_code& ec) {
   sockaddr_storage ss{};
   socklen_t len = sizeof ss;
-  const int fd = retry_on_eintr(
-      [&] { return ::accept4(listener, reinterpret_cast<sockaddr*>(&ss), &len, SOCK_NONBLOCK | SOCK_CLOEXEC); });
-  if (fd < 0) {
-    ec = errno == EAGAIN || errno == EWOULDBLOCK ? std::error_code() : last_error();
-    return {};
-  }
-  ec.clear();
-  remote.assign(reinterpret_cast<const char*>(&ss), std::min<std::size_t>(len, sizeof ss));
-  return unique_fd(fd);
-}
-
-// accept(2) errors that concern one connection only (Linux passes pending network errors
-// through accept): take the next one.
-inline bool is_connection_error(const std::error_code& ec) noexcept {
-  switch (ec.value()) {
-    case ECONNABORTED: case EPROTO: case ENETDOWN: case ENOPROTOOPT: case EHOSTDOWN: case ENONET:
-    case EHOSTUNREACH: case EOPNOTSUPP: case ENETUNREACH: case EPERM: case ETIMEDOUT:
-      return true;
-  }
-  return false;
+  unique_fd fd = accept_connection(listener, reinterpret_cast<sockaddr*>(&ss), &len, ec);
+  if (fd) remote.assign(reinterpret_cast<const char*>(&ss), std::min<std::size_t>(len, sizeof ss));
+  return fd;
 }
 
 }  // namespace cocluster::detail

@@ -29,6 +29,8 @@
 #include "cocluster/detail/async_queue.hpp"
 #include "cocluster/detail/completion.hpp"
 #include "cocluster/detail/rate_limited_log.hpp"
+#include "cocluster/detail/syscalls.hpp"
+#include "cocluster/detail/worker/connection_socket.hpp"
 #include "cocluster/detail/worker/server_base.hpp"
 #include "cocluster/detail/worker/server_link.hpp"
 #include "cocluster/detail/worker/trusted_fd.hpp"
@@ -69,7 +71,12 @@ class stream_server final : public server_base, public std::enable_shared_from_t
         // listener does not tell its length (SIOCINQ is EINVAL there); gated without it, a
         // worker holding 200 connections would accept at most 1,000 a second.
         gated_(std::is_same_v<Protocol, asio::ip::tcp> && link_ && acceptor_ &&
-               !reuse_port(acceptor_->native_handle())) {}
+               !reuse_port(acceptor_->native_handle())) {
+    // accept4 is tried before anything waits on the socket: it must not block. (Asio's first
+    // operation on it would set O_NONBLOCK too; an adopted socket or a passed one may be blocking.)
+    std::error_code ignored;
+    if (acceptor_) acceptor_->native_non_blocking(true, ignored);
+  }
 
   ~stream_server() override { close(); }
 
@@ -81,9 +88,11 @@ class stream_server final : public server_base, public std::enable_shared_from_t
   delivery deliver(unique_fd fd, std::uint8_t tag, std::uint32_t seq, const std::string& remote) override {
     if (!open_ || !fd) return delivery::refused;  // fd closes here; the master re-dispatches
     std::error_code ec;
+    if (tag != wire_tag<socket_type>()) return delivery::malformed;  // (fd closes here)
     // The socket is made on a tracked executor: the runtime counts it until it is gone.
-    auto socket = from_master<socket_type>(link_->connection_executor(), local_.protocol(), tag, std::move(fd), ec);
-    if (!socket) return ec == error::protocol_error ? delivery::malformed : delivery::refused;
+    auto socket = adopt_connection<socket_type>(link_->connection_executor(), local_.protocol(), std::move(fd),
+                                                connection_origin::handed_by_master, ec);
+    if (!socket) return delivery::refused;
     handed_.push(incoming{std::move(*socket), seq, endpoint_from_sockaddr<endpoint_type>(remote)});
     // Accepts waiting on our own socket (or to try it again) end, and take it (ReusePort:
     // start_accept()).
@@ -112,9 +121,9 @@ class stream_server final : public server_base, public std::enable_shared_from_t
     void operator()(Handler&& handler, std::shared_ptr<stream_server> self, endpoint_type* peer) const {
       auto ex = self->ex_;
       run_on(ex, std::forward<Handler>(handler), [self = std::move(self), peer](auto h) mutable {
-        if (self->acceptor_) {  // shared listener: Asio's accept, onto a tracked executor
+        if (self->acceptor_) {  // our own listening socket: accept4, onto a tracked executor
           const auto delay = self->accept_delay();
-          if (delay.count() == 0) return self->start_accept(peer, std::move(h));
+          if (delay.count() == 0) return self->start_accept(peer, std::move(h), /*initiating=*/true);
           // Busier than a worker should be: let an idle one win the next connection.
           self->deferring_ = true;
           if (!self->defer_) self->defer_.emplace(self->ex_);  // made when first needed
@@ -159,7 +168,7 @@ class stream_server final : public server_base, public std::enable_shared_from_t
 
   // Load-aware accepting on a shared socket (Puma: wait_for_less_busy_worker). Every worker
   // is woken for a new connection and the one already running, i.e. the busiest, most often
-  // wins: Asio tries accept at once when an accept starts. Left alone, one of 8 workers took
+  // wins: an accept is tried at once when it starts. Left alone, one of 8 workers took
   // half the connections (Jain 0.36). A worker with more than `busy_threshold` connections open
   // waits `defer_per_connection` per connection over it (at most `max_defer`) before it accepts
   // again, so an idle peer takes the next one; not when more than `queue_limit` connections
@@ -194,38 +203,76 @@ class stream_server final : public server_base, public std::enable_shared_from_t
   // Accepts on our own socket; a connection the master handed us meanwhile comes first. The
   // master hands a server with a socket of its own connections only while it drains the
   // socket of a ReusePort worker that left; deliver() then cancels the waiting accepts, and
-  // each one that the user did not cancel takes a handed connection or starts again. So the
-  // Asio accept gets no cancellation slot of the user's: the user's slot marks the accept
-  // cancelled first, then cancels it.
+  // each one that the user did not cancel takes a handed connection or starts again.
+  //
+  // The accept is our own accept4, tried at once (as Asio's accept is: under load a connection
+  // is most often waiting), else again when the socket is readable. Asio's accept would give a
+  // socket without close-on-exec (a child the worker starts would keep its connections open)
+  // and one Asio must treat as blocking and as a possible dup, which costs two system calls
+  // per connection (connection_socket.hpp). Called from the initiation (`initiating`) or from
+  // the handler of a wait that ended.
   template <class Handler>
-  void start_accept(endpoint_type* peer, Handler&& h) {
-    auto connection_ex = connection_executor();
+  void start_accept(endpoint_type* peer, Handler&& h, bool initiating = false) {
     if (auto in = handed_.try_pop()) {  // (never, for an adopted server: the master hands it none)
       socket_type socket = take(*in, peer);
-      return complete_now(std::forward<Handler>(h), ex_, std::error_code{}, std::move(socket));
+      return complete(std::forward<Handler>(h), initiating, std::error_code{}, std::move(socket));
     }
+    std::error_code ec;
+    if (auto socket = accept_here(peer, ec)) {
+      // A connection accepted is one more taken (server_link::took_connection), as a hand-off is.
+      if (link_) link_->took_connection();
+      return complete(std::forward<Handler>(h), initiating, std::error_code{}, std::move(*socket));
+    }
+    if (out_of_resources(ec)) return retry_accept(ec, peer, std::forward<Handler>(h));
+    if (ec) return complete(std::forward<Handler>(h), initiating, ec, socket_type(ex_));
+    // None waiting. The wait gets no cancellation slot of the user's: the user's slot marks the
+    // accept cancelled first, then cancels the wait (deliver() cancels it too).
     auto slot = asio::get_associated_cancellation_slot(h);
     user_cancel* cancel = slot.is_connected() ? &slot.template emplace<user_cancel>(user_cancel{this}) : nullptr;
     auto handler_ex = asio::get_associated_executor(h, ex_);
     ++accepts_waiting_;
-    // A connection accepted is one more taken (server_link::took_connection), as a hand-off is.
-    auto done = asio::bind_executor(
-        handler_ex, [self = this->shared_from_this(), peer, cancel, h = std::forward<Handler>(h)](
-                        std::error_code ec, socket_type socket) mutable {
+    acceptor_->async_wait(
+        asio::socket_base::wait_read,
+        asio::bind_executor(handler_ex, [self = this->shared_from_this(), peer, cancel,
+                                         h = std::forward<Handler>(h)](std::error_code ec) mutable {
           --self->accepts_waiting_;
           const bool by_user = cancel && cancel->cancelled;
           if (cancel) asio::get_associated_cancellation_slot(h).clear();
-          if (ec == asio::error::operation_aborted && self->open_ && !by_user)
-            return self->start_accept(peer, std::move(h));  // takes the handed connection, or waits again
-          if (out_of_resources(ec)) {
-            if (self->open_ && !by_user) return self->retry_accept(ec, peer, std::move(h));
-            ec = asio::error::operation_aborted;  // never reported: cancelled or closed meanwhile
-          }
-          if (!ec && self->link_) self->link_->took_connection();
-          std::move(h)(ec, std::move(socket));
-        });
-    if (peer) acceptor_->async_accept(connection_ex, *peer, std::move(done));
-    else acceptor_->async_accept(connection_ex, std::move(done));
+          if (by_user || !self->open_) return std::move(h)(asio::error::operation_aborted, socket_type(self->ex_));
+          if (ec && ec != asio::error::operation_aborted) return std::move(h)(ec, socket_type(self->ex_));
+          self->start_accept(peer, std::move(h));  // readable, or woken: takes a handed connection or accepts
+        }));
+  }
+
+  // One connection waiting on our own socket, as a socket on a tracked executor (adopted
+  // servers: a plain one); `*peer` is its address. None (ec clear) when none is waiting. A
+  // connection's own error (Linux passes pending network errors through accept) is skipped,
+  // as Asio's accept skips ECONNABORTED.
+  std::optional<socket_type> accept_here(endpoint_type* peer, std::error_code& ec) {
+    for (;;) {
+      endpoint_type remote;
+      socklen_t len = static_cast<socklen_t>(remote.capacity());
+      unique_fd fd = accept_connection(acceptor_->native_handle(), remote.data(), &len, ec);
+      if (!fd) {
+        if (is_connection_error(ec)) continue;
+        return std::nullopt;
+      }
+      auto socket = adopt_connection<socket_type>(connection_executor(), local_.protocol(), std::move(fd),
+                                                  connection_origin::accepted_here, ec);
+      if (socket && peer) {
+        remote.resize(std::min<std::size_t>(len, remote.capacity()));
+        *peer = remote;
+      }
+      return socket;
+    }
+  }
+
+  // An initiation hands its result to complete_now (Asio's rule: it never runs the handler
+  // itself); a wait's handler runs it.
+  template <class Handler, class... Args>
+  void complete(Handler&& h, bool initiating, Args&&... args) {
+    if (initiating) return complete_now(std::forward<Handler>(h), ex_, std::forward<Args>(args)...);
+    std::forward<Handler>(h)(std::forward<Args>(args)...);
   }
 
   // The user's cancellation of an accept: in the slot's own storage (no allocation per
@@ -306,7 +353,7 @@ class stream_server final : public server_base, public std::enable_shared_from_t
   server_link* link_;
   std::optional<acceptor_type> acceptor_;
   async_queue<incoming> handed_;  // bounded by the master's window
-  std::size_t accepts_waiting_ = 0;  // Asio accepts pending on acceptor_
+  std::size_t accepts_waiting_ = 0;  // accepts waiting for acceptor_ to be readable
   endpoint_type local_;
   std::optional<asio::steady_timer> defer_;  // a busy worker's pause before its next accept (made at the first)
   std::optional<asio::steady_timer> retry_;  // accepts waiting to try again after EMFILE & co (made at the first)

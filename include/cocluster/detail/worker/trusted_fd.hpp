@@ -1,5 +1,6 @@
-// Turns an fd the master sent with an internal message (a listener in query_reply, a
-// connection in newconn) into its Asio object. The master is this worker's own parent and
+// Turns an fd the master sent with an internal message (a listener in query_reply) into its
+// Asio object; a connection in newconn becomes a socket through connection_socket.hpp, after
+// the same check of its tag (wire_tag). The master is this worker's own parent and
 // trusted, so nothing asks the kernel more than the channel's one fstat of every fd it
 // receives (is it a socket at all; user handles, which can come from anywhere, are checked
 // with three getsockopt calls when adopted): only the declared type is compared with the one
