@@ -125,6 +125,11 @@ awaitable<std::size_t> fresh_worker_rss(asio::io_context& io) {
   co_return rss;
 }
 
+// A boot timeout that the workers which do listen must meet: an ASan build of the test binary
+// takes 0.8 s to start on a busy 2-CPU VM (200 ms failed there: the first worker was killed),
+// and the tests that wait for it to expire three times stay short.
+constexpr std::chrono::milliseconds boot_timeout_past_start{2000};
+
 // One request to the sv_http servers at `port`: the pid that answered, or 0 if it failed.
 awaitable<pid_t> ping(unsigned short port) {
   auto ex = co_await asio::this_coro::executor;
@@ -653,7 +658,7 @@ TEST_CASE("supervisor: a recycling whose replacement is never ready leaves the w
     auto& events = master.events();
     // max_restarts = 1: were a failed recycling a crash, the second would stop the pool.
     Supervisor<> supervisor(master, {.workers = 1, .restart_delay = 1ms, .max_restarts = 1,
-                                     .boot_timeout = std::chrono::milliseconds(200), .max_connections = 2,
+                                     .boot_timeout = boot_timeout_past_start, .max_connections = 2,
                                      .recycle_check_interval = 5ms});
     std::error_code result = asio::error::would_block;
     bool ran = false;
@@ -818,7 +823,7 @@ TEST_CASE("supervisor: a rolling reload under load fails no request and changes 
 TEST_CASE("supervisor: a reload whose replacement never becomes ready rolls back; no request fails, old pids stay") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<> master(io.get_executor(), Settings{.env = http_env()});
-    Supervisor<> supervisor(master, {.workers = 2, .boot_timeout = std::chrono::milliseconds(300)});
+    Supervisor<> supervisor(master, {.workers = 2, .boot_timeout = boot_timeout_past_start});
     bool ran = false;
     asio::co_spawn(io, supervisor.run(cocluster::as_tuple(use_awaitable)), [&](std::exception_ptr, std::tuple<std::error_code>) { ran = true; });
     co_await until_true(io, [&] { return supervisor.workers().size() >= 2; });

@@ -3,6 +3,9 @@
 // internal messages through it (a query_reply, a newconn). Data flows one way: listener ->
 // link -> channel -> sendmsg; nothing here knows the Worker.
 //   link->send(ipc::protocol::NewConn{server, seq, remote}, connection_tag(type), fd);
+// A newconn's fd must be non-blocking (accept4 with SOCK_NONBLOCK, as accept_connection does):
+// the worker tells Asio so without asking the kernel (worker/connection_socket.hpp), and a
+// blocking one would stall the worker in its first read.
 #pragma once
 
 #include "cocluster/detail/config.hpp"

@@ -121,6 +121,7 @@ class stream_server final : public server_base, public std::enable_shared_from_t
     void operator()(Handler&& handler, std::shared_ptr<stream_server> self, endpoint_type* peer) const {
       auto ex = self->ex_;
       run_on(ex, std::forward<Handler>(handler), [self = std::move(self), peer](auto h) mutable {
+        if (!self->open_) return complete_now(std::move(h), self->ex_, asio::error::operation_aborted, socket_type(self->ex_));
         if (self->acceptor_) {  // our own listening socket: accept4, onto a tracked executor
           const auto delay = self->accept_delay();
           if (delay.count() == 0) return self->start_accept(peer, std::move(h), /*initiating=*/true);
@@ -249,7 +250,9 @@ class stream_server final : public server_base, public std::enable_shared_from_t
   // connection's own error (Linux passes pending network errors through accept) is skipped,
   // as Asio's accept skips ECONNABORTED.
   std::optional<socket_type> accept_here(endpoint_type* peer, std::error_code& ec) {
-    for (;;) {
+    // (A bound: an error that comes back on every call, EPERM from a seccomp filter, must not
+    // spin the loop. After 64 the accept waits for the socket again.)
+    for (int tries = 0; tries < 64; ++tries) {
       endpoint_type remote;
       socklen_t len = static_cast<socklen_t>(remote.capacity());
       unique_fd fd = accept_connection(acceptor_->native_handle(), remote.data(), &len, ec);
@@ -265,6 +268,8 @@ class stream_server final : public server_base, public std::enable_shared_from_t
       }
       return socket;
     }
+    ec.clear();
+    return std::nullopt;
   }
 
   // An initiation hands its result to complete_now (Asio's rule: it never runs the handler
