@@ -86,7 +86,8 @@ class Server : public detail::worker::server_handle<detail::worker::stream_serve
   //   Errors: asio::error::operation_aborted once the server is closed (and for an accept
   //   whose connection was taken off the queue as it closed); on a socket of its own
   //   (SharedSocket, ReusePort, listen_fd), accept4's errors, except those of one connection
-  //   (ECONNABORTED and the network errors Linux passes through accept: the next one is taken)
+  //   (ECONNABORTED and the network errors Linux passes through accept: the next one is taken,
+  //   and the 64th in a row is reported)
   //   and running out of fds or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM): then the accept logs
   //   it (at most once a second) and tries again every 100 ms, as the master's accepting does,
   //   until it has a connection.

@@ -248,10 +248,10 @@ class stream_server final : public server_base, public std::enable_shared_from_t
   // One connection waiting on our own socket, as a socket on a tracked executor (adopted
   // servers: a plain one); `*peer` is its address. None (ec clear) when none is waiting. A
   // connection's own error (Linux passes pending network errors through accept) is skipped,
-  // as Asio's accept skips ECONNABORTED.
+  // as Asio's accept skips ECONNABORTED, 64 times in a row at most.
   std::optional<socket_type> accept_here(endpoint_type* peer, std::error_code& ec) {
     // (A bound: an error that comes back on every call, EPERM from a seccomp filter, must not
-    // spin the loop. After 64 the accept waits for the socket again.)
+    // spin the loop. After 64 in a row the last one is reported, as Asio's accept did.)
     for (int tries = 0; tries < 64; ++tries) {
       endpoint_type remote;
       socklen_t len = static_cast<socklen_t>(remote.capacity());
@@ -268,8 +268,7 @@ class stream_server final : public server_base, public std::enable_shared_from_t
       }
       return socket;
     }
-    ec.clear();
-    return std::nullopt;
+    return std::nullopt;  // ec: the last connection error
   }
 
   // An initiation hands its result to complete_now (Asio's rule: it never runs the handler
