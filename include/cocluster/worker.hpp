@@ -240,9 +240,15 @@ class Worker : public std::enable_shared_from_this<Worker> {
 
   // Node: worker.kill(signal) in the primary: the worker is disconnected and signalled, and
   // exited_after_disconnect becomes true. Node disconnects, then signals; we signal first,
-  // then close the channel from this side at once, so that a worker killed by a signal always
-  // reports that signal (it cannot win a race to exit(0) on EOF) and a busy worker needs no
-  // cooperation. A worker that handles the signal still sees its channel close.
+  // then stop writing to the channel (what is queued is dropped, sends waiting for room fail
+  // with error::channel_closed, the worker reads EOF), so that a worker killed by a signal
+  // always reports that signal (it cannot win a race to exit(0) on EOF) and a busy worker
+  // needs no cooperation. A worker that handles the signal still sees its channel end.
+  // is_connected() is false at once, and the worker leaves master.workers(); no connection
+  // is handed to it any more. What it sends until it has gone is still read, as after
+  // close_channel(): the acks of the connections it took before it died (which it may have
+  // served) are counted, and only those it had not taken go to other workers, when its
+  // channel ends (Node: all of them, at the disconnect). `disconnect` follows then.
   //
   // Throws std::system_error if the signal cannot be sent to a worker that has not exited
   // (EINVAL for a bad signal number); the error_code form reports it instead. After the exit,
@@ -259,10 +265,14 @@ class Worker : public std::enable_shared_from_this<Worker> {
       ec = process_.signal(sig);
       if (ec == std::errc::no_such_process) ec.clear();  // it is exiting: the exit will say so
     }
-    if (connected_) {
+    if (connected_ && !leaving_) {
+      leaving_ = true;
       leave_workers();
-      link_->mark_disconnected();
-      channel_.close();
+      link_->mark_disconnected();  // nothing more is sent to it
+      if (auto m = master_.lock(); m && m->listeners) m->listeners->worker_leaving(*link_);
+      channel_closing_ = true;
+      detail::debug("Worker {} killed: the master writes nothing more to it", pid());
+      channel_.shut_writes();
     }
   }
 
@@ -573,6 +583,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
   bool dead_ = false;
   bool disconnect_sent_ = false;
   bool channel_closing_ = false;  // close_channel(): our side is being shut down
+  bool leaving_ = false;          // kill(): no listener hands it anything from then on
   std::optional<bool> exited_after_disconnect_;
   std::string protocol_detail_;
   // Settings::heartbeat_timeout (0: not watched), the last beat, and the deadline's timer.

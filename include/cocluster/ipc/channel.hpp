@@ -120,6 +120,11 @@ class Channel {
         [s = s_](auto handler) { s->shutdown(std::move(handler)); }, token);
   }
 
+  // Stops writing at once: queued messages are dropped (their handles closed), sends waiting
+  // for room complete with error::channel_closed, and the peer reads EOF now. Receiving goes
+  // on until the peer closes (what it sent before it knew is still read).
+  void shut_writes() { s_->shut_writes(); }
+
   // Closes at once: queued messages are dropped (their handles closed), pending operations
   // complete with error::channel_closed.
   void close() { s_->close(error::channel_closed); }

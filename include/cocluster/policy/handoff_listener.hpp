@@ -20,7 +20,8 @@
 // no event of its own will ever look at, is looked at again at every event, as line 0 is.) It
 // keeps its copy of each connection until the worker's `accepted`: a connection handed to a
 // worker that closes its server, disconnects or dies goes back to the front and to another
-// worker, and so do the connections waiting for it. With no worker left the listener is
+// worker, and so do the connections waiting for it (for a worker the master kills: once its
+// channel has ended, since until then it may still take them). With no worker left the listener is
 // closed with what it holds (Node does the same).
 // Hand-offs are batched: the connections chosen for one worker while the listener distributes
 // (an accept burst, the room one `accepted_batch` makes) leave as one `newconn_batch` frame
@@ -110,8 +111,8 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   }
 
   void left(WorkerLink& worker) final {
-    // It may have left members_ already (a hand-off to it failed, or it rests); its hand-offs
-    // are still ours.
+    // It may have left members_ already (a hand-off to it failed, it rests, or it was
+    // leaving); its hand-offs are still ours.
     if (members_.erase(worker.id()) != 0) on_left(worker.id());
     resting_.erase(worker.id());
     links_.erase(worker.id());
@@ -140,6 +141,15 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     // With no member left the master closes us, and what waits with us; unless the rest are
     // resting (rest()), and the rest's end distributes.
     if (!members_.empty()) distribute();
+  }
+
+  // Killed: no member from now on (no hand-off, no rest's end makes it one again). What it
+  // was handed, and what waits in its line, stays put until left(), which gives both back in
+  // order (its line is younger than its hand-offs: giving it back first would reorder a
+  // client's connections under Sticky or Dispatch).
+  void leaving(WorkerLink& worker) final {
+    if (members_.erase(worker.id()) != 0) on_left(worker.id());
+    resting_.erase(worker.id());
   }
 
   void acknowledged(WorkerLink& worker, std::uint32_t seq, bool ok) final {

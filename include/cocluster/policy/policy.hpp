@@ -9,7 +9,7 @@
 //
 // The master calls make_listener when the first worker listens on a key (Node's key:
 // address:port:type:fd:index) and keeps the Listener until no worker holds it. The Listener
-// owns the listening socket and what happens on the four events below. RoundRobin,
+// owns the listening socket and what happens on the events below. RoundRobin,
 // SharedSocket, ReusePort, LeastConnections, Sticky and Dispatch<F> are written this way (policy/*.hpp);
 // HandoffListener (policy/handoff_listener.hpp) does the hand-off bookkeeping for policies
 // where the master accepts and chooses a worker per connection, so such a policy only says
@@ -73,6 +73,12 @@ class Listener {
   // `worker` no longer holds it: it closed its server, disconnected or died. What it was
   // handed and had not accepted goes to the others (nothing accepted is dropped).
   virtual void left(WorkerLink& worker) = 0;
+  // `worker` is going (Worker::kill()): hand it nothing more, but what it was handed stays
+  // its own until it acknowledges it or left() follows, when its channel ends. Until then it
+  // may still take (and serve) what waits in its socket, so giving that to another worker
+  // now could serve a connection twice. By default nothing: a listener that hands nothing
+  // over has nothing to hold back.
+  virtual void leaving(WorkerLink& /*worker*/) {}
   // `worker` answered hand-off `seq`: ok, it took the connection (the master closes its
   // copy); not ok, it could not (another worker gets it).
   virtual void acknowledged(WorkerLink& worker, std::uint32_t seq, bool ok) = 0;

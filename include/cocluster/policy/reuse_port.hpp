@@ -122,6 +122,14 @@ class reuse_port_listener final : public Listener {
     }
   }
 
+  // Killed: no drain hands it anything more (nor does one made from now on). Its own socket
+  // is drained once it has left: until then it may still accept on it.
+  void leaving(WorkerLink& worker) override {
+    holders_.erase(worker.id());
+    for (auto& s : slots_)
+      if (s.drain) s.drain->leaving(worker);
+  }
+
   // Only drained connections are acknowledged: the drain that handed it counts it.
   void acknowledged(WorkerLink& worker, std::uint32_t seq, bool ok) override {
     for (auto& s : slots_)
@@ -196,7 +204,7 @@ class reuse_port_listener final : public Listener {
   Address address_;
   int backlog_;
   std::vector<slot> slots_;
-  std::map<int, std::shared_ptr<WorkerLink>> holders_;  // the workers holding a slot, by id
+  std::map<int, std::shared_ptr<WorkerLink>> holders_;  // the workers holding a slot (none leaving), by id
   offer offered_;  // socket_copy's choice, taken by the joined() that follows it
   std::uint32_t last_seq_ = 0;
 };

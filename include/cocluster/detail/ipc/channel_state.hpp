@@ -141,6 +141,14 @@ struct channel_state : std::enable_shared_from_this<channel_state> {
 
   // The peer stopped reading (EPIPE: it exited or closed): drop what is queued and fail the
   // writers, but keep reading, so what the peer sent before it went is not lost.
+  void shut_writes() {
+    if (!sock.is_open()) return;
+    write_shut = true;
+    queue.clear(error::channel_closed);
+    if (shutdown_waiter) std::exchange(shutdown_waiter, {}).complete(error::channel_closed);
+    ::shutdown(sock.native_handle(), SHUT_WR);  // (ENOTCONN: the peer is gone already)
+  }
+
   void fail_writes(std::error_code ec) {
     write_error = ec;
     write_shut = true;

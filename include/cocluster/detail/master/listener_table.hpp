@@ -123,6 +123,14 @@ class listener_table {
     leave(worker, server);
   }
 
+  // The master killed the worker: no listener hands it anything more. It still holds them
+  // (its acks are counted) until worker_gone().
+  void worker_leaving(worker_link& worker) {
+    auto w = held_.find(worker.id());
+    if (w == held_.end()) return;
+    for (auto& [id, announced] : w->second) by_id_.at(id).listener->leaving(worker);
+  }
+
   // The worker's channel has ended: it leaves every listener; its hand-offs go elsewhere.
   void worker_gone(worker_link& worker) {
     auto w = held_.find(worker.id());
