@@ -248,7 +248,8 @@ class Worker : public std::enable_shared_from_this<Worker> {
   // is handed to it any more. What it sends until it has gone is still read, as after
   // close_channel(): the acks of the connections it took before it died (which it may have
   // served) are counted, and only those it had not taken go to other workers, when its
-  // channel ends (Node: all of them, at the disconnect). `disconnect` follows then.
+  // channel ends (Node: all of them, at the disconnect). `disconnect` follows then; no
+  // `online`, `listening` or `ready` comes after kill(), whatever the worker had sent.
   //
   // Throws std::system_error if the signal cannot be sent to a worker that has not exited
   // (EINVAL for a bad signal number); the error_code form reports it instead. After the exit,
@@ -351,7 +352,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
         [&](auto& m) -> bool {
           using T = std::decay_t<decltype(m)>;
           if constexpr (std::is_same_v<T, p::Online>) {
-            if (online_.is_set()) return true;
+            if (online_.is_set() || leaving_) return true;  // killed: what it had sent changes nothing
             detail::debug("Worker {} online", pid());
             state_ = WorkerState::online;
             online_.set();
@@ -369,7 +370,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
             std::optional<Address> announce;
             if (listeners && !listeners->listening(*link_, m.server, announce))
               return protocol_error("listening for a server the worker does not hold");
-            if (announce) announce_listening(std::move(*announce));
+            if (announce && !leaving_) announce_listening(std::move(*announce));
           } else if constexpr (std::is_same_v<T, p::Accepted>) {
             if (listeners) listeners->accepted(*link_, m);
           } else if constexpr (std::is_same_v<T, p::AcceptedBatch>) {
@@ -379,7 +380,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
           } else if constexpr (std::is_same_v<T, p::OpenConnections>) {
             link_->reported_connections(m);
           } else if constexpr (std::is_same_v<T, p::Ready>) {
-            mark_ready();  // this_worker.ready(): ready whatever ready_on says
+            if (!leaving_) mark_ready();  // this_worker.ready(): ready whatever ready_on says
           } else {  // Disconnect, QueryReply, NewConn(Batch), CountConnections, HeartbeatRequest: sent by the master
             return protocol_error("unexpected internal message from the worker");
           }

@@ -139,8 +139,8 @@ struct channel_state : std::enable_shared_from_this<channel_state> {
     if (!waiting_write) flush();
   }
 
-  // The peer stopped reading (EPIPE: it exited or closed): drop what is queued and fail the
-  // writers, but keep reading, so what the peer sent before it went is not lost.
+  // Channel::shut_writes(): we stop writing at once (what is queued is dropped, the writers
+  // fail); reading goes on.
   void shut_writes() {
     if (!sock.is_open()) return;
     write_shut = true;
@@ -149,6 +149,8 @@ struct channel_state : std::enable_shared_from_this<channel_state> {
     ::shutdown(sock.native_handle(), SHUT_WR);  // (ENOTCONN: the peer is gone already)
   }
 
+  // The peer stopped reading (EPIPE: it exited or closed): drop what is queued and fail the
+  // writers, but keep reading, so what the peer sent before it went is not lost.
   void fail_writes(std::error_code ec) {
     write_error = ec;
     write_shut = true;
@@ -234,7 +236,13 @@ struct channel_state : std::enable_shared_from_this<channel_state> {
         [&] { return ::recvmsg(sock.native_handle(), &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC); });
     if (n < 0) {
       if (errno == EAGAIN || errno == EWOULDBLOCK) return peer_gone ? end_of_input() : progress::would_block;
-      if (errno == ECONNRESET) return end_of_input();
+      // The peer's end closed with what we sent it unread (the kernel reports that once,
+      // before the packets still queued for us): it is gone, and what it sent before it
+      // went is read to the end (the acks of a killed worker).
+      if (errno == ECONNRESET) {
+        peer_gone = true;
+        return progress::fragment;
+      }
       return fail(last_error(), "");
     }
     // Own every received fd first, so every path below closes the ones not kept.
