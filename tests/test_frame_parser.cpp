@@ -4,6 +4,8 @@
 
 #include <fcntl.h>
 
+#include <asio/io_context.hpp>
+
 #include <string>
 #include <vector>
 
@@ -239,12 +241,38 @@ TEST_CASE("rule: truncated ancillary data (more than 16 fds) is a protocol error
   expect_error(p, packet(whole, 3, "abc", 1), "frame carries more than 16 fds", some_fds(16), MSG_CTRUNC);
 }
 
-TEST_CASE("rule: a declared handle lost to the fd limit is EMFILE, not a protocol error") {
+TEST_CASE("rule: a user's message whose handle was lost to the fd limit is delivered, its handle saying so") {
   frame_parser p(1024);
   auto r = p.feed(packet(whole, 3, "abc", 1), {}, MSG_CTRUNC);
-  REQUIRE(r.what == status::failed);
-  CHECK(r.error == std::errc::too_many_files_open);
-  CHECK(r.detail == "a handle sent to this process was lost: no fd left (RLIMIT_NOFILE)");
+  REQUIRE(r.what == status::message);
+  CHECK(r.kind == ipc::message_kind::user);
+  CHECK(r.data == "abc");
+  CHECK(r.handle.kind() == handle_kind::tcp_socket);  // what the sender sent
+  CHECK(r.handle.lost());
+  CHECK(r.handle.native_handle() == -1);
+  // adopt() says why there is no socket.
+  asio::io_context io;
+  std::error_code ec;
+  (void)r.handle.adopt<asio::ip::tcp::socket>(io, ec);
+  CHECK(ec == std::errc::too_many_files_open);
+  // On the first frame of a message in several frames too: the rest of it follows.
+  r = p.feed(packet(first, 6, "abc", 4), {}, MSG_CTRUNC);
+  REQUIRE(r.what == status::need_more);
+  r = p.feed(packet(last, 6, "def"));
+  REQUIRE(r.what == status::message);
+  CHECK(r.data == "abcdef");
+  CHECK(r.handle.kind() == handle_kind::unix_socket);
+  CHECK(r.handle.lost());
+  // The parser goes on.
+  auto one = some_fds(1);
+  r = p.feed(packet(whole, 3, "xyz", 1), one);
+  REQUIRE(r.what == status::message);
+  CHECK_FALSE(r.handle.lost());
+  CHECK(r.handle.native_handle() >= 0);
+  // A handle that arrived is never "lost"; one that came with a frame not starting a message
+  // is a broken frame, lost or not.
+  r = p.feed(packet(last, 3, "abc", 1), {}, MSG_CTRUNC);
+  CHECK(r.what == status::failed);
 }
 
 TEST_CASE("rule: a whole internal frame whose fds were lost to the fd limit is read, saying how many were lost") {
@@ -265,7 +293,7 @@ TEST_CASE("rule: a whole internal frame whose fds were lost to the fd limit is r
   REQUIRE(r.extra_fds.size() == 1);
   CHECK(r.extra_fds[0].get() == fd1);
   CHECK(r.fds_lost == 2);
-  // Not on a frame of a message in several frames: EMFILE, as for a user's handle.
+  // Not on a frame of a message in several frames (none carries a handle): EMFILE.
   r = p.feed(packet(first | frame_header::internal, 6, "abc", 1), {}, MSG_CTRUNC);
   CHECK(r.what == status::failed);
   CHECK(r.error == std::errc::too_many_files_open);
@@ -323,7 +351,8 @@ TEST_CASE("fuzz regression: feeding an empty packet whose data() is null is the 
 
 // The kernel installs the fds of a batch one by one and stops at RLIMIT_NOFILE, setting
 // MSG_CTRUNC with the ones it did install: that is our limit, not more than 16 fds from the
-// peer. A whole internal frame is read, the lost ones counted; any other ends the channel.
+// peer. A whole internal frame is read, the lost ones counted; a user's message is delivered,
+// its handle lost (it has one at most).
 TEST_CASE("a batch cut short by RLIMIT_NOFILE is reported as the fd limit, not as too many fds") {
   frame_parser p(1024);
   const auto internal = static_cast<std::uint8_t>(whole | frame_header::internal);
@@ -334,7 +363,6 @@ TEST_CASE("a batch cut short by RLIMIT_NOFILE is reported as the fd limit, not a
   CHECK(r.fds_lost == 6);
   auto user_fds = some_fds(0);
   r = p.feed(packet(whole, 3, "abc", 1), user_fds, MSG_CTRUNC);
-  REQUIRE(r.what == status::failed);
-  CHECK(r.error == std::errc::too_many_files_open);
-  CHECK(r.detail == "a handle sent to this process was lost: no fd left (RLIMIT_NOFILE)");
+  REQUIRE(r.what == status::message);
+  CHECK(r.handle.lost());
 }

@@ -113,6 +113,41 @@ WORKER_SCENARIO(flood_then_socket) {
   return 0;
 }
 
+// Leaves itself no fd free (RLIMIT_NOFILE down to its lowest free fd), says "exhausted",
+// reports what the next message brought (its handle's kind, lost(), adopt()'s error), takes
+// its fds back, then adopts the next message's socket and writes "hi" through it.
+WORKER_SCENARIO(handle_at_fd_limit) {
+  asio::io_context io;
+  this_worker.start(io.get_executor());
+  asio::co_spawn(io, []() -> awaitable<void> {
+    using asio::local::stream_protocol;
+    const auto ex = co_await asio::this_coro::executor;
+    rlimit saved{};
+    ::getrlimit(RLIMIT_NOFILE, &saved);
+    const int lowest = ::dup(2);
+    ::close(lowest);
+    const rlimit none_left{static_cast<rlim_t>(lowest), saved.rlim_max};
+    ::setrlimit(RLIMIT_NOFILE, &none_left);
+    co_await this_worker.send({"exhausted"});
+    Message first = co_await this_worker.receive();
+    std::error_code ec;
+    (void)first.handle.adopt<stream_protocol::socket>(ex, ec);
+    ::setrlimit(RLIMIT_NOFILE, &saved);
+    // (Each reply named first: GCC 12 miscompiles temporaries in a co_await-ed call.)
+    Message report(first.data + " kind=" + std::to_string(static_cast<int>(first.handle.kind())) +
+                   " lost=" + std::to_string(first.handle.lost()) + " adopt=" + ec.message());
+    co_await this_worker.send(std::move(report));
+    Message second = co_await this_worker.receive();
+    stream_protocol::socket socket = second.handle.adopt<stream_protocol::socket>(ex, ec);
+    report = Message(second.data + " lost=" + std::to_string(second.handle.lost()) + " adopt=" + (ec ? ec.message() : "ok"));
+    co_await this_worker.send(std::move(report));
+    const std::string hi = "hi";
+    if (!ec) co_await asio::async_write(socket, asio::buffer(hi), asio::use_awaitable);
+  }, asio::detached);
+  io.run();
+  return 0;
+}
+
 // ---- the master side ----
 
 namespace {
@@ -297,6 +332,47 @@ class stderr_capture {
   int saved_;
 };
 }  // namespace
+
+// The kernel closes a passed fd that the receiver has no room for (MSG_CTRUNC). The message
+// still arrives, its handle saying what happened, and the channel goes on: a worker at its fd
+// limit used to lose its channel (and exit) to the first socket the master sent it.
+TEST_CASE("a message whose socket reaches a worker with no fd free arrives without it, saying so; the channel goes on") {
+  stderr_capture captured;  // the worker's stderr too (it inherits ours)
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    using asio::local::stream_protocol;
+    Master<> master(io.get_executor());
+    auto w = co_await master.fork(scenario_env("handle_at_fd_limit"));
+    const Message exhausted = co_await w->receive();
+    CHECK(exhausted.data == "exhausted");
+    const int fds_before = open_fd_count();
+    stream_protocol::socket a(io), b(io);
+    asio::local::connect_pair(a, b);
+    co_await w->send({"first", std::move(a)});
+    const Message first = co_await w->receive();
+    CHECK(first.data == "first kind=4 lost=1 adopt=" + std::make_error_code(std::errc::too_many_files_open).message());
+    // The worker never held it: our peer reads the end of the socket.
+    char c;
+    auto [eof, n] = co_await b.async_read_some(asio::buffer(&c, 1), cocluster::as_tuple(use_awaitable));
+    CHECK(eof == asio::error::eof);
+
+    stream_protocol::socket x(io), y(io);
+    asio::local::connect_pair(x, y);
+    co_await w->send({"second", std::move(x)});
+    const Message second = co_await w->receive();
+    CHECK(second.data == "second lost=0 adopt=ok");
+    CHECK(open_fd_count() == fds_before + 2);  // b and y: a and x went with their messages
+    std::string hi;
+    co_await asio::async_read(y, asio::dynamic_buffer(hi), cocluster::as_tuple(use_awaitable));  // to EOF
+    CHECK(hi == "hi");
+    CHECK(w->is_connected());
+    w->disconnect();
+    CHECK((co_await w->exited()) == ExitStatus{0, 0});
+  });
+  const std::string log = captured.text();
+  CHECK_MESSAGE(log.find("a message came without its Unix stream socket: no fd was free in this process") != std::string::npos,
+                "stderr was: " << log);
+  CHECK_MESSAGE(log.find("disconnected") == std::string::npos, "stderr was: " << log);
+}
 
 TEST_CASE("a worker writing garbage, an oversized frame or a frame with 10 fds is disconnected; the rest carry on") {
   for (auto bad : {"garbage", "oversized", "ten_fds"}) {

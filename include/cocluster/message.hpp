@@ -75,16 +75,30 @@ class Handle {
   }
   // An fd whose kind the caller states (a received one, or one made without Asio).
   Handle(handle_kind kind, detail::unique_fd fd) noexcept : kind_(kind), fd_(std::move(fd)) {}
+  // A handle of `kind` whose fd did not arrive (see lost()).
+  struct lost_fd_t {
+    explicit lost_fd_t() = default;
+  };
+  Handle(handle_kind kind, lost_fd_t) noexcept : kind_(kind), lost_(kind != handle_kind::none) {}
 
-  Handle(Handle&& other) noexcept : kind_(std::exchange(other.kind_, handle_kind::none)), fd_(std::move(other.fd_)) {}
+  Handle(Handle&& other) noexcept
+      : kind_(std::exchange(other.kind_, handle_kind::none)), fd_(std::move(other.fd_)),
+        lost_(std::exchange(other.lost_, false)) {}
   Handle& operator=(Handle&& other) noexcept {
     kind_ = std::exchange(other.kind_, handle_kind::none);
     fd_ = std::move(other.fd_);
+    lost_ = std::exchange(other.lost_, false);
     return *this;
   }
 
   handle_kind kind() const noexcept { return kind_; }
   explicit operator bool() const noexcept { return kind_ != handle_kind::none; }
+  // The sender sent a handle of kind() with this message, but its fd never reached this
+  // process: the kernel had no fd free here to install it (RLIMIT_NOFILE), closed it, and
+  // delivered the message without it (the channel goes on; the process logs it, at most once
+  // a second). adopt() then fails with std::errc::too_many_files_open, and so does sending
+  // the handle on. No Node equivalent (Node's channel has no such case).
+  bool lost() const noexcept { return lost_; }
   // Whether adopt<Socket>() would be asked for the kind this handle declares.
   template <class Socket> bool is() const noexcept { return kind_ != handle_kind::none && kind_ == handle_kind_of<Socket>; }
   int native_handle() const noexcept { return fd_.get(); }
@@ -92,7 +106,8 @@ class Handle {
   // The handle as an open Asio object on `ex` (an executor or an execution context), registered
   // with its reactor from now on. Checks first that the fd really is that kind of socket (family,
   // type, listening state): a peer is not trusted. Errors, after which the handle still owns its
-  // fd (dropping it closes it): bad_descriptor (no fd), std::errc::wrong_protocol_type (the
+  // fd (dropping it closes it): bad_descriptor (no fd), std::errc::too_many_files_open (the
+  // fd was lost on its way: lost()), std::errc::wrong_protocol_type (the
   // handle declares another kind: see kind()), error::protocol_error (the fd is not what the
   // sender declared), or a system error from registering it.
   template <handle_object Socket, class ExecutorOrContext>
@@ -104,6 +119,7 @@ class Handle {
   // Gives up the fd (the handle is left empty); the caller closes it.
   detail::unique_fd release() noexcept {
     kind_ = handle_kind::none;
+    lost_ = false;
     return std::move(fd_);
   }
   void reset() noexcept { release().reset(); }
@@ -111,6 +127,7 @@ class Handle {
  private:
   handle_kind kind_ = handle_kind::none;
   detail::unique_fd fd_;
+  bool lost_ = false;
 };
 
 // Not an aggregate on purpose: GCC 12 miscompiles aggregate temporaries passed to a

@@ -54,7 +54,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       switch (r.what) {
         case frame_parser::status::message:
           require(r.data.size() <= k_max_message);
-          require(!r.handle || r.handle.native_handle() >= 0);
+          // A handle has its fd, or (a user's, alone) says it was lost to the fd limit.
+          require(!r.handle || r.handle.native_handle() >= 0 || r.handle.lost());
+          require(!r.handle.lost() || (r.kind == cocluster::ipc::message_kind::user && r.handle.native_handle() < 0 &&
+                                       r.extra_fds.empty() && r.fds_lost == 0));
           require(static_cast<unsigned>(r.handle.kind()) < cocluster::handle_kind_count);
           // fds are counted lost only when the kernel said so, and never past the packet's 16
           require(r.fds_lost == 0 || (flags & MSG_CTRUNC));

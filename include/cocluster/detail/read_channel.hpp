@@ -14,6 +14,7 @@
 #include "cocluster/detail/as_tuple.hpp"
 #include "cocluster/detail/async_queue.hpp"
 #include "cocluster/detail/log.hpp"
+#include "cocluster/detail/rate_limited_log.hpp"
 #include "cocluster/ipc/channel.hpp"
 
 namespace cocluster::detail {
@@ -59,6 +60,7 @@ asio::awaitable<std::error_code> read_channel(ipc::Channel& channel, async_queue
                                               OnInternal on_internal, OnUser on_user, OnPause on_pause) {
   const auto tuple = cocluster::as_tuple(asio::use_awaitable);
   int budget = read_budget;
+  rate_limited_log lost_log(channel.get_executor());  // user messages whose handle was lost
   for (;;) {
     if (budget == 0) {
       co_await asio::post(channel.get_executor(), asio::use_awaitable);
@@ -96,6 +98,10 @@ asio::awaitable<std::error_code> read_channel(ipc::Channel& channel, async_queue
       if (!valid) co_return error::protocol_error;
       continue;
     }
+    if (envelope.message.handle.lost())
+      lost_log.error("a message came without its {}: no fd was free in this process to receive it (RLIMIT_NOFILE); "
+                     "delivered with Handle::lost() set",
+                     to_string(envelope.message.handle.kind()));
     if (envelope.message.has_handle() && inbox.size() >= max_unread_handles) {
       on_pause();
       auto [closed] = co_await inbox.async_wait_below(max_unread_handles, tuple);

@@ -36,6 +36,7 @@ class frame_parser {
     message_kind kind = message_kind::user;
     std::string data;
     Handle handle;  // the fd as received, with the kind the frame declares; not checked here
+                    // (a user's whose fd the kernel could not install: lost(), no fd)
     // An internal message's fds beyond the first (frame_header::extra_handles), same kind, in order.
     std::vector<detail::unique_fd> extra_fds;
     // Of a whole internal frame, the fds the kernel could not install (RLIMIT_NOFILE): the last
@@ -71,11 +72,14 @@ class frame_parser {
       const std::size_t declared = h.handle_kind == 0 ? 0 : 1u + h.extra_handles;
       if (!(size >= sizeof h && h.handle_kind != 0 && fds.size() < declared && declared <= max_fds_per_packet))
         return fail("frame carries more than " + std::to_string(max_fds_per_packet) + " fds");
-      // A whole internal frame (a hand-off, a listen's reply) is still read: the protocol
-      // layer refuses what lost its fd, and the channel goes on. A user's handle, or one on a
-      // message in several frames, ends the channel.
+      // The channel goes on. A whole internal frame (a hand-off, a listen's reply) is read
+      // with the fds that came: the protocol layer refuses what lost its fd. A user's message
+      // is delivered with a handle that says it was lost (Handle::lost()). A handle on an
+      // internal message in several frames (none is sent) ends the channel.
       const std::uint8_t whole_frame = frame_header::first | frame_header::last;
-      if (!(h.flags & frame_header::internal) || (h.flags & whole_frame) != whole_frame || partial_)
+      const bool can_go_on = (h.flags & frame_header::internal) ? (h.flags & whole_frame) == whole_frame
+                                                                 : (h.flags & frame_header::first) != 0;
+      if (!can_go_on || partial_)
         return fail(std::make_error_code(std::errc::too_many_files_open),
                     "a handle sent to this process was lost: no fd left (RLIMIT_NOFILE)");
       lost = declared - fds.size();
@@ -105,6 +109,9 @@ class frame_parser {
     if (h.handle_kind != 0 && !fds.empty()) {
       handle = Handle(static_cast<handle_kind>(h.handle_kind), std::move(fds.front()));
       for (auto& fd : fds.subspan(1)) extra.push_back(std::move(fd));
+    } else if (lost != 0 && kind == message_kind::user) {
+      handle = Handle(static_cast<handle_kind>(h.handle_kind), Handle::lost_fd_t{});
+      lost = 0;  // said by the handle; fds_lost counts an internal message's
     }
 
     if (!partial_) {

@@ -78,9 +78,10 @@ struct channel_state : std::enable_shared_from_this<channel_state> {
   // The envelope's handle is sent as it is: an fd and its kind, adopted or not.
   static ipc::outgoing make_outgoing(ipc::Envelope& e, std::error_code& ec) {
     const handle_kind kind = e.message.handle.kind();
+    const bool lost = e.message.handle.lost();
     unique_fd fd = e.message.handle.release();
-    if (kind != handle_kind::none && !fd) {  // made from a closed socket
-      ec = asio::error::bad_descriptor;
+    if (kind != handle_kind::none && !fd) {  // made from a closed socket, or received without its fd
+      ec = lost ? std::make_error_code(std::errc::too_many_files_open) : asio::error::bad_descriptor;
       return {};
     }
     return {std::move(e.message.data), e.kind == ipc::message_kind::internal ? ipc::frame_header::internal : std::uint8_t{0},
@@ -267,7 +268,7 @@ struct channel_state : std::enable_shared_from_this<channel_state> {
     // One fstat, not the full check: an fd that is no socket at all (a pipe, a file) can never
     // be a handle, so it ends the channel here; whether it is the socket its kind says is
     // checked by whoever adopts it (Handle::adopt, detail::adopt_handle).
-    if (r.handle && !is_socket(r.handle.native_handle()))
+    if (r.handle && !r.handle.lost() && !is_socket(r.handle.native_handle()))
       return fail(error::protocol_error, "handle declared as type " + std::to_string(static_cast<int>(r.handle.kind())) +
                                              " is not such a socket (not a socket at all)");
     for (auto& fd : r.extra_fds)

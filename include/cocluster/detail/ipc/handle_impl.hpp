@@ -70,7 +70,7 @@ Socket Handle::adopt(ExecutorOrContext&& ex, std::error_code& ec) {
   Socket object(ex);
   ec.clear();
   if (!fd_) {
-    ec = asio::error::bad_descriptor;
+    ec = lost_ ? std::make_error_code(std::errc::too_many_files_open) : asio::error::bad_descriptor;
     return object;
   }
   if (kind_ != handle_kind_of<Socket>) {
@@ -98,6 +98,7 @@ Socket Handle::adopt(ExecutorOrContext&& ex) {
     std::string what = std::string("cocluster::Handle::adopt: a handle declared as ") + to_string(declared) +
                        ", adopted as " + to_string(handle_kind_of<Socket>);
     if (ec == error::protocol_error) what += ", is not such a socket";
+    if (ec == std::errc::too_many_files_open) what += ", was lost on its way: this process had no fd free";
     throw std::system_error(ec, what);
   }
   return object;
