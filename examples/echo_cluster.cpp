@@ -18,9 +18,12 @@ awaitable<void> worker_main() {
   for (;;) {
     Message m = co_await this_worker.receive();
     if (m.handle.is<asio::local::stream_protocol::socket>()) {
-      auto socket = m.handle.adopt<asio::local::stream_protocol::socket>(co_await asio::this_coro::executor);
+      // (The error_code form: a socket can be closed or lost on its way, as at this process's fd limit.)
+      std::error_code ec;
+      auto socket = m.handle.adopt<asio::local::stream_protocol::socket>(co_await asio::this_coro::executor, ec);
       const std::string line = fmt::format("written by worker {} (pid {})\n", this_worker.id(), ::getpid());
-      co_await asio::async_write(socket, asio::buffer(line), use_awaitable);
+      if (!ec) co_await asio::async_write(socket, asio::buffer(line), use_awaitable);
+      else fmt::print(stderr, "worker {}: the socket sent with \"{}\": {}\n", this_worker.id(), m.data, ec.message());
     }
     co_await this_worker.send({fmt::format("worker {} echoes: {}", this_worker.id(), m.data)});
   }

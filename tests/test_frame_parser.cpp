@@ -269,10 +269,17 @@ TEST_CASE("rule: a user's message whose handle was lost to the fd limit is deliv
   REQUIRE(r.what == status::message);
   CHECK_FALSE(r.handle.lost());
   CHECK(r.handle.native_handle() >= 0);
-  // A handle that arrived is never "lost"; one that came with a frame not starting a message
-  // is a broken frame, lost or not.
+  // A frame that breaks a rule is a protocol error, its handle lost or not: a handle on a
+  // continuation frame, a first frame inside a message.
   r = p.feed(packet(last, 3, "abc", 1), {}, MSG_CTRUNC);
-  CHECK(r.what == status::failed);
+  REQUIRE(r.what == status::failed);
+  CHECK(r.error == error::protocol_error);
+  CHECK(r.detail == "handle on a continuation frame");
+  CHECK(p.feed(packet(first, 6, "abc")).what == status::need_more);
+  r = p.feed(packet(whole, 3, "abc", 1), {}, MSG_CTRUNC);
+  REQUIRE(r.what == status::failed);
+  CHECK(r.error == error::protocol_error);
+  CHECK(r.detail == "frame does not continue the message in progress");
 }
 
 TEST_CASE("rule: a whole internal frame whose fds were lost to the fd limit is read, saying how many were lost") {

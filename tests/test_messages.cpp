@@ -114,8 +114,9 @@ WORKER_SCENARIO(flood_then_socket) {
 }
 
 // Leaves itself no fd free (RLIMIT_NOFILE down to its lowest free fd), says "exhausted",
-// reports what the next message brought (its handle's kind, lost(), adopt()'s error), takes
-// its fds back, then adopts the next message's socket and writes "hi" through it.
+// reports what the next message brought (its handle's kind, lost(), adopt()'s error, the
+// error of sending that handle on), takes its fds back, then adopts the next message's socket
+// and writes "hi" through it.
 WORKER_SCENARIO(handle_at_fd_limit) {
   asio::io_context io;
   this_worker.start(io.get_executor());
@@ -132,10 +133,14 @@ WORKER_SCENARIO(handle_at_fd_limit) {
     Message first = co_await this_worker.receive();
     std::error_code ec;
     (void)first.handle.adopt<stream_protocol::socket>(ex, ec);
+    std::string said = first.data + " kind=" + std::to_string(static_cast<int>(first.handle.kind())) +
+                       " lost=" + std::to_string(first.handle.lost()) + " adopt=" + ec.message();
+    // (Each message named first: GCC 12 miscompiles temporaries in a co_await-ed call.)
+    Message again("again", std::move(first.handle));  // sent on, lost as it is
+    auto [resent] = co_await this_worker.send(std::move(again), cocluster::as_tuple(asio::use_awaitable));
+    said += " send=" + resent.message();
     ::setrlimit(RLIMIT_NOFILE, &saved);
-    // (Each reply named first: GCC 12 miscompiles temporaries in a co_await-ed call.)
-    Message report(first.data + " kind=" + std::to_string(static_cast<int>(first.handle.kind())) +
-                   " lost=" + std::to_string(first.handle.lost()) + " adopt=" + ec.message());
+    Message report(std::move(said));
     co_await this_worker.send(std::move(report));
     Message second = co_await this_worker.receive();
     stream_protocol::socket socket = second.handle.adopt<stream_protocol::socket>(ex, ec);
@@ -349,7 +354,8 @@ TEST_CASE("a message whose socket reaches a worker with no fd free arrives witho
     asio::local::connect_pair(a, b);
     co_await w->send({"first", std::move(a)});
     const Message first = co_await w->receive();
-    CHECK(first.data == "first kind=4 lost=1 adopt=" + std::make_error_code(std::errc::too_many_files_open).message());
+    const std::string emfile = std::make_error_code(std::errc::too_many_files_open).message();
+    CHECK(first.data == "first kind=4 lost=1 adopt=" + emfile + " send=" + emfile);
     // The worker never held it: our peer reads the end of the socket.
     char c;
     auto [eof, n] = co_await b.async_read_some(asio::buffer(&c, 1), cocluster::as_tuple(use_awaitable));

@@ -6,6 +6,8 @@
 //   if (m.handle.is<asio::ip::tcp::socket>()) {
 //     asio::ip::tcp::socket s = m.handle.adopt<asio::ip::tcp::socket>(ex);  // checked, registered
 //   }
+// (adopt() throws, or sets its error_code&, when the fd is not such a socket, or was lost on its
+// way: this process had no fd free when the message came, m.handle.lost().)
 // Sending moves the handle: the sender's copy is closed once it is on its way. Passing a received
 // handle on (send it again) or dropping it costs a sendmsg or a close, nothing more.
 #pragma once

@@ -100,6 +100,8 @@ struct this_worker_t {
   // is moved out at once and closed once written, or on failure).
   //   Completion signature: void(std::error_code).
   //   Errors: error::channel_closed (the channel is closing or gone), error::message_too_large,
+  //   asio::error::bad_descriptor (a handle made from a closed socket),
+  //   std::errc::too_many_files_open (a received handle that was lost: Handle::lost()),
   //   a system error from sendmsg (EPIPE: the master is gone).
   //   Cancellation: per-operation, terminal, while the send waits for room in the full send
   //   queue: completes with asio::error::operation_aborted and the message is not sent (its

@@ -182,7 +182,9 @@ class Worker : public std::enable_shared_from_this<Worker> {
   // Node: worker.send(message[, handle]). Completes once queued (waits while the channel's
   // send queue is full); the handle is moved out of `message` and closed here once sent.
   // Signature: void(std::error_code). Errors: error::worker_not_connected after the disconnect,
-  // error::message_too_large, a system error from sendmsg. Cancellation (per-operation,
+  // error::message_too_large, asio::error::bad_descriptor (a handle made from a closed socket),
+  // std::errc::too_many_files_open (a received handle that was lost: Handle::lost()), a
+  // system error from sendmsg. Cancellation (per-operation,
   // terminal) while it waits for room: the message is not sent.
   template <class CompletionToken = asio::use_awaitable_t<>>
   auto send(Message message, CompletionToken&& token = {}) {

@@ -74,12 +74,11 @@ class frame_parser {
         return fail("frame carries more than " + std::to_string(max_fds_per_packet) + " fds");
       // The channel goes on. A whole internal frame (a hand-off, a listen's reply) is read
       // with the fds that came: the protocol layer refuses what lost its fd. A user's message
-      // is delivered with a handle that says it was lost (Handle::lost()). A handle on an
-      // internal message in several frames (none is sent) ends the channel.
+      // is delivered with a handle that says it was lost (Handle::lost()). The first frame of
+      // an internal message in several frames (none carries a handle) ends the channel. A
+      // frame that breaks a rule below is a protocol error, its fds lost or not.
       const std::uint8_t whole_frame = frame_header::first | frame_header::last;
-      const bool can_go_on = (h.flags & frame_header::internal) ? (h.flags & whole_frame) == whole_frame
-                                                                 : (h.flags & frame_header::first) != 0;
-      if (!can_go_on || partial_)
+      if ((h.flags & frame_header::internal) && (h.flags & whole_frame) == frame_header::first && !partial_)
         return fail(std::make_error_code(std::errc::too_many_files_open),
                     "a handle sent to this process was lost: no fd left (RLIMIT_NOFILE)");
       lost = declared - fds.size();
