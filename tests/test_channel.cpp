@@ -495,7 +495,7 @@ TEST_CASE("read_channel stops reading a peer that floods requests and never read
     bool ended = false;
     asio::co_spawn(io, [&]() -> awaitable<void> {
       co_await cocluster::detail::read_channel(
-          reader, inbox,
+          reader, inbox, "the peer",
           [&](Envelope&) {
             ++answered;
             return reader.send_internal(std::string(100, 'a'));

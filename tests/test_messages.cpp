@@ -375,7 +375,7 @@ TEST_CASE("a message whose socket reaches a worker with no fd free arrives witho
     CHECK((co_await w->exited()) == ExitStatus{0, 0});
   });
   const std::string log = captured.text();
-  CHECK_MESSAGE(log.find("a message came without its Unix stream socket: no fd was free in this process") != std::string::npos,
+  CHECK_MESSAGE(log.find("a message from the master came without its Unix stream socket: no fd was free in this process") != std::string::npos,
                 "stderr was: " << log);
   CHECK_MESSAGE(log.find("disconnected") == std::string::npos, "stderr was: " << log);
 }

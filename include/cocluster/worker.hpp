@@ -324,7 +324,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
 
   static asio::awaitable<void> read_loop(std::shared_ptr<Worker> self) {
     const std::error_code end = co_await detail::read_channel(
-        self->channel_, self->messages_,
+        self->channel_, self->messages_, fmt::format("worker {} (pid {})", self->id_, self->pid()),
         [&](const ipc::Envelope& e) {
           self->reading_resumed();
           return self->on_internal(e);

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <exception>
+#include <string>
 
 #include "cocluster/detail/as_tuple.hpp"
 #include "cocluster/detail/async_queue.hpp"
@@ -48,7 +49,8 @@ inline void bound_inbox(async_queue<Message>& inbox, std::size_t max_messages, s
   inbox.set_weight_limit(std::max<std::size_t>(max_bytes, 1), &message_bytes);
 }
 
-// Runs until the channel ends; returns why (eof, protocol_error, ...).
+// Runs until the channel ends; returns why (eof, protocol_error, ...). `peer` names the other
+// end in log lines ("worker 3 (pid 1234)", "the master").
 //   on_internal(ipc::Envelope&) -> bool: false ends the channel as a protocol error (it may
 //   take the envelope's handle).
 //   on_user(): a user message was queued.  on_pause(): the inbox is full, reading waits.
@@ -56,7 +58,7 @@ inline void bound_inbox(async_queue<Message>& inbox, std::size_t max_messages, s
 // count or its bytes) nothing more is taken from the socket, so the peer's sends wait in the
 // kernel and this process holds at most the bound plus the one message that crossed it.
 template <class OnInternal, class OnUser, class OnPause>
-asio::awaitable<std::error_code> read_channel(ipc::Channel& channel, async_queue<Message>& inbox,
+asio::awaitable<std::error_code> read_channel(ipc::Channel& channel, async_queue<Message>& inbox, std::string peer,
                                               OnInternal on_internal, OnUser on_user, OnPause on_pause) {
   const auto tuple = cocluster::as_tuple(asio::use_awaitable);
   int budget = read_budget;
@@ -99,9 +101,9 @@ asio::awaitable<std::error_code> read_channel(ipc::Channel& channel, async_queue
       continue;
     }
     if (envelope.message.handle.lost())
-      lost_log.error("a message came without its {}: no fd was free in this process to receive it (RLIMIT_NOFILE); "
-                     "delivered with Handle::lost() set",
-                     to_string(envelope.message.handle.kind()));
+      lost_log.error("a message from {} came without its {}: no fd was free in this process to receive it "
+                     "(RLIMIT_NOFILE); delivered with Handle::lost() set",
+                     peer, to_string(envelope.message.handle.kind()));
     if (envelope.message.has_handle() && inbox.size() >= max_unread_handles) {
       on_pause();
       auto [closed] = co_await inbox.async_wait_below(max_unread_handles, tuple);

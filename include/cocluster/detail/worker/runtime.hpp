@@ -448,7 +448,7 @@ class runtime {
 
   asio::awaitable<void> read_loop() {
     const std::error_code end = co_await read_channel(
-        channel_, messages_, [this](ipc::Envelope& e) { return on_internal(e); }, [] {},
+        channel_, messages_, "the master", [this](ipc::Envelope& e) { return on_internal(e); }, [] {},
         [this] {
           debug("Worker {}: {} unread messages ({} bytes); reading paused", id_, messages_.size(), messages_.weight());
         });
