@@ -5,6 +5,7 @@
 #include <poll.h>
 #include <spawn.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -189,6 +190,19 @@ inline int parent_death_signal() {
   int sig = -1;
   ::prctl(PR_GET_PDEATHSIG, &sig);
   return sig;
+}
+
+// Leaves this process no fd free: RLIMIT_NOFILE (soft) down to its lowest free fd, so every fd
+// below it is in use and the next one fails with EMFILE. Returns the limit it had: put it back
+// with setrlimit(RLIMIT_NOFILE, &returned).
+inline rlimit leave_no_fd_free() {
+  rlimit saved{};
+  ::getrlimit(RLIMIT_NOFILE, &saved);
+  const int lowest = ::dup(2);
+  ::close(lowest);
+  const rlimit none_left{static_cast<rlim_t>(lowest), saved.rlim_max};
+  ::setrlimit(RLIMIT_NOFILE, &none_left);
+  return saved;
 }
 
 // Open fds of this process (the directory stream's own fd excluded).

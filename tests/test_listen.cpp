@@ -147,11 +147,7 @@ awaitable<void> listen_worker(bool stall) {
     } else if (m.data == "listen") {
       co_await this_worker.send({co_await listen()});
     } else if (m.data == "exhaust") {
-      const int lowest = ::dup(2);  // every fd below it is in use
-      ::close(lowest);
-      ::getrlimit(RLIMIT_NOFILE, &saved);
-      const rlimit none_left{static_cast<rlim_t>(lowest), saved.rlim_max};
-      ::setrlimit(RLIMIT_NOFILE, &none_left);
+      saved = leave_no_fd_free();
       co_await this_worker.send({"exhausted"});
     } else if (m.data == "ping") {
       co_await this_worker.send({"pong"});

@@ -123,12 +123,7 @@ WORKER_SCENARIO(handle_at_fd_limit) {
   asio::co_spawn(io, []() -> awaitable<void> {
     using asio::local::stream_protocol;
     const auto ex = co_await asio::this_coro::executor;
-    rlimit saved{};
-    ::getrlimit(RLIMIT_NOFILE, &saved);
-    const int lowest = ::dup(2);
-    ::close(lowest);
-    const rlimit none_left{static_cast<rlim_t>(lowest), saved.rlim_max};
-    ::setrlimit(RLIMIT_NOFILE, &none_left);
+    const rlimit saved = leave_no_fd_free();
     co_await this_worker.send({"exhausted"});
     Message first = co_await this_worker.receive();
     std::error_code ec;

@@ -932,12 +932,7 @@ WORKER_SCENARIO(cancel_accept_out_of_fds) {
   asio::co_spawn(io, [&io]() -> awaitable<void> {
     auto server = co_await listen_and_report_port();
     (void)co_await this_worker.receive();  // "go"
-    rlimit saved{};
-    ::getrlimit(RLIMIT_NOFILE, &saved);
-    const int lowest = ::dup(2);
-    ::close(lowest);
-    const rlimit none_left{static_cast<rlim_t>(lowest), saved.rlim_max};
-    ::setrlimit(RLIMIT_NOFILE, &none_left);
+    const rlimit saved = leave_no_fd_free();
     asio::cancellation_signal cancel;
     cocluster::detail::async_latch<std::error_code> done(io.get_executor());
     server.accept(asio::bind_cancellation_slot(cancel.slot(), [&](std::error_code ec, tcp::socket) { done.set(ec); }));
