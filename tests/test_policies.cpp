@@ -1000,6 +1000,28 @@ WORKER_SCENARIO(serve_then_report) {
   return 0;
 }
 
+namespace {
+
+// A client that sent "hi" to a serve_then_report worker at `where` and read its "A".
+awaitable<tcp::socket> client_served_by_first(tcp::endpoint where) {
+  tcp::socket client(co_await asio::this_coro::executor);
+  co_await client.async_connect(where, use_awaitable);
+  co_await asio::async_write(client, asio::buffer("hi\n", 3), use_awaitable);
+  std::string reply;
+  co_await asio::async_read_until(client, asio::dynamic_buffer(reply), '\n', use_awaitable);
+  CHECK(reply == "A\n");  // worker 1 took the connection and answered on it
+  co_return client;
+}
+
+// Once worker 1 has died: its client reads the end of the connection, nothing from another worker.
+awaitable<void> expect_no_second_answer(tcp::socket client) {
+  std::string reply;
+  co_await asio::async_read(client, asio::dynamic_buffer(reply), as_tuple_t{});  // to EOF
+  CHECK_MESSAGE(reply.empty(), "the connection worker 1 served was handed to worker 2 as well: ", reply);
+}
+
+}  // namespace
+
 TEST_CASE("a connection a worker took and wrote to is not handed to another worker when the first dies") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<RoundRobin> master(io.get_executor());
@@ -1009,21 +1031,14 @@ TEST_CASE("a connection a worker took and wrote to is not handed to another work
     const std::string report = (co_await first->receive()).data;
     co_await first->listening();
     const tcp::endpoint where(loopback(1), reported_port(report));
-    tcp::socket client(io);
-    co_await client.async_connect(where, use_awaitable);
-    co_await asio::async_write(client, asio::buffer("hi\n", 3), use_awaitable);
-    std::string reply;
-    co_await asio::async_read_until(client, asio::dynamic_buffer(reply), '\n', use_awaitable);
-    CHECK(reply == "A\n");  // worker 1 took the connection and answered on it
+    tcp::socket client = co_await client_served_by_first(where);
     // Sent by worker 1 after it took the connection: the channel is in order, so its ack
     // (Node: sent before the server sees the connection) has been read by now.
     CHECK((co_await first->receive()).data == "served");
     auto second = co_await fork_second_on(master, report);
     first->kill(SIGKILL);  // what the heartbeat does to a hung worker
     CHECK((co_await first->exited()).signal == SIGKILL);
-    reply.clear();
-    co_await asio::async_read(client, asio::dynamic_buffer(reply), as_tuple_t{});  // to EOF
-    CHECK_MESSAGE(reply.empty(), "the connection worker 1 served was handed to worker 2 as well: ", reply);
+    co_await expect_no_second_answer(std::move(client));
     co_await master.disconnect();
   }, 60s);
 }
@@ -1079,21 +1094,14 @@ TEST_CASE("a connection a worker took is not handed to another worker when the m
       co_await poll_until([&] { return first->unread_messages() == 1; });
       const std::string report = "port " + std::to_string(bound.port);
       const tcp::endpoint where(loopback(1), bound.port);
-      tcp::socket client(io);
-      co_await client.async_connect(where, use_awaitable);
-      co_await asio::async_write(client, asio::buffer("hi\n", 3), use_awaitable);
-      std::string reply;
-      co_await asio::async_read_until(client, asio::dynamic_buffer(reply), '\n', use_awaitable);
-      CHECK(reply == "A\n");  // worker 1 took the connection and answered on it
+      tcp::socket client = co_await client_served_by_first(where);
       CHECK(first->unread_messages() == 1);  // and the master has read nothing since "port N"
       auto second = co_await fork_second_on(master, report);
       if (unread_by_worker) co_await first->send(Message("never read"));  // its loop has stopped
       first->kill(SIGKILL);
       CHECK(!first->is_connected());
       CHECK((co_await first->exited()).signal == SIGKILL);
-      reply.clear();
-      co_await asio::async_read(client, asio::dynamic_buffer(reply), as_tuple_t{});  // to EOF
-      CHECK_MESSAGE(reply.empty(), "the connection worker 1 served was handed to worker 2 as well: ", reply);
+      co_await expect_no_second_answer(std::move(client));
       co_await master.disconnect();
     }, 60s);
   }
