@@ -11,9 +11,14 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
+#include <fstream>
 #include <functional>
 #include <map>
+#include <optional>
 #include <set>
+#include <sstream>
+#include <string>
 #include <string_view>
 #include <thread>
 
@@ -1383,22 +1388,60 @@ TEST_CASE("Dispatch: a connection waiting for a worker that has left is routed a
   }, 30s);
 }
 
+namespace {
+
+// The server side of 127.0.0.1:port, from /proc/net/tcp: its connections (accepted or not),
+// and how many of them wait in the listening socket's accept queue (its rx_queue), i.e. the
+// ones the master has not accepted. Nullopt while nothing listens there.
+struct server_side {
+  std::size_t connections = 0;
+  std::size_t queued = 0;
+};
+std::optional<server_side> server_side_of(unsigned short port) {
+  std::ifstream tcp("/proc/net/tcp");
+  std::string line;
+  std::getline(tcp, line);  // the header
+  char want[32];
+  std::snprintf(want, sizeof want, "%08X:%04X", htonl(INADDR_LOOPBACK), port);  // as the kernel prints it
+  std::optional<server_side> found;
+  std::size_t connections = 0;
+  while (std::getline(tcp, line)) {
+    std::istringstream fields(line);
+    std::string slot, local, remote, state, queues;
+    fields >> slot >> local >> remote >> state >> queues;
+    if (local != want) continue;
+    if (state == "01") ++connections;  // TCP_ESTABLISHED
+    if (state == "0A") found = server_side{0, std::stoul(queues.substr(queues.find(':') + 1), nullptr, 16)};  // TCP_LISTEN
+  }
+  if (found) found->connections = connections;
+  return found;
+}
+
+}  // namespace
+
 TEST_CASE("RuntimePolicy: a window given is the chosen policy's; without one the policy keeps its own (round robin: Node's 1)") {
-  // Worker 1 is stopped: round robin hands it connections in turn until its window is full, and
-  // worker 2 answers all the others. So of the 10 connections worker 1 holds exactly its window.
+  // Both workers are stopped: neither acknowledges, so round robin hands them connections in
+  // turn until each holds its window, and the rest wait in the kernel's accept queue. Worker 2
+  // then goes on and answers all but worker 1's, which worker 1 answers when it goes on.
   for (std::optional<std::size_t> window : {std::optional<std::size_t>{}, std::optional<std::size_t>{4}}) {
     CAPTURE(window.value_or(0));
     run_bounded([window](asio::io_context& io) -> awaitable<void> {
       Master<RuntimePolicy> master(io.get_executor(), {}, RuntimePolicy(Scheduling::round_robin, window));
       CHECK(master.policy().window() == window);
       auto [workers, where] = co_await start_serving(master, 2, scenario_env("serve_numbered"));
-      REQUIRE(::kill(workers[0]->pid(), SIGSTOP) == 0);
+      for (auto& w : workers) REQUIRE(::kill(w->pid(), SIGSTOP) == 0);
       const std::size_t held = window.value_or(1);
       std::vector<std::string> replies(10);
       std::size_t answered = 0;
       co_await connect_in_order(loopback(1), where, replies, answered);
-      // (A larger window than `held` leaves fewer for worker 2: this wait never ends, and the
-      // test fails on its time bound; a smaller one fails the count below.)
+      // Every connection has reached the server side, and the master has accepted (and handed)
+      // all it will. (Another window leaves another number waiting: this wait never ends, and
+      // the test fails on its time bound.)
+      co_await poll_until([&] {
+        auto side = server_side_of(where.port());
+        return side && side->connections == replies.size() && side->queued == replies.size() - 2 * held;
+      });
+      REQUIRE(::kill(workers[1]->pid(), SIGCONT) == 0);
       co_await poll_until([&] { return answered == replies.size() - held; });
       REQUIRE(::kill(workers[0]->pid(), SIGCONT) == 0);
       co_await poll_until([&] { return answered == replies.size(); });

@@ -1,4 +1,5 @@
-// The coroutine primitives under Master and Worker: latch and queue, and the checked syscalls.
+// The coroutine primitives under Master and Worker: latch and queue, the checked syscalls, and
+// round robin's choice of a worker.
 #include "cocluster/detail/async_latch.hpp"
 #include "cocluster/detail/async_queue.hpp"
 #include "cocluster/detail/rate_limited_log.hpp"
@@ -6,12 +7,14 @@
 #include "cocluster/detail/syscalls.hpp"
 #include "cocluster/error.hpp"
 #include "cocluster/log.hpp"
+#include "cocluster/policy/round_robin.hpp"
 
 #include "cocluster/detail/as_tuple.hpp"
 
 #include <doctest/doctest.h>
 
 #include <chrono>
+#include <map>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -275,4 +278,102 @@ TEST_CASE("rate_limited_log: a burst's count is written once the burst is over; 
     CHECK(has(4, "1 more like this in the "));
     CHECK(has(4, "not logged: refused 1"));
   }
+}
+
+// Round robin's free list (policy/round_robin.hpp), driven as its listener drives it: a
+// hand-off moves a worker one level up, an acknowledgement one level down.
+namespace {
+struct turns {
+  cocluster::detail::free_levels free;
+  std::map<int, std::size_t> in_flight;
+  explicit turns(std::size_t window, std::initializer_list<int> ids) : free(window) {
+    for (int id : ids) free.joined(id, in_flight[id] = 0);
+  }
+  int hand() {  // the next connection: to whom
+    const int id = free.next();
+    if (id != 0) free.moved(id, in_flight[id], in_flight[id] + 1), ++in_flight[id];
+    return id;
+  }
+  void ack(int id) { free.moved(id, in_flight[id], in_flight[id] - 1), --in_flight[id]; }
+};
+}  // namespace
+
+TEST_CASE("round robin at a window of 1 is Node's free list: each connection to the worker idle longest, none to a busy one") {
+  turns t(1, {1, 2, 3});
+  CHECK(t.hand() == 1);
+  CHECK(t.hand() == 2);
+  CHECK(t.hand() == 3);
+  CHECK(t.hand() == 0);  // every one busy: the connection waits
+  t.ack(2);
+  t.ack(1);
+  CHECK(t.hand() == 2);  // free first
+  CHECK(t.hand() == 1);
+  CHECK(t.hand() == 0);
+  t.ack(3);
+  t.free.left(3);
+  CHECK(t.hand() == 0);  // it left while free
+  t.free.joined(4, 0);
+  CHECK(t.hand() == 4);
+}
+
+TEST_CASE("round robin with a window: an idle worker first, then the least busy in turn; a slow one gets more only when all have as many") {
+  turns t(3, {1, 2});
+  CHECK(t.hand() == 1);
+  CHECK(t.hand() == 2);
+  CHECK(t.hand() == 1);  // neither idle: both have one, and 1 came to that first
+  CHECK(t.hand() == 2);
+  t.ack(2);
+  t.ack(2);
+  CHECK(t.hand() == 2);  // idle, where 1 has two waiting
+  CHECK(t.hand() == 2);  // the least busy: it has one, 1 has two
+  CHECK(t.hand() == 1);  // two each: 1 came to two first
+  CHECK(t.hand() == 2);
+  CHECK(t.hand() == 0);  // both full (3)
+  t.ack(1);
+  CHECK(t.hand() == 1);
+  CHECK(t.hand() == 0);
+
+  // Worker 1 never acknowledges (its loop is blocked); worker 2 takes each one at once.
+  turns slow(8, {1, 2});
+  int to_slow = 0;
+  for (int i = 0; i < 100; ++i) {
+    const int id = slow.hand();
+    REQUIRE(id != 0);
+    if (id == 1) ++to_slow;
+    else slow.ack(2);
+  }
+  CHECK(to_slow == 1);  // only the first, when both were idle
+}
+
+TEST_CASE("round robin: a worker back from a rest keeps what it had; one that left is in no level") {
+  turns t(2, {1, 2});
+  CHECK(t.hand() == 1);
+  t.free.left(1);  // rests with one unacknowledged
+  CHECK(t.hand() == 2);
+  t.free.joined(1, t.in_flight[1]);  // back with one, behind 2, which has one too
+  CHECK(t.hand() == 2);
+  CHECK(t.hand() == 1);
+  CHECK(t.hand() == 0);
+  t.free.left(2);  // gone with two unacknowledged
+  t.ack(1);
+  CHECK(t.hand() == 1);
+  CHECK(t.hand() == 0);
+
+  // Acknowledgements while it rests are counted without a word to the levels: it comes back
+  // where its count says. A join of an id already in a level moves it, never doubles it.
+  turns r(3, {1, 2});
+  CHECK(r.hand() == 1);
+  CHECK(r.hand() == 2);
+  CHECK(r.hand() == 1);
+  r.free.left(1);  // rests with two
+  --r.in_flight[1];
+  --r.in_flight[1];
+  r.free.joined(1, r.in_flight[1]);  // back idle, where 2 has one
+  CHECK(r.hand() == 1);
+  r.free.joined(2, r.in_flight[2]);  // again, with its one: behind 1 in that level, once
+  CHECK(r.hand() == 1);
+  CHECK(r.hand() == 2);
+  CHECK(r.hand() == 1);
+  CHECK(r.hand() == 2);
+  CHECK(r.hand() == 0);
 }

@@ -7,7 +7,7 @@
 // it got. A worker that dies or closes its server leaves its socket open in the master (closing
 // it would reset the connections queued in its backlog, and the kernel keeps hashing new ones
 // to it): while other workers hold the listener, the master accepts from that socket and hands
-// its connections to them in turn, as RoundRobin does, until a worker adopts it (the next one
+// its connections to them as RoundRobin does (the idle first), until a worker adopts it (the next one
 // to listen does), and then leaves it to that worker. So neither what waited in a dead worker's
 // backlog nor what arrives for its socket later is lost while any worker holds the listener;
 // when the last one leaves, the listener closes with what it holds, as under every policy.
@@ -39,7 +39,7 @@ namespace detail {
 class reuse_port_listener;
 
 // The master accepting from a socket nobody holds and handing its connections to the workers
-// that hold the listener's other sockets, in turn (at RoundRobin's batching window of 8). Its
+// that hold the listener's other sockets as RoundRobin does (at a window of 8: the idle first). Its
 // hand-offs are numbered with the other drains' of the listener: they share its server id.
 class reuse_port_drain final : public round_robin_listener {
  public:

@@ -1,5 +1,6 @@
 // RoundRobin (Node: cluster.SCHED_RR, the default): the master accepts every connection and
-// hands it to the next worker in turn that has room in its window; the worker acknowledges it.
+// hands it to the worker idle longest, or, when none is idle, to the least busy one that has
+// room in its window (free_levels); the worker acknowledges it.
 //   cocluster::Master<cocluster::RoundRobin> master(ex, {}, cocluster::RoundRobin{.window = 4});
 // The master keeps its copy of a connection until the worker's `accepted`, so a connection
 // handed to a worker that dies or closes its server first goes to another worker.
@@ -8,8 +9,8 @@
 #include "cocluster/detail/config.hpp"
 
 #include <algorithm>
-#include <deque>
 #include <memory>
+#include <vector>
 
 #include "cocluster/policy/handoff_listener.hpp"
 #include "cocluster/policy/policy.hpp"
@@ -18,43 +19,79 @@ namespace cocluster {
 
 namespace detail {
 
-// Node: RoundRobinHandle. `free_` holds the workers with room in their window, in turn order:
-// a worker goes to the back when it is handed a connection and still has room, or when an
-// acknowledgement gives it room again.
-class round_robin_listener : public HandoffListener {
+// Node: RoundRobinHandle's free list, kept per number of unacknowledged hand-offs: level k
+// holds the workers that have k (fewer than the window), in the order they came to it. The
+// next connection goes to the first of the lowest level that has one: to an idle worker
+// whenever there is one, the one idle longest, as in Node (where a worker is free once it has
+// acknowledged); only when none is idle, to the least busy, in turn. A worker that is slow to
+// accept (a blocked loop) therefore gets another connection only when every other worker
+// has as many waiting. At a window of 1 there is one level: Node's free list.
+class free_levels {
  public:
-  round_robin_listener(ListenerArgs args, std::size_t window) : HandoffListener(std::move(args)), window_(window) {}
+  explicit free_levels(std::size_t window) : window_(std::max<std::size_t>(window, 1)) {}
+
+  // The worker that takes the next connection; 0 when every one is full (or there is none).
+  int next() const noexcept {
+    for (const auto& level : levels_)
+      if (!level.empty()) return level.front();
+    return 0;
+  }
+  // `id` has `in_flight` now, and had `before` (it was in that level if it had room).
+  void moved(int id, std::size_t before, std::size_t in_flight) {
+    if (before < levels_.size()) std::erase(levels_[before], id);
+    enter(id, in_flight);
+  }
+  // `id` starts (or starts again) with `in_flight`, at the back of its level.
+  void joined(int id, std::size_t in_flight) {
+    left(id);
+    enter(id, in_flight);
+  }
+  void left(int id) {
+    for (auto& level : levels_) std::erase(level, id);
+  }
 
  private:
-  int choose() override { return free_.empty() ? 0 : free_.front(); }
-  void on_joined(const Member& m) override {  // (back from a rest, it may still be full)
-    if (m.in_flight < window_) free_.push_back(m.id);
-  }
-  void on_left(int id) override { free_.erase(std::remove(free_.begin(), free_.end(), id), free_.end()); }
-  void on_handed(const Member& m) override {
-    free_.pop_front();  // it was the front: choose() named it
-    if (m.in_flight < window_) free_.push_back(m.id);
-  }
-  void on_acknowledged(const Member& m) override {
-    if (m.in_flight + 1 == window_) free_.push_back(m.id);  // it was full: it has room again
+  void enter(int id, std::size_t in_flight) {
+    if (in_flight >= window_) return;  // full: in no level until it acknowledges
+    if (levels_.size() <= in_flight) levels_.resize(in_flight + 1);
+    levels_[in_flight].push_back(id);
   }
 
   std::size_t window_;
-  std::deque<int> free_;
+  // Levels 0 to the highest number of unacknowledged hand-offs a worker has had (at most
+  // window_ levels); a few workers each, so erasing from one is cheap.
+  std::vector<std::vector<int>> levels_;
+};
+
+class round_robin_listener : public HandoffListener {
+ public:
+  round_robin_listener(ListenerArgs args, std::size_t window) : HandoffListener(std::move(args)), free_(window) {}
+
+ private:
+  int choose() override { return free_.next(); }
+  void on_joined(const Member& m) override { free_.joined(m.id, m.in_flight); }  // (back from a rest: may have some)
+  void on_left(int id) override { free_.left(id); }
+  void on_handed(const Member& m) override { free_.moved(m.id, m.in_flight - 1, m.in_flight); }
+  void on_acknowledged(const Member& m) override { free_.moved(m.id, m.in_flight + 1, m.in_flight); }
+
+  free_levels free_;
 };
 
 }  // namespace detail
 
 struct RoundRobin {
-  // Connections a worker may have been handed and not yet accepted (Node: 1). A larger window
-  // keeps a worker busy while its acknowledgements travel, and lets hand-offs travel in
-  // batches (up to 16 connections in one frame; a worker's refusals of one loop turn in one
-  // message), at the price of connections waiting on a worker that is busy when another one
-  // is idle. The default stays Node's 1: in policy_bench on a 2-core machine (2026-11-26,
-  // benchmarks/README.md, three runs) a window of 8 made 0.99-1.09x the raw round-robin
-  // master's connections/s at 8 workers against window 1's 0.86-0.98x, but 0.83-0.95x at 2
-  // workers against 0.87-1.29x, and under wrk at 8 workers 0.78-0.86x against 0.80-1.03x. No
-  // clear gain, and a stalled worker holds up to 8 connections instead of 1.
+  // Connections a worker may have been handed and not yet accepted (Node: 1). Whatever the
+  // window, an idle worker gets the next connection when there is one (free_levels); a window
+  // over 1 lets the master hand a connection to a busy worker when none is idle instead of
+  // waiting for an ack, and lets hand-offs travel in batches (up to 16 connections in one
+  // frame; a worker's refusals of one loop turn in one message). Its price: a worker whose
+  // loop blocks holds up to `window` connections meanwhile, and they wait with it. Both
+  // measured on a 2-core machine (2026-11-27, benchmarks/README.md, "RoundRobin's window"):
+  // under wrk, window 1 made 0.63x the raw round-robin master's connections/s, 2 made 0.69x,
+  // 4 0.84x, 8 0.86x (2 workers; 8 workers: 0.80, 0.83, 0.84x); with one worker blocking its
+  // loop 50 ms on one request in ten, the p99 was 8.3-10.7 ms at window 1 in five runs, but
+  // 53.5-56.2 ms in three runs of five at window 2 and 53.5-101.7 ms in every run at 4. The
+  // default stays Node's 1; choose more when no worker's loop blocks.
   std::size_t window = 1;  // 0 counts as 1 (there is no unbounded window), as in every policy here
 
   std::shared_ptr<Listener> make_listener(ListenerArgs args) const {
