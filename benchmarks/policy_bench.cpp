@@ -2,12 +2,13 @@
 // cocluster's listening policies beside Node's cluster, nginx and a raw baseline, in one run.
 //   ninja -C build benchmarks/policy_bench benchmarks/raw_rr_server && build/benchmarks/policy_bench [--quick]
 //   [--concurrency C] [--duration S] [--workers N] [--client-threads T] [--only=NAME,NAME]
-//   [--sources N] [--stalled] [--runs N] [--svg FILE]
+//   [--sources N] [--stalled] [--runs N] [--svg FILE] [--rr-windows N,N]
 // Servers (NAME; a prefix such as `node` selects both of its rows):
 //   cocluster-POLICY              examples/hello_cluster --policy POLICY, for each policy
 //                                 RuntimePolicy knows: rr, none, reuseport, leastconn, sticky
 //                                 (each at its own default window: rr 1, leastconn and sticky 8)
-//   cocluster-rr-w8               the same, round robin with --window 8 (Node's window is 1)
+//   cocluster-rr-wN               the same, round robin with --window N (Node's window is 1),
+//                                 for each N of --rr-windows (8; e.g. `--rr-windows 2,4,8`)
 //   node-rr, node-none            node/hello_cluster.js: Node's cluster, SCHED_RR / SCHED_NONE
 //   nginx                         2 worker_processes, `listen reuseport`, `return 200` (when installed)
 //   raw-rr, raw-none              raw_rr_server: a blocking accept4() master passing fds over
@@ -90,6 +91,7 @@ struct Options {
   int sources = 1024;                   // client source addresses: 127.0.0.1 and the N-1 after it
   bool stalled = false;                 // --stalled: worker 1 blocks 50 ms on 1 request in 10
   std::string only;                     // empty: every server
+  std::vector<int> rr_windows{8};       // --rr-windows: a cocluster-rr-wN server for each N
   std::string svg;                      // --svg FILE: the chart
   std::string hello_cluster, node_script, raw_server;
 };
@@ -1086,10 +1088,13 @@ void print_targets(const Options& opt, const std::vector<std::vector<Result>>& r
     check(fmt::format("ReusePort conn/s >= 1.00 x nginx ({})", who), "cocluster-reuseport", x_nginx, at_least(1.0));
     check(fmt::format("RoundRobin conn/s >= 0.95 x raw-rr ({})", who), "cocluster-rr", x_raw_rr, at_least(0.95));
     check(fmt::format("RoundRobin conn/s >= 3 x Node SCHED_RR ({})", who), "cocluster-rr", x_node, at_least(3.0));
-    // The same two for RoundRobin{.window = 8}: the target is the default's (Node's window of
-    // 1); this row shows what the window buys, it does not stand in for it.
-    check(fmt::format("  RoundRobin{{.window = 8}} >= 0.95 x raw-rr ({})", who), "cocluster-rr-w8", x_raw_rr, at_least(0.95));
-    check(fmt::format("  RoundRobin{{.window = 8}} >= 3 x Node SCHED_RR ({})", who), "cocluster-rr-w8", x_node, at_least(3.0));
+    // The same two for each RoundRobin{.window = N} run: the target is the default's (Node's
+    // window of 1); these rows show what a window buys, they do not stand in for it.
+    for (int n : opt.rr_windows) {
+      const std::string name = fmt::format("cocluster-rr-w{}", n);
+      check(fmt::format("  RoundRobin{{.window = {}}} >= 0.95 x raw-rr ({})", n, who), name, x_raw_rr, at_least(0.95));
+      check(fmt::format("  RoundRobin{{.window = {}}} >= 3 x Node SCHED_RR ({})", n, who), name, x_node, at_least(3.0));
+    }
   }
   if (opt.stalled) {  // LeastConnections' close-mode p99 below SharedSocket's and ReusePort's
     for (const auto& [other, policy] : {std::pair{"cocluster-none", "SharedSocket"}, std::pair{"cocluster-reuseport", "ReusePort"}}) {
@@ -1321,8 +1326,9 @@ std::vector<Config> configs(const Options& opt) {
   // Every policy RuntimePolicy knows by name (COCLUSTER_SCHED_POLICY, hello_cluster --policy).
   for (const char* policy : {"rr", "none", "reuseport", "leastconn", "sticky"})
     out.push_back({fmt::format("cocluster-{}", policy), policy, hello_with({}), missing});
-  // Round robin with 8 connections in flight per worker instead of Node's 1 (RoundRobin::window).
-  out.push_back({"cocluster-rr-w8", "rr", hello_with({"--window", "8"}), missing});
+  // Round robin with N connections in flight per worker instead of Node's 1 (RoundRobin::window).
+  for (int n : opt.rr_windows)
+    out.push_back({fmt::format("cocluster-rr-w{}", n), "rr", hello_with({"--window", std::to_string(n)}), missing});
   if (opt.stalled) return out;
   const auto node = find_program("node");
   for (const char* policy : {"rr", "none"}) {
@@ -1353,16 +1359,39 @@ bool wanted(const std::string& only, const std::string& name) {
   return false;
 }
 
+// "2,4,8": each a window of 1 to 1024, none twice (each names a server); "" runs none.
+bool parse_windows(const std::string& list, std::vector<int>& out) {
+  std::vector<int> windows;
+  for (std::size_t pos = 0; pos < list.size();) {
+    const std::size_t end = std::min(list.find(',', pos), list.size());
+    const std::string item = list.substr(pos, end - pos);
+    char* rest = nullptr;
+    const long n = std::strtol(item.c_str(), &rest, 10);
+    if (item.empty() || *rest != '\0' || n < 1 || n > 1024 ||
+        std::find(windows.begin(), windows.end(), static_cast<int>(n)) != windows.end()) {
+      fmt::print(stderr, "policy_bench: --rr-windows wants windows of 1 to 1024, each once, as in 2,4,8; not `{}`\n", list);
+      return false;
+    }
+    windows.push_back(static_cast<int>(n));
+    pos = end + 1;
+  }
+  out = std::move(windows);
+  return true;
+}
+
 int usage(const char* argv0, bool asked = false) {
   fmt::print(asked ? stdout : stderr,
              "usage: {} [--quick] [--concurrency C] [--duration S] [--warmup S] [--workers N] [--client-threads T]\n"
              "       [--only=cocluster,node,nginx,raw or full names like raw-rr] [--sources N] [--stalled]\n"
-             "       [--runs N] [--svg FILE] [--hello-cluster=PATH] [--node-script=PATH] [--raw-server=PATH]\n"
+             "       [--runs N] [--svg FILE] [--rr-windows N,N] [--hello-cluster=PATH] [--node-script=PATH]\n"
+             "       [--raw-server=PATH]\n"
              "  --sources N  the built-in client connects from 127.0.0.1 and the N-1 addresses after it, in turn\n"
              "               (1024; no setup: 127.0.0.0/8 is local). Sticky hashes the client's address, and a\n"
              "               real server sees thousands; 16 over 8 workers left two workers without a client.\n"
              "  --runs N     the whole comparison N times (1): the tables and --svg show the first run, then\n"
-             "               each ratio as `first run (min-max over the runs)`; the JSON line has every run.\n",
+             "               each ratio as `first run (min-max over the runs)`; the JSON line has every run.\n"
+             "  --rr-windows N,N  round robin is also run at each of these windows (8), as cocluster-rr-wN:\n"
+             "               connections a worker may hold unacknowledged (RoundRobin::window; Node's is 1).\n",
              argv0);
   return asked ? 0 : 64;
 }
@@ -1404,6 +1433,9 @@ int main(int argc, char** argv) {
     else if (takes("--sources")) opt.sources = std::atoi(value.c_str());
     else if (takes("--runs")) opt.runs = std::atoi(value.c_str());
     else if (takes("--svg")) opt.svg = value;
+    else if (takes("--rr-windows")) {
+      if (!parse_windows(value, opt.rr_windows)) return usage(argv[0]);
+    }
     else if (arg == "--stalled") opt.stalled = true;
     else if (takes("--hello-cluster")) opt.hello_cluster = value;
     else if (takes("--node-script")) opt.node_script = value;
