@@ -1437,8 +1437,9 @@ TEST_CASE("RuntimePolicy: a window given is the chosen policy's; without one the
       // Every connection has reached the server side, and the master has accepted (and handed)
       // all it will. (Another window leaves another number waiting: this wait never ends, and
       // the test fails on its time bound.)
+      const unsigned short port = where.port();  // (clang 14 does not capture a structured binding)
       co_await poll_until([&] {
-        auto side = server_side_of(where.port());
+        auto side = server_side_of(port);
         return side && side->connections == replies.size() && side->queued == replies.size() - 2 * held;
       });
       REQUIRE(::kill(workers[1]->pid(), SIGCONT) == 0);
