@@ -1,7 +1,9 @@
 // Shared by the test programs: a time bound for every test, and fd counting.
 #pragma once
 
+#include <arpa/inet.h>
 #include <dirent.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <spawn.h>
 #include <sys/prctl.h>
@@ -28,8 +30,10 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <fstream>
 #include <functional>
 #include <optional>
 #include <ostream>
@@ -203,6 +207,31 @@ inline rlimit leave_no_fd_free() {
   const rlimit none_left{static_cast<rlim_t>(lowest), saved.rlim_max};
   ::setrlimit(RLIMIT_NOFILE, &none_left);
   return saved;
+}
+
+// The TCP sockets whose local address is 127.0.0.1:port, from /proc/net/tcp (one line per
+// socket, however many fds and processes share it): each one's state (the kernel's number:
+// 1 ESTABLISHED, 10 LISTEN) and rx_queue (for a listening socket: the connections waiting in
+// its accept queue).
+struct tcp_socket_line {
+  int state = 0;
+  std::size_t rx_queue = 0;
+};
+inline std::vector<tcp_socket_line> loopback_tcp_sockets(unsigned short port) {
+  std::ifstream tcp("/proc/net/tcp");
+  std::string line;
+  std::getline(tcp, line);  // the header
+  char want[32];
+  std::snprintf(want, sizeof want, "%08X:%04X", htonl(INADDR_LOOPBACK), port);  // as the kernel prints it
+  std::vector<tcp_socket_line> found;
+  while (std::getline(tcp, line)) {
+    std::istringstream fields(line);
+    std::string slot, local, remote, state, queues;  // queues: tx_queue:rx_queue
+    fields >> slot >> local >> remote >> state >> queues;
+    if (local != want) continue;
+    found.push_back({std::stoi(state, nullptr, 16), std::stoul(queues.substr(queues.find(':') + 1), nullptr, 16)});
+  }
+  return found;
 }
 
 // Open fds of this process (the directory stream's own fd excluded).

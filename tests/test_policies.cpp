@@ -11,13 +11,10 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cstdio>
-#include <fstream>
 #include <functional>
 #include <map>
 #include <optional>
 #include <set>
-#include <sstream>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -1390,28 +1387,19 @@ TEST_CASE("Dispatch: a connection waiting for a worker that has left is routed a
 
 namespace {
 
-// The server side of 127.0.0.1:port, from /proc/net/tcp: its connections (accepted or not),
-// and how many of them wait in the listening socket's accept queue (its rx_queue), i.e. the
-// ones the master has not accepted. Nullopt while nothing listens there.
+// The server side of 127.0.0.1:port: its connections (accepted or not), and how many of them
+// wait in the listening socket's accept queue, i.e. the ones the master has not accepted.
+// Nullopt while nothing listens there.
 struct server_side {
   std::size_t connections = 0;
   std::size_t queued = 0;
 };
 std::optional<server_side> server_side_of(unsigned short port) {
-  std::ifstream tcp("/proc/net/tcp");
-  std::string line;
-  std::getline(tcp, line);  // the header
-  char want[32];
-  std::snprintf(want, sizeof want, "%08X:%04X", htonl(INADDR_LOOPBACK), port);  // as the kernel prints it
   std::optional<server_side> found;
   std::size_t connections = 0;
-  while (std::getline(tcp, line)) {
-    std::istringstream fields(line);
-    std::string slot, local, remote, state, queues;
-    fields >> slot >> local >> remote >> state >> queues;
-    if (local != want) continue;
-    if (state == "01") ++connections;  // TCP_ESTABLISHED
-    if (state == "0A") found = server_side{0, std::stoul(queues.substr(queues.find(':') + 1), nullptr, 16)};  // TCP_LISTEN
+  for (const tcp_socket_line& s : loopback_tcp_sockets(port)) {
+    if (s.state == 1) ++connections;                           // TCP_ESTABLISHED
+    if (s.state == 10) found = server_side{0, s.rx_queue};     // TCP_LISTEN
   }
   if (found) found->connections = connections;
   return found;

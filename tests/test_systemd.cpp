@@ -17,10 +17,10 @@
 #include <asio/read_until.hpp>
 #include <asio/write.hpp>
 
+#include <algorithm>
 #include <cstdlib>
 #include <exception>
 #include <cstring>
-#include <fstream>
 #include <functional>
 #include <sstream>
 #include <vector>
@@ -327,22 +327,10 @@ void with_activated_master(const cocluster::detail::unique_fd& listener, unsigne
   if (failed) std::rethrow_exception(failed);
 }
 
-// TCP sockets listening on 127.0.0.1:port, from /proc/net/tcp (one line per socket, however
-// many fds and processes share it).
+// TCP sockets listening on 127.0.0.1:port (one per socket, however many fds and processes share it).
 int listening_sockets(unsigned short port) {
-  std::ifstream tcp("/proc/net/tcp");
-  std::string line;
-  std::getline(tcp, line);  // the header
-  char want[32];
-  std::snprintf(want, sizeof want, "0100007F:%04X", port);
-  int n = 0;
-  while (std::getline(tcp, line)) {
-    std::istringstream fields(line);
-    std::string slot, local, remote, state;
-    fields >> slot >> local >> remote >> state;
-    n += local == want && state == "0A";  // TCP_LISTEN
-  }
-  return n;
+  const auto sockets = loopback_tcp_sockets(port);
+  return static_cast<int>(std::count_if(sockets.begin(), sockets.end(), [](const tcp_socket_line& s) { return s.state == 10; }));
 }
 
 // One request to 127.0.0.1:port: the answer's line ("" if none came).
