@@ -1441,3 +1441,51 @@ TEST_CASE("RuntimePolicy: a window given is the chosen policy's; without one the
     }, 30s);
   }
 }
+
+// A worker whose loop was seen to block (an ack later than HandoffListener::slow_ack) is handed
+// one connection at a time, whatever its policy's window; the rest wait in the kernel's accept
+// queue, where another worker could take them. The worker's stop makes its ack late: the test
+// waits longer than slow_ack before it continues it (a lower bound only: no timing to pass).
+template <class Policy>
+awaitable<void> seen_to_block_holds_one(asio::io_context& io, Policy policy) {
+  Master<Policy> master(io.get_executor(), {}, policy);
+  auto [workers, where] = co_await start_serving(master, 1, scenario_env("serve_numbered"));
+  const pid_t pid = workers[0]->pid();
+  const unsigned short port = where.port();  // (clang 14 does not capture a structured binding)
+  REQUIRE(::kill(pid, SIGSTOP) == 0);
+  std::vector<std::string> first(1);
+  std::size_t answered = 0;
+  co_await connect_in_order(loopback(1), where, first, answered);
+  co_await poll_until([&] {  // accepted, so handed
+    auto side = server_side_of(port);
+    return side && side->connections == 1 && side->queued == 0;
+  });
+  asio::steady_timer stopped(io, 4 * HandoffListener::slow_ack);
+  co_await stopped.async_wait(use_awaitable);
+  REQUIRE(::kill(pid, SIGCONT) == 0);
+  co_await poll_until([&] { return answered == 1; });
+  CHECK(first[0] == numbered_reply(workers[0]->id(), 0));
+  // Stopped again, and 5 clients: it is handed one, 4 wait. (At its window, 4 or 8, it would be
+  // handed all 5: this wait would not end, and the test fails on its time bound.)
+  REQUIRE(::kill(pid, SIGSTOP) == 0);
+  std::vector<std::string> replies(5);
+  answered = 0;
+  co_await connect_in_order(loopback(1), where, replies, answered);
+  co_await poll_until([&] {
+    auto side = server_side_of(port);
+    return side && side->connections == replies.size() && side->queued == replies.size() - 1;
+  });
+  REQUIRE(::kill(pid, SIGCONT) == 0);
+  co_await poll_until([&] { return answered == replies.size(); });
+  for (std::size_t k = 0; k < replies.size(); ++k) CHECK(replies[k] == numbered_reply(workers[0]->id(), k + 1));
+  co_await master.disconnect();
+}
+
+TEST_CASE("A worker seen to block is handed one connection at a time, whatever the window (RoundRobin, LeastConnections)") {
+  SUBCASE("RoundRobin{.window = 4}") {
+    run_bounded([](asio::io_context& io) { return seen_to_block_holds_one(io, RoundRobin{.window = 4}); }, 30s);
+  }
+  SUBCASE("LeastConnections (window 8)") {
+    run_bounded([](asio::io_context& io) { return seen_to_block_holds_one(io, LeastConnections{}); }, 30s);
+  }
+}

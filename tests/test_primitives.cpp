@@ -285,16 +285,19 @@ TEST_CASE("rate_limited_log: a burst's count is written once the burst is over; 
 namespace {
 struct turns {
   cocluster::detail::free_levels free;
+  std::size_t window;
   std::map<int, std::size_t> in_flight;
-  explicit turns(std::size_t window, std::initializer_list<int> ids) : free(window) {
-    for (int id : ids) free.joined(id, in_flight[id] = 0);
+  std::map<int, std::size_t> own;  // a worker's own window, where it is not `window`
+  explicit turns(std::size_t w, std::initializer_list<int> ids) : window(w) {
+    for (int id : ids) free.joined(id, in_flight[id] = 0, window);
   }
+  std::size_t window_of(int id) const { return own.count(id) ? own.at(id) : window; }
   int hand() {  // the next connection: to whom
     const int id = free.next();
-    if (id != 0) free.moved(id, in_flight[id], in_flight[id] + 1), ++in_flight[id];
+    if (id != 0) free.moved(id, in_flight[id], in_flight[id] + 1, window_of(id)), ++in_flight[id];
     return id;
   }
-  void ack(int id) { free.moved(id, in_flight[id], in_flight[id] - 1), --in_flight[id]; }
+  void ack(int id) { free.moved(id, in_flight[id], in_flight[id] - 1, window_of(id)), --in_flight[id]; }
 };
 }  // namespace
 
@@ -312,7 +315,7 @@ TEST_CASE("round robin at a window of 1 is Node's free list: each connection to 
   t.ack(3);
   t.free.left(3);
   CHECK(t.hand() == 0);  // it left while free
-  t.free.joined(4, 0);
+  t.free.joined(4, 0, t.window);
   CHECK(t.hand() == 4);
 }
 
@@ -350,7 +353,7 @@ TEST_CASE("round robin: a worker back from a rest keeps what it had; one that le
   CHECK(t.hand() == 1);
   t.free.left(1);  // rests with one unacknowledged
   CHECK(t.hand() == 2);
-  t.free.joined(1, t.in_flight[1]);  // back with one, behind 2, which has one too
+  t.free.joined(1, t.in_flight[1], t.window);  // back with one, behind 2, which has one too
   CHECK(t.hand() == 2);
   CHECK(t.hand() == 1);
   CHECK(t.hand() == 0);
@@ -368,12 +371,50 @@ TEST_CASE("round robin: a worker back from a rest keeps what it had; one that le
   r.free.left(1);  // rests with two
   --r.in_flight[1];
   --r.in_flight[1];
-  r.free.joined(1, r.in_flight[1]);  // back idle, where 2 has one
+  r.free.joined(1, r.in_flight[1], r.window);  // back idle, where 2 has one
   CHECK(r.hand() == 1);
-  r.free.joined(2, r.in_flight[2]);  // again, with its one: behind 1 in that level, once
+  r.free.joined(2, r.in_flight[2], r.window);  // again, with its one: behind 1 in that level, once
   CHECK(r.hand() == 1);
   CHECK(r.hand() == 2);
   CHECK(r.hand() == 1);
   CHECK(r.hand() == 2);
   CHECK(r.hand() == 0);
+}
+
+TEST_CASE("a worker seen to block: its window is 1, and grows back by one per regrow_acks prompt acks") {
+  using cocluster::HandoffListener;
+  HandoffListener::Member m;
+  CHECK(m.window(8) == 8);  // never late: the policy's window
+  CHECK(m.window(1) == 1);
+  m.slowed = true;  // an ack came later than slow_ack
+  CHECK(m.window(8) == 1);
+  m.prompt_acks = HandoffListener::regrow_acks - 1;
+  CHECK(m.window(8) == 1);
+  m.prompt_acks = HandoffListener::regrow_acks;
+  CHECK(m.window(8) == 2);
+  m.prompt_acks = 7 * HandoffListener::regrow_acks;
+  CHECK(m.window(8) == 8);
+  m.prompt_acks = 100 * HandoffListener::regrow_acks;
+  CHECK(m.window(8) == 8);  // never past the policy's
+  CHECK(m.window(3) == 3);
+
+  // In round robin's levels: a worker whose window drops to 1 while it holds 3 gets nothing until
+  // it has acknowledged all 3, then one at a time, while the other keeps its window of 3.
+  turns t(3, {1, 2});
+  CHECK(t.hand() == 1);
+  CHECK(t.hand() == 2);
+  CHECK(t.hand() == 1);
+  CHECK(t.hand() == 2);
+  CHECK(t.hand() == 1);  // 1 holds 3 (full), 2 holds 2
+  t.own[1] = 1;  // a late ack: its window is 1 now
+  t.ack(1);
+  CHECK(t.hand() == 2);  // 2's third
+  CHECK(t.hand() == 0);
+  t.ack(1);
+  CHECK(t.hand() == 0);  // 1 still holds one
+  t.ack(1);
+  CHECK(t.hand() == 1);  // idle: one
+  CHECK(t.hand() == 0);  // and no more
+  t.ack(2);
+  CHECK(t.hand() == 2);
 }

@@ -23,6 +23,8 @@
 // worker, and so do the connections waiting for it (for a worker the master kills: once its
 // channel has ended, since until then it may still take them). With no worker left the listener is
 // closed with what it holds (Node does the same).
+// A worker whose ack comes later than slow_ack after its hand-off (its loop blocked) has a
+// window of 1 until it keeps pace again (Member::window, for the policies that choose by room).
 // Hand-offs are batched: the connections chosen for one worker while the listener distributes
 // (an accept burst, the room one `accepted_batch` makes) leave as one `newconn_batch` frame
 // carrying up to ipc::max_fds_per_packet fds (one `newconn` when only one waits); the acks of
@@ -69,11 +71,28 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   // What choose_for() returns to have the master close a connection it cannot place.
   static constexpr int refuse = -1;
 
+  // A hand-off whose ack comes later than this says the worker's loop blocked meanwhile (a
+  // loop that turns acknowledges within a turn: tens of microseconds, a few milliseconds on a
+  // loaded machine). From then on the worker's window is 1 (Member::window), and it grows back
+  // by one for every `regrow_acks` hand-offs acknowledged sooner.
+  static constexpr std::chrono::milliseconds slow_ack{10};
+  static constexpr std::size_t regrow_acks = 16;
+
   // A worker holding this listener, as choose() sees it.
   struct Member {
     int id = 0;
     pid_t pid = 0;
     std::size_t in_flight = 0;  // handed to it and not yet acknowledged
+    // Of a policy's window, how many hand-offs this worker may have unacknowledged now: all,
+    // unless an ack of its came later than slow_ack: then one, and one more for every
+    // regrow_acks acknowledged sooner since. A policy that chooses among workers by room
+    // (RoundRobin, LeastConnections) asks it, so that a worker whose loop blocks is handed
+    // one connection to hold meanwhile, not a window of them, whatever the window.
+    std::size_t window(std::size_t policy_window) const noexcept {
+      return slowed ? std::min(policy_window, 1 + prompt_acks / regrow_acks) : policy_window;
+    }
+    bool slowed = false;          // an ack of its came later than slow_ack
+    std::size_t prompt_acks = 0;  // acks since the last late one
   };
   using Members = std::map<int, Member>;  // by worker id
 
@@ -153,7 +172,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   }
 
   void acknowledged(WorkerLink& worker, std::uint32_t seq, bool ok) final {
-    if (auto c = take_ack(worker, seq, ok)) {  // refused: another worker gets it
+    if (auto c = take_ack(worker, seq, ok, std::chrono::steady_clock::now())) {  // refused: another worker gets it
       std::deque<connection> back;
       back.push_back(std::move(*c));
       give_back(std::move(back));
@@ -165,10 +184,11 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   // connections they make room for leave in batches.
   void acknowledged_batch(WorkerLink& worker, std::span<const std::uint32_t> accepted,
                           std::span<const std::uint32_t> refused) final {
-    for (std::uint32_t seq : accepted) (void)take_ack(worker, seq, true);
+    const auto now = std::chrono::steady_clock::now();
+    for (std::uint32_t seq : accepted) (void)take_ack(worker, seq, true, now);
     std::deque<connection> back;  // the refused ones, given back together in the order refused
     for (std::uint32_t seq : refused)
-      if (auto c = take_ack(worker, seq, false)) back.push_back(std::move(*c));
+      if (auto c = take_ack(worker, seq, false, now)) back.push_back(std::move(*c));
     if (accepted.empty() && back.empty()) return;  // nothing changed (an empty or stray batch)
     give_back(std::move(back));
     distribute(worker.id());
@@ -291,6 +311,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   struct handed {
     int worker;
     connection conn;
+    std::chrono::steady_clock::time_point at;  // when it was handed (slow_ack)
   };
   // Hand-offs chosen for one worker during this distribution, sent together at its end (one
   // entry per member, emptied after each distribution).
@@ -303,17 +324,24 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
 
   // Counts the ack of hand-off `seq`: the connection if it was refused (the caller gives it
   // back), else nothing (accepted: our copy closes here; or a stray ack).
-  std::optional<connection> take_ack(WorkerLink& worker, std::uint32_t seq, bool ok) {
+  std::optional<connection> take_ack(WorkerLink& worker, std::uint32_t seq, bool ok,
+                                     std::chrono::steady_clock::time_point now) {
     auto it = unacked_.find(seq);
     if (it == unacked_.end() || it->second.worker != worker.id()) return std::nullopt;  // Node ignores stray acks too
     connection conn = std::move(it->second.conn);
+    const bool late = now - it->second.at > slow_ack;
     unacked_.erase(it);
     if (ok) worker.handoff_accepted();  // counted in its load until its report (LeastConnections)
+    auto paced = [&](Member& m) {
+      --m.in_flight;
+      if (late) m.slowed = true, m.prompt_acks = 0;
+      else if (m.slowed) ++m.prompt_acks;
+    };
     if (auto m = members_.find(worker.id()); m != members_.end()) {
-      --m->second.in_flight;
+      paced(m->second);
       on_acknowledged(m->second);
     } else if (auto r = resting_.find(worker.id()); r != resting_.end()) {
-      --r->second.in_flight;  // the policy hears of it when the rest ends (on_joined)
+      paced(r->second);  // the policy hears of it when the rest ends (on_joined)
     }
     if (ok) return std::nullopt;
     rest(worker.id());
@@ -488,7 +516,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     batch->seqs.push_back(seq);
     batch->remotes.push_back(c.remote);
     batch->fds.push_back(c.fd);
-    unacked_.emplace(seq, handed{id, std::move(c)});
+    unacked_.emplace(seq, handed{id, std::move(c), std::chrono::steady_clock::now()});
     Member& m = members_.at(id);
     ++m.in_flight;
     on_handed(m);

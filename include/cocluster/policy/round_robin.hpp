@@ -20,7 +20,8 @@ namespace cocluster {
 namespace detail {
 
 // Node: RoundRobinHandle's free list, kept per number of unacknowledged hand-offs: level k
-// holds the workers that have k (fewer than the window), in the order they came to it. The
+// holds the workers that have k (fewer than their window: the policy's, or 1 for a worker seen
+// to block, HandoffListener::Member::window), in the order they came to it. The
 // next connection goes to the first of the lowest level that has one: to an idle worker
 // whenever there is one, the one idle longest, as in Node (where a worker is free once it has
 // acknowledged); only when none is idle, to the least busy, in turn. A worker that is slow to
@@ -28,52 +29,55 @@ namespace detail {
 // has as many waiting. At a window of 1 there is one level: Node's free list.
 class free_levels {
  public:
-  explicit free_levels(std::size_t window) : window_(std::max<std::size_t>(window, 1)) {}
-
   // The worker that takes the next connection; 0 when every one is full (or there is none).
   int next() const noexcept {
     for (const auto& level : levels_)
       if (!level.empty()) return level.front();
     return 0;
   }
-  // `id` has `in_flight` now, and had `before` (it was in that level if it had room).
-  void moved(int id, std::size_t before, std::size_t in_flight) {
+  // `id` has `in_flight` now, and had `before` (it was in that level if it had room); it has
+  // room while in_flight is below `window` (its own: HandoffListener::Member::window).
+  void moved(int id, std::size_t before, std::size_t in_flight, std::size_t window) {
     if (before < levels_.size()) std::erase(levels_[before], id);
-    enter(id, in_flight);
+    enter(id, in_flight, window);
   }
   // `id` starts (or starts again) with `in_flight`, at the back of its level.
-  void joined(int id, std::size_t in_flight) {
+  void joined(int id, std::size_t in_flight, std::size_t window) {
     left(id);
-    enter(id, in_flight);
+    enter(id, in_flight, window);
   }
   void left(int id) {
     for (auto& level : levels_) std::erase(level, id);
   }
 
  private:
-  void enter(int id, std::size_t in_flight) {
-    if (in_flight >= window_) return;  // full: in no level until it acknowledges
+  void enter(int id, std::size_t in_flight, std::size_t window) {
+    if (in_flight >= window) return;  // full: in no level until it acknowledges
     if (levels_.size() <= in_flight) levels_.resize(in_flight + 1);
     levels_[in_flight].push_back(id);
   }
 
-  std::size_t window_;
-  // Levels 0 to the highest number of unacknowledged hand-offs a worker has had (at most
-  // window_ levels); a few workers each, so erasing from one is cheap.
+  // Levels 0 to the highest number of unacknowledged hand-offs a worker has had (at most a
+  // window's); a few workers each, so erasing from one is cheap.
   std::vector<std::vector<int>> levels_;
 };
 
 class round_robin_listener : public HandoffListener {
  public:
-  round_robin_listener(ListenerArgs args, std::size_t window) : HandoffListener(std::move(args)), free_(window) {}
+  round_robin_listener(ListenerArgs args, std::size_t window) : HandoffListener(std::move(args)), window_(window) {}
 
  private:
   int choose() override { return free_.next(); }
-  void on_joined(const Member& m) override { free_.joined(m.id, m.in_flight); }  // (back from a rest: may have some)
+  void on_joined(const Member& m) override {  // (back from a rest: it may have some)
+    free_.joined(m.id, m.in_flight, m.window(window_));
+  }
   void on_left(int id) override { free_.left(id); }
-  void on_handed(const Member& m) override { free_.moved(m.id, m.in_flight - 1, m.in_flight); }
-  void on_acknowledged(const Member& m) override { free_.moved(m.id, m.in_flight + 1, m.in_flight); }
+  void on_handed(const Member& m) override { free_.moved(m.id, m.in_flight - 1, m.in_flight, m.window(window_)); }
+  void on_acknowledged(const Member& m) override {  // (a late ack makes its window 1)
+    free_.moved(m.id, m.in_flight + 1, m.in_flight, m.window(window_));
+  }
 
+  std::size_t window_;
   free_levels free_;
 };
 
@@ -84,14 +88,16 @@ struct RoundRobin {
   // window, an idle worker gets the next connection when there is one (free_levels); a window
   // over 1 lets the master hand a connection to a busy worker when none is idle instead of
   // waiting for an ack, and lets hand-offs travel in batches (up to 16 connections in one
-  // frame; a worker's refusals of one loop turn in one message). Its price: a worker whose
-  // loop blocks holds up to `window` connections meanwhile, and they wait with it. Both
-  // measured on a 2-core machine (2026-11-27, benchmarks/README.md, "RoundRobin's window"):
-  // under wrk, window 1 made 0.63x the raw round-robin master's connections/s, 2 made 0.69x,
-  // 4 0.84x, 8 0.86x (2 workers; 8 workers: 0.80, 0.83, 0.84x); with one worker blocking its
-  // loop 50 ms on one request in ten, the p99 was 8.3-10.7 ms at window 1 in five runs, but
-  // 53.5-56.2 ms in three runs of five at window 2 and 53.5-101.7 ms in every run at 4. The
-  // default stays Node's 1; choose more when no worker's loop blocks.
+  // frame; a worker's refusals of one loop turn in one message). A worker whose loop blocks
+  // holds what it was handed meanwhile: once seen to block (an ack later than
+  // HandoffListener::slow_ack) its window is 1 until it keeps pace again, so it holds one
+  // connection at each block, not `window`. Measured on a 2-core machine (2026-11-27,
+  // benchmarks/README.md, "RoundRobin's window"): under wrk, window 1 made 0.63x the raw
+  // round-robin master's connections/s, 2 made 0.69x, 4 0.84x, 8 0.86x (2 workers; 8 workers:
+  // 0.80, 0.83, 0.84x); with one worker blocking its loop 50 ms on one request in ten, the close
+  // p99 over five runs was 7.1-10.9 ms at window 1, 6.2-7.1 at 2, 5.5-12.6 at 4, 4.6-7.0 at 8
+  // (before the window of 1 for a worker seen to block: 53.7-103.0 ms in most runs at 4 and 8).
+  // The default is Node's 1.
   std::size_t window = 1;  // 0 counts as 1 (there is no unbounded window), as in every policy here
 
   std::shared_ptr<Listener> make_listener(ListenerArgs args) const {
