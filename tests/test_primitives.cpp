@@ -381,12 +381,12 @@ TEST_CASE("round robin: a worker back from a rest keeps what it had; one that le
   CHECK(r.hand() == 0);
 }
 
-TEST_CASE("a worker seen to block: its window is 1, and grows back by one per regrow_acks prompt acks") {
+TEST_CASE("a worker that fell behind: its window is 1, and grows back by one per regrow_acks acks") {
   using cocluster::HandoffListener;
   HandoffListener::Member m;
   CHECK(m.window(8) == 8);  // never late: the policy's window
   CHECK(m.window(1) == 1);
-  m.slowed = true;  // an ack came later than slow_ack
+  m.slowed = true;  // it fell behind (slow_ack)
   CHECK(m.window(8) == 1);
   m.prompt_acks = HandoffListener::regrow_acks - 1;
   CHECK(m.window(8) == 1);

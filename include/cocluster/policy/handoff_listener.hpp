@@ -23,8 +23,9 @@
 // worker, and so do the connections waiting for it (for a worker the master kills: once its
 // channel has ended, since until then it may still take them). With no worker left the listener is
 // closed with what it holds (Node does the same).
-// A worker whose ack comes later than slow_ack after its hand-off (its loop blocked) has a
-// window of 1 until it keeps pace again (Member::window, for the policies that choose by room).
+// A worker that falls behind (an ack later than slow_ack after its hand-off, while another
+// worker acknowledged one handed after it) has a window of 1 until it keeps pace again
+// (Member::window, for the policies that choose by room).
 // Hand-offs are batched: the connections chosen for one worker while the listener distributes
 // (an accept burst, the room one `accepted_batch` makes) leave as one `newconn_batch` frame
 // carrying up to ipc::max_fds_per_packet fds (one `newconn` when only one waits); the acks of
@@ -71,10 +72,14 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   // What choose_for() returns to have the master close a connection it cannot place.
   static constexpr int refuse = -1;
 
-  // A hand-off whose ack comes later than this says the worker's loop blocked meanwhile (a
-  // loop that turns acknowledges within a turn: tens of microseconds, a few milliseconds on a
-  // loaded machine). From then on the worker's window is 1 (Member::window), and it grows back
-  // by one for every `regrow_acks` hand-offs acknowledged sooner.
+  // A worker *falls behind* when the ack of one of its hand-offs comes later than slow_ack,
+  // while another worker has acknowledged a connection handed after it: its loop did not take
+  // the connection meanwhile (it blocked, or the server does not call accept()), where its
+  // peers kept pace. (A worker that accepts takes a connection within microseconds, a few
+  // milliseconds on a loaded machine; when the master or the whole machine is slow, every
+  // worker is late together, and none falls behind the others.) From then on its window is 1
+  // (Member::window), and it grows back by one for every `regrow_acks` hand-offs it
+  // acknowledges sooner; falling behind again makes it 1 again.
   static constexpr std::chrono::milliseconds slow_ack{10};
   static constexpr std::size_t regrow_acks = 16;
 
@@ -84,15 +89,18 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     pid_t pid = 0;
     std::size_t in_flight = 0;  // handed to it and not yet acknowledged
     // Of a policy's window, how many hand-offs this worker may have unacknowledged now: all,
-    // unless an ack of its came later than slow_ack: then one, and one more for every
-    // regrow_acks acknowledged sooner since. A policy that chooses among workers by room
-    // (RoundRobin, LeastConnections) asks it, so that a worker whose loop blocks is handed
-    // one connection to hold meanwhile, not a window of them, whatever the window.
+    // unless it fell behind (slow_ack): then one, and one more for every regrow_acks it
+    // acknowledged since. A policy that chooses among workers by room (RoundRobin,
+    // LeastConnections) asks it, so that a worker whose loop blocks again and again is handed
+    // one connection to hold at each block, not a window of them.
     std::size_t window(std::size_t policy_window) const noexcept {
       return slowed ? std::min(policy_window, 1 + prompt_acks / regrow_acks) : policy_window;
     }
-    bool slowed = false;          // an ack of its came later than slow_ack
-    std::size_t prompt_acks = 0;  // acks since the last late one
+    // The listener's record of its acks (a policy reads them; only take_ack() writes them,
+    // and each change reaches the policy through on_acknowledged(), or on_joined() after a rest).
+    bool slowed = false;          // it fell behind once
+    std::size_t prompt_acks = 0;  // its acks since it last fell behind
+    std::chrono::steady_clock::time_point newest_acked{};  // when the newest hand-off it acknowledged was handed
   };
   using Members = std::map<int, Member>;  // by worker id
 
@@ -329,23 +337,34 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     auto it = unacked_.find(seq);
     if (it == unacked_.end() || it->second.worker != worker.id()) return std::nullopt;  // Node ignores stray acks too
     connection conn = std::move(it->second.conn);
-    const bool late = now - it->second.at > slow_ack;
+    const auto handed_at = it->second.at;
     unacked_.erase(it);
     if (ok) worker.handoff_accepted();  // counted in its load until its report (LeastConnections)
-    auto paced = [&](Member& m) {
+    const bool behind = now - handed_at > slow_ack && acknowledged_since(handed_at, worker.id());
+    auto count_ack = [&](Member& m) {
       --m.in_flight;
-      if (late) m.slowed = true, m.prompt_acks = 0;
+      m.newest_acked = std::max(m.newest_acked, handed_at);
+      if (behind) m.slowed = true, m.prompt_acks = 0;
       else if (m.slowed) ++m.prompt_acks;
     };
     if (auto m = members_.find(worker.id()); m != members_.end()) {
-      paced(m->second);
+      count_ack(m->second);
       on_acknowledged(m->second);
     } else if (auto r = resting_.find(worker.id()); r != resting_.end()) {
-      paced(r->second);  // the policy hears of it when the rest ends (on_joined)
+      count_ack(r->second);  // the policy hears of it when the rest ends (on_joined)
     }
     if (ok) return std::nullopt;
     rest(worker.id());
     return conn;
+  }
+
+  // Whether a worker other than `id` has acknowledged a connection handed after `t` (asked only
+  // for an ack later than slow_ack: rare).
+  bool acknowledged_since(std::chrono::steady_clock::time_point t, int id) const {
+    for (const Members* all : {&members_, &resting_})
+      for (const auto& [other, m] : *all)
+        if (other != id && m.newest_acked > t) return true;
+    return false;
   }
 
   // A worker refused a connection: it had no fd left for it (RLIMIT_NOFILE), or its server

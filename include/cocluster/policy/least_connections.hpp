@@ -8,8 +8,8 @@
 // master has handed to it and not yet had acknowledged. Of the connections the master handed
 // it, it never counts fewer than the worker holds (one may count twice until the next
 // report). Equal loads take turns.
-// A blocked worker looks light (it holds few connections, a busy one many): one seen to block
-// (an ack later than HandoffListener::slow_ack) has a window of 1 until it keeps pace again
+// A blocked worker looks light (it holds few connections, a busy one many): one that fell
+// behind (HandoffListener::slow_ack) has a window of 1 until it keeps pace again
 // (HandoffListener::Member::window), so it holds one connection, not 8, at each block.
 // The master accepts and hands off as RoundRobin does.
 #pragma once
@@ -45,7 +45,7 @@ class least_connections_listener final : public HandoffListener {
     for (std::size_t n = 0; n < all.size(); ++n, ++it) {
       if (it == all.end()) it = all.begin();
       const Member& m = it->second;
-      if (m.in_flight >= m.window(window_)) continue;  // full (a worker seen to block: at 1)
+      if (m.in_flight >= m.window(window_)) continue;  // full (a worker that fell behind: at 1)
       const std::size_t load = open_connections(m.id) + m.in_flight;
       if (best == 0 || load < best_load) best = m.id, best_load = load;
     }

@@ -20,8 +20,8 @@ namespace cocluster {
 namespace detail {
 
 // Node: RoundRobinHandle's free list, kept per number of unacknowledged hand-offs: level k
-// holds the workers that have k (fewer than their window: the policy's, or 1 for a worker seen
-// to block, HandoffListener::Member::window), in the order they came to it. The
+// holds the workers that have k (fewer than their window: the policy's, or 1 for a worker that
+// fell behind, HandoffListener::Member::window), in the order they came to it. The
 // next connection goes to the first of the lowest level that has one: to an idle worker
 // whenever there is one, the one idle longest, as in Node (where a worker is free once it has
 // acknowledged); only when none is idle, to the least busy, in turn. A worker that is slow to
@@ -73,7 +73,7 @@ class round_robin_listener : public HandoffListener {
   }
   void on_left(int id) override { free_.left(id); }
   void on_handed(const Member& m) override { free_.moved(m.id, m.in_flight - 1, m.in_flight, m.window(window_)); }
-  void on_acknowledged(const Member& m) override {  // (a late ack makes its window 1)
+  void on_acknowledged(const Member& m) override {  // (falling behind makes its window 1)
     free_.moved(m.id, m.in_flight + 1, m.in_flight, m.window(window_));
   }
 
@@ -89,14 +89,14 @@ struct RoundRobin {
   // over 1 lets the master hand a connection to a busy worker when none is idle instead of
   // waiting for an ack, and lets hand-offs travel in batches (up to 16 connections in one
   // frame; a worker's refusals of one loop turn in one message). A worker whose loop blocks
-  // holds what it was handed meanwhile: once seen to block (an ack later than
-  // HandoffListener::slow_ack) its window is 1 until it keeps pace again, so it holds one
-  // connection at each block, not `window`. Measured on a 2-core machine (2026-11-27,
+  // holds what it was handed meanwhile: once it has fallen behind (HandoffListener::slow_ack)
+  // its window is 1 until it keeps pace again, so it holds one connection at each block, not
+  // `window`. Measured on a 2-core machine (2026-11-27,
   // benchmarks/README.md, "RoundRobin's window"): under wrk, window 1 made 0.63x the raw
   // round-robin master's connections/s, 2 made 0.69x, 4 0.84x, 8 0.86x (2 workers; 8 workers:
   // 0.80, 0.83, 0.84x); with one worker blocking its loop 50 ms on one request in ten, the close
   // p99 over five runs was 7.1-10.9 ms at window 1, 6.2-7.1 at 2, 5.5-12.6 at 4, 4.6-7.0 at 8
-  // (before the window of 1 for a worker seen to block: 53.7-103.0 ms in most runs at 4 and 8).
+  // (before the window of 1 for a worker that fell behind: 53.7-103.0 ms in most runs at 4, 8).
   // The default is Node's 1.
   std::size_t window = 1;  // 0 counts as 1 (there is no unbounded window), as in every policy here
 
