@@ -6,9 +6,9 @@
 // Servers (NAME; a prefix such as `node` selects both of its rows):
 //   cocluster-POLICY              examples/hello_cluster --policy POLICY, for each policy
 //                                 RuntimePolicy knows: rr, none, reuseport, leastconn, sticky
-//                                 (each at its own default window: rr 1, leastconn and sticky 8)
-//   cocluster-rr-wN               the same, round robin with --window N (Node's window is 1),
-//                                 for each N of --rr-windows (8; e.g. `--rr-windows 2,4,8`)
+//                                 (each at its own default window: 8)
+//   cocluster-rr-wN               the same, round robin with --window N (Node's window is 1, ours 8),
+//                                 for each N of --rr-windows (1; e.g. `--rr-windows 1,2,4`)
 //   node-rr, node-none            node/hello_cluster.js: Node's cluster, SCHED_RR / SCHED_NONE
 //   nginx                         2 worker_processes, `listen reuseport`, `return 200` (when installed)
 //   raw-rr, raw-none              raw_rr_server: a blocking accept4() master passing fds over
@@ -91,7 +91,7 @@ struct Options {
   int sources = 1024;                   // client source addresses: 127.0.0.1 and the N-1 after it
   bool stalled = false;                 // --stalled: worker 1 blocks 50 ms on 1 request in 10
   std::string only;                     // empty: every server
-  std::vector<int> rr_windows{8};       // --rr-windows: a cocluster-rr-wN server for each N
+  std::vector<int> rr_windows{1};       // --rr-windows: a cocluster-rr-wN server for each N (1: Node's)
   std::string svg;                      // --svg FILE: the chart
   std::string hello_cluster, node_script, raw_server;
 };
@@ -1088,8 +1088,8 @@ void print_targets(const Options& opt, const std::vector<std::vector<Result>>& r
     check(fmt::format("ReusePort conn/s >= 1.00 x nginx ({})", who), "cocluster-reuseport", x_nginx, at_least(1.0));
     check(fmt::format("RoundRobin conn/s >= 0.95 x raw-rr ({})", who), "cocluster-rr", x_raw_rr, at_least(0.95));
     check(fmt::format("RoundRobin conn/s >= 3 x Node SCHED_RR ({})", who), "cocluster-rr", x_node, at_least(3.0));
-    // The same two for each RoundRobin{.window = N} run: the target is the default's (Node's
-    // window of 1); these rows show what a window buys, they do not stand in for it.
+    // The same two for each RoundRobin{.window = N} run: the target is the default's (a window
+    // of 8); these rows show what another window does (1: Node's), they do not stand in for it.
     for (int n : opt.rr_windows) {
       const std::string name = fmt::format("cocluster-rr-w{}", n);
       check(fmt::format("  RoundRobin{{.window = {}}} >= 0.95 x raw-rr ({})", n, who), name, x_raw_rr, at_least(0.95));
@@ -1326,7 +1326,7 @@ std::vector<Config> configs(const Options& opt) {
   // Every policy RuntimePolicy knows by name (COCLUSTER_SCHED_POLICY, hello_cluster --policy).
   for (const char* policy : {"rr", "none", "reuseport", "leastconn", "sticky"})
     out.push_back({fmt::format("cocluster-{}", policy), policy, hello_with({}), missing});
-  // Round robin with N connections in flight per worker instead of Node's 1 (RoundRobin::window).
+  // Round robin with N connections in flight per worker instead of 8 (RoundRobin::window; Node's: 1).
   for (int n : opt.rr_windows)
     out.push_back({fmt::format("cocluster-rr-w{}", n), "rr", hello_with({"--window", std::to_string(n)}), missing});
   if (opt.stalled) return out;
@@ -1390,8 +1390,8 @@ int usage(const char* argv0, bool asked = false) {
              "               real server sees thousands; 16 over 8 workers left two workers without a client.\n"
              "  --runs N     the whole comparison N times (1): the tables and --svg show the first run, then\n"
              "               each ratio as `first run (min-max over the runs)`; the JSON line has every run.\n"
-             "  --rr-windows N,N  round robin is also run at each of these windows (8), as cocluster-rr-wN:\n"
-             "               connections a worker may hold unacknowledged (RoundRobin::window; Node's is 1).\n",
+             "  --rr-windows N,N  round robin is also run at each of these windows (1), as cocluster-rr-wN:\n"
+             "               connections a worker may hold unacknowledged (RoundRobin::window: 8; Node's is 1).\n",
              argv0);
   return asked ? 0 : 64;
 }

@@ -3,7 +3,7 @@
 //   hello_cluster --workers 2 --port 8000 [--host 127.0.0.1] [--policy NAME] [--window N]
 //                 [--drain-timeout S] [--max-connections N] [--stall-ms MS [--stall-every N]]
 // --policy: rr, none (Node's), sticky, leastconn, reuseport (RuntimePolicy's names). --window:
-// the policy's window (without it, its own: rr 1, sticky and leastconn 8); none and reuseport
+// the policy's window (without it, its own: 8 for each); none and reuseport
 // hand nothing off, so --window with them is an error. --stall-ms: worker 1 blocks its loop
 // MS ms on every Nth request it serves (10), for policy_bench --stalled.
 // --max-connections: a worker is recycled after serving N connections (the Supervisor's
@@ -49,7 +49,7 @@ struct options {
   unsigned short port = 8000;
   std::optional<cocluster::Scheduling> policy;
   // Connections handed to a worker and not yet accepted (RoundRobin, Sticky, LeastConnections);
-  // without --window, the policy's own default (round robin: Node's 1; the others: 8).
+  // without --window, the policy's own default (8 for each; Node's round robin has 1).
   std::optional<std::size_t> window;
   int drain_timeout = 5;  // seconds from a worker's disconnect to its kill
   int max_connections = 0;  // SupervisorSettings::max_connections (0: off)

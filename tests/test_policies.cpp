@@ -1407,19 +1407,19 @@ std::optional<server_side> server_side_of(unsigned short port) {
 
 }  // namespace
 
-TEST_CASE("RuntimePolicy: a window given is the chosen policy's; without one the policy keeps its own (round robin: Node's 1)") {
+TEST_CASE("RuntimePolicy: a window given is the chosen policy's; without one the policy keeps its own (round robin: 8)") {
   // Both workers are stopped: neither acknowledges, so round robin hands them connections in
   // turn until each holds its window, and the rest wait in the kernel's accept queue. Worker 2
   // then goes on and answers all but worker 1's, which worker 1 answers when it goes on.
-  for (std::optional<std::size_t> window : {std::optional<std::size_t>{}, std::optional<std::size_t>{4}}) {
+  for (std::optional<std::size_t> window : {std::optional<std::size_t>{}, std::optional<std::size_t>{1}, std::optional<std::size_t>{4}}) {
     CAPTURE(window.value_or(0));
     run_bounded([window](asio::io_context& io) -> awaitable<void> {
       Master<RuntimePolicy> master(io.get_executor(), {}, RuntimePolicy(Scheduling::round_robin, window));
       CHECK(master.policy().window() == window);
       auto [workers, where] = co_await start_serving(master, 2, scenario_env("serve_numbered"));
       for (auto& w : workers) REQUIRE(::kill(w->pid(), SIGSTOP) == 0);
-      const std::size_t held = window.value_or(1);
-      std::vector<std::string> replies(10);
+      const std::size_t held = window.value_or(8);
+      std::vector<std::string> replies(20);
       std::size_t answered = 0;
       co_await connect_in_order(loopback(1), where, replies, answered);
       // Every connection has reached the server side, and the master has accepted (and handed)

@@ -84,7 +84,7 @@ class round_robin_listener : public HandoffListener {
 }  // namespace detail
 
 struct RoundRobin {
-  // Connections a worker may have been handed and not yet accepted (Node: 1). Whatever the
+  // Connections a worker may have been handed and not yet accepted (8; Node: 1). Whatever the
   // window, an idle worker gets the next connection when there is one (free_levels); a window
   // over 1 lets the master hand a connection to a busy worker when none is idle instead of
   // waiting for an ack, and lets hand-offs travel in batches (up to 16 connections in one
@@ -97,8 +97,9 @@ struct RoundRobin {
   // 0.80, 0.83, 0.84x); with one worker blocking its loop 50 ms on one request in ten, the close
   // p99 over five runs was 7.1-10.9 ms at window 1, 6.2-7.1 at 2, 5.5-12.6 at 4, 4.6-7.0 at 8
   // (before the window of 1 for a worker that fell behind: 53.7-103.0 ms in most runs at 4, 8).
-  // The default is Node's 1.
-  std::size_t window = 1;  // 0 counts as 1 (there is no unbounded window), as in every policy here
+  // So the default is 8: Node's window of 1 makes the master wait for an ack whenever no worker
+  // is idle. RoundRobin{.window = 1} is Node's round robin exactly.
+  std::size_t window = 8;  // 0 counts as 1 (there is no unbounded window), as in every policy here
 
   std::shared_ptr<Listener> make_listener(ListenerArgs args) const {
     return std::make_shared<detail::round_robin_listener>(std::move(args), std::max<std::size_t>(window, 1));

@@ -53,7 +53,7 @@ struct RuntimePolicy {
   // value in the environment is an error, not a silent default: throws std::invalid_argument.
   // `window`: the chosen policy's window (RoundRobin::window, Sticky's, LeastConnections');
   // without it each policy keeps its own default, as when it is named as a type (RoundRobin:
-  // Node's 1; Sticky and LeastConnections: 8). SharedSocket and ReusePort have none.
+  // 8, Node's 1; Sticky and LeastConnections: 8). SharedSocket and ReusePort have none.
   RuntimePolicy(std::optional<Scheduling> s = std::nullopt, std::optional<std::size_t> window = std::nullopt)
       : window_(window) {
     if (s) choice_ = *s;
