@@ -1369,7 +1369,7 @@ bool parse_windows(const std::string& list, std::vector<int>& out) {
     const long n = std::strtol(item.c_str(), &rest, 10);
     if (item.empty() || *rest != '\0' || n < 1 || n > 1024 ||
         std::find(windows.begin(), windows.end(), static_cast<int>(n)) != windows.end()) {
-      fmt::print(stderr, "policy_bench: --rr-windows wants windows of 1 to 1024, each once, as in 2,4,8; not `{}`\n", list);
+      fmt::print(stderr, "policy_bench: --rr-windows wants windows of 1 to 1024, each once, as in 1,2,4; not `{}`\n", list);
       return false;
     }
     windows.push_back(static_cast<int>(n));

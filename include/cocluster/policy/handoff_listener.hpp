@@ -24,7 +24,7 @@
 // channel has ended, since until then it may still take them). With no worker left the listener is
 // closed with what it holds (Node does the same).
 // A worker that falls behind (an ack later than slow_ack after its hand-off, while another
-// worker acknowledged one handed after it) has a window of 1 until it keeps pace again
+// worker acknowledged one handed after it within slow_ack) has a window of 1 until it keeps pace again
 // (Member::window, for the policies that choose by room).
 // Hand-offs are batched: the connections chosen for one worker while the listener distributes
 // (an accept burst, the room one `accepted_batch` makes) leave as one `newconn_batch` frame
@@ -73,13 +73,13 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   static constexpr int refuse = -1;
 
   // A worker *falls behind* when the ack of one of its hand-offs comes later than slow_ack,
-  // while another worker has acknowledged a connection handed after it: its loop did not take
-  // the connection meanwhile (it blocked, or the server does not call accept()), where its
-  // peers kept pace. (A worker that accepts takes a connection within microseconds, a few
-  // milliseconds on a loaded machine; when the master or the whole machine is slow, every
-  // worker is late together, and none falls behind the others.) From then on its window is 1
+  // while another worker has acknowledged, within slow_ack, a connection handed after it: its
+  // loop did not take the connection meanwhile (it blocked, or the server does not call
+  // accept()), where a peer kept pace. (A worker that accepts takes a connection within
+  // microseconds, a few milliseconds on a loaded machine; when the master is slow to read, every
+  // ack is late, and none is evidence against another worker.) From then on its window is 1
   // (Member::window), and it grows back by one for every `regrow_acks` hand-offs it
-  // acknowledges sooner; falling behind again makes it 1 again.
+  // acknowledges since; falling behind again makes it 1 again.
   static constexpr std::chrono::milliseconds slow_ack{10};
   static constexpr std::size_t regrow_acks = 16;
 
@@ -100,7 +100,8 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     // and each change reaches the policy through on_acknowledged(), or on_joined() after a rest).
     bool slowed = false;          // it fell behind once
     std::size_t prompt_acks = 0;  // its acks since it last fell behind
-    std::chrono::steady_clock::time_point newest_acked{};  // when the newest hand-off it acknowledged was handed
+    // When the newest hand-off it acknowledged within slow_ack was handed.
+    std::chrono::steady_clock::time_point newest_prompt_ack{};
   };
   using Members = std::map<int, Member>;  // by worker id
 
@@ -340,10 +341,11 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     const auto handed_at = it->second.at;
     unacked_.erase(it);
     if (ok) worker.handoff_accepted();  // counted in its load until its report (LeastConnections)
-    const bool behind = now - handed_at > slow_ack && acknowledged_since(handed_at, worker.id());
+    const bool late = now - handed_at > slow_ack;
+    const bool behind = late && acknowledged_since(handed_at, worker.id());
     auto count_ack = [&](Member& m) {
       --m.in_flight;
-      m.newest_acked = std::max(m.newest_acked, handed_at);
+      if (!late) m.newest_prompt_ack = std::max(m.newest_prompt_ack, handed_at);
       if (behind) m.slowed = true, m.prompt_acks = 0;
       else if (m.slowed) ++m.prompt_acks;
     };
@@ -358,12 +360,12 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     return conn;
   }
 
-  // Whether a worker other than `id` has acknowledged a connection handed after `t` (asked only
-  // for an ack later than slow_ack: rare).
+  // Whether a worker other than `id` has acknowledged, within slow_ack, a connection handed
+  // after `t` (asked only for an ack later than slow_ack: rare).
   bool acknowledged_since(std::chrono::steady_clock::time_point t, int id) const {
     for (const Members* all : {&members_, &resting_})
       for (const auto& [other, m] : *all)
-        if (other != id && m.newest_acked > t) return true;
+        if (other != id && m.newest_prompt_ack > t) return true;
     return false;
   }
 

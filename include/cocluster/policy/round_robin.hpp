@@ -98,7 +98,7 @@ struct RoundRobin {
   // p99 over five runs was 7.1-10.9 ms at window 1, 6.2-7.1 at 2, 5.5-12.6 at 4, 4.6-7.0 at 8
   // (before the window of 1 for a worker that fell behind: 53.7-103.0 ms in most runs at 4, 8).
   // So the default is 8: Node's window of 1 makes the master wait for an ack whenever no worker
-  // is idle. RoundRobin{.window = 1} is Node's round robin exactly.
+  // is idle. RoundRobin{.window = 1} schedules as Node's round robin does.
   std::size_t window = 8;  // 0 counts as 1 (there is no unbounded window), as in every policy here
 
   std::shared_ptr<Listener> make_listener(ListenerArgs args) const {
