@@ -1444,10 +1444,10 @@ TEST_CASE("RuntimePolicy: a window given is the chosen policy's; without one the
 
 // A worker that falls behind (the ack of one of its hand-offs comes later than
 // HandoffListener::slow_ack, while the other worker acknowledged one handed after it within
-// slow_ack) is handed
-// one connection at a time, whatever the policy's window; the other worker takes the rest. The
-// stops make the ack late: the test waits past slow_ack before it continues worker 1 (a lower
-// bound only: nothing here has to be fast).
+// slow_ack) is handed one connection at a time, whatever the policy's window; the other worker
+// takes the rest. The stops make worker 1's ack late: the test waits past slow_ack before it
+// continues worker 1 (a lower bound). Worker 2's evidence needs one of its 8 acks within
+// slow_ack: the one timing assumption here.
 template <class Policy>
 awaitable<void> behind_holds_one(asio::io_context& io, Policy policy, std::size_t window) {
   Master<Policy> master(io.get_executor(), {}, policy);

@@ -24,8 +24,8 @@
 // channel has ended, since until then it may still take them). With no worker left the listener is
 // closed with what it holds (Node does the same).
 // A worker that falls behind (an ack later than slow_ack after its hand-off, while another
-// worker acknowledged one handed after it within slow_ack) has a window of 1 until it keeps pace again
-// (Member::window, for the policies that choose by room).
+// worker acknowledged one handed after it within slow_ack) has a window of 1 until it keeps
+// pace again (Member::window, for the policies that choose by room).
 // Hand-offs are batched: the connections chosen for one worker while the listener distributes
 // (an accept burst, the room one `accepted_batch` makes) leave as one `newconn_batch` frame
 // carrying up to ipc::max_fds_per_packet fds (one `newconn` when only one waits); the acks of

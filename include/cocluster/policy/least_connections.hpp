@@ -10,7 +10,8 @@
 // report). Equal loads take turns.
 // A blocked worker looks light (it holds few connections, a busy one many): one that fell
 // behind (HandoffListener::slow_ack) has a window of 1 until it keeps pace again
-// (HandoffListener::Member::window), so it holds one connection, not 8, at each block.
+// (HandoffListener::Member::window), so it holds one connection, not 8, at each block after
+// the first.
 // The master accepts and hands off as RoundRobin does.
 #pragma once
 
