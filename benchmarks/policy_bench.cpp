@@ -29,7 +29,8 @@
 // which do not look at the address, measured the same as with 16 and 256.
 // --stalled: only our policies, each with worker 1 blocking its loop 50 ms on every 10th
 // request (hello_cluster --stall-ms 50 --stall-every 10); compare the latency table's p99 and
-// max. --svg FILE: connections/s and each worker's share as a chart.
+// max, and how many close requests the stall reached (40 ms or more: its share says whether
+// the p99 is the stall's, at 1% or more, or the healthy worker's tail). --svg FILE: connections/s and each worker's share as a chart.
 // 3 s per mode after 0.5 s of warm-up (--quick: 0.5 s after 0.1 s; wrk runs whole seconds).
 // Prints tables, the targets (met or not, never an exit code), then one JSON object as
 // its last line. --runs N: the whole comparison N times; the tables and the chart show the
@@ -606,9 +607,15 @@ awaitable<void> keepalive_loop(const Load& load, std::size_t loop, Tally& tally)
   }
 }
 
+// --stalled: worker 1 blocks its loop stall_ms on every stall_every-th request it serves; a
+// request that took at least delayed_ms is counted as one the stall reached.
+constexpr int stall_ms = 50, stall_every = 10;
+constexpr double delayed_ms = 0.8 * stall_ms;
+
 struct ModeResult {
   double rate = 0, p50_ms = 0, p99_ms = 0, max_ms = 0;
   long errors = 0, stuck = 0;
+  long delayed = 0;  // requests that took delayed_ms or more
   std::string first_error;
 };
 
@@ -660,6 +667,7 @@ ModeResult run_load(int port, bool close, const Options& opt) {
     r.p50_ms = percentile(us, 0.50) / 1e3;
     r.p99_ms = percentile(us, 0.99) / 1e3;
     r.max_ms = us.back() / 1e3;  // sorted by percentile()
+    r.delayed = std::count_if(us.begin(), us.end(), [](double v) { return v >= delayed_ms * 1e3; });
   }
   return r;
 }
@@ -827,6 +835,9 @@ Result run_server(const Config& config, const Options& opt, const std::optional<
       const ModeResult keep = run_load(server.port(), false, opt);
       put(r.f, "close_", close, "conn_per_s");
       put(r.f, "ka_", keep, "req_per_s");
+      // How many requests the stall reached, whatever the rate: the close p99 is the stall's
+      // only when they are 1% of all, and otherwise the healthy worker's tail.
+      if (opt.stalled) r.f["close_delayed"] = static_cast<double>(close.delayed);
       note_errors(r, "close", close);
       note_errors(r, "keep-alive", keep);
       r.workers = shares(server, "jain");  // the built-in client's connections only
@@ -991,6 +1002,7 @@ std::vector<Metric> summary_metrics() {
   }
   m.push_back({"close x node-rr", [](const auto& run, const Result& r) { return ratio_to(run, r, "node-rr", "close_conn_per_s"); }});
   m.push_back({"Jain", [](const auto&, const Result& r) { return get(r.f, "jain"); }, 3});
+  m.push_back({fmt::format("close >={:.0f} ms", delayed_ms), [](const auto&, const Result& r) { return get(r.f, "close_delayed"); }, 0});
   for (const auto& [mode, key] : {std::pair{"close", "close_p99_ms"}, std::pair{"k-a", "ka_p99_ms"}}) {
     const std::string k = key;
     m.push_back({std::string(mode) + " p99 ms", [k](const auto&, const Result& r) { return get(r.f, k); }, -1});
@@ -1146,17 +1158,24 @@ void report(const Options& opt, const std::vector<std::vector<Result>>& runs, bo
     fmt::print("{} runs: the tables show the first run; its ratios and their range over the runs follow them\n",
                runs.size());
   if (opt.stalled)
-    fmt::print("stalled: worker 1 of each server blocks its loop 50 ms on every 10th request it serves\n");
+    fmt::print("stalled: worker 1 of each server blocks its loop {} ms on every {}th request it serves\n", stall_ms,
+               stall_every);
   if (opt.sources > 1)
     fmt::print("built-in client: connections from {} source addresses, 127.0.0.1 to {}, in turn (wrk: 127.0.0.1 only)\n",
                opt.sources, asio::ip::address_v4((127u << 24) + static_cast<unsigned>(opt.sources)).to_string());
   print_table("built-in client", "close conn/s", "", "conn_per_s", results);
-  fmt::print("\n{:<20}{:>10}{:>10}{:>10}{:>12}{:>10}{:>10}\n", "latency (ms)", "close p50", "p99", "max", "k-a p50",
-             "p99", "max");
+  // --stalled adds the close requests the stall reached (delayed_ms or more), and their share.
+  const std::string delayed_head = opt.stalled ? fmt::format(">={:.0f} ms", delayed_ms) : "";
+  fmt::print("\n{:<20}{:>10}{:>10}{:>10}{:>16}{:>12}{:>10}{:>10}\n", "latency (ms)", "close p50", "p99", "max",
+             delayed_head, "k-a p50", "p99", "max");
   for (const auto& r : results) {
     if (r.status != "ok") continue;
-    fmt::print("{:<20}{:>10}{:>10}{:>10}{:>12}{:>10}{:>10}\n", r.config.name, cell(get(r.f, "close_p50_ms"), 2),
-               cell(get(r.f, "close_p99_ms"), 2), cell(get(r.f, "close_max_ms"), 2), cell(get(r.f, "ka_p50_ms"), 2),
+    std::string delayed;
+    const auto n = get(r.f, "close_delayed"), rate = get(r.f, "close_conn_per_s");
+    if (n && rate && *rate > 0)
+      delayed = fmt::format("{:.0f} ({:.2f}%)", *n, 100 * *n / (*rate * opt.duration));
+    fmt::print("{:<20}{:>10}{:>10}{:>10}{:>16}{:>12}{:>10}{:>10}\n", r.config.name, cell(get(r.f, "close_p50_ms"), 2),
+               cell(get(r.f, "close_p99_ms"), 2), cell(get(r.f, "close_max_ms"), 2), delayed, cell(get(r.f, "ka_p50_ms"), 2),
                cell(get(r.f, "ka_p99_ms"), 2), cell(get(r.f, "ka_max_ms"), 2));
   }
   if (have_wrk) print_table("wrk", "close req/s", "wrk_", "req_per_s", results);
@@ -1316,7 +1335,7 @@ std::vector<Config> configs(const Options& opt) {
   // --stalled: worker 1 blocks its loop 50 ms on every 10th request it serves; only our
   // policies are compared there (the others cannot be told to stall).
   std::vector<std::string> stall;
-  if (opt.stalled) stall = {"--stall-ms", "50", "--stall-every", "10"};
+  if (opt.stalled) stall = {"--stall-ms", std::to_string(stall_ms), "--stall-every", std::to_string(stall_every)};
   auto hello_with = [&](std::vector<std::string> extra) {
     std::vector<std::string> argv{hello};
     argv.insert(argv.end(), extra.begin(), extra.end());
