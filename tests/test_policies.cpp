@@ -1196,6 +1196,12 @@ std::string numbered_reply(int worker, std::size_t n) {
   return "worker " + std::to_string(worker) + " " + std::to_string(n) + "\n";
 }
 
+// How many of `replies` (numbered_reply's) came from worker `id`.
+std::size_t replies_by(const std::vector<std::string>& replies, int id) {
+  const std::string by = "worker " + std::to_string(id) + " ";
+  return static_cast<std::size_t>(std::count_if(replies.begin(), replies.end(), [&](const std::string& r) { return r.starts_with(by); }));
+}
+
 }  // namespace
 
 TEST_CASE("Dispatch: connections waiting for one worker are not routed again when another worker takes connections") {
@@ -1434,9 +1440,7 @@ TEST_CASE("RuntimePolicy: a window given is the chosen policy's; without one the
       co_await poll_until([&] { return answered == replies.size() - held; });
       REQUIRE(::kill(workers[0]->pid(), SIGCONT) == 0);
       co_await poll_until([&] { return answered == replies.size(); });
-      const std::string by_first = "worker " + std::to_string(workers[0]->id()) + " ";
-      CHECK(std::count_if(replies.begin(), replies.end(), [&](const std::string& r) { return r.starts_with(by_first); }) ==
-            static_cast<std::ptrdiff_t>(held));
+      CHECK(replies_by(replies, workers[0]->id()) == held);
       co_await master.disconnect();
     }, 30s);
   }
@@ -1485,8 +1489,10 @@ awaitable<void> behind_holds_one(asio::io_context& io, Policy policy, std::size_
   REQUIRE(::kill(first, SIGCONT) == 0);
   co_await poll_until([&] { return a_answered == 1; });
   CHECK(a[0] == numbered_reply(workers[0]->id(), 0));
-  // Both stopped, window + 4 clients: worker 1 is handed one, worker 2 its window, 3 wait. (Had
-  // worker 1 its window too, none would wait: this wait would not end, and the test fails on
+  // Both stopped, window + 4 clients: worker 1 is handed one, worker 2 its window, 3 wait.
+  // Worker 2 goes on and answers all but worker 1's one (the 3 come to it: worker 1 has no
+  // room); then worker 1 answers that one. (Had worker 1 its window too, none would wait, and
+  // worker 2 would never answer all but one: these waits would not end, and the test fails on
   // its time bound.)
   REQUIRE(::kill(first, SIGSTOP) == 0);
   REQUIRE(::kill(second->pid(), SIGSTOP) == 0);
@@ -1497,11 +1503,11 @@ awaitable<void> behind_holds_one(asio::io_context& io, Policy policy, std::size_
     auto side = server_side_of(port);
     return side && side->connections == replies.size() && side->queued == 3;
   });
-  REQUIRE(::kill(first, SIGCONT) == 0);
   REQUIRE(::kill(second->pid(), SIGCONT) == 0);
+  co_await poll_until([&] { return answered == replies.size() - 1; });
+  REQUIRE(::kill(first, SIGCONT) == 0);
   co_await poll_until([&] { return answered == replies.size(); });
-  const std::string by_first = "worker " + std::to_string(workers[0]->id()) + " ";
-  CHECK(std::count_if(replies.begin(), replies.end(), [&](const std::string& r) { return r.starts_with(by_first); }) >= 1);
+  CHECK(replies_by(replies, workers[0]->id()) == 1);
   co_await master.disconnect();
 }
 
@@ -1539,11 +1545,10 @@ TEST_CASE("Workers late together do not fall behind: each keeps its window") {
     co_await poll_until([&] { return answered == 2; });
     REQUIRE(::kill(workers[0]->pid(), SIGCONT) == 0);
     co_await poll_until([&] { return answered == first.size(); });
-    for (auto& w : workers) {  // handed in turn: two each (which one first is the join order)
-      const std::string by = "worker " + std::to_string(w->id()) + " ";
-      CHECK(std::count_if(first.begin(), first.end(), [&](const std::string& r) { return r.starts_with(by); }) == 2);
-    }
-    // Both stopped, two windows and 3 more: each is handed its window, 3 wait.
+    for (auto& w : workers) CHECK(replies_by(first, w->id()) == 2);  // handed in turn: two each
+    // Both stopped, two windows and 3 more: each is handed its window, 3 wait. Worker 2 goes on
+    // and answers all but worker 1's window; then worker 1 answers its window. (Had worker 1
+    // fallen behind, it would hold one and 6 would wait: the first wait would not end.)
     for (auto& w : workers) REQUIRE(::kill(w->pid(), SIGSTOP) == 0);
     std::vector<std::string> replies(2 * window + 3);
     answered = 0;
@@ -1552,8 +1557,11 @@ TEST_CASE("Workers late together do not fall behind: each keeps its window") {
       auto side = server_side_of(port);
       return side && side->connections == replies.size() && side->queued == 3;
     });
-    for (auto& w : workers) REQUIRE(::kill(w->pid(), SIGCONT) == 0);
+    REQUIRE(::kill(workers[1]->pid(), SIGCONT) == 0);
+    co_await poll_until([&] { return answered == replies.size() - window; });
+    REQUIRE(::kill(workers[0]->pid(), SIGCONT) == 0);
     co_await poll_until([&] { return answered == replies.size(); });
+    CHECK(replies_by(replies, workers[0]->id()) == window);
     co_await master.disconnect();
   }, 30s);
 }
