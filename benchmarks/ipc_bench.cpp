@@ -16,11 +16,13 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+// cocluster first: with clang and an Asio older than 1.24 it turns on Asio's co_await before
+// Asio's own configuration is read.
+#include <cocluster/cocluster.hpp>
+
 #include <asio.hpp>
 #include <asio/experimental/awaitable_operators.hpp>
 #include <fmt/core.h>
-
-#include <cocluster/cocluster.hpp>
 
 #include <algorithm>
 #include <chrono>

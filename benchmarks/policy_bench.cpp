@@ -46,6 +46,10 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+// First, though nothing else of cocluster is used here: with clang and an Asio older than 1.24
+// it turns on Asio's co_await before Asio's own configuration is read.
+#include <cocluster/detail/config.hpp>
+
 #include <asio.hpp>
 #include <fmt/core.h>
 #include <fmt/format.h>
