@@ -1,26 +1,33 @@
 #!/bin/bash
 # rr_windows.sh: RoundRobin's window against the raw round-robin master, under wrk, in rounds.
 #   benchmarks/rr_windows.sh [--workers N] [--connections C] [--rounds R] [--seconds S] [--windows "1 2 4 8"]
+#                            [--own-session]
 # Each round starts every server afresh (examples/hello_cluster --policy rr --window W for each
 # window, and benchmarks/raw_rr_server), in an order that rotates from round to round, and
 # loads it with `wrk -t2 -cC` and `Connection: close` for S seconds after a 1 s warm-up. It
 # prints each round's requests/s, then each window's rate over raw-rr's in the same round:
 # the median and the range over the rounds. On a noisy machine the rounds' interleaving is what
 # makes the ratios comparable: the load of the moment falls on every server of a round alike.
+# --own-session starts each server with setsid, as policy_bench and a service manager do. Where
+# the kernel groups processes by session for scheduling (CONFIG_SCHED_AUTOGROUP; it is on where
+# /proc/sys/kernel/sched_autogroup_enabled is 1), the server then shares the CPUs with wrk
+# session against session, not thread against thread, and the ratios change
+# (benchmarks/README.md, "The server's session").
 # Binaries from build-release/ (BUILD=DIR to change); wrk must be installed.
 set -euo pipefail
 
 usage() { echo "rr_windows.sh: $1 (--help)" >&2; exit 64; }
-workers=2 connections=64 rounds=6 seconds=3 windows="1 2 4 8"
+workers=2 connections=64 rounds=6 seconds=3 windows="1 2 4 8" own_session=false
 while [ $# -gt 0 ]; do
   case "$1" in
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     --workers|--connections|--rounds|--seconds|--windows) [ $# -ge 2 ] || usage "$1 wants a value" ;;&
     --workers) workers=$2; shift 2 ;;
     --connections) connections=$2; shift 2 ;;
     --rounds) rounds=$2; shift 2 ;;
     --seconds) seconds=$2; shift 2 ;;
     --windows) windows=$2; shift 2 ;;
+    --own-session) own_session=true; shift ;;
     *) usage "unknown argument $1" ;;
   esac
 done
@@ -50,7 +57,9 @@ out=$(mktemp -d)
 server=0
 trap '[ "$server" -gt 0 ] && kill -TERM "$server" 2>/dev/null; rm -rf "$out"' EXIT
 
-echo "rr_windows: $workers workers, wrk -t2 -c$connections, Connection: close, ${seconds} s per server after 1 s, $rounds rounds"
+session=
+$own_session && session=", each server in its own session (setsid; sched_autogroup_enabled: $(cat /proc/sys/kernel/sched_autogroup_enabled 2>/dev/null || echo unknown))"
+echo "rr_windows: $workers workers, wrk -t2 -c$connections, Connection: close, ${seconds} s per server after 1 s, $rounds rounds$session"
 echo "machine: $(nproc) CPUs ($(sed -n 's/^model name[^:]*: //p' /proc/cpuinfo | head -1)); wrk runs on the same CPUs"
 for round in $(seq 1 "$rounds"); do
   line="round $round:"
@@ -58,7 +67,11 @@ for round in $(seq 1 "$rounds"); do
     name=${names[$(((k + round) % ${#names[@]}))]}
     if [ "$name" = raw ]; then set -- "$raw" --workers "$workers" --port 0 --policy rr
     else set -- "$hello" --workers "$workers" --port 0 --policy rr --window "${name#w}"; fi
-    "$@" >"$out/server" 2>&1 &
+    # (setsid execs the server in place: a background job of this script leads no process
+    # group, so setsid(2) needs no fork, and $! is the server's pid.)
+    if $own_session; then setsid "$@" >"$out/server" 2>&1 &
+    else "$@" >"$out/server" 2>&1 &
+    fi
     server=$!
     port=
     for _ in $(seq 100); do
