@@ -24,8 +24,9 @@
 // channel has ended, since until then it may still take them). With no worker left the listener is
 // closed with what it holds (Node does the same).
 // A worker that falls behind (an ack later than slow_ack after its hand-off, while another
-// worker acknowledged one handed after it within slow_ack) has a window of 1 until it keeps
-// pace again (Member::window, for the policies that choose by room).
+// worker acknowledged one handed after it within slow_ack, once it has acknowledged one within
+// slow_ack itself) has a window of 1 until it keeps pace again (Member::window, for the
+// policies that choose by room).
 // Hand-offs are batched: the connections chosen for one worker while the listener distributes
 // (an accept burst, the room one `accepted_batch` makes) leave as one `newconn_batch` frame
 // carrying up to ipc::max_fds_per_packet fds (one `newconn` when only one waits); the acks of
@@ -77,7 +78,11 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   // loop did not take the connection meanwhile (it blocked, or the server does not call
   // accept()), where a peer kept pace. (A worker that accepts takes a connection within
   // microseconds, a few milliseconds on a loaded machine; when the master is slow to read, every
-  // ack is late, and none is evidence against another worker.) From then on its window is 1
+  // ack is late, and none is evidence against another worker.) Only a worker that has kept pace
+  // once (one of its own acks came within slow_ack) is judged: a worker just started takes its
+  // first connections slowly (page faults, a sanitizer's start-up; over 10 ms under ASan on 2
+  // CPUs), which says nothing of its loop, and a window of 1 for it would send LeastConnections'
+  // bursts to a heavier peer. From then on its window is 1
   // (Member::window), and it grows back by one for every `regrow_acks` hand-offs it
   // acknowledges since; falling behind again makes it 1 again.
   static constexpr std::chrono::milliseconds slow_ack{10};
@@ -342,9 +347,11 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     unacked_.erase(it);
     if (ok) worker.handoff_accepted();  // counted in its load until its report (LeastConnections)
     const bool late = now - handed_at > slow_ack;
-    const bool behind = late && acknowledged_since(handed_at, worker.id());
     auto count_ack = [&](Member& m) {
       --m.in_flight;
+      // Judged only once it has kept pace: before its first prompt ack a worker is starting.
+      const bool kept_pace = m.newest_prompt_ack != std::chrono::steady_clock::time_point{};
+      const bool behind = late && kept_pace && acknowledged_since(handed_at, worker.id());
       if (!late) m.newest_prompt_ack = std::max(m.newest_prompt_ack, handed_at);
       if (behind) m.slowed = true, m.prompt_acks = 0;
       else if (m.slowed) ++m.prompt_acks;
