@@ -1464,7 +1464,7 @@ TEST_CASE("RuntimePolicy: a window given is the chosen policy's; without one the
 // takes the rest. The stops make worker 1's ack late: the test waits past slow_ack before it
 // continues worker 1 (a lower bound). Worker 2's evidence needs one of its 8 acks within
 // slow_ack, and so does worker 1's that it kept pace before (only such a worker is judged):
-// the one timing assumption here.
+// the two timing assumptions here, of one kind.
 template <class Policy>
 awaitable<void> behind_holds_one(asio::io_context& io, Policy policy, std::size_t window) {
   Master<Policy> master(io.get_executor(), {}, policy);
