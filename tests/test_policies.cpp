@@ -1458,6 +1458,70 @@ TEST_CASE("RuntimePolicy: a window given is the chosen policy's; without one the
   }
 }
 
+// One client, answered before the next one connects: its reply (serve_numbered's).
+awaitable<std::string> one_reply(tcp::endpoint where) {
+  std::vector<std::string> reply(1);
+  std::size_t answered = 0;
+  co_await connect_in_order(loopback(1), where, reply, answered);
+  co_await poll_until([&] { return answered == 1; });
+  co_return reply[0];
+}
+
+// The falling-behind tests' close: both workers stopped, `clients` connect, and exactly 3 wait
+// in the accept queue (the rest fill the two workers' windows as the rule left them). Worker 2
+// goes on and answers all but the `first_holds` worker 1 was handed (the 3 go to worker 2:
+// worker 1 has no room); then worker 1 answers those. Returns how many replies are worker 1's.
+// (Another split never reaches these waits: the test fails on its time bound.)
+awaitable<std::size_t> three_wait_then_second_first(tcp::endpoint where, const Worker& first, const Worker& second,
+                                                    std::size_t clients, std::size_t first_holds) {
+  const unsigned short port = where.port();
+  REQUIRE(::kill(first.pid(), SIGSTOP) == 0);
+  REQUIRE(::kill(second.pid(), SIGSTOP) == 0);
+  std::vector<std::string> replies(clients);
+  std::size_t answered = 0;
+  co_await connect_in_order(loopback(1), where, replies, answered);
+  co_await poll_until([&] {
+    auto side = server_side_of(port);
+    return side && side->connections == replies.size() && side->queued == 3;
+  });
+  REQUIRE(::kill(second.pid(), SIGCONT) == 0);
+  co_await poll_until([&] { return answered == replies.size() - first_holds; });
+  REQUIRE(::kill(first.pid(), SIGCONT) == 0);
+  co_await poll_until([&] { return answered == replies.size(); });
+  co_return replies_by(replies, first.id());
+}
+
+// The falling-behind tests' opening: worker 1 (serving alone, `first`) is stopped and handed
+// client A, whose ack can only be late (`a` gets A's reply once worker 1 goes on;
+// `past_slow_ack` expires 4 x slow_ack after the hand-off). Then worker 2 joins and answers 8
+// clients in turn: connections handed after A, of whose acks one within slow_ack is the evidence
+// the rule needs. (LeastConnections: each after worker 2's report of the one before, so that
+// worker 2 is lighter than worker 1 again, not equal.)
+template <class Policy>
+awaitable<std::shared_ptr<Worker>> stop_first_then_join(Master<Policy>& master, tcp::endpoint where, pid_t first,
+                                                        std::vector<std::string>& a, std::size_t& a_answered,
+                                                        asio::steady_timer& past_slow_ack) {
+  const unsigned short port = where.port();
+  REQUIRE(::kill(first, SIGSTOP) == 0);
+  co_await connect_in_order(loopback(1), where, a, a_answered);
+  co_await poll_until([&] {  // accepted, so handed
+    auto side = server_side_of(port);
+    return side && side->connections == 1 && side->queued == 0;
+  });
+  past_slow_ack.expires_after(4 * HandoffListener::slow_ack);
+  auto second = co_await master.fork(scenario_env("serve_numbered"));
+  const Message hello = co_await second->receive();
+  CHECK(hello.data == "port " + std::to_string(port));
+  co_await second->listening();
+  for (std::size_t k = 0; k < 8; ++k) {
+    const std::string reply = co_await one_reply(where);
+    CHECK(reply == numbered_reply(second->id(), k));
+    if constexpr (std::is_same_v<Policy, LeastConnections>)
+      co_await poll_until([&] { return second->connections_served() == k + 1 && second->open_connections() == 0; });
+  }
+  co_return second;
+}
+
 // A worker that falls behind (the ack of one of its hand-offs comes later than
 // HandoffListener::slow_ack, while the other worker acknowledged one handed after it within
 // slow_ack) is handed one connection at a time, whatever the policy's window; the other worker
@@ -1469,44 +1533,17 @@ template <class Policy>
 awaitable<void> behind_holds_one(asio::io_context& io, Policy policy, std::size_t window) {
   Master<Policy> master(io.get_executor(), {}, policy);
   auto [workers, where] = co_await start_serving(master, 1, scenario_env("serve_numbered"));
-  const unsigned short port = where.port();  // (clang 14 does not capture a structured binding)
   const pid_t first = workers[0]->pid();
   // Worker 1 keeps pace first: 8 clients in turn, of whose acks one within slow_ack is enough.
   constexpr std::size_t warm = 8;
   for (std::size_t k = 0; k < warm; ++k) {
-    std::vector<std::string> w(1);
-    std::size_t w_answered = 0;
-    co_await connect_in_order(loopback(1), where, w, w_answered);
-    co_await poll_until([&] { return w_answered == 1; });
-    CHECK(w[0] == numbered_reply(workers[0]->id(), k));
+    const std::string reply = co_await one_reply(where);
+    CHECK(reply == numbered_reply(workers[0]->id(), k));
   }
-  // Client A goes to worker 1, stopped (the only worker).
-  REQUIRE(::kill(first, SIGSTOP) == 0);
   std::vector<std::string> a(1);
   std::size_t a_answered = 0;
-  co_await connect_in_order(loopback(1), where, a, a_answered);
-  co_await poll_until([&] {  // accepted, so handed
-    auto side = server_side_of(port);
-    return side && side->connections == 1 && side->queued == 0;
-  });
-  asio::steady_timer past_slow_ack(io, 4 * HandoffListener::slow_ack);  // A's ack can only be later
-  // Worker 2 joins and answers client B: it acknowledges a connection handed after A.
-  auto second = co_await master.fork(scenario_env("serve_numbered"));
-  const Message hello = co_await second->receive();
-  CHECK(hello.data == "port " + std::to_string(port));
-  co_await second->listening();
-  // Only an ack within slow_ack counts against worker 1: of 8 clients in turn, one is enough.
-  // (LeastConnections: each after worker 2's report of the one before, so that worker 2 is
-  // lighter than worker 1 again, not equal.)
-  for (std::size_t k = 0; k < 8; ++k) {
-    std::vector<std::string> b(1);
-    std::size_t b_answered = 0;
-    co_await connect_in_order(loopback(1), where, b, b_answered);
-    co_await poll_until([&] { return b_answered == 1; });
-    CHECK(b[0] == numbered_reply(second->id(), k));
-    if constexpr (std::is_same_v<Policy, LeastConnections>)
-      co_await poll_until([&] { return second->connections_served() == k + 1 && second->open_connections() == 0; });
-  }
+  asio::steady_timer past_slow_ack(io);
+  auto second = co_await stop_first_then_join(master, where, first, a, a_answered, past_slow_ack);
   co_await past_slow_ack.async_wait(use_awaitable);
   REQUIRE(::kill(first, SIGCONT) == 0);
   co_await poll_until([&] { return a_answered == 1; });
@@ -1516,20 +1553,8 @@ awaitable<void> behind_holds_one(asio::io_context& io, Policy policy, std::size_
   // room); then worker 1 answers that one. (Had worker 1 its window too, none would wait, and
   // worker 2 would never answer all but one: these waits would not end, and the test fails on
   // its time bound.)
-  REQUIRE(::kill(first, SIGSTOP) == 0);
-  REQUIRE(::kill(second->pid(), SIGSTOP) == 0);
-  std::vector<std::string> replies(window + 4);
-  std::size_t answered = 0;
-  co_await connect_in_order(loopback(1), where, replies, answered);
-  co_await poll_until([&] {
-    auto side = server_side_of(port);
-    return side && side->connections == replies.size() && side->queued == 3;
-  });
-  REQUIRE(::kill(second->pid(), SIGCONT) == 0);
-  co_await poll_until([&] { return answered == replies.size() - 1; });
-  REQUIRE(::kill(first, SIGCONT) == 0);
-  co_await poll_until([&] { return answered == replies.size(); });
-  CHECK(replies_by(replies, workers[0]->id()) == 1);
+  const std::size_t by_first = co_await three_wait_then_second_first(where, *workers[0], *second, window + 4, 1);
+  CHECK(by_first == 1);
   co_await master.disconnect();
 }
 
@@ -1553,45 +1578,16 @@ TEST_CASE("A worker just started is not judged by its first acks: it keeps its w
     constexpr std::size_t window = 4;
     Master<RoundRobin> master(io.get_executor(), {}, RoundRobin{.window = window});
     auto [workers, where] = co_await start_serving(master, 1, scenario_env("serve_numbered"));
-    const unsigned short port = where.port();  // (clang 14 does not capture a structured binding)
     const pid_t first = workers[0]->pid();
-    REQUIRE(::kill(first, SIGSTOP) == 0);
-    std::vector<std::string> a(1);
+    std::vector<std::string> a(1);  // worker 1 takes nothing before A
     std::size_t a_answered = 0;
-    co_await connect_in_order(loopback(1), where, a, a_answered);
-    co_await poll_until([&] {  // accepted, so handed
-      auto side = server_side_of(port);
-      return side && side->connections == 1 && side->queued == 0;
-    });
-    asio::steady_timer past_slow_ack(io, 4 * HandoffListener::slow_ack);
-    auto second = co_await master.fork(scenario_env("serve_numbered"));
-    const Message hello = co_await second->receive();
-    CHECK(hello.data == "port " + std::to_string(port));
-    co_await second->listening();
-    for (std::size_t k = 0; k < 8; ++k) {  // worker 2's acks, in time (one is enough)
-      std::vector<std::string> b(1);
-      std::size_t b_answered = 0;
-      co_await connect_in_order(loopback(1), where, b, b_answered);
-      co_await poll_until([&] { return b_answered == 1; });
-      CHECK(b[0] == numbered_reply(second->id(), k));
-    }
+    asio::steady_timer past_slow_ack(io);
+    auto second = co_await stop_first_then_join(master, where, first, a, a_answered, past_slow_ack);
     co_await past_slow_ack.async_wait(use_awaitable);
     REQUIRE(::kill(first, SIGCONT) == 0);
     co_await poll_until([&] { return a_answered == 1; });  // late, and worker 2 kept pace meanwhile
-    REQUIRE(::kill(first, SIGSTOP) == 0);
-    REQUIRE(::kill(second->pid(), SIGSTOP) == 0);
-    std::vector<std::string> replies(2 * window + 3);
-    std::size_t answered = 0;
-    co_await connect_in_order(loopback(1), where, replies, answered);
-    co_await poll_until([&] {
-      auto side = server_side_of(port);
-      return side && side->connections == replies.size() && side->queued == 3;
-    });
-    REQUIRE(::kill(second->pid(), SIGCONT) == 0);
-    co_await poll_until([&] { return answered == replies.size() - window; });
-    REQUIRE(::kill(first, SIGCONT) == 0);
-    co_await poll_until([&] { return answered == replies.size(); });
-    CHECK(replies_by(replies, workers[0]->id()) == window);
+    const std::size_t by_first = co_await three_wait_then_second_first(where, *workers[0], *second, 2 * window + 3, window);
+    CHECK(by_first == window);
     co_await master.disconnect();
   }, 30s);
 }
@@ -1611,13 +1607,7 @@ TEST_CASE("Workers late together do not fall behind: each keeps its window") {
     // Both keep pace first (only such a worker is judged): 16 clients in turn, 8 each, of whose
     // acks one within slow_ack each is enough for the rule to look at them below.
     std::vector<std::string> warm(16);
-    for (auto& reply : warm) {
-      std::vector<std::string> one(1);
-      std::size_t one_answered = 0;
-      co_await connect_in_order(loopback(1), where, one, one_answered);
-      co_await poll_until([&] { return one_answered == 1; });
-      reply = one[0];
-    }
+    for (auto& reply : warm) reply = co_await one_reply(where);
     for (auto& w : workers) CHECK(replies_by(warm, w->id()) == 8);
     for (auto& w : workers) REQUIRE(::kill(w->pid(), SIGSTOP) == 0);
     std::vector<std::string> first(4);
@@ -1637,19 +1627,8 @@ TEST_CASE("Workers late together do not fall behind: each keeps its window") {
     // Both stopped, two windows and 3 more: each is handed its window, 3 wait. Worker 2 goes on
     // and answers all but worker 1's window; then worker 1 answers its window. (Had worker 1
     // fallen behind, it would hold one and 6 would wait: the first wait would not end.)
-    for (auto& w : workers) REQUIRE(::kill(w->pid(), SIGSTOP) == 0);
-    std::vector<std::string> replies(2 * window + 3);
-    answered = 0;
-    co_await connect_in_order(loopback(1), where, replies, answered);
-    co_await poll_until([&] {
-      auto side = server_side_of(port);
-      return side && side->connections == replies.size() && side->queued == 3;
-    });
-    REQUIRE(::kill(workers[1]->pid(), SIGCONT) == 0);
-    co_await poll_until([&] { return answered == replies.size() - window; });
-    REQUIRE(::kill(workers[0]->pid(), SIGCONT) == 0);
-    co_await poll_until([&] { return answered == replies.size(); });
-    CHECK(replies_by(replies, workers[0]->id()) == window);
+    const std::size_t by_first = co_await three_wait_then_second_first(where, *workers[0], *workers[1], 2 * window + 3, window);
+    CHECK(by_first == window);
     co_await master.disconnect();
   }, 30s);
 }
