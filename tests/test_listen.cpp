@@ -14,6 +14,7 @@
 #include <map>
 
 #include "cocluster/cocluster.hpp"
+#include "cocluster/detail/worker/tracked_executor.hpp"
 #include "support.hpp"
 #include "worker_scenario.hpp"
 
@@ -58,12 +59,21 @@ std::string fd_flags(Socket& socket) {
          std::to_string((::fcntl(fd, F_GETFL) & O_NONBLOCK) != 0) + " " + std::to_string(socket.native_non_blocking());
 }
 
+// Whether the connection's socket runs on the worker's io_context executor itself, tracked
+// (detail::worker::track): small enough for any_io_executor to hold without an allocation,
+// where a tracked any_io_executor is allocated once per connection. "1" or "0".
+template <class Socket>
+std::string tracked_in_place(Socket& socket) {
+  using in_place = cocluster::detail::worker::tracked_executor<asio::io_context::executor_type>;
+  return socket.get_executor().target_type() == typeid(in_place) ? "1" : "0";
+}
+
 // Answers each connection with "worker <id>\n" once it has read a line, then closes it. To the
-// line "flags" it answers "worker <id> flags <fd_flags>\n", then reads one byte with a
+// line "flags" it answers "worker <id> flags <fd_flags> tracked <0|1>\n", then reads one byte with a
 // synchronous read (which must wait for it, not fail with EAGAIN) and says "read ok\n".
 template <class Socket>
 awaitable<void> answer(Socket socket) {
-  const std::string flags = fd_flags(socket);
+  const std::string flags = fd_flags(socket) + " tracked " + tracked_in_place(socket);
   std::string line;
   auto [ec, n] = co_await asio::async_read_until(socket, asio::dynamic_buffer(line), '\n', as_tuple_t{});
   if (ec) co_return;
@@ -588,6 +598,7 @@ namespace {
 // Each worker's connections, whether it accepted them or the master handed them over, are
 // close-on-exec (a child the worker starts must not hold them open) and non-blocking, and Asio
 // knows it (no ioctl at the first operation); a synchronous read on one still waits for data.
+// Their executor is the io_context's own, tracked in place (tracked_in_place()).
 template <class Policy>
 awaitable<void> connections_are_cloexec_and_nonblocking(asio::io_context& io, std::string spec) {
   Master<Policy> master(io.get_executor());
@@ -597,7 +608,7 @@ awaitable<void> connections_are_cloexec_and_nonblocking(asio::io_context& io, st
     std::string reply;
     if (spec.rfind("unix:", 0) == 0) reply = co_await ask_flags(local_stream::endpoint(spec.substr(5)));
     else reply = co_await ask_flags(tcp::endpoint(asio::ip::address_v4::loopback(), port_of(c.reports[0])));
-    CHECK_MESSAGE(reply.find(" flags 1 1 1\nread ok\n") != std::string::npos, reply);
+    CHECK_MESSAGE(reply.find(" flags 1 1 1 tracked 1\nread ok\n") != std::string::npos, reply);
   }
   co_await master.disconnect();
 }

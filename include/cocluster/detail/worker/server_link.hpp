@@ -95,7 +95,7 @@ class server_link {
   asio::any_io_executor connection_executor() {
     ++live_connections_;
     count_changed();
-    return tracked_executor(channel_.get_executor(), std::make_shared<connection_token>(this));
+    return track(channel_.get_executor(), std::make_shared<connection_token>(this));
   }
 
   // ---- what the runtime calls ----
