@@ -197,8 +197,15 @@ const char* reason(int status) {
   return "Error";
 }
 
+// A response; the body is `text` and a newline.
+std::string response(int status, std::string_view text, bool close) {
+  return fmt::format("HTTP/1.1 {} {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{}\n", status,
+                     reason(status), text.size() + 1, close ? "Connection: close\r\n" : "", text);
+}
+
 struct worker_state {
   int stall_ms = 0, stall_every = 10;  // see options
+  std::string ok, ok_close;  // the answer to every good request, made once (worker_main)
   std::size_t requests = 0;
   std::size_t connections = 0;
   bool stopping = false;
@@ -239,7 +246,6 @@ awaitable<void> linger(tcp::socket& socket) {
 // Reads requests one at a time. A connection is idle only while it has no byte of a next
 // request: a request whose head is still arriving when the worker stops is answered.
 awaitable<void> session(tcp::socket socket, worker_state& st) {
-  const std::string body = fmt::format("hello from worker {}\n", cocluster::this_worker.id());
   std::string buffer;
   char chunk[4096];
   bool drained = true;  // the last read was short: the kernel had nothing more then (see linger())
@@ -276,11 +282,9 @@ awaitable<void> session(tcp::socket socket, worker_state& st) {
     if (st.stall_ms > 0 && cocluster::this_worker.id() == 1 && ++st.requests % st.stall_every == 0)
       std::this_thread::sleep_for(std::chrono::milliseconds(st.stall_ms));  // blocks the loop: on purpose
     const bool close = r.close || st.stopping;
-    const std::string& text = r.status == 200 ? body : std::string(reason(r.status)) + "\n";
-    std::string response = fmt::format("HTTP/1.1 {} {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{}",
-                                       r.status, reason(r.status), text.size(), close ? "Connection: close\r\n" : "",
-                                       text);
-    auto [wec, wn] = co_await asio::async_write(socket, asio::buffer(response), cocluster::as_tuple(use_awaitable));
+    const std::string refusal = r.status == 200 ? std::string() : response(r.status, reason(r.status), close);
+    const std::string& answer = r.status != 200 ? refusal : close ? st.ok_close : st.ok;
+    auto [wec, wn] = co_await asio::async_write(socket, asio::buffer(answer), cocluster::as_tuple(use_awaitable));
     if (wec) co_return;
     if (close) {
       if (!buffer.empty() || !drained || !r.close) co_await linger(socket);
@@ -292,6 +296,9 @@ awaitable<void> session(tcp::socket socket, worker_state& st) {
 awaitable<void> worker_main(options o, worker_state& st) {
   using namespace cocluster;
   auto ex = co_await asio::this_coro::executor;
+  const std::string hello = fmt::format("hello from worker {}", this_worker.id());
+  st.ok = response(200, hello, false);
+  st.ok_close = response(200, hello, true);
   auto server = co_await this_worker.listen(tcp::endpoint(asio::ip::make_address(o.host), o.port));
   asio::co_spawn(ex, [&]() -> awaitable<void> {
     for (;;) {
