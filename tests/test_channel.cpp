@@ -173,6 +173,39 @@ TEST_CASE("malformed framing is a protocol error") {
   }
 }
 
+TEST_CASE("read_past_bad_frames: each bad frame is dropped with its fds and reported, and the frames after it are read") {
+  const int before = open_fd_count();
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    auto pair = channel_and_raw_peer(io);
+    Channel& ch = pair.first;  // (named: clang 14 lambdas cannot capture structured bindings)
+    auto& raw = pair.second;
+    ch.read_past_bad_frames();
+    std::vector<int> fds;
+    for (int i = 0; i < 3; ++i) fds.push_back(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+    send_raw(raw.get(), "not a frame", 11);
+    send_raw_frame(raw.get(), header(ipc::frame_header::first, 6), "abc");  // a message in two frames...
+    send_raw_frame(raw.get(), header(whole, 3, 1), "abc", fds);             // ...broken by a whole one, 3 fds on 1
+    send_raw_frame(raw.get(), header(ipc::frame_header::last, 6), "def");   // the rest of the broken one
+    for (int fd : fds) ::close(fd);
+    send_raw_frame(raw.get(), header(whole, 2), "ok");
+    auto expect = [&](const char* what) -> awaitable<void> {
+      const std::error_code ec = std::get<0>(co_await ch.async_receive(tuple));
+      CHECK_MESSAGE(ec == error::protocol_error, what << ": " << ec.message());
+      CHECK_MESSAGE(ch.error_detail().find(what) != std::string::npos, ch.error_detail());
+      CHECK(ch.is_open());
+    };
+    co_await expect("magic");
+    co_await expect("carries 3 fds");          // the whole frame inside the message: the message is dropped
+    co_await expect("without a first frame");  // its last frame, alone
+    Envelope ok = co_await ch.async_receive(use_awaitable);
+    CHECK(ok.message.data == "ok");
+    ::close(raw.release());
+    const std::error_code end = std::get<0>(co_await ch.async_receive(tuple));
+    CHECK(end == asio::error::eof);
+  });
+  CHECK(open_fd_count() == before);
+}
+
 // A peer sends one frame declaring one handle but carrying `count` fds: a protocol error whose
 // detail mentions `what`, and every fd that arrived is closed.
 static void check_frame_with_fds(int count, const char* what) {

@@ -6,7 +6,9 @@
 #include <arpa/inet.h>
 #include <doctest/doctest.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -304,6 +306,104 @@ TEST_CASE("Dispatch with a lambda: a connection for a worker that is not live wa
     CHECK(answered_by == 2);
     co_await master.disconnect();
   });
+}
+
+namespace {
+
+// A worker that breaks the protocol while a hand-off waits, unread, in its channel. It listens
+// (reporting "port N"), then accepts two connections: on the first (the trigger) a thread of
+// its own waits for a byte and then writes a packet that is no frame into the channel; on the
+// second it tells the master "accepted 2" and blocks its event loop in a synchronous read of a
+// line. Once that line comes it closes both and answers "worker <id>\n" to the first line of
+// each later connection, among them the hand-offs that arrived while it was blocked.
+awaitable<void> breaks_protocol_worker(int channel, std::thread& garbage) {
+  auto ex = co_await asio::this_coro::executor;
+  auto server = co_await listen_and_report_port();
+  auto [tec, trigger] = co_await server.accept(as_tuple_t{});
+  auto [bec, block] = co_await server.accept(as_tuple_t{});
+  if (tec || bec) co_return;
+  garbage = std::thread([fd = trigger.native_handle(), channel] {
+    pollfd p{fd, POLLIN, 0};
+    while (::poll(&p, 1, -1) < 0) {
+    }
+    ::send(channel, "not a cocluster frame", 21, MSG_NOSIGNAL);
+  });
+  this_worker.send(Message("accepted 2"), [](std::error_code) {});  // written now
+  std::string go;
+  std::error_code blocked;
+  asio::read_until(block, asio::dynamic_buffer(go), '\n', blocked);  // the loop stops here
+  garbage.join();  // (it has written: the trigger came before the line)
+  trigger.close();
+  block.close();
+  for (;;) {
+    auto [ec, socket] = co_await server.accept(as_tuple_t{});
+    if (ec) co_return;
+    asio::co_spawn(ex, [s = std::move(socket)]() mutable -> awaitable<void> { co_await answer_with_id(s); },
+                   asio::detached);
+  }
+}
+
+}  // namespace
+
+WORKER_SCENARIO(breaks_protocol_holding_a_handoff) {
+  const int channel = std::stoi(std::getenv("COCLUSTER_CHANNEL_FD"));  // (start() takes it out of the environment)
+  asio::io_context io;
+  this_worker.start(io.get_executor());
+  std::thread garbage;
+  asio::co_spawn(io, breaks_protocol_worker(channel, garbage), asio::detached);
+  io.run();
+  if (garbage.joinable()) garbage.join();
+  return 0;
+}
+
+TEST_CASE("a worker that breaks the protocol keeps the hand-offs it takes afterwards: each connection is served once") {
+  std::string log;
+  set_log_sink([&log](LogLevel, std::string_view line) { log.append(line).append("\n"); });
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    std::map<int, int> routed;  // connections placed, by worker id: the lowest live one
+    auto route = [&routed](const Remote&, const HandoffListener::Members& live) {
+      const int id = live.empty() ? 0 : live.begin()->first;
+      ++routed[id];
+      return id;
+    };
+    Master<Dispatch<decltype(route)>> master(io.get_executor(), {}, Dispatch(route));
+    auto& events = master.events();
+    auto first = co_await master.fork(scenario_env("breaks_protocol_holding_a_handoff"));
+    const Message port = co_await first->receive();
+    co_await first->listening();
+    const tcp::endpoint where(loopback(1), reported_port(port.data));
+    tcp::socket trigger(io), block(io), victim(io);
+    co_await trigger.async_connect(where, use_awaitable);
+    co_await block.async_connect(where, use_awaitable);
+    const Message accepted = co_await first->receive();
+    CHECK(accepted.data == "accepted 2");  // its loop is blocked from here on
+    co_await victim.async_connect(where, use_awaitable);
+    co_await asio::async_write(victim, asio::buffer("hi\n", 3), use_awaitable);
+    co_await poll_until([&] { return routed[first->id()] == 3; });  // handed to it, in its channel
+    auto second = co_await fork_second_on(master, port.data);
+    co_await asio::async_write(trigger, asio::buffer("x", 1), use_awaitable);  // the bad packet
+    for (;;) {
+      const Event e = co_await events.next();
+      if (e.type == EventType::error && e.worker == first) {
+        CHECK(e.error == error::protocol_error);
+        break;
+      }
+    }
+    co_await asio::async_write(block, asio::buffer("go\n", 3), use_awaitable);  // its loop runs again
+    std::string reply;
+    co_await asio::async_read(victim, asio::dynamic_buffer(reply), as_tuple_t{});  // to EOF
+    // It took the connection it had been handed: its acknowledgement, behind the bad packet,
+    // was read. Ending its channel at the bad packet gave the connection to the second worker
+    // too, which answered first.
+    CHECK(reply == "worker " + std::to_string(first->id()) + "\n");
+    CHECK(routed[second->id()] == 0);
+    CHECK((co_await first->exited()) == ExitStatus{0, 0});  // it left on the EOF it was given
+    CHECK(co_await ask_from(loopback(1), where) == second->id());
+    co_await master.disconnect();
+  });
+  set_log_sink({});
+  CHECK_MESSAGE(log.find("protocol error: frame with a bad magic byte; disconnecting it") != std::string::npos,
+                "the log was: " << log);
 }
 
 TEST_CASE("Dispatch: connections waiting for an absent worker are bounded and do not stop the others") {

@@ -88,6 +88,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
         exited_(channel_.get_executor()),
         ready_on_(ready_on) {
     detail::bound_inbox(messages_, max_unread, max_unread_bytes);
+    channel_.read_past_bad_frames();  // a worker that breaks the protocol is read to its end (broke_protocol())
   }
 
   using executor_type = asio::any_io_executor;
@@ -323,7 +324,19 @@ class Worker : public std::enable_shared_from_this<Worker> {
   }
 
   static asio::awaitable<void> read_loop(std::shared_ptr<Worker> self) {
-    const std::error_code end = co_await detail::read_channel(
+    // A bad frame (the channel dropped it) or a bad message ends a read_channel with
+    // protocol_error, the channel still open: it is read on (broke_protocol()).
+    std::error_code end;
+    while ((end = co_await self->read_messages()) == error::protocol_error && self->channel_.is_open()) {
+      std::string why = self->protocol_detail_.empty() ? self->channel_.error_detail() : std::exchange(self->protocol_detail_, {});
+      self->broke_protocol(std::move(why));
+    }
+    self->on_channel_end(end);
+  }
+
+  asio::awaitable<std::error_code> read_messages() {
+    auto self = shared_from_this();
+    co_return co_await detail::read_channel(
         self->channel_, self->messages_, fmt::format("worker {} (pid {})", self->id_, self->pid()),
         [&](const ipc::Envelope& e) {
           self->reading_resumed();
@@ -338,7 +351,6 @@ class Worker : public std::enable_shared_from_this<Worker> {
           detail::debug("Worker {}: {} unread messages ({} bytes); reading paused until the master receives",
                         self->pid(), self->messages_.size(), self->messages_.weight());
         });
-    self->on_channel_end(end);
   }
 
   // The worker's internal messages: lifecycle ones here, listening ones straight to the
@@ -353,6 +365,9 @@ class Worker : public std::enable_shared_from_this<Worker> {
     return std::visit(
         [&](auto& m) -> bool {
           using T = std::decay_t<decltype(m)>;
+          constexpr bool hands_back = std::is_same_v<T, p::Accepted> || std::is_same_v<T, p::AcceptedBatch> ||
+                                      std::is_same_v<T, p::Close>;
+          if (broken_ && !hands_back) return true;  // not believed (broke_protocol())
           if constexpr (std::is_same_v<T, p::Online>) {
             if (online_.is_set() || leaving_) return true;  // killed: what it had sent changes nothing
             detail::debug("Worker {} online", pid());
@@ -492,10 +507,35 @@ class Worker : public std::enable_shared_from_this<Worker> {
     emit(EventType::ready);
   }
 
+  // A message that breaks the protocol (a frame that does: the channel drops it). read_loop()
+  // reads on (broke_protocol()).
   bool protocol_error(std::string why) {
     protocol_detail_ = std::move(why);
-    channel_.close();
     return false;
+  }
+
+  // The worker sent what is not our protocol. Of what it sends from now on only what hands
+  // connections back is believed: which ones it took (accepted, accepted_batch) and which
+  // servers it closed. It is disconnected, and its channel is read to the end: ending the
+  // channel at once lost the acknowledgements behind the bad frame, and the connections the
+  // worker took from its socket meanwhile were served twice, by it and by the worker they
+  // went to again. It leaves master.workers() and every listener (nothing more is handed to
+  // it), is sent `disconnect` (its runtime closes its servers, handing back what it did not
+  // take, and serves what it took), then EOF. Said once, in the log and as an `error` event.
+  void broke_protocol(std::string why) {
+    if (broken_) return;
+    broken_ = true;
+    detail::log_error("worker {} (pid {}): protocol error: {}; disconnecting it, its channel read to the end",
+                      id_, pid(), why);
+    emit(EventType::error, error::protocol_error, why);
+    if (!connected_ || leaving_ || channel_closing_) return;  // leaving already: read to its end as it is
+    leaving_ = true;
+    leave_workers();
+    if (auto m = master_.lock(); m && m->listeners) m->listeners->worker_leaving(*link_);
+    if (!std::exchange(disconnect_sent_, true)) link_->send(ipc::protocol::Disconnect{});
+    link_->mark_disconnected();
+    channel_closing_ = true;
+    channel_.async_shutdown([](std::error_code) {});  // the disconnect, then EOF
   }
 
   void on_channel_end(std::error_code ec) {
@@ -586,9 +626,10 @@ class Worker : public std::enable_shared_from_this<Worker> {
   bool dead_ = false;
   bool disconnect_sent_ = false;
   bool channel_closing_ = false;  // close_channel(): our side is being shut down
-  bool leaving_ = false;          // kill(): no listener hands it anything from then on
+  bool leaving_ = false;          // kill(), broke_protocol(): no listener hands it anything from then on
   std::optional<bool> exited_after_disconnect_;
-  std::string protocol_detail_;
+  std::string protocol_detail_;  // why the last message broke the protocol, until read_loop() reads it
+  bool broken_ = false;          // broke_protocol()
   // Settings::heartbeat_timeout (0: not watched), the last beat, and the deadline's timer.
   std::chrono::milliseconds heartbeat_timeout_{0};
   std::chrono::steady_clock::time_point last_heartbeat_{};

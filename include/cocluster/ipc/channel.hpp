@@ -4,7 +4,8 @@
 //   co_await ch.async_send({ipc::message_kind::user, {"hello", {}}}, asio::use_awaitable);
 //   ipc::Envelope e = co_await ch.async_receive(asio::use_awaitable);
 // A peer is not trusted: anything that is not our framing ends the channel with
-// error::protocol_error (error_detail() says what), and every fd that came with it is closed.
+// error::protocol_error (error_detail() says what), and every fd that came with it is closed;
+// after read_past_bad_frames(), the frame is dropped instead and reading goes on.
 // The rules live in ipc::frame_parser (receiving) and ipc::send_queue (sending); the state that
 // ties them to the socket (detail/ipc/channel_state.hpp) makes the recvmsg and sendmsg calls.
 #pragma once
@@ -46,7 +47,16 @@ class Channel {
   std::uint64_t queued_total() const noexcept { return s_->queue.pushed(); }
   std::uint64_t written_total() const noexcept { return s_->queue.written(); }
   // Why the channel failed, for logs ("frame carries 10 fds", ...); empty while it has not.
+  // (After read_past_bad_frames(): why the last bad frame was dropped.)
   const std::string& error_detail() const noexcept { return s_->failure_detail; }
+
+  // From now on a frame that breaks the protocol is dropped, with every fd it carried, and
+  // reported as error::protocol_error by the receive that read it; the next receive reads
+  // the frames after it (a SOCK_SEQPACKET socket keeps each frame whole: none after a bad
+  // one is misread; the continuations of a message whose first frame was bad are each bad
+  // too). For a reader that must read on to what the peer sends last: the master reads the
+  // acknowledgements of a worker that broke the protocol (docs/DESIGN.md, "Protocol errors").
+  void read_past_bad_frames() noexcept { s_->read_past_bad_frames = true; }
 
   // Completes once the message is queued (at once while the queue has room). The first
   // attempt to write happens before this returns. Errors: message_too_large,
@@ -86,7 +96,8 @@ class Channel {
 
   // Reads one whole message if it is already there, without waiting: true with `e` filled.
   // False when nothing is ready (ec clear: wait with async_wait_readable) or on an error
-  // (eof, protocol_error, ...). Not while an async_receive is pending.
+  // (eof, protocol_error, ...; a dropped bad frame after read_past_bad_frames()). Not while
+  // an async_receive is pending.
   bool try_receive(Envelope& e, std::error_code& ec) { return s_->try_receive(e, ec); }
 
   // Completes when the socket is readable (or at once once the peer is known to be gone).
@@ -104,7 +115,8 @@ class Channel {
   }
 
   // One receive at a time. Completes with asio::error::eof once the peer has closed (also in
-  // the middle of a message: a peer that died), error::protocol_error on a malformed frame,
+  // the middle of a message: a peer that died), error::protocol_error on a malformed frame
+  // (the channel's end, or a dropped frame after read_past_bad_frames()),
   // error::channel_closed after close().
   template <class Token>
   auto async_receive(Token&& token) {

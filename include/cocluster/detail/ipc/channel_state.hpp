@@ -194,11 +194,13 @@ struct channel_state : std::enable_shared_from_this<channel_state> {
         case progress::fragment: continue;
         case progress::would_block: return false;
         case progress::failed: ec = rx_error; return false;
+        case progress::dropped: ec = error::protocol_error; return false;
       }
     }
   }
 
-  enum class progress { message, fragment, would_block, failed };
+  // dropped: a bad frame, read past (read_past_bad_frames).
+  enum class progress { message, fragment, would_block, failed, dropped };
 
   // Reads frames while a receiver waits; a whole message completes it.
   void read() {
@@ -211,6 +213,7 @@ struct channel_state : std::enable_shared_from_this<channel_state> {
         case progress::failed:  // close() may have completed the receiver already
           if (receiver) std::exchange(receiver, {}).complete(rx_error, {});
           return;
+        case progress::dropped: std::exchange(receiver, {}).complete(error::protocol_error, {}); return;
       }
     }
   }
@@ -294,7 +297,13 @@ struct channel_state : std::enable_shared_from_this<channel_state> {
     return progress::failed;
   }
 
+  // A broken rule ends the channel, or only drops the frame (its fds close with it) when the
+  // owner reads past bad frames; the parser has forgotten any message in progress either way.
   progress fail(std::error_code ec, std::string why) {
+    if (read_past_bad_frames && ec == error::protocol_error) {
+      failure_detail = std::move(why);
+      return progress::dropped;
+    }
     close(ec, std::move(why));
     return progress::failed;
   }
@@ -326,6 +335,7 @@ struct channel_state : std::enable_shared_from_this<channel_state> {
   pending_handler<ipc::Envelope> receiver;
   bool waiting_read = false;
   bool peer_gone = false;
+  bool read_past_bad_frames = false;  // Channel::read_past_bad_frames()
   std::error_code rx_error;  // eof, protocol_error, channel_closed or a system error
   std::string failure_detail;
 };
