@@ -180,6 +180,7 @@ TEST_CASE("read_past_bad_frames: each bad frame is dropped with its fds and repo
     Channel& ch = pair.first;  // (named: clang 14 lambdas cannot capture structured bindings)
     auto& raw = pair.second;
     ch.read_past_bad_frames();
+    const int open_before = open_fd_count();
     std::vector<int> fds;
     for (int i = 0; i < 3; ++i) fds.push_back(::open("/dev/null", O_RDONLY | O_CLOEXEC));
     send_raw(raw.get(), "not a frame", 11);
@@ -199,6 +200,7 @@ TEST_CASE("read_past_bad_frames: each bad frame is dropped with its fds and repo
     co_await expect("without a first frame");  // its last frame, alone
     Envelope ok = co_await ch.async_receive(use_awaitable);
     CHECK(ok.message.data == "ok");
+    CHECK(open_fd_count() == open_before);  // the 3 fds went with their frame, the channel open
     ::close(raw.release());
     const std::error_code end = std::get<0>(co_await ch.async_receive(tuple));
     CHECK(end == asio::error::eof);

@@ -255,6 +255,14 @@ int send_unwanted_fds(std::string_view how) {
 
 }  // namespace
 
+// Says `online`, sends what is no frame, and then neither reads nor exits.
+WORKER_SCENARIO(garbage_then_hang) {
+  constexpr auto whole = ipc::frame_header::first | ipc::frame_header::last;
+  write_packet(frame(whole | ipc::frame_header::internal, 0, ipc::protocol::encode(ipc::protocol::Online{})), {});
+  write_packet("not a cocluster frame", {});
+  for (;;) ::pause();
+}
+
 WORKER_SCENARIO(fd_on_internal) { return send_unwanted_fds("internal"); }
 WORKER_SCENARIO(twenty_fds) { return send_unwanted_fds("too_many"); }
 WORKER_SCENARIO(fds_on_garbage) { return send_unwanted_fds("garbage"); }
@@ -286,6 +294,31 @@ TEST_CASE("a worker sending fds it should not (on an internal message, 20 in a p
       set_log_sink({});
     }
   }
+}
+
+TEST_CASE("a worker that breaks the protocol and does not end its channel is killed protocol_error_grace later") {
+  set_log_sink([](LogLevel, std::string_view) {});  // the error lines are expected
+  struct restore_log {
+    ~restore_log() { set_log_sink({}); }
+  } restore;
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    auto& events = master.events();
+    auto hostile = co_await master.fork(scenario_env("garbage_then_hang"));
+    const ExitStatus status = co_await hostile->exited();
+    CHECK(status == ExitStatus{0, SIGKILL});
+    int errors = 0;
+    while (events.pending()) {
+      const Event e = co_await events.next();
+      if (e.type == EventType::error && e.worker == hostile) {
+        ++errors;
+        CHECK(e.error == error::protocol_error);  // once: the kill is not another
+      }
+    }
+    CHECK(errors == 1);
+    CHECK(!hostile->is_ready());
+  }, std::chrono::seconds(30));  // (the grace is 5 s)
+  static_assert(Worker::protocol_error_grace <= std::chrono::seconds(10));
 }
 
 TEST_CASE("a worker flooding messages the master does not read keeps it bounded and does not keep it from serving the others") {

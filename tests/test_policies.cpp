@@ -359,6 +359,9 @@ WORKER_SCENARIO(breaks_protocol_holding_a_handoff) {
 TEST_CASE("a worker that breaks the protocol keeps the hand-offs it takes afterwards: each connection is served once") {
   std::string log;
   set_log_sink([&log](LogLevel, std::string_view line) { log.append(line).append("\n"); });
+  struct restore_log {
+    ~restore_log() { set_log_sink({}); }
+  } restore;
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     std::map<int, int> routed;  // connections placed, by worker id: the lowest live one
     auto route = [&routed](const Remote&, const HandoffListener::Members& live) {
@@ -401,7 +404,6 @@ TEST_CASE("a worker that breaks the protocol keeps the hand-offs it takes afterw
     CHECK(co_await ask_from(loopback(1), where) == second->id());
     co_await master.disconnect();
   });
-  set_log_sink({});
   CHECK_MESSAGE(log.find("protocol error: frame with a bad magic byte; disconnecting it") != std::string::npos,
                 "the log was: " << log);
 }

@@ -13,6 +13,7 @@
 #include <asio/co_spawn.hpp>
 #include <asio/detached.hpp>
 #include "cocluster/detail/as_tuple.hpp"
+#include <asio/post.hpp>
 #include <asio/posix/stream_descriptor.hpp>
 #include <asio/steady_timer.hpp>
 #include <asio/use_awaitable.hpp>
@@ -98,7 +99,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
   int id() const noexcept { return id_; }
   pid_t pid() const noexcept { return process_.pid(); }
   // Node: worker.isConnected(). False from the moment the channel is gone or closing
-  // (close_channel(), kill()).
+  // (close_channel(), kill(), a protocol error).
   bool is_connected() const noexcept { return connected_ && !channel_closing_; }
   // Node: worker.isDead(). True once the process has ended and that is reported: after
   // disconnected(), just before exited() completes (disconnect always comes first here).
@@ -280,6 +281,10 @@ class Worker : public std::enable_shared_from_this<Worker> {
     }
   }
 
+  // How long a worker that broke the protocol has to end its channel (its runtime does at
+  // once) before it is killed with SIGKILL (docs/DESIGN.md, "Protocol errors").
+  static constexpr std::chrono::seconds protocol_error_grace{5};
+
  private:
   friend struct detail::master_access;
   friend struct detail::supervisor_access;
@@ -330,6 +335,9 @@ class Worker : public std::enable_shared_from_this<Worker> {
     while ((end = co_await self->read_messages()) == error::protocol_error && self->channel_.is_open()) {
       std::string why = self->protocol_detail_.empty() ? self->channel_.error_detail() : std::exchange(self->protocol_detail_, {});
       self->broke_protocol(std::move(why));
+      // A turn of the loop per bad frame: a worker writing nothing else must not keep the
+      // master from its other work (read_channel yields every read_budget messages).
+      co_await asio::post(self->channel_.get_executor(), asio::use_awaitable);
     }
     self->on_channel_end(end);
   }
@@ -365,9 +373,10 @@ class Worker : public std::enable_shared_from_this<Worker> {
     return std::visit(
         [&](auto& m) -> bool {
           using T = std::decay_t<decltype(m)>;
-          constexpr bool hands_back = std::is_same_v<T, p::Accepted> || std::is_same_v<T, p::AcceptedBatch> ||
-                                      std::is_same_v<T, p::Close>;
-          if (broken_ && !hands_back) return true;  // not believed (broke_protocol())
+          // (A heartbeat is believed too: the worker's loop turns, it is no hung one.)
+          constexpr bool believed_when_broken = std::is_same_v<T, p::Accepted> || std::is_same_v<T, p::AcceptedBatch> ||
+                                                std::is_same_v<T, p::Close> || std::is_same_v<T, p::Heartbeat>;
+          if (broken_ && !believed_when_broken) return true;  // broke_protocol()
           if constexpr (std::is_same_v<T, p::Online>) {
             if (online_.is_set() || leaving_) return true;  // killed: what it had sent changes nothing
             detail::debug("Worker {} online", pid());
@@ -516,19 +525,37 @@ class Worker : public std::enable_shared_from_this<Worker> {
 
   // The worker sent what is not our protocol. Of what it sends from now on only what hands
   // connections back is believed: which ones it took (accepted, accepted_batch) and which
-  // servers it closed. It is disconnected, and its channel is read to the end: ending the
-  // channel at once lost the acknowledgements behind the bad frame, and the connections the
-  // worker took from its socket meanwhile were served twice, by it and by the worker they
-  // went to again. It leaves master.workers() and every listener (nothing more is handed to
-  // it), is sent `disconnect` (its runtime closes its servers, handing back what it did not
-  // take, and serves what it took), then EOF. Said once, in the log and as an `error` event.
+  // servers it closed (and its heartbeats). It is disconnected, and its channel is read to
+  // the end: ending the channel at once lost the acknowledgements behind the bad frame, and
+  // the connections the worker took from its socket meanwhile were served twice, by it and by
+  // the worker they went to again. It leaves master.workers() and every listener (nothing more
+  // is handed to it), is sent `disconnect`, then EOF (its runtime closes its servers, which
+  // drops what it was handed and did not take, and its channel). A worker whose channel has
+  // not ended protocol_error_grace later (no runtime, or a hung one) is killed with SIGKILL:
+  // what it was handed goes to the others at the end. Said once, in the log and as an `error`
+  // event; it will not be ready.
   void broke_protocol(std::string why) {
     if (broken_) return;
     broken_ = true;
     detail::log_error("worker {} (pid {}): protocol error: {}; disconnecting it, its channel read to the end",
                       id_, pid(), why);
     emit(EventType::error, error::protocol_error, why);
-    if (!connected_ || leaving_ || channel_closing_) return;  // leaving already: read to its end as it is
+    if (!ready_.is_set()) {
+      ready_failed_ = true;
+      ready_.fail(error::worker_not_connected);
+    }
+    if (!connected_) return;
+    grace_timer_.emplace(get_executor());
+    grace_timer_->expires_after(protocol_error_grace);
+    grace_timer_->async_wait([weak = weak_from_this()](std::error_code ec) {
+      auto self = weak.lock();
+      if (ec || !self || !self->connected_) return;
+      detail::log_error("worker {} (pid {}): its channel did not end within {} s of its protocol error; killed with SIGKILL",
+                        self->id_, self->pid(), protocol_error_grace.count());
+      if (auto e = self->process_.signal(SIGKILL); e && e != std::errc::no_such_process)
+        detail::log_error("worker {} (pid {}): SIGKILL failed: {}", self->id_, self->pid(), e.message());
+    });
+    if (leaving_ || channel_closing_) return;  // killed or closed already: read to its end as it is
     leaving_ = true;
     leave_workers();
     if (auto m = master_.lock(); m && m->listeners) m->listeners->worker_leaving(*link_);
@@ -541,6 +568,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
   void on_channel_end(std::error_code ec) {
     connected_ = false;
     if (heartbeat_timer_) heartbeat_timer_->cancel();
+    if (grace_timer_) grace_timer_->cancel();  // it may live on, serving what it took
     link_->mark_disconnected();
     const bool clean = ec == asio::error::eof || ec == error::channel_closed || ec == asio::error::operation_aborted;
     if (!clean) {
@@ -625,7 +653,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
   bool connected_ = true;
   bool dead_ = false;
   bool disconnect_sent_ = false;
-  bool channel_closing_ = false;  // close_channel(): our side is being shut down
+  bool channel_closing_ = false;  // close_channel(), kill(), broke_protocol(): our side is being shut down
   bool leaving_ = false;          // kill(), broke_protocol(): no listener hands it anything from then on
   std::optional<bool> exited_after_disconnect_;
   std::string protocol_detail_;  // why the last message broke the protocol, until read_loop() reads it
@@ -634,6 +662,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
   std::chrono::milliseconds heartbeat_timeout_{0};
   std::chrono::steady_clock::time_point last_heartbeat_{};
   std::optional<asio::steady_timer> heartbeat_timer_;
+  std::optional<asio::steady_timer> grace_timer_;  // broke_protocol(): its channel must end by then
   bool reading_paused_ = false;  // read_channel waits for room in messages_
   // Until the exec is known to have succeeded or failed (watch_exec).
   std::optional<asio::posix::stream_descriptor> exec_report_;

@@ -51,8 +51,9 @@ inline void bound_inbox(async_queue<Message>& inbox, std::size_t max_messages, s
 
 // Runs until the channel ends; returns why (eof, protocol_error, ...). `peer` names the other
 // end in log lines ("worker 3 (pid 1234)", "the master").
-//   on_internal(ipc::Envelope&) -> bool: false ends the channel as a protocol error (it may
-//   take the envelope's handle).
+//   on_internal(ipc::Envelope&) -> bool: false returns protocol_error (it may take the
+//   envelope's handle); so does a frame the channel dropped (read_past_bad_frames()). The
+//   channel is then still open: the master reads a worker's on (Worker::read_loop()).
 //   on_user(): a user message was queued.  on_pause(): the inbox is full, reading waits.
 // The inbox's bounds are checked before each message is read: once it is full (its message
 // count or its bytes) nothing more is taken from the socket, so the peer's sends wait in the

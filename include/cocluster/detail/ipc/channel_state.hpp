@@ -302,6 +302,7 @@ struct channel_state : std::enable_shared_from_this<channel_state> {
   progress fail(std::error_code ec, std::string why) {
     if (read_past_bad_frames && ec == error::protocol_error) {
       failure_detail = std::move(why);
+      detail_of_dropped_frame = true;  // a failure that ends the channel says its own
       return progress::dropped;
     }
     close(ec, std::move(why));
@@ -312,7 +313,8 @@ struct channel_state : std::enable_shared_from_this<channel_state> {
 
   void close(std::error_code ec, std::string why = {}) {
     if (!rx_error || rx_error == asio::error::eof) rx_error = ec;
-    if (failure_detail.empty()) failure_detail = why.empty() ? ec.message() : std::move(why);
+    if (failure_detail.empty() || std::exchange(detail_of_dropped_frame, false))
+      failure_detail = why.empty() ? ec.message() : std::move(why);
     std::error_code ignored;
     sock.close(ignored);
     parser.reset();
@@ -335,7 +337,8 @@ struct channel_state : std::enable_shared_from_this<channel_state> {
   pending_handler<ipc::Envelope> receiver;
   bool waiting_read = false;
   bool peer_gone = false;
-  bool read_past_bad_frames = false;  // Channel::read_past_bad_frames()
+  bool read_past_bad_frames = false;    // Channel::read_past_bad_frames()
+  bool detail_of_dropped_frame = false;  // failure_detail is a dropped frame's
   std::error_code rx_error;  // eof, protocol_error, channel_closed or a system error
   std::string failure_detail;
 };
