@@ -546,15 +546,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
     }
     if (!connected_) return;
     grace_timer_.emplace(get_executor());
-    grace_timer_->expires_after(protocol_error_grace);
-    grace_timer_->async_wait([weak = weak_from_this()](std::error_code ec) {
-      auto self = weak.lock();
-      if (ec || !self || !self->connected_) return;
-      detail::log_error("worker {} (pid {}): its channel did not end within {} s of its protocol error; killed with SIGKILL",
-                        self->id_, self->pid(), protocol_error_grace.count());
-      if (auto e = self->process_.signal(SIGKILL); e && e != std::errc::no_such_process)
-        detail::log_error("worker {} (pid {}): SIGKILL failed: {}", self->id_, self->pid(), e.message());
-    });
+    arm_grace();
     if (leaving_ || channel_closing_) return;  // killed or closed already: read to its end as it is
     leaving_ = true;
     leave_workers();
@@ -563,6 +555,22 @@ class Worker : public std::enable_shared_from_this<Worker> {
     link_->mark_disconnected();
     channel_closing_ = true;
     channel_.async_shutdown([](std::error_code) {});  // the disconnect, then EOF
+  }
+
+  // broke_protocol()'s deadline. Not while the master's reading of this worker is paused (its
+  // inbox is full): the end the worker sent may be waiting there, unread.
+  void arm_grace() {
+    grace_timer_->expires_after(protocol_error_grace);
+    grace_timer_->async_wait([weak = weak_from_this()](std::error_code ec) {
+      auto self = weak.lock();
+      if (ec || !self || !self->connected_ || self->dead_) return;
+      if (self->reading_paused_) return self->arm_grace();
+      const auto e = self->process_.signal(SIGKILL);
+      if (e == std::errc::no_such_process) return;  // it has exited: its end comes
+      if (e) return detail::log_error("worker {} (pid {}): SIGKILL failed: {}", self->id_, self->pid(), e.message());
+      detail::log_error("worker {} (pid {}): its channel did not end within {} s of its protocol error; killed with SIGKILL",
+                        self->id_, self->pid(), protocol_error_grace.count());
+    });
   }
 
   void on_channel_end(std::error_code ec) {
@@ -596,6 +604,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
     self->read_exec_report();  // a failed exec is reported before the exit, whatever woke first
     self->exec_launch_.child_left();  // reaped: it is gone
     self->exec_launch_.free_if_left();
+    if (self->grace_timer_) self->grace_timer_->cancel();  // reaped: nothing left to kill
     if (self->connected_) {
       // Everything the dead process sent is already in our socket: read it all (lifting the
       // unread-message bound), so 'disconnect' always comes before 'exit'.
