@@ -192,6 +192,18 @@ awaitable<std::string> answer_with_id(tcp::socket& s) {
   co_return line;
 }
 
+// Answers "worker <id>\n" to the first line of each connection `server` accepts, then closes
+// it; until the server closes.
+awaitable<void> answer_each(cocluster::Server<tcp>& server) {
+  auto ex = co_await asio::this_coro::executor;
+  for (;;) {
+    auto [ec, socket] = co_await server.accept(as_tuple_t{});
+    if (ec) co_return;
+    asio::co_spawn(ex, [s = std::move(socket)]() mutable -> awaitable<void> { co_await answer_with_id(s); },
+                   asio::detached);
+  }
+}
+
 // Answers "worker <id>\n" to each line "hi" (then closes) or "hold" (then keeps the connection
 // open); after the TEST_HOLD-th held connection, tells the master "holding N".
 awaitable<void> hold_worker() {
@@ -230,7 +242,6 @@ namespace {
 // written at once, and the report of the N connections, posted for the end of that turn,
 // cannot go until the loop runs again.
 awaitable<void> block_after_accepting_worker() {
-  auto ex = co_await asio::this_coro::executor;
   auto server = co_await this_worker.listen(tcp::endpoint(asio::ip::address_v4::loopback(), 0));
   this_worker.send(Message("port " + std::to_string(server.local_endpoint().port())), [](std::error_code) {});
   const std::size_t n = std::stoul(std::getenv("TEST_BLOCK_AFTER"));
@@ -244,12 +255,7 @@ awaitable<void> block_after_accepting_worker() {
   std::string go;
   std::error_code blocked;
   asio::read_until(first.back(), asio::dynamic_buffer(go), '\n', blocked);  // the loop stops here
-  for (;;) {
-    auto [ec, socket] = co_await server.accept(as_tuple_t{});
-    if (ec) co_return;
-    asio::co_spawn(ex, [s = std::move(socket)]() mutable -> awaitable<void> { co_await answer_with_id(s); },
-                   asio::detached);
-  }
+  co_await answer_each(server);
 }
 
 }  // namespace
@@ -317,7 +323,6 @@ namespace {
 // line. Once that line comes it closes both and answers "worker <id>\n" to the first line of
 // each later connection, among them the hand-offs that arrived while it was blocked.
 awaitable<void> breaks_protocol_worker(int channel, std::thread& garbage) {
-  auto ex = co_await asio::this_coro::executor;
   auto server = co_await listen_and_report_port();
   auto [tec, trigger] = co_await server.accept(as_tuple_t{});
   auto [bec, block] = co_await server.accept(as_tuple_t{});
@@ -335,12 +340,7 @@ awaitable<void> breaks_protocol_worker(int channel, std::thread& garbage) {
   garbage.join();  // (it has written: the trigger came before the line)
   trigger.close();
   block.close();
-  for (;;) {
-    auto [ec, socket] = co_await server.accept(as_tuple_t{});
-    if (ec) co_return;
-    asio::co_spawn(ex, [s = std::move(socket)]() mutable -> awaitable<void> { co_await answer_with_id(s); },
-                   asio::detached);
-  }
+  co_await answer_each(server);
 }
 
 }  // namespace
