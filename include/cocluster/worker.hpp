@@ -333,8 +333,9 @@ class Worker : public std::enable_shared_from_this<Worker> {
     // protocol_error, the channel still open: it is read on (broke_protocol()).
     std::error_code end;
     while ((end = co_await self->read_messages()) == error::protocol_error && self->channel_.is_open()) {
-      std::string why = self->protocol_detail_.empty() ? self->channel_.error_detail() : std::exchange(self->protocol_detail_, {});
-      self->broke_protocol(std::move(why));
+      // (A message's rule is in protocol_detail_; a dropped frame's, in the channel's detail.)
+      self->broke_protocol(self->protocol_detail_.empty() ? self->channel_.error_detail()
+                                                          : std::exchange(self->protocol_detail_, {}));
       // A turn of the loop per bad frame: a worker writing nothing else must not keep the
       // master from its other work (read_channel yields every read_budget messages).
       co_await asio::post(self->channel_.get_executor(), asio::use_awaitable);
@@ -544,7 +545,6 @@ class Worker : public std::enable_shared_from_this<Worker> {
       ready_failed_ = true;
       ready_.fail(error::worker_not_connected);
     }
-    if (!connected_) return;
     grace_timer_.emplace(get_executor());
     arm_grace();
     if (leaving_ || channel_closing_) return;  // killed or closed already: read to its end as it is
@@ -568,7 +568,8 @@ class Worker : public std::enable_shared_from_this<Worker> {
       const auto e = self->process_.signal(SIGKILL);
       if (e == std::errc::no_such_process) return;  // it has exited: its end comes
       if (e) return detail::log_error("worker {} (pid {}): SIGKILL failed: {}", self->id_, self->pid(), e.message());
-      detail::log_error("worker {} (pid {}): its channel did not end within {} s of its protocol error; killed with SIGKILL",
+      detail::log_error("worker {} (pid {}): its channel did not end within {} s of its protocol error; "
+                        "killed with SIGKILL",
                         self->id_, self->pid(), protocol_error_grace.count());
     });
   }

@@ -176,10 +176,10 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     if (!members_.empty()) distribute();
   }
 
-  // Killed, or broke the protocol: no member from now on (no hand-off, no rest's end makes it one again). What it
-  // was handed waits for its acks until left(); so does its line (never sent: it could go
-  // now, but behind what was handed, as left() gives both back), unless a worker joins or a
-  // rest ends first, when every line is asked again.
+  // Killed, or broke the protocol: no member from now on (no hand-off, no rest's end makes it
+  // one again). What it was handed waits for its acks until left(); so does its line (never
+  // sent: it could go now, but behind what was handed, as left() gives both back), unless a
+  // worker joins or a rest ends first, when every line is asked again.
   void leaving(WorkerLink& worker) final {
     if (members_.erase(worker.id()) != 0) on_left(worker.id());
     resting_.erase(worker.id());

@@ -123,8 +123,8 @@ class listener_table {
     leave(worker, server);
   }
 
-  // The master killed the worker, or it broke the protocol: no listener hands it anything more. It still holds them
-  // (its acks are counted) until worker_gone().
+  // The master killed the worker, or it broke the protocol: no listener hands it anything
+  // more. It still holds them (its acks are counted) until worker_gone().
   void worker_leaving(worker_link& worker) {
     auto w = held_.find(worker.id());
     if (w == held_.end()) return;
