@@ -2,7 +2,7 @@
 // cocluster's listening policies beside Node's cluster, nginx and a raw baseline, in one run.
 //   ninja -C build benchmarks/policy_bench benchmarks/raw_rr_server && build/benchmarks/policy_bench [--quick]
 //   [--concurrency C] [--duration S] [--workers N] [--client-threads T] [--only=NAME,NAME]
-//   [--sources N] [--stalled] [--runs N] [--svg FILE] [--rr-windows N,N]
+//   [--sources N] [--stalled] [--rate R] [--runs N] [--svg FILE] [--rr-windows N,N]
 // Servers (NAME; a prefix such as `node` selects both of its rows):
 //   cocluster-POLICY              examples/hello_cluster --policy POLICY, for each policy
 //                                 RuntimePolicy knows: rr, none, reuseport, leastconn, sticky
@@ -31,6 +31,16 @@
 // request (hello_cluster --stall-ms 50 --stall-every 10); compare the latency table's p99 and
 // max, and how many close requests the stall reached (40 ms or more: their share says whether
 // the p99 is the stall's, at 1% or more, or the healthy worker's tail). --svg FILE: connections/s and each worker's share as a chart.
+// --rate R: the close mode offers R connections/s (1 to 1e7) on a schedule instead of C loops
+// (open loop: each starts when due, whether or not the earlier ones have ended, and its latency
+// runs from when it was due). A closed loop's client waiting on a stalled worker sends nothing
+// meanwhile, so the arrivals the stall would have delayed are never made ("coordinated
+// omission"; wrk2 was written for it), and each server is measured at its own rate; at a fixed
+// R every server meets the same arrivals, as long as the client keeps up (its lag is noted).
+// The close rate shown is what completed, and the conn/s targets are left out. The keep-alive
+// mode and wrk stay closed loops. With --stalled, worker 1 serves at most 1000 * 10 / 50 = 200
+// connections/s: a policy that cannot move connections off it (ReusePort, Sticky) is
+// overloaded at any R above about 200 x workers, which is what it would meet in service.
 // 3 s per mode after 0.5 s of warm-up (--quick: 0.5 s after 0.1 s; wrk runs whole seconds).
 // Prints tables, the issue's targets (met or not, never an exit code), then one JSON object as
 // its last line. --runs N: the whole comparison N times; the tables and the chart show the
@@ -42,6 +52,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -95,6 +106,7 @@ struct Options {
   int runs = 1;                         // --runs N: the whole comparison N times
   int sources = 1024;                   // client source addresses: 127.0.0.1 and the N-1 after it
   bool stalled = false;                 // --stalled: worker 1 blocks 50 ms on 1 request in 10
+  double rate = 0;                      // --rate R: close mode offers R connections/s (open loop); 0: C loops
   std::string only;                     // empty: every server
   std::vector<int> rr_windows{1};       // --rr-windows: a cocluster-rr-wN server for each N (1: Node's)
   std::string svg;                      // --svg FILE: the chart
@@ -488,7 +500,8 @@ struct Load {
   std::vector<asio::ip::address_v4> sources;  // empty: the kernel's choice (127.0.0.1)
   std::size_t loops = 1;                      // concurrent loops, numbered 0 .. loops-1
   std::string request;
-  Clock::time_point measure_from, stop_at;  // counted: completed in [measure_from, stop_at)
+  // Counted: a connection completed in [measure_from, stop_at); with --rate, one due then.
+  Clock::time_point measure_from, stop_at;
 
   // The address loop `loop` connects from for its `k`th connection: the loops take the
   // addresses in turn, so every address is used even when there are more than loops.
@@ -512,6 +525,36 @@ struct Tally {
     ++done;
     us.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
   }
+
+  // Open loop (--rate): a connection's latency runs from when it was due, not from when it
+  // began, and it is a sample when it was due in [measure_from, stop_at), whenever it ends:
+  // a wait is never cut short by the end of the run. The rate is still what completed in
+  // [measure_from, stop_at) (`completed`), as in the closed loop.
+  void record_due(const Load& load, Clock::time_point due, const asio::error_code& ec) {
+    const auto t1 = Clock::now();
+    if (!ec && t1 >= load.measure_from && t1 < load.stop_at) ++completed;
+    if (due < load.measure_from || due >= load.stop_at) return;
+    if (ec) {
+      if (errors++ == 0) first_error = ec.message();
+      return;
+    }
+    ++done;
+    us.push_back(std::chrono::duration<double, std::micro>(t1 - due).count());
+  }
+  // One not ended, or never started, when the client stopped waiting: a sample, with its
+  // wait so far (at least 5 s), and counted apart.
+  void record_unfinished(const Load& load, Clock::time_point due) {
+    if (due < load.measure_from || due >= load.stop_at) return;
+    ++unfinished;
+    us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - due).count());
+  }
+  // One not started because `limit` connections were open already.
+  void record_over_limit(const Load& load, Clock::time_point due, long limit) {
+    if (due < load.measure_from || due >= load.stop_at) return;
+    if (errors++ == 0) first_error = fmt::format("client limit: {} connections open at once", limit);
+  }
+  long completed = 0, unfinished = 0;
+  std::vector<double> late_us;  // how late each connection due in the window started (client lag)
 };
 
 asio::error_code bad_response() { return std::make_error_code(std::errc::protocol_error); }
@@ -565,26 +608,92 @@ awaitable<void> pause_after_error() {
   co_await t.async_wait(use_awaitable);
 }
 
-// One loop of: connect, GET with `Connection: close`, the response, EOF, close.
+// One connection: connect, GET with `Connection: close`, the response, EOF, close.
+awaitable<asio::error_code> one_close(const Load& load, const asio::ip::address_v4& source, std::string& buf) {
+  tcp::socket s(co_await asio::this_coro::executor);
+  asio::error_code ec;
+  co_await connect_from(s, load, source, ec);
+  if (!ec) co_await asio::async_write(s, asio::buffer(load.request), asio::redirect_error(use_awaitable, ec));
+  buf.clear();
+  if (!ec) ec = co_await read_response(s, buf);
+  if (!ec) {  // the server must close after a `Connection: close` response
+    char extra[64];
+    const std::size_t n = co_await s.async_read_some(asio::buffer(extra), asio::redirect_error(use_awaitable, ec));
+    ec = ec == asio::error::eof && n == 0 && buf.empty() ? asio::error_code{} : ec ? ec : bad_response();
+  }
+  co_return ec;
+}
+
+// One loop of connections, each after the last (closed loop).
 awaitable<void> close_loop(const Load& load, std::size_t loop, Tally& tally) {
-  const auto ex = co_await asio::this_coro::executor;
   std::string buf;
   for (std::size_t k = 0; Clock::now() < load.stop_at; ++k) {
     const auto t0 = Clock::now();
-    tcp::socket s(ex);
-    asio::error_code ec;
-    co_await connect_from(s, load, load.source(loop, k), ec);
-    if (!ec) co_await asio::async_write(s, asio::buffer(load.request), asio::redirect_error(use_awaitable, ec));
-    buf.clear();
-    if (!ec) ec = co_await read_response(s, buf);
-    if (!ec) {  // the server must close after a `Connection: close` response
-      char extra[64];
-      const std::size_t n = co_await s.async_read_some(asio::buffer(extra), asio::redirect_error(use_awaitable, ec));
-      ec = ec == asio::error::eof && n == 0 && buf.empty() ? asio::error_code{} : ec ? ec : bad_response();
-    }
-    s.close();
+    const asio::error_code ec = co_await one_close(load, load.source(loop, k), buf);
     tally.record(load, t0, ec);
     if (ec) co_await pause_after_error();
+  }
+}
+
+// --rate: connections started on a schedule, one every `period` from `first` on, whether or
+// not the earlier ones have ended (open loop: a server that stalls meets the same arrivals as
+// one that does not, as long as the client keeps up: Tally::late_us says how late each
+// started). At most `limit` open at once: one due beyond that is an error. Each counts from
+// when it was due (Tally::record_due); one never started when the client stops waiting (more
+// than 5 s behind) counts as unfinished.
+awaitable<void> open_loop(const Load& load, Clock::duration period, Clock::time_point first, std::size_t loop,
+                          long limit, Tally& tally, long& open) {
+  const auto ex = co_await asio::this_coro::executor;
+  asio::steady_timer timer(ex);
+  struct schedule {  // the dues not started yet, if the client stops waiting first
+    const Load& load;
+    Tally& tally;
+    Clock::duration period;
+    Clock::time_point next;
+    ~schedule() {
+      for (; next < load.stop_at; next += period) tally.record_unfinished(load, next);
+    }
+  } left{load, tally, period, first};
+  for (std::size_t k = 0; left.next < load.stop_at; ++k, left.next += period) {
+    const auto due = left.next;
+    if (due > Clock::now()) {
+      timer.expires_at(due);
+      co_await timer.async_wait(use_awaitable);
+    } else {
+      co_await asio::post(ex, use_awaitable);  // behind schedule: let the open ones move meanwhile
+    }
+    if (due >= load.measure_from)
+      tally.late_us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - due).count());
+    if (open >= limit) {
+      tally.record_over_limit(load, due, limit);
+      continue;
+    }
+    ++open;
+    asio::co_spawn(
+        ex,
+        [&load, &tally, &open, due, source = load.source(loop, k)]() -> awaitable<void> {
+          // Counted as unfinished if the client stops waiting first (its frame is destroyed).
+          struct pending {
+            const Load& load;
+            Tally& tally;
+            long& open;
+            Clock::time_point due;
+            bool ended = false;
+            ~pending() {
+              --open;
+              if (!ended) tally.record_unfinished(load, due);
+            }
+          } p{load, tally, open, due};
+          std::string buf;
+          const asio::error_code ec = co_await one_close(load, source, buf);
+          p.ended = true;
+          tally.record_due(load, due, ec);
+        },
+        asio::detached);
+  }
+  while (open > 0) {  // until the last one ends, or the client stops waiting (run_load)
+    timer.expires_after(1ms);
+    co_await timer.async_wait(use_awaitable);
   }
 }
 
@@ -619,7 +728,9 @@ constexpr double delayed_ms = 0.8 * stall_ms;
 struct ModeResult {
   double rate = 0, p50_ms = 0, p99_ms = 0, max_ms = 0;
   long errors = 0, stuck = 0;
+  long samples = 0;  // latencies measured (the unfinished included, with their wait so far)
   long delayed = 0;  // requests that took delayed_ms or more
+  double late_p99_ms = 0, late_max_ms = 0;  // --rate: how late the client started connections
   std::string first_error;
 };
 
@@ -634,10 +745,31 @@ ModeResult run_load(int port, bool close, const Options& opt) {
   load.stop_at = load.measure_from + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(opt.duration));
 
   const int threads = std::clamp(opt.client_threads, 1, opt.concurrency);
+  const bool open = close && opt.rate > 0;
+  if (open) load.loops = static_cast<std::size_t>(threads);  // thread t's kth takes address t + k*threads
+  // One schedule, the threads' dues interleaved: thread t's are start + (t + k*threads)/rate.
+  const auto start = Clock::now();
+  const auto gap = std::chrono::duration<double>(open ? 1.0 / opt.rate : 0.0);
+  // Connections open at once, per thread: what the fd limit leaves (the limit is the process's).
+  rlimit fds{};
+  ::getrlimit(RLIMIT_NOFILE, &fds);
+  const long limit = std::max<long>(1, (static_cast<long>(std::min<rlim_t>(fds.rlim_cur, 1 << 20)) - 256) / threads);
   std::vector<Tally> tallies(threads);
   std::vector<long> unfinished(threads, 0);
   auto run = [&](int t) {
+    long open_now = 0;  // before io: the connections io destroys count themselves out of it
     asio::io_context io(1);
+    if (open) {
+      const auto first = start + std::chrono::duration_cast<Clock::duration>(gap * t);
+      const auto period = std::chrono::duration_cast<Clock::duration>(gap * threads);
+      asio::co_spawn(io, open_loop(load, period, first, static_cast<std::size_t>(t), limit, tallies[t], open_now),
+                     [](std::exception_ptr e) {
+                       if (e) std::rethrow_exception(e);
+                     });
+      io.run_until(load.stop_at + 5s);  // a server that stops answering can't hang us
+      io.stop();
+      return;  // ~io_context: what has not ended is counted as unfinished (open_loop)
+    }
     int loops = opt.concurrency / threads + (t < opt.concurrency % threads ? 1 : 0);
     long running = loops;
     for (int i = 0; i < loops; ++i) {
@@ -657,16 +789,22 @@ ModeResult run_load(int port, bool close, const Options& opt) {
   for (auto& th : pool) th.join();
 
   ModeResult r;
-  std::vector<double> us;
+  std::vector<double> us, late;
   long done = 0;
   for (int t = 0; t < threads; ++t) {
-    done += tallies[t].done;
+    done += open ? tallies[t].completed : tallies[t].done;
     r.errors += tallies[t].errors;
-    r.stuck += unfinished[t];
+    r.stuck += unfinished[t] + tallies[t].unfinished;
     if (r.first_error.empty()) r.first_error = tallies[t].first_error;
     us.insert(us.end(), tallies[t].us.begin(), tallies[t].us.end());
+    late.insert(late.end(), tallies[t].late_us.begin(), tallies[t].late_us.end());
   }
   r.rate = static_cast<double>(done) / opt.duration;
+  r.samples = static_cast<long>(us.size());
+  if (!late.empty()) {
+    r.late_p99_ms = percentile(late, 0.99) / 1e3;
+    r.late_max_ms = late.back() / 1e3;
+  }
   if (!us.empty()) {
     r.p50_ms = percentile(us, 0.50) / 1e3;
     r.p99_ms = percentile(us, 0.99) / 1e3;
@@ -841,7 +979,18 @@ Result run_server(const Config& config, const Options& opt, const std::optional<
       put(r.f, "ka_", keep, "req_per_s");
       // How many requests the stall reached, whatever the rate: the close p99 is the stall's
       // only when they are 1% of all, and otherwise the healthy worker's tail.
-      if (opt.stalled) r.f["close_ge_40ms"] = static_cast<double>(close.delayed);
+      if (opt.stalled) {
+        r.f["close_ge_40ms"] = static_cast<double>(close.delayed);
+        r.f["close_samples"] = static_cast<double>(close.samples);
+      }
+      if (opt.rate > 0) {  // the client's own lag is in every latency: shown beside them
+        r.f["close_late_p99_ms"] = close.late_p99_ms;
+        r.f["close_late_max_ms"] = close.late_max_ms;
+        if (close.late_p99_ms > 1.0)
+          r.notes.push_back(fmt::format("close: the client started connections late (p99 {:.2f} ms, max {:.2f} ms): "
+                                        "that lag is in every latency; offer a lower --rate",
+                                        close.late_p99_ms, close.late_max_ms));
+      }
       note_errors(r, "close", close);
       note_errors(r, "keep-alive", keep);
       r.workers = shares(server, "jain");  // the built-in client's connections only
@@ -1096,6 +1245,8 @@ void print_targets(const Options& opt, const std::vector<std::vector<Result>>& r
   };
   auto at_least = [](double goal) { return [goal](double v) { return v >= goal; }; };
   for (const char* client : {"", "wrk_"}) {
+    // An open loop's close rate is the one it offered, whatever the server could do.
+    if (!*client && opt.rate > 0) continue;
     const std::string who = *client ? "wrk" : "built-in client";
     const std::string rate = std::string(client) + (*client ? "close_req_per_s" : "close_conn_per_s");
     const Metric x_nginx{"", [rate](const auto& run, const Result& r) { return ratio_to(run, r, "nginx", rate); }};
@@ -1116,7 +1267,8 @@ void print_targets(const Options& opt, const std::vector<std::vector<Result>>& r
     for (const auto& [other, policy] : {std::pair{"cocluster-none", "SharedSocket"}, std::pair{"cocluster-reuseport", "ReusePort"}}) {
       const std::string base = other;
       const Metric m{"", [base](const auto& run, const Result& r) { return ratio_to(run, r, base, "close_p99_ms"); }};
-      check(fmt::format("stalled: LeastConnections close p99 / {}'s < 1", policy), "cocluster-leastconn", m,
+      check(fmt::format("stalled: LeastConnections close p99 / {}'s < 1{}", policy, opt.rate > 0 ? " (open loop)" : ""),
+            "cocluster-leastconn", m,
             [](double v) { return v < 1.0; });
     }
   }
@@ -1144,6 +1296,7 @@ void print_targets(const Options& opt, const std::vector<std::vector<Result>>& r
     fmt::print("  (keep-alive p99 at 512 connections with one client thread is dominated by the client's wait: "
                "see --client-threads 2)\n");
   if (!opt.stalled) fmt::print("  (LeastConnections' p99 under a stalled worker: --stalled)\n");
+  if (opt.rate > 0) fmt::print("  (the built-in client's conn/s targets: not with --rate, whose close rate is the one offered)\n");
 }
 
 // Prints the first run's tables, then (several runs) each ratio's range, the targets, and
@@ -1164,6 +1317,10 @@ void report(const Options& opt, const std::vector<std::vector<Result>>& runs, bo
   if (opt.stalled)
     fmt::print("stalled: worker 1 of each server blocks its loop {} ms on every {}th request it serves\n", stall_ms,
                stall_every);
+  if (opt.rate > 0)
+    fmt::print("close mode: open loop, {:.0f} connections/s offered, each timed from when it was due "
+               "(keep-alive: {} loops)\n",
+               opt.rate, opt.concurrency);
   if (opt.sources > 1)
     fmt::print("built-in client: connections from {} source addresses, 127.0.0.1 to {}, in turn (wrk: 127.0.0.1 only)\n",
                opt.sources, asio::ip::address_v4((127u << 24) + static_cast<unsigned>(opt.sources)).to_string());
@@ -1176,8 +1333,8 @@ void report(const Options& opt, const std::vector<std::vector<Result>>& runs, bo
   for (const auto& r : results) {
     if (r.status != "ok") continue;
     std::string delayed = "-";
-    const auto n = get(r.f, "close_ge_40ms"), rate = get(r.f, "close_conn_per_s");
-    if (n && rate && *rate > 0) delayed = fmt::format("{:.0f} ({:.2f}%)", *n, 100 * *n / (*rate * opt.duration));
+    const auto n = get(r.f, "close_ge_40ms"), samples = get(r.f, "close_samples");
+    if (n && samples && *samples > 0) delayed = fmt::format("{:.0f} ({:.2f}%)", *n, 100 * *n / *samples);
     fmt::print("{:<20}{:>10}{:>10}{:>10}{}{:>12}{:>10}{:>10}\n", r.config.name, cell(get(r.f, "close_p50_ms"), 2),
                cell(get(r.f, "close_p99_ms"), 2), cell(get(r.f, "close_max_ms"), 2), delayed_cell(delayed),
                cell(get(r.f, "ka_p50_ms"), 2), cell(get(r.f, "ka_p99_ms"), 2), cell(get(r.f, "ka_max_ms"), 2));
@@ -1220,9 +1377,9 @@ void report(const Options& opt, const std::vector<std::vector<Result>>& runs, bo
 
   std::string json = fmt::format(
       "{{\"machine\":{{\"nproc\":{},\"cpu\":{}}},\"command\":{},\"workers\":{},\"concurrency\":{},\"duration_s\":{},"
-      "\"warmup_s\":{},\"client_threads\":{},\"sources\":{},\"stalled\":{},\"wrk\":{},\"servers\":{}",
+      "\"warmup_s\":{},\"client_threads\":{},\"sources\":{},\"stalled\":{},\"close_rate\":{},\"wrk\":{},\"servers\":{}",
       nproc, json_string(cpu), json_string(command), opt.workers, opt.concurrency, opt.duration, opt.warmup,
-      opt.client_threads, opt.sources, opt.stalled, have_wrk, servers_json(results));
+      opt.client_threads, opt.sources, opt.stalled, opt.rate, have_wrk, servers_json(results));
   if (runs.size() > 1) {  // "servers" is the first run; "runs" has every run, the first included
     json += ",\"runs\":[";
     for (std::size_t i = 0; i < runs.size(); ++i) json += (i ? "," : "") + servers_json(runs[i]);
@@ -1406,8 +1563,10 @@ int usage(const char* argv0, bool asked = false) {
   fmt::print(asked ? stdout : stderr,
              "usage: {} [--quick] [--concurrency C] [--duration S] [--warmup S] [--workers N] [--client-threads T]\n"
              "       [--only=cocluster,node,nginx,raw or full names like raw-rr] [--sources N] [--stalled]\n"
-             "       [--runs N] [--svg FILE] [--rr-windows N,N] [--hello-cluster=PATH] [--node-script=PATH]\n"
-             "       [--raw-server=PATH]\n"
+             "       [--rate R] [--runs N] [--svg FILE] [--rr-windows N,N] [--hello-cluster=PATH]\n"
+             "       [--node-script=PATH] [--raw-server=PATH]\n"
+             "  --rate R     the close mode offers R connections/s, each started when due whatever the ones\n"
+             "               before it do, its latency from when it was due (open loop; 0: --concurrency loops)\n"
              "  --sources N  the built-in client connects from 127.0.0.1 and the N-1 addresses after it, in turn\n"
              "               (1024; no setup: 127.0.0.0/8 is local). Sticky hashes the client's address, and a\n"
              "               real server sees thousands; 16 over 8 workers left two workers without a client.\n"
@@ -1460,6 +1619,12 @@ int main(int argc, char** argv) {
       if (!parse_windows(value, opt.rr_windows)) return usage(argv[0]);
     }
     else if (arg == "--stalled") opt.stalled = true;
+    else if (takes("--rate")) {
+      char* end = nullptr;
+      opt.rate = std::strtod(value.c_str(), &end);
+      if (end == value.c_str() || *end != '\0' || !std::isfinite(opt.rate) || opt.rate < 1 || opt.rate > 1e7)
+        return usage(argv[0]);
+    }
     else if (takes("--hello-cluster")) opt.hello_cluster = value;
     else if (takes("--node-script")) opt.node_script = value;
     else if (takes("--raw-server")) opt.raw_server = value;
