@@ -1,0 +1,79 @@
+#!/bin/bash
+# What one request costs each process of a server: CPU time, context switches and system calls
+# per request, for the master and for its workers apart, under wrk with `Connection: close`.
+#   benchmarks/cost_per_request.sh [--workers N] [--seconds S] [--connections C] SERVER...
+# SERVER: a hello_cluster policy (rr, none, reuseport, leastconn, sticky) or raw-rr / raw-none
+# (raw_rr_server: no framework). Each is started in a session of its own (setsid, as
+# policy_bench does), warmed up for a second, then measured with `perf stat -p` on the master
+# and on its workers while wrk runs (both need root or perf_event_paranoid <= 1 for the
+# syscall tracepoints). The figures divide by the requests wrk completed in that time.
+# Needs wrk and perf (apt-get install wrk linux-perf) and a release build:
+#   meson setup build-release --buildtype=release
+#   ninja -C build-release examples/hello_cluster benchmarks/raw_rr_server
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+build=${BUILD:-$here/../build-release}
+workers=2 seconds=4 connections=64
+servers=()
+while (($#)); do
+  case $1 in
+    --workers) workers=$2; shift 2 ;;
+    --seconds) seconds=$2; shift 2 ;;
+    --connections) connections=$2; shift 2 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    *) servers+=("$1"); shift ;;
+  esac
+done
+((${#servers[@]})) || servers=(rr raw-rr)
+for tool in wrk perf; do
+  command -v $tool >/dev/null || { echo "$tool not installed (apt-get install wrk linux-perf)" >&2; exit 1; }
+done
+
+calls=(epoll_wait epoll_ctl accept4 recvmsg sendmsg recvfrom sendto read write writev close newfstatat)
+events=task-clock,context-switches
+for c in "${calls[@]}"; do events+=,syscalls:sys_enter_$c; done
+tmp=$(mktemp -d)
+server_pid=
+cleanup() {
+  [[ -n $server_pid ]] && kill -KILL -- "-$server_pid" 2>/dev/null || true
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+for s in "${servers[@]}"; do
+  port=$((20000 + RANDOM % 20000))
+  case $s in
+    raw-rr|raw-none) cmd=("$build/benchmarks/raw_rr_server" --workers "$workers" --port "$port" --policy "${s#raw-}") ;;
+    *) cmd=("$build/examples/hello_cluster" --workers "$workers" --port "$port" --policy "$s") ;;
+  esac
+  setsid "${cmd[@]}" >"$tmp/out" 2>&1 &
+  server_pid=$!
+  for _ in $(seq 100); do grep -q "listening on" "$tmp/out" 2>/dev/null && break; sleep 0.1; done
+  grep -q "listening on" "$tmp/out" || { echo "$s: did not start: $(cat "$tmp/out")" >&2; exit 1; }
+  kids=$(pgrep -P "$server_pid" | paste -sd,)
+  wrk -t2 -c"$connections" -d1s -H "Connection: close" "http://127.0.0.1:$port/" >/dev/null  # warm-up
+  perf stat -e "$events" -p "$server_pid" -o "$tmp/master" -- sleep "$seconds" &
+  p1=$!
+  perf stat -e "$events" -p "$kids" -o "$tmp/workers" -- sleep "$seconds" &
+  p2=$!
+  wrk -t2 -c"$connections" -d"${seconds}s" -H "Connection: close" "http://127.0.0.1:$port/" >"$tmp/wrk"
+  wait $p1 $p2
+  kill -KILL -- "-$server_pid" 2>/dev/null || true
+  wait "$server_pid" 2>/dev/null || true
+  server_pid=
+  requests=$(awk '/requests in/ {print $1}' "$tmp/wrk")
+  echo "== $s: $workers workers, $requests requests in ${seconds} s ($(awk '/Requests\/sec/ {print $2}' "$tmp/wrk")/s)"
+  for who in master workers; do
+    awk -v r="$requests" -v who="$who" '
+      { gsub(",", "", $1) }
+      $1 !~ /^[0-9.]+$/ { next }  # <not counted>: a process with nothing to do (ReusePort'"'"'s master)
+      /task-clock/ { cpu = $1 }
+      /context-switches/ { cs = $1 }
+      /syscalls:sys_enter_/ { if ($1 > 0) { n = $2; sub("syscalls:sys_enter_", "", n); line = line sprintf(" %s %.2f", n, $1 / r); total += $1 } }
+      END {
+        printf "  %-8s CPU %6.1f us/request, context switches %.2f\n", who, cpu * 1000 / r, cs / r
+        printf "           system calls per request %.2f:%s\n", total / r, line
+      }' "$tmp/$who"
+  done
+done
