@@ -1290,11 +1290,12 @@ void print_targets(const Options& opt, const std::vector<std::vector<Result>>& r
                runs.size() > 1 ? fmt::format(" (met in {} of {} runs)", row.met_in, row.of) : std::string());
   if (rows.empty()) fmt::print("  (none of the figures the targets need is in this run)\n");
   if (!large) fmt::print("  (Jain >= 0.95 and keep-alive p99 within 2 x nginx's: --workers 8 --concurrency 512)\n");
-  // With one client thread driving 512 connections, different servers' p99 land on the same
-  // plateau, a wait of that thread (benchmarks/README.md, "One client thread or one per CPU").
-  if (large && opt.client_threads < 2)
-    fmt::print("  (keep-alive p99 at 512 connections with one client thread is dominated by the client's wait: "
-               "see --client-threads 2)\n");
+  // With more busy workers than CPUs, a keep-alive request's tail is its worker's wait for a
+  // CPU, whatever the server (perf sched: benchmarks/README.md, "One client thread or one per
+  // CPU"); it moves from run to run more than between servers.
+  if (large)
+    fmt::print("  (keep-alive p99 with more workers than CPUs is mostly the workers' wait for a CPU, nginx's too: "
+               "compare over several runs)\n");
   if (!opt.stalled) fmt::print("  (LeastConnections' p99 under a stalled worker: --stalled)\n");
   if (opt.rate > 0) fmt::print("  (the built-in client's conn/s targets: not with --rate, whose close rate is the one offered)\n");
 }
