@@ -1,12 +1,14 @@
 #!/bin/bash
 # What one request costs each process of a server: CPU time, context switches and system calls
-# per request, for the master and for its workers apart, under wrk with `Connection: close`.
-#   benchmarks/cost_per_request.sh [--workers N] [--seconds S] [--connections C] SERVER...
-# SERVER: a hello_cluster policy (rr, none, reuseport, leastconn, sticky) or raw-rr / raw-none
-# (raw_rr_server: no framework). Each is started in a session of its own (setsid, as
-# policy_bench does), warmed up for a second, then measured with `perf stat -p` on the master
-# and on its workers while wrk runs (both need root or perf_event_paranoid <= 1 for the
-# syscall tracepoints). The figures divide by the requests wrk completed in that time.
+# per request, for the master and for its workers apart, under wrk with `Connection: close`
+# (or keep-alive: --keep-alive).
+#   benchmarks/cost_per_request.sh [--workers N] [--seconds S] [--connections C] [--keep-alive] SERVER...
+# SERVER: a hello_cluster policy (rr, none, reuseport, leastconn, sticky), raw-rr / raw-none
+# (raw_rr_server: no framework) or nginx (`listen reuseport`, `return 200`, as policy_bench
+# configures it). Each is started in a session of its own (setsid, as policy_bench does),
+# warmed up for a second, then measured with `perf stat -p` on the master and on its workers
+# while wrk runs (root, or perf_event_paranoid <= 1, for the syscall tracepoints). The figures
+# divide by the requests wrk completed in that time.
 # Needs wrk and perf (apt-get install wrk linux-perf) and a release build:
 #   meson setup build-release --buildtype=release
 #   ninja -C build-release examples/hello_cluster benchmarks/raw_rr_server
@@ -14,14 +16,15 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 build=${BUILD:-$here/../build-release}
-workers=2 seconds=4 connections=64
+workers=2 seconds=4 connections=64 close=(-H "Connection: close")
 servers=()
 while (($#)); do
   case $1 in
     --workers) workers=$2; shift 2 ;;
     --seconds) seconds=$2; shift 2 ;;
     --connections) connections=$2; shift 2 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    --keep-alive) close=(); shift ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) servers+=("$1"); shift ;;
   esac
 done
@@ -45,25 +48,54 @@ for s in "${servers[@]}"; do
   port=$((20000 + RANDOM % 20000))
   case $s in
     raw-rr|raw-none) cmd=("$build/benchmarks/raw_rr_server" --workers "$workers" --port "$port" --policy "${s#raw-}") ;;
+    nginx)
+      mkdir -p "$tmp/nginx"
+      cat >"$tmp/nginx/nginx.conf" <<EOF
+worker_processes $workers;
+daemon off;
+master_process on;
+pid $tmp/nginx/nginx.pid;
+error_log $tmp/nginx/error.log warn;
+events { worker_connections $((connections * 4 > 4096 ? connections * 4 : 4096)); }
+http {
+  access_log off;
+  default_type text/plain;
+  client_body_temp_path $tmp/nginx/client_body;
+  proxy_temp_path $tmp/nginx/proxy;
+  fastcgi_temp_path $tmp/nginx/fastcgi;
+  uwsgi_temp_path $tmp/nginx/uwsgi;
+  scgi_temp_path $tmp/nginx/scgi;
+  keepalive_requests 1000000000;
+  server {
+    listen 127.0.0.1:$port reuseport;
+    location / { return 200 "hello\n"; }
+  }
+}
+EOF
+      cmd=(nginx -c "$tmp/nginx/nginx.conf" -p "$tmp/nginx" -e "$tmp/nginx/error.log") ;;
     *) cmd=("$build/examples/hello_cluster" --workers "$workers" --port "$port" --policy "$s") ;;
   esac
   setsid "${cmd[@]}" >"$tmp/out" 2>&1 &
   server_pid=$!
-  for _ in $(seq 100); do grep -q "listening on" "$tmp/out" 2>/dev/null && break; sleep 0.1; done
-  grep -q "listening on" "$tmp/out" || { echo "$s: did not start: $(cat "$tmp/out")" >&2; exit 1; }
+  ready() {
+    if [[ $s == nginx ]]; then (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; else grep -q "listening on" "$tmp/out"; fi
+  }
+  for _ in $(seq 100); do ready && break; sleep 0.1; done
+  ready || { echo "$s: did not start: $(cat "$tmp/out")" >&2; exit 1; }
+  sleep 0.2  # (nginx: its workers start after the master's socket listens)
   kids=$(pgrep -P "$server_pid" | paste -sd,)
-  wrk -t2 -c"$connections" -d1s -H "Connection: close" "http://127.0.0.1:$port/" >/dev/null  # warm-up
+  wrk -t2 -c"$connections" -d1s "${close[@]}" "http://127.0.0.1:$port/" >/dev/null  # warm-up
   perf stat -e "$events" -p "$server_pid" -o "$tmp/master" -- sleep "$seconds" &
   p1=$!
   perf stat -e "$events" -p "$kids" -o "$tmp/workers" -- sleep "$seconds" &
   p2=$!
-  wrk -t2 -c"$connections" -d"${seconds}s" -H "Connection: close" "http://127.0.0.1:$port/" >"$tmp/wrk"
+  wrk -t2 -c"$connections" -d"${seconds}s" "${close[@]}" "http://127.0.0.1:$port/" >"$tmp/wrk"
   wait $p1 $p2
   kill -KILL -- "-$server_pid" 2>/dev/null || true
   wait "$server_pid" 2>/dev/null || true
   server_pid=
   requests=$(awk '/requests in/ {print $1}' "$tmp/wrk")
-  echo "== $s: $workers workers, $requests requests in ${seconds} s ($(awk '/Requests\/sec/ {print $2}' "$tmp/wrk")/s)"
+  echo "== $s: $workers workers, $connections connections$([[ ${#close[@]} == 0 ]] && echo ", keep-alive"), $requests requests in ${seconds} s ($(awk '/Requests\/sec/ {print $2}' "$tmp/wrk")/s)"
   for who in master workers; do
     awk -v r="$requests" -v who="$who" '
       { gsub(",", "", $1) }
