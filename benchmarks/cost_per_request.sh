@@ -7,8 +7,9 @@
 # (raw_rr_server: no framework) or nginx (`listen reuseport`, `return 200`, as policy_bench
 # configures it). Each is started in a session of its own (setsid, as policy_bench does),
 # warmed up for a second, then measured with `perf stat -p` on the master and on its workers
-# while wrk runs (root, or perf_event_paranoid <= 1, for the syscall tracepoints). The figures
-# divide by the requests wrk completed in that time.
+# while wrk runs (as root: the syscall tracepoints are in tracefs; their names are x86-64's).
+# The figures divide by the requests wrk completed: all system calls (raw_syscalls), then the
+# ones named below. Whole seconds only (wrk's -d).
 # Needs wrk and perf (apt-get install wrk linux-perf) and a release build:
 #   meson setup build-release --buildtype=release
 #   ninja -C build-release examples/hello_cluster benchmarks/raw_rr_server
@@ -24,7 +25,7 @@ while (($#)); do
     --seconds) seconds=$2; shift 2 ;;
     --connections) connections=$2; shift 2 ;;
     --keep-alive) close=(); shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) servers+=("$1"); shift ;;
   esac
 done
@@ -34,7 +35,8 @@ for tool in wrk perf; do
 done
 
 calls=(epoll_wait epoll_ctl accept4 recvmsg sendmsg recvfrom sendto read write writev close newfstatat)
-events=task-clock,context-switches
+export LC_ALL=C  # perf's and awk's numbers without thousands separators of a locale
+events=task-clock,context-switches,raw_syscalls:sys_enter
 for c in "${calls[@]}"; do events+=,syscalls:sys_enter_$c; done
 tmp=$(mktemp -d)
 server_pid=
@@ -78,23 +80,36 @@ EOF
   setsid "${cmd[@]}" >"$tmp/out" 2>&1 &
   server_pid=$!
   ready() {
+    kill -0 "$server_pid" 2>/dev/null || return 1
     if [[ $s == nginx ]]; then (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; else grep -q "listening on" "$tmp/out"; fi
   }
+  failed() {
+    echo "$s: $1" >&2
+    cat "$tmp/out" "$tmp/nginx/error.log" 2>/dev/null >&2
+    exit 1
+  }
   for _ in $(seq 100); do ready && break; sleep 0.1; done
-  ready || { echo "$s: did not start: $(cat "$tmp/out")" >&2; exit 1; }
+  ready || failed "did not start"
   sleep 0.2  # (nginx: its workers start after the master's socket listens)
-  kids=$(pgrep -P "$server_pid" | paste -sd,)
+  kids=$(pgrep -P "$server_pid" | paste -sd,) || true
+  [[ -n $kids ]] || failed "no worker processes (the port taken? try again)"
   wrk -t2 -c"$connections" -d1s "${close[@]}" "http://127.0.0.1:$port/" >/dev/null  # warm-up
-  perf stat -e "$events" -p "$server_pid" -o "$tmp/master" -- sleep "$seconds" &
+  # perf counts a little longer than wrk runs (an idle server adds next to nothing), so that
+  # none of wrk's requests falls outside it.
+  perf stat -e "$events" -p "$server_pid" -o "$tmp/master" -- sleep $((seconds + 1)) &
   p1=$!
-  perf stat -e "$events" -p "$kids" -o "$tmp/workers" -- sleep "$seconds" &
+  perf stat -e "$events" -p "$kids" -o "$tmp/workers" -- sleep $((seconds + 1)) &
   p2=$!
-  wrk -t2 -c"$connections" -d"${seconds}s" "${close[@]}" "http://127.0.0.1:$port/" >"$tmp/wrk"
-  wait $p1 $p2
+  sleep 0.3
+  wrk -t2 -c"$connections" -d"${seconds}s" "${close[@]}" "http://127.0.0.1:$port/" >"$tmp/wrk" || failed "wrk failed"
+  wait "$p1" || failed "perf stat failed on the master"
+  wait "$p2" || failed "perf stat failed on the workers"
   kill -KILL -- "-$server_pid" 2>/dev/null || true
   wait "$server_pid" 2>/dev/null || true
   server_pid=
   requests=$(awk '/requests in/ {print $1}' "$tmp/wrk")
+  [[ ${requests:-0} -gt 0 ]] || failed "wrk completed no request"
+  if grep -qE "Socket errors|Non-2xx" "$tmp/wrk"; then echo "$s: wrk: $(grep -E "Socket errors|Non-2xx" "$tmp/wrk" | paste -sd' ')" >&2; fi
   echo "== $s: $workers workers, $connections connections$([[ ${#close[@]} == 0 ]] && echo ", keep-alive"), $requests requests in ${seconds} s ($(awk '/Requests\/sec/ {print $2}' "$tmp/wrk")/s)"
   for who in master workers; do
     awk -v r="$requests" -v who="$who" '
@@ -102,10 +117,11 @@ EOF
       $1 !~ /^[0-9.]+$/ { next }  # <not counted>: a process with nothing to do (ReusePort'"'"'s master)
       /task-clock/ { cpu = $1 }
       /context-switches/ { cs = $1 }
-      /syscalls:sys_enter_/ { if ($1 > 0) { n = $2; sub("syscalls:sys_enter_", "", n); line = line sprintf(" %s %.2f", n, $1 / r); total += $1 } }
+      /raw_syscalls:sys_enter/ { all = $1; next }
+      /syscalls:sys_enter_/ { if ($1 > 0) { n = $2; sub("syscalls:sys_enter_", "", n); line = line sprintf(" %s %.2f", n, $1 / r) } }
       END {
         printf "  %-8s CPU %6.1f us/request, context switches %.2f\n", who, cpu * 1000 / r, cs / r
-        printf "           system calls per request %.2f:%s\n", total / r, line
+        printf "           system calls per request %.2f, of which%s\n", all / r, line
       }' "$tmp/$who"
   done
 done

@@ -548,11 +548,6 @@ struct Tally {
     ++unfinished;
     us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - due).count());
   }
-  // One not started because `limit` connections were open already.
-  void record_over_limit(const Load& load, Clock::time_point due, long limit) {
-    if (due < load.measure_from || due >= load.stop_at) return;
-    if (errors++ == 0) first_error = fmt::format("client limit: {} connections open at once", limit);
-  }
   long completed = 0, unfinished = 0;
   std::vector<double> late_us;  // how late each connection due in the window started (client lag)
 };
@@ -638,9 +633,9 @@ awaitable<void> close_loop(const Load& load, std::size_t loop, Tally& tally) {
 // --rate: connections started on a schedule, one every `period` from `first` on, whether or
 // not the earlier ones have ended (open loop: a server that stalls meets the same arrivals as
 // one that does not, as long as the client keeps up: Tally::late_us says how late each
-// started). At most `limit` open at once: one due beyond that is an error. Each counts from
-// when it was due (Tally::record_due); one never started when the client stops waiting (more
-// than 5 s behind) counts as unfinished.
+// started). At most `limit` open at once: one due beyond that starts when one ends, late and
+// still timed from when it was due. Each counts from when it was due (Tally::record_due); one
+// never started when the client stops waiting (more than 5 s behind) counts as unfinished.
 awaitable<void> open_loop(const Load& load, Clock::duration period, Clock::time_point first, std::size_t loop,
                           long limit, Tally& tally, long& open) {
   const auto ex = co_await asio::this_coro::executor;
@@ -662,12 +657,12 @@ awaitable<void> open_loop(const Load& load, Clock::duration period, Clock::time_
     } else {
       co_await asio::post(ex, use_awaitable);  // behind schedule: let the open ones move meanwhile
     }
+    while (open >= limit) {  // the client's own limit: it falls behind, and says so (late_us)
+      timer.expires_after(1ms);
+      co_await timer.async_wait(use_awaitable);
+    }
     if (due >= load.measure_from)
       tally.late_us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - due).count());
-    if (open >= limit) {
-      tally.record_over_limit(load, due, limit);
-      continue;
-    }
     ++open;
     asio::co_spawn(
         ex,
@@ -744,8 +739,8 @@ ModeResult run_load(int port, bool close, const Options& opt) {
   load.measure_from = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(opt.warmup));
   load.stop_at = load.measure_from + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(opt.duration));
 
-  const int threads = std::clamp(opt.client_threads, 1, opt.concurrency);
   const bool open = close && opt.rate > 0;
+  const int threads = open ? std::max(opt.client_threads, 1) : std::clamp(opt.client_threads, 1, opt.concurrency);
   if (open) load.loops = static_cast<std::size_t>(threads);  // thread t's kth takes address t + k*threads
   // One schedule, the threads' dues interleaved: thread t's are start + (t + k*threads)/rate.
   const auto start = Clock::now();
@@ -1636,6 +1631,12 @@ int main(int argc, char** argv) {
     return usage(argv[0]);
 
   install_cleanup();
+  // Every fd the hard limit allows: an open loop keeps a connection open per arrival the
+  // server has not answered yet.
+  if (rlimit fds{}; ::getrlimit(RLIMIT_NOFILE, &fds) == 0 && fds.rlim_cur < fds.rlim_max) {
+    fds.rlim_cur = fds.rlim_max;
+    ::setrlimit(RLIMIT_NOFILE, &fds);
+  }
   // wrk connects from one address and cannot stall: the built-in client only for these runs.
   const auto wrk = opt.stalled ? std::nullopt : find_program("wrk");
   std::vector<std::vector<Result>> runs(static_cast<std::size_t>(opt.runs));
