@@ -518,12 +518,7 @@ struct Tally {
   void record(const Load& load, Clock::time_point t0, const asio::error_code& ec) {
     const auto t1 = Clock::now();
     if (t1 < load.measure_from || t1 >= load.stop_at) return;
-    if (ec) {
-      if (errors++ == 0) first_error = ec.message();
-      return;
-    }
-    ++done;
-    us.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
+    count(t0, t1, ec);
   }
 
   // Open loop (--rate): a connection's latency runs from when it was due, not from when it
@@ -534,12 +529,7 @@ struct Tally {
     const auto t1 = Clock::now();
     if (!ec && t1 >= load.measure_from && t1 < load.stop_at) ++completed;
     if (due < load.measure_from || due >= load.stop_at) return;
-    if (ec) {
-      if (errors++ == 0) first_error = ec.message();
-      return;
-    }
-    ++done;
-    us.push_back(std::chrono::duration<double, std::micro>(t1 - due).count());
+    count(due, t1, ec);
   }
   // One not ended, or never started, when the client stopped waiting: a sample, with its
   // wait so far (at least 5 s), and counted apart.
@@ -550,6 +540,17 @@ struct Tally {
   }
   long completed = 0, unfinished = 0;
   std::vector<double> late_us;  // how late each connection due in the window started (client lag)
+
+ private:
+  // One measured connection: an error, or a latency from `from` to `to`.
+  void count(Clock::time_point from, Clock::time_point to, const asio::error_code& ec) {
+    if (ec) {
+      if (errors++ == 0) first_error = ec.message();
+      return;
+    }
+    ++done;
+    us.push_back(std::chrono::duration<double, std::micro>(to - from).count());
+  }
 };
 
 asio::error_code bad_response() { return std::make_error_code(std::errc::protocol_error); }
