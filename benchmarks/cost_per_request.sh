@@ -12,7 +12,7 @@
 # ones named below. Whole seconds only (wrk's -d).
 # Needs wrk and perf (apt-get install wrk linux-perf) and a release build:
 #   meson setup build-release --buildtype=release
-#   ninja -C build-release examples/hello_cluster benchmarks/raw_rr_server
+#   ninja -C build-release examples/hello_cluster benchmarks/raw_rr_server benchmarks/policy_bench
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -50,30 +50,10 @@ for s in "${servers[@]}"; do
   port=$((20000 + RANDOM % 20000))
   case $s in
     raw-rr|raw-none) cmd=("$build/benchmarks/raw_rr_server" --workers "$workers" --port "$port" --policy "${s#raw-}") ;;
-    nginx)
+    nginx)  # the configuration policy_bench compares against
       mkdir -p "$tmp/nginx"
-      cat >"$tmp/nginx/nginx.conf" <<EOF
-worker_processes $workers;
-daemon off;
-master_process on;
-pid $tmp/nginx/nginx.pid;
-error_log $tmp/nginx/error.log warn;
-events { worker_connections $((connections * 4 > 4096 ? connections * 4 : 4096)); }
-http {
-  access_log off;
-  default_type text/plain;
-  client_body_temp_path $tmp/nginx/client_body;
-  proxy_temp_path $tmp/nginx/proxy;
-  fastcgi_temp_path $tmp/nginx/fastcgi;
-  uwsgi_temp_path $tmp/nginx/uwsgi;
-  scgi_temp_path $tmp/nginx/scgi;
-  keepalive_requests 1000000000;
-  server {
-    listen 127.0.0.1:$port reuseport;
-    location / { return 200 "hello\n"; }
-  }
-}
-EOF
+      "$build/benchmarks/policy_bench" --nginx-conf "$port" --workers "$workers" --concurrency "$connections" \
+        >"$tmp/nginx/nginx.conf"
       cmd=(nginx -c "$tmp/nginx/nginx.conf" -p "$tmp/nginx" -e "$tmp/nginx/error.log") ;;
     *) cmd=("$build/examples/hello_cluster" --workers "$workers" --port "$port" --policy "$s") ;;
   esac

@@ -111,6 +111,7 @@ struct Options {
   std::vector<int> rr_windows{1};       // --rr-windows: a cocluster-rr-wN server for each N (1: Node's)
   std::string svg;                      // --svg FILE: the chart
   std::string hello_cluster, node_script, raw_server;
+  int nginx_conf_port = 0;  // --nginx-conf PORT: print nginx's configuration and exit
 };
 
 // Nearest-rank percentile.
@@ -333,15 +334,11 @@ struct Config {
   bool nginx = false;
 };
 
-// nginx's counterpart of the common command line: a configuration in a temporary prefix.
-class NginxPrefix {
- public:
-  NginxPrefix(int workers, int port, int connections) {
-    char tmpl[] = "/tmp/policy_bench.XXXXXX";
-    if (!::mkdtemp(tmpl)) fail("mkdtemp");
-    dir_ = tmpl;
-    std::ofstream conf(conf_path());
-    conf << fmt::format(R"(worker_processes {0};
+// nginx's counterpart of the common command line: its configuration, with every path in
+// `dir` (benchmarks/cost_per_request.sh takes it from --nginx-conf, with `dir` ".": nginx
+// resolves a relative path against its prefix, -p).
+std::string nginx_conf(int workers, int port, int concurrency, const std::string& dir) {
+  return fmt::format(R"(worker_processes {0};
 daemon off;
 master_process on;
 pid {1}/nginx.pid;
@@ -362,7 +359,18 @@ http {{
   }}
 }}
 )",
-                        workers, dir_, connections, port);
+                     workers, dir, std::max(4096, 4 * concurrency), port);
+}
+
+// That configuration in a temporary prefix.
+class NginxPrefix {
+ public:
+  NginxPrefix(int workers, int port, int concurrency) {
+    char tmpl[] = "/tmp/policy_bench.XXXXXX";
+    if (!::mkdtemp(tmpl)) fail("mkdtemp");
+    dir_ = tmpl;
+    std::ofstream conf(conf_path());
+    conf << nginx_conf(workers, port, concurrency, dir_);
   }
   NginxPrefix(const NginxPrefix&) = delete;
   NginxPrefix& operator=(const NginxPrefix&) = delete;
@@ -386,7 +394,7 @@ class Server {
   Server(const Config& config, const Options& opt) : config_(config), port_(free_port()) {
     std::vector<std::string> args = config.argv;
     if (config.nginx) {
-      nginx_.emplace(opt.workers, port_, std::max(4096, 4 * opt.concurrency));
+      nginx_.emplace(opt.workers, port_, opt.concurrency);
       args.insert(args.end(), {"-c", nginx_->conf_path(), "-p", nginx_->dir(), "-e", nginx_->dir() + "/error.log"});
     } else {
       args.insert(args.end(), {"--workers", std::to_string(opt.workers), "--port", std::to_string(port_), "--policy",
@@ -1562,6 +1570,8 @@ int usage(const char* argv0, bool asked = false) {
              "       [--only=cocluster,node,nginx,raw or full names like raw-rr] [--sources N] [--stalled]\n"
              "       [--rate R] [--runs N] [--svg FILE] [--rr-windows N,N] [--hello-cluster=PATH]\n"
              "       [--node-script=PATH] [--raw-server=PATH]\n"
+             "  --nginx-conf PORT  print the nginx configuration the comparison uses (--workers, --concurrency;\n"
+             "               paths relative to nginx's -p prefix) and exit\n"
              "  --rate R     the close mode offers R connections/s, each started when due whatever the ones\n"
              "               before it do, its latency from when it was due (open loop; 0: --concurrency loops)\n"
              "  --sources N  the built-in client connects from 127.0.0.1 and the N-1 addresses after it, in turn\n"
@@ -1625,12 +1635,17 @@ int main(int argc, char** argv) {
     else if (takes("--hello-cluster")) opt.hello_cluster = value;
     else if (takes("--node-script")) opt.node_script = value;
     else if (takes("--raw-server")) opt.raw_server = value;
+    else if (takes("--nginx-conf")) opt.nginx_conf_port = std::atoi(value.c_str());
     else return usage(argv[0]);
   }
   if (opt.concurrency < 1 || opt.duration <= 0 || opt.workers < 1 || opt.client_threads < 1 || opt.sources < 1 ||
       opt.sources > 65535 || opt.runs < 1 || opt.warmup < 0)
     return usage(argv[0]);
 
+  if (opt.nginx_conf_port > 0) {  // --workers and --concurrency apply; paths relative to nginx's prefix
+    fmt::print("{}", nginx_conf(opt.workers, opt.nginx_conf_port, opt.concurrency, "."));
+    return 0;
+  }
   install_cleanup();
   // Every fd the hard limit allows: an open loop keeps a connection open per arrival the
   // server has not answered yet.
