@@ -343,24 +343,25 @@ class Worker : public std::enable_shared_from_this<Worker> {
     self->on_channel_end(end);
   }
 
+  // One read_channel over the channel (read_loop() holds this worker meanwhile).
   asio::awaitable<std::error_code> read_messages() {
-    auto self = shared_from_this();
     co_return co_await detail::read_channel(
-        self->channel_, self->messages_, fmt::format("worker {} (pid {})", self->id_, self->pid()),
-        [&](const ipc::Envelope& e) {
-          self->reading_resumed();
-          return self->on_internal(e);
+        channel_, messages_, fmt::format("worker {} (pid {})", id_, pid()),
+        [this](const ipc::Envelope& e) {
+          reading_resumed();
+          return on_internal(e);
         },
-        [&] {
-          self->reading_resumed();
-          self->emit(EventType::message);
+        [this] {
+          reading_resumed();
+          emit(EventType::message);
         },
-        [&] {
-          self->reading_paused_ = true;
-          detail::debug("Worker {}: {} unread messages ({} bytes); reading paused until the master receives",
-                        self->pid(), self->messages_.size(), self->messages_.weight());
+        [this] {
+          reading_paused_ = true;
+          detail::debug("Worker {}: {} unread messages ({} bytes); reading paused until the master receives", pid(),
+                        messages_.size(), messages_.weight());
         });
   }
+
 
   // The worker's internal messages: lifecycle ones here, listening ones straight to the
   // master's listener table (which answers through this worker's link).
