@@ -768,6 +768,71 @@ static_assert(!cocluster::Policy<int>);
 
 }  // namespace
 
+namespace {
+
+// A user's policy for TCP only: it throws for a Unix path.
+struct TcpOnly {
+  std::shared_ptr<Listener> make_listener(ListenerArgs args) const {
+    if (args.address.type == AddressType::unix_path)
+      throw std::invalid_argument("TcpOnly serves TCP, not " + args.address.address);
+    return RoundRobin{}.make_listener(std::move(args));
+  }
+};
+
+}  // namespace
+
+TEST_CASE("a policy that throws for an address: the worker's listen() fails with ENOTSUP, the log says why, the master carries on") {
+  std::string log;
+  set_log_sink([&log](LogLevel, std::string_view line) { log.append(line).append("\n"); });
+  struct restore_log {
+    ~restore_log() { set_log_sink({}); }
+  } restore;
+  const auto dir = std::filesystem::temp_directory_path() / ("cocluster-test-tcponly-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  const auto path = dir / "server.sock";
+  run_bounded([&](asio::io_context& io) -> awaitable<void> {
+    Settings settings;
+    settings.cwd = dir.string();
+    Master<TcpOnly> master(io.get_executor(), settings);
+    auto c = co_await start(master, 1, listen_env("serve", "unix:server.sock"));
+    CHECK_MESSAGE(c.reports[0].rfind("error " + std::to_string(EOPNOTSUPP) + " ", 0) == 0, c.reports[0]);
+    CHECK_FALSE(std::filesystem::exists(path));  // the path the master bound for it is gone
+    // Again: the same error, not EADDRINUSE from a path left behind.
+    co_await c.workers[0]->send({"listen"});
+    const std::string again = (co_await c.workers[0]->receive()).data;
+    CHECK_MESSAGE(again.rfind("error " + std::to_string(EOPNOTSUPP) + " ", 0) == 0, again);
+    // TCP is served.
+    auto d = co_await start(master, 1, listen_env("serve", "tcp4:127.0.0.1:0"));
+    CHECK(co_await ask(tcp::endpoint(asio::ip::address_v4::loopback(), port_of(d.reports[0]))) == d.workers[0]->id());
+    co_await master.disconnect();
+  }, 60s);
+  std::filesystem::remove_all(dir);
+  CHECK_MESSAGE(log.find("the policy threw: TcpOnly serves TCP, not " + path.string() + "; listen() fails with ENOTSUP") !=
+                    std::string::npos,
+                log);
+}
+
+TEST_CASE("Sticky on a Unix socket: it serves, and the log says every connection goes to one worker") {
+  std::string log;
+  set_log_sink([&log](LogLevel, std::string_view line) { log.append(line).append("\n"); });
+  struct restore_log {
+    ~restore_log() { set_log_sink({}); }
+  } restore;
+  const auto dir = std::filesystem::temp_directory_path() / ("cocluster-test-sticky-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  run_bounded([&](asio::io_context& io) -> awaitable<void> {
+    Settings settings;
+    settings.cwd = dir.string();
+    Master<Sticky> master(io.get_executor(), settings);
+    auto c = co_await start(master, 2, listen_env("serve", "unix:server.sock"));
+    auto served = co_await ask_many(local_stream::endpoint((dir / "server.sock").string()), 10, 1);
+    CHECK(served.size() == 1);  // one worker answered all
+    co_await master.disconnect();
+  }, 60s);
+  std::filesystem::remove_all(dir);
+  CHECK_MESSAGE(log.find("Sticky on a Unix socket sends every connection to one worker") != std::string::npos, log);
+}
+
 TEST_CASE("a policy written outside the library: every connection to the lowest worker id, then to the next when it leaves") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<LowestId> master(io.get_executor());

@@ -463,6 +463,37 @@ TEST_CASE("Dispatch: a routing function that throws has its connection closed, a
   });
 }
 
+TEST_CASE("Dispatch naming an id no worker can have, or a worker not listening here: the log says so") {
+  std::string log;
+  set_log_sink([&log](LogLevel, std::string_view line) { log.append(line).append("\n"); });
+  struct restore_log {
+    ~restore_log() { set_log_sink({}); }
+  } restore;
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    // 127.0.0.2: worker -2 (no such id: closed); 127.0.0.3: worker 7 (none: waits); else worker 1.
+    auto route = [](const Remote& r, const HandoffListener::Members&) {
+      const int octet = r.address().to_v4().to_bytes()[3];
+      return octet == 2 ? -2 : octet == 3 ? 7 : 1;
+    };
+    Master<Dispatch<decltype(route)>> master(io.get_executor(), {}, Dispatch(route));
+    auto [workers, where] = co_await start_serving(master, 1);
+    CHECK(co_await ask_from(loopback(2), where) == 0);  // closed unanswered
+    tcp::socket waiting(io);
+    waiting.open(tcp::v4());
+    waiting.bind(tcp::endpoint(loopback(3), 0));
+    co_await waiting.async_connect(where, use_awaitable);
+    // Connected after it, so accepted after it: worker 1's client is served meanwhile.
+    CHECK(co_await ask_from(loopback(1), where) == 1);
+    co_await master.disconnect();  // (the waiting one is closed with the listener)
+  });
+  CHECK_MESSAGE(log.find("closing a connection: the policy named worker -2, and worker ids are positive") !=
+                    std::string::npos,
+                log);
+  CHECK_MESSAGE(log.find("connections wait for worker 7, which does not listen on it (not there yet, or gone)") !=
+                    std::string::npos,
+                log);
+}
+
 TEST_CASE("Sticky: 1,000 connections from 10 addresses each stay on one worker; a SIGKILLed worker moves only its own clients") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<Sticky> master(io.get_executor());

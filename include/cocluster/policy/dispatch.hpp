@@ -15,8 +15,10 @@
 // worker id from `live`. A worker whose window is full, 0 or an id not (yet) in `live` keeps
 // the connection waiting in the master, in order, at most HandoffListener::max_waiting_per_worker
 // per id: one more is closed, with a log line (F sees each worker's in_flight and can route
-// around a full one). HandoffListener::refuse closes it at once. If F throws, the connection
-// is closed and the exception's what() logged; the master carries on.
+// around a full one); the first to wait for an id that does not listen here is logged too.
+// HandoffListener::refuse closes it at once, and so does any other id below 0 (with a log
+// line: no worker has one). If F throws, the connection is closed and the exception's what()
+// logged; the master carries on.
 #pragma once
 
 #include "cocluster/detail/config.hpp"

@@ -119,7 +119,8 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
         tag_(detail::connection_tag(address_.type)),
         closing_log_(args.executor),
         accept_log_(args.executor),
-        full_log_(args.executor) {
+        full_log_(args.executor),
+        absent_log_(args.executor) {
     socket_.assign(args.socket.get());
     (void)args.socket.release();
   }
@@ -217,6 +218,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     closing_log_.flush();  // the connections closed since its last line, counted now
     accept_log_.flush();
     full_log_.flush();
+    absent_log_.flush();
     any_ = {};
     lines_.clear();
     held_ = 0;
@@ -427,6 +429,16 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
       hand_off(id, c);
       return std::nullopt;
     }
+    if (id < 0 && id != refuse) {  // no worker can ever have it: said, and closed
+      closing_log_.error("listener {}:{}: closing a connection: the policy named worker {}, and worker ids are positive",
+                         address_.address, address_.port, id);
+      c = {};
+      return std::nullopt;
+    }
+    if (id > 0 && !links_.count(id) && !lines_.count(id))  // the first to wait for a worker not listening here
+      absent_log_.error("listener {}:{}: connections wait for worker {}, which does not listen on it (not there yet, "
+                        "or gone): at most {}, then one more is closed",
+                        address_.address, address_.port, id, max_waiting_per_worker);
     if (id == refuse || (!c.given_back && waiting_for(id) >= max_waiting_per_worker)) {
       // (Formatted only when written: under overload most of these lines are left out.)
       if (id == refuse)
@@ -656,6 +668,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   detail::rate_limited_log closing_log_;     // "closing a connection": once a second at most under overload
   detail::rate_limited_log accept_log_;      // accept errors: the same
   detail::rate_limited_log full_log_;        // accepting waits for room in the master: the same
+  detail::rate_limited_log absent_log_;      // connections begin to wait for a worker not listening here
   bool full_ = false;                        // max_waiting connections held when accept_now() last looked
 };
 

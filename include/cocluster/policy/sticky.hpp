@@ -9,7 +9,8 @@
 // clients wait for it, up to HandoffListener::max_waiting_per_worker; past that they go to
 // their next worker in the ranking, and so do the clients of a worker that rests after it
 // refused a connection for want of an fd (HandoffListener::refusal_rest, 100 ms). Peers of a
-// Unix socket have no address: all share one worker. The master accepts and hands off as RoundRobin does.
+// Unix socket have no address: all share one worker (said in the log when the listener is
+// made). The master accepts and hands off as RoundRobin does.
 #pragma once
 
 #include "cocluster/detail/config.hpp"
@@ -20,6 +21,7 @@
 #include <memory>
 #include <string_view>
 
+#include "cocluster/detail/log.hpp"
 #include "cocluster/policy/handoff_listener.hpp"
 #include "cocluster/policy/policy.hpp"
 #include "cocluster/policy/remote.hpp"
@@ -83,6 +85,10 @@ struct Sticky {
   std::size_t window = 8;
 
   std::shared_ptr<Listener> make_listener(ListenerArgs args) const {
+    if (args.address.type == AddressType::unix_path)  // works, but is likely not what was meant: said
+      detail::log_error("listener for {}: Sticky on a Unix socket sends every connection to one worker (its peers "
+                        "have no address to hash); the others take some only while {} wait for it",
+                        args.key, HandoffListener::max_waiting_per_worker);
     return std::make_shared<detail::sticky_listener>(std::move(args), std::max<std::size_t>(window, 1));
   }
 };

@@ -9,11 +9,13 @@
 
 #include <fmt/core.h>
 
+#include <exception>
 #include <functional>
 #include <map>
 #include <memory>
 #include <optional>
 #include <string>
+#include <system_error>
 
 #include "cocluster/detail/log.hpp"
 #include "cocluster/detail/master/sockets.hpp"
@@ -176,10 +178,20 @@ class listener_table {
     const std::uint32_t id = ++last_id_;
     ListenerArgs args{ex_, id, key, address, std::move(fd), r.backlog, adopted};
     std::shared_ptr<Listener> listener;
+    // A policy that cannot serve this address (a user's, for a protocol it does not support)
+    // throws or makes none: the worker's listen() fails (the master carries on), and the log
+    // says why.
     try {
       listener = is_datagram(type) ? SharedSocket{}.make_listener(std::move(args)) : make_(std::move(args));
+      if (!listener) log_error("listener for {}: the policy made none; listen() fails with ENOTSUP", key);
     } catch (const std::system_error& e) {  // e.g. registering the socket with the reactor
       ec = e.code();
+      debug("listener for {}: {}", key, e.what());
+    } catch (const std::exception& e) {
+      log_error("listener for {}: the policy threw: {}; listen() fails with ENOTSUP", key, e.what());
+    } catch (...) {
+      log_error("listener for {}: the policy threw an exception that is no std::exception; listen() fails with ENOTSUP",
+                key);
     }
     if (!listener) {
       if (!ec) ec = std::make_error_code(std::errc::operation_not_supported);
