@@ -29,7 +29,7 @@ using as_tuple_t = cocluster::detail::as_tuple_t<asio::use_awaitable_t<>>;
 
 namespace {
 
-// TEST_LISTEN: "tcp4:ADDR:PORT", "tcp6:ADDR:PORT", "udp4:ADDR:PORT", "unix:PATH", "fd:N".
+// TEST_LISTEN: "tcp4:ADDR:PORT", "tcp6:ADDR:PORT", "udp4:ADDR:PORT", "unix:PATH" ("unix:@NAME": abstract), "fd:N".
 struct target {
   std::string kind, address;
   unsigned short port = 0;
@@ -42,6 +42,7 @@ target parse_target(std::string spec) {
   std::string rest = spec.substr(colon + 1);
   if (t.kind == "unix" || t.kind == "fd") {
     t.address = rest;
+    if (t.kind == "unix" && !rest.empty() && rest[0] == '@') t.address[0] = '\0';  // an abstract name, as ss shows it
     return t;
   }
   auto last = rest.rfind(':');
@@ -183,6 +184,34 @@ int run_listen_worker(bool stall) {
 WORKER_SCENARIO(serve) { return run_listen_worker(false); }
 // The same, but never accepts.
 WORKER_SCENARIO(stall) { return run_listen_worker(true); }
+
+// Listens on TEST_LISTEN (a TCP port another process holds) with an error_code token, then
+// uses the Server it got: reports what listen() gave and what accept() and local_endpoint() did.
+WORKER_SCENARIO(use_failed_server) {
+  asio::io_context io;
+  this_worker.start(io.get_executor());
+  asio::co_spawn(io, []() -> awaitable<void> {
+    const target t = parse_target(std::getenv("TEST_LISTEN"));
+    auto [ec, server] =
+        co_await this_worker.listen(tcp::endpoint(asio::ip::make_address(t.address), t.port), {}, as_tuple_t{});
+    std::string report = "listen " + std::to_string(ec.value());
+    try {
+      (void)co_await server.accept(as_tuple_t{});
+      report += "; accept completed";
+    } catch (const std::system_error& e) {
+      report += "; accept: " + std::to_string(e.code().value()) + " " + e.what();
+    }
+    try {
+      (void)server.local_endpoint();
+      report += "; local_endpoint returned";
+    } catch (const std::system_error& e) {
+      report += "; local_endpoint: " + std::string(e.what());
+    }
+    co_await this_worker.send({report});
+  }, asio::detached);
+  io.run();
+  return 0;
+}
 
 // ---- the master side: the tests ----
 
@@ -468,6 +497,37 @@ TEST_CASE("a port held by another process: the worker's listen() fails with EADD
       co_await c.workers[0]->exited();  // under SharedSocket the worker held a copy of the listener
       if (!shared) holder.emplace(taken);  // held again for the SharedSocket round
     }
+  }, 60s);
+}
+
+TEST_CASE("a Server whose listen() failed says so when used: accept() and local_endpoint() throw bad_descriptor") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    port_holder holder(0);
+    Master<RoundRobin> master(io.get_executor());
+    auto w = co_await master.fork(listen_env("use_failed_server", "tcp4:127.0.0.1:" + std::to_string(holder.port)));
+    const std::string report = (co_await w->receive()).data;
+    const std::string not_listening = "the server is not listening (its listen() failed, or it was moved from)";
+    CHECK_MESSAGE(report.rfind("listen " + std::to_string(EADDRINUSE) + "; accept: " + std::to_string(EBADF) +
+                                   " cocluster::Server::accept: " + not_listening,
+                               0) == 0,
+                  report);
+    CHECK_MESSAGE(report.find("; local_endpoint: cocluster::Server::local_endpoint: " + not_listening) != std::string::npos,
+                  report);
+    co_await master.disconnect();
+    CHECK((co_await w->exited()) == ExitStatus{0, 0});
+  }, 60s);
+}
+
+TEST_CASE("an abstract Unix socket name: the worker's listen() fails with EINVAL, and the master carries on") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<RoundRobin> master(io.get_executor());
+    auto& events = master.events();
+    auto c = co_await start(master, 1, listen_env("serve", "unix:@cocluster-test-" + std::to_string(::getpid())));
+    CHECK_MESSAGE(c.reports[0].rfind("error " + std::to_string(EINVAL) + " ", 0) == 0, c.reports[0]);
+    auto d = co_await start(master, 1, listen_env("serve", "tcp4:127.0.0.1:0"));
+    CHECK(co_await ask(tcp::endpoint(asio::ip::address_v4::loopback(), port_of(d.reports[0]))) == d.workers[0]->id());
+    while (events.pending() > 0) CHECK((co_await events.next()).type != EventType::error);
+    co_await master.disconnect();
   }, 60s);
 }
 

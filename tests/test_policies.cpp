@@ -494,6 +494,75 @@ TEST_CASE("Dispatch naming an id no worker can have, or a worker not listening h
                 log);
 }
 
+namespace {
+
+// Listens ("port N"), then accepts with a callback that throws on its first connection, out of
+// io.run(), which the scenario runs again after accepting anew; every other connection is
+// answered "worker <id>\n" and closed. On a strand: a callback runs as the connection is
+// delivered, and the exception goes through the delivery (an io_context's own executor would
+// catch it there and rethrow it from run(); a strand's dispatch does not).
+int accept_handler_throws_once() {
+  asio::io_context io;
+  auto strand = asio::make_strand(io);
+  this_worker.start(strand);
+  std::optional<cocluster::Server<tcp>> server;
+  bool thrown = false;
+  std::function<void()> arm = [&] {
+    server->accept([&](std::error_code ec, tcp::socket s) {
+      if (ec) return;
+      if (!std::exchange(thrown, true)) throw std::runtime_error("the user's accept handler failed");
+      const std::string reply = "worker " + std::to_string(this_worker.id()) + "\n";
+      std::error_code ignored;
+      asio::write(s, asio::buffer(reply), ignored);
+      arm();
+    });
+  };
+  asio::co_spawn(strand, [&]() -> awaitable<void> {
+    server.emplace(co_await listen_and_report_port());
+    arm();
+  }, asio::detached);
+  for (;;) {
+    try {
+      io.run();
+      return 0;
+    } catch (const std::runtime_error&) {
+      arm();
+      io.restart();
+    }
+  }
+}
+
+}  // namespace
+
+WORKER_SCENARIO(accept_handler_throws_once) { return accept_handler_throws_once(); }
+
+TEST_CASE("round robin: an accept handler that throws on the first of a batch of hand-offs strands none of the others") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<RoundRobin> master(io.get_executor());  // window 8: the 8 go out in one frame
+    auto w = co_await master.fork(scenario_env("accept_handler_throws_once"));
+    const tcp::endpoint where(loopback(1), reported_port((co_await w->receive()).data));
+    co_await w->listening();
+    // Connected without a turn of the loop in between: the master accepts all 8 at once.
+    std::vector<std::shared_ptr<tcp::socket>> clients;
+    for (int i = 0; i < 8; ++i) {
+      auto s = std::make_shared<tcp::socket>(io);
+      s->connect(where);
+      clients.push_back(s);
+    }
+    int answered = 0, unanswered = 0;
+    for (auto& s : clients) {
+      auto reply = std::make_shared<std::string>();
+      asio::async_read(*s, asio::dynamic_buffer(*reply), [&, s, reply](std::error_code, std::size_t) {
+        ++(*reply == "worker " + std::to_string(w->id()) + "\n" ? answered : unanswered);
+      });
+    }
+    co_await poll_until([&] { return answered + unanswered == 8; });
+    CHECK(answered == 7);  // the first was dropped by the handler that threw
+    CHECK(unanswered == 1);
+    co_await master.disconnect();
+  });
+}
+
 TEST_CASE("Sticky: 1,000 connections from 10 addresses each stay on one worker; a SIGKILLed worker moves only its own clients") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<Sticky> master(io.get_executor());

@@ -9,6 +9,7 @@
 #include "cocluster/detail/config.hpp"
 
 #include <asio/async_result.hpp>
+#include <asio/error.hpp>
 #include <asio/ip/tcp.hpp>
 #include <asio/ip/udp.hpp>
 #include <asio/local/stream_protocol.hpp>
@@ -16,6 +17,8 @@
 
 #include <memory>
 #include <optional>
+#include <string>
+#include <system_error>
 #include <type_traits>
 
 #include "cocluster/detail/worker/datagram_server.hpp"
@@ -58,6 +61,16 @@ class server_handle {
   }
 
  protected:
+  // The state, for an operation that needs it: a Server whose listen() failed (an error_code
+  // token gets one) or that was moved from has none, and says so instead of crashing.
+  State& state_for(const char* operation) const {
+    if (!s_)
+      throw std::system_error(asio::error::bad_descriptor,
+                              std::string("cocluster::Server::") + operation +
+                                  ": the server is not listening (its listen() failed, or it was moved from)");
+    return *s_;
+  }
+
   std::shared_ptr<State> s_;
 };
 
@@ -78,7 +91,8 @@ class Server : public detail::worker::server_handle<detail::worker::stream_serve
   explicit Server(std::shared_ptr<state> s) : detail::worker::server_handle<state>(std::move(s)) {}
 
   // The worker's executor, where accept() runs and connections are made.
-  executor_type get_executor() const noexcept { return s_->executor(); }
+  // (None, for a Server that is not listening.)
+  executor_type get_executor() const noexcept { return s_ ? s_->executor() : executor_type(); }
 
   // Node: server.on('connection'). The next connection, as an ordinary Asio socket on the
   // worker's executor.
@@ -93,12 +107,15 @@ class Server : public detail::worker::server_handle<detail::worker::stream_serve
   //   until it has a connection.
   //   Cancellation: per-operation, terminal: the accept completes with operation_aborted (a
   //   connection the master hands over later waits for the next accept()).
+  //   A Server that is not listening (its listen() failed, with an error_code token, or it was
+  //   moved from) throws std::system_error (bad_descriptor) here, before anything starts.
   // The socket is close-on-exec (programs the worker runs do not hold it open) and
   // non-blocking. A connection already waiting (handed over, or in the socket's backlog)
   // completes a coroutine's accept() without a trip through the scheduler; other tokens get it
   // posted, as from any Asio operation.
   template <class Token = asio::use_awaitable_t<>>
   auto accept(Token&& token = {}) {
+    this->state_for("accept");  // (throws std::system_error, bad_descriptor, if it is not listening)
     return asio::async_initiate<Token, void(std::error_code, socket_type)>(typename state::initiate_accept{}, token,
                                                                             s_, static_cast<endpoint_type*>(nullptr));
   }
@@ -106,12 +123,13 @@ class Server : public detail::worker::server_handle<detail::worker::stream_serve
   // must outlive the operation.
   template <class Token = asio::use_awaitable_t<>>
   auto accept(endpoint_type& peer, Token&& token = {}) {
+    this->state_for("accept");
     return asio::async_initiate<Token, void(std::error_code, socket_type)>(typename state::initiate_accept{}, token,
                                                                             s_, &peer);
   }
 
   // Where the server listens (for listen(0): the port the master got).
-  endpoint_type local_endpoint() const { return s_->local_endpoint(); }
+  endpoint_type local_endpoint() const { return this->state_for("local_endpoint").local_endpoint(); }
   // True if the master hands connections over (RoundRobin), false if this worker accepts.
   bool round_robin() const noexcept { return s_ && s_->round_robin(); }
 };
@@ -126,9 +144,9 @@ class Server<asio::ip::udp> : public detail::worker::server_handle<detail::worke
 
   explicit Server(std::shared_ptr<detail::worker::datagram_server> s) : server_handle(std::move(s)) {}
 
-  executor_type get_executor() const noexcept { return s_->socket().get_executor(); }
-  asio::ip::udp::socket& socket() noexcept { return s_->socket(); }
-  endpoint_type local_endpoint() const { return s_->socket().local_endpoint(); }
+  executor_type get_executor() const noexcept { return s_ ? s_->socket().get_executor() : executor_type(); }
+  asio::ip::udp::socket& socket() { return state_for("socket").socket(); }
+  endpoint_type local_endpoint() const { return state_for("local_endpoint").socket().local_endpoint(); }
 };
 
 }  // namespace cocluster

@@ -139,6 +139,10 @@ inline unique_fd open_listener(const listen_request& r, std::string& bound_path,
   int domain = AF_UNIX;
   if (r.type == AddressType::unix_path) {
     std::string path = short_unix_path(r.address);  // absolute, from the worker
+    if (r.address.find('\0') != std::string::npos) {  // an abstract name: not a path (the worker says so)
+      ec = std::make_error_code(std::errc::invalid_argument);
+      return {};
+    }
     if (r.address.empty() || path.empty()) {
       ec = std::make_error_code(r.address.empty() ? std::errc::invalid_argument : std::errc::filename_too_long);
       return {};

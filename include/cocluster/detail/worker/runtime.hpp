@@ -17,6 +17,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
+#include <exception>
 #include <functional>
 #include <map>
 #include <optional>
@@ -138,6 +139,11 @@ class runtime {
     p.make = [this](const ipc::protocol::QueryReply& r, std::uint8_t tag, unique_fd fd, std::error_code& ec) {
       return std::shared_ptr<server_base>(make_server<Protocol>(executor(), &link_, r, tag, std::move(fd), ec));
     };
+    if (t.type == AddressType::unix_path && t.address.find('\0') != std::string::npos) {
+      log_error("listen on an abstract Unix socket name: not supported, the master binds paths in the file system; "
+                "listen() fails with EINVAL");
+      return p.handler.complete(std::make_error_code(std::errc::invalid_argument), nullptr);
+    }
     p.index_key = fmt::format("{}:{}:{}:{}", t.address, t.port, to_string(t.type), t.fd);
     p.index = link_.take_index(p.index_key);
     p.describe = t.fd >= 0 ? fmt::format("listen on the master's fd {}", t.fd)
@@ -392,18 +398,29 @@ class runtime {
         return false;
       }
       auto server = link_.find(conns->server);
+      // A waiting accept() runs its handler as the connection is delivered: one that throws
+      // (on a strand, whose dispatch lets it through; an io_context's executor keeps it for
+      // run()) must not strand the rest of the batch (their fds would close here while the
+      // master keeps its copies, unanswered). Each is delivered; the first exception goes on.
+      std::exception_ptr thrown;
       for (std::size_t i = 0; i < n; ++i) {
         unique_fd fd = i >= received ? unique_fd()  // lost: refused below
                        : i == 0      ? std::move(envelope.internal_fd)
                                      : std::move(envelope.internal_extra_fds[i - 1]);
-        const delivery d =
-            server ? server->deliver(std::move(fd), envelope.internal_tag, conns->seqs[i], conns->remotes[i]) : delivery::refused;
+        delivery d = delivery::queued;
+        try {
+          d = server ? server->deliver(std::move(fd), envelope.internal_tag, conns->seqs[i], conns->remotes[i])
+                     : delivery::refused;
+        } catch (...) {  // from the user's handler: the connection was taken
+          if (!thrown) thrown = std::current_exception();
+        }
         if (d == delivery::malformed) {
           log_error("a connection from the master is not of its server's kind; closing the channel");
           return false;
         }
         if (d == delivery::refused) link_.refused(conns->server, conns->seqs[i]);
       }
+      if (thrown) std::rethrow_exception(thrown);
     } else if (std::holds_alternative<p::CountConnections>(*m)) {
       link_.report_connections();
     } else if (auto* beat = std::get_if<p::HeartbeatRequest>(&*m)) {
