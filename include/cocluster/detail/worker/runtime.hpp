@@ -401,7 +401,8 @@ class runtime {
       // A waiting accept() runs its handler as the connection is delivered: one that throws
       // (on a strand, whose dispatch lets it through; an io_context's executor keeps it for
       // run()) must not strand the rest of the batch (their fds would close here while the
-      // master keeps its copies, unanswered). Each is delivered; the first exception goes on.
+      // master keeps its copies, unanswered). Each is delivered; the first exception goes on
+      // from here, any other leaves run() after it, as each would from its own completion.
       std::exception_ptr thrown;
       for (std::size_t i = 0; i < n; ++i) {
         unique_fd fd = i >= received ? unique_fd()  // lost: refused below
@@ -413,9 +414,11 @@ class runtime {
                      : delivery::refused;
         } catch (...) {  // from the user's handler: the connection was taken
           if (!thrown) thrown = std::current_exception();
+          else rethrow_from_run(executor(), std::current_exception());
         }
         if (d == delivery::malformed) {
           log_error("a connection from the master is not of its server's kind; closing the channel");
+          if (thrown) rethrow_from_run(executor(), thrown);
           return false;
         }
         if (d == delivery::refused) link_.refused(conns->server, conns->seqs[i]);
