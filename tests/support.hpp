@@ -27,6 +27,7 @@
 #include "cocluster/detail/syscalls.hpp"
 #include "cocluster/events.hpp"
 #include "cocluster/exit_status.hpp"
+#include "cocluster/log.hpp"
 
 #include <algorithm>
 #include <chrono>
@@ -40,6 +41,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace cocluster {
@@ -62,6 +64,19 @@ inline constexpr auto deferred = asio::experimental::deferred;
 using namespace std::chrono_literals;
 using asio::awaitable;
 using asio::use_awaitable;
+
+// cocluster's log lines while it lives, one per line in `text`, instead of stderr
+// (set_log_sink): for a test to look for the line an error should write. Resets the sink.
+struct captured_log {
+  std::string text;
+  captured_log() {
+    cocluster::set_log_sink([this](cocluster::LogLevel, std::string_view line) { text.append(line).append("\n"); });
+  }
+  ~captured_log() { cocluster::set_log_sink({}); }
+  captured_log(const captured_log&) = delete;
+  captured_log& operator=(const captured_log&) = delete;
+  bool has(std::string_view line) const { return text.find(line) != std::string::npos; }
+};
 
 // Runs `body` on a fresh io_context until it and everything it started are done. Fails the
 // test (by throwing) if the body takes longer than `limit`; the body is then cancelled, so

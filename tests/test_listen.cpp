@@ -842,11 +842,7 @@ struct TcpOnly {
 }  // namespace
 
 TEST_CASE("a policy that throws for an address: the worker's listen() fails with ENOTSUP, the log says why, the master carries on") {
-  std::string log;
-  set_log_sink([&log](LogLevel, std::string_view line) { log.append(line).append("\n"); });
-  struct restore_log {
-    ~restore_log() { set_log_sink({}); }
-  } restore;
+  captured_log log;
   const auto dir = std::filesystem::temp_directory_path() / ("cocluster-test-tcponly-" + std::to_string(::getpid()));
   std::filesystem::create_directories(dir);
   const auto path = dir / "server.sock";
@@ -869,17 +865,12 @@ TEST_CASE("a policy that throws for an address: the worker's listen() fails with
   }, 60s);
   std::filesystem::remove_all(dir);
   // (The worker resolved the path from its cwd: the directory's real path, if TMPDIR is a link.)
-  CHECK_MESSAGE(log.find("the policy threw: TcpOnly serves TCP, not " + real_path + "; listen() fails with ENOTSUP") !=
-                    std::string::npos,
-                log);
+  CHECK_MESSAGE(log.has("the policy threw: TcpOnly serves TCP, not " + real_path + "; listen() fails with ENOTSUP"),
+                log.text);
 }
 
 TEST_CASE("Sticky on a Unix socket: it serves, and the log says every connection goes to one worker") {
-  std::string log;
-  set_log_sink([&log](LogLevel, std::string_view line) { log.append(line).append("\n"); });
-  struct restore_log {
-    ~restore_log() { set_log_sink({}); }
-  } restore;
+  captured_log log;
   const auto dir = std::filesystem::temp_directory_path() / ("cocluster-test-sticky-" + std::to_string(::getpid()));
   std::filesystem::create_directories(dir);
   run_bounded([&](asio::io_context& io) -> awaitable<void> {
@@ -892,7 +883,7 @@ TEST_CASE("Sticky on a Unix socket: it serves, and the log says every connection
     co_await master.disconnect();
   }, 60s);
   std::filesystem::remove_all(dir);
-  CHECK_MESSAGE(log.find("Sticky on a Unix socket sends every connection to one worker") != std::string::npos, log);
+  CHECK_MESSAGE(log.has("Sticky on a Unix socket sends every connection to one worker"), log.text);
 }
 
 TEST_CASE("a policy written outside the library: every connection to the lowest worker id, then to the next when it leaves") {

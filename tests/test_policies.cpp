@@ -357,11 +357,7 @@ WORKER_SCENARIO(breaks_protocol_holding_a_handoff) {
 }
 
 TEST_CASE("a worker that breaks the protocol keeps the hand-offs it takes afterwards: each connection is served once") {
-  std::string log;
-  set_log_sink([&log](LogLevel, std::string_view line) { log.append(line).append("\n"); });
-  struct restore_log {
-    ~restore_log() { set_log_sink({}); }
-  } restore;
+  captured_log log;
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     std::map<int, int> routed;  // connections placed, by worker id: the lowest live one
     auto route = [&routed](const Remote&, const HandoffListener::Members& live) {
@@ -404,8 +400,7 @@ TEST_CASE("a worker that breaks the protocol keeps the hand-offs it takes afterw
     CHECK(co_await ask_from(loopback(1), where) == second->id());
     co_await master.disconnect();
   });
-  CHECK_MESSAGE(log.find("protocol error: frame with a bad magic byte; disconnecting it") != std::string::npos,
-                "the log was: " << log);
+  CHECK_MESSAGE(log.has("protocol error: frame with a bad magic byte; disconnecting it"), "the log was: " << log.text);
 }
 
 TEST_CASE("Dispatch: connections waiting for an absent worker are bounded and do not stop the others") {
@@ -464,11 +459,7 @@ TEST_CASE("Dispatch: a routing function that throws has its connection closed, a
 }
 
 TEST_CASE("Dispatch naming an id no worker can have, or a worker not listening here: the log says so") {
-  std::string log;
-  set_log_sink([&log](LogLevel, std::string_view line) { log.append(line).append("\n"); });
-  struct restore_log {
-    ~restore_log() { set_log_sink({}); }
-  } restore;
+  captured_log log;
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     // 127.0.0.2: worker -2 (no such id: closed); 127.0.0.3: worker 7 (none: waits); else worker 1.
     auto route = [](const Remote& r, const HandoffListener::Members&) {
@@ -486,12 +477,8 @@ TEST_CASE("Dispatch naming an id no worker can have, or a worker not listening h
     CHECK(co_await ask_from(loopback(1), where) == 1);
     co_await master.disconnect();  // (the waiting one is closed with the listener)
   });
-  CHECK_MESSAGE(log.find("closing a connection: the policy named worker -2, and worker ids are positive") !=
-                    std::string::npos,
-                log);
-  CHECK_MESSAGE(log.find("connections wait for worker 7, which does not listen on it (not there yet, or gone)") !=
-                    std::string::npos,
-                log);
+  CHECK_MESSAGE(log.has("closing a connection: the policy named worker -2, and worker ids are positive"), log.text);
+  CHECK_MESSAGE(log.has("connections wait for worker 7, which does not listen on it (not there yet, or gone)"), log.text);
 }
 
 namespace {
