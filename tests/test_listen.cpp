@@ -531,6 +531,21 @@ TEST_CASE("an abstract Unix socket name: the worker's listen() fails with EINVAL
   }, 60s);
 }
 
+TEST_CASE("the master refuses a Unix path with a NUL byte (an abstract name a worker did not check): EINVAL, nothing bound") {
+  const auto dir = std::filesystem::temp_directory_path() / ("cocluster-test-nul-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  detail::listen_request r;
+  r.type = AddressType::unix_path;
+  r.address = (dir / "x").string() + std::string(1, '\0') + "name";  // as the worker's cwd made it
+  std::string bound;
+  std::error_code ec;
+  detail::unique_fd fd = detail::open_listener(r, bound, ec);
+  CHECK(!fd);
+  CHECK(ec == std::errc::invalid_argument);
+  CHECK_FALSE(std::filesystem::exists(dir / "x"));  // the part before the NUL was not bound
+  std::filesystem::remove_all(dir);
+}
+
 TEST_CASE("when the last worker closes its server the master closes the listener and the port is free") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     for (bool shared : {false, true}) {

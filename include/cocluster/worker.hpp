@@ -362,7 +362,6 @@ class Worker : public std::enable_shared_from_this<Worker> {
         });
   }
 
-
   // The worker's internal messages: lifecycle ones here, listening ones straight to the
   // master's listener table (which answers through this worker's link).
   bool on_internal(const ipc::Envelope& envelope) {
