@@ -1062,6 +1062,166 @@ TEST_CASE("ReusePort: connections queued in a SIGKILLed worker's backlog are ans
   });
 }
 
+// ---- Master::keep_listeners: a listener whose last worker died waits for the next ----
+
+namespace {
+
+// `n` clients that sent "hi" to `where`, reading their answers (whoever answers, whenever).
+awaitable<std::vector<std::shared_ptr<pending_request>>> send_hi(asio::io_context& io, tcp::endpoint where, int n) {
+  std::vector<std::shared_ptr<pending_request>> out;
+  for (int i = 0; i < n; ++i) {
+    auto r = std::make_shared<pending_request>(pending_request{tcp::socket(io), {}, {}, false});
+    co_await r->socket.async_connect(where, use_awaitable);
+    co_await asio::async_write(r->socket, asio::buffer("hi\n", 3), use_awaitable);
+    asio::co_spawn(io, await_answer(r), asio::detached);
+    out.push_back(r);
+  }
+  co_return out;
+}
+
+bool all_done(const std::vector<std::shared_ptr<pending_request>>& rs) {
+  return std::all_of(rs.begin(), rs.end(), [](auto& r) { return r->done; });
+}
+
+// Whether a connection to `where` is refused now (nothing listens: the port is free).
+awaitable<bool> refused(tcp::endpoint where) {
+  tcp::socket s(co_await asio::this_coro::executor);
+  auto [ec] = co_await s.async_connect(where, as_tuple_t{});
+  co_return ec == asio::error::connection_refused;
+}
+
+// Both workers stopped with connections waiting for them (under RoundRobin handed to them or
+// held by the master, under SharedSocket in the backlog, under ReusePort in the backlogs of
+// both their sockets), then SIGKILLed: the master keeps the listener, and the next worker to
+// listen, alone, answers every one of them, on the same port. Without keep_listeners() they
+// are reset with the listener (and the port is another).
+template <class P>
+awaitable<void> kept_listener_serves_the_next_worker(asio::io_context& io) {
+  Master<P> master(io.get_executor());
+  master.keep_listeners(std::chrono::hours(1));
+  std::pair<std::vector<std::shared_ptr<Worker>>, tcp::endpoint> started = co_await start_serving(master, 2);
+  const std::vector<std::shared_ptr<Worker>>& workers = started.first;
+  const tcp::endpoint where = started.second;
+  for (auto& w : workers) w->signal(SIGSTOP);
+  auto waiting = co_await send_hi(io, where, 16);
+  // One after the other, the first first: under ReusePort the first's socket is drained to the
+  // second meanwhile, and the second's is left with nobody holding the listener, so the next
+  // worker adopts the first's and must be handed what waits in the second's.
+  for (auto& w : workers) {
+    w->signal(SIGKILL);
+    co_await w->exited();
+  }
+
+  std::shared_ptr<Worker> next = co_await master.fork(serve_on_port_zero());
+  const Message report = co_await next->receive();
+  CHECK(reported_port(report.data) == where.port());
+  co_await poll_until([&] { return all_done(waiting); });  // bounded by run_bounded
+  for (auto& r : waiting) {
+    CHECK_MESSAGE(!r->ec, "a connection failed: ", r->ec.message());
+    CHECK_MESSAGE(answered_by(*r) == next->id(), "answer: '", r->reply, "'");
+  }
+  CHECK(co_await ask_from(loopback(1), where) == next->id());
+
+  // Back to Node's rule: the last worker's death now closes the listener, and the port is free.
+  master.keep_listeners(0ms);
+  next->signal(SIGKILL);
+  co_await next->exited();
+  CHECK(co_await refused(where));
+}
+
+}  // namespace
+
+TEST_CASE("keep_listeners: RoundRobin: what waited for two dead workers is answered by the next one to listen") {
+  run_bounded([](asio::io_context& io) { return kept_listener_serves_the_next_worker<RoundRobin>(io); });
+}
+
+TEST_CASE("keep_listeners: SharedSocket: what waited in the backlog of two dead workers is answered by the next one") {
+  run_bounded([](asio::io_context& io) { return kept_listener_serves_the_next_worker<SharedSocket>(io); });
+}
+
+TEST_CASE("keep_listeners: ReusePort: the next worker adopts one dead worker's socket and is handed the other's backlog") {
+  run_bounded([](asio::io_context& io) { return kept_listener_serves_the_next_worker<ReusePort>(io); });
+}
+
+TEST_CASE("keep_listeners: a kept listener no worker comes back to is closed after the linger, with what waited in it") {
+  captured_log log;
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<RoundRobin> master(io.get_executor());
+    master.keep_listeners(100ms);
+    auto [workers, where] = co_await start_serving(master, 1);
+    workers[0]->signal(SIGSTOP);
+    auto waiting = co_await send_hi(io, where, 4);  // handed to the stopped worker
+    workers[0]->signal(SIGKILL);
+    co_await workers[0]->exited();
+    co_await poll_until([&] { return all_done(waiting); });  // closed when the 100 ms are over
+    for (auto& r : waiting) CHECK(r->reply.empty());
+    CHECK(co_await refused(where));
+  });
+  CHECK_MESSAGE(log.has("no worker listened on it within 100 ms"), "the log was: " << log.text);
+}
+
+TEST_CASE("keep_listeners: each call gives the listeners kept so far its linger from now") {
+  captured_log log;
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<RoundRobin> master(io.get_executor());
+    master.keep_listeners(std::chrono::hours(1));
+    auto [workers, where] = co_await start_serving(master, 1);
+    workers[0]->signal(SIGKILL);
+    co_await workers[0]->exited();
+    auto waiting = co_await send_hi(io, where, 2);  // kept for an hour
+    master.keep_listeners(50ms);                    // now 50 ms from now
+    CHECK(master.listener_linger() == 50ms);
+    co_await poll_until([&] { return all_done(waiting); });
+    for (auto& r : waiting) CHECK(r->reply.empty());
+    CHECK(co_await refused(where));
+  });
+  CHECK_MESSAGE(log.has("no worker listened on it within 50 ms"), "the log was: " << log.text);
+}
+
+TEST_CASE("keep_listeners: a worker that listens on a kept listener's port under another key gets the port") {
+  captured_log log;
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<RoundRobin> master(io.get_executor());
+    master.keep_listeners(std::chrono::hours(1));
+    auto [workers, where] = co_await start_serving(master, 1);  // listen(0): its key has port 0
+    workers[0]->signal(SIGKILL);
+    co_await workers[0]->exited();
+    // The same port by its number: another key. The kept listener gives way instead of EADDRINUSE.
+    Env env = scenario_env("serve");
+    env["TEST_LISTEN"] = "tcp4:127.0.0.1:" + std::to_string(where.port());
+    auto next = co_await master.fork(env);
+    CHECK((co_await next->receive()).data == "port " + std::to_string(where.port()));
+    co_await next->listening();
+    CHECK(co_await ask_from(loopback(1), where) == next->id());
+    co_await master.disconnect();
+  });
+  CHECK_MESSAGE(log.has("a worker listens on port"), "the log was: " << log.text);
+}
+
+TEST_CASE("keep_listeners: 0 closes the listeners kept so far at once; a worker that closes its server is never kept") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<RoundRobin> master(io.get_executor());
+    master.keep_listeners(std::chrono::hours(1));
+    // A worker that closes its server: the port is free at once (Node's rule 14 holds).
+    auto closer = co_await master.fork(serve_on_port_zero());
+    const tcp::endpoint first(loopback(1), reported_port((co_await closer->receive()).data));
+    co_await closer->listening();
+    closer->disconnect();  // it closes its servers first
+    co_await closer->exited();
+    CHECK(co_await refused(first));
+
+    auto [workers, where] = co_await start_serving(master, 1);
+    workers[0]->signal(SIGKILL);
+    co_await workers[0]->exited();
+    auto waiting = co_await send_hi(io, where, 2);  // kept: the backlog takes them
+    CHECK_FALSE(all_done(waiting));
+    master.keep_listeners(0ms);
+    CHECK(co_await refused(where));
+    co_await poll_until([&] { return all_done(waiting); });
+    for (auto& r : waiting) CHECK(r->reply.empty());
+  });
+}
+
 TEST_CASE("ReusePort: a worker that leaves for good (a reload's last, a scale-down) leaves no socket whose connections hang") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<ReusePort> master(io.get_executor());

@@ -300,6 +300,98 @@ TEST_CASE("supervisor: a worker that dies is replaced and the replacement is rea
   });
 }
 
+namespace {
+
+// A client that sent "ping" and reads the answer to EOF, whoever answers and whenever.
+struct waiting_ping {
+  tcp::socket socket;
+  std::string reply;
+  std::error_code ec;
+  bool done = false;
+};
+
+awaitable<void> read_answer(std::shared_ptr<waiting_ping> p) {
+  auto [ec, n] = co_await asio::async_read(p->socket, asio::dynamic_buffer(p->reply), cocluster::as_tuple(use_awaitable));
+  p->ec = ec == asio::error::eof ? std::error_code() : ec;
+  p->done = true;
+}
+
+// The only worker, stopped while 16 clients connect and ask (under RoundRobin the master
+// accepts them and hands them to it; under SharedSocket and ReusePort they wait in the
+// backlog), then SIGKILLed: its replacement answers every one, on the same port. Without
+// keep_listeners the listener was closed with them. Once the supervision has stopped, the port
+// is free.
+template <class P>
+void only_worker_crash_loses_nothing() {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<P> master(io.get_executor(), Settings{.env = http_env()});
+    Supervisor<P> supervisor(master, {.workers = 1, .restart_delay = 1ms});
+    bool ran = false;
+    asio::co_spawn(io, supervisor.run(cocluster::as_tuple(use_awaitable)), [&](std::exception_ptr, std::tuple<std::error_code>) { ran = true; });
+    co_await until_true(io, [&] { return supervisor.workers().size() == 1; });
+    co_await master.ready();
+    auto first = supervisor.workers().front();
+    const Address where = co_await first->listening();
+    const tcp::endpoint at(asio::ip::make_address("127.0.0.1"), where.port);
+    first->signal(SIGSTOP);
+    std::vector<std::shared_ptr<waiting_ping>> pings;
+    for (int i = 0; i < 16; ++i) {
+      auto p = std::make_shared<waiting_ping>(waiting_ping{tcp::socket(io), {}, {}, false});
+      co_await p->socket.async_connect(at, use_awaitable);
+      co_await asio::async_write(p->socket, asio::buffer(std::string("ping\n")), use_awaitable);
+      asio::co_spawn(io, read_answer(p), asio::detached);
+      pings.push_back(p);
+    }
+    first->signal(SIGKILL);
+    co_await first->exited();
+    co_await until_true(io, [&] { return std::all_of(pings.begin(), pings.end(), [](auto& p) { return p->done; }); });
+    co_await until_true(io, [&] { return supervisor.workers().size() == 1 && supervisor.workers().front() != first; });
+    const pid_t replacement = supervisor.workers().front()->pid();
+    for (auto& p : pings) {
+      CHECK_MESSAGE(!p->ec, "a connection failed: ", p->ec.message());
+      CHECK_MESSAGE(std::atoi(p->reply.c_str()) == replacement, "answer: '", p->reply, "'");
+    }
+    CHECK(supervisor.restarts() == 1);
+    CHECK(co_await ping(where.port) == replacement);
+    supervisor.stop();
+    co_await until(io, ran);
+    CHECK(co_await ping(where.port) == 0);  // nothing kept: refused
+  });
+}
+
+}  // namespace
+
+TEST_CASE("supervisor: the only worker's crash loses no connection: its replacement answers what waited (RoundRobin)") {
+  only_worker_crash_loses_nothing<RoundRobin>();
+}
+
+TEST_CASE("supervisor: the only worker's crash loses no connection: its replacement answers what waited (SharedSocket)") {
+  only_worker_crash_loses_nothing<SharedSocket>();
+}
+
+TEST_CASE("supervisor: a listener kept for a replacement still in its backoff waits for it, and closes when the supervisor goes") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor(), Settings{.env = http_env()});
+    unsigned short port = 0;
+    {
+      // The backoff (an hour) is longer than max_restart_delay: the listener waits for it anyway.
+      Supervisor<> supervisor(master, {.workers = 1, .restart_delay = std::chrono::hours(1)});
+      asio::co_spawn(io, supervisor.run(cocluster::as_tuple(use_awaitable)), asio::detached);
+      co_await until_true(io, [&] { return supervisor.workers().size() == 1; });
+      co_await master.ready();
+      auto w = supervisor.workers().front();
+      port = (co_await w->listening()).port;
+      w->signal(SIGKILL);
+      co_await w->exited();
+      co_await until_true(io, [&] { return master.listener_linger() > std::chrono::hours(1); });  // its restart began
+      tcp::socket early(io);  // kept: the backlog takes it
+      co_await early.async_connect(tcp::endpoint(asio::ip::make_address("127.0.0.1"), port), use_awaitable);
+    }
+    CHECK(master.listener_linger() == 0ms);  // the Master's own again
+    CHECK(co_await ping(port) == 0);         // closed: refused
+  });
+}
+
 TEST_CASE("supervisor: a worker whose loop is blocked is killed after the heartbeat timer and replaced") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<> master(io.get_executor(), Settings{.env = http_env()});

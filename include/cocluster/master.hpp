@@ -202,7 +202,7 @@ class Master {
 
   // Node: cluster.disconnect(). Disconnects every worker in workers() when the operation is
   // initiated; completes when each of them has disconnected (their listeners are closed by
-  // then), never inline. Signature: void(std::error_code), no error today. Cancellation
+  // then, unless one is kept: keep_listeners), never inline. Signature: void(std::error_code), no error today. Cancellation
   // (per-operation, terminal) stops the waiting, not the disconnects.
   template <class CompletionToken = asio::use_awaitable_t<>>
   auto disconnect(CompletionToken&& token = {}) {
@@ -219,6 +219,27 @@ class Master {
   auto ready(CompletionToken&& token = {}) {
     return asio::async_initiate<CompletionToken, void(std::error_code)>(initiate_ready{state_}, token);
   }
+
+  // Ours: Node closes a listener, with the connections waiting in it, when its last worker
+  // leaves (and a Master does so until this is called). With `linger` > 0, a listener whose
+  // last worker goes away *without closing its server* (it exits, crashes or is killed) is
+  // kept for up to `linger`: the master accepts nothing on it, keeps the connections it had
+  // accepted or handed to that worker, and the kernel's backlog holds new ones; the next
+  // worker to listen on it (the same address, port and type, and the same listen(0) index: a
+  // replacement running the same code) takes them all, on the same port. Past `linger` with no
+  // worker on it, it is closed as Node's rule would close it, with an error line. A worker
+  // that closes its server (also on its way out: a graceful disconnect closes every server
+  // first) still closes it at once. Every call gives the listeners kept so far `linger` from
+  // now; 0 closes them. It applies to every worker of this Master; a Supervisor calls it while
+  // it replaces workers (SupervisorSettings::keep_listeners), a supervision loop of one's own
+  // can too:
+  //   master.keep_listeners(30s);   // a crash of the only worker loses no connection
+  // A kept listener's timer is work for the io_context (run() returns after it), and
+  // disconnect() leaves kept listeners to the next worker. Negative durations count as 0,
+  // more than ten years as ten years.
+  void keep_listeners(std::chrono::milliseconds linger) { state_->listeners->keep(linger); }
+  // The linger keep_listeners() set (0: Node's rule).
+  std::chrono::milliseconds listener_linger() const noexcept { return state_->listeners->linger(); }
 
  private:
   static constexpr const char* self_exe = "/proc/self/exe";

@@ -78,6 +78,17 @@ struct SupervisorSettings {
   // error::restart_limit_reached (OTP: intensity/period; systemd: StartLimitBurst/IntervalSec).
   std::size_t max_restarts = 10;
   std::chrono::milliseconds restart_window{60000};
+  // A listener whose last worker dies stays open for its replacement
+  // (Master::keep_listeners): the connections waiting in the master and in the kernel's
+  // backlog are served by the replacement instead of being reset, and the port is never
+  // refused meanwhile (gunicorn's and nginx's masters keep their sockets; Node closes them).
+  // Each restart gives the listeners kept its backoff plus boot_timeout (and a second) from
+  // then, so a replacement that fails to boot does not lose them for the next. A worker that
+  // closes its servers before it exits (a graceful disconnect, a protocol error) closes them:
+  // none is kept. From run() until stop(), the restart limit, the end of run() or the
+  // Supervisor's destruction, which close what is still kept (the Master's own linger, if it
+  // had one, applies again). Not with Restart::never.
+  bool keep_listeners = true;
   // Timers, by name:
   // boot: fork to ready (Settings::ready_on); a worker not ready by then is killed and counts
   // as a crash (PM2: listen_timeout).
@@ -139,8 +150,12 @@ class Supervisor {
   Supervisor(const Supervisor&) = delete;
   Supervisor& operator=(const Supervisor&) = delete;
   // Stops listening for signals and waiting on timers (a run() still waiting completes with
-  // operation_aborted); the workers are the Master's to end.
-  ~Supervisor() { core_->close(); }
+  // operation_aborted) and keeping listeners; the workers are the Master's to end. (The
+  // Master must outlive it.)
+  ~Supervisor() {
+    core_->release_listeners();
+    core_->close();
+  }
 
   const executor_type& get_executor() const noexcept { return core_->ex; }
   const SupervisorSettings& settings() const noexcept { return core_->settings; }
@@ -251,6 +266,11 @@ class Supervisor {
     bool reload_waiting = false;      // a reload() waits for a recycling to end
     // reloading: a reload or a recycling replaces workers (recycling: it is a recycling).
     bool started = false, stopping = false, closed = false, reloading = false, recycling = false, killed_any = false;
+    bool keeping_listeners = false;  // keep_listeners() asked the Master to keep them
+    std::chrono::milliseconds own_linger{0};  // the Master's linger before (restored after)
+    // What a kept listener waits beyond a replacement's backoff and boot timer: its fork, and
+    // the time from its predecessor's channel end to the exit that starts the backoff.
+    static constexpr std::chrono::milliseconds keep_slack{1000};
     std::mt19937_64 random{std::random_device{}()};  // each worker's max_connections_jitter
     asio::steady_timer recycle_ended;  // never expires: cancelled to wake a reload waiting for a recycling
     asio::steady_timer* recycle_timer = nullptr;  // the recycle loop's, while it runs
@@ -377,6 +397,7 @@ class Supervisor {
     }
 
     static asio::awaitable<void> restart_after(std::shared_ptr<core> self, clock::duration delay) {
+      self->keep_listeners(delay);  // what the dead worker left waits for this replacement
       asio::steady_timer timer(self->ex, delay);
       self->sleeping.insert(&timer);
       co_await timer.async_wait(as_tuple(asio::use_awaitable));
@@ -387,6 +408,28 @@ class Supervisor {
       if (w) ++self->restarts;
       if (!w && !self->stopping && !self->closed) self->schedule_restart(clock::duration::zero());  // fork failed: a crash
       self->check_done();
+    }
+
+    // SupervisorSettings::keep_listeners: from run() on, the Master keeps a listener its last
+    // worker left by dying until a replacement has had its backoff and its boot: `delay` is
+    // the backoff ahead (at run(): the longest one), and each restart calls it again, so that
+    // the listeners kept so far wait for that replacement too. Never shorter than the linger
+    // the Master had before run() (restored at the end).
+    void keep_listeners(clock::duration delay) {
+      if (!settings.keep_listeners || settings.restart == Restart::never || stopping || closed) return;
+      using ms = std::chrono::milliseconds;
+      if (!keeping_listeners) own_linger = master->listener_linger();
+      keeping_listeners = true;
+      const ms boot = std::min(std::max(settings.boot_timeout, ms(0)), ms::max() - keep_slack) + keep_slack;
+      const ms wait = std::max(std::chrono::ceil<ms>(delay), ms(0));
+      master->keep_listeners(std::max(own_linger, wait > ms::max() - boot ? ms::max() : wait + boot));  // (capped there)
+    }
+    // Nothing will be replaced any more: what is kept is closed (unless the Master had a
+    // linger of its own), and the Master's linger is what it was before run().
+    void release_listeners() {
+      if (!keeping_listeners) return;
+      keeping_listeners = false;
+      master->keep_listeners(own_linger);
     }
 
     // run(): the first workers; a fork that fails is retried as a crash.
@@ -456,6 +499,7 @@ class Supervisor {
       if (why && !failure) failure = why;
       if (stopping) return;
       stopping = true;
+      release_listeners();  // nothing is replaced from now on
       killed_any = false;  // what run() reports is about this stop, not an earlier reload's retire
       tell_systemd("STOPPING=1");
       for (auto* t : sleeping) t->cancel();
@@ -472,6 +516,7 @@ class Supervisor {
         if (settings.restart == Restart::always) return;  // (only when there is nothing to keep)
         detail::debug("Supervisor: no worker left to supervise");
       }
+      release_listeners();
       if (signals) {  // the signals go back to their default actions once nothing is supervised
         std::error_code ignored;
         signals->clear(ignored);
@@ -735,6 +780,7 @@ class Supervisor {
       c->run_handler = std::move(h);
       if (systemd::watchdog_timeout()) c->watchdog.emplace(c->ex);
       if (c->stopping) return c->check_done();
+      c->keep_listeners(std::max(c->settings.restart_delay, c->settings.max_restart_delay));
       asio::co_spawn(c->ex, core::start_all(c), asio::detached);
       if (c->settings.max_memory > 0 || c->settings.max_connections > 0)
         asio::co_spawn(c->ex, core::recycle_loop(c), asio::detached);

@@ -22,7 +22,8 @@
 // worker that closes its server, disconnects or dies goes back to the front and to another
 // worker, and so do the connections waiting for it (for a worker the master kills: once its
 // channel has ended, since until then it may still take them). With no worker left the listener is
-// closed with what it holds (Node does the same).
+// closed with what it holds (Node does the same), unless the Master keeps it
+// (Master::keep_listeners): then it accepts nothing and holds what waits until a worker joins.
 // A worker that falls behind (an ack later than slow_ack after its hand-off, while another
 // worker acknowledged one handed after it within slow_ack, once it has acknowledged one within
 // slow_ack itself) has a window of 1 until it keeps pace again (Member::window, for the
@@ -172,8 +173,8 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
       lines_.erase(line);
     }
     give_back(std::move(back));
-    // With no member left the master closes us, and what waits with us; unless the rest are
-    // resting (rest()), and the rest's end distributes.
+    // With no member left the master closes us, and what waits with us, or keeps us until a
+    // worker joins; unless the rest are resting (rest()), and the rest's end distributes.
     if (!members_.empty()) distribute();
   }
 

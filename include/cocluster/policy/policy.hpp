@@ -8,7 +8,9 @@
 //   };                                     // with SO_REUSEPORT (ReusePort's per-worker sockets)
 //
 // The master calls make_listener when the first worker listens on a key (Node's key:
-// address:port:type:fd:index) and keeps the Listener until no worker holds it. The Listener
+// address:port:type:fd:index) and keeps the Listener until no worker holds it, or, with
+// Master::keep_listeners (a Supervisor's default), until no worker has held it for the linger:
+// a Listener may then see its last worker leave and a new one join without close(). The Listener
 // owns the listening socket and what happens on the events below. RoundRobin,
 // SharedSocket, ReusePort, LeastConnections, Sticky and Dispatch<F> are written this way (policy/*.hpp);
 // HandoffListener (policy/handoff_listener.hpp) does the hand-off bookkeeping for policies
@@ -89,7 +91,8 @@ class Listener {
     for (std::uint32_t seq : accepted) acknowledged(worker, seq, true);
     for (std::uint32_t seq : refused) acknowledged(worker, seq, false);
   }
-  // The last worker left, or the master is going: close the socket and whatever is held.
+  // No worker holds it (the last left; kept, no worker came back in time), or the master is
+  // going: close the socket and whatever is held.
   virtual void close() = 0;
 };
 

@@ -10,7 +10,9 @@
 // its connections to them as RoundRobin does (the idle first), until a worker adopts it (the next one
 // to listen does), and then leaves it to that worker. So neither what waited in a dead worker's
 // backlog nor what arrives for its socket later is lost while any worker holds the listener;
-// when the last one leaves, the listener closes with what it holds, as under every policy.
+// when the last one leaves, the listener closes with what it holds, as under every policy,
+// unless the Master keeps it (Master::keep_listeners): then every socket stays, and the first
+// worker back adopts one and is handed what waits in the others.
 // Unix-path listeners, listen({fd}) and systemd's sockets (socket activation, even with
 // ReusePort=yes) have no reuseport group of ours: they are shared as SharedSocket does.
 #pragma once
@@ -101,6 +103,10 @@ class reuse_port_listener final : public Listener {
     for (auto& s : slots_)
       if (s.drain) s.drain->joined(worker);  // one more to hand drained connections to
     holders_.insert_or_assign(worker->id(), std::move(worker));
+    // A socket left while nobody held the listener (it was kept) has no drain yet: it drains
+    // to the workers from now on, until one adopts it. (Else every such slot drains already.)
+    for (std::size_t i = 0; i < slots_.size(); ++i)
+      if (slots_[i].owner == 0) drain(i);
   }
 
   // Its socket stays open here, with whatever is queued in its backlog; while other workers
@@ -118,7 +124,7 @@ class reuse_port_listener final : public Listener {
     for (std::size_t i = 0; i < slots_.size(); ++i) {
       if (slots_[i].owner != worker.id()) continue;
       slots_[i].owner = 0;
-      if (!holders_.empty()) drain(i);  // else the master closes the listener
+      if (!holders_.empty()) drain(i);  // else the master closes the listener, or keeps it for the next
     }
   }
 

@@ -1,14 +1,18 @@
 // (Master process.) The master's listeners, one per key, created through the policy on a
 // worker's first query_server for the key and closed when the last worker holding it closes
-// its server or goes away (Node: the `handles` map of lib/internal/cluster/primary.js). The
+// its server or goes away (Node: the `handles` map of lib/internal/cluster/primary.js), unless
+// keep() asks to keep one whose last worker went away for the next to listen on it. The
 // Worker's read loop hands it the listening messages of its worker; it answers through the
 // worker's link. UDP listeners are shared under every policy.
 #pragma once
 
 #include "cocluster/detail/config.hpp"
 
+#include <asio/steady_timer.hpp>
 #include <fmt/core.h>
 
+#include <algorithm>
+#include <chrono>
 #include <exception>
 #include <functional>
 #include <map>
@@ -16,6 +20,7 @@
 #include <optional>
 #include <string>
 #include <system_error>
+#include <vector>
 
 #include "cocluster/detail/log.hpp"
 #include "cocluster/detail/master/sockets.hpp"
@@ -29,6 +34,9 @@ namespace cocluster::detail {
 class listener_table {
  public:
   using factory = std::function<std::shared_ptr<Listener>(ListenerArgs)>;
+
+  // keep()'s longest linger: a timer's duration in nanoseconds must not overflow.
+  static constexpr std::chrono::milliseconds max_keep = std::chrono::hours(24 * 365 * 10);
 
   // Listeners one worker may hold: a worker asking for more (a leak, or a broken worker) gets
   // EMFILE from listen() instead of using up the master's fds.
@@ -59,6 +67,7 @@ class listener_table {
     if (auto it = by_key_.find(key); it != by_key_.end()) {
       e = &by_id_.at(it->second);
       if (held.count(e->id)) return refuse(EADDRINUSE);  // the worker's own index rule makes this impossible
+      // (A kept listener stays kept until this worker holds it: a failure below leaves it so.)
     } else {
       std::error_code ec;
       e = create(key, type, q, ec);
@@ -79,19 +88,42 @@ class listener_table {
       copy = e->listener->socket_copy(*worker, ec);
       if (ec) {
         refuse(ec.value());
-        if (members_of(e->id) == 0) discard(e->id);
+        if (members_of(e->id) == 0 && !e->kept) discard(e->id);
         return;
       }
     }
     // The reply goes first: a newconn must not reach the worker before it knows the server.
     if (!worker->send(reply, reply.shared ? listener_tag(type) : no_handle, std::move(copy))) {
       if (reply.shared) e->listener->left(*worker);  // instead of joined(): what socket_copy() set aside is free
-      if (members_of(e->id) == 0) discard(e->id);
+      if (members_of(e->id) == 0 && !e->kept) discard(e->id);
       return;
     }
     held.emplace(e->id, false);
+    if (e->kept) {
+      debug("listener {} for {}: worker {} listens on it again; it takes what waited", e->id, e->key, worker->pid());
+      e->kept.reset();  // cancels its timer
+    }
     e->listener->joined(worker);
   }
+
+  // Master::keep_listeners(). `linger` > 0: a listener whose last worker goes away without
+  // closing its server (its channel ends) is kept, accepting nothing, with what it holds and
+  // its backlog, for up to `linger`, for the next worker to listen on its key; then it is
+  // closed. The listeners kept already get `linger` from now. 0 (Node's rule, the default):
+  // closed at once, and so is every listener kept so far.
+  void keep(std::chrono::milliseconds linger) {
+    keep_for_ = std::clamp(linger, std::chrono::milliseconds(0), max_keep);
+    std::vector<std::uint32_t> kept;
+    for (auto& [id, e] : by_id_)
+      if (e.kept) kept.push_back(id);
+    for (std::uint32_t id : kept) {
+      if (keep_for_.count() > 0)
+        arm(by_id_.at(id));
+      else
+        discard(id);
+    }
+  }
+  std::chrono::milliseconds linger() const noexcept { return keep_for_; }
 
   // listening: the address to announce the first time (nullopt after that); false if the
   // worker does not hold `server` (a protocol error).
@@ -139,7 +171,7 @@ class listener_table {
     if (w == held_.end()) return;
     auto servers = std::move(w->second);
     held_.erase(w);
-    for (auto& [id, announced] : servers) leave(worker, id);
+    for (auto& [id, announced] : servers) leave(worker, id, true);
   }
 
   // The master is going away: every listener and every connection it holds is closed.
@@ -158,6 +190,10 @@ class listener_table {
     Address address;
     std::string unix_path;  // the path this master bound, if any: removed on close
     std::shared_ptr<Listener> listener;
+    // While kept (no worker holds it; see keep()): the timer that closes it; destroying it
+    // cancels the wait.
+    std::unique_ptr<asio::steady_timer> kept;
+    std::uint64_t keeping = 0;  // which keeping the timer is for
   };
 
   entry* create(const std::string& key, AddressType type, const ipc::protocol::QueryServer& q, std::error_code& ec) {
@@ -172,6 +208,12 @@ class listener_table {
     std::string bound_path;
     bool adopted = false;
     unique_fd fd = open_listener(r, bound_path, ec, &adopted);
+    // The port is held by a listener kept for the next worker, under another key (another
+    // spelling of the address, another index): that worker is this one; the kept one goes.
+    if (ec == std::errc::address_in_use && discard_kept_on(type, r.port)) {
+      ec.clear();
+      fd = open_listener(r, bound_path, ec, &adopted);
+    }
     if (ec) return nullptr;
     Address address = socket_address(fd.get(), type);
     if (type == AddressType::unix_path && q.fd < 0) address.address = q.address;  // as the worker named it
@@ -200,15 +242,42 @@ class listener_table {
     }
     debug("listener {} for {} ({})", id, key, listener->shares_socket() ? "shared" : "handed off");
     by_key_.emplace(key, id);
-    return &by_id_.emplace(id, entry{id, key, std::move(address), std::move(bound_path), std::move(listener)})
+    return &by_id_.emplace(id, entry{id, key, std::move(address), std::move(bound_path), std::move(listener), {}, 0})
                 .first->second;
   }
 
-  // The worker no longer holds `server` (its entry in held_ is gone already).
-  void leave(worker_link& worker, std::uint32_t server) {
+  // The worker no longer holds `server` (its entry in held_ is gone already); `gone`: it went
+  // away (its channel ended) rather than closing its server.
+  void leave(worker_link& worker, std::uint32_t server, bool gone = false) {
     auto listener = by_id_.at(server).listener;  // a copy: discard() erases the entry
     listener->left(worker);
-    if (members_of(server) == 0) discard(server);
+    if (members_of(server) != 0) return;
+    if (gone && keep_for_.count() > 0) return keep_entry(by_id_.at(server));
+    discard(server);
+  }
+
+  // Its last worker went away: kept for keep_for_, then closed unless a worker holds it again.
+  void keep_entry(entry& e) {
+    debug("listener {} for {}: its last worker went away; kept {} ms for the next to listen on it", e.id, e.key,
+          keep_for_.count());
+    arm(e);
+  }
+
+  // (Re)starts a kept listener's timer: keep_for_ from now (a timer armed before is cancelled).
+  void arm(entry& e) {
+    e.kept = std::make_unique<asio::steady_timer>(ex_, keep_for_);
+    e.keeping = ++last_keeping_;
+    e.kept->async_wait(
+        [this, alive = std::weak_ptr<const char>(alive_), id = e.id, keeping = e.keeping,
+         linger = keep_for_.count()](std::error_code ec) {
+          if (ec || alive.expired()) return;  // cancelled: held again, closed, or the table is gone
+          auto it = by_id_.find(id);
+          if (it == by_id_.end() || !it->second.kept || it->second.keeping != keeping) return;
+          log_error("listener for {}: no worker listened on it within {} ms; closing it with the connections "
+                    "waiting in it",
+                    it->second.key, linger);
+          discard(id);
+        });
   }
 
   std::size_t members_of(std::uint32_t server) const {
@@ -217,7 +286,25 @@ class listener_table {
     return n;
   }
 
-  // No worker holds it any more: the port is free again (Node: handle.close(), then delete).
+  // Closes the kept listeners of IP port `port` (not 0); whether there were any.
+  bool discard_kept_on(AddressType type, std::uint16_t port) {
+    const bool ip = type == AddressType::v4 || type == AddressType::v6;
+    std::vector<std::uint32_t> ids;
+    for (auto& [id, e] : by_id_)
+      if (ip && port != 0 && e.kept && e.address.port == port &&
+          (e.address.type == AddressType::v4 || e.address.type == AddressType::v6))
+        ids.push_back(id);
+    for (std::uint32_t id : ids) {
+      log_error("listener for {}: kept for the next worker, closed: a worker listens on port {} under another "
+                "address or index",
+                by_id_.at(id).key, port);
+      discard(id);
+    }
+    return !ids.empty();
+  }
+
+  // No worker holds it any more (nor will: not kept, or no longer): the port is free again
+  // (Node: handle.close(), then delete).
   void discard(std::uint32_t server) {
     auto it = by_id_.find(server);
     entry e = std::move(it->second);
@@ -241,6 +328,11 @@ class listener_table {
   std::map<std::uint32_t, entry> by_id_;
   std::map<int, std::map<std::uint32_t, bool>> held_;  // worker id -> servers it holds -> announced?
   std::uint32_t last_id_ = 0;
+  std::chrono::milliseconds keep_for_{0};  // keep(): 0, Node's rule
+  std::uint64_t last_keeping_ = 0;
+  // Expires with the table: a keeping timer's handler already queued when the table goes
+  // (the Master's destructor) must not touch it.
+  std::shared_ptr<const char> alive_ = std::make_shared<const char>();
 };
 
 }  // namespace cocluster::detail
