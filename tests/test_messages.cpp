@@ -4,7 +4,10 @@
 // minute of compilation in CI, most of it the library's templates again.)
 #include "cocluster/worker.hpp"
 
+#include <linux/capability.h>
 #include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <cstring>
@@ -92,6 +95,23 @@ WORKER_SCENARIO(count_sockets) {
       for (int yield = 0; yield < 8; ++yield) co_await asio::post(asio::use_awaitable);
     }
     co_await this_worker.send({std::to_string(sockets)});
+  }, asio::detached);
+  io.run();
+  return 0;
+}
+
+// Counts the messages that carry a handle until "done", then reports the count.
+WORKER_SCENARIO(count_handles) {
+  asio::io_context io;
+  this_worker.start(io.get_executor());
+  asio::co_spawn(io, []() -> awaitable<void> {
+    int handles = 0;
+    for (;;) {
+      Message m = co_await this_worker.receive();
+      if (m.data == "done") break;
+      handles += m.has_handle();
+    }
+    co_await this_worker.send({std::to_string(handles)});
   }, asio::detached);
   io.run();
   return 0;
@@ -282,6 +302,66 @@ TEST_CASE("a worker with few fds receives 3,000 sockets: unread handles stay in 
     w->disconnect();
     CHECK((co_await w->exited()) == ExitStatus{0, 0});
   });
+}
+
+namespace {
+
+// While it lives, this thread has RLIMIT_NOFILE `limit` (its open fds stay open) and neither
+// CAP_SYS_RESOURCE nor CAP_SYS_ADMIN in its effective set (they stay permitted): what a
+// master not run as root has, for which the kernel counts the fds in flight from its user
+// against that limit (ETOOMANYREFS). Restores both.
+struct unprivileged_fd_limit {
+  rlimit saved{};
+  __user_cap_header_struct header{_LINUX_CAPABILITY_VERSION_3, 0};
+  __user_cap_data_struct caps[2]{};
+  explicit unprivileged_fd_limit(rlim_t limit) {
+    REQUIRE(::syscall(SYS_capget, &header, caps) == 0);
+    __user_cap_data_struct fewer[2] = {caps[0], caps[1]};
+    for (int cap : {CAP_SYS_RESOURCE, CAP_SYS_ADMIN}) fewer[cap / 32].effective &= ~(1u << (cap % 32));
+    REQUIRE(::syscall(SYS_capset, &header, fewer) == 0);
+    REQUIRE(::getrlimit(RLIMIT_NOFILE, &saved) == 0);
+    rlimit low = saved;
+    low.rlim_cur = limit;
+    REQUIRE(::setrlimit(RLIMIT_NOFILE, &low) == 0);
+  }
+  ~unprivileged_fd_limit() {
+    ::setrlimit(RLIMIT_NOFILE, &saved);
+    ::syscall(SYS_capset, &header, caps);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("a handle the kernel will not pass yet (ETOOMANYREFS: too many fds in flight) waits and is sent, not dropped") {
+  captured_log log;
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    auto w = co_await master.fork(scenario_env("count_handles"));
+    co_await w->online();
+    w->signal(SIGSTOP);  // what is sent to it stays in flight, in its socket
+    asio::local::stream_protocol::socket a(io), b(io);
+    asio::local::connect_pair(a, b);
+    auto copy_of_b = [&] {
+      asio::local::stream_protocol::socket copy(io);
+      copy.assign(asio::local::stream_protocol(), ::dup(b.native_handle()));
+      return copy;
+    };
+    constexpr int in_flight = 64;
+    for (int i = 0; i < in_flight; ++i) co_await w->send({"socket", copy_of_b()});
+    auto last = copy_of_b();
+    {
+      unprivileged_fd_limit limited(16);  // 64 in flight > 16: the kernel refuses the next
+      const std::error_code ec =
+          std::get<0>(co_await w->send({"socket", std::move(last)}, cocluster::as_tuple(asio::use_awaitable)));
+      CHECK_MESSAGE(!ec, ec.message());  // queued, not failed
+    }
+    w->signal(SIGCONT);
+    co_await w->send({"done"});
+    CHECK((co_await w->receive()).data == std::to_string(in_flight + 1));
+    w->disconnect();
+    CHECK((co_await w->exited()) == ExitStatus{0, 0});
+  });
+  CHECK_MESSAGE(log.has("Too many references"), "the log was: " << log.text);
 }
 
 TEST_CASE("a worker that exits while the master's reading is paused reports disconnect and exit, losing nothing") {

@@ -7,13 +7,18 @@
 #include <sys/uio.h>
 
 #include <asio/posix/stream_descriptor.hpp>
+#include <asio/steady_timer.hpp>
 
 #include <algorithm>
+#include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "cocluster/detail/ipc/handle_impl.hpp"
+#include "cocluster/detail/log.hpp"
 #include "cocluster/detail/pending_handler.hpp"
 #include "cocluster/detail/syscalls.hpp"
 #include "cocluster/error.hpp"
@@ -88,7 +93,20 @@ struct channel_state : std::enable_shared_from_this<channel_state> {
             kind, std::move(fd), {}, {}};
   }
 
-  // Writes queued frames until the socket would block; then waits for it to drain.
+  // How long a frame the kernel refused for now (ENOBUFS, ENOMEM, ETOOMANYREFS) waits before
+  // it is tried again: the first wait, then twice the last, up to the longest.
+  static constexpr std::chrono::milliseconds first_write_retry{1};
+  static constexpr std::chrono::milliseconds longest_write_retry{100};
+
+  // Writes queued frames until the socket would block; then waits for it to drain. A frame
+  // the kernel cannot take *now* stays at the front and is tried again after a pause: ENOBUFS
+  // and ENOMEM (memory), ETOOMANYREFS (more fds in flight from this user than its
+  // RLIMIT_NOFILE, without CAP_SYS_RESOURCE: they land as the peer reads). The peer gone
+  // (EPIPE, ECONNRESET) ends writing, and reading goes on to the end of what it sent. Any other
+  // error ends the channel both ways: a channel that cannot carry frames would leave the
+  // peer waiting for them for good (a worker handed connections it never gets, and never
+  // told to disconnect); the peer sees its end instead (a worker exits, and its connections
+  // go to the others).
   void flush() {
     while (ipc::outgoing* o = queue.front()) {
       ipc::frame f = ipc::next_frame(*o);
@@ -109,9 +127,15 @@ struct channel_state : std::enable_shared_from_this<channel_state> {
       const ssize_t n = retry_on_eintr(
           [&] { return ::sendmsg(sock.native_handle(), &msg, MSG_DONTWAIT | MSG_NOSIGNAL); });
       if (n < 0) {
-        if (errno == EAGAIN || errno == EWOULDBLOCK) return wait_writable();
-        return fail_writes(last_error());
+        const int err = errno;
+        const std::error_code ec(err, std::system_category());
+        if (err == EAGAIN || err == EWOULDBLOCK) return wait_writable();
+        if (err == ENOBUFS || err == ENOMEM || err == ETOOMANYREFS) return retry_write(ec);
+        if (err == EPIPE || err == ECONNRESET) return fail_writes(ec);
+        log_error("channel: sendmsg: {}; ending the channel", ec.message());
+        return close(ec, "sendmsg: " + ec.message());
       }
+      write_retry_delay = {};
       queue.sent(f);
     }
     if (shutdown_waiter) {
@@ -121,6 +145,22 @@ struct channel_state : std::enable_shared_from_this<channel_state> {
       if (::shutdown(sock.native_handle(), SHUT_WR) != 0 && errno != ENOTCONN) ec = last_error();
       std::exchange(shutdown_waiter, {}).complete(ec);
     }
+  }
+
+  // The kernel refused the front frame for now: tried again after write_retry_delay (said
+  // once per episode: an episode ends with a frame sent).
+  void retry_write(std::error_code ec) {
+    if (write_retry_delay == std::chrono::milliseconds::zero())
+      log_error("channel: sendmsg: {}; the frame waits and is sent again from {} ms on", ec.message(),
+                first_write_retry.count());
+    write_retry_delay = std::clamp(write_retry_delay * 2, first_write_retry, longest_write_retry);
+    if (!write_retry) write_retry.emplace(ex);
+    waiting_write = true;
+    write_retry->expires_after(write_retry_delay);
+    write_retry->async_wait([self = this->shared_from_this()](std::error_code ec) {
+      self->waiting_write = false;
+      if (!ec && self->sock.is_open()) self->flush();
+    });
   }
 
   void wait_writable() {
@@ -317,6 +357,7 @@ struct channel_state : std::enable_shared_from_this<channel_state> {
       failure_detail = why.empty() ? ec.message() : std::move(why);
     std::error_code ignored;
     sock.close(ignored);
+    if (write_retry) write_retry->cancel();
     parser.reset();
     queue.clear(error::channel_closed);
     if (shutdown_waiter) std::exchange(shutdown_waiter, {}).complete(error::channel_closed);
@@ -328,7 +369,9 @@ struct channel_state : std::enable_shared_from_this<channel_state> {
   ipc::ChannelOptions options;
 
   ipc::send_queue queue;
-  bool waiting_write = false;
+  bool waiting_write = false;  // for the socket to drain, or for write_retry
+  std::optional<asio::steady_timer> write_retry;          // made at the first refusal (retry_write)
+  std::chrono::milliseconds write_retry_delay{0};        // 0: the last frame was sent
   bool write_shut = false;
   std::error_code write_error;  // why writing stopped (EPIPE, ...), if it did by itself
   pending_handler<> shutdown_waiter;
