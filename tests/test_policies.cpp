@@ -434,6 +434,59 @@ TEST_CASE("Dispatch: connections waiting for an absent worker are bounded and do
   });
 }
 
+TEST_CASE("Dispatch: a master full of connections for absent workers serves the others, and closes the oldest of them for more") {
+  // 16 absent ids x 256 fill the master (max_waiting), with no event of theirs ever to come:
+  // the test holds both ends of each connection.
+  constexpr int absent_ids = 16;
+  constexpr int per_id = static_cast<int>(HandoffListener::max_waiting_per_worker);
+  static_assert(absent_ids * per_id == static_cast<int>(HandoffListener::max_waiting));
+  rlimit saved{};
+  REQUIRE(::getrlimit(RLIMIT_NOFILE, &saved) == 0);
+  const rlim_t needed = 2 * absent_ids * per_id + 256;  // both ends of each, and the rest
+  REQUIRE_MESSAGE((saved.rlim_max == RLIM_INFINITY || saved.rlim_max >= needed), "RLIMIT_NOFILE's hard limit ",
+                  saved.rlim_max, " is below the ", needed, " this test needs");
+  rlimit raised = saved;
+  raised.rlim_cur = std::max<rlim_t>(saved.rlim_cur, needed);
+  REQUIRE(::setrlimit(RLIMIT_NOFILE, &raised) == 0);
+  struct restore_limit {
+    rlimit saved;
+    ~restore_limit() { ::setrlimit(RLIMIT_NOFILE, &saved); }
+  } restore{saved};
+  captured_log log;
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    // The client 127.0.0.N goes to worker N, there or not.
+    auto route = [](const Remote& r, const HandoffListener::Members&) { return int(r.address().to_v4().to_bytes()[3]); };
+    Master<Dispatch<decltype(route)>> master(io.get_executor(), {}, Dispatch(route));
+    auto [workers, where] = co_await start_serving(master, 1);
+    const tcp::endpoint at = where;  // (clang 14: a lambda cannot capture a structured binding)
+    auto park = [&io, at](int id) -> awaitable<std::shared_ptr<tcp::socket>> {
+      auto s = std::make_shared<tcp::socket>(io);
+      s->open(tcp::v4());
+      s->bind(tcp::endpoint(loopback(id), 0));
+      co_await s->async_connect(at, use_awaitable);
+      co_return s;
+    };
+    std::map<int, std::vector<std::shared_ptr<tcp::socket>>> parked;
+    for (int id = 10; id < 10 + absent_ids; ++id)
+      for (int i = 0; i < per_id; ++i) parked[id].push_back(co_await park(id));
+    // Connected after all of them: the master, full, still accepts it for worker 1.
+    CHECK(co_await ask_from(loopback(1), where) == workers[0]->id());
+    // One more for an absent worker: the oldest 256 waiting, worker 10's, are closed for it.
+    int closed = 0;
+    for (auto& s : parked[10]) {
+      auto buf = std::make_shared<std::string>();
+      asio::async_read(*s, asio::dynamic_buffer(*buf), [&closed, s, buf](std::error_code, std::size_t) { ++closed; });
+    }
+    parked[10 + absent_ids].push_back(co_await park(10 + absent_ids));
+    co_await poll_until([&] { return closed == per_id; });
+    pollfd still{parked[11].front()->native_handle(), POLLIN, 0};  // the next oldest: open, nothing to read
+    CHECK(::poll(&still, 1, 0) == 0);
+    co_await master.disconnect();
+  }, 120s);
+  CHECK_MESSAGE(log.has("closed the 256 oldest connection(s) waiting for workers that do not listen on it"),
+                "the log was: " << log.text);
+}
+
 TEST_CASE("Dispatch: a routing function that throws has its connection closed, and the master carries on") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     auto route = [](const Remote& r, const HandoffListener::Members&) {

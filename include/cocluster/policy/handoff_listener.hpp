@@ -42,11 +42,14 @@
 #include <algorithm>
 #include <chrono>
 #include <deque>
+#include <functional>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <optional>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cocluster/detail/log.hpp"
@@ -69,7 +72,11 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   // says so), unless choose_for() names another worker: Sticky does, Dispatch leaves it to F.
   static constexpr std::size_t max_waiting_per_worker = 256;
   // All connections the master holds; past it, accepting waits (the kernel's backlog holds the
-  // rest), as when no worker has room.
+  // rest), as when no worker has room. Connections waiting for a worker that does not listen
+  // here (a routing function naming an id that is not there) are the exception: no event of
+  // that worker will ever make room, so when the master is full, a worker that is here could
+  // take a connection and one more comes, the oldest of them are closed, max_waiting / 16 at a
+  // time (shed_absent).
   static constexpr std::size_t max_waiting = 4096;
   // What choose_for() returns to have the master close a connection it cannot place.
   static constexpr int refuse = -1;
@@ -121,7 +128,8 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
         closing_log_(args.executor),
         accept_log_(args.executor),
         full_log_(args.executor),
-        absent_log_(args.executor) {
+        absent_log_(args.executor),
+        shed_log_(args.executor) {
     socket_.assign(args.socket.get());
     (void)args.socket.release();
   }
@@ -220,6 +228,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     accept_log_.flush();
     full_log_.flush();
     absent_log_.flush();
+    shed_log_.flush();
     any_ = {};
     lines_.clear();
     held_ = 0;
@@ -317,6 +326,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     std::shared_ptr<const detail::unique_fd> fd;  // shared with a channel while a newconn carrying it is queued
     std::string remote;                           // sockaddr from accept4
     bool given_back = false;                      // taken back from a worker: never closed for want of room
+    std::uint64_t order = 0;                      // accepted as the listener's order-th connection
   };
   // The connections waiting for one worker (line 0: for the policy to name one), in order:
   // those given back ahead of the others, in the order they were given back.
@@ -596,17 +606,19 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     return all_sent;
   }
 
-  // Accepts while a worker is chosen and fewer than max_waiting wait here; waits for
-  // readiness only when the kernel has nothing more.
+  // Accepts while a worker is chosen and fewer than max_waiting wait here (or more, while some
+  // of them wait for absent workers: shed_absent makes room); waits for readiness only when
+  // the kernel has nothing more.
   void accept_now() {
     if (!accepting_ || waiting_ || paused_ || !socket_.is_open()) return;
-    while (held_ < max_waiting && pick() != 0) {
+    while (pick() != 0 && (held_ < max_waiting || waiting_for_absent())) {
       std::string remote;
       std::error_code ec;
       detail::unique_fd fd = detail::accept_connection(socket_.native_handle(), remote, ec);
       if (fd) {
-        connection c{std::make_shared<const detail::unique_fd>(std::move(fd)), std::move(remote)};
+        connection c{std::make_shared<const detail::unique_fd>(std::move(fd)), std::move(remote), false, ++accepted_};
         if (auto to = place(c)) wait_for(*to, std::move(c));
+        if (held_ > max_waiting) shed_absent();  // full, and it came: the oldest for absent workers make room
         continue;
       }
       if (!ec) return wait_readable();
@@ -616,14 +628,57 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
       return pause_accepting();
     }
     // The kernel's backlog holds the rest until a worker acknowledges, leaves or joins. Not a
-    // stalled worker's doing alone (its line stops at max_waiting_per_worker): many of them, or
-    // a routing function naming workers that are not there. Said when it starts.
+    // stalled worker's doing alone (its line stops at max_waiting_per_worker): many of them
+    // (what waits for workers that are not there makes room: shed_absent). Said when it starts.
     const bool full = held_ >= max_waiting;
     if (full && !full_)
       full_log_.error("listener {}:{}: {} connections wait in the master for workers that cannot take them or "
                       "are not there; accepting waits",
                       address_.address, address_.port, held_);
     full_ = full;
+  }
+
+  // Whether some connection waits for a worker that does not listen here (asked only when the
+  // master is full).
+  bool waiting_for_absent() const {
+    for (auto& [id, l] : lines_)
+      if (l.conns.size() > l.given_back && !links_.count(id)) return true;
+    return false;
+  }
+
+  // The master holds more than max_waiting, and some of it waits for workers that do not
+  // listen here: the oldest of those (by accept order; not one given back), max_waiting / 16
+  // of them, are closed, so that accepting goes on for the workers that are here. Without it, a
+  // routing function naming absent workers for max_waiting connections stopped accepting for
+  // good while the workers that are here sat idle.
+  void shed_absent() {
+    using head = std::pair<std::uint64_t, int>;  // (order of a line's oldest sheddable, its id)
+    std::vector<head> heads;
+    for (auto& [id, l] : lines_)
+      if (l.conns.size() > l.given_back && !links_.count(id)) heads.emplace_back(l.conns[l.given_back].order, id);
+    std::make_heap(heads.begin(), heads.end(), std::greater<>{});
+    std::size_t closed = 0;
+    while (!heads.empty() && closed < max_waiting / 16) {
+      std::pop_heap(heads.begin(), heads.end(), std::greater<>{});
+      const int id = heads.back().second;
+      heads.pop_back();
+      auto it = lines_.find(id);
+      waiting_line& l = it->second;
+      l.conns.erase(l.conns.begin() + static_cast<std::ptrdiff_t>(l.given_back));  // closes our copy
+      --l.count;
+      --held_;
+      ++closed;
+      if (l.conns.size() > l.given_back) {
+        heads.emplace_back(l.conns[l.given_back].order, id);
+        std::push_heap(heads.begin(), heads.end(), std::greater<>{});
+      } else if (l.conns.empty()) {
+        lines_.erase(it);
+      }
+    }
+    if (closed != 0)
+      shed_log_.error("listener {}:{}: closed the {} oldest connection(s) waiting for workers that do not listen on "
+                      "it: the master holds {} at most, and a worker that is here can take more",
+                      address_.address, address_.port, closed, max_waiting);
   }
 
   void wait_readable() {
@@ -670,6 +725,8 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   detail::rate_limited_log accept_log_;      // accept errors: the same
   detail::rate_limited_log full_log_;        // accepting waits for room in the master: the same
   detail::rate_limited_log absent_log_;      // connections begin to wait for a worker not listening here
+  detail::rate_limited_log shed_log_;        // connections for absent workers closed to make room (shed_absent)
+  std::uint64_t accepted_ = 0;               // connections accepted so far (connection::order)
   bool full_ = false;                        // max_waiting connections held when accept_now() last looked
 };
 
