@@ -374,21 +374,57 @@ TEST_CASE("supervisor: a listener kept for a replacement still in its backoff wa
     Master<> master(io.get_executor(), Settings{.env = http_env()});
     unsigned short port = 0;
     {
-      // The backoff (an hour) is longer than max_restart_delay: the listener waits for it anyway.
-      Supervisor<> supervisor(master, {.workers = 1, .restart_delay = std::chrono::hours(1)});
+      // The listener waits for the restart's own backoff (an hour), not the longest (two).
+      Supervisor<> supervisor(master, {.workers = 1, .restart_delay = std::chrono::hours(1),
+                                       .max_restart_delay = std::chrono::hours(2)});
       asio::co_spawn(io, supervisor.run(cocluster::as_tuple(use_awaitable)), asio::detached);
       co_await until_true(io, [&] { return supervisor.workers().size() == 1; });
       co_await master.ready();
       auto w = supervisor.workers().front();
       port = (co_await w->listening()).port;
+      CHECK(master.listener_linger() > std::chrono::hours(2));  // run(): the longest backoff
       w->signal(SIGKILL);
       co_await w->exited();
-      co_await until_true(io, [&] { return master.listener_linger() > std::chrono::hours(1); });  // its restart began
+      co_await until_true(io, [&] { return master.listener_linger() < std::chrono::hours(2); });  // the restart's
       tcp::socket early(io);  // kept: the backlog takes it
       co_await early.async_connect(tcp::endpoint(asio::ip::make_address("127.0.0.1"), port), use_awaitable);
     }
     CHECK(master.listener_linger() == 0ms);  // the Master's own again
     CHECK(co_await ping(port) == 0);         // closed: refused
+  });
+}
+
+TEST_CASE("supervisor: a replacement that dies before it is ready closes the kept listener: clients are refused, not left waiting") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor(), Settings{.env = http_env()});
+    // The first restart at once, the next a second later, then an hour: still supervising.
+    Supervisor<> supervisor(master, {.workers = 1, .restart_delay = 1ms, .backoff_factor = 1000,
+                                     .max_restart_delay = std::chrono::hours(1), .max_restarts = 100});
+    bool ran = false;
+    asio::co_spawn(io, supervisor.run(cocluster::as_tuple(use_awaitable)), [&](std::exception_ptr, std::tuple<std::error_code>) { ran = true; });
+    co_await until_true(io, [&] { return supervisor.workers().size() == 1; });
+    co_await master.ready();
+    auto first = supervisor.workers().front();
+    const unsigned short port = (co_await first->listening()).port;
+    master.setup_merge({.env = http_env({{"TEST_EXIT", "1"}})});  // replacements exit at start
+    first->signal(SIGKILL);
+    co_await first->exited();
+    // Kept, until the replacement exits unready: then refused.
+    const tcp::endpoint at(asio::ip::make_address("127.0.0.1"), port);
+    auto refused = [&]() -> awaitable<bool> {
+      tcp::socket s(io);
+      auto [ec] = co_await s.async_connect(at, cocluster::as_tuple(use_awaitable));
+      co_return ec == asio::error::connection_refused;
+    };
+    asio::steady_timer poll(io);
+    while (!co_await refused()) {  // bounded by run_bounded
+      poll.expires_after(5ms);
+      co_await poll.async_wait(use_awaitable);
+    }
+    CHECK(supervisor.restarts() >= 1);
+    CHECK_FALSE(ran);
+    supervisor.stop();
+    co_await until(io, ran);
   });
 }
 

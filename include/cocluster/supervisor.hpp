@@ -83,7 +83,8 @@ struct SupervisorSettings {
   // backlog are served by the replacement instead of being reset, and the port is never
   // refused meanwhile (gunicorn's and nginx's masters keep their sockets; Node closes them).
   // Each restart gives the listeners kept its backoff plus boot_timeout (and a second) from
-  // then, so a replacement that fails to boot does not lose them for the next. A worker that
+  // then. A worker that dies before it is ready (a failed boot) closes what is kept: while
+  // workers fail to start, clients are refused rather than left waiting. A worker that
   // closes its servers before it exits (a graceful disconnect, a protocol error) closes them:
   // none is kept. From run() until stop(), the restart limit, the end of run() or the
   // Supervisor's destruction, which close what is still kept (the Master's own linger, if it
@@ -373,6 +374,7 @@ class Supervisor {
                              : settings.restart == Restart::on_failure ? failed
                                                                        : false;
         const std::string how = status.killed_by_signal() ? status.signal_name() : "code " + std::to_string(status.code);
+        if (!w->is_ready()) close_kept_listeners();
         if (replace) {
           detail::log_error("worker {} (pid {}) exited ({}{}); replacing it", w->id(), w->pid(), how,
                             e.boot_failed ? ", never ready" : "");
@@ -397,11 +399,13 @@ class Supervisor {
     }
 
     static asio::awaitable<void> restart_after(std::shared_ptr<core> self, clock::duration delay) {
-      self->keep_listeners(delay);  // what the dead worker left waits for this replacement
-      asio::steady_timer timer(self->ex, delay);
-      self->sleeping.insert(&timer);
-      co_await timer.async_wait(as_tuple(asio::use_awaitable));
-      self->sleeping.erase(&timer);
+      if (!self->stopping && !self->closed) {  // (a timer made after stop() would never be cancelled)
+        self->keep_listeners(std::chrono::ceil<std::chrono::milliseconds>(delay));  // what was left waits for it
+        asio::steady_timer timer(self->ex, delay);
+        self->sleeping.insert(&timer);
+        co_await timer.async_wait(as_tuple(asio::use_awaitable));
+        self->sleeping.erase(&timer);
+      }
       std::shared_ptr<Worker> w;
       if (!self->stopping && !self->closed) w = co_await self->start_worker(true);
       --self->pending_restarts;
@@ -415,14 +419,24 @@ class Supervisor {
     // the backoff ahead (at run(): the longest one), and each restart calls it again, so that
     // the listeners kept so far wait for that replacement too. Never shorter than the linger
     // the Master had before run() (restored at the end).
-    void keep_listeners(clock::duration delay) {
-      if (!settings.keep_listeners || settings.restart == Restart::never || stopping || closed) return;
+    void keep_listeners(std::chrono::milliseconds delay) {
+      if (!settings.keep_listeners || settings.restart == Restart::never || stopping || closed || !run_handler) return;
       using ms = std::chrono::milliseconds;
       if (!keeping_listeners) own_linger = master->listener_linger();
       keeping_listeners = true;
       const ms boot = std::min(std::max(settings.boot_timeout, ms(0)), ms::max() - keep_slack) + keep_slack;
-      const ms wait = std::max(std::chrono::ceil<ms>(delay), ms(0));
+      const ms wait = std::max(delay, ms(0));
       master->keep_listeners(std::max(own_linger, wait > ms::max() - boot ? ms::max() : wait + boot));  // (capped there)
+    }
+    // A worker died before it was ready (a failed boot: its replacement would be no better):
+    // what is kept closes, so that clients are refused while workers fail to start instead of
+    // waiting in a backlog nobody serves (and a TCP health check sees the port down). The next
+    // worker to listen binds again; a death after that is kept again.
+    void close_kept_listeners() {
+      if (!keeping_listeners) return;
+      const std::chrono::milliseconds linger = master->listener_linger();
+      master->keep_listeners(std::chrono::milliseconds(0));  // closes what is kept
+      master->keep_listeners(linger);                        // deaths from now on are kept again
     }
     // Nothing will be replaced any more: what is kept is closed (unless the Master had a
     // linger of its own), and the Master's linger is what it was before run().

@@ -8,6 +8,7 @@
 
 #include "cocluster/detail/config.hpp"
 
+#include <asio/ip/address.hpp>
 #include <asio/steady_timer.hpp>
 #include <fmt/core.h>
 
@@ -194,6 +195,7 @@ class listener_table {
     // cancels the wait.
     std::unique_ptr<asio::steady_timer> kept;
     std::uint64_t keeping = 0;  // which keeping the timer is for
+    bool adopted = false;       // a socket this master did not bind (listen({fd}), systemd's)
   };
 
   entry* create(const std::string& key, AddressType type, const ipc::protocol::QueryServer& q, std::error_code& ec) {
@@ -210,7 +212,7 @@ class listener_table {
     unique_fd fd = open_listener(r, bound_path, ec, &adopted);
     // The port is held by a listener kept for the next worker, under another key (another
     // spelling of the address, another index): that worker is this one; the kept one goes.
-    if (ec == std::errc::address_in_use && discard_kept_on(type, r.port)) {
+    if (ec == std::errc::address_in_use && discard_kept_in_the_way(r)) {
       ec.clear();
       fd = open_listener(r, bound_path, ec, &adopted);
     }
@@ -242,7 +244,7 @@ class listener_table {
     }
     debug("listener {} for {} ({})", id, key, listener->shares_socket() ? "shared" : "handed off");
     by_key_.emplace(key, id);
-    return &by_id_.emplace(id, entry{id, key, std::move(address), std::move(bound_path), std::move(listener), {}, 0})
+    return &by_id_.emplace(id, entry{id, key, std::move(address), std::move(bound_path), std::move(listener), {}, 0, adopted})
                 .first->second;
   }
 
@@ -286,18 +288,26 @@ class listener_table {
     return n;
   }
 
-  // Closes the kept listeners of IP port `port` (not 0); whether there were any.
-  bool discard_kept_on(AddressType type, std::uint16_t port) {
-    const bool ip = type == AddressType::v4 || type == AddressType::v6;
+  // The kept listeners that hold what request `r` would bind (a TCP or UDP port under another
+  // key: the same address, or either one the wildcard), closed; whether there were any. Not a
+  // socket the master did not bind: closing its copy frees nothing.
+  bool discard_kept_in_the_way(const listen_request& r) {
+    if (r.port == 0 || r.type == AddressType::unix_path) return false;
+    std::error_code ec;
+    const asio::ip::address wanted = asio::ip::make_address(r.address, ec);
+    if (ec) return false;
     std::vector<std::uint32_t> ids;
-    for (auto& [id, e] : by_id_)
-      if (ip && port != 0 && e.kept && e.address.port == port &&
-          (e.address.type == AddressType::v4 || e.address.type == AddressType::v6))
-        ids.push_back(id);
+    for (auto& [id, e] : by_id_) {
+      if (!e.kept || e.adopted || e.address.port != r.port || is_datagram(e.address.type) != is_datagram(r.type) ||
+          e.address.type == AddressType::unix_path)
+        continue;
+      const asio::ip::address held = asio::ip::make_address(e.address.address, ec);
+      if (!ec && (held == wanted || held.is_unspecified() || wanted.is_unspecified())) ids.push_back(id);
+    }
     for (std::uint32_t id : ids) {
-      log_error("listener for {}: kept for the next worker, closed: a worker listens on port {} under another "
+      log_error("listener for {}: kept for the next worker, closed: a worker listens on {}:{} under another "
                 "address or index",
-                by_id_.at(id).key, port);
+                by_id_.at(id).key, r.address, r.port);
       discard(id);
     }
     return !ids.empty();
