@@ -17,7 +17,8 @@
 // never stops the others. A worker's line is looked at again when that worker acknowledges or
 // leaves (and all lines when a worker joins), never when another one does: waiting connections
 // cost nothing per hand-off to the other workers. (The line of an id that is no member, which
-// no event of its own will ever look at, is looked at again at every event, as line 0 is.) It
+// no event of its own will ever look at, is looked at again at the events of the others, at
+// most every absent_recheck.) It
 // keeps its copy of each connection until the worker's `accepted`: a connection handed to a
 // worker that closes its server, disconnects or dies goes back to the front and to another
 // worker, and so do the connections waiting for it (for a worker the master kills: once its
@@ -64,6 +65,9 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
  public:
   // How long accepting pauses after EMFILE, ENFILE, ENOBUFS or ENOMEM.
   static constexpr std::chrono::milliseconds accept_retry_delay{100};
+  // How often, at most, connections waiting for workers that do not listen here are offered
+  // to the policy again (place_absent).
+  static constexpr std::chrono::milliseconds absent_recheck{50};
   // How long a worker that refused a connection (it had no fd left to take it: RLIMIT_NOFILE)
   // is left out of the members the policy chooses from; then it is asked again.
   static constexpr std::chrono::milliseconds refusal_rest{100};
@@ -125,6 +129,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
         retry_(args.executor),
         rest_timer_(args.executor),
         tag_(detail::connection_tag(address_.type)),
+        absent_timer_(args.executor),
         closing_log_(args.executor),
         accept_log_(args.executor),
         full_log_(args.executor),
@@ -223,6 +228,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     socket_.close(ignored);
     retry_.cancel();
     rest_timer_.cancel();
+    absent_timer_.cancel();
     resting_.clear();
     closing_log_.flush();  // the connections closed since its last line, counted now
     accept_log_.flush();
@@ -537,16 +543,33 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     }
   }
 
-  // The lines of ids that no worker holding this listener has, as line 0's: no event of that
-  // id will come (it left, or is not there yet), only the policy can name another worker (a
-  // Dispatch function whose own table named a worker that has left), so they are asked again
-  // at every event. Only a routing function names such an id: they are rare. (A worker whose
-  // hand-off failed is no member but still linked: its left() follows and gives its line back,
-  // behind what was handed to it, in order.)
+  // The lines of ids that no worker holding this listener has: no event of that id will come
+  // (it left, or is not there yet), only the policy can name another worker (a Dispatch
+  // function whose own table named a worker that has left), so they are asked again at the
+  // events of the others, at most once every absent_recheck (a timer asks at the end of one
+  // that an event found too soon), and all of them whenever a worker joins. (Asked at every
+  // event, thousands of connections parked for absent ids made every hand-off ask the policy
+  // thousands of times.) Only a routing function names such an id. (A worker whose hand-off
+  // failed is no member but still linked: its left() follows and gives its line back, behind
+  // what was handed to it, in order.)
   void place_absent() {
     absent_.clear();
     for (auto& [id, l] : lines_)
       if (!l.conns.empty() && !links_.count(id)) absent_.push_back(id);
+    if (absent_.empty()) return;
+    const auto now = std::chrono::steady_clock::now();
+    if (now < next_absent_pass_) {
+      if (!absent_timer_armed_) {
+        absent_timer_armed_ = true;
+        absent_timer_.expires_at(next_absent_pass_);
+        absent_timer_.async_wait([self = shared_from_this()](std::error_code ec) {
+          self->absent_timer_armed_ = false;
+          if (!ec) self->distribute();
+        });
+      }
+      return;
+    }
+    next_absent_pass_ = now + absent_recheck;
     for (int id : absent_) place_again(id);
   }
 
@@ -714,6 +737,9 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   std::map<int, waiting_line> lines_;        // accepted, waiting for the worker chosen for them, by its id
   std::size_t held_ = 0;                     // waiting in all (any_ and lines_)
   std::vector<int> absent_;                  // place_absent()'s ids (kept for its capacity)
+  asio::steady_timer absent_timer_;          // place_absent()'s next pass, when an event came too soon
+  bool absent_timer_armed_ = false;
+  std::chrono::steady_clock::time_point next_absent_pass_{};
   std::map<std::uint32_t, handed> unacked_;  // handed off, not yet acknowledged, by seq
   std::vector<outgoing_batch> outbox_;       // handed in this distribution, not yet sent, per worker
   std::uint32_t last_seq_ = 0;
