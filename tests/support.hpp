@@ -15,6 +15,8 @@
 #include <asio/co_spawn.hpp>
 #include <asio/experimental/awaitable_operators.hpp>
 #include <asio/io_context.hpp>
+#include <asio/ip/tcp.hpp>
+#include <asio/read.hpp>
 #include <asio/steady_timer.hpp>
 #include <asio/use_awaitable.hpp>
 #include <asio/version.hpp>
@@ -24,6 +26,7 @@
 #include <asio/experimental/deferred.hpp>
 #endif
 
+#include "cocluster/detail/as_tuple.hpp"
 #include "cocluster/detail/syscalls.hpp"
 #include "cocluster/events.hpp"
 #include "cocluster/exit_status.hpp"
@@ -36,6 +39,7 @@
 #include <exception>
 #include <fstream>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <ostream>
 #include <sstream>
@@ -64,6 +68,22 @@ inline constexpr auto deferred = asio::experimental::deferred;
 using namespace std::chrono_literals;
 using asio::awaitable;
 using asio::use_awaitable;
+
+// A client that has sent its request and reads the answer to EOF, whoever answers it and
+// whenever (await_answer): `done` once the read has ended, `ec` empty at EOF.
+struct pending_request {
+  asio::ip::tcp::socket socket;
+  std::string reply;
+  std::error_code ec;
+  bool done = false;
+};
+
+inline awaitable<void> await_answer(std::shared_ptr<pending_request> r) {
+  auto [ec, n] = co_await asio::async_read(r->socket, asio::dynamic_buffer(r->reply),
+                                           cocluster::as_tuple(use_awaitable));
+  r->ec = ec == asio::error::eof ? std::error_code() : ec;
+  r->done = true;
+}
 
 // cocluster's log lines while it lives, one per line in `text`, instead of stderr
 // (set_log_sink): for a test to look for the line an error should write. Resets the sink.

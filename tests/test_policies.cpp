@@ -1032,20 +1032,7 @@ TEST_CASE("RuntimePolicy knows reuseport by name") {
 
 namespace {
 
-// A client that has sent "hi" and reads the answer to EOF.
-struct pending_request {
-  tcp::socket socket;
-  std::string reply;
-  std::error_code ec;
-  bool done = false;
-};
-
-awaitable<void> await_answer(std::shared_ptr<pending_request> r) {
-  auto [ec, n] = co_await asio::async_read(r->socket, asio::dynamic_buffer(r->reply), as_tuple_t{});
-  r->ec = ec == asio::error::eof ? std::error_code() : ec;
-  r->done = true;
-}
-
+// The id in a "serve" worker's answer ("worker <id>"), 0 for none (pending_request: support.hpp).
 int answered_by(const pending_request& r) { return r.reply.rfind("worker ", 0) == 0 ? std::stoi(r.reply.substr(7)) : 0; }
 
 }  // namespace

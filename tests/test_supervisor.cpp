@@ -302,20 +302,6 @@ TEST_CASE("supervisor: a worker that dies is replaced and the replacement is rea
 
 namespace {
 
-// A client that sent "ping" and reads the answer to EOF, whoever answers and whenever.
-struct waiting_ping {
-  tcp::socket socket;
-  std::string reply;
-  std::error_code ec;
-  bool done = false;
-};
-
-awaitable<void> read_answer(std::shared_ptr<waiting_ping> p) {
-  auto [ec, n] = co_await asio::async_read(p->socket, asio::dynamic_buffer(p->reply), cocluster::as_tuple(use_awaitable));
-  p->ec = ec == asio::error::eof ? std::error_code() : ec;
-  p->done = true;
-}
-
 // The only worker, stopped while 16 clients connect and ask (under RoundRobin the master
 // accepts them and hands them to it; under SharedSocket and ReusePort they wait in the
 // backlog), then SIGKILLed: its replacement answers every one, on the same port. Without
@@ -334,12 +320,12 @@ void only_worker_crash_loses_nothing() {
     const Address where = co_await first->listening();
     const tcp::endpoint at(asio::ip::make_address("127.0.0.1"), where.port);
     first->signal(SIGSTOP);
-    std::vector<std::shared_ptr<waiting_ping>> pings;
+    std::vector<std::shared_ptr<pending_request>> pings;
     for (int i = 0; i < 16; ++i) {
-      auto p = std::make_shared<waiting_ping>(waiting_ping{tcp::socket(io), {}, {}, false});
+      auto p = std::make_shared<pending_request>(pending_request{tcp::socket(io), {}, {}, false});
       co_await p->socket.async_connect(at, use_awaitable);
       co_await asio::async_write(p->socket, asio::buffer(std::string("ping\n")), use_awaitable);
-      asio::co_spawn(io, read_answer(p), asio::detached);
+      asio::co_spawn(io, await_answer(p), asio::detached);
       pings.push_back(p);
     }
     first->signal(SIGKILL);
