@@ -315,14 +315,17 @@ struct unprivileged_fd_limit {
   __user_cap_header_struct header{_LINUX_CAPABILITY_VERSION_3, 0};
   __user_cap_data_struct caps[2]{};
   explicit unprivileged_fd_limit(rlim_t limit) {
+    REQUIRE(::getrlimit(RLIMIT_NOFILE, &saved) == 0);
     REQUIRE(::syscall(SYS_capget, &header, caps) == 0);
     __user_cap_data_struct fewer[2] = {caps[0], caps[1]};
     for (int cap : {CAP_SYS_RESOURCE, CAP_SYS_ADMIN}) fewer[cap / 32].effective &= ~(1u << (cap % 32));
     REQUIRE(::syscall(SYS_capset, &header, fewer) == 0);
-    REQUIRE(::getrlimit(RLIMIT_NOFILE, &saved) == 0);
     rlimit low = saved;
     low.rlim_cur = limit;
-    REQUIRE(::setrlimit(RLIMIT_NOFILE, &low) == 0);
+    if (::setrlimit(RLIMIT_NOFILE, &low) != 0) {
+      ::syscall(SYS_capset, &header, caps);  // (the destructor does not run for a constructor that throws)
+      FAIL("setrlimit: ", std::strerror(errno));
+    }
   }
   ~unprivileged_fd_limit() {
     ::setrlimit(RLIMIT_NOFILE, &saved);

@@ -13,7 +13,8 @@
 // Under systemd (NOTIFY_SOCKET set; see docs/deploy.md) it speaks the notify protocol: READY=1
 // once the first workers are ready and after each reload, RELOADING=1 before a reload,
 // STOPPING=1, and WATCHDOG=1 while run() runs when WatchdogSec= asks for it.
-// Everything runs on the Master's executor; the Supervisor must outlive its run().
+// Everything runs on the Master's executor; the Supervisor must outlive its run(), and the
+// Master the Supervisor.
 #pragma once
 
 #include "cocluster/detail/config.hpp"

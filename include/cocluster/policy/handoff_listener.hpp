@@ -37,6 +37,7 @@
 
 #include "cocluster/detail/config.hpp"
 
+#include <asio/post.hpp>
 #include <asio/posix/stream_descriptor.hpp>
 #include <asio/steady_timer.hpp>
 
@@ -65,6 +66,8 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
  public:
   // How long accepting pauses after EMFILE, ENFILE, ENOBUFS or ENOMEM.
   static constexpr std::chrono::milliseconds accept_retry_delay{100};
+  // Connections accepted in one turn of the master's loop at most (accept_now).
+  static constexpr std::size_t accept_turn = 256;
   // How often, at most, connections waiting for workers that do not listen here are offered
   // to the policy again (place_absent).
   static constexpr std::chrono::milliseconds absent_recheck{50};
@@ -633,8 +636,13 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   // of them wait for absent workers: shed_absent makes room); waits for readiness only when
   // the kernel has nothing more.
   void accept_now() {
-    if (!accepting_ || waiting_ || paused_ || !socket_.is_open()) return;
+    if (!accepting_ || waiting_ || paused_ || !socket_.is_open() || turn_posted_) return;
+    std::size_t taken = 0;
     while (pick() != 0 && (held_ < max_waiting || waiting_for_absent())) {
+      // Connections that take no worker's room (closed, refused, shed, parked for absent
+      // workers) could keep this loop going as long as clients connect: past accept_turn of
+      // them the loop goes on in a later turn, after the master's other work.
+      if (taken++ == accept_turn) return post_turn();
       std::string remote;
       std::error_code ec;
       detail::unique_fd fd = detail::accept_connection(socket_.native_handle(), remote, ec);
@@ -704,6 +712,14 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
                       address_.address, address_.port, closed, max_waiting);
   }
 
+  void post_turn() {
+    turn_posted_ = true;
+    asio::post(socket_.get_executor(), [self = shared_from_this()] {
+      self->turn_posted_ = false;
+      self->distribute();
+    });
+  }
+
   void wait_readable() {
     waiting_ = true;
     socket_.async_wait(asio::posix::descriptor_base::wait_read, [self = shared_from_this()](std::error_code ec) {
@@ -739,6 +755,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   std::vector<int> absent_;                  // place_absent()'s ids (kept for its capacity)
   asio::steady_timer absent_timer_;          // place_absent()'s next pass, when an event came too soon
   bool absent_timer_armed_ = false;
+  bool turn_posted_ = false;                 // accept_now() goes on in a later turn (post_turn)
   std::chrono::steady_clock::time_point next_absent_pass_{};
   std::map<std::uint32_t, handed> unacked_;  // handed off, not yet acknowledged, by seq
   std::vector<outgoing_batch> outbox_;       // handed in this distribution, not yet sent, per worker

@@ -20,6 +20,7 @@
 #include "cocluster/detail/ipc/handle_impl.hpp"
 #include "cocluster/detail/log.hpp"
 #include "cocluster/detail/pending_handler.hpp"
+#include "cocluster/detail/rate_limited_log.hpp"
 #include "cocluster/detail/syscalls.hpp"
 #include "cocluster/error.hpp"
 #include "cocluster/ipc/envelope.hpp"
@@ -103,10 +104,11 @@ struct channel_state : std::enable_shared_from_this<channel_state> {
   // and ENOMEM (memory), ETOOMANYREFS (more fds in flight from this user than its
   // RLIMIT_NOFILE, without CAP_SYS_RESOURCE: they land as the peer reads). The peer gone
   // (EPIPE, ECONNRESET) ends writing, and reading goes on to the end of what it sent. Any other
-  // error ends the channel both ways: a channel that cannot carry frames would leave the
-  // peer waiting for them for good (a worker handed connections it never gets, and never
-  // told to disconnect); the peer sees its end instead (a worker exits, and its connections
-  // go to the others).
+  // error ends writing too, and tells the peer (shutdown(SHUT_WR): its reads end): a channel
+  // that cannot carry frames would leave the peer waiting for them for good (a worker handed
+  // connections it never gets, and never told to disconnect); instead a worker exits, and its
+  // connections go to the others. Reading goes on to the peer's end, so what it sent first
+  // (a worker's acks of connections it took) is not lost.
   void flush() {
     while (ipc::outgoing* o = queue.front()) {
       ipc::frame f = ipc::next_frame(*o);
@@ -132,8 +134,10 @@ struct channel_state : std::enable_shared_from_this<channel_state> {
         if (err == EAGAIN || err == EWOULDBLOCK) return wait_writable();
         if (err == ENOBUFS || err == ENOMEM || err == ETOOMANYREFS) return retry_write(ec);
         if (err == EPIPE || err == ECONNRESET) return fail_writes(ec);
-        log_error("channel: sendmsg: {}; ending the channel", ec.message());
-        return close(ec, "sendmsg: " + ec.message());
+        write_log.error("channel: sendmsg: {}; no more is written to it, and the other side is told", ec.message());
+        fail_writes(ec);
+        ::shutdown(sock.native_handle(), SHUT_WR);
+        return;
       }
       write_retry_delay = {};
       queue.sent(f);
@@ -151,8 +155,8 @@ struct channel_state : std::enable_shared_from_this<channel_state> {
   // once per episode: an episode ends with a frame sent).
   void retry_write(std::error_code ec) {
     if (write_retry_delay == std::chrono::milliseconds::zero())
-      log_error("channel: sendmsg: {}; the frame waits and is sent again from {} ms on", ec.message(),
-                first_write_retry.count());
+      write_log.error("channel: sendmsg: {}; the frame waits and is sent again from {} ms on", ec.message(),
+                      first_write_retry.count());
     write_retry_delay = std::clamp(write_retry_delay * 2, first_write_retry, longest_write_retry);
     if (!write_retry) write_retry.emplace(ex);
     waiting_write = true;
@@ -372,6 +376,7 @@ struct channel_state : std::enable_shared_from_this<channel_state> {
   bool waiting_write = false;  // for the socket to drain, or for write_retry
   std::optional<asio::steady_timer> write_retry;          // made at the first refusal (retry_write)
   std::chrono::milliseconds write_retry_delay{0};        // 0: the last frame was sent
+  rate_limited_log write_log{ex};  // retry_write()'s and the write errors' lines: once a second at most
   bool write_shut = false;
   std::error_code write_error;  // why writing stopped (EPIPE, ...), if it did by itself
   pending_handler<> shutdown_waiter;
