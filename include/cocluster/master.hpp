@@ -202,8 +202,9 @@ class Master {
 
   // Node: cluster.disconnect(). Disconnects every worker in workers() when the operation is
   // initiated; completes when each of them has disconnected (their listeners are closed by
-  // then, unless one is kept: keep_listeners), never inline. Signature: void(std::error_code), no error today. Cancellation
-  // (per-operation, terminal) stops the waiting, not the disconnects.
+  // then, unless one is kept: keep_listeners), never inline. Signature: void(std::error_code),
+  // no error today. Cancellation (per-operation, terminal) stops the waiting, not the
+  // disconnects.
   template <class CompletionToken = asio::use_awaitable_t<>>
   auto disconnect(CompletionToken&& token = {}) {
     return asio::async_initiate<CompletionToken, void(std::error_code)>(initiate_disconnect{this}, token);

@@ -244,8 +244,8 @@ class listener_table {
     }
     debug("listener {} for {} ({})", id, key, listener->shares_socket() ? "shared" : "handed off");
     by_key_.emplace(key, id);
-    return &by_id_.emplace(id, entry{id, key, std::move(address), std::move(bound_path), std::move(listener), {}, 0, adopted})
-                .first->second;
+    entry e{id, key, std::move(address), std::move(bound_path), std::move(listener), {}, 0, adopted};
+    return &by_id_.emplace(id, std::move(e)).first->second;
   }
 
   // The worker no longer holds `server` (its entry in held_ is gone already); `gone`: it went
