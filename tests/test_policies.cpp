@@ -1371,6 +1371,72 @@ TEST_CASE("SharedSocket and ReusePort: a user's cancellation ends an accept wait
   cancel_while_out_of_fds_case<ReusePort>();
 }
 
+// ---- an accept whose handler has an executor of its own (a strand, another thread's loop,
+// use_future): the steps that touch the runtime run on the runtime's executor ----
+
+// Listens ("port N"), then starts two accepts of one server: A, whose handler is bound to
+// another io_context that this worker runs only at the end, and B, a plain callback. Says
+// "armed", answers B's connection "B", then runs the other io_context (A's handler gets its
+// connection there) and answers A's "A". Taking a connection (accept4 on our own socket, or a
+// hand-off from the queue with its acknowledgement) belongs to the accept, not to its
+// handler: A takes the first connection although its handler cannot run yet, and the master,
+// which hands the next connection only once the first is acknowledged (a window of 1), can
+// then hand B the second.
+WORKER_SCENARIO(accept_for_another_executor) {
+  asio::io_context io;
+  this_worker.start(io.get_executor());
+  asio::co_spawn(io, [&io]() -> awaitable<void> {
+    auto server = co_await listen_and_report_port();
+    asio::io_context elsewhere;
+    std::optional<tcp::socket> a, b;
+    cocluster::detail::async_latch<std::error_code> b_done(io.get_executor());
+    server.accept(asio::bind_executor(elsewhere, [&](std::error_code ec, tcp::socket s) {
+      if (!ec) a = std::move(s);
+    }));
+    server.accept([&](std::error_code ec, tcp::socket s) {
+      if (!ec) b = std::move(s);
+      b_done.set(ec);
+    });
+    co_await this_worker.send(Message("armed"));
+    if (co_await b_done.async_wait(use_awaitable)) co_return;
+    co_await asio::async_write(*b, asio::buffer("B\n", 2), use_awaitable);
+    b.reset();
+    elsewhere.run();  // A's handler (it returns once that has run: nothing else waits there)
+    if (a) co_await asio::async_write(*a, asio::buffer("A\n", 2), use_awaitable);
+    a.reset();
+    (void)co_await this_worker.receive(as_tuple_t{});  // until the channel ends
+  }, asio::detached);
+  io.run();
+  return 0;
+}
+
+template <class Policy>
+void accept_for_another_executor_case(Policy policy) {
+  run_bounded([&](asio::io_context& io) -> awaitable<void> {
+    Master<Policy> master(io.get_executor(), {}, policy);
+    const std::shared_ptr<Worker> w = co_await master.fork(scenario_env("accept_for_another_executor"));
+    const Message port = co_await w->receive();  // (not inside an expression: a template)
+    const tcp::endpoint where(loopback(1), reported_port(port.data));
+    const Message armed = co_await w->receive();
+    REQUIRE(armed.data == "armed");
+    tcp::socket first(io), second(io);
+    co_await first.async_connect(where, use_awaitable);
+    co_await second.async_connect(where, use_awaitable);
+    std::string to_second, to_first;
+    co_await asio::async_read(second, asio::dynamic_buffer(to_second), as_tuple_t{});  // to EOF
+    co_await asio::async_read(first, asio::dynamic_buffer(to_first), as_tuple_t{});
+    CHECK(to_first == "A\n");  // (not inside CHECK_MESSAGE with the other: a template)
+    CHECK(to_second == "B\n");
+    co_await master.disconnect();
+  }, 20s);
+}
+
+TEST_CASE("an accept whose handler runs on another executor takes its connection on the worker's own") {
+  SUBCASE("RoundRobin{.window = 1}") { accept_for_another_executor_case(RoundRobin{.window = 1}); }
+  SUBCASE("SharedSocket") { accept_for_another_executor_case(SharedSocket{}); }
+  SUBCASE("ReusePort") { accept_for_another_executor_case(ReusePort{}); }
+}
+
 // ---- a connection the worker has taken and written to must never reach another
 // worker (Node's child.js sends the ack before server.onconnection runs) ----
 

@@ -112,7 +112,9 @@ class Server : public detail::worker::server_handle<detail::worker::stream_serve
   // The socket is close-on-exec (programs the worker runs do not hold it open) and
   // non-blocking. A connection already waiting (handed over, or in the socket's backlog)
   // completes a coroutine's accept() without a trip through the scheduler; other tokens get it
-  // posted, as from any Asio operation.
+  // posted, as from any Asio operation. A handler with an executor of its own (a strand,
+  // another thread's io_context, use_future) gets the completion there; the connection is
+  // taken on the worker's executor all the same, whenever that handler gets to run.
   template <class Token = asio::use_awaitable_t<>>
   auto accept(Token&& token = {}) {
     this->state_for("accept");  // (throws std::system_error, bad_descriptor, if it is not listening)

@@ -10,8 +10,10 @@
 #include "cocluster/detail/config.hpp"
 
 #include <asio/any_io_executor.hpp>
+#include <asio/associated_cancellation_slot.hpp>
 #include <asio/associated_executor.hpp>
 #include <asio/dispatch.hpp>
+#include <asio/executor_work_guard.hpp>
 #include "cocluster/detail/as_tuple.hpp"
 #include <asio/post.hpp>
 #include <asio/use_awaitable.hpp>
@@ -96,6 +98,56 @@ void run_on(const asio::any_io_executor& ex, Handler&& handler, Body body) {
   asio::dispatch(ex, [body = std::move(body), h = handler_type(std::forward<Handler>(handler))]() mutable {
     body(std::move(h));
   });
+}
+
+// A handler of another executor than `ex`, the runtime's, given to an operation whose steps
+// after the initiation touch the runtime's state (an accept that waits, then takes a
+// connection and acknowledges it). Those steps run on `ex`, which is this wrapper's executor,
+// and only the completion goes to the handler's own executor (asio::dispatch), whose work
+// count stays up until then. Its cancellation slot is the handler's. (Asio's own composed
+// operations run their steps on the handler's executor: theirs touch only the operation's
+// state, ours the runtime's, which is single-threaded.)
+template <class Handler>
+class completion_elsewhere {
+ public:
+  using executor_type = asio::any_io_executor;
+  using cancellation_slot_type = asio::associated_cancellation_slot_t<Handler>;
+
+  completion_elsewhere(Handler handler, asio::any_io_executor ex)
+      : handler_(std::move(handler)), work_(asio::get_associated_executor(handler_, ex)), ex_(std::move(ex)) {}
+
+  executor_type get_executor() const noexcept { return ex_; }
+  cancellation_slot_type get_cancellation_slot() const noexcept {
+    return asio::get_associated_cancellation_slot(handler_);
+  }
+
+  template <class... Args>
+  void operator()(Args&&... args) {
+    auto ex = work_.get_executor();
+    asio::dispatch(ex, [h = std::move(handler_), ... a = std::decay_t<Args>(std::forward<Args>(args))]() mutable {
+      std::move(h)(std::move(a)...);
+    });
+    work_.reset();  // after the handler is queued (see pending_handler)
+  }
+
+ private:
+  Handler handler_;
+  asio::executor_work_guard<asio::associated_executor_t<Handler, asio::any_io_executor>> work_;
+  asio::any_io_executor ex_;
+};
+
+// Runs `body(handler)` where the handler's executor is `ex`, else `body` with the handler
+// wrapped in completion_elsewhere: either way the handler `body` gets has `ex` as its executor.
+template <class Handler, class Body>
+void with_steps_on(const asio::any_io_executor& ex, Handler&& handler, Body&& body) {
+  using handler_type = std::decay_t<Handler>;
+  using handler_executor = asio::associated_executor_t<handler_type, asio::any_io_executor>;
+  // (An executor that is no io executor, use_future's, is never `ex`.)
+  if constexpr (std::is_convertible_v<handler_executor, asio::any_io_executor>) {
+    if (asio::any_io_executor(asio::get_associated_executor(handler, ex)) == ex)
+      return body(handler_type(std::forward<Handler>(handler)));
+  }
+  body(completion_elsewhere<handler_type>(handler_type(std::forward<Handler>(handler)), ex));
 }
 
 }  // namespace cocluster::detail

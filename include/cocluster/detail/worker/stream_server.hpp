@@ -120,39 +120,47 @@ class stream_server final : public server_base, public std::enable_shared_from_t
     template <class Handler>
     void operator()(Handler&& handler, std::shared_ptr<stream_server> self, endpoint_type* peer) const {
       auto ex = self->ex_;
-      run_on(ex, std::forward<Handler>(handler), [self = std::move(self), peer](auto h) mutable {
-        if (!self->open_) return complete_now(std::move(h), self->ex_, asio::error::operation_aborted, socket_type(self->ex_));
-        if (self->acceptor_) {  // our own listening socket: accept4, onto a tracked executor
-          const auto delay = self->accept_delay();
-          if (delay.count() == 0) return self->start_accept(peer, std::move(h), /*initiating=*/true);
-          // Busier than a worker should be: let an idle one win the next connection.
-          self->deferring_ = true;
-          if (!self->defer_) self->defer_.emplace(self->ex_);  // made when first needed
-          self->defer_->expires_after(delay);
-          auto& timer = *self->defer_;
-          return self->accept_after(timer, peer, std::move(h));
-        }
-        if (auto in = self->handed_.try_pop()) {  // a connection is waiting: no trip through the scheduler
-          socket_type socket = self->take(*in, peer);
-          return complete_now(std::move(h), self->ex_, std::error_code{}, std::move(socket));
-        }
-        auto slot = asio::get_associated_cancellation_slot(h);
-        auto handler_ex = asio::get_associated_executor(h, self->ex_);
-        auto& queue = self->handed_;
-        queue.async_pop(asio::bind_cancellation_slot(
-            slot, asio::bind_executor(handler_ex, [self = std::move(self), peer, h = std::move(h)](
-                                                      std::error_code ec, incoming in) mutable {
-              // Closed after the pop: the master has given this connection to another worker.
-              if (!ec && !self->open_) ec = asio::error::operation_aborted;
-              if (ec) return std::move(h)(ec, socket_type(self->ex_));
-              socket_type socket = self->take(in, peer);
-              std::move(h)(ec, std::move(socket));
-            })));
+      run_on(ex, std::forward<Handler>(handler), [self = std::move(self), peer](auto handler) mutable {
+        // Every step below touches the runtime's state, so each runs on the runtime's executor;
+        // a handler of another executor (a strand, another thread's loop, use_future) gets only
+        // the completion there.
+        stream_server& server = *self;
+        with_steps_on(server.ex_, std::move(handler),
+                      [&](auto h) { server.initiate(std::move(self), peer, std::move(h)); });
       });
     }
   };
 
  private:
+  // The accept itself, with a handler whose executor is ex_ (see initiate_accept).
+  template <class Handler>
+  void initiate(std::shared_ptr<stream_server> self, endpoint_type* peer, Handler h) {
+    if (!open_) return complete_now(std::move(h), ex_, asio::error::operation_aborted, socket_type(ex_));
+    if (acceptor_) {  // our own listening socket: accept4, onto a tracked executor
+      const auto delay = accept_delay();
+      if (delay.count() == 0) return start_accept(peer, std::move(h), /*initiating=*/true);
+      // Busier than a worker should be: let an idle one win the next connection.
+      deferring_ = true;
+      if (!defer_) defer_.emplace(ex_);  // made when first needed
+      defer_->expires_after(delay);
+      return accept_after(*defer_, peer, std::move(h));
+    }
+    if (auto in = handed_.try_pop()) {  // a connection is waiting: no trip through the scheduler
+      socket_type socket = take(*in, peer);
+      return complete_now(std::move(h), ex_, std::error_code{}, std::move(socket));
+    }
+    auto slot = asio::get_associated_cancellation_slot(h);
+    handed_.async_pop(asio::bind_cancellation_slot(
+        slot, asio::bind_executor(ex_, [self = std::move(self), peer, h = std::move(h)](std::error_code ec,
+                                                                                         incoming in) mutable {
+          // Closed after the pop: the master has given this connection to another worker.
+          if (!ec && !self->open_) ec = asio::error::operation_aborted;
+          if (ec) return std::move(h)(ec, socket_type(self->ex_));
+          socket_type socket = self->take(in, peer);
+          std::move(h)(ec, std::move(socket));
+        })));
+  }
+
   struct incoming {
     std::optional<socket_type> socket;  // optional: the queue wants a default value
     std::uint32_t seq = 0;
@@ -230,12 +238,11 @@ class stream_server final : public server_base, public std::enable_shared_from_t
     // accept cancelled first, then cancels the wait (deliver() cancels it too).
     auto slot = asio::get_associated_cancellation_slot(h);
     user_cancel* cancel = slot.is_connected() ? &slot.template emplace<user_cancel>(user_cancel{this}) : nullptr;
-    auto handler_ex = asio::get_associated_executor(h, ex_);
     ++accepts_waiting_;
     acceptor_->async_wait(
         asio::socket_base::wait_read,
-        asio::bind_executor(handler_ex, [self = this->shared_from_this(), peer, cancel,
-                                         h = std::forward<Handler>(h)](std::error_code ec) mutable {
+        asio::bind_executor(ex_, [self = this->shared_from_this(), peer, cancel,
+                                  h = std::forward<Handler>(h)](std::error_code ec) mutable {
           --self->accepts_waiting_;
           const bool by_user = cancel && cancel->cancelled;
           if (cancel) asio::get_associated_cancellation_slot(h).clear();
@@ -303,10 +310,9 @@ class stream_server final : public server_base, public std::enable_shared_from_t
   void accept_after(asio::steady_timer& timer, endpoint_type* peer, Handler&& h) {
     auto slot = asio::get_associated_cancellation_slot(h);
     user_cancel* cancel = slot.is_connected() ? &slot.template emplace<user_cancel>(user_cancel{this}) : nullptr;
-    auto handler_ex = asio::get_associated_executor(h, ex_);
     const bool gate = &timer == (defer_ ? &*defer_ : nullptr);
     timer.async_wait(asio::bind_executor(
-        handler_ex, [self = this->shared_from_this(), peer, cancel, gate, h = std::forward<Handler>(h)](std::error_code) mutable {
+        ex_, [self = this->shared_from_this(), peer, cancel, gate, h = std::forward<Handler>(h)](std::error_code) mutable {
           if (gate) self->deferring_ = false;
           const bool by_user = cancel && cancel->cancelled;
           if (cancel) asio::get_associated_cancellation_slot(h).clear();
