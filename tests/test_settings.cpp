@@ -31,7 +31,15 @@ namespace {
 // ---- the workers ----
 
 // "uid=U gid=G groups=N cwd=C argv=a|b fd0=T fd1=T fd2=T node_unique_id=X id=I pdeathsig=S
-// pdeathsig_at_exec=S", each value free of spaces (the test's paths are), read anew each time.
+// pdeathsig_at_exec=S nofile=SOFT/HARD", each value free of spaces (the test's paths are),
+// read anew each time.
+// RLIMIT_NOFILE as "SOFT/HARD".
+std::string fd_limit() {
+  rlimit l{};
+  if (::getrlimit(RLIMIT_NOFILE, &l) != 0) return "?";
+  return std::to_string(l.rlim_cur) + "/" + std::to_string(l.rlim_max);
+}
+
 std::string report_process(int argc, char** argv) {
   char cwd[PATH_MAX];
   std::string args;
@@ -42,7 +50,7 @@ std::string report_process(int argc, char** argv) {
          " argv=" + args + " fd0=" + fd_target(0) + " fd1=" + fd_target(1) + " fd2=" + fd_target(2) +
          " node_unique_id=" + (node_id ? node_id : "unset") + " id=" + std::to_string(this_worker.id()) +
          " pdeathsig=" + std::to_string(parent_death_signal()) +
-         " pdeathsig_at_exec=" + std::to_string(at_start().pdeathsig_at_exec);
+         " pdeathsig_at_exec=" + std::to_string(at_start().pdeathsig_at_exec) + " nofile=" + fd_limit();
 }
 
 }  // namespace
@@ -568,6 +576,32 @@ TEST_CASE("fork() failing with EAGAIN (RLIMIT_NPROC) leaks nothing and the maste
       if (::setrlimit(RLIMIT_NPROC, &original) != 0 && why.empty()) why = "cannot restore RLIMIT_NPROC";
       if (!why.empty()) co_return;
       why = co_await check_recovery(master, events, std::error_code(EAGAIN, std::system_category()), fds_before);
+    });
+    return why;
+  });
+  CHECK_MESSAGE(failure.empty(), failure);
+}
+
+TEST_CASE("raise_fd_limit: before a fork the master raises its soft RLIMIT_NOFILE to the hard one, and the worker inherits it (Node's)") {
+  const std::string failure = run_in_child([]() -> std::string {
+    rlimit original{};
+    if (::getrlimit(RLIMIT_NOFILE, &original) != 0) return "getrlimit failed";
+    if (original.rlim_max <= 256) return "the hard RLIMIT_NOFILE is 256 or less: nothing to raise";
+    const rlimit low{256, original.rlim_max};  // Debian's default soft limit is 1024: lower still
+    if (::setrlimit(RLIMIT_NOFILE, &low) != 0) return "setrlimit(RLIMIT_NOFILE, 256) failed";
+    const std::string lowered = "256/" + std::to_string(original.rlim_max);
+    const std::string raised = std::to_string(original.rlim_max) + "/" + std::to_string(original.rlim_max);
+    std::string why;
+    run_bounded([&](asio::io_context& io) -> awaitable<void> {
+      Master<> master(io.get_executor(), Settings{.raise_fd_limit = false});
+      const std::string kept = co_await ask(co_await master.fork(scenario_env("report")));
+      if (field(kept, "nofile") != lowered) why = "raise_fd_limit = false: the worker has " + field(kept, "nofile");
+      else if (fd_limit() != lowered) why = "raise_fd_limit = false: the master has " + fd_limit();
+      master.setup_merge({.raise_fd_limit = true});  // the default
+      const std::string up = co_await ask(co_await master.fork(scenario_env("report")));
+      if (why.empty() && field(up, "nofile") != raised) why = "the worker has " + field(up, "nofile") + ", not " + raised;
+      else if (why.empty() && fd_limit() != raised) why = "the master has " + fd_limit() + ", not " + raised;
+      co_await master.disconnect();
     });
     return why;
   });

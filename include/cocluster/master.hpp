@@ -31,6 +31,7 @@
 #include "cocluster/detail/master/listener_table.hpp"
 #include "cocluster/detail/spawn.hpp"
 #include "cocluster/detail/stdio.hpp"
+#include "cocluster/detail/syscalls.hpp"
 #include "cocluster/detail/worker_identity.hpp"
 #include "cocluster/events.hpp"
 #include "cocluster/policy/policy.hpp"
@@ -384,6 +385,7 @@ class Master {
       // once for those. Then no wait for the exec, so that forks in a row run in parallel; a
       // failure the child meets later is the worker's `error` event, then its `exit` (127).
       detail::check_spawnable(r);
+      if (settings_.raise_fd_limit) detail::raise_fd_limit();  // the worker inherits it
       auto started = detail::spawn_start(r, std::move(theirs), std::move(stdio.child));
       detail::Process process(state_->ex, std::move(started.process));
       std::shared_ptr<Worker> w;

@@ -115,6 +115,13 @@ struct Settings {
   std::chrono::milliseconds heartbeat_interval{0};
   // When a worker forked with these settings is ready (see ReadyOn).
   ReadyOn ready_on = ReadyOn::listening;
+  // Node (and Go, since 1.19) raise the process's soft RLIMIT_NOFILE to its hard limit at
+  // start. Here, before each fork, the master raises its own, and the worker inherits it: the
+  // usual soft limit, 1024, is below what one server process holds (a master parks up to
+  // 4,096 connections; a worker serving 2,000 clients holds 2,000 fds), and past it
+  // accept(2) fails with EMFILE. Programs a worker starts inherit it too. false: both limits
+  // are left as they are (a master that lowered its own on purpose).
+  bool raise_fd_limit = true;
 };
 
 namespace detail {
@@ -155,6 +162,7 @@ struct SettingsPatch {
   std::optional<std::chrono::milliseconds> heartbeat_timeout{};
   std::optional<std::chrono::milliseconds> heartbeat_interval{};
   std::optional<ReadyOn> ready_on{};
+  std::optional<bool> raise_fd_limit{};
 
   void apply_to(Settings& s) const {
     if (exec) s.exec = *exec;
@@ -171,6 +179,7 @@ struct SettingsPatch {
     if (heartbeat_timeout) s.heartbeat_timeout = *heartbeat_timeout;
     if (heartbeat_interval) s.heartbeat_interval = *heartbeat_interval;
     if (ready_on) s.ready_on = *ready_on;
+    if (raise_fd_limit) s.raise_fd_limit = *raise_fd_limit;
   }
 };
 

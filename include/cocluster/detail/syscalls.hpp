@@ -6,6 +6,7 @@
 
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -108,6 +109,16 @@ inline bool is_connection_error(const std::error_code& ec) noexcept {
       return true;
   }
   return false;
+}
+
+// Settings::raise_fd_limit: the soft RLIMIT_NOFILE up to the hard one, as Node does at start.
+// A failure (a seccomp filter, a limit the kernel refuses) leaves the limit as it was: the
+// process runs as it would have without the raise.
+inline void raise_fd_limit() noexcept {
+  rlimit limit{};
+  if (::getrlimit(RLIMIT_NOFILE, &limit) != 0 || limit.rlim_cur >= limit.rlim_max) return;
+  limit.rlim_cur = limit.rlim_max;
+  (void)::setrlimit(RLIMIT_NOFILE, &limit);
 }
 
 inline unique_fd dup_cloexec(int fd, std::error_code& ec) noexcept {
