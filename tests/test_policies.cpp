@@ -4,6 +4,7 @@
 #include "cocluster/policy/dispatch.hpp"
 
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <doctest/doctest.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -1275,6 +1276,62 @@ TEST_CASE("ReusePort: a worker that leaves for good (a reload's last, a scale-do
     CHECK(served[1].count(0) == 0);
     CHECK(served[1].count(gone->id()) == 0);
     CHECK(served[1][workers[1]->id()] + served[1][workers[2]->id()] == 60);
+    co_await master.disconnect();
+  });
+}
+
+namespace {
+
+// The highest fd this process has open (the directory stream's own excluded).
+int highest_open_fd() {
+  DIR* d = ::opendir("/proc/self/fd");
+  REQUIRE(d != nullptr);
+  const int own = ::dirfd(d);
+  int highest = -1;
+  while (auto* e = ::readdir(d))
+    if (e->d_name[0] != '.' && std::atoi(e->d_name) != own) highest = std::max(highest, std::atoi(e->d_name));
+  ::closedir(d);
+  return highest;
+}
+
+}  // namespace
+
+TEST_CASE("ReusePort: a dead worker's socket the master could not drain for want of an fd is drained once it has one") {
+  captured_log log;
+  run_bounded([&](asio::io_context& io) -> awaitable<void> {
+    Master<ReusePort> master(io.get_executor());
+    auto [first, where] = co_await start_serving(master, 1);
+    // Every fd below `floor` is taken, so that what the master opens for the next worker (its
+    // channel, pidfd and socket) lies at `floor` or above: a limit of `floor` then leaves the
+    // master no fd free, even once that worker's fds are closed.
+    std::vector<cocluster::detail::unique_fd> fillers;
+    const int floor = highest_open_fd() + 1;
+    for (int fd; (fd = ::dup(2)) < floor;) {
+      REQUIRE(fd >= 0);
+      fillers.emplace_back(fd);
+    }
+    ::close(floor);  // (the dup that reached it)
+    auto [second, same] = co_await start_serving(master, 1);
+    REQUIRE(same == where);
+    rlimit saved{};
+    REQUIRE(::getrlimit(RLIMIT_NOFILE, &saved) == 0);
+    const rlimit none_left{static_cast<rlim_t>(floor), saved.rlim_max};
+    REQUIRE(::setrlimit(RLIMIT_NOFILE, &none_left) == 0);
+    struct restore_limit {
+      rlimit saved;
+      ~restore_limit() { ::setrlimit(RLIMIT_NOFILE, &saved); }
+    } restore{saved};
+    // The second worker dies; its socket stays in the group, and the master cannot copy it to
+    // accept from it (EMFILE).
+    second[0]->signal(SIGKILL);
+    (void)co_await second[0]->exited();
+    co_await poll_until([&] { return log.has("cannot accept from a socket no worker holds"); });
+    ::setrlimit(RLIMIT_NOFILE, &saved);
+    fillers.clear();
+    // About half the new connections hash to the dead worker's socket: each is answered by the
+    // first worker (one that hung: run_bounded fails).
+    auto served = co_await ask_from_sources(where, 1, 32, 4);
+    CHECK(served[1][first[0]->id()] == 32);
     co_await master.disconnect();
   });
 }

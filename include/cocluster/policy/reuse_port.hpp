@@ -19,6 +19,9 @@
 
 #include "cocluster/detail/config.hpp"
 
+#include <asio/steady_timer.hpp>
+
+#include <chrono>
 #include <cstddef>
 #include <map>
 #include <memory>
@@ -29,6 +32,7 @@
 
 #include "cocluster/detail/log.hpp"
 #include "cocluster/detail/master/sockets.hpp"
+#include "cocluster/detail/rate_limited_log.hpp"
 #include "cocluster/detail/syscalls.hpp"
 #include "cocluster/policy/policy.hpp"
 #include "cocluster/policy/round_robin.hpp"
@@ -62,10 +66,16 @@ class reuse_port_drain final : public round_robin_listener {
 
 // The sockets of one key, one per worker slot: a slot's socket lives as long as the listener,
 // whoever holds it.
-class reuse_port_listener final : public Listener {
+class reuse_port_listener final : public Listener, public std::enable_shared_from_this<reuse_port_listener> {
  public:
   explicit reuse_port_listener(ListenerArgs args)
-      : executor_(args.executor), id_(args.id), key_(args.key), address_(args.address), backlog_(args.backlog) {
+      : executor_(args.executor),
+        id_(args.id),
+        key_(args.key),
+        address_(args.address),
+        backlog_(args.backlog),
+        retry_(executor_),
+        drain_log_(executor_) {
     slots_.push_back(slot{std::move(args.socket), 0, nullptr});
   }
   ~reuse_port_listener() override { close(); }
@@ -148,6 +158,8 @@ class reuse_port_listener final : public Listener {
   }
 
   void close() override {
+    retry_.cancel();
+    drain_log_.flush();
     for (auto& s : slots_)
       if (s.drain) {
         s.drain->forget_owner();
@@ -196,12 +208,32 @@ class reuse_port_listener final : public Listener {
     } catch (const std::system_error& e) {  // the reactor could not take the copy
       ec = e.code();
     }
-    if (ec) {  // its connections wait for a worker to adopt it
-      log_error("listener {}: cannot accept from a socket no worker holds: {}", key_, ec.message());
+    if (ec) {  // no fd left for the copy (EMFILE), or the reactor's: tried again, not left for a worker to adopt
+      drain_log_.error("listener {}: cannot accept from a socket no worker holds: {}; trying again every {} ms", key_,
+                       ec.message(), drain_retry_delay.count());
+      retry_drains();
       return;
     }
     debug("listener {}: socket {} of {} has no worker; the master hands its connections to the others", id_, i + 1,
           slots_.size());
+  }
+
+  // A socket nobody holds whose drain could not start (most often no fd left for the master's
+  // copy) is tried again after this while others hold the listener, as the master's accepting
+  // tries again after EMFILE: else what waits in it, and what the kernel keeps hashing to it,
+  // would wait until a worker listens again, which without a replacement is never.
+  static constexpr std::chrono::milliseconds drain_retry_delay{100};
+
+  void retry_drains() {
+    if (retrying_) return;
+    retrying_ = true;
+    retry_.expires_after(drain_retry_delay);
+    retry_.async_wait([self = shared_from_this()](std::error_code ec) {
+      self->retrying_ = false;
+      if (ec || self->holders_.empty()) return;  // closed, or nobody to hand to (joined() drains then)
+      for (std::size_t i = 0; i < self->slots_.size(); ++i)
+        if (self->slots_[i].owner == 0) self->drain(i);  // (one already draining returns at once)
+    });
   }
 
   asio::any_io_executor executor_;
@@ -213,6 +245,9 @@ class reuse_port_listener final : public Listener {
   std::map<int, std::shared_ptr<WorkerLink>> holders_;  // the workers holding a slot (none leaving), by id
   offer offered_;  // socket_copy's choice, taken by the joined() that follows it
   std::uint32_t last_seq_ = 0;
+  asio::steady_timer retry_;  // drains that could not start, tried again (retry_drains)
+  bool retrying_ = false;
+  detail::rate_limited_log drain_log_;
 };
 
 inline std::uint32_t reuse_port_drain::next_seq() {
