@@ -2,11 +2,14 @@
 # What one request costs each process of a server: CPU time, context switches and system calls
 # per request, for the master and for its workers apart, under wrk with `Connection: close`
 # (or keep-alive: --keep-alive).
-#   benchmarks/cost_per_request.sh [--workers N] [--seconds S] [--connections C] [--keep-alive] SERVER...
+#   benchmarks/cost_per_request.sh [--workers N] [--seconds S] [--connections C] [--keep-alive]
+#                                  [--deferred] SERVER...
 # SERVER: a hello_cluster policy (rr, none, reuseport, leastconn, sticky), raw-rr / raw-none
 # (raw_rr_server: no framework) or nginx (`listen reuseport`, `return 200`, as policy_bench
-# configures it). Each is started in a session of its own (setsid, as policy_bench does),
-# warmed up for a second, then measured with `perf stat -p` on the master and on its workers
+# configures it). --deferred: every server's listener with TCP_DEFER_ACCEPT (nginx's `listen
+# ... deferred`, hello_cluster and raw_rr_server --defer-accept 60: a connection reaches
+# accept() once its request has arrived). Each is started in a session of its own (setsid, as
+# policy_bench does), warmed up for a second, then measured with `perf stat -p` on the master and on its workers
 # while wrk runs (as root: the syscall tracepoints are in tracefs; their names are x86-64's).
 # The figures divide by the requests wrk completed: all system calls (raw_syscalls), then the
 # ones named below. Whole seconds only (wrk's -d).
@@ -17,7 +20,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 build=${BUILD:-$here/../build-release}
-workers=2 seconds=4 connections=64 close=(-H "Connection: close")
+workers=2 seconds=4 connections=64 close=(-H "Connection: close") defer=()
 servers=()
 while (($#)); do
   case $1 in
@@ -25,7 +28,8 @@ while (($#)); do
     --seconds) seconds=$2; shift 2 ;;
     --connections) connections=$2; shift 2 ;;
     --keep-alive) close=(); shift ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    --deferred) defer=(--defer-accept 60); shift ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) servers+=("$1"); shift ;;
   esac
 done
@@ -49,13 +53,14 @@ trap cleanup EXIT
 for s in "${servers[@]}"; do
   port=$((20000 + RANDOM % 20000))
   case $s in
-    raw-rr|raw-none) cmd=("$build/benchmarks/raw_rr_server" --workers "$workers" --port "$port" --policy "${s#raw-}") ;;
+    raw-rr|raw-none) cmd=("$build/benchmarks/raw_rr_server" --workers "$workers" --port "$port" --policy "${s#raw-}" "${defer[@]}") ;;
     nginx)  # the configuration policy_bench compares against
       mkdir -p "$tmp/nginx"
       "$build/benchmarks/policy_bench" --nginx-conf "$port" --workers "$workers" --concurrency "$connections" \
         >"$tmp/nginx/nginx.conf"
+      if ((${#defer[@]})); then sed -i 's/ reuseport;/ reuseport deferred;/' "$tmp/nginx/nginx.conf"; fi
       cmd=(nginx -c "$tmp/nginx/nginx.conf" -p "$tmp/nginx" -e "$tmp/nginx/error.log") ;;
-    *) cmd=("$build/examples/hello_cluster" --workers "$workers" --port "$port" --policy "$s") ;;
+    *) cmd=("$build/examples/hello_cluster" --workers "$workers" --port "$port" --policy "$s" "${defer[@]}") ;;
   esac
   setsid "${cmd[@]}" >"$tmp/out" 2>&1 &
   server_pid=$!
@@ -90,7 +95,7 @@ for s in "${servers[@]}"; do
   requests=$(awk '/requests in/ {print $1}' "$tmp/wrk")
   [[ ${requests:-0} -gt 0 ]] || failed "wrk completed no request"
   if grep -qE "Socket errors|Non-2xx" "$tmp/wrk"; then echo "$s: wrk: $(grep -E "Socket errors|Non-2xx" "$tmp/wrk" | paste -sd' ')" >&2; fi
-  echo "== $s: $workers workers, $connections connections$([[ ${#close[@]} == 0 ]] && echo ", keep-alive"), $requests requests in ${seconds} s ($(awk '/Requests\/sec/ {print $2}' "$tmp/wrk")/s)"
+  echo "== $s: $workers workers, $connections connections$([[ ${#close[@]} == 0 ]] && echo ", keep-alive")$( ((${#defer[@]})) && echo ", deferred"), $requests requests in ${seconds} s ($(awk '/Requests\/sec/ {print $2}' "$tmp/wrk")/s)"
   for who in master workers; do
     awk -v r="$requests" -v who="$who" '
       { gsub(",", "", $1) }

@@ -1,8 +1,10 @@
 // raw_rr_server: policy_bench's physical limit, an HTTP hello-world cluster with no framework.
-//   raw_rr_server --workers N --port P [--policy rr|none]
+//   raw_rr_server --workers N --port P [--policy rr|none] [--defer-accept S]
 // rr (the default): a blocking master accept4()s every connection and passes its fd round-robin
 // to forked workers (SCM_RIGHTS over a SOCK_SEQPACKET socketpair each), closing its own copy.
 // none: the workers inherit the listening socket and accept from it themselves.
+// --defer-accept: TCP_DEFER_ACCEPT on the listener (nginx's `deferred`), for comparing with
+// hello_cluster --defer-accept.
 // Workers serve HTTP/1.1 from a plain epoll loop (GET / -> 200, keep-alive unless
 // `Connection: close`). Prints `listening on 127.0.0.1:PORT` once the workers are forked; on
 // SIGTERM, prints {"workers":[{"id":1,"connections":N},...]} (connections each worker served)
@@ -12,6 +14,7 @@
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <signal.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
@@ -254,14 +257,14 @@ void send_fd(int channel, int fd) {
 }
 
 int usage() {
-  std::fprintf(stderr, "usage: raw_rr_server --workers N --port P [--policy rr|none]\n");
+  std::fprintf(stderr, "usage: raw_rr_server --workers N --port P [--policy rr|none] [--defer-accept S]\n");
   return 64;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  int workers = 2, port = 0;
+  int workers = 2, port = 0, defer_accept = 0;
   bool round_robin = true;
   for (int i = 1; i < argc; ++i) {
     std::string_view arg = argv[i];
@@ -270,6 +273,7 @@ int main(int argc, char** argv) {
     else if (arg == "--port" && value) port = std::atoi(argv[++i]);
     else if (arg == "--policy" && value && (std::string_view(value) == "rr" || std::string_view(value) == "none"))
       round_robin = std::string_view(argv[++i]) == "rr";
+    else if (arg == "--defer-accept" && value) defer_accept = std::atoi(argv[++i]);
     else return usage();
   }
   if (workers < 1 || port < 0 || port > 65535) return usage();
@@ -283,6 +287,9 @@ int main(int argc, char** argv) {
   addr.sin_port = htons(static_cast<uint16_t>(port));
   addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   if (::bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) die("bind");
+  if (defer_accept > 0 &&
+      ::setsockopt(listener, IPPROTO_TCP, TCP_DEFER_ACCEPT, &defer_accept, sizeof defer_accept) != 0)
+    die("setsockopt TCP_DEFER_ACCEPT");
   if (::listen(listener, 4096) != 0) die("listen");
   socklen_t addr_size = sizeof addr;
   ::getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &addr_size);

@@ -2,12 +2,15 @@
 // cluster documentation opens with.
 //   hello_cluster --workers 2 --port 8000 [--host 127.0.0.1] [--policy NAME] [--window N]
 //                 [--drain-timeout S] [--max-connections N] [--stall-ms MS [--stall-every N]]
+//                 [--defer-accept S]
 // --policy: rr, none (Node's), sticky, leastconn, reuseport (RuntimePolicy's names). --window:
 // the policy's window (without it, its own: 8 for each); none and reuseport
 // hand nothing off, so --window with them is an error. --stall-ms: worker 1 blocks its loop
 // MS ms on every Nth request it serves (10), for policy_bench --stalled.
 // --max-connections: a worker is recycled after serving N connections (the Supervisor's
 // max_connections; 0, the default: never), which also has every worker report its counts.
+// --defer-accept: ListenOptions::defer_accept (nginx's `listen ... deferred`): a connection
+// reaches a worker once its request has arrived (0, the default: off).
 // A cocluster::Supervisor keeps the workers: prints `listening on HOST:PORT` once every worker
 // is ready (listens), and replaces a worker that dies. SIGHUP reloads them one at a time (a
 // new one ready before the old one leaves), then prints `reloaded N workers`. SIGTERM or
@@ -57,6 +60,7 @@ struct options {
   // stall_every-th request it serves (a slow handler, as a real server has now and then).
   int stall_ms = 0;
   int stall_every = 10;
+  int defer_accept = 0;  // seconds (ListenOptions::defer_accept; 0: off)
 };
 
 options parse(int argc, char** argv) {
@@ -91,6 +95,7 @@ options parse(int argc, char** argv) {
     else if (a == "--max-connections") o.max_connections = in_range(value(), "--max-connections", 0, 2'000'000'000);
     else if (a == "--stall-ms") o.stall_ms = in_range(value(), "--stall-ms", 0, 60000);
     else if (a == "--stall-every") o.stall_every = in_range(value(), "--stall-every", 1, 1 << 20);
+    else if (a == "--defer-accept") o.defer_accept = in_range(value(), "--defer-accept", 0, 3600);
     else if (a == "--policy") {
       auto name = value();
       o.policy = cocluster::parse_scheduling(name);
@@ -299,7 +304,8 @@ awaitable<void> worker_main(options o, worker_state& st) {
   const std::string hello = fmt::format("hello from worker {}", this_worker.id());
   st.ok = response(200, hello, false);
   st.ok_close = response(200, hello, true);
-  auto server = co_await this_worker.listen(tcp::endpoint(asio::ip::make_address(o.host), o.port));
+  auto server = co_await this_worker.listen(tcp::endpoint(asio::ip::make_address(o.host), o.port),
+                                            ListenOptions{.defer_accept = std::chrono::seconds(o.defer_accept)});
   asio::co_spawn(ex, [&]() -> awaitable<void> {
     for (;;) {
       auto [ec, socket] = co_await server.accept(cocluster::as_tuple(use_awaitable));
@@ -380,7 +386,7 @@ int main(int argc, char** argv) {
     o = parse(argc, argv);
   } catch (const std::exception& e) {
     fmt::print(stderr, "hello_cluster: {}\nusage: hello_cluster [--workers N] [--port P] [--host H] [--policy NAME] [--window N] [--drain-timeout S]\n"
-               "                     [--max-connections N] [--stall-ms MS [--stall-every N]]\n",
+               "                     [--max-connections N] [--stall-ms MS [--stall-every N]] [--defer-accept S]\n",
                e.what());
     return 2;
   }

@@ -12,6 +12,9 @@
 #include <filesystem>
 #include <functional>
 #include <map>
+#include <numeric>
+#include <tuple>
+#include <vector>
 
 #include "cocluster/cocluster.hpp"
 #include "cocluster/detail/worker/tracked_executor.hpp"
@@ -529,6 +532,124 @@ TEST_CASE("an abstract Unix socket name: the worker's listen() fails with EINVAL
     while (events.pending() > 0) CHECK((co_await events.next()).type != EventType::error);
     co_await master.disconnect();
   }, 60s);
+}
+
+// ---- ListenOptions::defer_accept (TCP_DEFER_ACCEPT) ----
+
+// Listens with defer_accept 30 s on TEST_DEFER_ON: "tcp" (127.0.0.1:0, "port N" to the
+// master), "unix" (a path in the cwd) or "udp" (127.0.0.1:0); a failed listen() says "error E".
+// Then answers each connection it accepts, at once, with "<id> <k>\n" (k: how many this worker
+// has accepted so far, this one included), reads a line and closes.
+WORKER_SCENARIO(defer_accept) {
+  asio::io_context io;
+  this_worker.start(io.get_executor());
+  asio::co_spawn(io, [&io]() -> awaitable<void> {
+    const ListenOptions deferred{.defer_accept = std::chrono::seconds(30)};
+    const std::string on = std::getenv("TEST_DEFER_ON") ? std::getenv("TEST_DEFER_ON") : "tcp";
+    std::error_code ec;
+    if (on == "unix") {
+      std::tie(ec, std::ignore) = co_await this_worker.listen(
+          local_stream::endpoint("defer-" + std::to_string(::getpid())), deferred, as_tuple_t{});
+    } else if (on == "udp") {
+      std::tie(ec, std::ignore) = co_await this_worker.listen(
+          udp::endpoint(asio::ip::address_v4::loopback(), 0), deferred, as_tuple_t{});
+    }
+    if (on != "tcp") {
+      co_await this_worker.send(Message("error " + std::to_string(ec.value())));
+      co_return;
+    }
+    auto [lec, server] = co_await this_worker.listen(tcp::endpoint(asio::ip::address_v4::loopback(), 0), deferred,
+                                                     as_tuple_t{});
+    if (lec) {
+      co_await this_worker.send(Message("error " + std::to_string(lec.value())));
+      co_return;
+    }
+    co_await this_worker.send(Message("port " + std::to_string(server.local_endpoint().port())));
+    for (int k = 1;; ++k) {
+      auto [aec, s] = co_await server.accept(as_tuple_t{});
+      if (aec) co_return;
+      asio::co_spawn(io, [s = std::move(s), k]() mutable -> awaitable<void> {
+        const std::string reply = std::to_string(this_worker.id()) + " " + std::to_string(k) + "\n";
+        co_await asio::async_write(s, asio::buffer(reply), as_tuple_t{});
+        std::string line;
+        co_await asio::async_read_until(s, asio::dynamic_buffer(line), '\n', as_tuple_t{});
+      }, asio::detached);
+    }
+  }, asio::detached);
+  io.run();
+  return 0;
+}
+
+namespace {
+
+// Two workers listening with defer_accept; 8 clients connect and say nothing, then 8 connect
+// and send a line. No worker accepts a silent one: each worker's answers to the speaking ones
+// are 1, 2, ... in full. (Without the option the silent ones, first in the queue, would be
+// accepted first and take the low numbers.)
+template <class Policy>
+void defer_accept_case() {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<Policy> master(io.get_executor());
+    std::vector<std::shared_ptr<Worker>> workers;
+    unsigned short port = 0;
+    for (int i = 0; i < 2; ++i) {
+      workers.push_back(co_await master.fork(scenario_env("defer_accept")));
+      const Message m = co_await workers.back()->receive();
+      REQUIRE_MESSAGE(m.data.rfind("port ", 0) == 0, m.data);
+      port = static_cast<unsigned short>(std::stoi(m.data.substr(5)));
+    }
+    const tcp::endpoint where(asio::ip::address_v4::loopback(), port);
+    std::vector<tcp::socket> silent, speaking;
+    for (int i = 0; i < 8; ++i) {
+      silent.emplace_back(io);
+      co_await silent.back().async_connect(where, use_awaitable);
+    }
+    std::map<std::string, std::vector<int>> numbers;  // worker id -> the k of each answer
+    for (int i = 0; i < 8; ++i) {
+      speaking.emplace_back(io);
+      co_await speaking.back().async_connect(where, use_awaitable);
+      co_await asio::async_write(speaking.back(), asio::buffer("hi\n", 3), use_awaitable);
+    }
+    for (auto& s : speaking) {
+      std::string reply;
+      co_await asio::async_read_until(s, asio::dynamic_buffer(reply), '\n', use_awaitable);
+      const auto space = reply.find(' ');
+      REQUIRE_MESSAGE(space != std::string::npos, reply);
+      numbers[reply.substr(0, space)].push_back(std::stoi(reply.substr(space + 1)));
+    }
+    for (auto& entry : numbers) {  // (no structured binding: clang 14 cannot capture one in CHECK_MESSAGE)
+      std::vector<int>& ks = entry.second;
+      std::sort(ks.begin(), ks.end());
+      std::vector<int> expected(ks.size());
+      std::iota(expected.begin(), expected.end(), 1);
+      CHECK_MESSAGE(ks == expected, "worker ", entry.first, " accepted a silent connection first");
+    }
+    silent.clear();  // (their sessions, had any been accepted, end with them)
+    speaking.clear();
+    co_await master.disconnect();
+  });
+}
+
+}  // namespace
+
+TEST_CASE("ListenOptions::defer_accept: a connection reaches accept() once its client has sent something") {
+  SUBCASE("RoundRobin") { defer_accept_case<RoundRobin>(); }
+  SUBCASE("SharedSocket") { defer_accept_case<SharedSocket>(); }
+  SUBCASE("ReusePort (every worker's socket has it)") { defer_accept_case<ReusePort>(); }
+}
+
+TEST_CASE("ListenOptions::defer_accept on a Unix path or a UDP address: listen() fails with EINVAL") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    for (const char* on : {"unix", "udp"}) {
+      Env env = scenario_env("defer_accept");
+      env["TEST_DEFER_ON"] = on;
+      auto w = co_await master.fork(env);
+      const Message m = co_await w->receive();
+      CHECK_MESSAGE(m.data == "error " + std::to_string(EINVAL), on, ": ", m.data);
+    }
+    co_await master.disconnect();
+  });
 }
 
 TEST_CASE("the master refuses a Unix path with a NUL byte (an abstract name a worker did not check): EINVAL, nothing bound") {

@@ -32,6 +32,7 @@ struct QueryServer {
   std::uint32_t index = 0;
   std::uint32_t backlog = 0;
   std::int32_t unix_mode = -1;  // a Unix path's permission bits, or -1 (ListenOptions::unix_mode)
+  std::uint32_t defer_accept = 0;  // seconds of TCP_DEFER_ACCEPT, 0: off (ListenOptions::defer_accept)
 };
 
 // master -> worker: the answer to QueryServer `seq`. A shared listener comes as the handle.
@@ -191,7 +192,7 @@ template <class Stream> void fields(Stream&, Online&) {}
 template <class Stream> void fields(Stream&, Disconnect&) {}
 template <class Stream> void fields(Stream&, ExitedAfterDisconnect&) {}
 template <class Stream> void fields(Stream& s, QueryServer& m) {
-  s& m.seq& m.type& m.address& m.port& m.fd& m.index& m.backlog& m.unix_mode;
+  s& m.seq& m.type& m.address& m.port& m.fd& m.index& m.backlog& m.unix_mode& m.defer_accept;
 }
 template <class Stream> void fields(Stream& s, QueryReply& m) {
   s& m.seq& m.errno_value& m.server& m.shared& m.address& m.port;

@@ -206,6 +206,7 @@ class listener_table {
     r.fd = q.fd;
     if (q.backlog > 0) r.backlog = static_cast<int>(std::min<std::uint32_t>(q.backlog, INT32_MAX));
     r.unix_mode = q.unix_mode;
+    r.defer_accept = static_cast<int>(std::min<std::uint32_t>(q.defer_accept, INT32_MAX));
     r.reuse_port = reuse_port_ && (type == AddressType::v4 || type == AddressType::v6);
     std::string bound_path;
     bool adopted = false;

@@ -7,6 +7,7 @@
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -36,6 +37,7 @@ struct listen_request {
   int backlog = 511;    // Node's default
   int unix_mode = -1;   // a Unix path's permission bits after bind, or -1: the umask's
   bool reuse_port = false;  // SO_REUSEPORT before bind (IP stream sockets only): see reuse_port_twin
+  int defer_accept = 0;     // TCP_DEFER_ACCEPT seconds (TCP sockets we bind only), 0: off
 };
 
 inline bool is_datagram(AddressType t) noexcept { return t == AddressType::udp4 || t == AddressType::udp6; }
@@ -195,7 +197,10 @@ inline unique_fd open_listener(const listen_request& r, std::string& bound_path,
   // The mode asked for, before anyone can connect (the umask is process-wide: not touched).
   const bool mode_failed = !bound_path.empty() && r.unix_mode >= 0 &&
                            ::chmod(bound_path.c_str(), static_cast<mode_t>(r.unix_mode & 07777)) != 0;
-  if (mode_failed || (!datagram && ::listen(fd.get(), r.backlog) != 0)) {
+  // (Set before listen(): no connection is accepted without it.)
+  if (mode_failed || (r.defer_accept > 0 && domain != AF_UNIX && !datagram &&
+                      ::setsockopt(fd.get(), IPPROTO_TCP, TCP_DEFER_ACCEPT, &r.defer_accept, sizeof r.defer_accept) != 0) ||
+      (!datagram && ::listen(fd.get(), r.backlog) != 0)) {
     ec = last_error();
     if (!bound_path.empty()) ::unlink(bound_path.c_str());
     bound_path.clear();
@@ -206,7 +211,7 @@ inline unique_fd open_listener(const listen_request& r, std::string& bound_path,
 
 // Another listening socket in the SO_REUSEPORT group of `listener` (an IP stream listener that
 // was bound with SO_REUSEPORT): same address and port, same IPV6_V6ONLY, non-blocking and
-// close-on-exec. The kernel spreads new connections over the group's sockets.
+// close-on-exec, with its TCP_DEFER_ACCEPT. The kernel spreads new connections over the group's sockets.
 inline unique_fd reuse_port_twin(int listener, int backlog, std::error_code& ec) {
   ec.clear();
   sockaddr_storage ss{};
@@ -223,7 +228,11 @@ inline unique_fd reuse_port_twin(int listener, int backlog, std::error_code& ec)
   const int one = 1;
   int v6only = 0;
   socklen_t v6len = sizeof v6only;
-  if (::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0 ||
+  int defer = 0;
+  socklen_t defer_len = sizeof defer;
+  if (::getsockopt(listener, IPPROTO_TCP, TCP_DEFER_ACCEPT, &defer, &defer_len) != 0 ||
+      (defer > 0 && ::setsockopt(fd.get(), IPPROTO_TCP, TCP_DEFER_ACCEPT, &defer, sizeof defer) != 0) ||
+      ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0 ||
       ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0 ||
       (ss.ss_family == AF_INET6 && (::getsockopt(listener, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, &v6len) != 0 ||
                                     ::setsockopt(fd.get(), IPPROTO_IPV6, IPV6_V6ONLY, &v6only, sizeof v6only) != 0)) ||

@@ -14,8 +14,10 @@
 #include <asio/detached.hpp>
 #include <asio/steady_timer.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdint>
 #include <cstdlib>
 #include <exception>
 #include <functional>
@@ -144,6 +146,14 @@ class runtime {
                 "listen() fails with EINVAL");
       return p.handler.complete(std::make_error_code(std::errc::invalid_argument), nullptr);
     }
+    const bool tcp_address = t.fd < 0 && (t.type == AddressType::v4 || t.type == AddressType::v6);
+    if (options.defer_accept.count() < 0 || (options.defer_accept.count() > 0 && !tcp_address)) {
+      log_error("listen with defer_accept {} s: {}; listen() fails with EINVAL", options.defer_accept.count(),
+                options.defer_accept.count() < 0 ? "a negative time"
+                                                 : "only for a TCP address the master binds (not a Unix path, UDP "
+                                                   "or listen_fd)");
+      return p.handler.complete(std::make_error_code(std::errc::invalid_argument), nullptr);
+    }
     p.index_key = fmt::format("{}:{}:{}:{}", t.address, t.port, to_string(t.type), t.fd);
     p.index = link_.take_index(p.index_key);
     p.describe = t.fd >= 0 ? fmt::format("listen on the master's fd {}", t.fd)
@@ -158,6 +168,7 @@ class runtime {
     q.index = p.index;
     q.backlog = static_cast<std::uint32_t>(std::max(options.backlog, 1));
     if (options.unix_mode) q.unix_mode = static_cast<std::int32_t>(*options.unix_mode & 07777);
+    q.defer_accept = static_cast<std::uint32_t>(std::min<std::int64_t>(options.defer_accept.count(), INT32_MAX));
     if (phase_ == phase::closed || intent_ != intent::none || !channel_.send_internal(ipc::protocol::encode(q))) {
       link_.release_index(p.index_key, p.index);
       return p.handler.complete(error::worker_not_connected, nullptr);
