@@ -4,6 +4,8 @@
 #include "cocluster/policy/dispatch.hpp"
 
 #include <arpa/inet.h>
+#include <asio/strand.hpp>
+#include <asio/use_future.hpp>
 #include <dirent.h>
 #include <doctest/doctest.h>
 #include <netinet/in.h>
@@ -1321,6 +1323,11 @@ TEST_CASE("ReusePort: a dead worker's socket the master could not drain for want
       rlimit saved;
       ~restore_limit() { ::setrlimit(RLIMIT_NOFILE, &saved); }
     } restore{saved};
+    const int spare = ::dup(2);  // (none: else the drain below would not fail)
+    const int why = errno;
+    if (spare >= 0) ::close(spare);
+    REQUIRE_MESSAGE(spare < 0, "an fd below the limit is free: ", spare);
+    REQUIRE(why == EMFILE);
     // The second worker dies; its socket stays in the group, and the master cannot copy it to
     // accept from it (EMFILE).
     second[0]->signal(SIGKILL);
@@ -1455,16 +1462,26 @@ WORKER_SCENARIO(accept_for_another_executor) {
       b_done.set(ec);
     });
     co_await this_worker.send(Message("armed"));
-    if (co_await b_done.async_wait(use_awaitable)) co_return;
-    co_await asio::async_write(*b, asio::buffer("B\n", 2), use_awaitable);
+    if (!co_await b_done.async_wait(use_awaitable)) co_await asio::async_write(*b, asio::buffer("B\n", 2), use_awaitable);
     b.reset();
-    elsewhere.run();  // A's handler (it returns once that has run: nothing else waits there)
+    server.close();    // (on B's failure, A ends too: nothing stays bound to `elsewhere`)
+    elsewhere.run();   // A's handler (it returns once that has run: nothing else waits there)
     if (a) co_await asio::async_write(*a, asio::buffer("A\n", 2), use_awaitable);
     a.reset();
     (void)co_await this_worker.receive(as_tuple_t{});  // until the channel ends
   }, asio::detached);
   io.run();
   return 0;
+}
+
+// Compiled, never run: handlers whose executor is a strand of an any_io_executor (what
+// asio::make_strand(co_await this_coro::executor) gives; asio::executor_work_guard alone cannot
+// keep its work count), and use_future, for accept() and receive().
+[[maybe_unused]] void handler_executors_compile(cocluster::Server<tcp>& server, asio::any_io_executor ex) {
+  server.accept(asio::bind_executor(asio::make_strand(ex), [](std::error_code, tcp::socket) {}));
+  (void)server.accept(asio::use_future);
+  this_worker.receive(asio::bind_executor(asio::make_strand(ex), [](std::error_code, Message) {}));
+  (void)this_worker.receive(asio::use_future);
 }
 
 template <class Policy>

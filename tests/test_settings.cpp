@@ -583,6 +583,12 @@ TEST_CASE("fork() failing with EAGAIN (RLIMIT_NPROC) leaks nothing and the maste
 }
 
 TEST_CASE("raise_fd_limit: before a fork the master raises its soft RLIMIT_NOFILE to the hard one, and the worker inherits it (Node's)") {
+  rlimit here{};
+  REQUIRE(::getrlimit(RLIMIT_NOFILE, &here) == 0);
+  if (here.rlim_max <= 256) {  // the machine's setting, not the library's: said, not failed
+    MESSAGE("the hard RLIMIT_NOFILE is ", here.rlim_max, ": nothing to raise, not checked");
+    return;
+  }
   const std::string failure = run_in_child([]() -> std::string {
     rlimit original{};
     if (::getrlimit(RLIMIT_NOFILE, &original) != 0) return "getrlimit failed";

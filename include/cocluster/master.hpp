@@ -359,6 +359,8 @@ class Master {
                                        std::optional<std::system_error>& failure) {
     run_setup();
     const int id = ++last_id_;
+    // First: the fork's own fds (channel, pipes) count against it too. The worker inherits it.
+    if (settings_.raise_fd_limit) detail::raise_fd_limit();
     try {
       auto [ours, theirs] = detail::make_socketpair(SOCK_SEQPACKET);
       // The master's pipe ends become Asio objects before the fork: registering them can fail,
@@ -385,7 +387,6 @@ class Master {
       // once for those. Then no wait for the exec, so that forks in a row run in parallel; a
       // failure the child meets later is the worker's `error` event, then its `exit` (127).
       detail::check_spawnable(r);
-      if (settings_.raise_fd_limit) detail::raise_fd_limit();  // the worker inherits it
       auto started = detail::spawn_start(r, std::move(theirs), std::move(stdio.child));
       detail::Process process(state_->ex, std::move(started.process));
       std::shared_ptr<Worker> w;

@@ -117,7 +117,8 @@ class Server : public detail::worker::server_handle<detail::worker::stream_serve
   //   it (at most once a second) and tries again every 100 ms, as the master's accepting does,
   //   until it has a connection.
   //   Cancellation: per-operation, terminal: the accept completes with operation_aborted (a
-  //   connection the master hands over later waits for the next accept()).
+  //   connection the master hands over later waits for the next accept()). Emit it on the
+  //   worker's executor (Asio's cancellation signals are not thread-safe).
   //   A Server that is not listening (its listen() failed, with an error_code token, or it was
   //   moved from) throws std::system_error (bad_descriptor) here, before anything starts.
   // The socket is close-on-exec (programs the worker runs do not hold it open) and
@@ -125,7 +126,7 @@ class Server : public detail::worker::server_handle<detail::worker::stream_serve
   // completes a coroutine's accept() without a trip through the scheduler; other tokens get it
   // posted, as from any Asio operation. A handler with an executor of its own (a strand,
   // another thread's io_context, use_future) gets the completion there; the connection is
-  // taken on the worker's executor all the same, whenever that handler gets to run.
+  // taken on the worker's executor all the same, even before that handler runs.
   template <class Token = asio::use_awaitable_t<>>
   auto accept(Token&& token = {}) {
     this->state_for("accept");  // (throws std::system_error, bad_descriptor, if it is not listening)

@@ -115,12 +115,14 @@ struct Settings {
   std::chrono::milliseconds heartbeat_interval{0};
   // When a worker forked with these settings is ready (see ReadyOn).
   ReadyOn ready_on = ReadyOn::listening;
-  // Node (and Go, since 1.19) raise the process's soft RLIMIT_NOFILE to its hard limit at
-  // start. Here, before each fork, the master raises its own, and the worker inherits it: the
-  // usual soft limit, 1024, is below what one server process holds (a master parks up to
-  // 4,096 connections; a worker serving 2,000 clients holds 2,000 fds), and past it
-  // accept(2) fails with EMFILE. Programs a worker starts inherit it too. false: both limits
-  // are left as they are (a master that lowered its own on purpose).
+  // Node (and Go, since 1.19) raise the process's soft RLIMIT_NOFILE to its hard limit once,
+  // at start. Here the master raises its own before each fork made with this set (when it is
+  // below the hard limit), and the worker inherits it: the usual soft limit, 1024, is below
+  // what one server process holds (a master parks up to 4,096 connections; a worker serving
+  // 2,000 clients holds 2,000 fds), and past it accept(2) fails with EMFILE. Programs a worker
+  // starts inherit it too (Go gives those the original back; Node does not). false: the fork
+  // leaves the limits as they are, for a master that lowers its own on purpose (a raise done
+  // by an earlier fork stays).
   bool raise_fd_limit = true;
 };
 

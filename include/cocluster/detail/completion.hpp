@@ -13,8 +13,8 @@
 #include <asio/associated_cancellation_slot.hpp>
 #include <asio/associated_executor.hpp>
 #include <asio/dispatch.hpp>
-#include <asio/executor_work_guard.hpp>
 #include "cocluster/detail/as_tuple.hpp"
+#include "cocluster/detail/handler_work.hpp"
 #include <asio/post.hpp>
 #include <asio/use_awaitable.hpp>
 
@@ -37,6 +37,18 @@ struct resumes_coroutine<asio::detail::as_tuple_handler<Inner>> : resumes_corout
 template <class Inner>
 struct resumes_coroutine<asio::experimental::detail::as_tuple_handler<Inner>> : resumes_coroutine<Inner> {};
 #endif
+
+// A handler wrapped to complete on another executor (below) resumes a coroutine if the handler
+// it wraps does: complete_now then runs it at once, and its asio::dispatch to the coroutine's
+// own executor resumes the coroutine there at once when it can.
+template <class Handler>
+class completion_elsewhere;
+template <class Inner>
+struct resumes_coroutine<completion_elsewhere<Inner>> : resumes_coroutine<Inner> {};
+template <class Handler>
+struct is_completion_elsewhere : std::false_type {};
+template <class Inner>
+struct is_completion_elsewhere<completion_elsewhere<Inner>> : std::true_type {};
 
 // Each resumption from an initiation runs on the stack of the one before it until a coroutine
 // really suspends: a loop over a full queue would nest without end. Past this depth the
@@ -92,7 +104,8 @@ void complete_now(Handler&& handler, const asio::any_io_executor& ex, Args&&... 
 template <class Handler, class Body>
 void run_on(const asio::any_io_executor& ex, Handler&& handler, Body body) {
   using handler_type = std::decay_t<Handler>;
-  if constexpr (resumes_coroutine<handler_type>::value) {
+  // (A wrapped handler's executor is `ex` whatever thread its coroutine runs on: dispatched.)
+  if constexpr (resumes_coroutine<handler_type>::value && !is_completion_elsewhere<handler_type>::value) {
     if (asio::get_associated_executor(handler) == ex) return body(std::forward<Handler>(handler));
   }
   asio::dispatch(ex, [body = std::move(body), h = handler_type(std::forward<Handler>(handler))]() mutable {
@@ -132,12 +145,14 @@ class completion_elsewhere {
 
  private:
   Handler handler_;
-  asio::executor_work_guard<asio::associated_executor_t<Handler, asio::any_io_executor>> work_;
+  handler_work<asio::associated_executor_t<Handler, asio::any_io_executor>> work_;
   asio::any_io_executor ex_;
 };
 
 // Runs `body(handler)` where the handler's executor is `ex`, else `body` with the handler
 // wrapped in completion_elsewhere: either way the handler `body` gets has `ex` as its executor.
+// Call it in the initiation, on the caller's thread, so that the handler's executor counts the
+// work from the start (then run_on(ex, ...) inside `body`).
 template <class Handler, class Body>
 void with_steps_on(const asio::any_io_executor& ex, Handler&& handler, Body&& body) {
   using handler_type = std::decay_t<Handler>;

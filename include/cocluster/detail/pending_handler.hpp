@@ -10,7 +10,6 @@
 #include <asio/associated_cancellation_slot.hpp>
 #include <asio/associated_executor.hpp>
 #include <asio/any_io_executor.hpp>
-#include <asio/executor_work_guard.hpp>
 #include <asio/dispatch.hpp>
 #include <asio/post.hpp>
 #include <asio/use_awaitable.hpp>
@@ -19,6 +18,8 @@
 #include <system_error>
 #include <type_traits>
 #include <utility>
+
+#include "cocluster/detail/handler_work.hpp"
 
 namespace cocluster::detail {
 
@@ -83,7 +84,7 @@ class pending_handler {
     }
 
     Handler handler;
-    asio::executor_work_guard<executor_type> work;
+    handler_work<executor_type> work;
   };
 
   std::unique_ptr<base> impl_;

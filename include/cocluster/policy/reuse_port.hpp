@@ -231,8 +231,8 @@ class reuse_port_listener final : public Listener, public std::enable_shared_fro
     retry_.async_wait([self = shared_from_this()](std::error_code ec) {
       self->retrying_ = false;
       if (ec || self->holders_.empty()) return;  // closed, or nobody to hand to (joined() drains then)
-      for (std::size_t i = 0; i < self->slots_.size(); ++i)
-        if (self->slots_[i].owner == 0) self->drain(i);  // (one already draining returns at once)
+      for (std::size_t i = 0; i < self->slots_.size(); ++i)  // (one already draining returns at once)
+        if (self->slots_[i].owner == 0 && !(self->offered_.worker != 0 && self->offered_.slot == i)) self->drain(i);
     });
   }
 

@@ -119,14 +119,15 @@ class stream_server final : public server_base, public std::enable_shared_from_t
   struct initiate_accept {
     template <class Handler>
     void operator()(Handler&& handler, std::shared_ptr<stream_server> self, endpoint_type* peer) const {
+      // Every step of an accept touches the runtime's state, so each runs on the runtime's
+      // executor; a handler of another executor (a strand, another thread's loop, use_future)
+      // gets only the completion there.
       auto ex = self->ex_;
-      run_on(ex, std::forward<Handler>(handler), [self = std::move(self), peer](auto handler) mutable {
-        // Every step below touches the runtime's state, so each runs on the runtime's executor;
-        // a handler of another executor (a strand, another thread's loop, use_future) gets only
-        // the completion there.
-        stream_server& server = *self;
-        with_steps_on(server.ex_, std::move(handler),
-                      [&](auto h) { server.initiate(std::move(self), peer, std::move(h)); });
+      with_steps_on(ex, std::forward<Handler>(handler), [&](auto bound) {
+        run_on(ex, std::move(bound), [self = std::move(self), peer](auto h) mutable {
+          stream_server& server = *self;
+          server.initiate(std::move(self), peer, std::move(h));
+        });
       });
     }
   };
