@@ -1454,8 +1454,10 @@ WORKER_SCENARIO(accept_for_another_executor) {
     asio::io_context elsewhere;
     std::optional<tcp::socket> a, b;
     cocluster::detail::async_latch<std::error_code> b_done(io.get_executor());
+    bool a_done = false;
     server.accept(asio::bind_executor(elsewhere, [&](std::error_code ec, tcp::socket s) {
       if (!ec) a = std::move(s);
+      a_done = true;
     }));
     server.accept([&](std::error_code ec, tcp::socket s) {
       if (!ec) b = std::move(s);
@@ -1464,8 +1466,12 @@ WORKER_SCENARIO(accept_for_another_executor) {
     co_await this_worker.send(Message("armed"));
     if (!co_await b_done.async_wait(use_awaitable)) co_await asio::async_write(*b, asio::buffer("B\n", 2), use_awaitable);
     b.reset();
-    server.close();    // (on B's failure, A ends too: nothing stays bound to `elsewhere`)
-    elsewhere.run();   // A's handler (it returns once that has run: nothing else waits there)
+    server.close();  // (on B's failure, A ends with operation_aborted: nothing stays bound to `elsewhere`)
+    while (!a_done) {  // A's handler runs in `elsewhere`, once it is queued there (its abort goes through `io`)
+      elsewhere.poll();
+      elsewhere.restart();
+      if (!a_done) co_await asio::post(io, use_awaitable);
+    }
     if (a) co_await asio::async_write(*a, asio::buffer("A\n", 2), use_awaitable);
     a.reset();
     (void)co_await this_worker.receive(as_tuple_t{});  // until the channel ends

@@ -19,6 +19,8 @@ TEST_CASE("every internal message decodes to what was encoded") {
   q.fd = -1;
   q.index = 2;
   q.backlog = 511;
+  q.unix_mode = 0660;
+  q.defer_accept = 60;
   protocol::QueryReply r;
   r.seq = 7;
   r.errno_value = 98;

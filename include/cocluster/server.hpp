@@ -36,14 +36,16 @@ struct ListenOptions {
   // on a path decides (the others share that listener).
   std::optional<unsigned> unix_mode{};
   // Ours (nginx: listen ... deferred; HAProxy: defer-accept; systemd: DeferAcceptSec=): a TCP
-  // connection reaches accept() only once its first bytes have arrived, or once about this
-  // long has passed without any (the kernel then passes it on all the same). A worker (or,
-  // under RoundRobin, the master) is woken once per connection instead of twice, and a client
-  // that connects and says nothing costs no accept. Only for protocols where the client speaks
-  // first (HTTP, TLS): a server that greets first (SMTP, SSH) would wait out the timer. 0 (the
-  // default): off. For TCP addresses the master binds; on a Unix path, a UDP address or
+  // connection reaches accept() only once its first bytes have arrived. A worker (or, under
+  // RoundRobin, the master) is woken once per connection instead of twice, and a client that
+  // connects and says nothing is not accepted meanwhile. Linux rounds the time up to its SYN-ACK
+  // retransmissions (30 s: 31 s); then it sends one more, and a client that acknowledges it is
+  // passed on without data (one that does not is dropped). Only for protocols where the client
+  // speaks first (HTTP, TLS): a server that greets first (SMTP, SSH) would wait out the timer.
+  // 0 (the default): off. For TCP addresses the master binds; on a Unix path, a UDP address or
   // listen_fd() the listen() fails with EINVAL (a passed socket keeps its own; systemd's are
-  // set in the .socket unit). The first worker to listen on an address decides.
+  // set in the .socket unit, and the master says so). The first worker to listen on an
+  // address decides.
   std::chrono::seconds defer_accept{0};
 };
 

@@ -49,7 +49,9 @@ int main() {
   q.port = 8000;
   q.index = 0;
   q.backlog = 511;
+  q.defer_accept = 60;
   p::QueryServer qu = q;
+  qu.defer_accept = 0;
   qu.type = 3;
   qu.address = "/tmp/cocluster.sock";
   qu.port = 0;

@@ -218,6 +218,9 @@ class listener_table {
       fd = open_listener(r, bound_path, ec, &adopted);
     }
     if (ec) return nullptr;
+    if (adopted && r.defer_accept > 0)  // (systemd's: a worker asked for it on an address it passed)
+      log_error("listener for {}: defer_accept is not set on a socket this master did not bind (systemd's: "
+                "DeferAcceptSec= in its .socket unit)", key);
     Address address = socket_address(fd.get(), type);
     if (type == AddressType::unix_path && q.fd < 0) address.address = q.address;  // as the worker named it
     const std::uint32_t id = ++last_id_;
