@@ -536,7 +536,7 @@ TEST_CASE("an abstract Unix socket name: the worker's listen() fails with EINVAL
 
 // ---- ListenOptions::defer_accept (TCP_DEFER_ACCEPT) ----
 
-// Listens with defer_accept 30 s on TEST_DEFER_ON: "tcp" (127.0.0.1:0, "port N" to the
+// Listens with defer_accept 30 s (TEST_DEFER_SECONDS, if set: that many) on TEST_DEFER_ON: "tcp" (127.0.0.1:0, "port N" to the
 // master), "unix" (a path in the cwd) or "udp" (127.0.0.1:0); a failed listen() says "error E".
 // Then answers each connection it accepts, at once, with "<id> <k>\n" (k: how many this worker
 // has accepted so far, this one included), reads a line and closes.
@@ -544,7 +544,8 @@ WORKER_SCENARIO(defer_accept) {
   asio::io_context io;
   this_worker.start(io.get_executor());
   asio::co_spawn(io, [&io]() -> awaitable<void> {
-    const ListenOptions deferred{.defer_accept = std::chrono::seconds(30)};
+    const char* seconds = std::getenv("TEST_DEFER_SECONDS");
+    const ListenOptions deferred{.defer_accept = std::chrono::seconds(seconds ? std::atoi(seconds) : 30)};
     const std::string on = std::getenv("TEST_DEFER_ON") ? std::getenv("TEST_DEFER_ON") : "tcp";
     std::error_code ec;
     if (on == "unix") {
@@ -636,6 +637,26 @@ TEST_CASE("ListenOptions::defer_accept: a connection reaches accept() once its c
   SUBCASE("RoundRobin") { defer_accept_case<RoundRobin>(); }
   SUBCASE("SharedSocket") { defer_accept_case<SharedSocket>(); }
   SUBCASE("ReusePort (every worker's socket has it)") { defer_accept_case<ReusePort>(); }
+}
+
+TEST_CASE("ListenOptions::defer_accept: a later worker asking otherwise listens on the first one's socket, and the log says so") {
+  captured_log log;
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<RoundRobin> master(io.get_executor());
+    std::vector<std::string> ports;
+    for (const char* seconds : {"30", "30", "0"}) {
+      Env env = scenario_env("defer_accept");
+      env["TEST_DEFER_SECONDS"] = seconds;
+      auto w = co_await master.fork(env);
+      ports.push_back((co_await w->receive()).data);
+      REQUIRE_MESSAGE(ports.back().rfind("port ", 0) == 0, ports.back());
+    }
+    CHECK(ports[1] == ports[0]);
+    CHECK(ports[2] == ports[0]);
+    co_await master.disconnect();
+  });
+  CHECK_MESSAGE(log.has("asks for defer_accept 0 s, but the listener was made with 30 s"), log.text);
+  CHECK_MESSAGE(log.text.find("asks for defer_accept 30 s") == std::string::npos, log.text);  // the second one agreed
 }
 
 TEST_CASE("ListenOptions::defer_accept on a Unix path or a UDP address: listen() fails with EINVAL") {

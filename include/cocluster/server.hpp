@@ -45,7 +45,7 @@ struct ListenOptions {
   // 0 (the default): off. For TCP addresses the master binds; on a Unix path, a UDP address or
   // listen_fd() the listen() fails with EINVAL (a passed socket keeps its own; systemd's are
   // set in the .socket unit, and the master says so). The first worker to listen on an
-  // address decides.
+  // address decides, as for backlog; the master logs a later one that asks otherwise.
   std::chrono::seconds defer_accept{0};
 };
 

@@ -68,6 +68,13 @@ class listener_table {
     if (auto it = by_key_.find(key); it != by_key_.end()) {
       e = &by_id_.at(it->second);
       if (held.count(e->id)) return refuse(EADDRINUSE);  // the worker's own index rule makes this impossible
+      // As backlog, defer_accept is the first worker's: the socket is made once. A later worker
+      // asking otherwise still listens (as in Node, where a second listen() with another
+      // backlog changes nothing), but is told in the log.
+      if (const int asked = defer_seconds(q); asked != e->defer_accept)
+        log_error("listener for {}: worker {} asks for defer_accept {} s, but the listener was made with {} s (the "
+                  "first worker's); it keeps {} s",
+                  key, worker->pid(), asked, e->defer_accept, e->defer_accept);
       // (A kept listener stays kept until this worker holds it: a failure below leaves it so.)
     } else {
       std::error_code ec;
@@ -196,7 +203,12 @@ class listener_table {
     std::unique_ptr<asio::steady_timer> kept;
     std::uint64_t keeping = 0;  // which keeping the timer is for
     bool adopted = false;       // a socket this master did not bind (listen({fd}), systemd's)
+    int defer_accept = 0;       // what the worker that made it asked for (ListenOptions::defer_accept)
   };
+
+  static int defer_seconds(const ipc::protocol::QueryServer& q) {
+    return static_cast<int>(std::min<std::uint32_t>(q.defer_accept, INT32_MAX));
+  }
 
   entry* create(const std::string& key, AddressType type, const ipc::protocol::QueryServer& q, std::error_code& ec) {
     listen_request r;
@@ -206,7 +218,7 @@ class listener_table {
     r.fd = q.fd;
     if (q.backlog > 0) r.backlog = static_cast<int>(std::min<std::uint32_t>(q.backlog, INT32_MAX));
     r.unix_mode = q.unix_mode;
-    r.defer_accept = static_cast<int>(std::min<std::uint32_t>(q.defer_accept, INT32_MAX));
+    r.defer_accept = defer_seconds(q);
     r.reuse_port = reuse_port_ && (type == AddressType::v4 || type == AddressType::v6);
     std::string bound_path;
     bool adopted = false;
@@ -248,7 +260,7 @@ class listener_table {
     }
     debug("listener {} for {} ({})", id, key, listener->shares_socket() ? "shared" : "handed off");
     by_key_.emplace(key, id);
-    entry e{id, key, std::move(address), std::move(bound_path), std::move(listener), {}, 0, adopted};
+    entry e{id, key, std::move(address), std::move(bound_path), std::move(listener), {}, 0, adopted, r.defer_accept};
     return &by_id_.emplace(id, std::move(e)).first->second;
   }
 
