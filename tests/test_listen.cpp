@@ -1043,6 +1043,63 @@ TEST_CASE("Sticky on a Unix socket: it serves, and the log says every connection
   CHECK_MESSAGE(log.has("Sticky on a Unix socket sends every connection to one worker"), log.text);
 }
 
+// Listens on TEST_LISTEN and reports "port N", but accepts nothing until the master says "go";
+// then closes its channel (Node's process.disconnect(); on_disconnect does not exit) and
+// serves as "serve" does. What it was handed before can no longer be acknowledged.
+WORKER_SCENARIO(close_channel_then_accept) {
+  asio::io_context io;
+  this_worker.start(io.get_executor());
+  this_worker.on_disconnect([] {});
+  asio::co_spawn(io, []() -> awaitable<void> {
+    const target t = parse_target(std::getenv("TEST_LISTEN"));
+    auto server = co_await this_worker.listen(tcp::endpoint(asio::ip::make_address(t.address), t.port));
+    co_await this_worker.send({"port " + std::to_string(server.local_endpoint().port())});
+    auto [ec, m] = co_await this_worker.receive(as_tuple_t{});
+    if (ec || m.data != "go") co_return;
+    this_worker.close_channel();
+    co_await accept_loop(server);  // ends when the channel's end closes the server
+  }, asio::detached);
+  io.run();
+  return 0;
+}
+
+TEST_CASE("a worker that closed its channel never takes a connection it was handed: the master gives it to another worker") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<LowestId> master(io.get_executor());
+    auto first = co_await start(master, 1, listen_env("close_channel_then_accept", "tcp4:127.0.0.1:0"));
+    auto second = co_await start(master, 1, listen_env("serve", "tcp4:127.0.0.1:0"));
+    REQUIRE(port_of(second.reports[0]) == port_of(first.reports[0]));
+    const tcp::endpoint where(asio::ip::address_v4::loopback(), port_of(first.reports[0]));
+    co_await first.workers[0]->listening();
+    co_await second.workers[0]->listening();
+    // A goes to worker 1, which holds it unacknowledged; so B goes to worker 2, and once B is
+    // answered, A's hand-off (accepted and sent before B's) is with worker 1.
+    tcp::socket a(io);
+    co_await a.async_connect(where, use_awaitable);
+    co_await asio::async_write(a, asio::buffer("hi\n", 3), use_awaitable);
+    CHECK(co_await ask(where) == second.workers[0]->id());
+    co_await first.workers[0]->send({"go"});
+    std::string reply;
+    co_await asio::async_read(a, asio::dynamic_buffer(reply), as_tuple_t{});  // to EOF
+    CHECK(reply == "worker " + std::to_string(second.workers[0]->id()) + "\n");
+    co_await master.disconnect();
+  });
+}
+
+TEST_CASE("the master closes a stopped worker's channel: no connection waits for it, the other worker answers each") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<RoundRobin> master(io.get_executor(), {}, RoundRobin{.window = 1});
+    auto c = co_await start(master, 2, listen_env("serve", "tcp4:127.0.0.1:0"));
+    const tcp::endpoint where(asio::ip::address_v4::loopback(), port_of(c.reports[0]));
+    for (auto& w : c.workers) co_await w->listening();
+    REQUIRE(::kill(c.workers[0]->pid(), SIGSTOP) == 0);
+    c.workers[0]->close_channel();  // it cannot read what the master writes until SIGCONT
+    for (int i = 0; i < 4; ++i) CHECK(co_await ask(where) == c.workers[1]->id());
+    REQUIRE(::kill(c.workers[0]->pid(), SIGCONT) == 0);
+    co_await master.disconnect();
+  });
+}
+
 TEST_CASE("a policy written outside the library: every connection to the lowest worker id, then to the next when it leaves") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<LowestId> master(io.get_executor());

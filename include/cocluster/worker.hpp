@@ -229,6 +229,9 @@ class Worker : public std::enable_shared_from_this<Worker> {
     if (!connected_ || channel_closing_) return;
     channel_closing_ = true;
     detail::debug("Worker {} channel closed by the master", pid());
+    // No listener hands it anything more (a hand-off could not be written); what it was
+    // handed before waits for its acks, which are still read, until its channel ends.
+    if (auto m = master_.lock(); m && m->listeners) m->listeners->worker_leaving(*link_);
     channel_.async_shutdown([](std::error_code) {});
   }
 

@@ -38,6 +38,9 @@ class Channel {
 
   const asio::any_io_executor& get_executor() const noexcept { return s_->ex; }
   bool is_open() const noexcept { return s_->sock.is_open(); }
+  // Whether a message sent now can still be written: open, and our side not shut (shutdown,
+  // shut_writes(), or a write that failed).
+  bool can_send() const noexcept { return s_->sock.is_open() && !s_->write_shut; }
   const ChannelOptions& options() const noexcept { return s_->options; }
   std::size_t queued() const noexcept { return s_->queue.size(); }
   // Bytes queued for sending and not yet written.

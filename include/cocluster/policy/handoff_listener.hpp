@@ -602,23 +602,43 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   // Sends every worker what it was handed: `newconn` for one connection, else `newconn_batch`
   // frames of up to max_fds_per_packet. The channels share our fds until the frames are
   // written; we keep them until `accepted`. False if a worker's channel is ending: it is no
-  // member from now on, and left() follows and gives back what it holds.
+  // member from now on, what could not be written to it is given back at once, and left()
+  // follows and gives back the rest.
   bool send_handoffs() {
     bool all_sent = true;
     for (auto& b : outbox_) {  // sending never calls back into the listener
       if (b.seqs.empty()) continue;
       auto link = links_.find(b.worker);
       bool sent = link != links_.end();
-      for (std::size_t at = 0; sent && at < b.seqs.size(); at += ipc::max_fds_per_packet) {
+      std::size_t at = 0;
+      for (; sent && at < b.seqs.size(); at += ipc::max_fds_per_packet) {
         const std::size_t n = std::min(ipc::max_fds_per_packet, b.seqs.size() - at);
         if (n == 1) {
           sent = link->second->send(ipc::protocol::NewConn{id_, b.seqs[at], std::move(b.remotes[at])}, tag_, b.fds[at]);
+          if (!sent) break;
           continue;
         }
         ipc::protocol::NewConnBatch m{id_, {b.seqs.begin() + at, b.seqs.begin() + at + n},
                                       {std::make_move_iterator(b.remotes.begin() + at), std::make_move_iterator(b.remotes.begin() + at + n)}};
         std::vector<std::shared_ptr<const detail::unique_fd>> fds(b.fds.begin() + at, b.fds.begin() + at + n);
         sent = link->second->send(m, tag_, std::move(fds));
+        if (!sent) break;
+      }
+      if (!sent) {
+        // The frames from `at` on were not queued (the channel writes nothing more): the
+        // worker will never see them, so they go back now, not when its channel ends (a
+        // worker that stopped reading would hold them until then).
+        std::deque<connection> back;
+        for (std::size_t k = at; k < b.seqs.size(); ++k) {
+          auto u = unacked_.find(b.seqs[k]);
+          if (u == unacked_.end()) continue;
+          back.push_back(std::move(u->second.conn));
+          unacked_.erase(u);
+          for (Members* all : {&members_, &resting_})
+            if (auto m = all->find(b.worker); m != all->end() && m->second.in_flight != 0) --m->second.in_flight;
+        }
+        if (!back.empty()) all_sent = false;  // distribute() places them again
+        give_back(std::move(back));
       }
       if (!sent && members_.erase(b.worker) != 0) {
         on_left(b.worker);

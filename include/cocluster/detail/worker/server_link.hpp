@@ -46,7 +46,9 @@ class server_link {
   // ack before onconnection): whatever the user does with it next (writes to the client,
   // sends us a message that makes the master kill us, blocks its loop), the master has already
   // let go of its copy, so no second worker is ever handed a connection this one has served.
-  // (Nothing is sent once our side of the channel is closing or closed: the channel refuses it.)
+  // Nothing can be sent once our side of the channel is closing or closed; so no hand-off is
+  // taken then (can_acknowledge()): the master, which never learns it was, hands it to another
+  // worker once it reads our end.
   // The master counts the connection in our load from this ack until our next report, which
   // took_connection() (called next, for the same connection) always brings once we report:
   // every report written after the ack counts it (live from its delivery, and taken).
@@ -58,6 +60,9 @@ class server_link {
     ack(server, seq, true);
     flush_acks();
   }
+  // Whether accepted() reaches the master: the channel's writing is not shut (close_channel(),
+  // a write that failed, the disconnect's last step). A hand-off is taken only while it is.
+  bool can_acknowledge() const noexcept { return channel_.can_send(); }
   // Hand-off `seq` is refused (its server is gone, or its fd was not usable): the master gives
   // it to another worker. Coalesced: the refusals of one turn of the event loop go out together
   // at its end (one `accepted_batch` per server), or sooner with the next ack or any other

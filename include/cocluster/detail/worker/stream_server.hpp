@@ -86,7 +86,9 @@ class stream_server final : public server_base, public std::enable_shared_from_t
   bool round_robin() const noexcept { return !acceptor_; }
 
   delivery deliver(unique_fd fd, std::uint8_t tag, std::uint32_t seq, const std::string& remote) override {
-    if (!open_ || !fd) return delivery::refused;  // fd closes here; the master re-dispatches
+    // (fd closes here; the master re-dispatches. After our channel stopped writing, nothing
+    // can tell it the connection was taken: it goes to another worker once our end is read.)
+    if (!open_ || !fd || (link_ && !link_->can_acknowledge())) return delivery::refused;
     std::error_code ec;
     if (tag != wire_tag<socket_type>()) return delivery::malformed;  // (fd closes here)
     // The socket is made on a tracked executor: the runtime counts it until it is gone.
@@ -146,7 +148,7 @@ class stream_server final : public server_base, public std::enable_shared_from_t
       defer_->expires_after(delay);
       return accept_after(*defer_, peer, std::move(h));
     }
-    if (auto in = handed_.try_pop()) {  // a connection is waiting: no trip through the scheduler
+    if (auto in = pop_handed()) {  // a connection is waiting: no trip through the scheduler
       socket_type socket = take(*in, peer);
       return complete_now(std::move(h), ex_, std::error_code{}, std::move(socket));
     }
@@ -157,6 +159,9 @@ class stream_server final : public server_base, public std::enable_shared_from_t
           // Closed after the pop: the master has given this connection to another worker.
           if (!ec && !self->open_) ec = asio::error::operation_aborted;
           if (ec) return std::move(h)(ec, socket_type(self->ex_));
+          // Our channel stopped writing after the pop: the connection is the master's to give
+          // again (it closes here); wait for the next, as if it had not come.
+          if (self->link_ && !self->link_->can_acknowledge()) return self->initiate(self, peer, std::move(h));
           socket_type socket = self->take(in, peer);
           std::move(h)(ec, std::move(socket));
         })));
@@ -167,6 +172,17 @@ class stream_server final : public server_base, public std::enable_shared_from_t
     std::uint32_t seq = 0;
     endpoint_type remote;
   };
+
+  // The next handed-over connection, if one waits and can be taken: none once our channel
+  // stopped writing (see deliver()), and those that waited are closed.
+  std::optional<incoming> pop_handed() {
+    if (link_ && !link_->can_acknowledge()) {
+      while (handed_.try_pop()) {
+      }
+      return std::nullopt;
+    }
+    return handed_.try_pop();
+  }
 
   // A handed-over connection leaves the queue for the user: tell the master it was taken.
   socket_type take(incoming& in, endpoint_type* peer) {
@@ -223,7 +239,7 @@ class stream_server final : public server_base, public std::enable_shared_from_t
   // the handler of a wait that ended.
   template <class Handler>
   void start_accept(endpoint_type* peer, Handler&& h, bool initiating = false) {
-    if (auto in = handed_.try_pop()) {  // (never, for an adopted server: the master hands it none)
+    if (auto in = pop_handed()) {  // (never, for an adopted server: the master hands it none)
       socket_type socket = take(*in, peer);
       return complete(std::forward<Handler>(h), initiating, std::error_code{}, std::move(socket));
     }
