@@ -1810,6 +1810,10 @@ TEST_CASE("Dispatch: a SIGKILLed worker's full line goes to another worker ahead
     // routed again, to worker 2, and none was closed for want of room there.
     CHECK(calls == 2 * ones.size() + twos.size());
     CHECK(answered == 0);
+    // A fourth worker joins: every line is asked again. Worker 2's now holds more than
+    // max_waiting_per_worker (257 given back, 19 of its own): none of them is closed.
+    auto fourth = co_await master.fork(scenario_env("serve_numbered"));
+    co_await fourth->listening();
     REQUIRE(::kill(workers[1]->pid(), SIGCONT) == 0);
     co_await poll_until([&] { return answered == ones.size() + twos.size(); });
     // Worker 2 takes the one it held, then worker 1's connections in order, then its own line.

@@ -75,8 +75,10 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
   // is left out of the members the policy chooses from; then it is asked again.
   static constexpr std::chrono::milliseconds refusal_rest{100};
   // Accepted connections the master holds for one worker that cannot take them yet (Dispatch,
-  // Sticky: its window is full, or it is not there yet). One more for it is closed (a log line
-  // says so), unless choose_for() names another worker: Sticky does, Dispatch leaves it to F.
+  // Sticky: its window is full, or it is not there yet). One more for it, just accepted, is
+  // closed (a log line says so), unless choose_for() names another worker: Sticky does,
+  // Dispatch leaves it to F. Connections that waited already and are placed again (given back
+  // by a worker that left, asked again at a join) are never closed: a line can hold more.
   static constexpr std::size_t max_waiting_per_worker = 256;
   // All connections the master holds; past it, accepting waits (the kernel's backlog holds the
   // rest), as when no worker has room. Connections waiting for a worker that does not listen
@@ -440,10 +442,12 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     const int id = choose();
     return id != 0 && members_.count(id) ? id : 0;
   }
-  // Places `c`: handed to the worker chosen for it, or closed (refused, or past
-  // max_waiting_per_worker): nothing, and `c` is gone. Else the worker it is to wait for (0: the
-  // policy named none), and the caller puts it in that line.
-  std::optional<int> place(connection& c) {
+  // Places `c`: handed to the worker chosen for it, or closed (refused, or, `arriving` from
+  // accept_now, past max_waiting_per_worker): nothing, and `c` is gone. Else the worker it is
+  // to wait for (0: the policy named none), and the caller puts it in that line. A connection
+  // that waited already is never closed for want of room: it took its place when it came, and
+  // moving it (a worker left, joined, acknowledged) adds nothing to what the master holds.
+  std::optional<int> place(connection& c, bool arriving = false) {
     const int id = choose_for(Remote(c.remote));
     if (auto m = members_.find(id); m != members_.end() && can_take(m->second)) {
       hand_off(id, c);
@@ -459,7 +463,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
       absent_log_.error("listener {}:{}: connections wait for worker {}, which does not listen on it (not there yet, "
                         "or gone): at most {}, then one more is closed",
                         address_.address, address_.port, id, max_waiting_per_worker);
-    if (id == refuse || (!c.given_back && waiting_for(id) >= max_waiting_per_worker)) {
+    if (id == refuse || (arriving && waiting_for(id) >= max_waiting_per_worker)) {
       // (Formatted only when written: under overload most of these lines are left out.)
       if (id == refuse)
         closing_log_.error("listener {}:{}: closing a connection: the policy refused it", address_.address,
@@ -506,8 +510,13 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     auto it = id == 0 ? lines_.end() : lines_.find(id);
     if (id != 0 && it == lines_.end()) return;
     waiting_line& l = id == 0 ? any_ : it->second;  // a map's nodes stay put while others are added
-    auto member = members_.find(id);
-    auto room = [&] { return pick() != 0 && (all || member == members_.end() || can_take(member->second)); };
+    // (Looked up each time: the policy, asked in place(), may have made the member leave.)
+    auto room = [&] {
+      if (pick() == 0) return false;
+      if (all) return true;
+      auto member = members_.find(id);
+      return member == members_.end() || can_take(member->second);
+    };
     std::vector<connection> again;  // (no allocation unless one keeps its place)
     std::size_t again_given_back = 0;
     while (!l.conns.empty() && room()) {
@@ -529,7 +538,7 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
     }
     l.conns.insert(l.conns.begin(), std::make_move_iterator(again.begin()), std::make_move_iterator(again.end()));
     l.given_back += again_given_back;
-    if (id != 0 && l.conns.empty() && member == members_.end()) lines_.erase(it);  // a non-member keeps no empty line
+    if (id != 0 && l.conns.empty() && !members_.count(id)) lines_.erase(it);  // a non-member keeps no empty line
   }
 
   // The connections waiting for the policy, and then those waiting for worker `w` (an event of
@@ -668,8 +677,11 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
       detail::unique_fd fd = detail::accept_connection(socket_.native_handle(), remote, ec);
       if (fd) {
         connection c{std::make_shared<const detail::unique_fd>(std::move(fd)), std::move(remote), false, ++accepted_};
-        if (auto to = place(c)) wait_for(*to, std::move(c));
-        if (held_ > max_waiting) shed_absent();  // full, and it came: the oldest for absent workers make room
+        const std::size_t held_before = held_;
+        if (auto to = place(c, /*arriving=*/true)) wait_for(*to, std::move(c));
+        // Full, and it had to wait: the oldest for absent workers make room. (Not for one
+        // handed at once: given-back connections can hold the master above max_waiting.)
+        if (held_ > max_waiting && held_ > held_before) shed_absent();
         continue;
       }
       if (!ec) return wait_readable();
