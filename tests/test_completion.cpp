@@ -5,6 +5,7 @@
 
 #include <doctest/doctest.h>
 
+#include <asio/bind_executor.hpp>
 #include <asio/co_spawn.hpp>
 #include <asio/detached.hpp>
 #include "cocluster/detail/as_tuple.hpp"
@@ -100,4 +101,30 @@ TEST_CASE("a ready result resumes a coroutine of another thread's io_context on 
   CHECK(resumed.get() == b_id);
   b_work.reset();
   b_thread.join();
+}
+
+TEST_CASE("run_on: a handler of another io_context counts as that io_context's work from the call until it has run") {
+  // `owner` holds the state (a worker's runtime) and is not running yet; `other` runs the
+  // caller. Without the count, other.poll() would run out of work and stop before the
+  // completion came back to it (an io_context::run() on its own thread would return).
+  asio::io_context owner, other;
+  auto owner_work = asio::make_work_guard(owner);
+  int got = 0;
+  bool body_ran = false;
+  asio::post(other, [&] {
+    cocluster::detail::run_on(owner.get_executor(), asio::bind_executor(other, [&](int v) { got = v; }), [&](auto h) {
+      body_ran = true;
+      CHECK(owner.get_executor().running_in_this_thread());
+      std::move(h)(42);  // completes at once, from owner's thread: the handler goes to `other`
+    });
+  });
+  CHECK(other.poll() == 1);  // the call; the body waits for `owner`
+  CHECK_FALSE(body_ran);
+  CHECK_FALSE(other.stopped());  // the handler's work keeps it
+  CHECK(owner.poll() == 1);
+  CHECK(body_ran);
+  CHECK(got == 0);  // not on owner's thread
+  CHECK(other.poll() == 1);
+  CHECK(got == 42);
+  CHECK(other.stopped());  // nothing more: the count ended with the handler
 }

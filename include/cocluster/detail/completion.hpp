@@ -98,11 +98,11 @@ void complete_now(Handler&& handler, const asio::any_io_executor& ex, Args&&... 
   });
 }
 
-// Runs `body(handler)` on `ex`, the runtime's executor, where the worker's state lives: at
+// Runs `body(handler)` on `ex`, for a handler whose executor is `ex` (run_on's second half): at
 // once for a coroutine already running there (it called the initiating function), else
 // through asio::dispatch, so a caller on another thread (a use_future caller) is safe too.
 template <class Handler, class Body>
-void run_on(const asio::any_io_executor& ex, Handler&& handler, Body body) {
+void run_here_or_dispatch(const asio::any_io_executor& ex, Handler&& handler, Body body) {
   using handler_type = std::decay_t<Handler>;
   // (A wrapped handler's executor is `ex` whatever thread its coroutine runs on: dispatched.)
   if constexpr (resumes_coroutine<handler_type>::value && !is_completion_elsewhere<handler_type>::value) {
@@ -151,8 +151,8 @@ class completion_elsewhere {
 
 // Runs `body(handler)` where the handler's executor is `ex`, else `body` with the handler
 // wrapped in completion_elsewhere: either way the handler `body` gets has `ex` as its executor.
-// Call it in the initiation, on the caller's thread, so that the handler's executor counts the
-// work from the start (then run_on(ex, ...) inside `body`).
+// Called in the initiation, on the caller's thread, so that the handler's executor counts the
+// work from the start (run_on does).
 template <class Handler, class Body>
 void with_steps_on(const asio::any_io_executor& ex, Handler&& handler, Body&& body) {
   using handler_type = std::decay_t<Handler>;
@@ -163,6 +163,20 @@ void with_steps_on(const asio::any_io_executor& ex, Handler&& handler, Body&& bo
       return body(handler_type(std::forward<Handler>(handler)));
   }
   body(completion_elsewhere<handler_type>(handler_type(std::forward<Handler>(handler)), ex));
+}
+
+// Runs `body(handler)` on `ex`, the executor that owns the state an initiation touches (the
+// worker runtime's, the master's): every initiation of ours goes through here. The handler
+// `body` gets has `ex` as its executor: a handler of another executor (a strand, another
+// thread's io_context, use_future) is wrapped first, on the caller's thread, so that its own
+// executor counts the work from the call on (an io_context running nothing else does not
+// return meanwhile) and gets only the completion (completion_elsewhere). Then `body` runs at
+// once for a coroutine already running on `ex`, else through asio::dispatch.
+template <class Handler, class Body>
+void run_on(const asio::any_io_executor& ex, Handler&& handler, Body body) {
+  with_steps_on(ex, std::forward<Handler>(handler), [&](auto bound) {
+    run_here_or_dispatch(ex, std::move(bound), std::move(body));
+  });
 }
 
 }  // namespace cocluster::detail

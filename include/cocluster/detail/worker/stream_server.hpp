@@ -125,11 +125,9 @@ class stream_server final : public server_base, public std::enable_shared_from_t
       // executor; a handler of another executor (a strand, another thread's loop, use_future)
       // gets only the completion there.
       auto ex = self->ex_;
-      with_steps_on(ex, std::forward<Handler>(handler), [&](auto bound) {
-        run_on(ex, std::move(bound), [self = std::move(self), peer](auto h) mutable {
-          stream_server& server = *self;
-          server.initiate(std::move(self), peer, std::move(h));
-        });
+      run_on(ex, std::forward<Handler>(handler), [self = std::move(self), peer](auto h) mutable {
+        stream_server& server = *self;
+        server.initiate(std::move(self), peer, std::move(h));
       });
     }
   };
