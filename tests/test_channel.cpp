@@ -208,6 +208,50 @@ TEST_CASE("read_past_bad_frames: each bad frame is dropped with its fds and repo
   CHECK(open_fd_count() == before);
 }
 
+TEST_CASE("an empty packet is a protocol error, not the end of the channel; read past it, the frames after it are read") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    auto pair = channel_and_raw_peer(io);
+    Channel& ch = pair.first;
+    auto& raw = pair.second;
+    ch.read_past_bad_frames();
+    send_raw(raw.get(), "", 0);
+    send_raw_frame(raw.get(), header(whole, 2), "ok");
+    const std::error_code ec = std::get<0>(co_await ch.async_receive(tuple));
+    CHECK_MESSAGE(ec == error::protocol_error, ec.message());
+    CHECK_MESSAGE(ch.error_detail().find("empty packet") != std::string::npos, ch.error_detail());
+    Envelope ok = co_await ch.async_receive(use_awaitable);
+    CHECK(ok.message.data == "ok");
+    ::shutdown(raw.get(), SHUT_WR);  // the end: recvmsg's 0 once the peer has shut its side
+    const std::error_code end = std::get<0>(co_await ch.async_receive(tuple));
+    CHECK(end == asio::error::eof);
+  });
+}
+
+TEST_CASE("a message in 1-byte frames does not keep try_receive reading: it yields every 64 frames, and the message arrives whole") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    auto pair = channel_and_raw_peer(io);
+    Channel& ch = pair.first;
+    auto& raw = pair.second;
+    constexpr std::uint32_t size = 200;
+    const std::string text = pattern(size, 3);
+    for (std::uint32_t i = 0; i < size; ++i) {
+      const std::uint8_t flags = (i == 0 ? ipc::frame_header::first : 0) | (i + 1 == size ? ipc::frame_header::last : 0);
+      send_raw_frame(raw.get(), header(flags, size), text.substr(i, 1));
+    }
+    Envelope e;
+    std::error_code ec;
+    int calls = 1;
+    while (!ch.try_receive(e, ec)) {
+      REQUIRE_MESSAGE(!ec, ec.message());
+      ++calls;
+      REQUIRE(calls <= 10);
+    }
+    CHECK(calls == 4);  // 64 + 64 + 64 frames, then the last 8 and the message
+    CHECK(e.message.data == text);
+    co_return;
+  });
+}
+
 // A peer sends one frame declaring one handle but carrying `count` fds: a protocol error whose
 // detail mentions `what`, and every fd that arrived is closed.
 static void check_frame_with_fds(int count, const char* what) {

@@ -296,6 +296,78 @@ TEST_CASE("a worker sending fds it should not (on an internal message, 20 in a p
   }
 }
 
+// Says `online`, asks to listen on "127.0.0.1", a NUL and 1 MiB more, and exits with the
+// errno of the reply (100: it got a server; 1: no reply).
+WORKER_SCENARIO(huge_address) {
+  namespace p = ipc::protocol;
+  asio::io_context io;
+  ipc::Channel channel(io.get_executor(), detail::unique_fd(std::stoi(std::getenv("COCLUSTER_CHANNEL_FD"))));
+  channel.send_internal(p::encode(p::Online{}));
+  p::QueryServer q;
+  q.seq = 1;
+  q.type = static_cast<std::uint8_t>(AddressType::v4);
+  q.address = "127.0.0.1" + std::string(1, '\0') + std::string(1 << 20, 'x');
+  channel.send_internal(p::encode(q));
+  int result = 1;
+  asio::co_spawn(io, [&]() -> awaitable<void> {
+    for (;;) {
+      auto [ec, e] = co_await channel.async_receive(cocluster::as_tuple(use_awaitable));
+      if (ec) co_return;
+      auto m = p::decode(e.message.data);
+      if (m && std::holds_alternative<p::QueryReply>(*m)) {
+        const auto& reply = std::get<p::QueryReply>(*m);
+        result = reply.errno_value != 0 ? reply.errno_value : 100;
+        co_return;
+      }
+    }
+  }, asio::detached);
+  io.run();
+  return result;
+}
+
+TEST_CASE("a worker asking to listen on an address longer than any socket's (1 MiB) gets EINVAL, and the master says why") {
+  captured_log log;
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    auto w = co_await master.fork(scenario_env("huge_address"));
+    CHECK((co_await w->exited()) == ExitStatus{EINVAL, 0});
+    co_await master.disconnect();
+  });
+  CHECK_MESSAGE(log.has("asks to listen on an address of " + std::to_string(10 + (1 << 20)) +
+                        " bytes (at most 4096); listen() fails with EINVAL"),
+                log.text);
+}
+
+// Says `online`, beats once, then asks for listeners of an unknown address type without
+// reading a reply (each is refused at once): the master's queue to it grows until the master
+// stops reading it; the worker's writes then block, and it beats no more.
+WORKER_SCENARIO(query_flood_then_hang) {
+  namespace p = ipc::protocol;
+  constexpr auto whole = ipc::frame_header::first | ipc::frame_header::last | ipc::frame_header::internal;
+  write_packet(frame(whole, 0, p::encode(p::Online{})), {});
+  write_packet(frame(whole, 0, p::encode(p::Heartbeat{})), {});
+  p::QueryServer q;
+  q.type = 200;  // no AddressType: EINVAL
+  for (std::uint32_t seq = 1;; ++seq) {
+    q.seq = seq;
+    if (!write_packet(frame(whole, 0, p::encode(q)), {})) break;
+  }
+  for (;;) ::pause();
+}
+
+TEST_CASE("a worker that floods the master with requests and stops reading the answers is still killed by the heartbeat") {
+  set_log_sink([](LogLevel, std::string_view) {});  // the error line is expected
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Settings settings;
+    settings.heartbeat_timeout = 500ms;
+    Master<> master(io.get_executor(), settings);
+    auto w = co_await master.fork(scenario_env("query_flood_then_hang"));
+    CHECK((co_await w->exited()).signal == SIGKILL);
+    co_await master.disconnect();
+  });
+  set_log_sink({});
+}
+
 TEST_CASE("a worker that breaks the protocol and does not end its channel is killed protocol_error_grace later") {
   set_log_sink([](LogLevel, std::string_view) {});  // the error lines are expected
   struct restore_log {

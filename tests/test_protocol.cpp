@@ -87,3 +87,22 @@ TEST_CASE("fuzz regression: a bool field that is neither 0 nor 1 is refused") {
   reply.back() = 1;
   CHECK(protocol::decode(reply));
 }
+
+TEST_CASE("sent_by_worker: true for exactly the messages a worker sends, false for the master's and for no message") {
+  namespace p = protocol;
+  for (const p::InternalMessage& m :
+       {p::InternalMessage{p::Online{}}, p::InternalMessage{p::ExitedAfterDisconnect{}}, p::InternalMessage{p::QueryServer{}},
+        p::InternalMessage{p::Listening{}}, p::InternalMessage{p::Accepted{}}, p::InternalMessage{p::Close{}},
+        p::InternalMessage{p::OpenConnections{}}, p::InternalMessage{p::Heartbeat{}}, p::InternalMessage{p::Ready{}},
+        p::InternalMessage{p::AcceptedBatch{}}})
+    CHECK_MESSAGE(p::sent_by_worker(p::encode(m)), "tag ", int(p::encode(m)[0]));
+  for (const p::InternalMessage& m :
+       {p::InternalMessage{p::Disconnect{}}, p::InternalMessage{p::QueryReply{}}, p::InternalMessage{p::NewConn{}},
+        p::InternalMessage{p::CountConnections{}}, p::InternalMessage{p::HeartbeatRequest{}},
+        p::InternalMessage{p::NewConnBatch{}}})
+    CHECK_MESSAGE(!p::sent_by_worker(p::encode(m)), "tag ", int(p::encode(m)[0]));
+  CHECK(!p::sent_by_worker(""));
+  CHECK(!p::sent_by_worker(std::string(1, '\0')));
+  CHECK(!p::sent_by_worker(std::string(1, '\x7f')));
+  CHECK(std::variant_size_v<p::InternalMessage> == 16);  // a new message: say above which way it goes
+}

@@ -369,6 +369,8 @@ class Worker : public std::enable_shared_from_this<Worker> {
   // master's listener table (which answers through this worker's link).
   bool on_internal(const ipc::Envelope& envelope) {
     namespace p = ipc::protocol;
+    if (!p::sent_by_worker(envelope.message.data))  // (before decoding: see sent_by_worker)
+      return protocol_error("unexpected internal message from the worker");
     auto message = p::decode(envelope.message.data);
     if (!message || envelope.has_handle() || envelope.internal_fds_lost != 0)
       return protocol_error("unexpected internal message from the worker");

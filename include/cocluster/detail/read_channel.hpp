@@ -54,7 +54,11 @@ inline void bound_inbox(async_queue<Message>& inbox, std::size_t max_messages, s
 //   on_internal(ipc::Envelope&) -> bool: false returns protocol_error (it may take the
 //   envelope's handle); so does a frame the channel dropped (read_past_bad_frames()). The
 //   channel is then still open: the master reads a worker's on (Worker::read_loop()).
-//   on_user(): a user message was queued.  on_pause(): the inbox is full, reading waits.
+//   on_user(): a user message was queued.  on_pause(): the inbox is full (this process does
+//   not receive), reading waits. Not called when reading waits because the peer does not
+//   read what this process must send it (the backlog below): that pause is the peer's doing,
+//   and a peer that stops reading is no less unresponsive for it (the master's heartbeat and
+//   protocol-error clocks keep running).
 // The inbox's bounds are checked before each message is read: once it is full (its message
 // count or its bytes) nothing more is taken from the socket, so the peer's sends wait in the
 // kernel and this process holds at most the bound plus the one message that crossed it.
@@ -71,8 +75,7 @@ asio::awaitable<std::error_code> read_channel(ipc::Channel& channel, async_queue
     }
     if (const std::size_t cap = channel.options().send_queue_capacity;
         channel.queued() > cap && channel.queued() - cap >= max_internal_backlog) {
-      debug("{} messages queued for a peer that does not read them; reading from it paused", channel.queued());
-      on_pause();
+      debug("{} messages queued for {}, which does not read them; reading from it paused", channel.queued(), peer);
       co_await channel.async_wait_writable(tuple);  // the channel's own writer drains it meanwhile
       continue;
     }

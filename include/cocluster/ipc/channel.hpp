@@ -98,7 +98,8 @@ class Channel {
   }
 
   // Reads one whole message if it is already there, without waiting: true with `e` filled.
-  // False when nothing is ready (ec clear: wait with async_wait_readable) or on an error
+  // False when nothing is ready, or after 64 frames of one message in small pieces (ec clear
+  // either way: wait with async_wait_readable, which completes at once if more is there), or on an error
   // (eof, protocol_error, ...; a dropped bad frame after read_past_bad_frames()). Not while
   // an async_receive is pending.
   bool try_receive(Envelope& e, std::error_code& ec) { return s_->try_receive(e, ec); }

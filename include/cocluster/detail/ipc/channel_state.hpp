@@ -3,6 +3,7 @@
 // sendmsg) and receiving (recvmsg, checked by ipc::frame_parser).
 #pragma once
 
+#include <poll.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 
@@ -232,7 +233,10 @@ struct channel_state : std::enable_shared_from_this<channel_state> {
       ec = rx_error ? rx_error : make_error_code(error::channel_closed);
       return false;
     }
-    for (;;) {
+    for (int frames = 0;; ++frames) {
+      // A message in many small frames yields, as a wait that completes at once: its reader
+      // (read_channel) counts messages, not frames.
+      if (frames == max_frames_per_read) return false;
       switch (read_frame(e)) {
         case progress::message: return true;
         case progress::fragment: continue;
@@ -246,9 +250,14 @@ struct channel_state : std::enable_shared_from_this<channel_state> {
   // dropped: a bad frame, read past (read_past_bad_frames).
   enum class progress { message, fragment, would_block, failed, dropped };
 
+  // Frames read in one call before the reader lets the loop's other work run. Only a peer's
+  // continuations of 1 byte make many: ours are 64 KiB each.
+  static constexpr int max_frames_per_read = 64;
+
   // Reads frames while a receiver waits; a whole message completes it.
   void read() {
-    while (receiver) {
+    for (int frames = 0; receiver; ++frames) {
+      if (frames == max_frames_per_read) return wait_readable();  // (as try_receive does)
       ipc::Envelope e;
       switch (read_frame(e)) {
         case progress::message: std::exchange(receiver, {}).complete({}, std::move(e)); return;
@@ -305,6 +314,11 @@ struct channel_state : std::enable_shared_from_this<channel_state> {
         fds[count++].reset(fd);
       }
     }
+    // recvmsg's 0 is the end only once the peer has shut its side: a SOCK_SEQPACKET socket
+    // also carries empty packets, which are no frames (taken for the end, the master would
+    // give the connections a live worker may still take to others).
+    if (n == 0 && (count != 0 || !peer_shut_down()))
+      return fail(error::protocol_error, "an empty packet (not a frame)");
     auto r = parser.on_packet(h, static_cast<std::size_t>(n), {fds, count}, msg.msg_flags);
     switch (r.what) {
       case ipc::frame_parser::status::need_more: return progress::fragment;
@@ -333,6 +347,12 @@ struct channel_state : std::enable_shared_from_this<channel_state> {
       e.message.handle = std::move(r.handle);
     }
     return progress::message;
+  }
+
+  // Whether the peer has shut its writing (or closed its end), for a recvmsg that read 0 bytes.
+  bool peer_shut_down() {
+    pollfd p{sock.native_handle(), POLLRDHUP, 0};
+    return retry_on_eintr([&] { return ::poll(&p, 1, 0); }) == 1 && (p.revents & (POLLRDHUP | POLLHUP)) != 0;
   }
 
   progress end_of_input() {

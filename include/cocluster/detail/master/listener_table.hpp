@@ -42,6 +42,8 @@ class listener_table {
   // Listeners one worker may hold: a worker asking for more (a leak, or a broken worker) gets
   // EMFILE from listen() instead of using up the master's fds.
   static constexpr std::size_t max_servers_per_worker = 1024;
+  // The longest address a worker may ask for (PATH_MAX).
+  static constexpr std::size_t max_address_size = 4096;
 
   // reuse_port: the policy wants IP stream listeners bound with SO_REUSEPORT (ReusePort).
   listener_table(asio::any_io_executor ex, factory make, bool reuse_port = false)
@@ -60,10 +62,26 @@ class listener_table {
       worker->send(reply);
     };
     if (q.type > static_cast<std::uint8_t>(AddressType::udp6)) return refuse(EINVAL);
+    // No address a socket can have is longer (a Unix path: PATH_MAX; an IP address's text is
+    // far shorter), and the master keeps the text in its table, twice: a broken worker's
+    // megabytes would stay with every listener it makes.
+    if (q.address.size() > max_address_size) {
+      log_error("Worker {} asks to listen on an address of {} bytes (at most {}); listen() fails with EINVAL",
+                worker->pid(), q.address.size(), max_address_size);
+      return refuse(EINVAL);
+    }
     const auto type = static_cast<AddressType>(q.type);
     const std::string key = fmt::format("{}:{}:{}:{}:{}", q.address, q.port, to_string(type), q.fd, q.index);
     auto& held = held_[worker->id()];
-    if (held.size() >= max_servers_per_worker) return refuse(EMFILE);
+    if (held.size() >= max_servers_per_worker) {
+      if (!held.count(0)) {  // said once per worker (0 is no listener's id: the mark that it was said)
+        log_error("Worker {} holds {} listeners, the most one worker may (listener_table::max_servers_per_worker); "
+                  "its listen() fails with EMFILE until it closes one",
+                  worker->pid(), held.size());
+        held.emplace(0, true);
+      }
+      return refuse(EMFILE);
+    }
     entry* e = nullptr;
     if (auto it = by_key_.find(key); it != by_key_.end()) {
       e = &by_id_.at(it->second);
@@ -235,7 +253,11 @@ class listener_table {
                 "DeferAcceptSec= in its .socket unit)", key);
     Address address = socket_address(fd.get(), type);
     if (type == AddressType::unix_path && q.fd < 0) address.address = q.address;  // as the worker named it
-    const std::uint32_t id = ++last_id_;
+    // (After 2^32 listeners the count wraps: an id still in use, or 0, "no server" to a worker,
+    // is skipped.)
+    do ++last_id_;
+    while (last_id_ == 0 || by_id_.count(last_id_) != 0);
+    const std::uint32_t id = last_id_;
     ListenerArgs args{ex_, id, key, address, std::move(fd), r.backlog, adopted};
     std::shared_ptr<Listener> listener;
     // A policy that cannot serve this address (a user's, for a protocol it does not support)
