@@ -1100,6 +1100,50 @@ TEST_CASE("the master closes a stopped worker's channel: no connection waits for
   });
 }
 
+// Listens 1,026 times on 127.0.0.1:0, keeping each server (Node's index makes each a listener
+// of its own), and reports "<i>:<errno> " for each listen that failed; then waits.
+WORKER_SCENARIO(listen_many) {
+  asio::io_context io;
+  this_worker.start(io.get_executor());
+  asio::co_spawn(io, []() -> awaitable<void> {
+    std::vector<Server<tcp>> servers;
+    std::string report;
+    for (int i = 0; i < 1026; ++i) {
+      auto [ec, server] = co_await this_worker.listen(tcp::endpoint(asio::ip::address_v4::loopback(), 0), {}, as_tuple_t{});
+      if (ec) report += std::to_string(i) + ":" + std::to_string(ec.value()) + " ";
+      else servers.push_back(std::move(server));
+    }
+    co_await this_worker.send({report});
+    (void)co_await this_worker.receive(as_tuple_t{});
+  }, asio::detached);
+  io.run();
+  return 0;
+}
+
+TEST_CASE("a worker holding 1,024 listeners gets EMFILE for more, the master says so once, and killing it is fine") {
+  // The master holds a socket per listener: its soft limit must be above them (raise_fd_limit
+  // raises it to the hard one at the fork).
+  rlimit limit{};
+  REQUIRE(::getrlimit(RLIMIT_NOFILE, &limit) == 0);
+  const rlim_t needed = detail::listener_table::max_servers_per_worker + 256;
+  REQUIRE_MESSAGE((limit.rlim_max == RLIM_INFINITY || limit.rlim_max >= needed), "RLIMIT_NOFILE's hard limit ",
+                  limit.rlim_max, " is below the ", needed, " this test needs");
+  captured_log log;
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<RoundRobin> master(io.get_executor());
+    auto w = co_await master.fork(scenario_env("listen_many"));
+    CHECK((co_await w->receive()).data == "1024:" + std::to_string(EMFILE) + " 1025:" + std::to_string(EMFILE) + " ");
+    w->kill();  // the master leaves every listener it holds
+    (void)co_await w->exited();
+    CHECK(master.workers().empty());
+    co_await master.disconnect();
+  }, 60s);
+  const std::string line = "holds 1024 listeners, the most one worker may";
+  const auto first = log.text.find(line);
+  CHECK_MESSAGE(first != std::string::npos, log.text);
+  CHECK_MESSAGE(log.text.find(line, first + 1) == std::string::npos, log.text);  // once
+}
+
 TEST_CASE("a policy written outside the library: every connection to the lowest worker id, then to the next when it leaves") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<LowestId> master(io.get_executor());

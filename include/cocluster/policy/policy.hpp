@@ -75,7 +75,8 @@ class Listener {
   // `worker` no longer holds it: it closed its server, disconnected or died. What it was
   // handed and had not accepted goes to the others (nothing accepted is dropped).
   virtual void left(WorkerLink& worker) = 0;
-  // `worker` is going (Worker::kill(), or it broke the protocol): hand it nothing more, but
+  // `worker` is going (Worker::kill(), Worker::close_channel(), or it broke the protocol):
+  // hand it nothing more, but
   // what it was handed stays its own until it acknowledges it or left() follows, when its
   // channel ends. Until then it may still take (and serve) what waits in its socket, so giving
   // that to another worker now could serve a connection twice. By default nothing: a listener

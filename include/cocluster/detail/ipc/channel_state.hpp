@@ -3,7 +3,9 @@
 // sendmsg) and receiving (recvmsg, checked by ipc::frame_parser).
 #pragma once
 
+#include <linux/sockios.h>
 #include <poll.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 
@@ -349,10 +351,15 @@ struct channel_state : std::enable_shared_from_this<channel_state> {
     return progress::message;
   }
 
-  // Whether the peer has shut its writing (or closed its end), for a recvmsg that read 0 bytes.
+  // Whether the peer has shut its writing (or closed its end) and nothing more is queued, for
+  // a recvmsg that read 0 bytes: an empty packet may have come just before the peer's end,
+  // with frames behind it (SIOCINQ counts the bytes of every queued packet of a
+  // SOCK_SEQPACKET socket).
   bool peer_shut_down() {
     pollfd p{sock.native_handle(), POLLRDHUP, 0};
-    return retry_on_eintr([&] { return ::poll(&p, 1, 0); }) == 1 && (p.revents & (POLLRDHUP | POLLHUP)) != 0;
+    if (retry_on_eintr([&] { return ::poll(&p, 1, 0); }) != 1 || (p.revents & (POLLRDHUP | POLLHUP)) == 0) return false;
+    int queued = 0;
+    return ::ioctl(sock.native_handle(), SIOCINQ, &queued) == 0 && queued == 0;
   }
 
   progress end_of_input() {

@@ -17,6 +17,7 @@
 #include <exception>
 #include <functional>
 #include <map>
+#include <set>
 #include <memory>
 #include <optional>
 #include <string>
@@ -74,12 +75,10 @@ class listener_table {
     const std::string key = fmt::format("{}:{}:{}:{}:{}", q.address, q.port, to_string(type), q.fd, q.index);
     auto& held = held_[worker->id()];
     if (held.size() >= max_servers_per_worker) {
-      if (!held.count(0)) {  // said once per worker (0 is no listener's id: the mark that it was said)
+      if (told_full_.insert(worker->id()).second)  // once per worker
         log_error("Worker {} holds {} listeners, the most one worker may (listener_table::max_servers_per_worker); "
                   "its listen() fails with EMFILE until it closes one",
                   worker->pid(), held.size());
-        held.emplace(0, true);
-      }
       return refuse(EMFILE);
     }
     entry* e = nullptr;
@@ -89,7 +88,10 @@ class listener_table {
       // As backlog, defer_accept is the first worker's: the socket is made once. A later worker
       // asking otherwise still listens (as in Node, where a second listen() with another
       // backlog changes nothing), but is told in the log.
-      if (const int asked = defer_seconds(q); asked != e->defer_accept)
+      if (const int asked = defer_seconds(q); e->adopted && asked > 0)
+        log_error("listener for {}: defer_accept is not set on a socket this master did not bind (systemd's: "
+                  "DeferAcceptSec= in its .socket unit)", key);
+      else if (!e->adopted && asked != e->defer_accept)
         log_error("listener for {}: worker {} asks for defer_accept {} s, but the listener was made with {} s (the "
                   "first worker's); it keeps {} s",
                   key, worker->pid(), asked, e->defer_accept, e->defer_accept);
@@ -183,8 +185,8 @@ class listener_table {
     leave(worker, server);
   }
 
-  // The master killed the worker, or it broke the protocol: no listener hands it anything
-  // more. It still holds them (its acks are counted) until worker_gone().
+  // The master killed the worker or closed its channel, or it broke the protocol: no listener
+  // hands it anything more. It still holds them (its acks are counted) until worker_gone().
   void worker_leaving(worker_link& worker) {
     auto w = held_.find(worker.id());
     if (w == held_.end()) return;
@@ -197,6 +199,7 @@ class listener_table {
     if (w == held_.end()) return;
     auto servers = std::move(w->second);
     held_.erase(w);
+    told_full_.erase(worker.id());
     for (auto& [id, announced] : servers) leave(worker, id, true);
   }
 
@@ -206,6 +209,7 @@ class listener_table {
     by_id_.clear();
     by_key_.clear();
     held_.clear();
+    told_full_.clear();
     for (auto& [id, e] : entries) close_entry(e);
   }
 
@@ -376,6 +380,7 @@ class listener_table {
   std::map<std::uint32_t, entry> by_id_;
   std::map<int, std::map<std::uint32_t, bool>> held_;  // worker id -> servers it holds -> announced?
   std::uint32_t last_id_ = 0;
+  std::set<int> told_full_;  // workers told they hold max_servers_per_worker (said once each)
   std::chrono::milliseconds keep_for_{0};  // keep(): 0, Node's rule
   std::uint64_t last_keeping_ = 0;
   // Expires with the table: a keeping timer's handler already queued when the table goes

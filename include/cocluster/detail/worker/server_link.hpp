@@ -98,9 +98,12 @@ class server_link {
   // The executor a connection's socket is made on: the runtime's, tracked, so that a
   // disconnect can wait until every connection is gone (Node: server.close() waits for them).
   asio::any_io_executor connection_executor() {
+    // The token first: if it cannot be made (bad_alloc), nothing was counted; once it is, its
+    // end uncounts the connection whatever throws after.
+    auto token = std::make_shared<connection_token>(this);
     ++live_connections_;
     count_changed();
-    return track(channel_.get_executor(), std::make_shared<connection_token>(this));
+    return track(channel_.get_executor(), std::move(token));
   }
 
   // ---- what the runtime calls ----
