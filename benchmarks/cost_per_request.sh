@@ -51,7 +51,11 @@ cleanup() {
 trap cleanup EXIT
 
 for s in "${servers[@]}"; do
-  port=$((20000 + RANDOM % 20000))
+  # Below the ephemeral range (/proc/sys/net/ipv4/ip_local_port_range, 32768 up by default):
+  # the load client's TIME_WAIT sockets, tens of thousands after a run, sit there, and a
+  # listener cannot bind a port one of them holds (EADDRINUSE; the server never started).
+  low=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+  port=$((20000 + RANDOM % (${low:-32768} > 21000 ? ${low:-32768} - 20000 : 1000)))
   case $s in
     raw-rr|raw-none) cmd=("$build/benchmarks/raw_rr_server" --workers "$workers" --port "$port" --policy "${s#raw-}" "${defer[@]}") ;;
     nginx)  # the configuration policy_bench compares against
