@@ -54,8 +54,11 @@ for s in "${servers[@]}"; do
   # Below the ephemeral range (/proc/sys/net/ipv4/ip_local_port_range, 32768 up by default):
   # the load client's TIME_WAIT sockets, tens of thousands after a run, sit there, and a
   # listener cannot bind a port one of them holds (EADDRINUSE; the server never started).
-  low=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
-  port=$((20000 + RANDOM % (${low:-32768} > 21000 ? ${low:-32768} - 20000 : 1000)))
+  read -r low high < /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || { low=32768; high=60999; }
+  if ((low > 21000)); then port=$((20000 + RANDOM % (low - 20000)))
+  elif ((high < 64535)); then port=$((high + 1 + RANDOM % (65535 - high)))
+  else echo "no port outside the ephemeral range $low-$high" >&2; exit 1
+  fi
   case $s in
     raw-rr|raw-none) cmd=("$build/benchmarks/raw_rr_server" --workers "$workers" --port "$port" --policy "${s#raw-}" "${defer[@]}") ;;
     nginx)  # the configuration policy_bench compares against

@@ -209,22 +209,28 @@ TEST_CASE("read_past_bad_frames: each bad frame is dropped with its fds and repo
 }
 
 TEST_CASE("an empty packet is a protocol error, not the end of the channel; read past it, the frames after it are read") {
-  run_bounded([](asio::io_context& io) -> awaitable<void> {
-    auto pair = channel_and_raw_peer(io);
-    Channel& ch = pair.first;
-    auto& raw = pair.second;
-    ch.read_past_bad_frames();
-    send_raw(raw.get(), "", 0);
-    send_raw_frame(raw.get(), header(whole, 2), "ok");
-    ::shutdown(raw.get(), SHUT_WR);  // the end, already there as the empty packet is read
-    const std::error_code ec = std::get<0>(co_await ch.async_receive(tuple));
-    CHECK_MESSAGE(ec == error::protocol_error, ec.message());
-    CHECK_MESSAGE(ch.error_detail().find("empty packet") != std::string::npos, ch.error_detail());
-    Envelope ok = co_await ch.async_receive(use_awaitable);
-    CHECK(ok.message.data == "ok");
-    const std::error_code end = std::get<0>(co_await ch.async_receive(tuple));
-    CHECK(end == asio::error::eof);
-  });
+  // The peer still open as the empty packet is read, or already shut (its end queued behind
+  // the frame).
+  for (const bool shut_first : {false, true}) {
+    CAPTURE(shut_first);
+    run_bounded([shut_first](asio::io_context& io) -> awaitable<void> {
+      auto pair = channel_and_raw_peer(io);
+      Channel& ch = pair.first;
+      auto& raw = pair.second;
+      ch.read_past_bad_frames();
+      send_raw(raw.get(), "", 0);
+      send_raw_frame(raw.get(), header(whole, 2), "ok");
+      if (shut_first) ::shutdown(raw.get(), SHUT_WR);
+      const std::error_code ec = std::get<0>(co_await ch.async_receive(tuple));
+      CHECK_MESSAGE(ec == error::protocol_error, ec.message());
+      CHECK_MESSAGE(ch.error_detail().find("empty packet") != std::string::npos, ch.error_detail());
+      Envelope ok = co_await ch.async_receive(use_awaitable);
+      CHECK(ok.message.data == "ok");
+      if (!shut_first) ::shutdown(raw.get(), SHUT_WR);
+      const std::error_code end = std::get<0>(co_await ch.async_receive(tuple));
+      CHECK(end == asio::error::eof);
+    });
+  }
 }
 
 TEST_CASE("a message in 1-byte frames does not keep try_receive reading: it yields every 64 frames, and the message arrives whole") {

@@ -669,7 +669,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
   bool dead_ = false;
   bool disconnect_sent_ = false;
   bool channel_closing_ = false;  // close_channel(), kill(), broke_protocol(): our side is being shut down
-  bool leaving_ = false;          // kill(), broke_protocol(): no listener hands it anything from then on (close_channel() too)
+  bool leaving_ = false;          // kill(), broke_protocol(): no listener hands it anything from then on (close_channel() makes it leave the listeners too, without this flag)
   std::optional<bool> exited_after_disconnect_;
   std::string protocol_detail_;  // why the last message broke the protocol, until read_loop() reads it
   bool broken_ = false;          // broke_protocol()

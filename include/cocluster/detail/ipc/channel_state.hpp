@@ -354,7 +354,8 @@ struct channel_state : std::enable_shared_from_this<channel_state> {
   // Whether the peer has shut its writing (or closed its end) and nothing more is queued, for
   // a recvmsg that read 0 bytes: an empty packet may have come just before the peer's end,
   // with frames behind it (SIOCINQ counts the bytes of every queued packet of a
-  // SOCK_SEQPACKET socket).
+  // SOCK_SEQPACKET socket). Bytes, not packets: empty packets alone before the end read as
+  // the end (nothing of the peer's is lost; their fds close with the channel).
   bool peer_shut_down() {
     pollfd p{sock.native_handle(), POLLRDHUP, 0};
     if (retry_on_eintr([&] { return ::poll(&p, 1, 0); }) != 1 || (p.revents & (POLLRDHUP | POLLHUP)) == 0) return false;
