@@ -413,7 +413,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
             link_->reported_connections(m);
           } else if constexpr (std::is_same_v<T, p::Ready>) {
             if (!leaving_) mark_ready();  // this_worker.ready(): ready whatever ready_on says
-          } else {  // Disconnect, QueryReply, NewConn(Batch), CountConnections, HeartbeatRequest: sent by the master
+          } else {  // Disconnect, QueryReply, NewConn(Batch), CountConnections, HeartbeatRequest (refused above: sent_by_worker)
             return protocol_error("unexpected internal message from the worker");
           }
           return true;
@@ -669,7 +669,9 @@ class Worker : public std::enable_shared_from_this<Worker> {
   bool dead_ = false;
   bool disconnect_sent_ = false;
   bool channel_closing_ = false;  // close_channel(), kill(), broke_protocol(): our side is being shut down
-  bool leaving_ = false;          // kill(), broke_protocol(): no listener hands it anything from then on (close_channel() makes it leave the listeners too, without this flag)
+  // kill(), broke_protocol(): no listener hands it anything from then on, and nothing it sent
+  // after is announced. (close_channel() makes it leave the listeners too, without this flag.)
+  bool leaving_ = false;
   std::optional<bool> exited_after_disconnect_;
   std::string protocol_detail_;  // why the last message broke the protocol, until read_loop() reads it
   bool broken_ = false;          // broke_protocol()

@@ -637,14 +637,16 @@ class HandoffListener : public Listener, public std::enable_shared_from_this<Han
         // The frames from `at` on were not queued (the channel writes nothing more): the
         // worker will never see them, so they go back now, not when its channel ends (a
         // worker that stopped reading would hold them until then).
+        Member* m = nullptr;  // (a member, or resting: its in_flight counts them)
+        for (Members* all : {&members_, &resting_})
+          if (auto it = all->find(b.worker); it != all->end()) m = &it->second;
         std::deque<connection> back;
         for (std::size_t k = at; k < b.seqs.size(); ++k) {
           auto u = unacked_.find(b.seqs[k]);
           if (u == unacked_.end()) continue;
           back.push_back(std::move(u->second.conn));
           unacked_.erase(u);
-          for (Members* all : {&members_, &resting_})
-            if (auto m = all->find(b.worker); m != all->end() && m->second.in_flight != 0) --m->second.in_flight;
+          if (m && m->in_flight != 0) --m->in_flight;
         }
         if (!back.empty()) all_sent = false;  // distribute() places them again
         give_back(std::move(back));

@@ -76,9 +76,8 @@ class Listener {
   // handed and had not accepted goes to the others (nothing accepted is dropped).
   virtual void left(WorkerLink& worker) = 0;
   // `worker` is going (Worker::kill(), Worker::close_channel(), or it broke the protocol):
-  // hand it nothing more, but
-  // what it was handed stays its own until it acknowledges it or left() follows, when its
-  // channel ends. Until then it may still take (and serve) what waits in its socket, so giving
+  // hand it nothing more, but what it was handed stays its own until it acknowledges it or
+  // left() follows, when its channel ends. Until then it may still take (and serve) what waits in its socket, so giving
   // that to another worker now could serve a connection twice. By default nothing: a listener
   // that hands nothing over has nothing to hold back.
   virtual void leaving(WorkerLink& /*worker*/) {}

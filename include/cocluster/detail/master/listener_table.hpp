@@ -17,9 +17,9 @@
 #include <exception>
 #include <functional>
 #include <map>
-#include <set>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <system_error>
 #include <vector>
@@ -89,8 +89,7 @@ class listener_table {
       // asking otherwise still listens (as in Node, where a second listen() with another
       // backlog changes nothing), but is told in the log.
       if (const int asked = defer_seconds(q); e->adopted && asked > 0)
-        log_error("listener for {}: defer_accept is not set on a socket this master did not bind (systemd's: "
-                  "DeferAcceptSec= in its .socket unit)", key);
+        log_defer_not_set(key);
       else if (!e->adopted && asked != e->defer_accept)
         log_error("listener for {}: worker {} asks for defer_accept {} s, but the listener was made with {} s (the "
                   "first worker's); it keeps {} s",
@@ -231,6 +230,11 @@ class listener_table {
   static int defer_seconds(const ipc::protocol::QueryServer& q) {
     return static_cast<int>(std::min<std::uint32_t>(q.defer_accept, INT32_MAX));
   }
+  // A worker asked for defer_accept on a socket the master adopted: it keeps its own setting.
+  static void log_defer_not_set(const std::string& key) {
+    log_error("listener for {}: defer_accept is not set on a socket this master did not bind (systemd's: "
+              "DeferAcceptSec= in its .socket unit)", key);
+  }
 
   entry* create(const std::string& key, AddressType type, const ipc::protocol::QueryServer& q, std::error_code& ec) {
     listen_request r;
@@ -252,9 +256,7 @@ class listener_table {
       fd = open_listener(r, bound_path, ec, &adopted);
     }
     if (ec) return nullptr;
-    if (adopted && r.defer_accept > 0)  // (systemd's: a worker asked for it on an address it passed)
-      log_error("listener for {}: defer_accept is not set on a socket this master did not bind (systemd's: "
-                "DeferAcceptSec= in its .socket unit)", key);
+    if (adopted && r.defer_accept > 0) log_defer_not_set(key);  // (systemd's: an address it passed)
     Address address = socket_address(fd.get(), type);
     if (type == AddressType::unix_path && q.fd < 0) address.address = q.address;  // as the worker named it
     // (After 2^32 listeners the count wraps: an id still in use, or 0, "no server" to a worker,

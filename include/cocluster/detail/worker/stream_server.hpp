@@ -157,8 +157,9 @@ class stream_server final : public server_base, public std::enable_shared_from_t
           // Closed after the pop: the master has given this connection to another worker.
           if (!ec && !self->open_) ec = asio::error::operation_aborted;
           if (ec) return std::move(h)(ec, socket_type(self->ex_));
-          // Our channel stopped writing after the pop: the connection is the master's to give
-          // again (it closes here); wait for the next, as if it had not come.
+          // Our channel stopped writing after the pop (only for a delivery that was posted:
+          // deliver() checks first, and a waiting pop runs inside it): the connection is the
+          // master's to give again (it closes here); wait for the next, as if it had not come.
           if (self->link_ && !self->link_->can_acknowledge()) return self->initiate(self, peer, std::move(h));
           socket_type socket = self->take(in, peer);
           std::move(h)(ec, std::move(socket));
