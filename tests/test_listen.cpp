@@ -4,6 +4,7 @@
 #include <doctest/doctest.h>
 #include <netinet/in.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <fcntl.h>
@@ -1096,6 +1097,54 @@ TEST_CASE("the master closes a stopped worker's channel: no connection waits for
     c.workers[0]->close_channel();  // it cannot read what the master writes until SIGCONT
     for (int i = 0; i < 4; ++i) CHECK(co_await ask(where) == c.workers[1]->id());
     REQUIRE(::kill(c.workers[0]->pid(), SIGCONT) == 0);
+    co_await master.disconnect();
+  });
+}
+
+// Listens on TEST_LISTEN and reports "port N"; on "go" shuts the reading half of its channel
+// (shutdown(SHUT_RD): the master's writes fail with EPIPE from then on) and blocks its loop,
+// so it neither reads nor ends its channel until it is killed.
+WORKER_SCENARIO(shut_reading_then_block) {
+  asio::io_context io;
+  this_worker.start(io.get_executor());
+  asio::co_spawn(io, []() -> awaitable<void> {
+    const target t = parse_target(std::getenv("TEST_LISTEN"));
+    auto server = co_await this_worker.listen(tcp::endpoint(asio::ip::make_address(t.address), t.port));
+    co_await this_worker.send({"port " + std::to_string(server.local_endpoint().port())});
+    auto [ec, m] = co_await this_worker.receive(as_tuple_t{});
+    if (ec || m.data != "go") co_return;
+    ::shutdown(cocluster::detail::worker_channel_fd, SHUT_RD);  // (the runtime unset COCLUSTER_CHANNEL_FD)
+    ::sleep(120);  // (killed by the test long before)
+  }, asio::detached);
+  io.run();
+  return 0;
+}
+
+TEST_CASE("a hand-off the master cannot write to a worker (EPIPE: it shut its reading) goes to another worker at once") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<LowestId> master(io.get_executor());
+    auto first = co_await start(master, 1, listen_env("shut_reading_then_block", "tcp4:127.0.0.1:0"));
+    auto second = co_await start(master, 1, listen_env("serve", "tcp4:127.0.0.1:0"));
+    REQUIRE(port_of(second.reports[0]) == port_of(first.reports[0]));
+    const tcp::endpoint where(asio::ip::address_v4::loopback(), port_of(first.reports[0]));
+    auto& shut = first.workers[0];
+    co_await shut->listening();
+    co_await second.workers[0]->listening();
+    co_await shut->send({"go"});
+    // Until the master's writes to worker 1 fail (its shutdown is asynchronous to us); each
+    // probe is a message it never reads. Worker 1 stays a member of the listener meanwhile.
+    asio::steady_timer pause(io);
+    for (;;) {
+      auto [ec] = co_await shut->send({"probe"}, as_tuple_t{});
+      if (ec) break;
+      pause.expires_after(10ms);
+      co_await pause.async_wait(use_awaitable);
+    }
+    // LowestId names worker 1 for each: its hand-off cannot be written, so it goes back and
+    // worker 2 answers, while worker 1 lives on (before, each waited for worker 1's end).
+    for (int i = 0; i < 3; ++i) CHECK(co_await ask(where) == second.workers[0]->id());
+    shut->kill();
+    (void)co_await shut->exited();
     co_await master.disconnect();
   });
 }
