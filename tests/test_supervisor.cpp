@@ -903,6 +903,86 @@ TEST_CASE("supervisor: a worker that crashes while its replacement boots is repl
   });
 }
 
+TEST_CASE("supervisor: a reload whose replacement exits after it was ready, while another boots, rolls back: the pool stays whole") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor(), Settings{.env = http_env({{"TEST_READY_ON_GO", "1"}}),
+                                                .ready_on = ReadyOn::explicit_ready});
+    Supervisor<> supervisor(master, {.workers = 2, .restart_delay = 1ms, .reload_batch = 2});
+    bool ran = false;
+    asio::co_spawn(io, supervisor.run(cocluster::as_tuple(use_awaitable)), [&](std::exception_ptr, std::tuple<std::error_code>) {
+      ran = true;
+    });
+    co_await until_true(io, [&] { return supervisor.workers().size() == 2; });
+    const auto old = supervisor.workers();
+    for (auto& w : old) {
+      co_await w->send({"go"});
+      co_await w->ready();
+    }
+    std::error_code reload_ec = asio::error::would_block;
+    asio::co_spawn(io, supervisor.reload(cocluster::as_tuple(use_awaitable)),
+                   [&](std::exception_ptr, std::tuple<std::error_code, std::size_t> r) { reload_ec = std::get<0>(r); });
+    // Both replacements are forked and wait for "go".
+    std::vector<std::shared_ptr<Worker>> fresh;
+    co_await until_true(io, [&] {
+      fresh.clear();
+      for (auto& [id, w] : master.workers())
+        if (std::find(old.begin(), old.end(), w) == old.end()) fresh.push_back(w);
+      return fresh.size() == 2;
+    });
+    // The first is ready, then crashes (the new code fails on its first request, say) while
+    // the second still boots; then the second is ready.
+    co_await fresh[0]->send({"go"});
+    co_await fresh[0]->ready();
+    fresh[0]->signal(SIGKILL);
+    co_await fresh[0]->exited();
+    co_await fresh[1]->send({"go"});
+    co_await until_true(io, [&] { return reload_ec != asio::error::would_block; });
+    CHECK(reload_ec == error::reload_rolled_back);
+    CHECK(supervisor.workers() == old);  // the old workers serve on, both of them
+    co_await fresh[1]->exited();          // the other replacement is retired
+    CHECK(supervisor.restarts() == 0);
+    supervisor.stop();
+    co_await until(io, ran);
+  });
+}
+
+TEST_CASE("supervisor: run() that ends by itself with recycling on leaves nothing to keep io_context::run() going") {
+  asio::io_context io;
+  std::optional<std::error_code> result;
+  Master<> master(io.get_executor(), Settings{.env = http_env({{"TEST_EXIT_CLEAN", "1"}})});
+  Supervisor<> supervisor(master, {.workers = 1, .restart = Restart::on_failure, .restart_delay = 1ms,
+                                   .max_connections = 1000, .recycle_check_interval = 10ms});
+  asio::co_spawn(io, supervisor.run(cocluster::as_tuple(use_awaitable)),
+                 [&](std::exception_ptr, std::tuple<std::error_code> r) { result = std::get<0>(r); });
+  io.run_for(30s);
+  CHECK(result == std::error_code());
+  CHECK(io.stopped());  // it ran out of work (before: the recycling look re-armed its timer for good)
+}
+
+TEST_CASE("supervisor: destroyed while its workers live, it gives SIGTERM and SIGINT back to their default actions") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor(), Settings{.env = http_env()});
+    auto handler_of = [](int sig) {
+      struct sigaction now {};
+      ::sigaction(sig, nullptr, &now);
+      return now.sa_handler;
+    };
+    std::optional<Supervisor<>> supervisor(std::in_place, master, SupervisorSettings{.workers = 1});
+    supervisor->handle_signals();
+    asio::co_spawn(io, supervisor->run(cocluster::as_tuple(use_awaitable)), asio::detached);
+    co_await master.ready();
+    const auto term = handler_of(SIGTERM), interrupt = handler_of(SIGINT);  // Asio's, for the supervisor
+    supervisor.reset();  // the worker lives on (the Master's to end)
+    // Asio's handlers are gone (it puts back the default action), though a coroutine watching
+    // the live worker still holds the supervisor's state.
+    const bool term_back = handler_of(SIGTERM) != term, interrupt_back = handler_of(SIGINT) != interrupt;
+    CHECK(term_back);
+    CHECK(interrupt_back);
+    CHECK(master.workers().size() == 1);
+    co_await master.disconnect();
+  });
+}
+
 TEST_CASE("supervisor: a rolling reload under load fails no request and changes every worker's pid") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<> master(io.get_executor(), Settings{.env = http_env()});

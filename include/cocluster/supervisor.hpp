@@ -44,6 +44,7 @@
 #include <vector>
 
 #include "cocluster/detail/as_tuple.hpp"
+#include "cocluster/detail/async_latch.hpp"
 #include "cocluster/detail/log.hpp"
 #include "cocluster/detail/master/resident_memory.hpp"
 #include "cocluster/detail/master/restart_budget.hpp"
@@ -135,7 +136,8 @@ struct SupervisorSettings {
   std::chrono::milliseconds max_recycle_delay{300000};
   // Awaited before a worker is disconnected (reload, stop, scale down), within the drain
   // timer: Node's documented pattern of a 'shutdown' message that lets the worker end its
-  // long-lived connections (and report) before worker.disconnect(). Exceptions are ignored.
+  // long-lived connections (and report) before worker.disconnect(). Exceptions are ignored;
+  // a hook still running when the drain timer ends runs on, and the disconnect goes ahead.
   std::function<asio::awaitable<void>(std::shared_ptr<Worker>)> before_disconnect{};
 };
 
@@ -268,6 +270,7 @@ class Supervisor {
     bool reload_waiting = false;      // a reload() waits for a recycling to end
     // reloading: a reload or a recycling replaces workers (recycling: it is a recycling).
     bool started = false, stopping = false, closed = false, reloading = false, recycling = false, killed_any = false;
+    bool done = false;  // run() completed: nothing is supervised any more
     bool keeping_listeners = false;  // keep_listeners() asked the Master to keep them
     std::chrono::milliseconds own_linger{0};  // the Master's linger before (restored after)
     // What a kept listener waits beyond a replacement's backoff and boot timer: its fork, and
@@ -295,7 +298,11 @@ class Supervisor {
       closed = true;
       watchdog.reset();
       if (run_handler) run_handler.complete(asio::error::operation_aborted);
-      if (signals) signals->cancel();
+      if (signals) {  // back to their default actions now, not once the last worker's watch ends
+        std::error_code ignored;
+        signals->clear(ignored);
+        signals->cancel(ignored);
+      }
       for (auto* t : sleeping) t->cancel();
       recycle_ended.cancel();
     }
@@ -457,6 +464,7 @@ class Supervisor {
         if (!w && !self->stopping && !self->closed) self->schedule_restart(clock::duration::zero());
       }
       self->check_done();
+      if (self->closed) co_return;  // the Supervisor is gone, and the Master may be too
       // READY=1 for systemd (Type=notify) once the workers started here are ready.
       auto [ec] = co_await self->master->ready(as_tuple(asio::use_awaitable));
       if (!ec && !self->stopping && !self->closed)
@@ -475,15 +483,26 @@ class Supervisor {
       }
       const auto drain_end = clock::now() + self->settings.drain_timeout;
       if (self->settings.before_disconnect) {
+        // Run on its own, not as a branch of `||`: a parallel group waits for the branch it
+        // cancels, and a hook that ignores cancellation would hold the drain past its end.
+        auto hook_done = std::make_shared<detail::async_latch<>>(self->ex);
         auto hook = [](std::shared_ptr<core> self, std::shared_ptr<Worker> w) -> asio::awaitable<void> {
-          try {
-            co_await self->settings.before_disconnect(w);
-          } catch (const std::exception& e) {
-            detail::debug("Supervisor: before_disconnect of worker {}: {}", w->id(), e.what());
-          }
+          co_await self->settings.before_disconnect(w);  // (what it throws, even on the call, ends here)
         };
+        asio::co_spawn(self->ex, hook(self, w), [w, hook_done](std::exception_ptr e) {
+          if (e) {
+            try {
+              std::rethrow_exception(e);
+            } catch (const std::exception& x) {
+              detail::debug("Supervisor: before_disconnect of worker {}: {}", w->id(), x.what());
+            } catch (...) {
+              detail::debug("Supervisor: before_disconnect of worker {}: an exception", w->id());
+            }
+          }
+          hook_done->set();
+        });
         asio::steady_timer timer(self->ex, drain_end);
-        auto wait_hook = hook(self, w);
+        auto wait_hook = hook_done->async_wait(as_tuple(asio::use_awaitable));
         auto wait_timer = timer.async_wait(as_tuple(asio::use_awaitable));
         co_await (std::move(wait_hook) || std::move(wait_timer));
       }
@@ -537,7 +556,9 @@ class Supervisor {
         signals->clear(ignored);
         signals->cancel(ignored);
       }
-      watchdog.reset();  // its timer would keep the io_context running
+      watchdog.reset();  // its timer would keep the io_context running, as the recycle loop's would
+      done = true;
+      if (recycle_timer) recycle_timer->cancel();
       std::error_code ec = failure ? failure : killed_any ? std::error_code(error::workers_killed) : std::error_code();
       run_handler.complete(ec);
     }
@@ -639,6 +660,11 @@ class Supervisor {
             break;
         }
       }
+      // One that was ready and has exited since, while the others booted: on_exit() restarts
+      // no trial worker, so committing now would leave the pool one short for good.
+      for (auto& w : fresh)
+        if (ok && (w->is_dead() || !managed.count(w->id())))
+          ok = false, why = fmt::format("replacement worker {} exited after it was ready", w->id());
       if (!ok || stopping || closed) {
         // Retired like any worker (it may serve a connection already): disconnect, drain, kill.
         for (auto& w : fresh) asio::co_spawn(ex, retire(self, w), asio::detached);
@@ -708,14 +734,14 @@ class Supervisor {
       self->recycle_timer = &timer;
       clock::duration wait = self->settings.recycle_check_interval;
       bool idle = true;  // the wait is a plain look's, not the gap after a recycling
-      while (!self->stopping && !self->closed) {
+      while (!self->stopping && !self->closed && !self->done) {
         timer.expires_after(wait);
         wait = self->settings.recycle_check_interval;
         self->recycle_idle = idle;
         co_await timer.async_wait(as_tuple(asio::use_awaitable));
         self->recycle_idle = false;
         idle = !self->reloading;  // (during a reload, a worker due would only wake it in vain)
-        if (self->stopping || self->closed || self->reloading) continue;
+        if (self->stopping || self->closed || self->done || self->reloading) continue;
         auto [w, why] = self->recycle_candidate();
         if (!w) continue;
         detail::log_error("worker {} (pid {}) {}; recycling it", w->id(), w->pid(), why);
