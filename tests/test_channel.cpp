@@ -585,7 +585,7 @@ TEST_CASE("read_channel stops reading a peer that floods requests and never read
             ++answered;
             return reader.send_internal(std::string(100, 'a'));
           },
-          [] {}, [] {});
+          [] {}, [](bool) {});
       ended = true;
     }, asio::detached);
     // Writes requests until the socket is full, lets the reader run, again, until a round in

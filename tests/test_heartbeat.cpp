@@ -61,6 +61,20 @@ WORKER_SCENARIO(flood_200) {
   return 0;
 }
 
+// Beats for a while (its loop turning), sends "one", then blocks its loop for good.
+WORKER_SCENARIO(send_then_block) {
+  asio::io_context io;
+  this_worker.start(io.get_executor());
+  asio::co_spawn(io, []() -> awaitable<void> {
+    asio::steady_timer beating(co_await asio::this_coro::executor, std::chrono::milliseconds(300));
+    co_await beating.async_wait(use_awaitable);
+    co_await this_worker.send({"one"});
+    for (;;) std::this_thread::sleep_for(std::chrono::hours(1));
+  }, asio::detached);
+  io.run();
+  return 0;
+}
+
 // Starts the runtime, then sets up for 3 heartbeat timeouts (1.5 s) before its loop first
 // runs (blocking, as a program loading its data would), then echoes.
 WORKER_SCENARIO(slow_warm_up) {
@@ -143,6 +157,27 @@ TEST_CASE("heartbeat: a worker the master has stopped reading (its inbox is full
     CHECK_FALSE(w->unresponsive());
     w->disconnect();
     CHECK(co_await w->exited() == ExitStatus{0, 0});
+  });
+}
+
+TEST_CASE("heartbeat: a worker whose loop blocks right after the message that filled the master's inbox is killed once the master receives") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Settings s;
+    s.heartbeat_interval = std::chrono::milliseconds(50);
+    s.heartbeat_timeout = std::chrono::milliseconds(500);
+    s.max_unread_messages = 1;  // "one" fills the inbox: the master stops reading, its clock with it
+    Master<> master(io.get_executor(), s);
+    auto w = co_await master.fork(scenario_env("send_then_block"));
+    co_await w->online();
+    asio::steady_timer not_reading(io, std::chrono::milliseconds(1500));
+    co_await not_reading.async_wait(use_awaitable);
+    CHECK_FALSE(w->unresponsive());
+    CHECK((co_await w->receive()).data == "one");
+    // Reading goes on and finds nothing more: the clock runs again (before, it stayed stopped
+    // until a next message that never came).
+    const ExitStatus status = co_await w->exited();
+    CHECK(status.signal == SIGKILL);
+    CHECK(w->unresponsive());
   });
 }
 

@@ -61,6 +61,15 @@ WORKER_SCENARIO(exit7_on_disconnect) {  // its on_disconnect handler exits with 
   return run_echo_worker([](asio::io_context&) { this_worker.on_disconnect([] { std::exit(7); }); });
 }
 
+WORKER_SCENARIO(close_channel_and_stay) {  // closes its channel at once, then lives on (never reads)
+  asio::io_context io;
+  this_worker.start(io.get_executor());
+  this_worker.on_disconnect([] {});
+  asio::post(io, [] { this_worker.close_channel(); });
+  io.run();
+  for (;;) std::this_thread::sleep_for(std::chrono::hours(1));
+}
+
 // ---- the master side ----
 
 TEST_CASE("8 forked workers come online, answer a round trip and exit with 0 after disconnect()") {
@@ -111,6 +120,19 @@ TEST_CASE("kill(SIGKILL) reports the signal and sets exited_after_disconnect") {
     CHECK(s.signal_name() == "SIGKILL");
     CHECK(w->exited_after_disconnect() == true);
     CHECK(master.workers().empty());
+  });
+}
+
+TEST_CASE("kill() after the worker closed its channel leaves exited_after_disconnect false (Node: kill() then only signals)") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    auto w = co_await master.fork(scenario_env("close_channel_and_stay"));
+    co_await w->disconnected();
+    CHECK(w->exited_after_disconnect() == false);
+    w->kill(SIGKILL);  // the cleanup a user's disconnect handler might do
+    const ExitStatus s = co_await w->exited();
+    CHECK(s.signal == SIGKILL);
+    CHECK(w->exited_after_disconnect() == false);  // the worker left; nobody asked it to
   });
 }
 

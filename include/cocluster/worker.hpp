@@ -269,7 +269,9 @@ class Worker : public std::enable_shared_from_this<Worker> {
   void kill(int sig, std::error_code& ec) {
     ec.clear();
     if (!dead_) {
-      exited_after_disconnect_ = true;
+      // On purpose, unless the disconnect event said otherwise already (a crash, a channel
+      // the worker closed): Node's kill() of a worker that is not connected only signals.
+      if (!exited_after_disconnect_) exited_after_disconnect_ = true;
       ec = process_.signal(sig);
       if (ec == std::errc::no_such_process) ec.clear();  // it is exiting: the exit will say so
     }
@@ -358,7 +360,8 @@ class Worker : public std::enable_shared_from_this<Worker> {
           reading_resumed();
           emit(EventType::message);
         },
-        [this] {
+        [this](bool paused) {
+          if (!paused) return reading_resumed();  // (whether or not the worker sends more)
           reading_paused_ = true;
           detail::debug("Worker {}: {} unread messages ({} bytes); reading paused until the master receives", pid(),
                         messages_.size(), messages_.weight());
@@ -463,8 +466,9 @@ class Worker : public std::enable_shared_from_this<Worker> {
 
   // One timer per worker, re-armed at the deadline rather than at each beat: a beat costs a
   // clock read. At the deadline: killed if nothing came since last_heartbeat_ + timeout.
-  // The read loop read again after a pause (it read a message): the beats that waited behind
-  // the backlog get a whole timeout.
+  // The read loop reads again after a pause (the master received): the beats that waited
+  // behind the backlog get a whole timeout. (Not at the next message read: a worker whose loop
+  // blocked right after the message that filled the inbox sends none, and would never be killed.)
   void reading_resumed() {
     if (!reading_paused_) return;
     reading_paused_ = false;

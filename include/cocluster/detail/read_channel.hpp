@@ -54,8 +54,9 @@ inline void bound_inbox(async_queue<Message>& inbox, std::size_t max_messages, s
 //   on_internal(ipc::Envelope&) -> bool: false returns protocol_error (it may take the
 //   envelope's handle); so does a frame the channel dropped (read_past_bad_frames()). The
 //   channel is then still open: the master reads a worker's on (Worker::read_loop()).
-//   on_user(): a user message was queued.  on_pause(): the inbox is full (this process does
-//   not receive), reading waits. Not called when reading waits because the peer does not
+//   on_user(): a user message was queued.  on_pause(true): the inbox is full (this process
+//   does not receive), reading waits; on_pause(false): there is room again, reading goes on
+//   (whether or not the peer sends anything more). Not called when reading waits because the peer does not
 //   read what this process must send it (the backlog below): that pause is the peer's doing,
 //   and a peer that stops reading is no less unresponsive for it (the master's heartbeat and
 //   protocol-error clocks keep running).
@@ -80,9 +81,10 @@ asio::awaitable<std::error_code> read_channel(ipc::Channel& channel, async_queue
       continue;
     }
     if (inbox.full()) {
-      on_pause();
+      on_pause(true);
       auto [closed] = co_await inbox.async_wait_room(tuple);
       if (closed) co_return closed;
+      on_pause(false);
       continue;
     }
     ipc::Envelope envelope;
@@ -109,9 +111,10 @@ asio::awaitable<std::error_code> read_channel(ipc::Channel& channel, async_queue
                      "(RLIMIT_NOFILE); delivered with Handle::lost() set",
                      peer, to_string(envelope.message.handle.kind()));
     if (envelope.message.has_handle() && inbox.size() >= max_unread_handles) {
-      on_pause();
+      on_pause(true);
       auto [closed] = co_await inbox.async_wait_below(max_unread_handles, tuple);
       if (closed) co_return closed;
+      on_pause(false);
     }
     try {
       inbox.push(std::move(envelope.message));  // room was checked before reading it

@@ -480,8 +480,9 @@ class runtime {
   asio::awaitable<void> read_loop() {
     const std::error_code end = co_await read_channel(
         channel_, messages_, "the master", [this](ipc::Envelope& e) { return on_internal(e); }, [] {},
-        [this] {
-          debug("Worker {}: {} unread messages ({} bytes); reading paused", id_, messages_.size(), messages_.weight());
+        [this](bool paused) {
+          if (paused)
+            debug("Worker {}: {} unread messages ({} bytes); reading paused", id_, messages_.size(), messages_.weight());
         });
     parent_death::stand_down();  // whatever the master did, the orderly path runs from here
     if (end != asio::error::eof && end != error::channel_closed)
