@@ -949,6 +949,13 @@ TEST_CASE("Remote reads IPv4 and IPv6 peers; Sticky's hash is the address's, not
   CHECK(r4.address() == asio::ip::make_address("192.0.2.9"));
   CHECK(r4.port() == 80);
   CHECK(r4.address_bytes().size() == 4);
+  // The same client on a dual-stack listener, as ::ffff:192.0.2.9: the same bytes, the same worker.
+  sockaddr_in6 m6{};
+  m6.sin6_family = AF_INET6;
+  m6.sin6_port = htons(81);
+  ::inet_pton(AF_INET6, "::ffff:192.0.2.9", &m6.sin6_addr);
+  const std::string bytes_m(reinterpret_cast<const char*>(&m6), sizeof m6);
+  CHECK(Remote(bytes_m).address_bytes() == r4.address_bytes());
   CHECK(Remote().family() == AF_UNSPEC);
   CHECK(Remote().address_bytes().empty());
 }

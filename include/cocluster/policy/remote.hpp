@@ -59,12 +59,17 @@ class Remote {
   }
 
   // The address bytes alone (4 for IPv4, 16 for IPv6, empty otherwise): what identifies a
-  // client across its connections, for hashing.
+  // client across its connections, for hashing. An IPv4 client on a dual-stack listener
+  // (::ffff:a.b.c.d) gives its 4 IPv4 bytes: it is the same client on either kind of listener.
   std::string_view address_bytes() const noexcept {
     if (family() == AF_INET && bytes_.size() >= sizeof(sockaddr_in))
       return bytes_.substr(offsetof(sockaddr_in, sin_addr), sizeof(in_addr));
-    if (family() == AF_INET6 && bytes_.size() >= sizeof(sockaddr_in6))
-      return bytes_.substr(offsetof(sockaddr_in6, sin6_addr), sizeof(in6_addr));
+    if (family() == AF_INET6 && bytes_.size() >= sizeof(sockaddr_in6)) {
+      const std::string_view v6 = bytes_.substr(offsetof(sockaddr_in6, sin6_addr), sizeof(in6_addr));
+      static constexpr char v4_mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, '\xff', '\xff'};
+      if (v6.substr(0, sizeof v4_mapped) == std::string_view(v4_mapped, sizeof v4_mapped)) return v6.substr(sizeof v4_mapped);
+      return v6;
+    }
     return {};
   }
   // The whole sockaddr as accept4 wrote it.
