@@ -199,6 +199,20 @@ TEST_CASE("sd_notify: the watchdog sends WATCHDOG=1 at half of WATCHDOG_USEC, on
     scoped_env usec("WATCHDOG_USEC", nullptr);
     CHECK_FALSE(systemd::watchdog_timeout());
   }
+  // Not what systemd writes: not a watchdog (strtoull alone took "-1" for 2^64 - 1, which
+  // wrapped to a negative interval, clamped to 1 us: a busy loop).
+  for (const char* bad : {"-1", "+5", " 5", "abc", "99999999999999999999999", "18446744073709551615"}) {
+    scoped_env usec("WATCHDOG_USEC", bad);
+    CHECK_MESSAGE(!systemd::watchdog_timeout(), bad);
+  }
+  {
+    scoped_env usec("WATCHDOG_USEC", "2");  // 2 us: sent every millisecond, not every microsecond
+    systemd::Watchdog tiny(io.get_executor());
+    CHECK(tiny.interval().count() == 1000);
+    CHECK(socket.receive() == "WATCHDOG=1");
+  }
+  io.poll();  // its cancelled tick, so that each run_one() below runs the next watchdog's
+  io.restart();
   scoped_env usec("WATCHDOG_USEC", "100000");
   scoped_env pid("WATCHDOG_PID", own_pid.c_str());
   REQUIRE(systemd::watchdog_timeout());

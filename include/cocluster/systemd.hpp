@@ -22,8 +22,10 @@
 #include <asio/any_io_executor.hpp>
 #include <asio/steady_timer.hpp>
 
+#include <cerrno>
 #include <chrono>
 #include <cstddef>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -135,9 +137,14 @@ inline std::optional<std::chrono::microseconds> watchdog_timeout() noexcept {
     const long long p = std::strtoll(pid, &end, 10);
     if (*end != '\0' || p != static_cast<long long>(::getpid())) return std::nullopt;
   }
+  // Digits only, as systemd writes it: strtoull would take "-1" as 2^64 - 1, and a count past
+  // the microseconds' range would wrap negative.
+  if (*usec < '0' || *usec > '9') return std::nullopt;
   char* end = nullptr;
+  errno = 0;
   const unsigned long long value = std::strtoull(usec, &end, 10);
-  if (*end != '\0' || value == 0) return std::nullopt;
+  if (*end != '\0' || value == 0 || errno == ERANGE || value > static_cast<unsigned long long>(INT64_MAX / 2))
+    return std::nullopt;
   return std::chrono::microseconds(static_cast<std::chrono::microseconds::rep>(value));
 }
 
@@ -151,8 +158,11 @@ class Watchdog {
   explicit Watchdog(asio::any_io_executor ex) {
     const auto timeout = watchdog_timeout();
     if (!timeout) return;
-    state_ = std::make_shared<state>(std::move(ex), std::max(*timeout / 2, std::chrono::microseconds(1)));
+    // (At least 1 ms apart: a WATCHDOG_USEC of a few microseconds must not make the master's
+    // loop a busy one; systemd could not be kept happy by it anyway.)
+    state_ = std::make_shared<state>(std::move(ex), std::max(*timeout / 2, std::chrono::microseconds(1000)));
     notify_watchdog(state_->last_error);  // at once: the first interval starts at exec
+    if (state_->last_error) cocluster::detail::log_error("systemd watchdog: {}", state_->last_error.message());
     tick(state_);
   }
   Watchdog(const Watchdog&) = delete;

@@ -55,7 +55,7 @@ inline std::vector<activated_listener> read_environment() {
   if (*end != '\0' || owner != static_cast<long long>(::getpid())) return out;  // meant for another process
   const long long n = std::strtoll(fds, &end, 10);
   if (*end != '\0' || n <= 0 || n > 4096) {
-    if (n != 0) log_error("socket activation: ignoring LISTEN_FDS={}", fds);
+    if (n != 0 || *end != '\0') log_error("socket activation: ignoring LISTEN_FDS={}", fds);
     return out;
   }
   std::vector<std::string> names;
