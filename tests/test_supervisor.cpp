@@ -946,6 +946,32 @@ TEST_CASE("supervisor: a reload whose replacement exits after it was ready, whil
   });
 }
 
+TEST_CASE("supervisor: a before_disconnect hook that ignores cancellation does not hold a stop past drain_timeout") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor(), Settings{.env = http_env()});
+    // The hook waits until the test lets it go, deaf to cancellation (a user's own wait).
+    auto release = std::make_shared<asio::steady_timer>(io, std::chrono::steady_clock::time_point::max());
+    bool hook_ended = false;
+    SupervisorSettings settings{.workers = 1, .drain_timeout = 100ms};
+    settings.before_disconnect = [release, &hook_ended](std::shared_ptr<Worker>) -> awaitable<void> {
+      co_await asio::this_coro::reset_cancellation_state(asio::disable_cancellation());
+      co_await release->async_wait(cocluster::as_tuple(use_awaitable));
+      hook_ended = true;
+    };
+    Supervisor<> supervisor(master, settings);
+    bool ran = false;
+    asio::co_spawn(io, supervisor.run(cocluster::as_tuple(use_awaitable)), [&](std::exception_ptr, std::tuple<std::error_code>) { ran = true; });
+    co_await until_true(io, [&] { return supervisor.workers().size() == 1; });
+    co_await master.ready();
+    supervisor.stop();
+    co_await until(io, ran);  // (before: the drain waited for the hook, so for ever)
+    CHECK(master.workers().empty());
+    CHECK_FALSE(hook_ended);  // it runs on, told to stop, not waited for
+    release->cancel();
+    co_await until(io, hook_ended);
+  });
+}
+
 TEST_CASE("supervisor: run() that ends by itself with recycling on leaves nothing to keep io_context::run() going") {
   asio::io_context io;
   std::optional<std::error_code> result;

@@ -19,6 +19,8 @@
 
 #include "cocluster/detail/config.hpp"
 
+#include <asio/bind_cancellation_slot.hpp>
+#include <asio/cancellation_signal.hpp>
 #include <asio/co_spawn.hpp>
 #include <asio/detached.hpp>
 #include <asio/experimental/awaitable_operators.hpp>
@@ -263,6 +265,7 @@ class Supervisor {
     detail::restart_budget budget;
     std::map<int, entry> managed;  // every supervised worker not yet exited, by id
     std::set<asio::steady_timer*> sleeping;  // backoff waits, cancelled by stop()
+    std::set<std::shared_ptr<asio::cancellation_signal>> hooks;  // before_disconnect hooks running
     std::size_t pending_restarts = 0;        // replacements waiting out their backoff or forking
     std::size_t restarts = 0;
     std::size_t recycles = 0;
@@ -305,6 +308,7 @@ class Supervisor {
       }
       for (auto* t : sleeping) t->cancel();
       recycle_ended.cancel();
+      for (auto& hook : std::set(hooks)) hook->emit(asio::cancellation_type::terminal);
     }
 
     std::vector<std::shared_ptr<Worker>> live() const {
@@ -484,12 +488,16 @@ class Supervisor {
       const auto drain_end = clock::now() + self->settings.drain_timeout;
       if (self->settings.before_disconnect) {
         // Run on its own, not as a branch of `||`: a parallel group waits for the branch it
-        // cancels, and a hook that ignores cancellation would hold the drain past its end.
+        // cancels, and a hook that ignores cancellation would hold the drain past its end. At
+        // the end it is cancelled (terminal), as is one still running when the Supervisor goes.
         auto hook_done = std::make_shared<detail::async_latch<>>(self->ex);
+        auto cancel = std::make_shared<asio::cancellation_signal>();
+        self->hooks.insert(cancel);
         auto hook = [](std::shared_ptr<core> self, std::shared_ptr<Worker> w) -> asio::awaitable<void> {
           co_await self->settings.before_disconnect(w);  // (what it throws, even on the call, ends here)
         };
-        asio::co_spawn(self->ex, hook(self, w), [w, hook_done](std::exception_ptr e) {
+        auto ended = [self, w, hook_done, cancel](std::exception_ptr e) {
+          self->hooks.erase(cancel);
           if (e) {
             try {
               std::rethrow_exception(e);
@@ -500,11 +508,13 @@ class Supervisor {
             }
           }
           hook_done->set();
-        });
+        };
+        asio::co_spawn(self->ex, hook(self, w), asio::bind_cancellation_slot(cancel->slot(), std::move(ended)));
         asio::steady_timer timer(self->ex, drain_end);
         auto wait_hook = hook_done->async_wait(as_tuple(asio::use_awaitable));
         auto wait_timer = timer.async_wait(as_tuple(asio::use_awaitable));
         co_await (std::move(wait_hook) || std::move(wait_timer));
+        if (!hook_done->is_set()) cancel->emit(asio::cancellation_type::terminal);  // told, not waited for
       }
       w->disconnect();
       auto exited_by = [&](clock::time_point deadline) -> asio::awaitable<bool> {
@@ -662,12 +672,14 @@ class Supervisor {
       }
       // One that was ready and has exited since, while the others booted: on_exit() restarts
       // no trial worker, so committing now would leave the pool one short for good.
+      // (Its channel ends before its exit is reaped: not connected is enough.)
       for (auto& w : fresh)
-        if (ok && (w->is_dead() || !managed.count(w->id())))
-          ok = false, why = fmt::format("replacement worker {} exited after it was ready", w->id());
+        if (ok && (!w->is_connected() || w->is_dead() || !managed.count(w->id())))
+          ok = false, why = fmt::format("replacement worker {} left after it was ready", w->id());
       if (!ok || stopping || closed) {
         // Retired like any worker (it may serve a connection already): disconnect, drain, kill.
-        for (auto& w : fresh) asio::co_spawn(ex, retire(self, w), asio::detached);
+        for (auto& w : fresh)
+          if (!w->is_dead()) asio::co_spawn(ex, retire(self, w), asio::detached);
         for (auto& w : batch) mark(w, &entry::being_replaced, false);
         // A worker of the batch that exited meanwhile has no replacement now: restart it.
         for (auto& w : batch)
@@ -759,7 +771,7 @@ class Supervisor {
           clock::duration next = self->settings.recycle_check_interval;
           for (std::size_t i = 0; i < self->failed_recycles && next < self->settings.max_recycle_delay; ++i) next *= 2;
           wait = std::min<clock::duration>(next, self->settings.max_recycle_delay);
-          detail::log_error("recycling worker {}: its replacement was not ready within the boot timer; worker {} "
+          detail::log_error("recycling worker {}: its replacement did not take its place (above); worker {} "
                             "serves on; next look in {} ms ({} failed in a row)",
                             w->id(), w->id(), std::chrono::duration_cast<std::chrono::milliseconds>(wait).count(),
                             self->failed_recycles);

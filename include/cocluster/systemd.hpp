@@ -22,6 +22,7 @@
 #include <asio/any_io_executor.hpp>
 #include <asio/steady_timer.hpp>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstddef>
@@ -158,9 +159,11 @@ class Watchdog {
   explicit Watchdog(asio::any_io_executor ex) {
     const auto timeout = watchdog_timeout();
     if (!timeout) return;
-    // (At least 1 ms apart: a WATCHDOG_USEC of a few microseconds must not make the master's
-    // loop a busy one; systemd could not be kept happy by it anyway.)
-    state_ = std::make_shared<state>(std::move(ex), std::max(*timeout / 2, std::chrono::microseconds(1000)));
+    // At least 1 ms apart (a WATCHDOG_USEC of a few microseconds must not make the master's
+    // loop a busy one; systemd could not be kept happy by it anyway), at most a day (a huge
+    // one must not overflow the timer's nanoseconds).
+    state_ = std::make_shared<state>(std::move(ex), std::clamp(*timeout / 2, std::chrono::microseconds(1000),
+                                                               std::chrono::microseconds(std::chrono::hours(24))));
     notify_watchdog(state_->last_error);  // at once: the first interval starts at exec
     if (state_->last_error) cocluster::detail::log_error("systemd watchdog: {}", state_->last_error.message());
     tick(state_);
@@ -171,7 +174,7 @@ class Watchdog {
     if (state_) state_->timer.cancel();
   }
   bool active() const noexcept { return state_ != nullptr; }
-  // Half of WATCHDOG_USEC, or zero when not active.
+  // Half of WATCHDOG_USEC (at least 1 ms, at most a day), or zero when not active.
   std::chrono::microseconds interval() const noexcept { return state_ ? state_->interval : std::chrono::microseconds(0); }
 
  private:

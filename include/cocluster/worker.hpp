@@ -246,7 +246,8 @@ class Worker : public std::enable_shared_from_this<Worker> {
   void signal(int sig, std::error_code& ec) noexcept { ec = process_.signal(sig); }
 
   // Node: worker.kill(signal) in the primary: the worker is disconnected and signalled, and
-  // exited_after_disconnect becomes true. Node disconnects, then signals; we signal first,
+  // exited_after_disconnect becomes true (unless the disconnect event made it false already:
+  // a crash, a channel the worker closed; then, as Node's, kill() only signals). Node disconnects, then signals; we signal first,
   // then stop writing to the channel (what is queued is dropped, sends waiting for room fail
   // with error::channel_closed, the worker reads EOF), so that a worker killed by a signal
   // always reports that signal (it cannot win a race to exit(0) on EOF) and a busy worker
