@@ -229,5 +229,11 @@ TEST_CASE("heartbeat: an interval not below the timeout is refused with a clear 
   CHECK_THROWS_AS(master.setup_merge(patch), std::invalid_argument);
   patch.heartbeat_interval = std::chrono::milliseconds(5);
   master.setup_merge(patch);
+  Settings never;  // "never" is 0, not the largest count
+  never.heartbeat_timeout = std::chrono::milliseconds::max();
+  CHECK_THROWS_WITH_AS(master.setup(never),
+                       ("cocluster: heartbeat_timeout (" + std::to_string(never.heartbeat_timeout.count()) +
+                        " ms) above a day; 0 turns the heartbeat off").c_str(),
+                       std::invalid_argument);
   CHECK(master.settings().heartbeat_interval.count() == 5);
 }

@@ -136,6 +136,25 @@ TEST_CASE("kill() after the worker closed its channel leaves exited_after_discon
   });
 }
 
+TEST_CASE("kill() with a bad signal number fails with EINVAL and changes nothing: the worker serves on") {
+  run_bounded([](asio::io_context& io) -> awaitable<void> {
+    Master<> master(io.get_executor());
+    auto w = co_await master.fork();
+    co_await w->online();
+    std::error_code ec;
+    w->kill(9999, ec);
+    CHECK(ec == std::errc::invalid_argument);
+    CHECK_THROWS_AS(w->kill(9999), std::system_error);
+    CHECK(w->is_connected());
+    CHECK_FALSE(w->exited_after_disconnect().has_value());
+    CHECK(master.workers().size() == 1);
+    co_await w->send({"still here"});
+    CHECK((co_await w->receive()).data == "still here");
+    w->disconnect();
+    CHECK(co_await w->exited() == ExitStatus{0, 0});
+  });
+}
+
 TEST_CASE("kill() defaults to SIGTERM") {
   run_bounded([](asio::io_context& io) -> awaitable<void> {
     Master<> master(io.get_executor());

@@ -134,6 +134,11 @@ inline std::chrono::milliseconds heartbeat_interval(const Settings& s) {
   if (s.heartbeat_timeout < milliseconds(0) || s.heartbeat_interval < milliseconds(0))
     throw std::invalid_argument("cocluster: heartbeat_timeout and heartbeat_interval cannot be negative");
   if (s.heartbeat_timeout == milliseconds(0)) return milliseconds(0);
+  // (Past this, the deadline's sum overflows the clock's nanoseconds: milliseconds::max(),
+  // meant as "never", killed every worker at its first beat.)
+  if (s.heartbeat_timeout > std::chrono::hours(24))
+    throw std::invalid_argument("cocluster: heartbeat_timeout (" + std::to_string(s.heartbeat_timeout.count()) +
+                                " ms) above a day; 0 turns the heartbeat off");
   if (s.heartbeat_interval == milliseconds(0)) return std::max(s.heartbeat_timeout / 4, milliseconds(1));
   if (s.heartbeat_interval >= s.heartbeat_timeout)
     throw std::invalid_argument("cocluster: heartbeat_interval (" + std::to_string(s.heartbeat_interval.count()) +

@@ -260,7 +260,8 @@ class Worker : public std::enable_shared_from_this<Worker> {
   // `online`, `listening` or `ready` comes after kill(), whatever the worker had sent.
   //
   // Throws std::system_error if the signal cannot be sent to a worker that has not exited
-  // (EINVAL for a bad signal number); the error_code form reports it instead. After the exit,
+  // (EINVAL for a bad signal number), and leaves the worker as it was (connected, a member of
+  // its listeners); the error_code form reports it instead. After the exit,
   // kill() is harmless (Node's is too).
   void kill(int sig = SIGTERM) {
     std::error_code ec;
@@ -270,11 +271,12 @@ class Worker : public std::enable_shared_from_this<Worker> {
   void kill(int sig, std::error_code& ec) {
     ec.clear();
     if (!dead_) {
+      ec = process_.signal(sig);
+      if (ec == std::errc::no_such_process) ec.clear();  // it is exiting: the exit will say so
+      if (ec) return;  // (a bad signal number): nothing happened, the worker serves on
       // On purpose, unless the disconnect event said otherwise already (a crash, a channel
       // the worker closed): Node's kill() of a worker that is not connected only signals.
       if (!exited_after_disconnect_) exited_after_disconnect_ = true;
-      ec = process_.signal(sig);
-      if (ec == std::errc::no_such_process) ec.clear();  // it is exiting: the exit will say so
     }
     if (connected_ && !leaving_) {
       leaving_ = true;
