@@ -1047,18 +1047,26 @@ TEST_CASE("Sticky on a Unix socket: it serves, and the log says every connection
 // Listens on TEST_LISTEN and reports "port N", but accepts nothing until the master says "go";
 // then closes its channel (Node's process.disconnect(); on_disconnect does not exit) and
 // serves as "serve" does. What it was handed before can no longer be acknowledged.
+// Listens on TEST_LISTEN, reports "port N" and waits for the master's "go": the server then;
+// none if anything else comes (or the channel ends).
+awaitable<std::optional<Server<tcp>>> listen_then_wait_for_go() {
+  const target t = parse_target(std::getenv("TEST_LISTEN"));
+  auto server = co_await this_worker.listen(tcp::endpoint(asio::ip::make_address(t.address), t.port));
+  co_await this_worker.send({"port " + std::to_string(server.local_endpoint().port())});
+  auto [ec, m] = co_await this_worker.receive(as_tuple_t{});
+  if (ec || m.data != "go") co_return std::nullopt;
+  co_return std::move(server);
+}
+
 WORKER_SCENARIO(close_channel_then_accept) {
   asio::io_context io;
   this_worker.start(io.get_executor());
   this_worker.on_disconnect([] {});
   asio::co_spawn(io, []() -> awaitable<void> {
-    const target t = parse_target(std::getenv("TEST_LISTEN"));
-    auto server = co_await this_worker.listen(tcp::endpoint(asio::ip::make_address(t.address), t.port));
-    co_await this_worker.send({"port " + std::to_string(server.local_endpoint().port())});
-    auto [ec, m] = co_await this_worker.receive(as_tuple_t{});
-    if (ec || m.data != "go") co_return;
+    auto server = co_await listen_then_wait_for_go();
+    if (!server) co_return;
     this_worker.close_channel();
-    co_await accept_loop(server);  // ends when the channel's end closes the server
+    co_await accept_loop(*server);  // ends when the channel's end closes the server
   }, asio::detached);
   io.run();
   return 0;
@@ -1108,11 +1116,8 @@ WORKER_SCENARIO(shut_reading_then_block) {
   asio::io_context io;
   this_worker.start(io.get_executor());
   asio::co_spawn(io, []() -> awaitable<void> {
-    const target t = parse_target(std::getenv("TEST_LISTEN"));
-    auto server = co_await this_worker.listen(tcp::endpoint(asio::ip::make_address(t.address), t.port));
-    co_await this_worker.send({"port " + std::to_string(server.local_endpoint().port())});
-    auto [ec, m] = co_await this_worker.receive(as_tuple_t{});
-    if (ec || m.data != "go") co_return;
+    auto server = co_await listen_then_wait_for_go();
+    if (!server) co_return;
     ::shutdown(cocluster::detail::worker_channel_fd, SHUT_RD);  // (the runtime unset COCLUSTER_CHANNEL_FD)
     ::sleep(120);  // (killed by the test long before)
   }, asio::detached);

@@ -247,7 +247,8 @@ class Worker : public std::enable_shared_from_this<Worker> {
 
   // Node: worker.kill(signal) in the primary: the worker is disconnected and signalled, and
   // exited_after_disconnect becomes true (unless the disconnect event made it false already:
-  // a crash, a channel the worker closed; then, as Node's, kill() only signals). Node disconnects, then signals; we signal first,
+  // a crash, a channel the worker closed; then, as Node's, kill() only signals). Node
+  // disconnects, then signals; we signal first,
   // then stop writing to the channel (what is queued is dropped, sends waiting for room fail
   // with error::channel_closed, the worker reads EOF), so that a worker killed by a signal
   // always reports that signal (it cannot win a race to exit(0) on EOF) and a busy worker
@@ -355,14 +356,8 @@ class Worker : public std::enable_shared_from_this<Worker> {
   asio::awaitable<std::error_code> read_messages() {
     co_return co_await detail::read_channel(
         channel_, messages_, fmt::format("worker {} (pid {})", id_, pid()),
-        [this](const ipc::Envelope& e) {
-          reading_resumed();
-          return on_internal(e);
-        },
-        [this] {
-          reading_resumed();
-          emit(EventType::message);
-        },
+        [this](const ipc::Envelope& e) { return on_internal(e); },
+        [this] { emit(EventType::message); },
         [this](bool paused) {
           if (!paused) return reading_resumed();  // (whether or not the worker sends more)
           reading_paused_ = true;
@@ -469,9 +464,10 @@ class Worker : public std::enable_shared_from_this<Worker> {
 
   // One timer per worker, re-armed at the deadline rather than at each beat: a beat costs a
   // clock read. At the deadline: killed if nothing came since last_heartbeat_ + timeout.
-  // The read loop reads again after a pause (the master received): the beats that waited
-  // behind the backlog get a whole timeout. (Not at the next message read: a worker whose loop
-  // blocked right after the message that filled the inbox sends none, and would never be killed.)
+  // The read loop reads again after a pause (the master received: read_channel's
+  // on_pause(false)): the beats that waited behind the backlog get a whole timeout. (Not at
+  // the next message read: a worker whose loop blocked right after the message that filled
+  // the inbox sends none, and would never be killed.)
   void reading_resumed() {
     if (!reading_paused_) return;
     reading_paused_ = false;

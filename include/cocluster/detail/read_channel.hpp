@@ -56,8 +56,8 @@ inline void bound_inbox(async_queue<Message>& inbox, std::size_t max_messages, s
 //   channel is then still open: the master reads a worker's on (Worker::read_loop()).
 //   on_user(): a user message was queued.  on_pause(true): the inbox is full (this process
 //   does not receive), reading waits; on_pause(false): there is room again, reading goes on
-//   (whether or not the peer sends anything more). Not called when reading waits because the peer does not
-//   read what this process must send it (the backlog below): that pause is the peer's doing,
+//   (whether or not the peer sends anything more). Not called when reading waits because the
+//   peer does not read what this process must send it (the backlog below): that pause is the peer's doing,
 //   and a peer that stops reading is no less unresponsive for it (the master's heartbeat and
 //   protocol-error clocks keep running).
 // The inbox's bounds are checked before each message is read: once it is full (its message

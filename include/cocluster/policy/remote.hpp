@@ -67,8 +67,8 @@ class Remote {
     if (family() == AF_INET6 && bytes_.size() >= sizeof(sockaddr_in6)) {
       const std::string_view v6 = bytes_.substr(offsetof(sockaddr_in6, sin6_addr), sizeof(in6_addr));
       static constexpr char v4_mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, '\xff', '\xff'};
-      if (v6.substr(0, sizeof v4_mapped) == std::string_view(v4_mapped, sizeof v4_mapped)) return v6.substr(sizeof v4_mapped);
-      return v6;
+      const bool mapped = v6.substr(0, sizeof v4_mapped) == std::string_view(v4_mapped, sizeof v4_mapped);
+      return mapped ? v6.substr(sizeof v4_mapped) : v6;
     }
     return {};
   }
